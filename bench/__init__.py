@@ -1,0 +1,1 @@
+"""ckreg benchmarks and the merge-quality model zoo."""

@@ -1,0 +1,1 @@
+"""ckreg flows: Prefect orchestration of registry services and mergeops."""

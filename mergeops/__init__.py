@@ -1,0 +1,1 @@
+"""mergeops: a streaming model-merge engine (torch + safetensors only)."""

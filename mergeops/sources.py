@@ -1,0 +1,67 @@
+"""The small protocols mergeops reads through: tensor sources, objectives and evaluators.
+
+Anything that can list tensor names and hand out one tensor at a time is a ``TensorSource``:
+a safetensors file, a sharded checkpoint directory, an in-memory state dict, or the registry's
+S3 range reader. mergeops never learns where the bytes live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+
+class TensorMeta(NamedTuple):
+    """What a source knows about one tensor without reading its data."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """A named, lazily read collection of tensors."""
+
+    name: str
+
+    def keys(self) -> list[str]:
+        """Tensor names, in a stable order."""
+        ...
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (raises ``KeyError`` naming the source when absent)."""
+        ...
+
+    def metadata(self, key: str) -> TensorMeta:
+        """Dtype and shape of one tensor, without reading its data."""
+        ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A differentiable loss of a full parameter dict (FW-Merging's f, lower is better)."""
+
+    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar loss; gradients flow back into ``params``."""
+        ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Scores a merged state dict; registered under the ``ckreg.evaluators`` entry-point group."""
+
+    name: str
+
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics (name -> value) of one model."""
+        ...
+
+    def objective(self) -> Objective:
+        """The proxy-set loss used by data-informed methods (fw)."""
+        ...
+
+    def fisher(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher estimate per parameter (for the fisher method)."""
+        ...

@@ -1,0 +1,1 @@
+"""ckreg registry: REST service, services, storage and data model for checkpoints."""

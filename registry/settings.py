@@ -1,0 +1,58 @@
+"""The one place that reads ckreg's environment variables (``CKREG_*``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; every field maps to ``CKREG_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CKREG_", frozen=True, extra="ignore")
+
+    home: Path = Path(".ckreg")
+    database_url: str = ""
+    store_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    mlflow_tracking_uri: str = ""
+    prefect_mode: Literal["embedded", "server"] = "embedded"
+    device: str = "auto"
+    # Client side: where the registry runs and which token to send.
+    api_url: str = "http://127.0.0.1:8321"
+    token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8321
+    # Upload and validation limits.
+    s3_part_size: int = 16 * 1024 * 1024
+    max_header_bytes: int = 100 * 1024 * 1024
+    scan_nonfinite: bool = False
+    task_vectors_on_complete: bool = True
+    # Merge work: where merged outputs are staged before upload.
+    work_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        home = self.home.resolve()
+        defaults = {
+            "database_url": f"sqlite:///{home / 'registry.db'}",
+            "store_url": f"file://{home / 'store'}",
+            "mlflow_tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
+        }
+        for field, value in defaults.items():
+            if not getattr(self, field):
+                object.__setattr__(self, field, value)
+        if self.work_dir is None:
+            object.__setattr__(self, "work_dir", home / "work")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
