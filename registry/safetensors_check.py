@@ -95,12 +95,18 @@ def inspect_safetensors_header(
     Raises ``HeaderError`` naming ``name`` (the file) and the offending tensor.
     """
     if total_size < 8:
-        raise HeaderError(name, None, f"file is {total_size} bytes, shorter than the 8-byte header length")
+        raise HeaderError(
+            name, None, f"file is {total_size} bytes, shorter than the 8-byte header length"
+        )
     (header_len,) = struct.unpack("<Q", _read_exact(read_range, 0, 8, name))
     if header_len > max_header_bytes:
-        raise HeaderError(name, None, f"header length {header_len} exceeds the limit of {max_header_bytes} bytes")
+        raise HeaderError(
+            name, None, f"header length {header_len} exceeds the limit of {max_header_bytes} bytes"
+        )
     if header_len > total_size - 8:
-        raise HeaderError(name, None, f"header length {header_len} exceeds the file size {total_size} - 8")
+        raise HeaderError(
+            name, None, f"header length {header_len} exceeds the file size {total_size} - 8"
+        )
     raw = _parse_header_json(_read_exact(read_range, 8, header_len, name), name)
     data_offset = 8 + header_len
     metadata = _parse_metadata(raw.pop("__metadata__", None), name)
@@ -135,7 +141,9 @@ def file_range_reader(handle: Any) -> ReadRange:
 def _read_exact(read_range: ReadRange, offset: int, length: int, name: str) -> bytes:
     data = read_range(offset, length)
     if len(data) != length:
-        raise HeaderError(name, None, f"short read at offset {offset}: wanted {length} bytes, got {len(data)}")
+        raise HeaderError(
+            name, None, f"short read at offset {offset}: wanted {length} bytes, got {len(data)}"
+        )
     return data
 
 
@@ -152,7 +160,9 @@ def _parse_header_json(raw: bytes, name: str) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise HeaderError(name, None, f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise HeaderError(
+            name, None, f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from exc
     try:
         parsed = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
     except ValueError as exc:
@@ -170,10 +180,16 @@ def _parse_metadata(value: Any, name: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise HeaderError(name, "__metadata__", f"must be an object of strings, got {type(value).__name__}")
+        raise HeaderError(
+            name, "__metadata__", f"must be an object of strings, got {type(value).__name__}"
+        )
     for key, item in value.items():
         if not isinstance(item, str):
-            raise HeaderError(name, "__metadata__", f"value of '{key}' must be a string, got {type(item).__name__}")
+            raise HeaderError(
+                name,
+                "__metadata__",
+                f"value of '{key}' must be a string, got {type(item).__name__}",
+            )
     return dict(value)
 
 
@@ -188,41 +204,65 @@ def _parse_entry(tensor: str, value: Any, data_offset: int, name: str) -> Tensor
         raise HeaderError(name, tensor, f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
     shape = value.get("shape")
     if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
-        raise HeaderError(name, tensor, f"shape must be a list of non-negative integers, got {shape!r}")
+        raise HeaderError(
+            name, tensor, f"shape must be a list of non-negative integers, got {shape!r}"
+        )
     offsets = value.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise HeaderError(name, tensor, f"data_offsets must be [begin, end] non-negative integers, got {offsets!r}")
+        raise HeaderError(
+            name,
+            tensor,
+            f"data_offsets must be [begin, end] non-negative integers, got {offsets!r}",
+        )
     begin, end = offsets
     if end < begin:
         raise HeaderError(name, tensor, f"data_offsets end {end} is before begin {begin}")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise HeaderError(
-            name, tensor, f"data_offsets span {end - begin} bytes but {dtype} {tuple(shape)} needs {expected}"
+            name,
+            tensor,
+            f"data_offsets span {end - begin} bytes but {dtype} {tuple(shape)} needs {expected}",
         )
-    return TensorEntry(dtype=dtype, shape=tuple(shape), start=data_offset + begin, end=data_offset + end)
+    return TensorEntry(
+        dtype=dtype, shape=tuple(shape), start=data_offset + begin, end=data_offset + end
+    )
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_layout(tensors: dict[str, TensorEntry], data_offset: int, total_size: int, name: str) -> None:
+def _check_layout(
+    tensors: dict[str, TensorEntry], data_offset: int, total_size: int, name: str
+) -> None:
     """Tensors sorted by offset must tile the data section exactly: no gap, overlap or trailing bytes."""
     cursor = data_offset
     previous: str | None = None
     for tensor, entry in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
         if entry.end > total_size:
             raise HeaderError(
-                name, tensor, f"data ends at byte {entry.end}, past the end of the file ({total_size} bytes)"
+                name,
+                tensor,
+                f"data ends at byte {entry.end}, past the end of the file ({total_size} bytes)",
             )
         if entry.start < cursor:
-            raise HeaderError(name, tensor, f"data at bytes {entry.start}-{entry.end} overlaps tensor '{previous}'")
+            raise HeaderError(
+                name,
+                tensor,
+                f"data at bytes {entry.start}-{entry.end} overlaps tensor '{previous}'",
+            )
         if entry.start > cursor:
-            raise HeaderError(name, tensor, f"gap of {entry.start - cursor} bytes before its data at byte {entry.start}")
+            raise HeaderError(
+                name,
+                tensor,
+                f"gap of {entry.start - cursor} bytes before its data at byte {entry.start}",
+            )
         cursor, previous = entry.end, tensor
     if cursor != total_size:
-        raise HeaderError(name, previous, f"{total_size - cursor} trailing bytes after the last tensor's data")
+        raise HeaderError(
+            name, previous, f"{total_size - cursor} trailing bytes after the last tensor's data"
+        )
 
 
 def scan_nonfinite(
@@ -242,12 +282,18 @@ def scan_nonfinite(
         step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
         for offset in range(entry.start, entry.end, step):
             length = min(step, entry.end - offset)
-            values = torch.frombuffer(bytearray(_read_exact(read_range, offset, length, name)), dtype=dtype)
+            values = torch.frombuffer(
+                bytearray(_read_exact(read_range, offset, length, name)), dtype=dtype
+            )
             if values.itemsize == 1:  # float8 has no isfinite kernel on every backend
                 values = values.to(torch.float32)
             if not bool(torch.isfinite(values).all()):
-                element = (offset - entry.start) // itemsize + int((~torch.isfinite(values)).nonzero()[0])
-                raise HeaderError(name, tensor, f"contains NaN or Inf (first at flat element {element})")
+                element = (offset - entry.start) // itemsize + int(
+                    (~torch.isfinite(values)).nonzero()[0]
+                )
+                raise HeaderError(
+                    name, tensor, f"contains NaN or Inf (first at flat element {element})"
+                )
 
 
 def validate_index_json(data: bytes, *, uploaded: set[str]) -> dict[str, str]:
@@ -259,10 +305,21 @@ def validate_index_json(data: bytes, *, uploaded: set[str]) -> dict[str, str]:
     parsed = _parse_header_json(data, name)
     weight_map = parsed.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise HeaderError(name, None, "'weight_map' must be a non-empty object of tensor name -> shard file")
+        raise HeaderError(
+            name, None, "'weight_map' must be a non-empty object of tensor name -> shard file"
+        )
     for tensor, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard.endswith(".safetensors") or "/" in shard or "\\" in shard:
-            raise HeaderError(name, tensor, f"shard must be a plain '.safetensors' file name, got {shard!r}")
+        if (
+            not isinstance(shard, str)
+            or not shard.endswith(".safetensors")
+            or "/" in shard
+            or "\\" in shard
+        ):
+            raise HeaderError(
+                name, tensor, f"shard must be a plain '.safetensors' file name, got {shard!r}"
+            )
         if shard not in uploaded:
-            raise HeaderError(name, tensor, f"shard '{shard}' was not uploaded; uploaded: {sorted(uploaded)}")
+            raise HeaderError(
+                name, tensor, f"shard '{shard}' was not uploaded; uploaded: {sorted(uploaded)}"
+            )
     return dict(weight_map)

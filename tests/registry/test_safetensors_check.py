@@ -28,7 +28,10 @@ def build(header: Any, data: bytes = b"", *, raw_header: bytes | None = None) ->
 
 def inspect(blob: bytes, **kwargs: Any) -> Any:
     return inspect_safetensors_header(
-        lambda offset, length: blob[offset : offset + length], len(blob), name="w.safetensors", **kwargs
+        lambda offset, length: blob[offset : offset + length],
+        len(blob),
+        name="w.safetensors",
+        **kwargs,
     )
 
 
@@ -92,15 +95,42 @@ def test_accepts_empty_header_and_metadata_only() -> None:
         (build({"__metadata__": ["x"]}), "__metadata__"),
         (build({"__metadata__": {"k": 1}}), "value of 'k' must be a string"),
         (build({"x": [1]}), "entry must be an object"),
-        (build({"x": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"), "unknown dtype 'Q7'"),
-        (build({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "shape must be"),
-        (build({"x": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4), "shape must be"),
-        (build({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4), "shape must be"),
-        (build({"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 4]}}, b"\0" * 4), "shape must be"),
-        (build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4), "data_offsets must be"),
-        (build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), "before begin"),
-        (build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8), "needs 4"),
-        (build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "z": 1}}, b"\0" * 4), "unknown fields"),
+        (
+            build({"x": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+            "unknown dtype 'Q7'",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape must be",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape must be",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape must be",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape must be",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4),
+            "data_offsets must be",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4),
+            "before begin",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "needs 4",
+        ),
+        (
+            build({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "z": 1}}, b"\0" * 4),
+            "unknown fields",
+        ),
         (build({"x": f32([2], 0)}, b"\0" * 4), "past the end of the file"),
         (build({"x": f32([1], 0), "y": f32([2], 0)}, b"\0" * 8), "overlaps"),
         (build({"x": f32([1], 0), "y": f32([1], 8)}, b"\0" * 12), "gap of 4 bytes"),
@@ -127,7 +157,9 @@ def test_header_cap() -> None:
 def test_short_read_is_an_error() -> None:
     blob = build({"x": f32([1], 0)}, b"\0" * 4)
     with pytest.raises(HeaderError, match="short read"):
-        inspect_safetensors_header(lambda o, n: blob[o : o + n - 1], len(blob), name="w.safetensors")
+        inspect_safetensors_header(
+            lambda o, n: blob[o : o + n - 1], len(blob), name="w.safetensors"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2])
@@ -136,10 +168,13 @@ def test_scan_nonfinite_names_tensor(tmp_path: Path, dtype: torch.dtype, bad: fl
     values = torch.zeros(40)
     values[37] = bad
     path = tmp_path / "x.safetensors"
-    save_file({"fine": torch.ones(3, dtype=dtype), "broken": values.to(dtype), "ints": torch.arange(3)}, str(path))
+    save_file(
+        {"fine": torch.ones(3, dtype=dtype), "broken": values.to(dtype), "ints": torch.arange(3)},
+        str(path),
+    )
     blob = path.read_bytes()
     header = inspect_safetensors_file(path)
-    with pytest.raises(HeaderError, match="tensor 'broken'.*element 37"):
+    with pytest.raises(HeaderError, match=r"tensor 'broken'.*element 37"):
         scan_nonfinite(lambda o, n: blob[o : o + n], header, name=path.name, chunk_bytes=8)
 
 
@@ -147,7 +182,9 @@ def test_scan_nonfinite_passes_finite(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     save_file({"a": torch.randn(100), "b": torch.randn(7, dtype=torch.float64)}, str(path))
     blob = path.read_bytes()
-    scan_nonfinite(lambda o, n: blob[o : o + n], inspect_safetensors_file(path), name="x", chunk_bytes=12)
+    scan_nonfinite(
+        lambda o, n: blob[o : o + n], inspect_safetensors_file(path), name="x", chunk_bytes=12
+    )
 
 
 def test_validate_index_json() -> None:
@@ -162,9 +199,15 @@ def test_validate_index_json() -> None:
         (b"[]", "must be a JSON object"),
         (b"{bad", "not valid JSON"),
         (json.dumps({"weight_map": {}}).encode(), "non-empty object"),
-        (json.dumps({"weight_map": {"a": "../x.safetensors"}}).encode(), "plain '.safetensors' file name"),
+        (
+            json.dumps({"weight_map": {"a": "../x.safetensors"}}).encode(),
+            "plain '.safetensors' file name",
+        ),
         (json.dumps({"weight_map": {"a": "x.bin"}}).encode(), "plain '.safetensors' file name"),
-        (json.dumps({"weight_map": {"a": "missing.safetensors"}}).encode(), "'missing.safetensors' was not uploaded"),
+        (
+            json.dumps({"weight_map": {"a": "missing.safetensors"}}).encode(),
+            "'missing.safetensors' was not uploaded",
+        ),
     ],
 )
 def test_validate_index_json_rejects(index: bytes, match: str) -> None:
