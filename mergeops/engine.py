@@ -1,0 +1,251 @@
+"""The streaming merge engine: reads each tensor from every input, hands it to the method,
+casts and writes the result, and drops it. It holds no method logic.
+
+Peak memory is a few tensors times the number of inputs. Methods that need model-wide
+statistics get their first pass(es) here; whole-model methods get the sources directly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mergeops.device import dtype_name
+from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output
+from mergeops.methods import base as mb
+from mergeops.plan import MergePlan
+
+TensorSink = Callable[[str, str | None, torch.Tensor], None]
+"""Receives (stream, tensor name, tensor); stream None is the merged model."""
+
+
+@dataclass
+class MergeResult:
+    """What ``merge_files`` produced."""
+
+    out_dir: Path
+    files: list[Path]
+    extra_outputs: dict[str, Path] = field(default_factory=dict)
+    tensor_count: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    state_path: Path | None = None
+
+
+class _Reader:
+    """Reads one tensor name's inputs as float32 on the device, checking for NaN/Inf."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan = plan
+        self.bytes_read = 0
+
+    def _load(self, source_role: str, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        out = tensor.to(device=self.plan.ctx.device, dtype=torch.float32)
+        if not bool(torch.isfinite(out).all()):
+            raise mb.MergeError(f"tensor '{key}' of {source_role} contains NaN or Inf")
+        return out
+
+    def read(self, key: str) -> mb.TensorInputs:
+        plan = self.plan
+        models = [self._load(f"model '{m.name}'", m.get(key), key) for m in plan.models]
+        base = None
+        if plan.base is not None:
+            base = self._load("base", plan.base.get(key), key)
+        side: dict[str, list[torch.Tensor]] = {}
+        for kind, sources in plan.side.items():
+            tensors = []
+            for source in sources:
+                raw = plan.method.read_side_input(kind, source, key, plan.ctx.device)
+                tensors.append(self._load(f"{kind} of model '{source.name}'", raw, key))
+            side[kind] = tensors
+        return mb.TensorInputs(name=key, models=models, base=base, side=side)
+
+
+def _float_keys(plan: MergePlan) -> list[str]:
+    return [k for k in plan.keys if plan.metas[k].dtype.is_floating_point]
+
+
+def _out_dtype(plan: MergePlan, key: str) -> torch.dtype:
+    return plan.ctx.out_dtype or plan.metas[key].dtype
+
+
+def _progress(keys: list[str], desc: str, enabled: bool) -> Iterable[str]:
+    return tqdm(keys, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+def _load_state(plan: MergePlan) -> None:
+    if mb.Need.STATE not in plan.method.needs:
+        return
+    path = plan.state_path
+    if path is not None and path.exists():
+        plan.ctx.state = plan.method.load_state(path, plan.ctx)
+    else:
+        plan.ctx.state = plan.method.new_state(plan.ctx)
+
+
+def _stream(plan: MergePlan, sink: TensorSink, reader: _Reader, progress: bool) -> None:
+    method = plan.method
+    assert isinstance(method, mb.StreamingMethod)
+    float_keys = _float_keys(plan)
+    collector = method.stats_collector(plan.ctx)
+    sweep = 0
+    while collector is not None:
+        sweep += 1
+        for key in _progress(float_keys, f"{method.name}: statistics pass {sweep}", progress):
+            collector.observe(reader.read(key), plan.ctx)
+        if not collector.next_pass():
+            plan.ctx.stats = collector.result()
+            break
+    for key in _progress(plan.keys, f"{method.name}: merging", progress):
+        if key not in float_keys:  # integer/bool buffers pass through from the reference
+            sink(key, None, plan.reference.get(key))
+            continue
+        result = method.merge_tensor(reader.read(key), plan.ctx)
+        _emit(plan, sink, key, result.merged, result.extras)
+    method.finish(plan.ctx)
+
+
+def _whole(plan: MergePlan, sink: TensorSink) -> None:
+    method = plan.method
+    assert isinstance(method, mb.WholeModelMethod)
+    inputs = mb.ModelInputs(models=plan.models, base=plan.base, side=plan.side)
+    result = method.merge_model(inputs, plan.ctx)
+    for key in plan.keys:
+        if key not in result.merged:
+            raise mb.MergeError(f"method '{method.name}' returned no tensor '{key}'")
+        sink(key, None, result.merged[key].to(_out_dtype(plan, key)))
+    for stream, tensors in result.extras.items():
+        for name, tensor in tensors.items():
+            sink(name, stream, tensor)
+    method.finish(plan.ctx)
+
+
+def _emit(
+    plan: MergePlan,
+    sink: TensorSink,
+    key: str,
+    merged: torch.Tensor | None,
+    extras: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    if merged is not None:
+        if tuple(merged.shape) != tuple(plan.metas[key].shape):
+            raise mb.MergeError(
+                f"method '{plan.method.name}' produced shape {tuple(merged.shape)} for '{key}', "
+                f"expected {tuple(plan.metas[key].shape)}"
+            )
+        sink(key, None, merged.to(_out_dtype(plan, key)))
+    for stream, tensors in extras.items():
+        for name, tensor in tensors.items():
+            sink(name, stream, tensor)
+
+
+def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
+    """Drive the method over all inputs, sending every output tensor to ``sink``.
+
+    Returns the number of bytes read.
+    """
+    _load_state(plan)
+    reader = _Reader(plan)
+    with torch.no_grad():
+        if plan.method.streaming:
+            _stream(plan, sink, reader, progress)
+        else:
+            _whole(plan, sink)
+    return reader.bytes_read
+
+
+def merge_to_dicts(plan: MergePlan) -> mb.ModelResult:
+    """Run a plan in memory: the merged state dict (on CPU) and extra streams."""
+    result = mb.ModelResult(merged={})
+
+    def sink(name: str, stream: str | None, tensor: torch.Tensor) -> None:
+        target = result.merged if stream is None else result.extras.setdefault(stream, {})
+        target[name] = tensor.detach().cpu()
+
+    run(plan, sink)
+    if plan.state_path is not None and plan.ctx.state is not None:
+        _save_state(plan, plan.state_path)
+    return result
+
+
+def output_metadata(plan: MergePlan) -> dict[str, str]:
+    """The safetensors ``__metadata__`` recording method, params and inputs."""
+    inputs = [
+        {"name": name, "params": params.model_dump(mode="json", by_alias=True)}
+        for name, params in zip(plan.ctx.model_names, plan.ctx.model_params, strict=True)
+    ]
+    return {
+        "mergeops_method": plan.method.name,
+        "mergeops_params": json.dumps(plan.ctx.params.model_dump(mode="json", by_alias=True)),
+        "mergeops_inputs": json.dumps(inputs),
+        "mergeops_base": plan.base.name if plan.base is not None else "",
+        "mergeops_side_inputs": json.dumps({k: [s.name for s in v] for k, v in plan.side.items()}),
+        "mergeops_dtype": dtype_name(plan.ctx.out_dtype) if plan.ctx.out_dtype else "base",
+        "mergeops_seed": str(plan.ctx.seed),
+    }
+
+
+def merge_to_dir(
+    plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str, progress: bool
+) -> MergeResult:
+    """Run a plan into ``out_dir`` (sharded safetensors, extras in sub-folders), atomically."""
+    metadata = output_metadata(plan)
+    with staged_output(out_dir) as staging:
+        writers: dict[str | None, ShardedWriter] = {
+            None: ShardedWriter(staging, max_shard_size=max_shard_size, metadata=metadata)
+        }
+
+        def sink(name: str, stream: str | None, tensor: torch.Tensor) -> None:
+            if stream not in writers:
+                folder = staging / check_stream_name(str(stream))
+                writers[stream] = ShardedWriter(
+                    folder, max_shard_size=max_shard_size, metadata=metadata
+                )
+            writers[stream].add(name, tensor)
+
+        bytes_read = run(plan, sink, progress=progress)
+        files = writers[None].close()
+        for stream, writer in writers.items():
+            if stream is not None:
+                writer.close()
+        staged_state = staging / ".state-staged"
+        if plan.state_path is not None and plan.ctx.state is not None:
+            plan.method.save_state(plan.ctx.state, staged_state)
+    target = Path(out_dir)
+    state_path = None
+    if plan.state_path is not None and (target / ".state-staged").exists():
+        state_path = _swap_into_place(target / ".state-staged", plan.state_path)
+    return MergeResult(
+        out_dir=target,
+        files=[target / f.name for f in files],
+        extra_outputs={s: target / str(s) for s in writers if s is not None},
+        tensor_count=writers[None].tensor_count,
+        bytes_read=bytes_read,
+        bytes_written=sum(w.bytes_written for w in writers.values()),
+        state_path=state_path,
+    )
+
+
+def _save_state(plan: MergePlan, path: Path) -> None:
+    staged = path.parent / f".{path.name}.staged"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.method.save_state(plan.ctx.state, staged)
+    _swap_into_place(staged, path)
+
+
+def _swap_into_place(staged: Path, path: Path) -> Path:
+    """Replace ``path`` (file or folder) by ``staged``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    shutil.move(str(staged), str(path))
+    return path

@@ -1,0 +1,166 @@
+"""Lazy tensor sources: a safetensors file, a sharded checkpoint folder, a PEFT adapter folder
+and an in-memory state dict. Each implements ``mergeops.sources.TensorSource``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+
+from mergeops.sources import TensorMeta, TensorSource
+
+INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SourceError(ValueError):
+    """A tensor source cannot be opened or read; the message names the path or tensor."""
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, read tensor by tensor (the file stays open while in use)."""
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"no safetensors file at '{self.path}'")
+        self.name = name or self.path.stem
+        try:
+            self._handle: Any = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise SourceError(f"cannot read safetensors file '{self.path}': {exc}") from None
+        self._keys = list(self._handle.keys())
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        return self._handle.get_tensor(key)
+
+    def metadata(self, key: str) -> TensorMeta:
+        if key not in self._keys:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        tensor_slice = self._handle.get_slice(key)
+        dtype = tensor_slice.get_dtype()
+        if dtype not in _DTYPES:
+            raise SourceError(f"tensor '{key}' of '{self.name}' has unsupported dtype {dtype}")
+        return TensorMeta(_DTYPES[dtype], tuple(tensor_slice.get_shape()))
+
+    def file_metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` header (empty when absent)."""
+        return dict(self._handle.metadata() or {})
+
+
+class ShardedCheckpoint:
+    """A folder holding ``model.safetensors.index.json`` and its shards, or plain
+    ``*.safetensors`` files (each tensor name must appear in exactly one file)."""
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise SourceError(f"no checkpoint folder at '{self.path}'")
+        self.name = name or self.path.name
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for key, shard in weight_map.items():
+                self._where[key] = self._shard_path(shard)
+        else:
+            shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not shards:
+                raise SourceError(f"checkpoint folder '{self.path}' holds no .safetensors file")
+            for shard in shards:
+                for key in list(self._open(shard).keys()):
+                    if key in self._where:
+                        raise SourceError(f"tensor '{key}' appears twice in '{self.path}'")
+                    self._where[key] = shard
+
+    def _shard_path(self, shard: str) -> str:
+        if "/" in shard or "\\" in shard or shard.startswith("."):
+            raise SourceError(f"index of '{self.path}' names a shard outside it: '{shard}'")
+        return shard
+
+    def _open(self, shard: str) -> SafetensorsFile:
+        if shard not in self._files:
+            self._files[shard] = SafetensorsFile(self.path / shard, name=self.name)
+        return self._files[shard]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        return self._open(self._where[key]).get(key)
+
+    def metadata(self, key: str) -> TensorMeta:
+        if key not in self._where:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        return self._open(self._where[key]).metadata(key)
+
+
+class StateDictSource:
+    """An in-memory ``name -> tensor`` mapping as a source."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "state_dict") -> None:
+        self.name = name
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._tensors:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        return self._tensors[key]
+
+    def metadata(self, key: str) -> TensorMeta:
+        tensor = self.get(key)
+        return TensorMeta(tensor.dtype, tuple(tensor.shape))
+
+
+def open_source(
+    item: str | Path | TensorSource | Mapping[str, torch.Tensor],
+    name: str | None = None,
+    *,
+    lora: Literal["factors", "delta", "full"] = "factors",
+    lora_base: TensorSource | None = None,
+) -> TensorSource:
+    """A source for a path (file, sharded folder, PEFT adapter folder), a state dict or a
+    source (returned as is). ``lora`` and ``lora_base`` choose how an adapter folder is
+    exposed (see ``mergeops.io.peft``)."""
+    if isinstance(item, TensorSource):
+        return item
+    if isinstance(item, Mapping):
+        return StateDictSource(item, name=name or "state_dict")
+    path = Path(item)
+    if path.is_file():
+        return SafetensorsFile(path, name=name)
+    if (path / "adapter_config.json").is_file():
+        from mergeops.io.peft import PeftAdapter
+
+        return PeftAdapter(path, name=name, mode=lora, base=lora_base)
+    if path.is_dir():
+        return ShardedCheckpoint(path, name=name)
+    raise SourceError(f"no checkpoint at '{path}' (expected a .safetensors file or a folder)")

@@ -1,0 +1,346 @@
+"""The merge-method interface and its explicit registry.
+
+A method is a thin adapter over pure tensor math in ``mergeops.ops``. It declares, as class
+attributes, what it is and what it needs; the engine (``mergeops.engine``) does all reading,
+validation of inputs, device/dtype handling and writing, and calls the method's hooks:
+
+Streaming methods (``StreamingMethod``), per tensor name, in a stable order:
+
+1. ``validate(ctx)`` once, before anything is read or written (bad params, missing inputs).
+2. Optional first pass(es) for model-wide statistics: ``stats_collector(ctx)`` returns a
+   ``StatsCollector`` (or ``None``); the engine feeds it every tensor (``observe``) and asks
+   ``next_pass()`` after each full sweep; when it says ``False`` the engine stores
+   ``collector.result()`` in ``ctx.stats``. Exact multi-pass statistics (radix top-k,
+   norms) fit this.
+3. ``merge_tensor(inputs, ctx) -> TensorResult`` for every tensor. ``inputs`` holds float32
+   tensors on ``ctx.device``; the engine casts ``TensorResult.merged`` to the output dtype.
+   ``TensorResult.extras`` are additional output streams (per-model masks, the task
+   vector, ...), each written as its own sharded safetensors folder named by the stream;
+   extras are written with the dtype they are emitted in (pack bool masks to uint8 first).
+4. ``finish(ctx)`` once after the last tensor (stateful methods update ``ctx.state`` here).
+
+Whole-model methods (``WholeModelMethod``, e.g. fw) get the sources themselves in
+``merge_model(inputs, ctx)`` and return whole dicts; ``load_state_dict`` helps load one
+source at a time, so a method can keep memory constant in the pool size.
+
+Stateful methods (``Need.STATE``) implement ``new_state``/``load_state``/``save_state``;
+the engine loads ``state_path`` when it exists (else ``new_state``), exposes the object as
+``ctx.state`` and saves it after a successful merge, before the output is moved into place.
+
+Per-model parameters (``weight``, ``density``, ...) live in ``model_params_model``; global
+params in ``params_model``. Both are frozen pydantic models that forbid unknown fields, so a
+validation error names the parameter. A global value for a per-model field is the default
+for every model (mergekit semantics), which the engine resolves with ``split_params``.
+
+Register a method with the ``@register`` class decorator in its module and import the
+module from ``mergeops/methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mergeops.sources import Objective, TensorMeta, TensorSource
+
+
+class MergeError(ValueError):
+    """A merge cannot run or failed; the message names the model, tensor or parameter."""
+
+
+class Need(StrEnum):
+    """Inputs a method may require beyond the models themselves."""
+
+    BASE = "base"
+    METRICS = "metrics"
+    SECOND_MOMENTS = "second_moments"
+    FISHER = "fisher"
+    OBJECTIVE = "objective"
+    STATE = "state"
+
+
+#: Side inputs read per model per tensor, keyed by the name used in ``TensorInputs.side``.
+SIDE_INPUTS: dict[Need, str] = {Need.SECOND_MOMENTS: "second_moment", Need.FISHER: "fisher"}
+
+
+class MethodParams(BaseModel):
+    """Base class of a method's global parameters (frozen; unknown names are errors)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ModelParams(BaseModel):
+    """Base class of a method's per-model parameters (frozen; unknown names are errors)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class NoModelParams(ModelParams):
+    """For methods without per-model parameters."""
+
+
+@dataclass
+class MergeContext:
+    """Everything a method may consult besides the current tensor.
+
+    ``stats`` holds the first-pass result; ``state`` the stateful method's state object;
+    ``scratch`` is free for the method to keep cross-tensor bookkeeping in.
+    """
+
+    method: str
+    model_names: list[str]
+    params: MethodParams
+    model_params: list[ModelParams]
+    device: torch.device
+    out_dtype: torch.dtype | None = None
+    has_base: bool = False
+    metrics: list[float | None] = field(default_factory=list)
+    objective: Objective | None = None
+    seed: int = 0
+    stats: Any = None
+    state: Any = None
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, tensor_name: str, model_index: int) -> torch.Generator:
+        """A generator seeded from (seed, tensor, model): results do not depend on order."""
+        digest = hashlib.sha256(f"{self.seed}:{tensor_name}:{model_index}".encode()).digest()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+
+@dataclass
+class TensorInputs:
+    """One tensor name's inputs: float32 tensors on the context's device.
+
+    ``models[i]`` belongs to ``ctx.model_names[i]``; ``side['second_moment'][i]`` and
+    ``side['fisher'][i]`` are the matching side inputs when the method needs them.
+    """
+
+    name: str
+    models: list[torch.Tensor]
+    base: torch.Tensor | None = None
+    side: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        """τ_t = θ_t - θ0 for every model (requires a base)."""
+        if self.base is None:
+            raise MergeError(f"tensor '{self.name}': task vectors need a base model")
+        return [model - self.base for model in self.models]
+
+
+@dataclass
+class TensorResult:
+    """A method's output for one tensor name.
+
+    ``merged`` goes to the main output (``None`` leaves the tensor out); ``extras`` maps an
+    output stream name (e.g. ``"mask.ft-1"``, ``"task_vector"``) to tensors keyed by name.
+    """
+
+    merged: torch.Tensor | None
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInputs:
+    """Inputs of a whole-model method: lazy sources, not loaded tensors."""
+
+    models: list[TensorSource]
+    base: TensorSource | None = None
+    side: dict[str, list[TensorSource]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelResult:
+    """A whole-model method's output: the merged state dict and any extra streams."""
+
+    merged: dict[str, torch.Tensor]
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class StatsCollector(ABC):
+    """Accumulates model-wide statistics over one or more streaming passes."""
+
+    @abstractmethod
+    def observe(self, inputs: TensorInputs, ctx: MergeContext) -> None:
+        """Take one tensor name's inputs into account (called for every tensor per pass)."""
+
+    def next_pass(self) -> bool:
+        """Called after each full sweep; return True to request another sweep."""
+        return False
+
+    @abstractmethod
+    def result(self) -> Any:
+        """The statistics, stored by the engine in ``ctx.stats``."""
+
+
+class MergeMethod(ABC):
+    """Common declaration of every merge method (see the module docstring)."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    params_model: ClassVar[type[MethodParams]]
+    model_params_model: ClassVar[type[ModelParams]] = NoModelParams
+    needs: ClassVar[frozenset[Need]] = frozenset()
+    #: Inputs used when given but not required (e.g. ota's base).
+    optional: ClassVar[frozenset[Need]] = frozenset()
+    streaming: ClassVar[bool] = True
+
+    def validate(self, ctx: MergeContext) -> None:  # noqa: B027 - optional hook
+        """Check params against the inputs before anything is read; raise ``MergeError``."""
+
+    # ---- side inputs -------------------------------------------------------------------
+    def check_side_input(self, kind: str, source: TensorSource, key: str, meta: TensorMeta) -> None:
+        """Up-front check that a side input holds ``key`` with the weights' shape."""
+        try:
+            side_shape = source.metadata(key).shape
+        except KeyError:
+            raise MergeError(f"{kind} of model '{source.name}' has no tensor '{key}'") from None
+        if tuple(side_shape) != tuple(meta.shape):
+            raise MergeError(
+                f"shape mismatch for '{key}': {kind} of model '{source.name}' "
+                f"{tuple(side_shape)}, weights {tuple(meta.shape)}"
+            )
+
+    def read_side_input(
+        self, kind: str, source: TensorSource, key: str, device: torch.device
+    ) -> torch.Tensor:
+        """Read one side tensor as float32 on ``device`` (override for compressed layouts)."""
+        return source.get(key).to(device=device, dtype=torch.float32)
+
+    # ---- state (Need.STATE) ------------------------------------------------------------
+    def new_state(self, ctx: MergeContext) -> Any:
+        """A fresh state object for the first run of a stateful method."""
+        raise NotImplementedError(f"method '{self.name}' keeps no state")
+
+    def load_state(self, path: Path, ctx: MergeContext) -> Any:
+        """Load the state saved by ``save_state``."""
+        raise NotImplementedError(f"method '{self.name}' keeps no state")
+
+    def save_state(self, state: Any, path: Path) -> None:
+        """Persist ``state`` at ``path`` (a file or folder the method chooses)."""
+        raise NotImplementedError(f"method '{self.name}' keeps no state")
+
+    def finish(self, ctx: MergeContext) -> None:  # noqa: B027 - optional hook
+        """Called once after all tensors were merged."""
+
+
+class StreamingMethod(MergeMethod):
+    """A method the engine drives tensor by tensor."""
+
+    streaming: ClassVar[bool] = True
+
+    def stats_collector(self, ctx: MergeContext) -> StatsCollector | None:
+        """A collector for a first pass, or None when the method needs none."""
+        return None
+
+    @abstractmethod
+    def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
+        """Merge one tensor name's inputs."""
+
+
+class WholeModelMethod(MergeMethod):
+    """A method that needs all tensors at once (e.g. fw's gradient steps)."""
+
+    streaming: ClassVar[bool] = False
+
+    @abstractmethod
+    def merge_model(self, inputs: ModelInputs, ctx: MergeContext) -> ModelResult:
+        """Merge whole models; return float32 (or any) tensors, the engine casts ``merged``."""
+
+
+def load_state_dict(source: TensorSource, device: torch.device) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``source`` as float32 on ``device`` (floating tensors only cast)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in list(source.keys()):
+        tensor = source.get(key).to(device=device)
+        out[key] = tensor.float() if tensor.is_floating_point() else tensor
+    return out
+
+
+# ---- registry ------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+_M = TypeVar("_M", bound=type[MergeMethod])
+
+
+def register(cls: _M) -> _M:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise MergeError(f"merge method '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MergeMethod:
+    """A fresh instance of the method called ``name``."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise MergeError(
+            f"unknown merge method '{name}'; available: {', '.join(available_methods())}"
+        ) from None
+
+
+def split_params(
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    model_names: Sequence[str],
+) -> tuple[MethodParams, list[ModelParams]]:
+    """Validate global and per-model params; global values of per-model fields are defaults.
+
+    Raises ``MergeError`` naming the parameter (and the model for per-model values).
+    """
+    per_model_fields = _field_names(method.model_params_model)
+    global_fields = _field_names(method.params_model)
+    defaults = {k: v for k, v in params.items() if k in per_model_fields and k not in global_fields}
+    unknown = [k for k in params if k not in per_model_fields | global_fields]
+    if unknown:
+        raise MergeError(
+            f"unknown parameter '{unknown[0]}' for method '{method.name}'; "
+            f"accepted: {', '.join(sorted(per_model_fields | global_fields))}"
+        )
+    global_values = {k: v for k, v in params.items() if k in global_fields}
+    try:
+        method_params = method.params_model.model_validate(global_values)
+    except ValidationError as exc:
+        raise MergeError(f"bad parameters for method '{method.name}': {_brief(exc)}") from None
+    resolved: list[ModelParams] = []
+    for name, own in zip(model_names, model_params, strict=True):
+        try:
+            resolved.append(method.model_params_model.model_validate({**defaults, **own}))
+        except ValidationError as exc:
+            raise MergeError(
+                f"bad parameters for model '{name}' (method '{method.name}'): {_brief(exc)}"
+            ) from None
+    return method_params, resolved
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return names
+
+
+def _brief(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "params"
+        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)

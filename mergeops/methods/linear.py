@@ -1,0 +1,50 @@
+"""linear — weighted average of the models (mergekit ``linear``)."""
+
+from __future__ import annotations
+
+from mergeops.methods.base import (
+    MergeContext,
+    MergeError,
+    MethodParams,
+    ModelParams,
+    StreamingMethod,
+    TensorInputs,
+    TensorResult,
+    register,
+)
+from mergeops.ops.basic import weighted_average
+
+
+class LinearParams(MethodParams):
+    """``normalize``: divide by Σ w (mergekit's default true)."""
+
+    normalize: bool = True
+
+
+class WeightParams(ModelParams):
+    """Per-model ``weight`` w_t (default 1)."""
+
+    weight: float = 1.0
+
+
+@register
+class Linear(StreamingMethod):
+    """θ = Σ w_t θ_t / Σ w_t; the base, when given, is not part of the average."""
+
+    name = "linear"
+    paper = "https://arxiv.org/abs/2203.05482"
+    params_model = LinearParams
+    model_params_model = WeightParams
+
+    def validate(self, ctx: MergeContext) -> None:
+        params = ctx.params
+        assert isinstance(params, LinearParams)
+        total = sum(p.weight for p in ctx.model_params)  # type: ignore[attr-defined]
+        if params.normalize and abs(total) < 1e-8:
+            raise MergeError(f"linear: weights of models {ctx.model_names} sum to {total}")
+
+    def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
+        params = ctx.params
+        assert isinstance(params, LinearParams)
+        weights = [p.weight for p in ctx.model_params]  # type: ignore[attr-defined]
+        return TensorResult(weighted_average(inputs.models, weights, normalize=params.normalize))

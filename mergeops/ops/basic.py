@@ -1,0 +1,84 @@
+"""Weight averaging and sign-consensus math shared by linear, task arithmetic, TIES and DARE.
+
+Every function takes and returns float32 tensors; none knows about files or configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _weights_like(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Weights as a column broadcastable against a stack of tensors shaped like ``like``."""
+    w = torch.as_tensor(list(weights), dtype=torch.float32, device=like.device)
+    return w.reshape((-1,) + (1,) * like.dim())
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_t x_t.
+
+    Args:
+        tensors: same-shaped tensors.
+        weights: one weight per tensor.
+    Returns:
+        The weighted sum, shaped like each input.
+    """
+    stacked = torch.stack(list(tensors))
+    return (stacked * _weights_like(weights, tensors[0])).sum(dim=0)
+
+
+def weighted_average(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
+) -> torch.Tensor:
+    """Linear merge: Σ w_t θ_t / Σ w_t (or the plain weighted sum when not normalizing)."""
+    total = weighted_sum(tensors, weights)
+    if not normalize:
+        return total
+    divisor = float(sum(weights))
+    if abs(divisor) < 1e-8:
+        raise ValueError(f"weights sum to {divisor}; cannot normalize a linear merge")
+    return total / divisor
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    task_vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    scale: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """θ0 + λ·Σ w_t τ_t (divided by Σ w_t when ``normalize``; a ~zero sum divides by 1)."""
+    merged = weighted_sum(task_vectors, weights)
+    if normalize:
+        divisor = float(sum(weights))
+        merged = merged / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    return base + scale * merged
+
+
+def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """Majority sign per entry of stacked deltas (T, ...): sign of their sum, zero -> +1."""
+    return torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+
+
+def disjoint_merge(
+    deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool
+) -> torch.Tensor:
+    """Sum the weighted deltas (T, ...) whose sign agrees with the elected sign.
+
+    Args:
+        deltas: stacked weighted task vectors δ_t = w_t·trim(τ_t).
+        weights: the w_t used to build ``deltas`` (for the normalizing divisor).
+        normalize: divide by Σ w_t·[kept_t] (a zero divisor becomes 1).
+    Returns:
+        The merged delta, shaped like one task vector.
+    """
+    kept = deltas.sign() == elect_sign(deltas)
+    merged = (deltas * kept).sum(dim=0)
+    if not normalize:
+        return merged
+    divisor = (_weights_like(weights, deltas[0]) * kept).sum(dim=0)
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return merged / divisor

@@ -1,0 +1,97 @@
+"""ties: hand-computed cases, the density-1 reduction, and the model-wide trim scope."""
+
+import pytest
+import torch
+
+import mergeops
+from mergeops.ops.sparsify import RadixTopK, topk_mask
+
+BASE = {"w": torch.tensor([1.0, 2.0, 3.0])}
+A = {"w": torch.tensor([2.0, 2.0, 5.0])}  # τ = [1, 0, 2]
+C = {"w": torch.tensor([0.0, 4.0, 3.0])}  # τ = [-1, 2, 0]
+
+
+def test_ties_full_density_hand_computed():
+    # elected sign + everywhere (sum [0, 2, 2], zero -> +); kept: a[0], c[1], a[2]
+    out = mergeops.merge("ties", [A, C], base=BASE, density=1.0, device="cpu")
+    assert torch.allclose(out["w"], torch.tensor([2.0, 4.0, 5.0]))
+
+
+def test_ties_trim_and_normalize_by_kept_weights():
+    # k = max(1, ⌊0.4·3⌋) = 1: a keeps 2 at [2], c keeps 2 at [1]
+    out = mergeops.merge("ties", [A, C], base=BASE, density=0.4, weight=[2.0, 1.0], device="cpu")
+    assert torch.allclose(out["w"], torch.tensor([1.0, 4.0, 5.0]))
+    raw = mergeops.merge(
+        "ties", [A, C], base=BASE, density=0.4, weight=[2.0, 1.0], normalize=False, device="cpu"
+    )
+    assert torch.allclose(raw["w"], torch.tensor([1.0, 4.0, 7.0]))
+
+
+def test_ties_sign_election_drops_the_minority():
+    base = {"w": torch.zeros(2)}
+    models = [{"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([-1.0, 1.0])}]
+    out = mergeops.merge("ties", models, base=base, density=1.0, normalize=False, device="cpu")
+    assert torch.allclose(out["w"], torch.tensor([3.0, 2.0]))
+
+
+def test_ties_density_one_without_normalize_is_task_arithmetic():
+    gen = torch.Generator().manual_seed(0)
+    base = {"x": torch.randn(5, 7, generator=gen), "y": torch.randn(11, generator=gen)}
+    models = [
+        {k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)
+    ]
+    # The reduction holds where signs agree (ties drops minority signs at any density).
+    same_sign = [{k: base[k] + (v - base[k]).abs() for k, v in m.items()} for m in models]
+    ties = mergeops.merge("ties", same_sign, base=base, density=1.0, normalize=False, device="cpu")
+    ta = mergeops.merge("task_arithmetic", same_sign, base=base, device="cpu")
+    for key in base:
+        assert torch.allclose(ties[key], ta[key], atol=1e-6)
+
+
+def test_topk_mask_keeps_exactly_k_with_ties_by_position():
+    values = torch.tensor([1.0, -1.0, 1.0, 0.5, 1.0])
+    mask = topk_mask(values, 0.4)  # k = 2 among three equal magnitudes
+    assert mask.tolist() == [True, True, False, False, False]
+
+
+def _model_scope_reference(taus, density):
+    flat = torch.cat([t.abs().reshape(-1) for t in taus])
+    k = max(1, int(density * flat.numel()))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(-flat, stable=True)[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.77])
+def test_radix_topk_matches_a_full_sort(density):
+    gen = torch.Generator().manual_seed(1)
+    # bf16-rounded values give many exact ties at the threshold
+    taus = [torch.randn(n, generator=gen).to(torch.bfloat16).float() for n in (50, 300, 7)]
+    selector = RadixTopK(density)
+    for sweep in range(2):
+        for i, tau in enumerate(taus):
+            selector.observe(f"t{i}", tau.abs())
+        more = selector.next_pass()
+        assert more == (sweep == 0)
+    cut = selector.result()
+    got = torch.cat([cut.mask(f"t{i}", tau.abs()) for i, tau in enumerate(taus)])
+    expected = _model_scope_reference(taus, density)
+    assert int(got.sum()) == int(expected.sum())
+    assert torch.equal(got, expected)
+
+
+def test_ties_model_scope_uses_one_threshold_over_all_tensors():
+    base = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    model = {"a": torch.tensor([9.0, 8.0, 7.0, 6.0]), "b": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    per_tensor = mergeops.merge("ties", [model], base=base, density=0.5, device="cpu")
+    per_model = mergeops.merge(
+        "ties", [model], base=base, density=0.5, trim_scope="model", device="cpu"
+    )
+    assert per_tensor["b"].tolist() == [0.0, 0.0, 3.0, 4.0]
+    assert per_model["a"].tolist() == [9.0, 8.0, 7.0, 6.0]
+    assert per_model["b"].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_ties_bad_trim_scope_names_the_param():
+    with pytest.raises(mergeops.MergeError, match="trim_scope"):
+        mergeops.merge("ties", [A], base=BASE, trim_scope="layer", device="cpu")
