@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = 100 * 1024 * 1024
     scan_nonfinite: bool = False
     task_vectors_on_complete: bool = True
+    # Registry server: reads need a 'read' token too when set (writes always need 'write').
+    auth_reads: bool = False
     # Merge work: where merged outputs are staged before upload.
     work_dir: Path | None = None
 

@@ -1,0 +1,1 @@
+"""Alembic migrations for the registry database (see registry.db.upgrade_database)."""

@@ -1,0 +1,1 @@
+"""The registry's HTTP layer: FastAPI app, dependencies, routes, error mapping."""

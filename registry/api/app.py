@@ -1,0 +1,64 @@
+"""The registry's FastAPI application (``/api/v1``), built from settings and a launcher."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from registry.api.errors import install_error_handlers
+from registry.api.routes import (
+    artifacts,
+    checkpoints,
+    files,
+    health,
+    merges,
+    metrics,
+    policies,
+    task_vectors,
+)
+from registry.db import make_engine
+from registry.launcher import Launcher, NullLauncher
+from registry.settings import Settings
+from registry.storage import ObjectStore, open_store
+
+API_PREFIX = "/api/v1"
+
+
+def open_settings_store(settings: Settings) -> ObjectStore:
+    """The object store the settings name (S3 endpoint, region and part size included)."""
+    return open_store(
+        settings.store_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        part_size=settings.s3_part_size,
+    )
+
+
+def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastAPI:
+    """The registry app; the database must already be upgraded (``registry.db.upgrade_database``)."""
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="ckreg registry",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.store = open_settings_store(settings)
+    app.state.launcher = launcher or NullLauncher()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(health.router, prefix=API_PREFIX)
+    for module in (checkpoints, files, artifacts, metrics, task_vectors, policies, merges):
+        app.include_router(module.router, prefix=API_PREFIX)
+    return app

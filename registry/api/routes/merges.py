@@ -1,0 +1,50 @@
+"""Merge runs: start an ad-hoc merge (idempotent), list and show runs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response, status
+
+from registry.api.deps import LauncherDep, ReaderDep, SessionDep, WriterDep
+from registry.models import MergeRunStatus
+from registry.services import merge_runs as run_service
+
+router = APIRouter(prefix="/merges", tags=["merges"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def start_merge(
+    request: run_service.MergeRequest,
+    session: SessionDep,
+    launcher: LauncherDep,
+    _: WriterDep,
+    response: Response,
+) -> run_service.MergeRunPublic:
+    """Queue a merge (202); the same inputs + method + params return the existing run (200)."""
+    run, launch = run_service.create_merge_run(session=session, request=request)
+    if launch:
+        launcher.merge_requested(run.id or 0)
+    else:
+        response.status_code = status.HTTP_200_OK
+    return run_service.to_public(session=session, run=run, reused=not launch)
+
+
+@router.get("")
+def list_merges(
+    session: SessionDep,
+    _: ReaderDep,
+    status_: MergeRunStatus | None = Query(default=None, alias="status"),
+    policy_id: int | None = None,
+    limit: int = Query(default=50, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+) -> run_service.MergeRunPage:
+    runs, total = run_service.list_merge_runs(
+        session=session, status=status_, policy_id=policy_id, limit=limit, offset=offset
+    )
+    items = [run_service.to_public(session=session, run=run) for run in runs]
+    return run_service.MergeRunPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{run_id}")
+def show_merge(run_id: int, session: SessionDep, _: ReaderDep) -> run_service.MergeRunPublic:
+    run = run_service.get_merge_run(session=session, run_id=run_id)
+    return run_service.to_public(session=session, run=run)

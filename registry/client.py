@@ -1,0 +1,314 @@
+"""Python client for the ckreg REST API (``/api/v1``): register, browse and download checkpoints.
+
+Example::
+
+    with Client("http://127.0.0.1:8321", token="ckreg_...") as client:
+        ckpt = client.register("out/checkpoint-500", base_id=1, task="math", run="r1")
+        client.download_file(ckpt["id"], "model.safetensors", "copy.safetensors")
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from registry.capture import second_moments_from_optimizer_file, write_second_moments
+from registry.client_helpers import CHUNK, iter_file, plan_upload, sha256_file
+
+API_PREFIX = "/api/v1"
+
+
+class ClientError(Exception):
+    """The server refused a request; carries the HTTP status, error code and the server's message."""
+
+    def __init__(self, status: int, message: str, error: str | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.message = message
+        super().__init__(f"HTTP {status}" + (f" {error}" if error else "") + f": {message}")
+
+
+class Client:
+    """A synchronous client for one registry server; use as a context manager or call ``close()``."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + API_PREFIX, headers=headers, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def create_checkpoint(
+        self,
+        *,
+        name: str,
+        kind: str = "finetune",
+        base_id: int | None = None,
+        task: str | None = None,
+        run: str | None = None,
+        step: int | None = None,
+        tags: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Create a pending checkpoint; returns its ``CheckpointPublic``."""
+        body: dict[str, Any] = {
+            "name": name,
+            "kind": kind,
+            "base_id": base_id,
+            "task": task,
+            "run": run,
+            "step": step,
+        }
+        body |= {"tags": list(tags), "metadata": dict(metadata or {})}
+        return self._json("POST", "/checkpoints", json=body)
+
+    def upload_file(
+        self,
+        checkpoint_id: int,
+        path: Path | str,
+        *,
+        name: str | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Stream a file to a pending checkpoint, declaring its sha256; returns ``FilePublic``."""
+        path = Path(path)
+        name = name or path.name
+        headers = {"X-Content-SHA256": sha256_file(path, progress=progress)}
+        return self._upload(
+            "PUT", f"/checkpoints/{checkpoint_id}/files/{name}", path, headers, progress=progress
+        )
+
+    def complete(
+        self, checkpoint_id: int, *, sha256: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Ask the server to validate and finalise the checkpoint; returns it with status ``ready``."""
+        return self._json(
+            "POST", f"/checkpoints/{checkpoint_id}/complete", json={"sha256": dict(sha256 or {})}
+        )
+
+    def register(
+        self,
+        path: Path | str,
+        *,
+        name: str | None = None,
+        kind: str | None = None,
+        base_id: int | None = None,
+        task: str | None = None,
+        run: str | None = None,
+        step: int | None = None,
+        tags: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        second_moment: Path | str | None = None,
+        optimizer_param_names: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Upload a checkpoint (file or directory, see ``registry.client_helpers``) and complete it.
+
+        ``kind`` defaults to ``adapter`` for a PEFT directory and ``finetune`` otherwise; ``step``
+        and the ``loss`` metric default to a Trainer directory's ``trainer_state.json``.
+        ``second_moment`` is a safetensors file of Adam ``exp_avg_sq`` keyed by parameter name
+        (see ``registry.capture``). A Trainer ``optimizer.pt`` is converted into one only when
+        ``optimizer_param_names`` (names in the optimizer's parameter order) is given; otherwise
+        it is never opened. Returns the final ``CheckpointPublic``.
+        """
+        plan = plan_upload(Path(path))
+        checkpoint = self.create_checkpoint(
+            name=name or plan.name,
+            kind=kind or plan.kind,
+            base_id=base_id,
+            task=task,
+            run=run,
+            step=step if step is not None else plan.step,
+            tags=tags,
+            metadata={"layout": plan.layout} | dict(metadata or {}),
+        )
+        checkpoint_id = int(checkpoint["id"])
+        hashes = {}
+        for file in plan.files:
+            hashes[file.name] = self.upload_file(checkpoint_id, file, progress=progress)["sha256"]
+        self.complete(checkpoint_id, sha256=hashes)
+        all_metrics = plan.metrics | dict(metrics or {})
+        if all_metrics:
+            self.add_metrics(checkpoint_id, all_metrics, step=checkpoint.get("step"))
+        if second_moment is not None:
+            self.upload_artifact(checkpoint_id, second_moment, "second_moment", progress=progress)
+        elif optimizer_param_names is not None and plan.optimizer_file is not None:
+            self._upload_optimizer_moments(
+                checkpoint_id, plan.optimizer_file, optimizer_param_names, progress
+            )
+        return self.get_checkpoint(checkpoint_id)
+
+    def list_checkpoints(self, **filters: Any) -> dict[str, Any]:
+        """``{items, total, limit, offset}``; filters: base_id, kind, task, run, tag, status, name,
+        limit, offset (``None`` values are dropped)."""
+        params = {key: value for key, value in filters.items() if value is not None}
+        return self._json("GET", "/checkpoints", params=params)
+
+    def get_checkpoint(self, checkpoint_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/checkpoints/{checkpoint_id}")
+
+    def lineage(self, checkpoint_id: int, *, depth: int = 5) -> dict[str, Any]:
+        """``{checkpoint_id, ancestors: [Edge], descendants: [Edge]}``."""
+        return self._json("GET", f"/checkpoints/{checkpoint_id}/lineage", params={"depth": depth})
+
+    def delete(self, checkpoint_id: int, *, force: bool = False) -> dict[str, Any]:
+        return self._json(
+            "DELETE", f"/checkpoints/{checkpoint_id}", params={"force": str(force).lower()}
+        )
+
+    def similar(self, checkpoint_id: int, *, limit: int = 10) -> list[dict[str, Any]]:
+        """``[{checkpoint_id, name, task, cosine}]`` by task-vector cosine similarity."""
+        return self._json("GET", f"/checkpoints/{checkpoint_id}/similar", params={"limit": limit})
+
+    def download_file(
+        self, checkpoint_id: int, name: str, dest: Path | str, *, progress: bool = True
+    ) -> Path:
+        """Stream a checkpoint file to ``dest`` (a file path, or a directory to put ``name`` in)."""
+        return self._download(
+            f"/checkpoints/{checkpoint_id}/files/{name}", name, Path(dest), progress
+        )
+
+    # -- metrics and artifacts ---------------------------------------------------------------
+
+    def add_metrics(
+        self,
+        checkpoint_id: int,
+        metrics: Mapping[str, float],
+        *,
+        step: int | None = None,
+        dataset: str | None = None,
+        split: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Record client metrics (name -> value); returns ``[MetricPublic]``."""
+        body = [
+            {
+                "name": key,
+                "value": float(value),
+                "step": step,
+                "dataset": dataset,
+                "split": split,
+                "source": "client",
+            }
+            for key, value in metrics.items()
+        ]
+        return self._json("POST", f"/checkpoints/{checkpoint_id}/metrics", json=body)
+
+    def metrics(self, checkpoint_id: int) -> list[dict[str, Any]]:
+        return self._json("GET", f"/checkpoints/{checkpoint_id}/metrics")
+
+    def upload_artifact(
+        self,
+        checkpoint_id: int,
+        path: Path | str,
+        role: str,
+        *,
+        name: str | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Stream a safetensors artifact (``second_moment``, ``fisher``, ``mask``, ...); returns ``ArtifactPublic``."""
+        path = Path(path)
+        params = {"role": role, "name": name or path.name}
+        url = f"/checkpoints/{checkpoint_id}/artifacts"
+        headers = {"X-Content-SHA256": sha256_file(path, progress=progress)}
+        return self._upload("POST", url, path, headers, progress=progress, params=params)
+
+    def artifacts(self, checkpoint_id: int) -> list[dict[str, Any]]:
+        return self._json("GET", f"/checkpoints/{checkpoint_id}/artifacts")
+
+    def download_artifact(
+        self, checkpoint_id: int, artifact_id: int, dest: Path | str, *, progress: bool = True
+    ) -> Path:
+        url = f"/checkpoints/{checkpoint_id}/artifacts/{artifact_id}/content"
+        return self._download(url, f"artifact-{artifact_id}.safetensors", Path(dest), progress)
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok"}`` when the server is up."""
+        return self._json("GET", "/healthz")
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
+        return _checked(self._http.request(method, url, **kwargs)).json()
+
+    def _upload(
+        self,
+        method: str,
+        url: str,
+        path: Path,
+        headers: dict[str, str],
+        *,
+        progress: bool,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        headers = headers | {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(path.stat().st_size),
+        }
+        body = iter_file(path, progress=progress, desc=f"upload {path.name}")
+        return self._json(method, url, content=body, headers=headers, **kwargs)
+
+    def _download(self, url: str, name: str, dest: Path, progress: bool) -> Path:
+        target = dest / name if dest.is_dir() else dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with self._http.stream("GET", url) as response:
+            _checked(response)
+            total = int(response.headers.get("Content-Length", 0)) or None
+            bar = tqdm(
+                total=total,
+                desc=f"download {name}",
+                unit="B",
+                unit_scale=True,
+                disable=not progress,
+            )
+            with bar, partial.open("wb") as handle:
+                for chunk in response.iter_bytes(CHUNK):
+                    handle.write(chunk)
+                    bar.update(len(chunk))
+        partial.replace(target)
+        return target
+
+    def _upload_optimizer_moments(
+        self, checkpoint_id: int, optimizer_file: Path, names: Sequence[str], progress: bool
+    ) -> None:
+        moments = second_moments_from_optimizer_file(optimizer_file, names)
+        with tempfile.TemporaryDirectory(prefix="ckreg-") as tmp:
+            path = write_second_moments(moments, Path(tmp) / "second_moment.safetensors")
+            self.upload_artifact(checkpoint_id, path, "second_moment", progress=progress)
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    """Raise ``ClientError`` with the server's ``{"detail": {"error", "message"}}`` for 4xx/5xx."""
+    if response.is_success:
+        return response
+    response.read()
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, dict):
+        raise ClientError(
+            response.status_code, str(detail.get("message", detail)), detail.get("error")
+        )
+    if isinstance(detail, list):  # FastAPI request validation: [{loc, msg, ...}]
+        message = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
+        )
+        raise ClientError(response.status_code, message, "validation_error")
+    raise ClientError(response.status_code, str(detail) or response.reason_phrase)

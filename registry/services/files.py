@@ -1,0 +1,145 @@
+"""Uploading checkpoint files: streamed, from a local path, or by reference to a stored blob."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from registry.errors import IntegrityMismatch, InvalidInput, InvalidState, NotFound
+from registry.models import FILE_ROLES, Artifact, ArtifactRole, Checkpoint
+from registry.services.common import (
+    check_file_name,
+    check_sha256,
+    load_checkpoint,
+    load_pending_checkpoint,
+    release_blobs,
+)
+from registry.storage import BlobInfo, ObjectStore, StorageIntegrityError, blob_key
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file attached to a checkpoint; ``deduplicated`` when its bytes were already stored."""
+
+    artifact: Artifact
+    deduplicated: bool
+
+
+def file_role(name: str) -> ArtifactRole:
+    """Safetensors files are weights; anything else (index, adapter config) is config."""
+    return ArtifactRole.weights if name.endswith(".safetensors") else ArtifactRole.config
+
+
+def _attach(
+    *, session: Session, store: ObjectStore, checkpoint: Checkpoint, name: str, info: BlobInfo
+) -> StoredFile:
+    """Insert (or replace) the file row; a replaced blob is released if nothing else uses it."""
+    query = select(Artifact).where(
+        Artifact.checkpoint_id == checkpoint.id,
+        Artifact.name == name,
+        col(Artifact.role).in_(FILE_ROLES),
+    )
+    artifact = session.exec(query).first()
+    old_key = artifact.blob_key if artifact is not None else None
+    if artifact is None:
+        artifact = Artifact(
+            checkpoint_id=checkpoint.id or 0,
+            role=file_role(name),
+            name=name,
+            blob_key="",
+            sha256="",
+            size=0,
+        )
+    artifact.blob_key, artifact.sha256, artifact.size = info.key, info.sha256, info.size
+    session.add(artifact)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise InvalidState(
+            f"file '{name}' of checkpoint {checkpoint.id} was uploaded concurrently"
+        ) from exc
+    session.refresh(artifact)
+    if old_key is not None and old_key != info.key:
+        release_blobs(session=session, store=store, keys=[old_key])
+    return StoredFile(artifact=artifact, deduplicated=not info.created)
+
+
+def add_file_from_stream(
+    *,
+    session: Session,
+    store: ObjectStore,
+    checkpoint_id: int,
+    name: str,
+    chunks: Iterable[bytes] | BinaryIO,
+    declared_sha256: str | None = None,
+    expected_size: int | None = None,
+) -> StoredFile:
+    """Stream one file into the store and attach it to a pending checkpoint.
+
+    A declared sha256 that does not match raises ``IntegrityMismatch`` and stores nothing.
+    """
+    check_file_name(name)
+    checkpoint = load_pending_checkpoint(session, checkpoint_id)
+    expected = check_sha256(declared_sha256, what=f"file '{name}'") if declared_sha256 else None
+    try:
+        info = store.put_stream(chunks, expected_sha256=expected, expected_size=expected_size)
+    except StorageIntegrityError as exc:
+        raise IntegrityMismatch(
+            f"file '{name}' of checkpoint {checkpoint_id}: {exc}", file=name
+        ) from exc
+    return _attach(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
+
+
+def add_file_from_path(
+    *, session: Session, store: ObjectStore, checkpoint_id: int, path: Path, name: str | None = None
+) -> StoredFile:
+    """Upload a local file (named ``name`` or its own file name) to a pending checkpoint."""
+    file_name = check_file_name(name if name is not None else path.name)
+    if not path.is_file():
+        raise InvalidInput(f"'{path}' is not a regular file")
+    with path.open("rb") as handle:
+        return add_file_from_stream(
+            session=session, store=store, checkpoint_id=checkpoint_id, name=file_name, chunks=handle
+        )
+
+
+def add_file_by_reference(
+    *, session: Session, store: ObjectStore, checkpoint_id: int, name: str, sha256: str
+) -> StoredFile:
+    """Attach a blob already in the store (``blobs/sha256/<hex>``) without uploading bytes."""
+    check_file_name(name)
+    checkpoint = load_pending_checkpoint(session, checkpoint_id)
+    digest = check_sha256(sha256, what=f"file '{name}'")
+    key = blob_key(digest)
+    if not store.exists(key):
+        raise NotFound(f"blob '{key}' for file '{name}' is not in the store")
+    info = BlobInfo(key=key, sha256=digest, size=store.size(key), created=False)
+    return _attach(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
+
+
+def get_checkpoint_file(*, session: Session, checkpoint_id: int, name: str) -> Artifact:
+    """The file row ``name`` of a checkpoint (``NotFound`` naming both)."""
+    check_file_name(name)
+    checkpoint = load_checkpoint(session, checkpoint_id)
+    query = select(Artifact).where(
+        Artifact.checkpoint_id == checkpoint_id,
+        Artifact.name == name,
+        col(Artifact.role).in_(FILE_ROLES),
+    )
+    artifact = session.exec(query).first()
+    if artifact is None:
+        raise NotFound(f"checkpoint {checkpoint_id} '{checkpoint.name}' has no file '{name}'")
+    return artifact
+
+
+def stream_artifact(
+    *, store: ObjectStore, artifact: Artifact, chunk_size: int = 1 << 20
+) -> Iterator[bytes]:
+    """The bytes of an artifact or file, streamed from the store."""
+    return store.iter_bytes(artifact.blob_key, chunk_size=chunk_size)

@@ -1,0 +1,339 @@
+"""Merge runs: idempotent creation, the queued -> running -> succeeded|failed lifecycle, queries.
+
+The same inputs + method + params give the same idempotency key, so asking twice returns the
+existing run instead of merging twice. A failed run asked for again is re-queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from mergeops.methods import base as methods_base
+from registry.errors import InvalidInput, InvalidState, NotFound
+from registry.models import (
+    Checkpoint,
+    CheckpointStatus,
+    MergeRun,
+    MergeRunInput,
+    MergeRunStatus,
+    utcnow,
+)
+
+
+class MergeInputSpec(BaseModel):
+    """One input of a merge: a checkpoint, its weight and per-model params."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint_id: int
+    weight: float | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergeRequest(BaseModel):
+    """Body of ``POST /merges`` and what policies build for their runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    base_id: int | None = None
+    inputs: list[MergeInputSpec] = Field(min_length=1)
+    evaluator: str | None = None
+
+
+class MergeInputPublic(MergeInputSpec):
+    position: int
+
+
+class MergeRunPublic(BaseModel):
+    id: int
+    policy_id: int | None
+    method: str
+    params: dict[str, Any]
+    base_id: int | None
+    status: MergeRunStatus
+    inputs: list[MergeInputPublic]
+    output_checkpoint_id: int | None
+    orchestration_run_id: str | None
+    mlflow_run_id: str | None
+    error: str | None
+    idempotency_key: str
+    created_at: Any
+    started_at: Any
+    finished_at: Any
+    reused: bool = False
+
+
+class MergeRunPage(BaseModel):
+    items: list[MergeRunPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+def idempotency_key(*, request: MergeRequest, policy_id: int | None = None) -> str:
+    """sha256 over (method, params, base, ordered inputs with weights).
+
+    ``policy_id`` is part of the key only for stateful (continual) methods, whose result also
+    depends on the policy's folded state.
+    """
+    canonical = {
+        "method": request.method,
+        "params": request.params,
+        "base_id": request.base_id,
+        "inputs": [i.model_dump(mode="json") for i in request.inputs],
+        "policy_id": policy_id if _is_stateful(request.method) else None,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_stateful(method_name: str) -> bool:
+    import mergeops.methods  # noqa: F401 - registers every method
+
+    try:
+        method = methods_base.get_method(method_name)
+    except methods_base.MergeError as exc:
+        raise InvalidInput(str(exc)) from None
+    return methods_base.Need.STATE in method.needs
+
+
+def create_merge_run(
+    *, session: Session, request: MergeRequest, policy_id: int | None = None
+) -> tuple[MergeRun, bool]:
+    """The run for ``request``: ``(run, True)`` if it must be launched, ``(run, False)`` if reused.
+
+    An existing queued, running or succeeded run with the same key is returned as is; a failed
+    one is re-queued (the error kept until it runs again).
+    """
+    _check_inputs(session=session, request=request)
+    key = idempotency_key(request=request, policy_id=policy_id)
+    existing = session.exec(select(MergeRun).where(MergeRun.idempotency_key == key)).first()
+    if existing is not None:
+        if existing.status != MergeRunStatus.failed:
+            return existing, False
+        existing.status = MergeRunStatus.queued
+        session.add(existing)
+        session.commit()
+        session.refresh(existing)
+        return existing, True
+    run = MergeRun(
+        policy_id=policy_id,
+        method=request.method,
+        params=request.params,
+        base_id=request.base_id,
+        idempotency_key=key,
+    )
+    if "evaluator" in MergeRun.model_fields:  # column requested from registry core
+        run.evaluator = request.evaluator  # type: ignore[attr-defined]
+    session.add(run)
+    session.flush()
+    for position, spec in enumerate(request.inputs):
+        session.add(
+            MergeRunInput(
+                merge_run_id=run.id or 0,
+                position=position,
+                checkpoint_id=spec.checkpoint_id,
+                weight=spec.weight,
+                params=spec.params,
+            )
+        )
+    session.commit()
+    session.refresh(run)
+    return run, True
+
+
+def _check_method(request: MergeRequest) -> None:
+    """Refuse unknown methods and params (global or per model) the method rejects."""
+    import mergeops.methods  # noqa: F401 - registers every method
+
+    try:
+        method = methods_base.get_method(request.method)
+        methods_base.split_params(
+            method,
+            request.params,
+            [spec.params for spec in request.inputs],
+            [f"checkpoint {spec.checkpoint_id}" for spec in request.inputs],
+        )
+    except methods_base.MergeError as exc:
+        raise InvalidInput(str(exc)) from None
+    if methods_base.Need.BASE in method.needs and request.base_id is None:
+        raise InvalidInput(f"method '{request.method}' needs a base model; set 'base_id'")
+
+
+def _check_inputs(*, session: Session, request: MergeRequest) -> None:
+    _check_method(request)
+    wanted = [s.checkpoint_id for s in request.inputs]
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInput(f"merge inputs list a checkpoint twice: {wanted}")
+    ids = [*wanted, *([request.base_id] if request.base_id is not None else [])]
+    for checkpoint_id in ids:
+        checkpoint = session.get(Checkpoint, checkpoint_id)
+        if checkpoint is None:
+            raise NotFound(f"merge input checkpoint {checkpoint_id} not found")
+        if checkpoint.status != CheckpointStatus.ready:
+            raise InvalidState(
+                f"merge input checkpoint {checkpoint_id} ('{checkpoint.name}') is "
+                f"{checkpoint.status}, not ready"
+            )
+
+
+def get_merge_run(*, session: Session, run_id: int) -> MergeRun:
+    """The run with ``run_id`` (``NotFound`` otherwise)."""
+    run = session.get(MergeRun, run_id)
+    if run is None:
+        raise NotFound(f"merge run {run_id} not found")
+    return run
+
+
+def merge_run_inputs(*, session: Session, run_id: int) -> list[MergeRunInput]:
+    """The run's inputs in merge order."""
+    query = (
+        select(MergeRunInput)
+        .where(MergeRunInput.merge_run_id == run_id)
+        .order_by(col(MergeRunInput.position))
+    )
+    return list(session.exec(query).all())
+
+
+def claim_merge_run(
+    *, session: Session, run_id: int, orchestration_run_id: str | None = None
+) -> MergeRun | None:
+    """Atomically move a run to running; ``None`` when it already succeeded.
+
+    Queued, failed and (crashed) running runs can be claimed, so a re-run after a crash works.
+    """
+    result = session.execute(
+        update(MergeRun)
+        .where(
+            col(MergeRun.id) == run_id,
+            col(MergeRun.status) != MergeRunStatus.succeeded,
+        )
+        .values(
+            status=MergeRunStatus.running,
+            started_at=utcnow(),
+            orchestration_run_id=orchestration_run_id,
+            error=None,
+        )
+    )
+    session.commit()
+    if getattr(result, "rowcount", 0) == 0:
+        get_merge_run(session=session, run_id=run_id)  # NotFound when absent
+        return None
+    run = get_merge_run(session=session, run_id=run_id)
+    session.refresh(run)
+    return run
+
+
+def finish_merge_run(
+    *,
+    session: Session,
+    run_id: int,
+    output_checkpoint_id: int,
+    mlflow_run_id: str | None = None,
+) -> MergeRun:
+    """Mark a run succeeded with its output checkpoint."""
+    run = get_merge_run(session=session, run_id=run_id)
+    run.status = MergeRunStatus.succeeded
+    run.output_checkpoint_id = output_checkpoint_id
+    run.finished_at = utcnow()
+    run.error = None
+    if mlflow_run_id is not None:
+        run.mlflow_run_id = mlflow_run_id
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return run
+
+
+def set_mlflow_run_id(*, session: Session, run_id: int, mlflow_run_id: str) -> None:
+    """Record the MLflow run that logged this merge."""
+    run = get_merge_run(session=session, run_id=run_id)
+    run.mlflow_run_id = mlflow_run_id
+    session.add(run)
+    session.commit()
+
+
+def fail_merge_run(*, session: Session, run_id: int, error: str) -> MergeRun:
+    """Mark a run failed, keeping the error message."""
+    session.rollback()
+    run = get_merge_run(session=session, run_id=run_id)
+    run.status = MergeRunStatus.failed
+    run.error = error[:4000]
+    run.finished_at = utcnow()
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return run
+
+
+def list_merge_runs(
+    *,
+    session: Session,
+    status: MergeRunStatus | None = None,
+    policy_id: int | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[Sequence[MergeRun], int]:
+    """Runs newest first, with the total count before paging."""
+    query = select(MergeRun)
+    if status is not None:
+        query = query.where(MergeRun.status == status)
+    if policy_id is not None:
+        query = query.where(MergeRun.policy_id == policy_id)
+    total = len(session.exec(query).all())
+    page = session.exec(query.order_by(col(MergeRun.id).desc()).offset(offset).limit(limit)).all()
+    return page, total
+
+
+def unfinished_merge_runs(*, session: Session) -> list[MergeRun]:
+    """Queued or running runs, oldest first: what a restarted worker must pick up."""
+    query = (
+        select(MergeRun)
+        .where(col(MergeRun.status).in_([MergeRunStatus.queued, MergeRunStatus.running]))
+        .order_by(col(MergeRun.id))
+    )
+    return list(session.exec(query).all())
+
+
+def folded_checkpoint_ids(*, session: Session, policy_id: int) -> list[int]:
+    """Input checkpoints of the policy's succeeded runs, in arrival (fold) order."""
+    query = (
+        select(MergeRunInput.checkpoint_id)
+        .join(MergeRun, col(MergeRun.id) == col(MergeRunInput.merge_run_id))
+        .where(
+            MergeRun.policy_id == policy_id,
+            MergeRun.status == MergeRunStatus.succeeded,
+        )
+        .order_by(col(MergeRun.id), col(MergeRunInput.position))
+    )
+    return list(session.exec(query).all())
+
+
+def last_succeeded_run(*, session: Session, policy_id: int) -> MergeRun | None:
+    """The policy's newest succeeded run (whose output holds the continual merge's state)."""
+    query = (
+        select(MergeRun)
+        .where(MergeRun.policy_id == policy_id, MergeRun.status == MergeRunStatus.succeeded)
+        .order_by(col(MergeRun.id).desc())
+    )
+    return session.exec(query).first()
+
+
+def to_public(*, session: Session, run: MergeRun, reused: bool = False) -> MergeRunPublic:
+    """The API view of a run with its inputs."""
+    inputs = [
+        MergeInputPublic(
+            checkpoint_id=i.checkpoint_id, weight=i.weight, params=i.params, position=i.position
+        )
+        for i in merge_run_inputs(session=session, run_id=run.id or 0)
+    ]
+    return MergeRunPublic.model_validate(run.model_dump() | {"inputs": inputs, "reused": reused})

@@ -1,0 +1,194 @@
+"""Validation of a checkpoint's uploaded files on complete: hashes, headers, layout, NaN/Inf.
+
+Everything is read through range reads, so validation never downloads whole tensors unless the
+NaN/Inf scan is switched on (``Settings.scan_nonfinite``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from registry.errors import IntegrityMismatch, ValidationFailed
+from registry.models import Artifact, ArtifactRole, Checkpoint, CheckpointKind
+from registry.safetensors_check import (
+    INDEX_FILE_NAME,
+    HeaderError,
+    SafetensorsHeader,
+    TensorEntry,
+    inspect_safetensors_header,
+    scan_nonfinite,
+    validate_index_json,
+)
+from registry.services.common import check_sha256
+from registry.settings import Settings
+from registry.storage import ObjectStore
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def _reader(store: ObjectStore, key: str) -> Callable[[int, int], bytes]:
+    return lambda offset, length: store.read_range(key, offset, length)
+
+
+def inspect_artifact(
+    *, store: ObjectStore, settings: Settings, artifact: Artifact
+) -> SafetensorsHeader:
+    """Parse and check one stored safetensors file (and scan for NaN/Inf when configured)."""
+    read_range = _reader(store, artifact.blob_key)
+    try:
+        header = inspect_safetensors_header(
+            read_range,
+            artifact.size,
+            name=artifact.name,
+            max_header_bytes=settings.max_header_bytes,
+        )
+        if settings.scan_nonfinite:
+            scan_nonfinite(read_range, header, name=artifact.name)
+    except HeaderError as exc:
+        raise ValidationFailed(str(exc), file=exc.file, tensor=exc.tensor) from exc
+    return header
+
+
+def check_declared_hashes(files: Mapping[str, Artifact], declared: Mapping[str, str]) -> None:
+    """Every declared sha256 names an uploaded file and matches what the store hashed."""
+    for name, value in declared.items():
+        if name not in files:
+            raise ValidationFailed(
+                f"sha256 declared for file '{name}', which was not uploaded; uploaded: {sorted(files)}",
+                file=name,
+            )
+        digest = check_sha256(value, what=f"file '{name}'")
+        if files[name].sha256 != digest:
+            raise IntegrityMismatch(
+                f"file '{name}': declared sha256 {digest} but the uploaded bytes hash to {files[name].sha256}",
+                file=name,
+            )
+
+
+def _read_json(store: ObjectStore, artifact: Artifact) -> bytes:
+    if artifact.size > MAX_JSON_BYTES:
+        raise ValidationFailed(
+            f"file '{artifact.name}' is {artifact.size} bytes, over the {MAX_JSON_BYTES}-byte limit for JSON",
+            file=artifact.name,
+        )
+    return store.read_range(artifact.blob_key, 0, artifact.size)
+
+
+def _check_sharded(
+    files: Mapping[str, Artifact], headers: Mapping[str, SafetensorsHeader], index: bytes
+) -> None:
+    """The index lists only uploaded shards, and every tensor sits in exactly the shard it names."""
+    try:
+        weight_map = validate_index_json(index, uploaded=set(files))
+    except HeaderError as exc:
+        raise ValidationFailed(str(exc), file=exc.file, tensor=exc.tensor) from exc
+    for tensor, shard in weight_map.items():
+        if shard not in headers:
+            raise ValidationFailed(
+                f"file '{INDEX_FILE_NAME}', tensor '{tensor}': shard '{shard}' is not a safetensors file",
+                file=INDEX_FILE_NAME,
+                tensor=tensor,
+            )
+        if tensor not in headers[shard].tensors:
+            raise ValidationFailed(
+                f"file '{INDEX_FILE_NAME}', tensor '{tensor}': listed in shard '{shard}', which does not hold it",
+                file=INDEX_FILE_NAME,
+                tensor=tensor,
+            )
+    for shard, header in headers.items():
+        if shard not in set(weight_map.values()):
+            raise ValidationFailed(
+                f"file '{shard}': shard is not listed in '{INDEX_FILE_NAME}'", file=shard
+            )
+        for tensor in header.tensors:
+            if weight_map.get(tensor) != shard:
+                raise ValidationFailed(
+                    f"file '{shard}', tensor '{tensor}': index maps it to {weight_map.get(tensor)!r}, "
+                    "each tensor must be in exactly one shard",
+                    file=shard,
+                    tensor=tensor,
+                )
+
+
+def _check_unique_tensors(headers: Mapping[str, SafetensorsHeader]) -> None:
+    seen: dict[str, str] = {}
+    for file, header in headers.items():
+        for tensor in header.tensors:
+            if tensor in seen:
+                raise ValidationFailed(
+                    f"file '{file}', tensor '{tensor}': also in file '{seen[tensor]}'",
+                    file=file,
+                    tensor=tensor,
+                )
+            seen[tensor] = file
+
+
+def _check_adapter(store: ObjectStore, files: Mapping[str, Artifact]) -> None:
+    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if required not in files:
+            raise ValidationFailed(
+                f"adapter checkpoint is missing file '{required}'", file=required
+            )
+    try:
+        config: Any = json.loads(_read_json(store, files[ADAPTER_CONFIG]))
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"file '{ADAPTER_CONFIG}' is not valid JSON: {exc}", file=ADAPTER_CONFIG
+        ) from exc
+    if not isinstance(config, dict):
+        raise ValidationFailed(
+            f"file '{ADAPTER_CONFIG}' must hold a JSON object", file=ADAPTER_CONFIG
+        )
+
+
+def validate_files(
+    *,
+    store: ObjectStore,
+    settings: Settings,
+    checkpoint: Checkpoint,
+    files: list[Artifact],
+    declared_sha256: Mapping[str, str],
+) -> dict[str, SafetensorsHeader]:
+    """Check a checkpoint's files; returns the parsed header of every safetensors file by name.
+
+    Raises ``ValidationFailed`` (or ``IntegrityMismatch``) naming the file and tensor.
+    """
+    by_name = {artifact.name: artifact for artifact in files}
+    check_declared_hashes(by_name, declared_sha256)
+    weights = [a for a in files if a.role == ArtifactRole.weights]
+    if not weights:
+        raise ValidationFailed(
+            f"checkpoint {checkpoint.id} '{checkpoint.name}' has no .safetensors file; uploaded: {sorted(by_name)}"
+        )
+    headers = {
+        a.name: inspect_artifact(store=store, settings=settings, artifact=a) for a in weights
+    }
+    if checkpoint.kind == CheckpointKind.adapter:
+        _check_adapter(store, by_name)
+    if INDEX_FILE_NAME in by_name:
+        _check_sharded(by_name, headers, _read_json(store, by_name[INDEX_FILE_NAME]))
+    elif len(headers) > 1 and checkpoint.kind != CheckpointKind.adapter:
+        raise ValidationFailed(
+            f"checkpoint '{checkpoint.name}' has {len(headers)} safetensors files but no '{INDEX_FILE_NAME}'",
+            file=INDEX_FILE_NAME,
+        )
+    _check_unique_tensors(headers)
+    return headers
+
+
+def tensor_index(header: SafetensorsHeader) -> dict[str, Any]:
+    """The JSON-able tensor index stored on the artifact row (absolute byte ranges)."""
+    return {name: entry_json(entry) for name, entry in header.tensors.items()}
+
+
+def entry_json(entry: TensorEntry) -> dict[str, Any]:
+    return {
+        "dtype": entry.dtype,
+        "shape": list(entry.shape),
+        "start": entry.start,
+        "end": entry.end,
+    }
