@@ -1,0 +1,190 @@
+"""The tracker the flows call: log to MLflow now, or queue in the outbox and sync later.
+
+Merges never fail because MLflow is down: a connection failure (or a 5xx) queues the event and
+the call returns ``None``. Every call first flushes older queued events, in order, so the next
+success (or ``ckreg mlflow sync`` -> :meth:`Tracker.sync`) catches MLflow up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import requests
+from mlflow import MlflowClient
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
+from mlflow.exceptions import MlflowException
+
+from flows.tracking.mlflow_writer import MlflowWriter
+from flows.tracking.outbox import Outbox, QueuedEvent
+from flows.tracking.records import CheckpointRecord, MergeRecord
+
+logger = logging.getLogger(__name__)
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow could not be reached; the events stay queued."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means MLflow is unreachable or failing server-side (worth retrying)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
+        if isinstance(current, MlflowException) and _is_outage_message(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_OUTAGE_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+_OUTAGE_TEXT = (
+    "failed with exception",  # rest_utils wraps requests' connection errors this way
+    "Max retries exceeded",
+    "failed with error code 502",  # non-JSON gateway answers while the server restarts
+    "failed with error code 503",
+    "failed with error code 504",
+    "database is locked",
+)
+
+
+def _is_outage_message(exc: MlflowException) -> bool:
+    if exc.error_code in _OUTAGE_CODES:
+        return True
+    text = str(exc)
+    return any(fragment in text for fragment in _OUTAGE_TEXT)
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a local SQLite store, artifacts go beside the database instead of ``./mlruns``."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(urlparse(tracking_uri).path)
+    return (db_path.parent / "mlartifacts").resolve().as_uri()
+
+
+class Tracker:
+    """Records checkpoints and merges in MLflow, queueing them in ``outbox_dir`` on outages."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        outbox_dir: str | os.PathLike[str],
+        experiment_name: str = "ckreg",
+        artifact_location: str | None = None,
+        http_timeout_s: int = 10,
+        http_max_retries: int = 0,
+    ) -> None:
+        # MLflow reads these per request; keep outage detection fast unless the user chose otherwise.
+        if not MLFLOW_HTTP_REQUEST_MAX_RETRIES.is_set():
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES.set(str(http_max_retries))
+        if not MLFLOW_HTTP_REQUEST_TIMEOUT.is_set():
+            MLFLOW_HTTP_REQUEST_TIMEOUT.set(str(http_timeout_s))
+        if tracking_uri.startswith("sqlite:///"):
+            Path(urlparse(tracking_uri).path).parent.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = tracking_uri
+        self.outbox = Outbox(outbox_dir)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.writer = MlflowWriter(
+            client,
+            experiment_name=experiment_name,
+            artifact_location=artifact_location or default_artifact_location(tracking_uri),
+        )
+
+    @property
+    def pending(self) -> int:
+        """Number of events waiting in the outbox."""
+        return len(self.outbox)
+
+    def log_checkpoint(self, record: CheckpointRecord) -> str | None:
+        """The checkpoint's LoggedModel id, or ``None`` when the event was queued."""
+        return self._submit("checkpoint", record.model_dump(mode="json"))
+
+    def log_merge(self, record: MergeRecord) -> str | None:
+        """The merge's MLflow run id, or ``None`` when the event was queued."""
+        return self._submit("merge", record.model_dump(mode="json"))
+
+    def sync(self, *, raise_on_outage: bool = False, retry_failed: bool = False) -> int:
+        """Send queued events in order; returns how many were recorded.
+
+        Stops at the first outage, leaving that event and the later ones queued (and raises
+        :class:`TrackingUnavailable` if ``raise_on_outage``). ``retry_failed`` first puts events
+        MLflow had rejected (parked in ``failed/``) back in the queue.
+        """
+        with self.outbox.locked():
+            if retry_failed:
+                self.outbox.requeue_failed()
+            sent, outage = self._flush()
+        if outage is not None and raise_on_outage:
+            raise TrackingUnavailable(
+                f"MLflow at {self.tracking_uri} unreachable; {self.pending} events still queued: {outage}"
+            ) from outage
+        return sent
+
+    def _apply(self, kind: str, payload: dict[str, Any]) -> str:
+        handlers: dict[str, Callable[[dict[str, Any]], str]] = {
+            "checkpoint": lambda p: self.writer.ensure_checkpoint(
+                CheckpointRecord.model_validate(p)
+            ),
+            "merge": lambda p: self.writer.write_merge(MergeRecord.model_validate(p)),
+        }
+        return handlers[kind](payload)
+
+    def _submit(self, kind: str, payload: dict[str, Any]) -> str | None:
+        with self.outbox.locked():
+            _, outage = self._flush()
+            if outage is not None:
+                self._queue(kind, payload, outage)
+                return None
+            try:
+                return self._apply(kind, payload)
+            except Exception as exc:
+                if is_outage(exc):
+                    self._queue(kind, payload, exc)
+                else:
+                    parked = self.outbox.fail(
+                        QueuedEvent(self.outbox.put(kind, payload), kind, payload), repr(exc)
+                    )
+                    logger.exception("MLflow rejected %s event; parked at %s", kind, parked)
+                return None
+
+    def _queue(self, kind: str, payload: dict[str, Any], reason: BaseException) -> None:
+        path = self.outbox.put(kind, payload)
+        logger.warning(
+            "MLflow at %s unavailable (%s); queued %s event as %s",
+            self.tracking_uri,
+            reason,
+            kind,
+            path.name,
+        )
+
+    def _flush(self) -> tuple[int, BaseException | None]:
+        """Send queued events oldest first; stop at an outage. Caller holds the outbox lock."""
+        sent = 0
+        for event in self.outbox.pending():
+            try:
+                self._apply(event.kind, event.payload)
+            except Exception as exc:
+                if is_outage(exc):
+                    return sent, exc
+                parked = self.outbox.fail(event, repr(exc))
+                logger.exception(
+                    "MLflow rejected queued %s event; parked at %s", event.kind, parked
+                )
+                continue
+            self.outbox.done(event)
+            sent += 1
+        return sent, None

@@ -1,0 +1,114 @@
+"""A directory of tracking events waiting for MLflow: one JSON file per event, oldest first.
+
+Files are written atomically (temp file + ``os.replace``) and named by a nanosecond clock plus a
+per-process counter, so a lexical sort is the order they were queued in. Events that MLflow
+rejects for good (not an outage) are moved to ``failed/`` rather than dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_counter = itertools.count()
+EVENT_KINDS = ("checkpoint", "merge")
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    """An event read back from the outbox."""
+
+    path: Path
+    kind: str
+    payload: dict[str, Any]
+
+
+class Outbox:
+    """Ordered, durable queue of tracking events in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.failed_dir = self.directory / "failed"
+
+    def put(self, kind: str, payload: dict[str, Any]) -> Path:
+        """Queue one event; returns the file it was written to."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown tracking event kind {kind!r}; expected one of {EVENT_KINDS}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.time_ns():020d}-{next(_counter):06d}-{uuid.uuid4().hex[:8]}-{kind}"
+        body = json.dumps({"kind": kind, "payload": payload}, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(body)
+                handle.flush()
+                os.fsync(handle.fileno())
+            target = self.directory / f"{stem}.json"
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def pending(self) -> list[QueuedEvent]:
+        """Queued events, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        events = []
+        for path in sorted(self.directory.glob("[0-9]*.json")):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            events.append(QueuedEvent(path=path, kind=data["kind"], payload=data["payload"]))
+        return events
+
+    def __len__(self) -> int:
+        if not self.directory.is_dir():
+            return 0
+        return sum(1 for _ in self.directory.glob("[0-9]*.json"))
+
+    def done(self, event: QueuedEvent) -> None:
+        """Remove an event MLflow has recorded."""
+        event.path.unlink(missing_ok=True)
+
+    def fail(self, event: QueuedEvent, error: str) -> Path:
+        """Park an event MLflow rejected for good, with the error beside it."""
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        target = self.failed_dir / event.path.name
+        os.replace(event.path, target)
+        target.with_suffix(".error.txt").write_text(error, encoding="utf-8")
+        return target
+
+    def failed(self) -> list[Path]:
+        """Events parked after MLflow rejected them, oldest first."""
+        if not self.failed_dir.is_dir():
+            return []
+        return sorted(self.failed_dir.glob("[0-9]*.json"))
+
+    def requeue_failed(self) -> int:
+        """Move parked events back into the queue (their names keep their original order)."""
+        moved = 0
+        for path in self.failed():
+            os.replace(path, self.directory / path.name)
+            path.with_suffix(".error.txt").unlink(missing_ok=True)
+            moved += 1
+        return moved
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the outbox lock so two processes never flush the same events at once."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,77 @@
+"""The MLflow UI shows a merge: headless Chromium opens the run page of a logged merge.
+
+Needs Debian's ``chromium`` (``apt-get install chromium``) and Playwright's Python driver; the
+browser is launched from ``/usr/bin/chromium``, so no Playwright browser download is needed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.tracking import Tracker
+from tests.services import require
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+
+# Generous: the UI bundle is large and CI machines are shared.
+_TIMEOUT_MS = 120_000
+
+
+def _chromium() -> str:
+    found = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
+    if found is None:
+        require("chromium", "install Debian's chromium package (apt-get install -y chromium)")
+    return str(found)
+
+
+def test_run_page_shows_input_models_and_metric(
+    mlflow_server, mlflow_experiment_name, tmp_path: Path, make_merge_record
+) -> None:
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    tracker = Tracker(
+        mlflow_server.url, outbox_dir=tmp_path / "outbox", experiment_name=mlflow_experiment_name
+    )
+    record = make_merge_record(accuracy=0.8765)
+    run_id = tracker.log_merge(record)
+    assert run_id is not None
+    experiment_id = tracker.writer.experiment_id()
+
+    expected = ["tiny-math", "tiny-code", "tiny-base", "tiny-merged", "accuracy", "0.8765"]
+    shot = tmp_path / "mlflow-run-page.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            # Tall viewport: the run page scrolls inside its own pane, not the document.
+            page = browser.new_page(viewport={"width": 1400, "height": 2600})
+            page.set_default_timeout(_TIMEOUT_MS)
+            page.goto(
+                f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{run_id}",
+                wait_until="domcontentloaded",
+            )
+            page.get_by_text("Logged models").first.wait_for()
+            page.wait_for_function(
+                "words => words.every(w => document.body.innerText.includes(w))",
+                arg=expected,
+            )
+            text = page.inner_text("body")
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+
+    logged_models = text.split("Logged models", 1)[1]
+    for name in ("tiny-math", "tiny-code", "tiny-base", "tiny-merged"):
+        assert name in logged_models
+    metrics = text.split("Metrics", 1)[1]
+    assert "accuracy" in metrics and "0.8765" in metrics
+    assert shot.stat().st_size > 10_000
