@@ -12,7 +12,9 @@ import pytest
 from tests.services import Postgres, S3Endpoint, require, start_moto, start_postgres
 
 # Keep Prefect and MLflow state out of the user's home for every test.
-os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"ckreg-prefect-{os.getpid()}"))
+os.environ.setdefault(
+    "PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"ckreg-prefect-{os.getpid()}")
+)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -75,7 +75,15 @@ class Postgres:
 
     def stop(self) -> None:
         subprocess.run(
-            [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
+            [
+                *self.as_user,
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-m",
+                "immediate",
+                "stop",
+            ],
             capture_output=True,
             check=False,
         )
@@ -98,7 +106,17 @@ def start_postgres() -> Postgres | None:
         shutil.chown(workdir, "postgres")
     datadir = workdir / "pgdata"
     subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(datadir), "-U", "ckreg", "--auth=trust", "-E", "UTF8"],
+        [
+            *as_user,
+            str(bindir / "initdb"),
+            "-D",
+            str(datadir),
+            "-U",
+            "ckreg",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ],
         check=True,
         capture_output=True,
     )

@@ -13,7 +13,12 @@ def test_postgres_accepts_queries(postgres_url: str) -> None:
 
 def test_s3_endpoint_round_trip(s3_endpoint: str, s3_store_url: str) -> None:
     bucket = s3_store_url.removeprefix("s3://").split("/", 1)[0]
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.put_object(Bucket=bucket, Key="k", Body=b"hello")
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"hello"
