@@ -336,4 +336,5 @@ def to_public(*, session: Session, run: MergeRun, reused: bool = False) -> Merge
         )
         for i in merge_run_inputs(session=session, run_id=run.id or 0)
     ]
-    return MergeRunPublic.model_validate(run.model_dump() | {"inputs": inputs, "reused": reused})
+    fields = run.model_dump(warnings=False) | {"status": MergeRunStatus(run.status)}
+    return MergeRunPublic.model_validate(fields | {"inputs": inputs, "reused": reused})

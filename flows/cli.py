@@ -1,0 +1,144 @@
+"""The ``ckreg`` command: registry client commands, ``merge``, and the server-side commands
+``serve``, ``worker``, ``db upgrade``, ``token create``, ``policy ...`` and ``mlflow sync``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flows.cli_policies import policy_app
+from registry.settings import get_settings
+
+app = typer.Typer(
+    help="ckreg: a checkpoint registry with automated merge pipelines.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+mlflow_app = typer.Typer(help="MLflow lineage.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
+app.add_typer(policy_app, name="policy")
+app.add_typer(mlflow_app, name="mlflow")
+
+
+def _mount_client_commands() -> None:
+    """register / ls / show / lineage / download (registry.cli) and merge (mergeops.cli)."""
+    from mergeops.cli import merge_command
+    from registry.cli import registry_app
+
+    app.registered_commands.extend(registry_app.registered_commands)
+    app.command("merge")(merge_command)
+
+
+_mount_client_commands()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: CKREG_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: CKREG_PORT).")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="embedded | server (default: CKREG_PREFECT_MODE).")
+    ] = None,
+    cron_tick: Annotated[float, typer.Option(help="Seconds between cron checks (embedded).")] = 5.0,
+) -> None:
+    """Upgrade the database and run the registry; embedded mode runs the flows in-process."""
+    import uvicorn
+
+    from flows.launchers import EmbeddedLauncher, ServerLauncher
+    from registry.api.app import create_app
+    from registry.db import upgrade_database
+
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    chosen = mode or settings.prefect_mode
+    if chosen not in ("embedded", "server"):
+        raise typer.BadParameter(f"--mode must be embedded or server, not {chosen!r}")
+    launcher = (
+        EmbeddedLauncher(settings, cron_tick_s=cron_tick).start()
+        if chosen == "embedded"
+        else ServerLauncher()
+    )
+    try:
+        uvicorn.run(
+            create_app(settings, launcher=launcher),
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level="info",
+        )
+    finally:
+        if isinstance(launcher, EmbeddedLauncher):
+            launcher.stop()
+
+
+@app.command()
+def worker(
+    limit: Annotated[int | None, typer.Option(help="Most flow runs at once.")] = None,
+    recover: Annotated[
+        bool, typer.Option(help="Re-submit merge runs a killed worker left unfinished.")
+    ] = True,
+    schedule_sync: Annotated[
+        float, typer.Option(help="Seconds between syncs of cron policy schedules.")
+    ] = 30.0,
+) -> None:
+    """Serve the flows as Prefect deployments (server mode; needs PREFECT_API_URL)."""
+    from flows.runtime import configure
+    from flows.worker import serve_worker
+    from registry.db import upgrade_database
+
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    serve_worker(configure(settings), limit=limit, recover=recover, sync_every_s=schedule_sync)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Bring the database (CKREG_DATABASE_URL) to the latest schema."""
+    from registry.db import upgrade_database
+
+    url = get_settings().database_url
+    upgrade_database(url, revision)
+    typer.echo(f"database at {url.split('@')[-1]} is at {revision}")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="Who or what the token is for.")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", help="read | write | admin (repeatable).")
+    ] = ["write"],  # noqa: B006 - typer reads the default
+) -> None:
+    """Create an API token and print its secret (shown once)."""
+    from registry.db import make_engine, session_scope, upgrade_database
+    from registry.services import create_token
+
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            _, secret = create_token(session=session, name=name, scopes=scope)
+    finally:
+        engine.dispose()
+    typer.echo(secret)
+
+
+@mlflow_app.command("sync")
+def mlflow_sync(
+    retry_failed: Annotated[
+        bool, typer.Option(help="Also retry events MLflow had rejected.")
+    ] = False,
+) -> None:
+    """Send queued MLflow events (checkpoints, merges) now."""
+    from flows.tracking import TrackingUnavailable, tracker_from_settings
+
+    tracker = tracker_from_settings(get_settings())
+    try:
+        sent = tracker.sync(raise_on_outage=True, retry_failed=retry_failed)
+    except TrackingUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"sent {sent} events; {tracker.pending} still queued")

@@ -1,0 +1,147 @@
+"""Launchers the registry calls to start work: in-process (embedded) or via a Prefect server.
+
+``EmbeddedLauncher`` runs the flows in this process on one background worker thread (so one
+merge at a time), with Prefect's ephemeral API instead of a server. ``ServerLauncher`` emits
+``ckreg.checkpoint.ready`` events and starts deployments served by ``ckreg worker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+from flows.runtime import configure
+from flows.scheduler import CronScheduler
+from registry.services import merge_runs as run_service
+from registry.settings import Settings
+
+log = logging.getLogger(__name__)
+
+READY_EVENT = "ckreg.checkpoint.ready"
+MERGE_DEPLOYMENT = "merge_checkpoints/ckreg-merge"
+POLICY_DEPLOYMENT = "sequential_merge/ckreg-policy"
+
+Job = tuple[Literal["ready", "merge", "policy", "warmup"], int]
+
+
+class EmbeddedLauncher:
+    """Runs flows in-process on a background worker thread fed by a queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cron: bool = True,
+        recover: bool = True,
+        cron_tick_s: float = 5.0,
+    ) -> None:
+        self.runtime = configure(settings)
+        if self.runtime.background is None:  # MLflow logging must not delay the next merge
+            self.runtime.background = ThreadPoolExecutor(1, thread_name_prefix="ckreg-tracking")
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="ckreg-flows", daemon=True)
+        self.scheduler = (
+            CronScheduler(self.runtime, self.policy_due, tick_s=cron_tick_s) if cron else None
+        )
+        self._recover = recover
+        self.errors: list[str] = []
+
+    # ---- Launcher protocol ---------------------------------------------------------------
+    def checkpoint_ready(self, checkpoint_id: int) -> None:
+        self._jobs.put(("ready", checkpoint_id))
+
+    def merge_requested(self, run_id: int) -> None:
+        self._jobs.put(("merge", run_id))
+
+    def policy_due(self, policy_id: int) -> None:
+        """Run a cron or manual policy (used by the scheduler)."""
+        self._jobs.put(("policy", policy_id))
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> EmbeddedLauncher:
+        """Start the worker (and cron scheduler); re-queue runs a previous process left unfinished."""
+        self._jobs.put(("warmup", 0))
+        if self._recover:
+            with self.runtime.session() as session:
+                for run in run_service.unfinished_merge_runs(session=session):
+                    self._jobs.put(("merge", run.id or 0))
+        self._thread.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until every queued job finished; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._jobs.unfinished_tasks == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _work(self) -> None:
+        # In-process flows cannot crash apart from this process: skip flow-run heartbeats,
+        # whose thread costs up to a second per flow run at exit.
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                self._run(*job)
+            except Exception as exc:  # a failed job must not stop the worker
+                log.exception("embedded flow job %s failed", job)
+                self.errors.append(f"{job}: {exc}")
+            finally:
+                self._jobs.task_done()
+
+    def _run(self, kind: str, object_id: int) -> None:
+        from flows import pipelines
+
+        if kind == "warmup":
+            pipelines.warm_up()
+        elif kind == "ready":
+            pipelines.on_checkpoint_ready(object_id)
+        elif kind == "merge":
+            pipelines.merge_checkpoints(object_id)
+        elif kind == "policy":
+            pipelines.sequential_merge(object_id)
+
+
+class ServerLauncher:
+    """Hands work to a Prefect server: events for new checkpoints, deployment runs for merges."""
+
+    def checkpoint_ready(self, checkpoint_id: int) -> None:
+        from prefect.events import emit_event
+
+        emit_event(
+            event=READY_EVENT,
+            resource={"prefect.resource.id": f"ckreg.checkpoint.{checkpoint_id}"},
+            payload={"checkpoint_id": checkpoint_id},
+        )
+
+    def merge_requested(self, run_id: int) -> None:
+        from prefect.deployments import run_deployment
+
+        run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0)
+
+    def policy_due(self, policy_id: int) -> None:
+        from prefect.deployments import run_deployment
+
+        run_deployment(POLICY_DEPLOYMENT, parameters={"policy_id": policy_id}, timeout=0)

@@ -1,0 +1,217 @@
+"""Turning a MergeRun row into what ``mergeops.merge_files`` needs: local sources and side inputs.
+
+Everything is resolved through registry services; the result holds only paths and plain values,
+so it can cross into Prefect tasks (and Dask workers) unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from flows.inputs import artifact_file, checkpoint_dir
+from flows.outputs import OutputSpec, output_name
+from mergeops.methods import base as mb
+from registry.errors import InvalidState
+from registry.models import ArtifactRole, Checkpoint, MergePolicy, MergeRun, Metric
+from registry.services import merge_runs as run_service
+from registry.services.common import load_checkpoint
+from registry.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedMerge:
+    """A merge run resolved to local folders and plain values."""
+
+    run_id: int
+    method: str
+    params: dict[str, Any]
+    work_dir: Path
+    models: list[Path]
+    model_names: list[str]
+    model_params: list[dict[str, Any]]
+    output: OutputSpec
+    base: Path | None = None
+    second_moments: list[Path] | None = None
+    fisher: list[Path] | None = None
+    metrics: list[float | None] | None = None
+    state_path: Path | None = None
+    evaluator: str | None = None
+    policy_name: str | None = None
+    input_ids: list[int] = field(default_factory=list)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.work_dir / "out"
+
+
+def prepare(*, session: Session, store: ObjectStore, work_root: Path, run_id: int) -> PreparedMerge:
+    """Resolve ``run_id``'s inputs, side inputs and state into a fresh work folder."""
+    run = run_service.get_merge_run(session=session, run_id=run_id)
+    method = mb.get_method(run.method)
+    inputs = run_service.merge_run_inputs(session=session, run_id=run_id)
+    checkpoints = [load_checkpoint(session, i.checkpoint_id) for i in inputs]
+    cache = work_root / "cache"
+    work_dir = work_root / f"run-{run_id}"
+    shutil.rmtree(work_dir, ignore_errors=True)  # leftovers of a crashed attempt
+    work_dir.mkdir(parents=True)
+    policy = session.get(MergePolicy, run.policy_id) if run.policy_id is not None else None
+    prepared = PreparedMerge(
+        run_id=run_id,
+        method=run.method,
+        params=dict(run.params),
+        work_dir=work_dir,
+        models=[_folder(session, store, c, cache) for c in checkpoints],
+        model_names=[c.name for c in checkpoints],
+        model_params=[_model_params(i.params, i.weight) for i in inputs],
+        output=OutputSpec(
+            name=output_name(run, policy.name if policy else None),
+            input_ids=[c.id or 0 for c in checkpoints],
+            tasks=[c.task for c in checkpoints if c.task],
+        ),
+        base=_folder(session, store, load_checkpoint(session, run.base_id), cache)
+        if run.base_id is not None
+        else None,
+        evaluator=policy.evaluator if policy else getattr(run, "evaluator", None),
+        policy_name=policy.name if policy else None,
+        input_ids=[c.id or 0 for c in checkpoints],
+    )
+    _side_inputs(session, store, method, prepared, checkpoints, cache)
+    if mb.Need.STATE in method.needs:
+        _previous_state(session, store, run, prepared, cache)
+    return prepared
+
+
+def _folder(session: Session, store: ObjectStore, checkpoint: Checkpoint, cache: Path) -> Path:
+    return checkpoint_dir(
+        session=session, store=store, checkpoint_id=checkpoint.id or 0, cache_dir=cache
+    )
+
+
+def _model_params(params: dict[str, Any], weight: float | None) -> dict[str, Any]:
+    return {**params, "weight": weight} if weight is not None else dict(params)
+
+
+def _side_inputs(
+    session: Session,
+    store: ObjectStore,
+    method: mb.MergeMethod,
+    prepared: PreparedMerge,
+    checkpoints: list[Checkpoint],
+    cache: Path,
+) -> None:
+    wanted = {
+        mb.Need.SECOND_MOMENTS: ArtifactRole.second_moment,
+        mb.Need.FISHER: ArtifactRole.fisher,
+    }
+    for need, role in wanted.items():
+        if need not in method.needs:
+            continue
+        paths = []
+        for checkpoint in checkpoints:
+            path = artifact_file(
+                session=session,
+                store=store,
+                checkpoint_id=checkpoint.id or 0,
+                role=role,
+                cache_dir=cache,
+            )
+            if path is None and need == mb.Need.FISHER and prepared.evaluator:
+                path = _estimate_fisher(session, store, checkpoint, prepared, cache)
+            if path is None:
+                raise InvalidState(
+                    f"method '{method.name}' needs a '{role}' artifact; checkpoint "
+                    f"{checkpoint.id} '{checkpoint.name}' has none"
+                )
+            paths.append(path)
+        if need == mb.Need.SECOND_MOMENTS:
+            prepared.second_moments = paths
+        else:
+            prepared.fisher = paths
+    if mb.Need.METRICS in method.needs:
+        prepared.metrics = [_metric(session, c, prepared.params) for c in checkpoints]
+
+
+def _estimate_fisher(
+    session: Session,
+    store: ObjectStore,
+    checkpoint: Checkpoint,
+    prepared: PreparedMerge,
+    cache: Path,
+) -> Path:
+    """Estimate a checkpoint's diagonal Fisher with the run's evaluator and keep it as an artifact."""
+    import torch
+    from safetensors.torch import save_file
+
+    from flows.evaluators import load_evaluator
+    from flows.runtime import current_runtime
+    from mergeops.io.readers import open_source
+    from registry.errors import RegistryError
+    from registry.services import artifacts
+
+    assert prepared.evaluator is not None
+    folder = _folder(session, store, checkpoint, cache)
+    state = mb.load_state_dict(open_source(folder), torch.device("cpu"))
+    fisher = load_evaluator(prepared.evaluator).fisher(state)
+    path = prepared.work_dir / f"fisher-{checkpoint.id}.safetensors"
+    save_file({k: v.detach().float().contiguous() for k, v in fisher.items()}, str(path))
+    try:  # kept for the next merge; the estimate is used even if the registry refuses it
+        artifacts.add_artifact(
+            session=session,
+            store=store,
+            settings=current_runtime().settings,
+            checkpoint_id=checkpoint.id or 0,
+            role=ArtifactRole.fisher,
+            content=path,
+            name="fisher.safetensors",
+            metadata={"estimated_by": prepared.evaluator},
+        )
+    except RegistryError as exc:
+        session.rollback()
+        log.warning("Fisher estimate of checkpoint %s not stored: %s", checkpoint.id, exc)
+    return path
+
+
+def _metric(session: Session, checkpoint: Checkpoint, params: dict[str, Any]) -> float | None:
+    """mwa's per-model value: the step (higher is better) or the newest client ``loss``."""
+    if params.get("metric_mode") == "higher":
+        return float(checkpoint.step) if checkpoint.step is not None else None
+    query = (
+        select(Metric)
+        .where(Metric.checkpoint_id == checkpoint.id, Metric.name == "loss")
+        .order_by(col(Metric.id).desc())
+    )
+    row = session.exec(query).first()
+    return row.value if row is not None else None
+
+
+def _previous_state(
+    session: Session, store: ObjectStore, run: MergeRun, prepared: PreparedMerge, cache: Path
+) -> None:
+    """Copy the policy's last merge_state (if any) where the engine resumes from it."""
+    prepared.state_path = prepared.work_dir / "merge_state.safetensors"
+    prepared.output = replace(prepared.output, state_path=prepared.state_path)
+    if run.policy_id is None:
+        return
+    last = run_service.last_succeeded_run(session=session, policy_id=run.policy_id)
+    if last is None or last.output_checkpoint_id is None:
+        return
+    path = artifact_file(
+        session=session,
+        store=store,
+        checkpoint_id=last.output_checkpoint_id,
+        role=ArtifactRole.merge_state,
+        cache_dir=cache,
+    )
+    parent = None
+    if path is not None:
+        shutil.copyfile(path, prepared.state_path)
+        parent = last.output_checkpoint_id
+    prepared.output = replace(prepared.output, state_parent_id=parent)
