@@ -298,6 +298,8 @@ class MergeRun(MergeRunBase, table=True):
     output_checkpoint_id: int | None = Field(default=None, foreign_key="checkpoint.id")
     orchestration_run_id: str | None = Field(default=None, max_length=64)
     mlflow_run_id: str | None = Field(default=None, max_length=64)
+    # Scores the output: the policy's evaluator, or the one given to an ad-hoc POST /merges.
+    evaluator: str | None = Field(default=None, max_length=128)
     error: str | None = None
     created_at: datetime = _when()
     started_at: datetime | None = _when(nullable=True)

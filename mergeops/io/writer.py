@@ -5,6 +5,8 @@ place only when the block succeeds; on any exception the temporary folder is rem
 ``ShardedWriter`` fills one folder with ``model-0000i-of-0000n.safetensors`` shards of at most
 ``max_shard_size`` bytes (one tensor larger than that gets a shard of its own) and writes
 ``model.safetensors.index.json``; every shard's ``__metadata__`` carries the given metadata.
+Shards are written by ``write_safetensors`` (not ``safetensors.torch.save_file``, whose header
+key order changes from write to write), so identical merges give byte-identical files.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 import torch
-from safetensors.torch import save_file
 
 from mergeops.io.readers import INDEX_NAME
 
@@ -35,6 +37,24 @@ _UNITS = {
     "GIB": 1024**3,
 }
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class OutputError(ValueError):
@@ -61,6 +81,65 @@ def check_stream_name(name: str) -> str:
     if not _STREAM_NAME.match(name):
         raise OutputError(f"output stream name '{name}' must match {_STREAM_NAME.pattern}")
     return name
+
+
+def safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
+    """The safetensors dtype tag of ``tensor`` (named ``name`` in the error)."""
+    tag = SAFETENSORS_DTYPES.get(tensor.dtype)
+    if tag is None:
+        raise OutputError(
+            f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store"
+        )
+    return tag
+
+
+def _safetensors_header(
+    tensors: Mapping[str, torch.Tensor], order: list[str], metadata: Mapping[str, str]
+) -> bytes:
+    """Sorted-key header JSON (data in ``order``), space-padded to 8 bytes, with its length."""
+    bad = {k: v for k, v in metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise OutputError(f"safetensors metadata values must be strings, got {bad!r}")
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": safetensors_dtype(name, tensor),
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> int:
+    """Write ``tensors`` as a byte-deterministic safetensors file; returns the data bytes.
+
+    Tensors are laid out by element size (largest first, so every tensor stays aligned) and
+    then by name, and streamed one at a time; a failed write removes the partial file.
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header = _safetensors_header(tensors, order, metadata or {})
+    written = 0
+    try:
+        with Path(path).open("wb") as handle:
+            handle.write(header)
+            for name in order:
+                # torch tensors are little-endian on every platform torch supports
+                flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+                if flat.numel():
+                    handle.write(flat.view(torch.uint8).numpy().data)
+                    written += flat.numel() * flat.element_size()
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+    return written
 
 
 @contextmanager
@@ -106,6 +185,7 @@ class ShardedWriter:
         """Queue one tensor (copied to CPU); flushes a shard when the size limit is reached."""
         if name in self._pending or any(name in shard for shard in self._shards):
             raise OutputError(f"tensor '{name}' written twice to '{self.directory.name}'")
+        safetensors_dtype(name, tensor)
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_size:
             self._flush()
@@ -117,7 +197,7 @@ class ShardedWriter:
         if not self._pending:
             return
         index = len(self._shards) + 1
-        save_file(self._pending, str(self.directory / f"shard-{index}.tmp"), self.metadata)
+        write_safetensors(self.directory / f"shard-{index}.tmp", self._pending, self.metadata)
         self._shards.append(list(self._pending))
         self.bytes_written += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
@@ -151,3 +231,11 @@ class ShardedWriter:
     ) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the shards written so far (after a failure) and drop what is queued."""
+        for index in range(1, len(self._shards) + 1):
+            (self.directory / f"shard-{index}.tmp").unlink(missing_ok=True)
+        self._pending, self._pending_bytes = {}, 0

@@ -1,0 +1,60 @@
+"""Ad-hoc merges (``POST /merges``) are scored with the evaluator given in the request."""
+
+from __future__ import annotations
+
+from registry.models import MergeRun
+from tests.flows.fixtures_flows import *  # noqa: F403
+from tests.flows.fixtures_flows import Embedded, tiny_state
+
+
+def test_post_merges_with_evaluator_stores_evaluation_metrics(embedded: Embedded) -> None:
+    api, headers = embedded.client, embedded.headers
+    base = embedded.upload("base", tiny_state(0), kind="base")
+    ft_a = embedded.upload("ft-a", tiny_state(1), base_id=base["id"], task="a")
+    ft_b = embedded.upload("ft-b", tiny_state(2), base_id=base["id"], task="b")
+    started = api.post(
+        "/api/v1/merges",
+        json={
+            "method": "ties",
+            "params": {"density": 0.5},
+            "base_id": base["id"],
+            "inputs": [{"checkpoint_id": ft_a["id"]}, {"checkpoint_id": ft_b["id"]}],
+            "evaluator": "ckreg-test-norm",
+        },
+        headers=headers,
+    )
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+    assert started.json()["policy_id"] is None
+    with embedded.env.session() as session:
+        stored = session.get(MergeRun, run_id)
+        assert stored is not None and stored.evaluator == "ckreg-test-norm"
+
+    assert embedded.launcher.wait_idle(60), embedded.launcher.errors
+    assert embedded.launcher.errors == []
+    run = api.get(f"/api/v1/merges/{run_id}").json()
+    assert run["status"] == "succeeded", run["error"]
+    metrics = api.get(f"/api/v1/checkpoints/{run['output_checkpoint_id']}/metrics").json()
+    assert {m["name"] for m in metrics} == {"l2_norm", "mean_abs"}
+    assert {m["source"] for m in metrics} == {"evaluation"}
+    assert {m["dataset"] for m in metrics} == {"ckreg-test-norm"}
+
+
+def test_post_merges_without_evaluator_stores_no_metrics(embedded: Embedded) -> None:
+    api, headers = embedded.client, embedded.headers
+    ft_a = embedded.upload("ft-a", tiny_state(1))
+    ft_b = embedded.upload("ft-b", tiny_state(2))
+    started = api.post(
+        "/api/v1/merges",
+        json={
+            "method": "linear",
+            "inputs": [{"checkpoint_id": i} for i in (ft_a["id"], ft_b["id"])],
+        },
+        headers=headers,
+    )
+    assert started.status_code == 202, started.text
+    assert embedded.launcher.wait_idle(60), embedded.launcher.errors
+    run = api.get(f"/api/v1/merges/{started.json()['id']}").json()
+    assert run["status"] == "succeeded", run["error"]
+    metrics = api.get(f"/api/v1/checkpoints/{run['output_checkpoint_id']}/metrics").json()
+    assert [m for m in metrics if m["source"] == "evaluation"] == []
