@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -42,6 +43,10 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Move start-up objects (torch, SQLAlchemy, pydantic schemas: ~260k) out of the
+        # collector's view: full collections re-scanning them cost ~150 ms of tail latency.
+        gc.collect()
+        gc.freeze()
         yield
         engine.dispose()
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import func
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from registry.errors import InvalidInput, InvalidState
@@ -126,27 +129,67 @@ def file_public(artifact: Artifact, *, deduplicated: bool = False) -> FilePublic
     )
 
 
+_PUBLIC_PAGE = TypeAdapter(list[CheckpointPublic])
+
+
+def _files_by_checkpoint(session: Session, ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """File dicts (API shape) of the checkpoints ``ids``, by checkpoint id, in name order.
+
+    Selects only the listed columns: whole ``Artifact`` rows would decode every file's tensor
+    index, which for a real model is thousands of entries nobody asked for.
+    """
+    files: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    if not ids:
+        return files
+    query = (
+        sa_select(
+            col(Artifact.checkpoint_id),
+            col(Artifact.name),
+            col(Artifact.sha256),
+            col(Artifact.size),
+            col(Artifact.role),
+        )
+        .where(col(Artifact.checkpoint_id).in_(ids), col(Artifact.role).in_(FILE_ROLES))
+        .order_by(col(Artifact.name))
+    )
+    for checkpoint_id, name, sha256, size, role in session.connection().execute(query).all():
+        files[checkpoint_id].append(
+            {"name": name, "sha256": sha256, "size": size, "role": role, "deduplicated": False}
+        )
+    return files
+
+
+def _public_fields(checkpoint: Checkpoint, files: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": checkpoint.id,
+        "name": checkpoint.name,
+        "kind": checkpoint.kind,
+        "base_id": checkpoint.base_id,
+        "task": checkpoint.task,
+        "run": checkpoint.run,
+        "step": checkpoint.step,
+        "tags": checkpoint.tags,
+        "metadata": checkpoint.meta,
+        "status": checkpoint.status,
+        "error": checkpoint.error,
+        "total_bytes": checkpoint.total_bytes,
+        "created_at": checkpoint.created_at,
+        "files": files,
+    }
+
+
 def checkpoints_public(
     *, session: Session, checkpoints: Sequence[Checkpoint]
 ) -> list[CheckpointPublic]:
-    """API forms of several checkpoints, loading their files in one query."""
-    ids = [c.id for c in checkpoints]
-    files: dict[int, list[FilePublic]] = defaultdict(list)
-    if ids:
-        query = (
-            select(Artifact)
-            .where(col(Artifact.checkpoint_id).in_(ids), col(Artifact.role).in_(FILE_ROLES))
-            .order_by(col(Artifact.name))
-        )
-        for artifact in session.exec(query).all():
-            files[artifact.checkpoint_id].append(file_public(artifact))
-    return [
-        CheckpointPublic.model_validate(
-            checkpoint,
-            update={"metadata": checkpoint.meta, "files": files.get(checkpoint.id or 0, [])},
-        )
-        for checkpoint in checkpoints
-    ]
+    """API forms of several checkpoints, loading their files in one query.
+
+    The forms are validated in one batch from plain dicts, which is several times cheaper than
+    one ``model_validate`` per ORM row on a 1000-row page.
+    """
+    files = _files_by_checkpoint(session, [c.id for c in checkpoints if c.id is not None])
+    return _PUBLIC_PAGE.validate_python(
+        [_public_fields(c, files.get(c.id or 0, [])) for c in checkpoints]
+    )
 
 
 def checkpoint_public(*, session: Session, checkpoint: Checkpoint) -> CheckpointPublic:

@@ -28,10 +28,34 @@ from registry.storage import ObjectStore
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_JSON_BYTES = 64 * 1024 * 1024
+HEADER_PREFETCH = 1024 * 1024  # one request covers the length prefix and typical headers
 
 
 def _reader(store: ObjectStore, key: str) -> Callable[[int, int], bytes]:
     return lambda offset, length: store.read_range(key, offset, length)
+
+
+def _prefetching_reader(
+    store: ObjectStore, key: str, size: int, *, prefetch: int = HEADER_PREFETCH
+) -> Callable[[int, int], bytes]:
+    """A ``read_range`` that fetches the first ``prefetch`` bytes (at most ``size``) once.
+
+    Reads inside that prefix are served from it, so parsing a header takes one request; a
+    header longer than the prefix costs one more request, for the bytes past it only.
+    """
+    head = b""
+
+    def read_range(offset: int, length: int) -> bytes:
+        nonlocal head
+        if not head and offset < prefetch:
+            head = store.read_range(key, 0, min(prefetch, size))
+        if offset + length <= len(head):
+            return head[offset : offset + length]
+        if offset < len(head):
+            return head[offset:] + store.read_range(key, len(head), offset + length - len(head))
+        return store.read_range(key, offset, length)
+
+    return read_range
 
 
 def inspect_artifact(
@@ -41,7 +65,7 @@ def inspect_artifact(
     read_range = _reader(store, artifact.blob_key)
     try:
         header = inspect_safetensors_header(
-            read_range,
+            _prefetching_reader(store, artifact.blob_key, artifact.size),
             artifact.size,
             name=artifact.name,
             max_header_bytes=settings.max_header_bytes,

@@ -1,8 +1,9 @@
 """The ``s3://bucket/prefix`` object store (AWS, MinIO, or any S3-compatible endpoint).
 
 Writes stream while hashing. Up to ``part_size`` bytes go up in one ``PutObject`` to the
-final key (the hash is known before the request). Larger streams go up as a multipart upload,
-one part buffered at a time: straight to the final key when the caller declared the sha256,
+final key (the hash is known before the request). Larger streams go up as a multipart upload
+with up to ``parts_in_flight`` parts uploading at once (memory: ``parts_in_flight + 1``
+recycled buffers of ``part_size``): straight to the final key when the caller declared the sha256,
 otherwise to ``<prefix>/tmp/<uuid>`` followed by a server-side multipart copy to the final key.
 Every write to a final key is conditional (``If-None-Match: *`` on ``PutObject`` and
 ``CompleteMultipartUpload``), so identical content is stored once even under concurrency, and a
@@ -15,7 +16,6 @@ content is still stored once, under one key, with identical bytes.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -33,87 +33,25 @@ from registry.storage.base import (
     HashingCounter,
     InvalidRangeError,
     ObjectStore,
-    StorageError,
     blob_key,
     iter_chunks,
     resolve_range,
     validate_key,
 )
+from registry.storage.s3_multipart import (
+    MAX_PARTS,
+    MultipartUpload,
+    PartPipeline,
+    PartReader,
+    error_code,
+)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
-MAX_PARTS = 10_000
 MAX_COPY_PART = 5 * 1024**3
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-class _MultipartUpload:
-    """One multipart upload; parts are numbered in the order they are added."""
-
-    def __init__(self, client: Any, bucket: str, key: str) -> None:
-        self.client, self.bucket, self.key = client, bucket, key
-        self.upload_id: str = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-        self.parts: list[dict[str, Any]] = []
-        self.finished = False
-
-    def _next_number(self) -> int:
-        number = len(self.parts) + 1
-        if number > MAX_PARTS:
-            raise StorageError(
-                f"upload to '{self.key}' needs more than {MAX_PARTS} parts; raise part_size"
-            )
-        return number
-
-    def add(self, data: bytes) -> None:
-        number = self._next_number()
-        reply = self.client.upload_part(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data
-        )
-        self.parts.append({"ETag": reply["ETag"], "PartNumber": number})
-
-    def add_copy(self, source_key: str, first: int, last: int) -> None:
-        number = self._next_number()
-        reply = self.client.upload_part_copy(
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self.upload_id,
-            PartNumber=number,
-            CopySource={"Bucket": self.bucket, "Key": source_key},
-            CopySourceRange=f"bytes={first}-{last}",
-        )
-        self.parts.append({"ETag": reply["CopyPartResult"]["ETag"], "PartNumber": number})
-
-    def complete(self, *, if_absent: bool) -> bool:
-        """Finish the upload; False (and aborted) when ``if_absent`` and the key already exists."""
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
-        try:
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts},
-                **extra,
-            )
-        except ClientError as exc:
-            if _code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise
-            self.abort()
-            return False
-        self.finished = True
-        return True
-
-    def abort(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        # Best effort: a bucket lifecycle rule reaps whatever an abort could not.
-        with contextlib.suppress(ClientError):
-            self.client.abort_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
-            )
+# Kept for callers and tests that reach the multipart helpers through this module.
+_MultipartUpload = MultipartUpload
 
 
 class S3ObjectStore(ObjectStore):
@@ -126,6 +64,7 @@ class S3ObjectStore(ObjectStore):
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         part_size: int = 16 * 1024 * 1024,
+        parts_in_flight: int = 4,
         aws_access_key_id: str | None = None,
         aws_secret_access_key: str | None = None,
         aws_session_token: str | None = None,
@@ -137,10 +76,13 @@ class S3ObjectStore(ObjectStore):
             raise ValueError(
                 f"part_size {part_size} is below S3's minimum part size {MIN_PART_SIZE}"
             )
+        if parts_in_flight < 1:
+            raise ValueError(f"parts_in_flight must be >= 1, got {parts_in_flight}")
         self.bucket = parts.netloc
         self.prefix = validate_key(parts.path.strip("/"), allow_empty=True)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.part_size = part_size
+        self.parts_in_flight = parts_in_flight
         credentials = {
             "aws_access_key_id": aws_access_key_id,
             "aws_secret_access_key": aws_secret_access_key,
@@ -178,50 +120,50 @@ class S3ObjectStore(ObjectStore):
                 counter.update(chunk)
             counter.finish()
             return BlobInfo(blob_key(expected_sha256), expected_sha256, counter.size, False)
-        buffer = bytearray()
-        upload: _MultipartUpload | None = None
+        reader = PartReader(iter_chunks(chunks), counter)
+        first = reader.fill(bytearray(), self.part_size)  # grows: small files stay small
+        if reader.at_end():  # the whole stream fits in one part: one conditional PutObject
+            digest = counter.finish()
+            created = self._put_small(first, blob_key(digest))
+            return BlobInfo(blob_key(digest), digest, counter.size, created)
+        upload = self._start_upload(expected_sha256)
         try:
-            for chunk in iter_chunks(chunks):
-                counter.update(chunk)
-                buffer += chunk
-                # Upload whole parts but keep a remainder, so the last part is never empty.
-                while len(buffer) > self.part_size:
-                    upload = upload or self._start_upload(expected_sha256)
-                    upload.add(bytes(buffer[: self.part_size]))
-                    del buffer[: self.part_size]
-            if upload is None:
-                digest = counter.finish()
-                created = self._put_small(bytes(buffer), blob_key(digest))
-            else:
-                upload.add(bytes(buffer))
-                digest = counter.finish()
-                created = self._finish_multipart(upload, blob_key(digest), counter.size)
+            with PartPipeline(
+                upload, in_flight=self.parts_in_flight, part_size=self.part_size
+            ) as pipeline:
+                pipeline.submit(first)
+                del first  # the pipeline owns it now and recycles it
+                # A part goes up only once more bytes follow, so the last part is never empty.
+                while not reader.at_end():
+                    pipeline.submit(reader.fill(pipeline.take_buffer(), self.part_size))
+                pipeline.drain()
+            digest = counter.finish()
+            created = self._finish_multipart(upload, blob_key(digest), counter.size)
         except BaseException:
-            if upload is not None:
-                upload.abort()
+            upload.abort()
             raise
         return BlobInfo(blob_key(digest), digest, counter.size, created)
 
-    def _start_upload(self, expected_sha256: str | None) -> _MultipartUpload:
+    def _start_upload(self, expected_sha256: str | None) -> MultipartUpload:
         """Multipart upload straight to the final key when the hash is declared, else to tmp/."""
         target = blob_key(expected_sha256) if expected_sha256 else TMP_PREFIX + uuid.uuid4().hex
-        return _MultipartUpload(self.client, self.bucket, self._full(target))
+        return MultipartUpload(self.client, self.bucket, self._full(target))
 
-    def _put_small(self, data: bytes, key: str) -> bool:
+    def _put_small(self, data: bytes | bytearray, key: str) -> bool:
         """One conditional ``PutObject``; False when the object already exists."""
         try:
             self.client.put_object(
                 Bucket=self.bucket, Key=self._full(key), Body=data, IfNoneMatch="*"
             )
         except ClientError as exc:
-            if _code(exc) == "PreconditionFailed":
+            if error_code(exc) == "PreconditionFailed":
                 return False
-            if _code(exc) == "ConditionalRequestConflict" and self.exists(key):
+            if error_code(exc) == "ConditionalRequestConflict" and self.exists(key):
                 return False
             raise
         return True
 
-    def _finish_multipart(self, upload: _MultipartUpload, key: str, size: int) -> bool:
+    def _finish_multipart(self, upload: MultipartUpload, key: str, size: int) -> bool:
         """Complete ``upload`` and make its content live at ``key``; True when newly created."""
         if upload.key == self._full(key):
             return upload.complete(if_absent=True)
@@ -240,7 +182,7 @@ class S3ObjectStore(ObjectStore):
         if self.exists(key):
             return False
         step = min(max(self.part_size, -(-size // MAX_PARTS)), MAX_COPY_PART)
-        copy = _MultipartUpload(self.client, self.bucket, self._full(key))
+        copy = MultipartUpload(self.client, self.bucket, self._full(key))
         try:
             for first in range(0, size, step):
                 copy.add_copy(source_full_key, first, min(first + step, size) - 1)
@@ -254,7 +196,7 @@ class S3ObjectStore(ObjectStore):
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
         except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
+            if error_code(exc) in _NOT_FOUND:
                 raise BlobNotFound(key, self.url) from None
             raise
         return int(head["ContentLength"])
@@ -273,9 +215,9 @@ class S3ObjectStore(ObjectStore):
                 Bucket=self.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}"
             )
         except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
+            if error_code(exc) in _NOT_FOUND:
                 raise BlobNotFound(key, self.url) from None
-            if _code(exc) == "InvalidRange":
+            if error_code(exc) == "InvalidRange":
                 resolve_range(key, start, end, self.size(key))
             raise
         total = int(str(reply.get("ContentRange", "/0")).rpartition("/")[2] or 0)
