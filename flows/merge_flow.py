@@ -21,6 +21,7 @@ from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
 from flows.runtime import current_runtime
 from mergeops.methods import base as mb
+from registry.services import merge_run_states as run_states
 from registry.services import merge_runs as run_service
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
     """
     runtime = current_runtime()
     with runtime.session() as session:
-        run = run_service.claim_merge_run(
+        run = run_states.claim_merge_run(
             session=session, run_id=run_id, orchestration_run_id=_flow_run_id()
         )
         if run is None:  # already succeeded: idempotent no-op
@@ -146,7 +147,7 @@ def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
         if metrics and prepared.evaluator:
             store_metrics(output_id, metrics, prepared.evaluator)
         with runtime.session() as session:
-            run_service.finish_merge_run(
+            run_states.finish_merge_run(
                 session=session, run_id=run_id, output_checkpoint_id=output_id
             )
     except BaseException as exc:
@@ -183,7 +184,7 @@ def _record_failure(run_id: int, prepared: PreparedMerge | None, exc: BaseExcept
                 outputs.fail_output(
                     session=session, store=runtime.store, checkpoint_id=output_id, error=error
                 )
-            run_service.fail_merge_run(session=session, run_id=run_id, error=error)
+            run_states.fail_merge_run(session=session, run_id=run_id, error=error)
     except Exception:  # the original error matters more than a failure to record it
         log.exception("could not record the failure of merge run %s", run_id)
 
@@ -208,7 +209,7 @@ def _track(run_id: int, output_id: int, metrics: dict[str, float], prepared: Pre
         mlflow_run_id = tracker_from_settings(runtime.settings).log_merge(record)
         if mlflow_run_id:
             with runtime.session() as session:
-                run_service.set_mlflow_run_id(
+                run_states.set_mlflow_run_id(
                     session=session, run_id=run_id, mlflow_run_id=mlflow_run_id
                 )
     except Exception:

@@ -79,7 +79,7 @@ def prepare(*, session: Session, store: ObjectStore, work_root: Path, run_id: in
         base=_folder(session, store, load_checkpoint(session, run.base_id), cache)
         if run.base_id is not None
         else None,
-        evaluator=policy.evaluator if policy else getattr(run, "evaluator", None),
+        evaluator=policy.evaluator if policy else run.evaluator,
         policy_name=policy.name if policy else None,
         input_ids=[c.id or 0 for c in checkpoints],
     )
@@ -148,11 +148,10 @@ def _estimate_fisher(
 ) -> Path:
     """Estimate a checkpoint's diagonal Fisher with the run's evaluator and keep it as an artifact."""
     import torch
-    from safetensors.torch import save_file
 
     from flows.evaluators import load_evaluator
     from flows.runtime import current_runtime
-    from mergeops.io.readers import open_source
+    from mergeops.io import open_source, write_safetensors
     from registry.errors import RegistryError
     from registry.services import artifacts
 
@@ -161,7 +160,7 @@ def _estimate_fisher(
     state = mb.load_state_dict(open_source(folder), torch.device("cpu"))
     fisher = load_evaluator(prepared.evaluator).fisher(state)
     path = prepared.work_dir / f"fisher-{checkpoint.id}.safetensors"
-    save_file({k: v.detach().float().contiguous() for k, v in fisher.items()}, str(path))
+    write_safetensors(path, {k: v.detach().float() for k, v in fisher.items()})
     try:  # kept for the next merge; the estimate is used even if the registry refuses it
         artifacts.add_artifact(
             session=session,

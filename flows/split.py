@@ -14,11 +14,15 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flows.preparation import PreparedMerge
 from mergeops.engine import merge_to_dicts, output_metadata
-from mergeops.io.writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, staged_output
+from mergeops.io.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardedWriter,
+    staged_output,
+    write_safetensors,
+)
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan, PlanRequest, build_plan
 
@@ -71,7 +75,7 @@ def merge_range(request: PlanRequest, keys: list[str], part_path: str) -> str:
     result = merge_to_dicts(plan)
     if result.extras:
         raise mb.MergeError(f"method '{plan.method.name}' writes extra outputs; it cannot split")
-    save_file({k: result.merged[k].contiguous() for k in keys}, part_path)
+    write_safetensors(Path(part_path), {k: result.merged[k] for k in keys})
     return part_path
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from mergeops.io import write_safetensors
 
 
 class CaptureError(ValueError):
@@ -78,7 +79,7 @@ def write_second_moments(moments: Mapping[str, torch.Tensor], path: Path | str) 
     tensors = {
         name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in moments.items()
     }
-    save_file(tensors, str(target), metadata={"ckreg.role": "second_moment"})
+    write_safetensors(target, tensors, {"ckreg.role": "second_moment"})
     return target
 
 

@@ -15,6 +15,7 @@ from mergeops.io.writer import (
     ShardedWriter,
     parse_size,
     staged_output,
+    write_safetensors,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "open_source",
     "parse_size",
     "staged_output",
+    "write_safetensors",
 ]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import Field
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from mergeops.io import write_safetensors
 from mergeops.methods.base import (
     MergeContext,
     MergeError,
@@ -45,7 +45,7 @@ class OpcmParams(MethodParams):
 def save_opcm_state(state: OpcmState, path: str | Path) -> None:
     """Write ``state`` as one safetensors file (tensors + JSON metadata; no pickle)."""
     tensors, metadata = state_to_tensors(state)
-    save_file(tensors, str(path), metadata=metadata)
+    write_safetensors(Path(path), tensors, metadata)
 
 
 def load_opcm_state(path: str | Path) -> OpcmState:

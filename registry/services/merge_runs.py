@@ -1,7 +1,8 @@
-"""Merge runs: idempotent creation, the queued -> running -> succeeded|failed lifecycle, queries.
+"""Merge runs: idempotent creation from a request, queries, and the API view.
 
 The same inputs + method + params give the same idempotency key, so asking twice returns the
-existing run instead of merging twice. A failed run asked for again is re-queued.
+existing run instead of merging twice. A failed run asked for again is re-queued. The
+queued -> running -> succeeded|failed transitions live in ``registry.services.merge_run_states``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from mergeops.methods import base as methods_base
@@ -23,8 +23,8 @@ from registry.models import (
     MergeRun,
     MergeRunInput,
     MergeRunStatus,
-    utcnow,
 )
+from registry.services.evaluators import check_evaluator
 
 
 class MergeInputSpec(BaseModel):
@@ -64,6 +64,7 @@ class MergeRunPublic(BaseModel):
     output_checkpoint_id: int | None
     orchestration_run_id: str | None
     mlflow_run_id: str | None
+    evaluator: str | None
     error: str | None
     idempotency_key: str
     created_at: Any
@@ -83,7 +84,9 @@ def idempotency_key(*, request: MergeRequest, policy_id: int | None = None) -> s
     """sha256 over (method, params, base, ordered inputs with weights).
 
     ``policy_id`` is part of the key only for stateful (continual) methods, whose result also
-    depends on the policy's folded state.
+    depends on the policy's folded state. The evaluator is not part of the key: it scores the
+    output but does not change it, so the same merge asked for with another evaluator returns
+    the existing run (scored by the evaluator it was created with).
     """
     canonical = {
         "method": request.method,
@@ -111,9 +114,14 @@ def create_merge_run(
 ) -> tuple[MergeRun, bool]:
     """The run for ``request``: ``(run, True)`` if it must be launched, ``(run, False)`` if reused.
 
-    An existing queued, running or succeeded run with the same key is returned as is; a failed
-    one is re-queued (the error kept until it runs again).
+    An existing queued, running or succeeded run with the same key is returned as is (whatever
+    evaluator it was created with: the evaluator is not part of the key); a failed one is
+    re-queued (the error kept until it runs again). An ad-hoc request's evaluator must be
+    installed (``InvalidInput`` listing the available ones); a policy's was checked when the
+    policy was created.
     """
+    if policy_id is None:
+        check_evaluator(request.evaluator, owner="merge request")
     _check_inputs(session=session, request=request)
     key = idempotency_key(request=request, policy_id=policy_id)
     existing = session.exec(select(MergeRun).where(MergeRun.idempotency_key == key)).first()
@@ -131,9 +139,8 @@ def create_merge_run(
         params=request.params,
         base_id=request.base_id,
         idempotency_key=key,
+        evaluator=request.evaluator,
     )
-    if "evaluator" in MergeRun.model_fields:  # column requested from registry core
-        run.evaluator = request.evaluator  # type: ignore[attr-defined]
     session.add(run)
     session.flush()
     for position, spec in enumerate(request.inputs):
@@ -202,77 +209,6 @@ def merge_run_inputs(*, session: Session, run_id: int) -> list[MergeRunInput]:
         .order_by(col(MergeRunInput.position))
     )
     return list(session.exec(query).all())
-
-
-def claim_merge_run(
-    *, session: Session, run_id: int, orchestration_run_id: str | None = None
-) -> MergeRun | None:
-    """Atomically move a run to running; ``None`` when it already succeeded.
-
-    Queued, failed and (crashed) running runs can be claimed, so a re-run after a crash works.
-    """
-    result = session.execute(
-        update(MergeRun)
-        .where(
-            col(MergeRun.id) == run_id,
-            col(MergeRun.status) != MergeRunStatus.succeeded,
-        )
-        .values(
-            status=MergeRunStatus.running,
-            started_at=utcnow(),
-            orchestration_run_id=orchestration_run_id,
-            error=None,
-        )
-    )
-    session.commit()
-    if getattr(result, "rowcount", 0) == 0:
-        get_merge_run(session=session, run_id=run_id)  # NotFound when absent
-        return None
-    run = get_merge_run(session=session, run_id=run_id)
-    session.refresh(run)
-    return run
-
-
-def finish_merge_run(
-    *,
-    session: Session,
-    run_id: int,
-    output_checkpoint_id: int,
-    mlflow_run_id: str | None = None,
-) -> MergeRun:
-    """Mark a run succeeded with its output checkpoint."""
-    run = get_merge_run(session=session, run_id=run_id)
-    run.status = MergeRunStatus.succeeded
-    run.output_checkpoint_id = output_checkpoint_id
-    run.finished_at = utcnow()
-    run.error = None
-    if mlflow_run_id is not None:
-        run.mlflow_run_id = mlflow_run_id
-    session.add(run)
-    session.commit()
-    session.refresh(run)
-    return run
-
-
-def set_mlflow_run_id(*, session: Session, run_id: int, mlflow_run_id: str) -> None:
-    """Record the MLflow run that logged this merge."""
-    run = get_merge_run(session=session, run_id=run_id)
-    run.mlflow_run_id = mlflow_run_id
-    session.add(run)
-    session.commit()
-
-
-def fail_merge_run(*, session: Session, run_id: int, error: str) -> MergeRun:
-    """Mark a run failed, keeping the error message."""
-    session.rollback()
-    run = get_merge_run(session=session, run_id=run_id)
-    run.status = MergeRunStatus.failed
-    run.error = error[:4000]
-    run.finished_at = utcnow()
-    session.add(run)
-    session.commit()
-    session.refresh(run)
-    return run
 
 
 def list_merge_runs(

@@ -26,6 +26,7 @@ def test_post_merges_with_evaluator_stores_evaluation_metrics(embedded: Embedded
     assert started.status_code == 202, started.text
     run_id = started.json()["id"]
     assert started.json()["policy_id"] is None
+    assert started.json()["evaluator"] == "ckreg-test-norm"
     with embedded.env.session() as session:
         stored = session.get(MergeRun, run_id)
         assert stored is not None and stored.evaluator == "ckreg-test-norm"
@@ -38,6 +39,42 @@ def test_post_merges_with_evaluator_stores_evaluation_metrics(embedded: Embedded
     assert {m["name"] for m in metrics} == {"l2_norm", "mean_abs"}
     assert {m["source"] for m in metrics} == {"evaluation"}
     assert {m["dataset"] for m in metrics} == {"ckreg-test-norm"}
+    assert run["evaluator"] == "ckreg-test-norm"
+
+    # The evaluator is not part of the idempotency key: the same merge without one is this run.
+    again = api.post(
+        "/api/v1/merges",
+        json={
+            "method": "ties",
+            "params": {"density": 0.5},
+            "base_id": base["id"],
+            "inputs": [{"checkpoint_id": ft_a["id"]}, {"checkpoint_id": ft_b["id"]}],
+        },
+        headers=headers,
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == run_id and again.json()["reused"] is True
+    assert again.json()["evaluator"] == "ckreg-test-norm"
+
+
+def test_post_merges_with_unknown_evaluator_is_refused_up_front(embedded: Embedded) -> None:
+    api, headers = embedded.client, embedded.headers
+    ft_a = embedded.upload("ft-a", tiny_state(1))
+    ft_b = embedded.upload("ft-b", tiny_state(2))
+    refused = api.post(
+        "/api/v1/merges",
+        json={
+            "method": "linear",
+            "inputs": [{"checkpoint_id": i} for i in (ft_a["id"], ft_b["id"])],
+            "evaluator": "ckreg-test-nrom",
+        },
+        headers=headers,
+    )
+    assert refused.status_code == 422, refused.text
+    detail = str(refused.json()["detail"])
+    assert "unknown evaluator 'ckreg-test-nrom'" in detail
+    assert "available:" in detail and "ckreg-test-norm" in detail
+    assert api.get("/api/v1/merges").json()["total"] == 0
 
 
 def test_post_merges_without_evaluator_stores_no_metrics(embedded: Embedded) -> None:
@@ -56,5 +93,6 @@ def test_post_merges_without_evaluator_stores_no_metrics(embedded: Embedded) -> 
     assert embedded.launcher.wait_idle(60), embedded.launcher.errors
     run = api.get(f"/api/v1/merges/{started.json()['id']}").json()
     assert run["status"] == "succeeded", run["error"]
+    assert run["evaluator"] is None
     metrics = api.get(f"/api/v1/checkpoints/{run['output_checkpoint_id']}/metrics").json()
     assert [m for m in metrics if m["source"] == "evaluation"] == []

@@ -19,7 +19,11 @@ def start_merge(
     _: WriterDep,
     response: Response,
 ) -> run_service.MergeRunPublic:
-    """Queue a merge (202); the same inputs + method + params return the existing run (200)."""
+    """Queue a merge (202); the same inputs + method + params return the existing run (200).
+
+    An unknown ``evaluator`` is refused (422, listing the installed ones). The evaluator is not
+    part of the idempotency key: asking again with another one returns the existing run.
+    """
     run, launch = run_service.create_merge_run(session=session, request=request)
     if launch:
         launcher.merge_requested(run.id or 0)
