@@ -1,0 +1,356 @@
+"""Merge-engine benchmark: ckreg (mergeops) against mergekit on the same synthetic checkpoints.
+
+    python -m bench.merge_engine [--sizes 270m,100m] [--methods ties,task_arithmetic,linear]
+                                 [--mergekit PATH|none] [--work DIR] [--keep]
+
+Writes a bf16 Llama-shaped base + 4 fine-tunes per size (``bench._synth``), then runs every
+merge as its own subprocess (``ckreg merge`` and ``mergekit-yaml`` on the same YAML) and prints
+wall time, peak RSS (``wait4`` rusage of that process; RssAnon sampled from /proc), the max
+difference between the two outputs, and effective bandwidth (input + output bytes per second)
+next to a plain in-RAM tensor copy of the same bytes timed just before. With CUDA it adds
+ckreg ``--device cuda`` rows and their ratio to pinned host-to-device bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench._synth import SHAPES, write_family
+from mergeops import TensorSource
+from mergeops.io import open_source
+
+WEIGHTS = (1.0, 0.8, 0.6, 0.4)
+MIB = 1024**2
+DEFAULT_WORK = Path("bench/out/merge_engine")
+MERGEKIT_FLAGS = ("--no-copy-tokenizer", "--quiet")
+"""Defaults otherwise (CPU, no lazy-unpickle, sync writes); the synthetic models have no
+tokenizer, so copying one would fail."""
+
+
+@dataclass
+class Run:
+    """One merge subprocess: its wall time and memory."""
+
+    engine: str
+    device: str
+    wall_s: float
+    cpu_s: float
+    peak_rss: int
+    peak_anon: int
+    ok: bool
+    log: Path
+
+
+@dataclass
+class Parity:
+    """Differences between ckreg's and mergekit's outputs (fp32)."""
+
+    max_abs: float
+    max_rel: float
+    mismatched: int
+    max_abs_off_ties: float | None = None
+
+
+# ru_maxrss survives execve, so a child exec'd straight from this (large) process would report
+# our own peak; a tiny launcher forks the merge from a small process and reports its rusage.
+_LAUNCHER = """import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    cpu = usage.ru_utime + usage.ru_stime
+    out.write(f"{usage.ru_maxrss} {time.perf_counter() - start} {cpu}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _rss_anon(pid: int) -> int:
+    """RssAnon (bytes) of ``pid``'s children, i.e. of the merge under the launcher."""
+    total = 0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in children:
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def measure(cmd: list[str], *, engine: str, device: str, log: Path) -> Run:
+    """Run ``cmd`` to completion; peak RSS is that process's own ``ru_maxrss``."""
+    peak_anon = [0]
+    report = log.with_suffix(".rusage")
+    with log.open("w") as sink:
+        launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(report), *cmd]
+        proc = subprocess.Popen(launcher, stdout=sink, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak_anon[0] = max(peak_anon[0], _rss_anon(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        returncode = proc.wait()
+        done.set()
+        sampler.join()
+    maxrss_kib, wall, cpu = (
+        report.read_text().split() if report.is_file() else ("0",) + ("nan",) * 2
+    )
+    return Run(engine, device, float(wall), float(cpu), int(maxrss_kib) * 1024, peak_anon[0],
+               returncode == 0, log)  # fmt: skip
+
+
+def write_config(path: Path, method: str, folders: list[Path], density: float) -> Path:
+    """The mergekit YAML both engines run (fp32 compute and output, for parity)."""
+    base, finetunes = folders[0], folders[1:]
+    models = []
+    for folder, weight in zip(finetunes, WEIGHTS, strict=False):
+        params: dict[str, float] = {"weight": weight}
+        if method == "ties":
+            params["density"] = density
+        models.append({"model": str(folder.resolve()), "parameters": params})
+    config: dict[str, object] = {"merge_method": method, "models": models, "dtype": "float32"}
+    if method != "linear":
+        config["base_model"] = str(base.resolve())
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def ckreg_command() -> list[str]:
+    """``ckreg`` next to this interpreter, else on PATH, else mergeops' CLI via ``-c``."""
+    beside = Path(sys.executable).parent / "ckreg"
+    found = str(beside) if beside.is_file() else shutil.which("ckreg")
+    if found:
+        return [found, "merge"]
+    return [sys.executable, "-c", "from mergeops.cli import merge_app; merge_app()", "merge"]
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the safetensors files in ``folder``."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def copy_bandwidth(total_bytes: int, chunk: int = 256 * MIB) -> tuple[float, float]:
+    """GB/s (read + written) moving ``total_bytes`` through RAM: ``dst.copy_(src)`` into a
+    buffer already touched, and ``src.clone()`` into fresh memory (page faults included)."""
+    src = torch.rand(chunk // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    copies = max(1, round(total_bytes / (2 * chunk)))
+    rates = []
+    for copy in (lambda: dst.copy_(src), src.clone):
+        start = time.perf_counter()
+        for _ in range(copies):
+            copy()
+        rates.append(2 * chunk * copies / (time.perf_counter() - start) / 1e9)
+    return rates[0], rates[1]
+
+
+def h2d_bandwidth(chunk: int = 256 * MIB, repeats: int = 8) -> float:
+    """GB/s of pinned host -> device copies."""
+    host = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(chunk, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return chunk * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _tie_positions(key: str, sources: list[TensorSource], density: float) -> torch.Tensor:
+    """Where some model's |τ_t| equals its per-tensor top-k threshold (TIES tie candidates)."""
+    base = sources[0].get(key).float()
+    ties = torch.zeros(base.shape, dtype=torch.bool)
+    for source in sources[1:]:
+        magnitude = (source.get(key).float() - base).abs()
+        n = magnitude.numel()
+        k = max(1, int(density * n))
+        if k < n:
+            ties |= magnitude == magnitude.reshape(-1).kthvalue(n - k + 1).values
+    return ties
+
+
+def compare(ours: Path, theirs: Path, *, ties_inputs: list[Path] | None, density: float) -> Parity:
+    """Stream both outputs tensor by tensor; with ``ties_inputs`` also the max difference
+    away from threshold ties (mergekit breaks those with an unstable argsort)."""
+    a, b = open_source(ours), open_source(theirs)
+    inputs = [open_source(f) for f in ties_inputs or []]
+    if set(a.keys()) != set(b.keys()):
+        raise ValueError(f"tensor names differ: {sorted(set(a.keys()) ^ set(b.keys()))[:5]}")
+    result = Parity(0.0, 0.0, 0, 0.0 if ties_inputs else None)
+    for key in sorted(a.keys()):
+        x, y = a.get(key).float(), b.get(key).float()
+        diff = (x - y).abs()
+        worst = float(diff.max())
+        result.max_abs = max(result.max_abs, worst)
+        result.max_rel = max(result.max_rel, worst / max(float(y.abs().max()), 1e-30))
+        result.mismatched += int((diff > 1e-6 * float(y.abs().max())).sum())
+        if ties_inputs and worst > 0:
+            off = diff[~_tie_positions(key, inputs, density)]
+            result.max_abs_off_ties = max(
+                result.max_abs_off_ties or 0.0, float(off.max()) if off.numel() else 0.0
+            )
+    return result
+
+
+@dataclass
+class Row:
+    size: str
+    method: str
+    run: Run
+    moved: int
+    memcpy_gbs: tuple[float, float]
+    parity: Parity | None = None
+    versus: Run | None = None
+
+
+def bench_method(
+    size: str, method: str, folders: list[Path], args: argparse.Namespace
+) -> list[Row]:
+    """ckreg (CPU, and CUDA when present) and mergekit on one size and method."""
+    work: Path = args.work / size
+    cfg = write_config(work / f"{method}.yml", method, folders, args.density)
+    inputs = folders[1:] if method == "linear" else folders
+    in_bytes = sum(folder_bytes(f) for f in inputs)
+    outs = {e: work / f"out-{method}-{e}" for e in ("ckreg", "mergekit", "ckreg-cuda")}
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    memcpy = copy_bandwidth(in_bytes + 2 * folder_bytes(folders[0]))  # fp32 output
+    shard = ["--max-shard-size", args.shard_size, "--no-progress"]
+    ck = measure([*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg"]),
+                  "--device", "cpu", *shard], engine="ckreg", device="cpu",
+                 log=work / f"{method}-ckreg.log")  # fmt: skip
+    rows = [Row(size, method, ck, in_bytes + folder_bytes(outs["ckreg"]), memcpy)]
+    if args.mergekit:
+        mk_cmd = [args.mergekit, str(cfg), str(outs["mergekit"]), "--out-shard-size",
+                  args.shard_size.removesuffix("B"), *MERGEKIT_FLAGS]  # fmt: skip
+        mk = measure(mk_cmd, engine="mergekit", device="cpu", log=work / f"{method}-mk.log")
+        rows.append(Row(size, method, mk, in_bytes + folder_bytes(outs["mergekit"]), memcpy))
+        if ck.ok and mk.ok:
+            ties_inputs = folders if method == "ties" else None
+            rows[0].parity = compare(
+                outs["ckreg"], outs["mergekit"], ties_inputs=ties_inputs, density=args.density
+            )
+        rows[0].versus = mk
+    if torch.cuda.is_available():
+        gpu = measure([*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg-cuda"]),
+                       "--device", "cuda", *shard], engine="ckreg", device="cuda",
+                      log=work / f"{method}-ckreg-cuda.log")  # fmt: skip
+        rows.append(Row(size, method, gpu, in_bytes + folder_bytes(outs["ckreg-cuda"]), memcpy))
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def _fmt_parity(p: Parity | None) -> str:
+    if p is None:
+        return "-"
+    text = f"abs {p.max_abs:.1e} rel {p.max_rel:.1e} n>1e-6 {p.mismatched}"
+    if p.max_abs_off_ties is not None:
+        text += f" | off-ties abs {p.max_abs_off_ties:.1e}"
+    return text
+
+
+def format_table(rows: list[Row]) -> str:
+    """The results table: one line per engine run."""
+    head = (f"{'size':>5} {'method':<16}{'engine':<9}{'dev':<5}{'wall s':>8}{'cpu s':>7}{'peak RSS':>10}"
+            f"{'RssAnon':>9}{'GB/s':>7}{'memcpy':>8}{'+alloc':>7}{'%cpy':>6}{'speedup':>8}{'RSS/mk':>7}"
+            "  ckreg vs mergekit output")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        gbs = r.moved / r.run.wall_s / 1e9
+        speed = f"{r.versus.wall_s / r.run.wall_s:.2f}x" if r.versus and r.versus.ok else "-"
+        ratio = f"{r.run.peak_rss / r.versus.peak_rss:.2f}" if r.versus and r.versus.ok else "-"
+        state = "" if r.run.ok else f"  FAILED, see {r.run.log}"
+        lines.append(
+            f"{r.size:>5} {r.method:<16}{r.run.engine:<9}{r.run.device:<5}{r.run.wall_s:>8.1f}{r.run.cpu_s:>7.1f}"
+            f"{r.run.peak_rss / MIB:>7.0f}MiB{r.run.peak_anon / MIB:>6.0f}MiB{gbs:>7.2f}"
+            f"{r.memcpy_gbs[0]:>8.2f}{r.memcpy_gbs[1]:>7.2f}{100 * gbs / r.memcpy_gbs[0]:>5.1f}%"
+            f"{speed:>8}{ratio:>7}"
+            f"  {_fmt_parity(r.parity)}{state}"
+        )
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="270m,100m", help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--methods", default="ties,task_arithmetic,linear")
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or "none",
+                        help="mergekit-yaml executable, or 'none' to skip it")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--shard-size", default="256MB", help="output shard size, both engines")
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = parser.parse_args(argv)
+    args.mergekit = None if args.mergekit in ("", "none") else args.mergekit
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table; returns 1 when a merge failed."""
+    args = _parse(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    print(f"load average (1/5/15 min): {os.getloadavg()}, cpus: {os.cpu_count()}, "
+          f"torch threads: {torch.get_num_threads()}")  # fmt: skip
+    print(f"ckreg: {' '.join(ckreg_command())} --device cpu --max-shard-size {args.shard_size}")
+    if args.mergekit:
+        print(f"mergekit: {args.mergekit} --out-shard-size {args.shard_size.removesuffix('B')} "
+              f"{' '.join(MERGEKIT_FLAGS)} (CPU, other options default)")  # fmt: skip
+    else:
+        print("mergekit: skipped (not on PATH; pip install 'ckreg[bench]' or pass --mergekit)")
+    rows: list[Row] = []
+    for size in sizes:
+        shape = SHAPES[size]
+        start = time.perf_counter()
+        folders = write_family(args.work / size / "models", shape=shape)
+        print(f"{size}: {shape.parameters / 1e6:.0f}M params x 5 bf16 models "
+              f"({time.perf_counter() - start:.0f} s to generate), load {os.getloadavg()[0]:.1f}")  # fmt: skip
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            rows.extend(bench_method(size, method, folders, args))
+        if not args.keep:
+            shutil.rmtree(args.work / size / "models")
+    print(format_table(rows))
+    _print_notes(rows, args)
+    return 0 if all(r.run.ok for r in rows) else 1
+
+
+def _print_notes(rows: list[Row], args: argparse.Namespace) -> None:
+    print("GB/s = (input + output safetensors bytes) / wall; memcpy = torch copy_ in RAM "
+          "(read + written), +alloc = the same into fresh memory (clone); cpu s = user + sys; speedup and RSS/mk: ckreg vs mergekit; rel = max|a-b| / max|b| "
+          "per tensor; off-ties: ties max diff away from threshold ties")  # fmt: skip
+    print(f"load average after: {os.getloadavg()}")
+    cpu = [r for r in rows if r.run.engine == "ckreg" and r.run.device == "cpu"]
+    by_size = {r.size: max(x.run.peak_rss for x in cpu if x.size == r.size) for r in cpu}
+    if len(by_size) > 1:
+        print("ckreg peak RSS by size: "
+              + ", ".join(f"{s} {v / MIB:.0f}MiB" for s, v in by_size.items()))  # fmt: skip
+    if torch.cuda.is_available():
+        h2d = h2d_bandwidth()
+        print(f"CUDA: pinned host-to-device {h2d:.1f} GB/s; ckreg cuda rows / H2D: "
+              + ", ".join(f"{r.size} {r.method} {r.moved / r.run.wall_s / 1e9 / h2d:.2f}"
+                          for r in rows if r.run.device == "cuda"))  # fmt: skip
+    else:
+        print("CUDA: not available on this machine")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
