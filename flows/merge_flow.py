@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -153,10 +154,7 @@ def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
     except BaseException as exc:
         _record_failure(run_id, prepared, exc)
         raise
-    if runtime.background is not None:
-        runtime.background.submit(_track, run_id, output_id, metrics, prepared)
-    else:
-        _track(run_id, output_id, metrics, prepared)
+    in_background(_track, run_id, output_id, metrics, prepared)
     # The work folder holds only the uploaded output now; the input cache stays for reuse.
     shutil.rmtree(prepared.out_dir, ignore_errors=True)
     return output_id
@@ -187,6 +185,36 @@ def _record_failure(run_id: int, prepared: PreparedMerge | None, exc: BaseExcept
             run_states.fail_merge_run(session=session, run_id=run_id, error=error)
     except Exception:  # the original error matters more than a failure to record it
         log.exception("could not record the failure of merge run %s", run_id)
+
+
+def in_background(work: Callable[..., None], *args: Any) -> None:
+    """Run side work (MLflow logging) on the runtime's background thread, else inline."""
+    background = current_runtime().background
+    if background is not None:
+        background.submit(work, *args)
+    else:
+        work(*args)
+
+
+def track_checkpoint(checkpoint_id: int) -> None:
+    """Log a ready checkpoint as an external LoggedModel; never fails (the tracker queues)."""
+    runtime = current_runtime()
+    try:
+        from flows.tracking import tracker_from_settings
+        from flows.tracking_records import checkpoint_record
+        from registry.models import CheckpointStatus
+        from registry.services.common import load_checkpoint
+
+        with runtime.session() as session:
+            checkpoint = load_checkpoint(session, checkpoint_id)
+            if checkpoint.status != CheckpointStatus.ready:
+                return
+            record = checkpoint_record(
+                session=session, checkpoint=checkpoint, store_url=runtime.settings.store_url
+            )
+        tracker_from_settings(runtime.settings).log_checkpoint(record)
+    except Exception:
+        log.exception("MLflow tracking of checkpoint %s failed", checkpoint_id)
 
 
 def _track(run_id: int, output_id: int, metrics: dict[str, float], prepared: PreparedMerge) -> None:

@@ -11,7 +11,7 @@ import logging
 
 from prefect import flow
 
-from flows.merge_flow import merge_checkpoints
+from flows.merge_flow import in_background, merge_checkpoints, track_checkpoint
 from flows.runtime import current_runtime
 from registry.services import policies as policy_service
 from registry.services.common import load_checkpoint
@@ -31,7 +31,9 @@ def _plan(policy_id: int) -> int | None:
 
 @flow(name="on_checkpoint_ready", persist_result=False)
 def on_checkpoint_ready(checkpoint_id: int) -> list[int]:
-    """Run every enabled on_register policy that covers the new checkpoint; returns run ids."""
+    """Log the new checkpoint to MLflow, then run every enabled on_register policy that covers
+    it; returns run ids."""
+    in_background(track_checkpoint, checkpoint_id)
     with current_runtime().session() as session:
         checkpoint = load_checkpoint(session, checkpoint_id)
         policy_ids = [
