@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "ckreg"
     prefect_mode: Literal["embedded", "server"] = "embedded"
     device: str = "auto"
     # Client side: where the registry runs and which token to send.

@@ -28,10 +28,14 @@ __all__ = [
 ]
 
 
-def tracker_from_settings(settings: Settings, *, experiment_name: str = "ckreg") -> Tracker:
-    """The tracker for ``CKREG_MLFLOW_TRACKING_URI``, queueing under ``<home>/mlflow-outbox``."""
+def tracker_from_settings(settings: Settings, *, experiment_name: str | None = None) -> Tracker:
+    """The tracker for ``CKREG_MLFLOW_TRACKING_URI``, queueing under ``<home>/mlflow-outbox``.
+
+    Records go to ``CKREG_MLFLOW_EXPERIMENT`` (default ``ckreg``): give each registry its own
+    experiment when several share one MLflow server, since records are matched by registry ids.
+    """
     return Tracker(
         settings.mlflow_tracking_uri,
         outbox_dir=settings.home.resolve() / "mlflow-outbox",
-        experiment_name=experiment_name,
+        experiment_name=experiment_name or settings.mlflow_experiment,
     )
