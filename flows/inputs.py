@@ -2,7 +2,8 @@
 
 A file store hands out its blob paths directly (no copy); any other store is downloaded once
 into a content-addressed cache under the work dir (``cache/blobs/<sha256>``), which a later
-merge of the same checkpoint reuses. Each checkpoint gets a folder of links named like its
+merge of the same checkpoint reuses. The cache is bounded: ``prune_cache`` evicts the least
+recently used blobs beyond ``CKREG_CACHE_MAX_BYTES`` before each merge resolves its inputs. Each checkpoint gets a folder of links named like its
 files, so sharded checkpoints (``model.safetensors.index.json``) read as they were uploaded.
 """
 
@@ -30,6 +31,7 @@ def blob_path(*, store: ObjectStore, artifact: Artifact, cache_dir: Path) -> Pat
         return local
     target = cache_dir / "blobs" / artifact.sha256
     if target.is_file() and target.stat().st_size == artifact.size:
+        os.utime(target)  # mark as recently used for prune_cache
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{artifact.sha256[:12]}-")
@@ -42,6 +44,26 @@ def blob_path(*, store: ObjectStore, artifact: Artifact, cache_dir: Path) -> Pat
         Path(partial).unlink(missing_ok=True)
         raise
     return target
+
+
+def prune_cache(cache_dir: Path, *, max_bytes: int) -> int:
+    """Evict least recently used cached blobs until the cache holds at most ``max_bytes``.
+
+    Returns the number of bytes freed. Blobs a merge already opened stay readable (POSIX keeps
+    unlinked open files); a later merge downloads an evicted blob again.
+    """
+    blobs = cache_dir / "blobs"
+    if not blobs.is_dir():
+        return 0
+    entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in blobs.iterdir() if p.is_file()]
+    total = sum(size for _, size, _ in entries)
+    freed = 0
+    for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+        if total - freed <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        freed += size
+    return freed
 
 
 def checkpoint_dir(

@@ -41,6 +41,7 @@ def prepare_inputs(run_id: int) -> PreparedMerge:
             store=runtime.store,
             work_root=runtime.settings.work_dir or runtime.settings.home / "work",
             run_id=run_id,
+            cache_max_bytes=runtime.settings.cache_max_bytes,
         )
 
 

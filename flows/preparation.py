@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from flows.inputs import artifact_file, checkpoint_dir
+from flows.inputs import artifact_file, checkpoint_dir, prune_cache
 from flows.outputs import OutputSpec, output_name
 from mergeops.methods import base as mb
 from registry.errors import InvalidState
@@ -52,13 +52,25 @@ class PreparedMerge:
         return self.work_dir / "out"
 
 
-def prepare(*, session: Session, store: ObjectStore, work_root: Path, run_id: int) -> PreparedMerge:
-    """Resolve ``run_id``'s inputs, side inputs and state into a fresh work folder."""
+def prepare(
+    *,
+    session: Session,
+    store: ObjectStore,
+    work_root: Path,
+    run_id: int,
+    cache_max_bytes: int | None = None,
+) -> PreparedMerge:
+    """Resolve ``run_id``'s inputs, side inputs and state into a fresh work folder.
+
+    With ``cache_max_bytes``, the download cache is pruned to that size first.
+    """
     run = run_service.get_merge_run(session=session, run_id=run_id)
     method = mb.get_method(run.method)
     inputs = run_service.merge_run_inputs(session=session, run_id=run_id)
     checkpoints = [load_checkpoint(session, i.checkpoint_id) for i in inputs]
     cache = work_root / "cache"
+    if cache_max_bytes is not None:
+        prune_cache(cache, max_bytes=cache_max_bytes)
     work_dir = work_root / f"run-{run_id}"
     shutil.rmtree(work_dir, ignore_errors=True)  # leftovers of a crashed attempt
     work_dir.mkdir(parents=True)

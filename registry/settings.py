@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     auth_reads: bool = False
     # Merge work: where merged outputs are staged before upload.
     work_dir: Path | None = None
+    # Bound on the merge-input download cache (S3 stores only; file stores are read in place).
+    cache_max_bytes: int = 20 * 1024**3
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
