@@ -35,7 +35,7 @@ serve: install
 	$(VENV)/bin/ckreg serve
 
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.ckreg/mlflow.db --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.ckreg/demo/mlflow.db --port 5000
 
 clean:
 	rm -rf .ckreg bench/out

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -51,6 +52,8 @@ def serve(
     from registry.db import upgrade_database
 
     settings = get_settings()
+    # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     upgrade_database(settings.database_url)
     chosen = mode or settings.prefect_mode
     if chosen not in ("embedded", "server"):

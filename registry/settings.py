@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     # Bound on the merge-input download cache (S3 stores only; file stores are read in place).
     cache_max_bytes: int = 20 * 1024**3
+    # The digits model zoo used by the `digits` evaluator (default: <home>/zoo/digits-seed0).
+    zoo_dir: Path | None = None
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

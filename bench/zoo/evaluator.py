@@ -43,8 +43,7 @@ def default_zoo_dir() -> Path:
     from registry.settings import get_settings
 
     settings = get_settings()
-    configured = getattr(settings, "zoo_dir", None)  # a CKREG_ZOO_DIR setting, if declared
-    return ensure_zoo(Path(configured) if configured else settings.home / "zoo" / "digits-seed0")
+    return ensure_zoo(settings.zoo_dir or settings.home / "zoo" / "digits-seed0")
 
 
 class DigitsObjective:

@@ -31,6 +31,15 @@ MERGE_RUN_TAG = "ckreg.merge_run_id"
 _PARAM_LIMIT = 6000
 
 
+_MLFLOW_NAME_FORBIDDEN = re.compile(r"[:/.%\"']")
+
+
+def mlflow_model_name(name: str) -> str:
+    """A LoggedModel name MLflow accepts (it rejects ``: / . % " '``); the exact registry name
+    stays in the ``ckreg.*`` tags."""
+    return _MLFLOW_NAME_FORBIDDEN.sub("-", name) or "checkpoint"
+
+
 class MlflowWriter:
     """Records ckreg objects in one MLflow experiment."""
 
@@ -82,7 +91,7 @@ class MlflowWriter:
             return existing
         model = self.client.create_logged_model(
             experiment_id=self.experiment_id(),
-            name=record.name,
+            name=mlflow_model_name(record.name),
             source_run_id=source_run_id,
             tags={MLFLOW_MODEL_IS_EXTERNAL: "true", **checkpoint_tags(record)},
             params={f"metric.{k}": repr(float(v)) for k, v in record.metrics.items()},

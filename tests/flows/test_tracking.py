@@ -105,3 +105,10 @@ def test_replay_after_partial_write_replaces_unfinished_run(
     runs = client.search_runs([tracker.writer.experiment_id()], "tags.`ckreg.merge_run_id` = '5'")
     assert [r.info.run_id for r in runs] == [run_id]
     assert tracker.log_merge(record) == run_id
+
+
+def test_logged_model_names_are_made_acceptable_to_mlflow() -> None:
+    from flows.tracking.mlflow_writer import mlflow_model_name
+
+    assert mlflow_model_name("mwa:rot90/run.1%'x\"") == "mwa-rot90-run-1--x-"
+    assert mlflow_model_name("plain-name_2") == "plain-name_2"
