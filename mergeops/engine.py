@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mergeops.chunking import ChunkedMerge, chunk_rows
 from mergeops.device import dtype_name
 from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output
 from mergeops.methods import base as mb
@@ -48,7 +49,9 @@ class _Reader:
     def _load(self, source_role: str, tensor: torch.Tensor, key: str) -> torch.Tensor:
         self.bytes_read += tensor.numel() * tensor.element_size()
         out = tensor.to(device=self.plan.ctx.device, dtype=torch.float32)
-        if not bool(torch.isfinite(out).all()):
+        # Two reductions (NaN propagates through min/max) instead of a bool tensor per input.
+        low, high = torch.aminmax(out) if out.numel() else (out.new_zeros(()), out.new_zeros(()))
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise mb.MergeError(f"tensor '{key}' of {source_role} contains NaN or Inf")
         return out
 
@@ -106,6 +109,12 @@ def _stream(plan: MergePlan, sink: TensorSink, reader: _Reader, progress: bool) 
     for key in _progress(plan.keys, f"{method.name}: merging", progress):
         if key not in float_keys:  # integer/bool buffers pass through from the reference
             sink(key, None, plan.reference.get(key))
+            continue
+        rows = chunk_rows(plan, key)
+        if rows:  # elementwise method, large tensor: merged slice by slice
+            chunked = ChunkedMerge(plan, key, rows)
+            sink(key, None, chunked.run(_out_dtype(plan, key)))
+            reader.bytes_read += chunked.bytes_read
             continue
         result = method.merge_tensor(reader.read(key), plan.ctx)
         _emit(plan, sink, key, result.merged, result.extras)

@@ -5,6 +5,8 @@ and an in-memory state dict. Each implements ``mergeops.sources.TensorSource``.
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +37,11 @@ class SourceError(ValueError):
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file, read tensor by tensor (the file stays open while in use)."""
+    """One ``.safetensors`` file, read tensor by tensor (or row range by row range).
+
+    The header is read once; tensor bytes are read with ``os.pread`` into owned memory, so no
+    file mapping stays in the process's resident set between tensors.
+    """
 
     def __init__(self, path: str | Path, name: str | None = None) -> None:
         self.path = Path(path)
@@ -43,31 +49,82 @@ class SafetensorsFile:
             raise SourceError(f"no safetensors file at '{self.path}'")
         self.name = name or self.path.stem
         try:
-            self._handle: Any = safe_open(str(self.path), framework="pt")
+            handle: Any = safe_open(str(self.path), framework="pt")
+            self._keys = list(handle.keys())
+            self._file_metadata = dict(handle.metadata() or {})
+            header, self._data_start = _read_header(self.path)
         except Exception as exc:  # safetensors raises its own error types
             raise SourceError(f"cannot read safetensors file '{self.path}': {exc}") from None
-        self._keys = list(self._handle.keys())
+        del handle  # closes the mapping; data is read with pread
+        self._entries: dict[str, dict[str, Any]] = {k: header[k] for k in self._keys}
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+    def _entry(self, key: str) -> dict[str, Any]:
+        if key not in self._entries:
             raise KeyError(f"'{self.name}' has no tensor '{key}'")
-        return self._handle.get_tensor(key)
+        return self._entries[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        shape = self.metadata(key).shape
+        return self.get_rows(key, 0, shape[0]) if shape else self._read(key, 0, 1, ())
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of one tensor, read from disk on demand."""
+        shape = self.metadata(key).shape
+        if not shape:
+            raise SourceError(f"tensor '{key}' of '{self.name}' is a scalar; it has no rows")
+        start, stop = max(0, min(start, shape[0])), max(0, min(stop, shape[0]))
+        stop = max(start, stop)
+        row = math.prod(shape[1:])
+        return self._read(key, start * row, stop * row, (stop - start, *shape[1:]))
+
+    def _read(self, key: str, first: int, last: int, shape: tuple[int, ...]) -> torch.Tensor:
+        entry = self._entry(key)
+        dtype = self.metadata(key).dtype
+        size = torch.empty((), dtype=dtype).element_size()
+        begin, end = entry["data_offsets"]
+        if end - begin != size * math.prod(self.metadata(key).shape):
+            raise SourceError(f"tensor '{key}' of '{self.name}' has a corrupt byte range")
+        buffer = bytearray((last - first) * size)
+        with self.path.open("rb", buffering=0) as file:
+            got = _pread_into(file.fileno(), buffer, self._data_start + begin + first * size)
+        if got != len(buffer):
+            raise SourceError(f"tensor '{key}' of '{self.name}' is truncated in '{self.path}'")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def metadata(self, key: str) -> TensorMeta:
-        if key not in self._keys:
-            raise KeyError(f"'{self.name}' has no tensor '{key}'")
-        tensor_slice = self._handle.get_slice(key)
-        dtype = tensor_slice.get_dtype()
+        entry = self._entry(key)
+        dtype = entry["dtype"]
         if dtype not in _DTYPES:
             raise SourceError(f"tensor '{key}' of '{self.name}' has unsupported dtype {dtype}")
-        return TensorMeta(_DTYPES[dtype], tuple(tensor_slice.get_shape()))
+        return TensorMeta(_DTYPES[dtype], tuple(entry["shape"]))
 
     def file_metadata(self) -> dict[str, str]:
         """The file's ``__metadata__`` header (empty when absent)."""
-        return dict(self._handle.metadata() or {})
+        return dict(self._file_metadata)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the byte offset where tensor data starts."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    return header, 8 + length
+
+
+def _pread_into(fd: int, buffer: bytearray, offset: int) -> int:
+    """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (short at EOF)."""
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count <= 0:
+            break
+        done += count
+    return done
 
 
 class ShardedCheckpoint:
@@ -114,6 +171,12 @@ class ShardedCheckpoint:
             raise KeyError(f"'{self.name}' has no tensor '{key}'")
         return self._open(self._where[key]).get(key)
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor, read from its shard on demand."""
+        if key not in self._where:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        return self._open(self._where[key]).get_rows(key, start, stop)
+
     def metadata(self, key: str) -> TensorMeta:
         if key not in self._where:
             raise KeyError(f"'{self.name}' has no tensor '{key}'")
@@ -134,6 +197,10 @@ class StateDictSource:
         if key not in self._tensors:
             raise KeyError(f"'{self.name}' has no tensor '{key}'")
         return self._tensors[key]
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (a view, not a copy)."""
+        return self.get(key)[start:stop]
 
     def metadata(self, key: str) -> TensorMeta:
         tensor = self.get(key)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
+import torch
+
 from mergeops.methods.base import (
     MergeContext,
     MergeError,
@@ -35,6 +39,7 @@ class Linear(StreamingMethod):
     paper = "https://arxiv.org/abs/2203.05482"
     params_model = LinearParams
     model_params_model = WeightParams
+    chunkable: ClassVar[bool] = True
 
     def validate(self, ctx: MergeContext) -> None:
         params = ctx.params
@@ -48,3 +53,17 @@ class Linear(StreamingMethod):
         assert isinstance(params, LinearParams)
         weights = [p.weight for p in ctx.model_params]  # type: ignore[attr-defined]
         return TensorResult(weighted_average(inputs.models, weights, normalize=params.normalize))
+
+    def merge_rows(
+        self, inputs: TensorInputs, stats: list[Any], offset: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """The merged rows of one slice (elementwise, so the same as ``merge_tensor``)."""
+        merged = self.merge_tensor(inputs, ctx).merged
+        assert merged is not None
+        return merged
+
+    def tensor_stats(
+        self, key: str, shape: tuple[int, ...], task_vector: Any, ctx: MergeContext
+    ) -> list[Any]:
+        """No whole-tensor statistics."""
+        return [None] * len(ctx.model_params)

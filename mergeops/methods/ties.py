@@ -8,7 +8,8 @@ threshold are broken by position so exactly k = max(1, ⌊density·n⌋) entries
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -23,7 +24,14 @@ from mergeops.methods.task_arithmetic import (
     TaskArithmeticParams,
     TaskVectorMerge,
 )
-from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, magnitude_trim
+from mergeops.ops.sparsify import (
+    GlobalThreshold,
+    RadixTopK,
+    TrimCut,
+    magnitude_trim,
+    tie_cut,
+    topk_cut,
+)
 
 
 class TiesParams(TaskArithmeticParams):
@@ -77,3 +85,36 @@ class Ties(TaskVectorMerge):
             return magnitude_trim(tau, density)
         cut = ctx.stats[index]
         return tau if cut is None else tau * cut.mask(key, tau.abs())
+
+    def tensor_stats(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        task_vector: Callable[[int], torch.Tensor],
+        ctx: MergeContext,
+    ) -> list[Any]:
+        """Each model's trim cut of this tensor, from its whole |τ_t| (one model at a time)."""
+        params = ctx.params
+        assert isinstance(params, TiesParams)
+        cuts: list[TrimCut | None] = []
+        for index, model_params in enumerate(ctx.model_params):
+            density = model_params.density  # type: ignore[attr-defined]
+            cut = ctx.stats[index] if params.trim_scope == "model" else None
+            if (params.trim_scope == "tensor" and density >= 1) or (
+                params.trim_scope == "model" and cut is None
+            ):
+                cuts.append(None)
+                continue
+            magnitude = task_vector(index).abs_()
+            if cut is None:
+                cuts.append(topk_cut(magnitude, density))
+            else:
+                cuts.append(tie_cut(magnitude, cut.threshold, cut.tie_quota.get(key, 0)))
+            del magnitude
+        return cuts
+
+    def sparsify_rows(
+        self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """Apply this tensor's precomputed cut to a row slice of τ_t."""
+        return tau if stat is None else tau * stat.mask_rows(tau.abs(), offset)

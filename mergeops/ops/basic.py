@@ -25,6 +25,9 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     Returns:
         The weighted sum, shaped like each input.
     """
+    # A stacked product summed over dim 0, kept as is: its per-element rounding is the
+    # reference (an add_/FMA loop differs in the last bit for some shapes and signed zeros).
+    # The engine bounds its memory by merging large tensors in row chunks.
     stacked = torch.stack(list(tensors))
     return (stacked * _weights_like(weights, tensors[0])).sum(dim=0)
 

@@ -23,14 +23,46 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, math.floor(density * numel))
 
 
+def _keep_first_ties(
+    above: torch.Tensor, magnitude: torch.Tensor, threshold: float, ties: int
+) -> torch.Tensor:
+    """Set the first ``ties`` entries equal to ``threshold`` (flat order) in ``above``."""
+    if ties > 0:
+        # Indices of the equal entries only: no int64 cumsum over the whole tensor.
+        first = (magnitude.reshape(-1) == threshold).nonzero().reshape(-1)[:ties]
+        above.view(-1)[first] = True
+    return above
+
+
 def threshold_mask(magnitude: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
     """Entries above ``threshold`` plus the first ``ties`` entries equal to it (flat order)."""
-    above = magnitude > threshold
-    equal = magnitude == threshold
-    if ties <= 0:
-        return above
-    rank = torch.cumsum(equal.reshape(-1).to(torch.int64), dim=0).reshape(magnitude.shape)
-    return above | (equal & (rank <= ties))
+    return _keep_first_ties(magnitude > threshold, magnitude, threshold, ties)
+
+
+_SAMPLE = 1 << 16
+
+
+def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """``flat.kthvalue(rank).values``, exactly, without a full selection on large tensors.
+
+    A strided sample brackets the answer; only the entries inside the bracket (about 2 %)
+    go through ``kthvalue``. If the bracket misses (counts disagree), falls back to the full
+    ``kthvalue``, so the result is always exact.
+    """
+    n = flat.numel()
+    if n <= 16 * _SAMPLE:
+        return flat.kthvalue(rank).values
+    sample = flat[:: n // _SAMPLE].contiguous()
+    m = sample.numel()
+    q = rank / n
+    margin = 5 * math.sqrt(q * (1 - q) / m) + 4 / m
+    lo = sample.kthvalue(max(1, math.floor((q - margin) * m))).values
+    hi = sample.kthvalue(min(m, math.ceil((q + margin) * m))).values
+    below = int(torch.count_nonzero(flat < lo))
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if 1 <= rank - below <= inside.numel():
+        return inside.kthvalue(rank - below).values
+    return flat.kthvalue(rank).values
 
 
 def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
@@ -44,10 +76,48 @@ def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
     k = keep_count(n, density)
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
-    flat = magnitude.reshape(-1)
-    threshold = flat.kthvalue(n - k + 1).values
-    n_above = int((flat > threshold).sum())
-    return threshold_mask(magnitude, float(threshold), k - n_above)
+    threshold = float(kth_smallest(magnitude.reshape(-1), n - k + 1))
+    above = magnitude > threshold
+    return _keep_first_ties(above, magnitude, threshold, k - int(torch.count_nonzero(above)))
+
+
+@dataclass(frozen=True)
+class TrimCut:
+    """A top-k cut of one whole tensor, applicable to row slices of it: keep magnitudes above
+    ``threshold`` plus the entries at the flat indices ``ties`` (ascending)."""
+
+    threshold: float
+    ties: torch.Tensor
+
+    def mask_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """The keep mask of a slice whose first entry has flat index ``offset``."""
+        above = magnitude > self.threshold
+        lo = int(torch.searchsorted(self.ties, offset))
+        hi = int(torch.searchsorted(self.ties, offset + magnitude.numel()))
+        if hi > lo:
+            above.view(-1)[self.ties[lo:hi] - offset] = True
+        return above
+
+
+def tie_cut(magnitude: torch.Tensor, threshold: float, ties: int) -> TrimCut:
+    """The cut ``threshold_mask(magnitude, threshold, ties)`` makes, as a ``TrimCut``."""
+    first = magnitude.reshape(-1) == threshold if ties > 0 else None
+    index = (
+        first.nonzero().reshape(-1)[:ties]
+        if first is not None
+        else torch.empty(0, dtype=torch.int64, device=magnitude.device)
+    )
+    return TrimCut(threshold=threshold, ties=index.contiguous())
+
+
+def topk_cut(magnitude: torch.Tensor, density: float) -> TrimCut | None:
+    """The cut ``topk_mask`` makes on ``magnitude`` (None: every entry is kept)."""
+    n = magnitude.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return None
+    threshold = float(kth_smallest(magnitude.reshape(-1), n - k + 1))
+    return tie_cut(magnitude, threshold, k - int(torch.count_nonzero(magnitude > threshold)))
 
 
 def magnitude_trim(values: torch.Tensor, density: float) -> torch.Tensor:
@@ -59,10 +129,20 @@ def magnitude_trim(values: torch.Tensor, density: float) -> torch.Tensor:
 
 def dare_drop(values: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """Drop each entry with probability 1 - density and rescale survivors by 1/density."""
+    keep = dare_keep(values.shape, density, generator, values.device)
+    return values if keep is None else values * keep / density
+
+
+def dare_keep(
+    shape: tuple[int, ...] | torch.Size,
+    density: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """DARE's keep mask (``rand < density``; None when density >= 1, nothing drawn)."""
     if density >= 1:
-        return values
-    keep = torch.rand(values.shape, generator=generator, device=values.device) < density
-    return values * keep / density
+        return None
+    return torch.rand(tuple(shape), generator=generator, device=device) < density
 
 
 @dataclass(frozen=True)
