@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -234,9 +234,15 @@ class MergeMethod(ABC):
 
 
 class StreamingMethod(MergeMethod):
-    """A method the engine drives tensor by tensor."""
+    """A method the engine drives tensor by tensor.
+
+    An elementwise method may also set ``chunkable = True`` and implement ``tensor_stats`` and
+    ``merge_rows``: the engine then merges large tensors slice by slice (``mergeops.chunking``),
+    bounding memory by the slice size instead of the largest tensor.
+    """
 
     streaming: ClassVar[bool] = True
+    chunkable: ClassVar[bool] = False
 
     def stats_collector(self, ctx: MergeContext) -> StatsCollector | None:
         """A collector for a first pass, or None when the method needs none."""
@@ -245,6 +251,26 @@ class StreamingMethod(MergeMethod):
     @abstractmethod
     def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
         """Merge one tensor name's inputs."""
+
+    def tensor_stats(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        task_vector: Callable[[int], torch.Tensor],
+        ctx: MergeContext,
+    ) -> list[Any]:
+        """Per-model statistics of the whole tensor that slices need (chunkable methods).
+
+        ``task_vector(i)`` reads the whole float32 τ_i, one model at a time.
+        """
+        raise NotImplementedError(f"method '{self.name}' is not chunkable")
+
+    def merge_rows(
+        self, inputs: TensorInputs, stats: list[Any], offset: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """The merged rows of one slice starting at flat index ``offset`` (chunkable methods);
+        must equal the matching rows of ``merge_tensor`` bit for bit."""
+        raise NotImplementedError(f"method '{self.name}' is not chunkable")
 
 
 class WholeModelMethod(MergeMethod):
