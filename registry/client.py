@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from registry.capture import second_moments_from_optimizer_file, write_second_moments
 from registry.client_helpers import CHUNK, iter_file, plan_upload, sha256_file
+from registry.client_presigned import DEFAULT_THRESHOLD, UNSUPPORTED, upload_presigned
 
 API_PREFIX = "/api/v1"
 
@@ -36,7 +37,17 @@ class ClientError(Exception):
 class Client:
     """A synchronous client for one registry server; use as a context manager or call ``close()``."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 300.0,
+        *,
+        presigned_threshold: int = DEFAULT_THRESHOLD,
+    ) -> None:
+        self.presigned_threshold = presigned_threshold
+        self.last_upload_presigned: bool | None = None
+        self._presigned_ok = True  # cleared once the server says its store cannot take them
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + API_PREFIX, headers=headers, timeout=timeout
@@ -84,11 +95,35 @@ class Client:
         *,
         name: str | None = None,
         progress: bool = True,
+        presigned: bool | None = None,
     ) -> dict[str, Any]:
-        """Stream a file to a pending checkpoint, declaring its sha256; returns ``FilePublic``."""
+        """Upload a file to a pending checkpoint, declaring its sha256; returns ``FilePublic``.
+
+        ``presigned=None`` sends files of ``presigned_threshold`` bytes or more straight to S3
+        with presigned multipart URLs when the server's store offers them, else streams a PUT;
+        ``True`` insists on presigned (a file store's 409 is raised), ``False`` always PUTs.
+        """
         path = Path(path)
         name = name or path.name
-        headers = {"X-Content-SHA256": sha256_file(path, progress=progress)}
+        digest = sha256_file(path, progress=progress)
+        use = presigned
+        if use is None:
+            use = self._presigned_ok and path.stat().st_size >= self.presigned_threshold
+        if use:
+            try:
+                url = f"/checkpoints/{checkpoint_id}/uploads"
+                result = upload_presigned(
+                    self._json, self._http, url, path, name=name, sha256=digest, progress=progress
+                )
+            except ClientError as exc:
+                if presigned or exc.error != UNSUPPORTED:
+                    raise
+                self._presigned_ok = False
+            else:
+                self.last_upload_presigned = True
+                return result
+        self.last_upload_presigned = False
+        headers = {"X-Content-SHA256": digest}
         return self._upload(
             "PUT", f"/checkpoints/{checkpoint_id}/files/{name}", path, headers, progress=progress
         )

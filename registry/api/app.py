@@ -18,6 +18,7 @@ from registry.api.routes import (
     metrics,
     policies,
     task_vectors,
+    uploads,
 )
 from registry.db import make_engine
 from registry.launcher import Launcher, NullLauncher
@@ -64,6 +65,6 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(health.router, prefix=API_PREFIX)
-    for module in (checkpoints, files, artifacts, metrics, task_vectors, policies, merges):
+    for module in (checkpoints, files, uploads, artifacts, metrics, task_vectors, policies, merges):
         app.include_router(module.router, prefix=API_PREFIX)
     return app

@@ -35,7 +35,7 @@ def file_role(name: str) -> ArtifactRole:
     return ArtifactRole.weights if name.endswith(".safetensors") else ArtifactRole.config
 
 
-def _attach(
+def attach_file(
     *, session: Session, store: ObjectStore, checkpoint: Checkpoint, name: str, info: BlobInfo
 ) -> StoredFile:
     """Insert (or replace) the file row; a replaced blob is released if nothing else uses it."""
@@ -93,7 +93,7 @@ def add_file_from_stream(
         raise IntegrityMismatch(
             f"file '{name}' of checkpoint {checkpoint_id}: {exc}", file=name
         ) from exc
-    return _attach(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
+    return attach_file(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
 
 
 def add_file_from_path(
@@ -120,7 +120,7 @@ def add_file_by_reference(
     if not store.exists(key):
         raise NotFound(f"blob '{key}' for file '{name}' is not in the store")
     info = BlobInfo(key=key, sha256=digest, size=store.size(key), created=False)
-    return _attach(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
+    return attach_file(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
 
 
 def get_checkpoint_file(*, session: Session, checkpoint_id: int, name: str) -> Artifact:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -55,6 +55,20 @@ class BlobInfo:
     sha256: str
     size: int
     created: bool
+
+
+@dataclass(frozen=True)
+class PresignedUpload:
+    """A multipart upload the client sends straight to the store with presigned part URLs.
+
+    ``key`` is the bucket key (``<prefix>/tmp/<upload_id>``), ``temp_key`` the store key.
+    """
+
+    upload_id: str
+    key: str
+    temp_key: str
+    part_size: int
+    urls: tuple[str, ...]
 
 
 def blob_key(sha256: str) -> str:
@@ -216,6 +230,32 @@ class ObjectStore(ABC):
     def local_path(self, key: str) -> Path | None:
         """A real filesystem path for zero-copy reads, or None when the store is remote."""
         return None
+
+    # -- presigned multipart uploads (remote stores only) -----------------------------------
+
+    def supports_presigned_uploads(self) -> bool:
+        """Whether clients can upload straight to this store with presigned URLs."""
+        return False
+
+    def start_presigned_upload(
+        self, *, size: int, part_size: int | None, metadata: Mapping[str, str], expires: int
+    ) -> PresignedUpload:
+        """Open a multipart upload to ``tmp/<upload_id>`` and presign one URL per part."""
+        raise NotImplementedError(f"{self!r} cannot hand out presigned upload URLs")
+
+    def finish_presigned_upload(
+        self, upload_id: str, parts: Sequence[tuple[int, str]]
+    ) -> tuple[str, dict[str, str]]:
+        """Complete the upload from (part number, ETag) pairs; returns its temp key and metadata."""
+        raise NotImplementedError(f"{self!r} cannot hand out presigned upload URLs")
+
+    def adopt_temp_object(self, key: str, *, expected_sha256: str, expected_size: int) -> BlobInfo:
+        """Hash the temp object ``key``, move it content-addressed and delete it (always)."""
+        raise NotImplementedError(f"{self!r} cannot hand out presigned upload URLs")
+
+    def abort_presigned_upload(self, upload_id: str) -> None:
+        """Abort the multipart upload and delete whatever it left under ``tmp/``."""
+        raise NotImplementedError(f"{self!r} cannot hand out presigned upload URLs")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

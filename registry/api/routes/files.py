@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -63,17 +63,61 @@ def attach_by_reference(
     return file_public(stored.artifact, deduplicated=stored.deduplicated)
 
 
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` of a single ``bytes=a-b`` / ``a-`` / ``-n`` range; None = whole file.
+
+    Raises ``ValueError`` when the range cannot be satisfied (HTTP 416). A malformed header or
+    several ranges are ignored (whole file), as RFC 9110 allows.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    digits = all(part.isdigit() for part in (first, last) if part)
+    if not dash or not digits or not (first or last):
+        return None
+    if not first:  # suffix: the last n bytes
+        if int(last) == 0 or size == 0:
+            raise ValueError(f"suffix range {spec!r} of a {size}-byte file")
+        return max(size - int(last), 0), size
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise ValueError(f"range {spec!r} starts past the end of a {size}-byte file")
+    return start, end
+
+
 @router.get("/files/{name:path}")
 def download_file(
-    checkpoint_id: int, name: str, session: SessionDep, store: StoreDep, _: ReaderDep
-) -> StreamingResponse:
+    checkpoint_id: int,
+    name: str,
+    session: SessionDep,
+    store: StoreDep,
+    _: ReaderDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
     artifact = services.get_checkpoint_file(session=session, checkpoint_id=checkpoint_id, name=name)
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{artifact.name}"',
+        "X-Content-SHA256": artifact.sha256,
+    }
+    try:
+        span = parse_range(range_header, artifact.size)
+    except ValueError:
+        headers["Content-Range"] = f"bytes */{artifact.size}"
+        return Response(status_code=416, headers=headers)
+    start, end = span or (0, artifact.size)
+    headers["Content-Length"] = str(end - start)
+    if span is None:
+        body = services.stream_artifact(store=store, artifact=artifact)
+        return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{artifact.size}"
+    body = store.iter_bytes(artifact.blob_key, start=start, end=end)
     return StreamingResponse(
-        services.stream_artifact(store=store, artifact=artifact),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(artifact.size),
-            "Content-Disposition": f'attachment; filename="{artifact.name}"',
-            "X-Content-SHA256": artifact.sha256,
-        },
+        body, status_code=206, media_type="application/octet-stream", headers=headers
     )

@@ -1,0 +1,98 @@
+"""Presigned multipart uploads: the client sends a large file's parts straight to S3.
+
+``start_presigned_upload`` hands out one presigned ``UploadPart`` URL per part for a temp object;
+``complete_presigned_upload`` completes it, verifies size and sha256 by hashing the object once,
+moves it content-addressed and attaches it exactly like a streamed ``PUT`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlmodel import Session
+
+from registry.errors import IntegrityMismatch, InvalidInput, InvalidState, NotFound
+from registry.services.common import (
+    check_file_name,
+    check_sha256,
+    load_checkpoint,
+    load_pending_checkpoint,
+)
+from registry.services.files import StoredFile, attach_file
+from registry.storage import ObjectStore, StorageIntegrityError
+from registry.storage.base import PresignedUpload
+
+PRESIGN_EXPIRES = 3600
+
+
+class PresignedUnsupported(InvalidState):
+    """The store cannot take presigned uploads (a ``file://`` store): stream the file instead."""
+
+    code = "presigned_unsupported"
+
+
+def start_presigned_upload(
+    *,
+    session: Session,
+    store: ObjectStore,
+    checkpoint_id: int,
+    name: str,
+    size: int,
+    sha256: str,
+    part_size: int | None = None,
+    expires: int = PRESIGN_EXPIRES,
+) -> PresignedUpload:
+    """Open a presigned multipart upload of file ``name`` to a pending checkpoint."""
+    if not store.supports_presigned_uploads():
+        raise PresignedUnsupported(
+            f"presigned uploads need an S3 store; {store.url} is not one, PUT the file instead"
+        )
+    check_file_name(name)
+    load_pending_checkpoint(session, checkpoint_id)
+    digest = check_sha256(sha256, what=f"file '{name}'")
+    metadata = {"checkpoint": str(checkpoint_id), "name": name, "sha256": digest, "size": str(size)}
+    try:
+        return store.start_presigned_upload(
+            size=size, part_size=part_size, metadata=metadata, expires=expires
+        )
+    except ValueError as exc:
+        raise InvalidInput(f"presigned upload of file '{name}': {exc}") from exc
+
+
+def complete_presigned_upload(
+    *,
+    session: Session,
+    store: ObjectStore,
+    checkpoint_id: int,
+    upload_id: str,
+    parts: Sequence[tuple[int, str]],
+) -> StoredFile:
+    """Complete the upload, verify it and attach it; a mismatch stores nothing (422)."""
+    checkpoint = load_pending_checkpoint(session, checkpoint_id)
+    try:
+        key, metadata = store.finish_presigned_upload(upload_id, parts)
+    except StorageIntegrityError as exc:
+        raise IntegrityMismatch(f"checkpoint {checkpoint_id}: {exc}") from exc
+    name = metadata.get("name", "")
+    if metadata.get("checkpoint") != str(checkpoint_id):
+        store.delete(key)
+        raise NotFound(f"checkpoint {checkpoint_id} has no upload {upload_id}; it was discarded")
+    try:
+        info = store.adopt_temp_object(
+            key, expected_sha256=metadata["sha256"], expected_size=int(metadata["size"])
+        )
+    except StorageIntegrityError as exc:
+        raise IntegrityMismatch(
+            f"file '{name}' of checkpoint {checkpoint_id} (upload {upload_id}): {exc}", file=name
+        ) from exc
+    return attach_file(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
+
+
+def abort_presigned_upload(
+    *, session: Session, store: ObjectStore, checkpoint_id: int, upload_id: str
+) -> None:
+    """Abort a presigned upload and delete whatever it left in the store."""
+    if not store.supports_presigned_uploads():
+        raise PresignedUnsupported(f"presigned uploads need an S3 store; {store.url} is not one")
+    load_checkpoint(session, checkpoint_id)
+    store.abort_presigned_upload(upload_id)

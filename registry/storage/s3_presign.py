@@ -1,0 +1,151 @@
+"""Presigned multipart uploads for ``S3ObjectStore``: the client sends parts straight to S3.
+
+The upload goes to ``<prefix>/tmp/<upload_id>`` and carries the caller's metadata (checkpoint,
+file name, declared sha256 and size) as S3 object metadata, so the server keeps no state between
+handing out the URLs and completing. Completing hashes the temp object once, then moves it to
+its content-addressed key with the store's conditional multipart copy and deletes it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import ClientError
+
+from registry.storage.base import (
+    TMP_PREFIX,
+    BlobInfo,
+    BlobNotFound,
+    HashingCounter,
+    PresignedUpload,
+    StorageIntegrityError,
+    UnsafeKeyError,
+    blob_key,
+)
+from registry.storage.s3_multipart import MAX_PARTS, error_code
+
+if TYPE_CHECKING:
+    from registry.storage.s3 import S3ObjectStore
+
+S3_MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+_CLIENT_FAULTS = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "MalformedXML"}
+
+
+def temp_key(upload_id: str) -> str:
+    """The store key ``tmp/<upload_id>`` of a presigned upload (32 lowercase hex characters)."""
+    if not isinstance(upload_id, str) or not _UPLOAD_ID.match(upload_id):
+        raise UnsafeKeyError(
+            f"invalid upload id {upload_id!r}: expected 32 lowercase hex characters"
+        )
+    return TMP_PREFIX + upload_id
+
+
+def start(
+    store: S3ObjectStore,
+    *,
+    size: int,
+    part_size: int | None,
+    metadata: Mapping[str, str],
+    expires: int,
+) -> PresignedUpload:
+    """Create the multipart upload and presign one ``UploadPart`` URL per part."""
+    step = part_size or store.part_size
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    if step < S3_MIN_PART and size > step:
+        raise ValueError(f"part_size {step} is below S3's minimum part size {S3_MIN_PART}")
+    count = max(1, -(-size // step))
+    if count > MAX_PARTS:
+        raise ValueError(f"{size} bytes in parts of {step} needs {count} > {MAX_PARTS} parts")
+    upload_id = uuid.uuid4().hex
+    key = temp_key(upload_id)
+    full = store._full(key)
+    reply = store.client.create_multipart_upload(
+        Bucket=store.bucket, Key=full, Metadata=dict(metadata)
+    )
+    urls = tuple(
+        store.client.generate_presigned_url(
+            "upload_part",
+            Params={
+                "Bucket": store.bucket,
+                "Key": full,
+                "UploadId": reply["UploadId"],
+                "PartNumber": number,
+            },
+            ExpiresIn=expires,
+        )
+        for number in range(1, count + 1)
+    )
+    return PresignedUpload(upload_id, full, key, step, urls)
+
+
+def _s3_upload_id(store: S3ObjectStore, full_key: str) -> str | None:
+    reply = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=full_key)
+    for upload in reply.get("Uploads", []):
+        if upload["Key"] == full_key:
+            return str(upload["UploadId"])
+    return None
+
+
+def finish(
+    store: S3ObjectStore, upload_id: str, parts: Sequence[tuple[int, str]]
+) -> tuple[str, dict[str, str]]:
+    """Complete the upload; returns its temp key and its metadata (keys lowercased)."""
+    key = temp_key(upload_id)
+    full = store._full(key)
+    s3_id = _s3_upload_id(store, full)
+    if s3_id is None:
+        raise BlobNotFound(f"upload {upload_id}", store.url)
+    listed = [{"PartNumber": number, "ETag": etag} for number, etag in sorted(parts)]
+    try:
+        store.client.complete_multipart_upload(
+            Bucket=store.bucket, Key=full, UploadId=s3_id, MultipartUpload={"Parts": listed}
+        )
+    except ClientError as exc:
+        if error_code(exc) not in _CLIENT_FAULTS:
+            raise
+        store.client.abort_multipart_upload(Bucket=store.bucket, Key=full, UploadId=s3_id)
+        raise StorageIntegrityError(
+            f"upload {upload_id}: S3 refused the listed parts ({error_code(exc)}); upload aborted"
+        ) from exc
+    head = store.client.head_object(Bucket=store.bucket, Key=full)
+    return key, {name.lower(): value for name, value in head.get("Metadata", {}).items()}
+
+
+def adopt(store: S3ObjectStore, key: str, *, expected_sha256: str, expected_size: int) -> BlobInfo:
+    """Verify the temp object ``key`` by hashing it, copy it content-addressed, delete it."""
+    if not key.startswith(TMP_PREFIX):
+        raise UnsafeKeyError(f"object key {key!r} is not a temp key under '{TMP_PREFIX}'")
+    counter = HashingCounter(expected_sha256=expected_sha256, expected_size=expected_size)
+    try:
+        for chunk in store.iter_bytes(key):
+            counter.update(chunk)
+        digest = counter.finish()
+        final = blob_key(digest)
+        if counter.size == 0:
+            created = store._put_small(b"", final)
+        else:
+            created = store._copy_if_absent(store._full(key), final, counter.size)
+    finally:
+        store.delete(key)
+    return BlobInfo(final, digest, counter.size, created)
+
+
+def abort(store: S3ObjectStore, upload_id: str) -> None:
+    """Abort the multipart upload (if still open) and delete its temp object (if completed)."""
+    key = temp_key(upload_id)
+    full = store._full(key)
+    s3_id = _s3_upload_id(store, full)
+    if s3_id is None and not store.exists(key):
+        raise BlobNotFound(f"upload {upload_id}", store.url)
+    if s3_id is not None:
+        try:
+            store.client.abort_multipart_upload(Bucket=store.bucket, Key=full, UploadId=s3_id)
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchUpload":
+                raise
+    store.delete(key)
