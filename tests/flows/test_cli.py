@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -86,8 +87,16 @@ def test_serve_token_and_policy_commands(tmp_path: Path, evaluator_plugins: Path
         disabled = run_ckreg(["policy", "disable", "1", *auth], env)
         assert disabled.returncode == 0 and "disabled" in disabled.stdout
         assert '"enabled": false' in run_ckreg(["policy", "show", "1", *auth], env).stdout
+        # MLflow is unreachable in this env: the base's LoggedModel event waits in the outbox
+        # and `mlflow sync` says so (exit 1) instead of losing it.
+        outbox = tmp_path / "home" / "mlflow-outbox"
+        deadline = time.monotonic() + 30
+        while not list(outbox.glob("[0-9]*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
         synced = run_ckreg(["mlflow", "sync"], env)
-        assert synced.returncode == 0 and "sent 0 events" in synced.stdout, synced.stderr
+        assert synced.returncode == 1, synced.stdout
+        assert "unreachable" in synced.stderr and "1 events still queued" in synced.stderr
+        assert len(list(outbox.glob("[0-9]*.json"))) == 1
         unauth = run_ckreg(["policy", "disable", "1", "--url", url, "--token", "wrong"], env)
         assert unauth.returncode == 1 and "401" in unauth.stderr
     finally:
