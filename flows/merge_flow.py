@@ -52,18 +52,8 @@ def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
     if mb.Need.OBJECTIVE in mb.get_method(prepared.method).needs and prepared.evaluator:
         objective = load_evaluator(prepared.evaluator).objective()
     return mergeops.merge_files(
-        prepared.method,
-        [str(p) for p in prepared.models],
+        **prepared.input_kwargs(),
         out_dir=prepared.out_dir,
-        base=str(prepared.base) if prepared.base is not None else None,
-        params=prepared.params,
-        model_params=prepared.model_params,
-        model_names=prepared.model_names,
-        second_moments=[str(p) for p in prepared.second_moments]
-        if prepared.second_moments
-        else None,
-        fisher=[str(p) for p in prepared.fisher] if prepared.fisher else None,
-        metrics=prepared.metrics,
         objective=objective,
         state_path=prepared.state_path,
         device=current_runtime().settings.device,

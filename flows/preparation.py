@@ -51,6 +51,22 @@ class PreparedMerge:
     def out_dir(self) -> Path:
         return self.work_dir / "out"
 
+    def input_kwargs(self) -> dict[str, Any]:
+        """The mergeops inputs of this run as plain values (paths as strings, so they pickle)."""
+        return {
+            "method": self.method,
+            "models": [str(p) for p in self.models],
+            "base": str(self.base) if self.base is not None else None,
+            "params": self.params,
+            "model_params": self.model_params,
+            "model_names": self.model_names,
+            "second_moments": [str(p) for p in self.second_moments]
+            if self.second_moments
+            else None,
+            "fisher": [str(p) for p in self.fisher] if self.fisher else None,
+            "metrics": self.metrics,
+        }
+
 
 def prepare(
     *,

@@ -29,20 +29,7 @@ from mergeops.plan import MergePlan, PlanRequest, build_plan
 
 def plan_request(prepared: PreparedMerge, device: str) -> PlanRequest:
     """The mergeops request of a prepared run (plain values only, so it pickles to workers)."""
-    return PlanRequest(
-        method=prepared.method,
-        models=[str(p) for p in prepared.models],
-        base=str(prepared.base) if prepared.base is not None else None,
-        params=prepared.params,
-        model_params=prepared.model_params,
-        model_names=prepared.model_names,
-        second_moments=[str(p) for p in prepared.second_moments]
-        if prepared.second_moments
-        else None,
-        fisher=[str(p) for p in prepared.fisher] if prepared.fisher else None,
-        metrics=prepared.metrics,
-        device=device,
-    )
+    return PlanRequest(**prepared.input_kwargs(), device=device)
 
 
 def splittable(plan: MergePlan) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "env",
     "make_env",
     "raw_safetensors",
+    "s3_api",
     "st_bytes",
     "tiny_state",
 ]
@@ -179,6 +180,22 @@ def build_api(environment: Env) -> Iterator[Api]:
             headers={"Authorization": f"Bearer {writer}"},
             read_headers={"Authorization": f"Bearer {reader}"},
         )
+
+
+@pytest.fixture
+def s3_api(
+    s3_store_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Api]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    environment = make_env(
+        f"sqlite:///{tmp_path / 'r.db'}",
+        tmp_path,
+        store_url=s3_store_url,
+        s3_endpoint_url=s3_endpoint,
+    )
+    yield from build_api(environment)
+    environment.engine.dispose()
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ upload/complete/download path over a real S3 endpoint (moto_server over HTTP).""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from tests.registry.registry_fixtures import *  # noqa: F403
-from tests.registry.registry_fixtures import Api, build_api, make_env, st_bytes, tiny_state
+from tests.registry.registry_fixtures import Api, st_bytes, tiny_state
 
 
 def test_concurrent_identical_uploads_store_once(api: Api) -> None:
@@ -34,22 +32,6 @@ def test_concurrent_identical_uploads_store_once(api: Api) -> None:
     assert api.env.blobs() == [f"blobs/sha256/{hashlib.sha256(data).hexdigest()}"]
     assert sum(not r["deduplicated"] for r in results) <= 1
     assert all(api.env.checkpoint(i).status == "ready" for i in ids)
-
-
-@pytest.fixture
-def s3_api(
-    s3_store_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Api]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    environment = make_env(
-        f"sqlite:///{tmp_path / 'r.db'}",
-        tmp_path,
-        store_url=s3_store_url,
-        s3_endpoint_url=s3_endpoint,
-    )
-    yield from build_api(environment)
-    environment.engine.dispose()
 
 
 @pytest.mark.s3

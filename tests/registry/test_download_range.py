@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from registry.api.routes.files import parse_range
 from tests.registry.registry_fixtures import *  # noqa: F403
-from tests.registry.registry_fixtures import Api, build_api, make_env
+from tests.registry.registry_fixtures import Api
 
 DATA = bytes(range(256)) * 4  # 1024 bytes
-
-
-@pytest.fixture
-def s3_api(
-    s3_store_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Api]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    environment = make_env(
-        f"sqlite:///{tmp_path / 'r.db'}",
-        tmp_path,
-        store_url=s3_store_url,
-        s3_endpoint_url=s3_endpoint,
-    )
-    yield from build_api(environment)
-    environment.engine.dispose()
 
 
 def _check_ranges(api: Api) -> None:

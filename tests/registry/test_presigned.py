@@ -4,7 +4,6 @@ PUTs the parts straight to the presigned URLs with httpx, as a client would."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +12,9 @@ import pytest
 
 from registry.client import Client, ClientError
 from tests.registry.registry_fixtures import *  # noqa: F403
-from tests.registry.registry_fixtures import Api, build_api, make_env, st_bytes, tiny_state
+from tests.registry.registry_fixtures import Api, st_bytes, tiny_state
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def s3_api(
-    s3_store_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Api]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    environment = make_env(
-        f"sqlite:///{tmp_path / 'r.db'}",
-        tmp_path,
-        store_url=s3_store_url,
-        s3_endpoint_url=s3_endpoint,
-    )
-    yield from build_api(environment)
-    environment.engine.dispose()
 
 
 def _start(api: Api, checkpoint_id: int, name: str, data: bytes, **extra: Any) -> Any:
