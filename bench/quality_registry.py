@@ -115,27 +115,7 @@ def wait_ready(url: str, *, timeout: float = 60.0) -> None:
 
 
 class Registry(Client):
-    """The REST client plus policies, merge runs and waiting for the flows."""
-
-    def create_policy(self, **body: Any) -> dict[str, Any]:
-        """``POST /policies``; returns the stored ``MergePolicyPublic``."""
-        return self._json("POST", "/policies", json=body)
-
-    def run_policy(self, policy_id: int) -> dict[str, Any] | None:
-        """``POST /policies/{id}/run``; the run, or None when the selector yields too few inputs."""
-        return self._json("POST", f"/policies/{policy_id}/run")
-
-    def merge_runs(self, *, policy_id: int | None = None) -> list[dict[str, Any]]:
-        """Every merge run (optionally of one policy), oldest first."""
-        params: dict[str, Any] = {"limit": 1000}
-        if policy_id is not None:
-            params["policy_id"] = policy_id
-        items: list[dict[str, Any]] = []
-        while True:
-            page = self._json("GET", "/merges", params=params | {"offset": len(items)})
-            items += page["items"]
-            if not page["items"] or len(items) >= page["total"]:
-                return sorted(items, key=lambda run: run["id"])
+    """The REST client plus waiting for the flows' merge runs of this benchmark."""
 
     def wait_runs(
         self,

@@ -238,3 +238,28 @@ def test_similar_and_delete(client: Client, base: dict, tmp_path: Path) -> None:
     assert all(-1.0 <= row["cosine"] <= 1.0 for row in ranked)
     deleted = client.delete(second["id"])
     assert deleted["status"] == "deleted"
+
+
+def test_policies_and_ad_hoc_merges(client: Client, base: dict, tmp_path: Path) -> None:
+    """Policy and merge calls round-trip (this server has no launcher: runs stay queued)."""
+    ft = client.register(model_file(tmp_path / "m1.safetensors", 11), base_id=base["id"], task="t")
+    policy = client.create_policy(
+        name="client-ta",
+        method="task_arithmetic",
+        params={"lambda": 0.5},
+        selector={"base_id": base["id"], "window": "newest_per_task"},
+        trigger="manual",
+    )
+    assert policy["name"] == "client-ta" and not policy["cron"]
+    assert "client-ta" in [p["name"] for p in client.policies()]
+    run = client.merge("linear", {ft["id"]: 1.0, base["id"]: 1.0})
+    assert run["status"] == "queued" and [i["weight"] for i in run["inputs"]] == [1.0, 1.0]
+    again = client.merge("linear", {ft["id"]: 1.0, base["id"]: 1.0})
+    assert again["id"] == run["id"]
+    assert client.merge_run(run["id"])["method"] == "linear"
+    assert run["id"] in [r["id"] for r in client.merge_runs()]
+    with pytest.raises(TimeoutError, match=f"merge run {run['id']} still queued"):
+        client.wait_for_merge(run["id"], timeout=0.3)
+    with pytest.raises(ClientError) as refused:
+        client.merge("tiez", [ft["id"]])
+    assert refused.value.status == 422 and "tiez" in refused.value.message
