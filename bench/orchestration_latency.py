@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,11 @@ import httpx
 import torch
 from safetensors.torch import save
 
+from bench._common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CKREG = [sys.executable, "-c", "from flows.cli import app; app()"]
 TARGET_S = {"embedded": 2.0, "server": 10.0}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -118,52 +113,85 @@ def measure(
         time.sleep(0.05)
 
 
+def bench_env(home: Path) -> dict[str, str]:
+    """The processes' environment: a fresh ckreg home, no inherited ``CKREG_*`` settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKREG_")}
+    env.update(
+        CKREG_HOME=str(home / "home"),
+        CKREG_TASK_VECTORS_ON_COMPLETE="false",
+        PREFECT_HOME=str(home / "prefect"),
+        PYTHONPATH=str(REPO),
+        PREFECT_LOGGING_LEVEL="WARNING",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    return env
+
+
+def start_prefect_server(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``prefect server start`` on a free port; points ``env`` at it (server mode)."""
+    port = free_port()
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", CKREG_PREFECT_MODE="server")
+    args = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start([sys.executable, "-m", *args], env, log)
+    wait_url(f"http://127.0.0.1:{port}/api/health")
+    return proc
+
+
+def create_token(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [*CKREG, "token", "create", "--name", "bench"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()[-1]
+
+
+def seed_registry(api: httpx.Client, headers: dict[str, str], size: int) -> int:
+    """A ready base, one fine-tune "a" and an on_register policy; returns the base id."""
+    base = upload(api, headers, "base", state(0, size), kind="base")
+    api.post(f"/api/v1/checkpoints/{base}/complete", json={}, headers=headers).raise_for_status()
+    # "a" lands before the policy exists, so only the rounds' "b"s trigger merges.
+    a = upload(api, headers, "a", state(100, size), base_id=base, task="a")
+    api.post(f"/api/v1/checkpoints/{a}/complete", json={}, headers=headers)
+    policy = {
+        "name": "bench",
+        "method": "task_arithmetic",
+        "selector": {"base_id": base},
+        "trigger": "on_register",
+    }
+    api.post("/api/v1/policies", headers=headers, json=policy).raise_for_status()
+    return base
+
+
+def report_rounds(
+    api: httpx.Client, headers: dict[str, str], base: int, *, mode: str, repeats: int, size: int
+) -> None:
+    measure(api, headers, base, 0, size)  # warm-up (first flow run, imports)
+    for round_ in range(1, repeats + 1):
+        latency, duration = measure(api, headers, base, round_, size)
+        overhead = latency - duration
+        verdict = "ok" if overhead < TARGET_S[mode] else "OVER TARGET"
+        print(
+            f"{mode:8s} round {round_}: complete->ready {latency:6.2f} s | "
+            f"merge run {duration:6.2f} s | overhead {overhead:6.2f} s "
+            f"(target < {TARGET_S[mode]:.0f} s: {verdict})",
+            flush=True,
+        )
+
+
 def run_mode(mode: str, repeats: int, size: int) -> None:
+    """Start the processes of ``mode`` in a temporary home and print each round's latency."""
     with tempfile.TemporaryDirectory(prefix=f"ckreg-bench-{mode}-") as tmp:
         home = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CKREG_")}
-        env.update(
-            CKREG_HOME=str(home / "home"),
-            CKREG_TASK_VECTORS_ON_COMPLETE="false",
-            PREFECT_HOME=str(home / "prefect"),
-            PYTHONPATH=str(REPO),
-            PREFECT_LOGGING_LEVEL="WARNING",
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        )
+        env = bench_env(home)
         procs: list[subprocess.Popen] = []
         try:
             if mode == "server":
-                prefect_port = free_port()
-                env.update(
-                    PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
-                    CKREG_PREFECT_MODE="server",
-                )
-                procs.append(
-                    start(
-                        [
-                            sys.executable,
-                            "-m",
-                            "prefect",
-                            "server",
-                            "start",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(prefect_port),
-                        ],
-                        env,
-                        home / "prefect.log",
-                    )
-                )
-                wait_url(f"http://127.0.0.1:{prefect_port}/api/health")
-            token = subprocess.run(
-                [*CKREG, "token", "create", "--name", "bench"],
-                env=env,
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()[-1]
+                procs.append(start_prefect_server(env, home / "prefect.log"))
+            token = create_token(env)
             port = free_port()
             procs.append(start([*CKREG, "serve", "--port", str(port)], env, home / "serve.log"))
             if mode == "server":
@@ -171,35 +199,10 @@ def run_mode(mode: str, repeats: int, size: int) -> None:
             wait_url(f"http://127.0.0.1:{port}/healthz")
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as api:
-                base = upload(api, headers, "base", state(0, size), kind="base")
-                api.post(
-                    f"/api/v1/checkpoints/{base}/complete", json={}, headers=headers
-                ).raise_for_status()
-                # "a" lands before the policy exists, so only the rounds' "b"s trigger merges.
-                a = upload(api, headers, "a", state(100, size), base_id=base, task="a")
-                api.post(f"/api/v1/checkpoints/{a}/complete", json={}, headers=headers)
-                api.post(
-                    "/api/v1/policies",
-                    headers=headers,
-                    json={
-                        "name": "bench",
-                        "method": "task_arithmetic",
-                        "selector": {"base_id": base},
-                        "trigger": "on_register",
-                    },
-                ).raise_for_status()
+                base = seed_registry(api, headers, size)
                 if mode == "server":
                     time.sleep(15)  # let the worker register its deployments and event trigger
-                measure(api, headers, base, 0, size)  # warm-up (first flow run, imports)
-                for round_ in range(1, repeats + 1):
-                    latency, duration = measure(api, headers, base, round_, size)
-                    overhead = latency - duration
-                    verdict = "ok" if overhead < TARGET_S[mode] else "OVER TARGET"
-                    print(
-                        f"{mode:8s} round {round_}: complete->ready {latency:6.2f} s | merge run {duration:6.2f} s | "
-                        f"overhead {overhead:6.2f} s (target < {TARGET_S[mode]:.0f} s: {verdict})",
-                        flush=True,
-                    )
+                report_rounds(api, headers, base, mode=mode, repeats=repeats, size=size)
         finally:
             for proc in reversed(procs):
                 stop(proc)
