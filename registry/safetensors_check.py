@@ -22,30 +22,27 @@ ReadRange = Callable[[int, int], bytes]
 DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_FILE_NAME = "model.safetensors.index.json"
 
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-}
-FLOAT_TORCH_DTYPES: dict[str, torch.dtype] = {
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""Every safetensors dtype name and its torch dtype: the one table the registry reads dtypes from."""
+DTYPE_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+FLOAT_TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: dtype for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point
 }
 
 

@@ -35,16 +35,21 @@ def file_role(name: str) -> ArtifactRole:
     return ArtifactRole.weights if name.endswith(".safetensors") else ArtifactRole.config
 
 
+def _find_file(session: Session, checkpoint_id: int, name: str) -> Artifact | None:
+    """The file row ``name`` of a checkpoint (weights or config), if uploaded."""
+    query = select(Artifact).where(
+        Artifact.checkpoint_id == checkpoint_id,
+        Artifact.name == name,
+        col(Artifact.role).in_(FILE_ROLES),
+    )
+    return session.exec(query).first()
+
+
 def attach_file(
     *, session: Session, store: ObjectStore, checkpoint: Checkpoint, name: str, info: BlobInfo
 ) -> StoredFile:
     """Insert (or replace) the file row; a replaced blob is released if nothing else uses it."""
-    query = select(Artifact).where(
-        Artifact.checkpoint_id == checkpoint.id,
-        Artifact.name == name,
-        col(Artifact.role).in_(FILE_ROLES),
-    )
-    artifact = session.exec(query).first()
+    artifact = _find_file(session, checkpoint.id or 0, name)
     old_key = artifact.blob_key if artifact is not None else None
     if artifact is None:
         artifact = Artifact(
@@ -127,12 +132,7 @@ def get_checkpoint_file(*, session: Session, checkpoint_id: int, name: str) -> A
     """The file row ``name`` of a checkpoint (``NotFound`` naming both)."""
     check_file_name(name)
     checkpoint = load_checkpoint(session, checkpoint_id)
-    query = select(Artifact).where(
-        Artifact.checkpoint_id == checkpoint_id,
-        Artifact.name == name,
-        col(Artifact.role).in_(FILE_ROLES),
-    )
-    artifact = session.exec(query).first()
+    artifact = _find_file(session, checkpoint_id, name)
     if artifact is None:
         raise NotFound(f"checkpoint {checkpoint_id} '{checkpoint.name}' has no file '{name}'")
     return artifact

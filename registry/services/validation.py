@@ -123,8 +123,9 @@ def _check_sharded(
                 file=INDEX_FILE_NAME,
                 tensor=tensor,
             )
+    listed_shards = set(weight_map.values())
     for shard, header in headers.items():
-        if shard not in set(weight_map.values()):
+        if shard not in listed_shards:
             raise ValidationFailed(
                 f"file '{shard}': shard is not listed in '{INDEX_FILE_NAME}'", file=shard
             )

@@ -16,31 +16,12 @@ from typing import Any
 import torch
 
 from mergeops.sources import TensorMeta
+from registry.safetensors_check import TORCH_DTYPES
 from registry.storage.base import ObjectStore, StorageError
 
 DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
-for _name, _attr in [
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-]:
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
+DTYPES = TORCH_DTYPES
 
 
 class SafetensorsHeaderError(StorageError, ValueError):
@@ -74,7 +55,7 @@ def _parse_entry(where: str, name: str, raw: Any, data_size: int) -> _Entry:
             f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}"
         )
     begin, end = offsets
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * dtype.itemsize
     if not 0 <= begin <= end <= data_size or end - begin != expected:
         raise SafetensorsHeaderError(
             f"{where}: tensor '{name}' data_offsets {offsets} do not fit shape {tuple(shape)} "
