@@ -10,6 +10,7 @@ vector is dense and meaningful for TIES trimming.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class LlamaShape:
     @property
     def parameters(self) -> int:
         """Total parameter count."""
-        return sum(_numel(shape) for _, shape in self.tensor_shapes())
+        return sum(math.prod(shape) for _, shape in self.tensor_shapes())
 
     def hf_config(self) -> dict[str, object]:
         """A transformers ``LlamaConfig`` dict (untied embeddings, like the tensors)."""
@@ -85,13 +86,6 @@ SHAPES: dict[str, LlamaShape] = {
 }
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _generator(seed: int, name: str, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{stream}:{name}".encode()))
 
@@ -114,10 +108,9 @@ def write_model(
 ) -> int:
     """Write one checkpoint folder (shards, index, config.json); returns tensor bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(folder, max_shard_size=shard_size)
-    for name, tensor_shape in shape.tensor_shapes():
-        writer.add(name, synth_tensor(name, tensor_shape, seed=seed, finetune=finetune))
-    writer.close()
+    with ShardedWriter(folder, max_shard_size=shard_size) as writer:
+        for name, tensor_shape in shape.tensor_shapes():
+            writer.add(name, synth_tensor(name, tensor_shape, seed=seed, finetune=finetune))
     (folder / "config.json").write_text(json.dumps(shape.hf_config(), indent=2))
     return writer.bytes_written
 

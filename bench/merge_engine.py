@@ -8,7 +8,8 @@ merge as its own subprocess (``ckreg merge`` and ``mergekit-yaml`` on the same Y
 wall time, peak RSS (``wait4`` rusage of that process; RssAnon sampled from /proc), the max
 difference between the two outputs, and effective bandwidth (input + output bytes per second)
 next to a plain in-RAM tensor copy of the same bytes timed just before. With CUDA it adds
-ckreg ``--device cuda`` rows and their ratio to pinned host-to-device bandwidth.
+ckreg ``--device cuda`` rows and their ratio to pinned host-to-device bandwidth. The output
+comparison lives in ``bench.merge_parity``.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench._common import MIB
 from bench._synth import SHAPES, write_family
-from mergeops import TensorSource
-from mergeops.io import open_source
+from bench.merge_parity import Parity, compare, format_parity
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
-MIB = 1024**2
 DEFAULT_WORK = Path("bench/out/merge_engine")
 MERGEKIT_FLAGS = ("--no-copy-tokenizer", "--quiet")
 """Defaults otherwise (CPU, no lazy-unpickle, sync writes); the synthetic models have no
@@ -50,16 +50,6 @@ class Run:
     peak_anon: int
     ok: bool
     log: Path
-
-
-@dataclass
-class Parity:
-    """Differences between ckreg's and mergekit's outputs (fp32)."""
-
-    max_abs: float
-    max_rel: float
-    mismatched: int
-    max_abs_off_ties: float | None = None
 
 
 # ru_maxrss survives execve, so a child exec'd straight from this (large) process would report
@@ -175,42 +165,6 @@ def h2d_bandwidth(chunk: int = 256 * MIB, repeats: int = 8) -> float:
     return chunk * repeats / (time.perf_counter() - start) / 1e9
 
 
-def _tie_positions(key: str, sources: list[TensorSource], density: float) -> torch.Tensor:
-    """Where some model's |τ_t| equals its per-tensor top-k threshold (TIES tie candidates)."""
-    base = sources[0].get(key).float()
-    ties = torch.zeros(base.shape, dtype=torch.bool)
-    for source in sources[1:]:
-        magnitude = (source.get(key).float() - base).abs()
-        n = magnitude.numel()
-        k = max(1, int(density * n))
-        if k < n:
-            ties |= magnitude == magnitude.reshape(-1).kthvalue(n - k + 1).values
-    return ties
-
-
-def compare(ours: Path, theirs: Path, *, ties_inputs: list[Path] | None, density: float) -> Parity:
-    """Stream both outputs tensor by tensor; with ``ties_inputs`` also the max difference
-    away from threshold ties (mergekit breaks those with an unstable argsort)."""
-    a, b = open_source(ours), open_source(theirs)
-    inputs = [open_source(f) for f in ties_inputs or []]
-    if set(a.keys()) != set(b.keys()):
-        raise ValueError(f"tensor names differ: {sorted(set(a.keys()) ^ set(b.keys()))[:5]}")
-    result = Parity(0.0, 0.0, 0, 0.0 if ties_inputs else None)
-    for key in sorted(a.keys()):
-        x, y = a.get(key).float(), b.get(key).float()
-        diff = (x - y).abs()
-        worst = float(diff.max())
-        result.max_abs = max(result.max_abs, worst)
-        result.max_rel = max(result.max_rel, worst / max(float(y.abs().max()), 1e-30))
-        result.mismatched += int((diff > 1e-6 * float(y.abs().max())).sum())
-        if ties_inputs and worst > 0:
-            off = diff[~_tie_positions(key, inputs, density)]
-            result.max_abs_off_ties = max(
-                result.max_abs_off_ties or 0.0, float(off.max()) if off.numel() else 0.0
-            )
-    return result
-
-
 @dataclass
 class Row:
     size: str
@@ -260,15 +214,6 @@ def bench_method(
     return rows
 
 
-def _fmt_parity(p: Parity | None) -> str:
-    if p is None:
-        return "-"
-    text = f"abs {p.max_abs:.1e} rel {p.max_rel:.1e} n>1e-6 {p.mismatched}"
-    if p.max_abs_off_ties is not None:
-        text += f" | off-ties abs {p.max_abs_off_ties:.1e}"
-    return text
-
-
 def format_table(rows: list[Row]) -> str:
     """The results table: one line per engine run."""
     head = (f"{'size':>5} {'method':<16}{'engine':<9}{'dev':<5}{'wall s':>8}{'cpu s':>7}{'peak RSS':>10}"
@@ -285,7 +230,7 @@ def format_table(rows: list[Row]) -> str:
             f"{r.run.peak_rss / MIB:>7.0f}MiB{r.run.peak_anon / MIB:>6.0f}MiB{gbs:>7.2f}"
             f"{r.memcpy_gbs[0]:>8.2f}{r.memcpy_gbs[1]:>7.2f}{100 * gbs / r.memcpy_gbs[0]:>5.1f}%"
             f"{speed:>8}{ratio:>7}"
-            f"  {_fmt_parity(r.parity)}{state}"
+            f"  {format_parity(r.parity)}{state}"
         )
     return "\n".join(lines)
 

@@ -13,13 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from bench import quality_plan as plan
 from bench.quality_eval import OutputScorer
 from bench.quality_registry import TERMINAL, Registry, all_finished
-from bench.zoo.manifest import ZooManifest
+from bench.zoo.manifest import ZooManifest, load_tensors
 from bench.zoo.quality import Row
 
 
@@ -172,7 +171,7 @@ def _continual_rows(
     if len(opcm_steps) != len(tasks):
         raise RuntimeError(f"opcm folded {len(opcm_steps)} times for {len(tasks)} arrivals")
     opcm_params = next(p.body["params"] for p in plans if p.key == "opcm")
-    first = load_file(str(drive.zoo_dir / drive.manifest.tasks[tasks[0]].model))
+    first = load_tensors(drive.zoo_dir, drive.manifest.tasks[tasks[0]].model)
     average_steps: list[Any] = [first, *outputs["linear"]]  # the average of one model is itself
     return [
         scorer.continual_row("opcm", opcm_steps, tasks, opcm_params),
