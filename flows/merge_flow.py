@@ -166,9 +166,7 @@ def _record_failure(run_id: int, prepared: PreparedMerge | None, exc: BaseExcept
         with runtime.session() as session:
             run = run_service.get_merge_run(session=session, run_id=run_id)
             if prepared is not None:
-                pending = outputs.pending_output(
-                    session=session, run=run, name=prepared.output.name, ready_too=True
-                )
+                pending = outputs.existing_output(session=session, name=prepared.output.name)
                 output_id = pending.id if pending is not None else run.output_checkpoint_id
                 outputs.fail_output(
                     session=session, store=runtime.store, checkpoint_id=output_id, error=error

@@ -44,17 +44,14 @@ def output_name(run: MergeRun, policy_name: str | None) -> str:
     return f"{policy_name or run.method}-run{run.id}"
 
 
-def pending_output(
-    *, session: Session, run: MergeRun, name: str, ready_too: bool = False
-) -> Checkpoint | None:
-    """The output an earlier attempt of this run left behind: pending (or, optionally, ready)."""
-    statuses = [CheckpointStatus.pending, *([CheckpointStatus.ready] if ready_too else [])]
+def existing_output(*, session: Session, name: str) -> Checkpoint | None:
+    """The output ``name`` an earlier attempt of its run left behind (pending or ready)."""
     query = (
         select(Checkpoint)
         .where(
             Checkpoint.name == name,
             Checkpoint.kind == CheckpointKind.merged,
-            col(Checkpoint.status).in_(statuses),
+            col(Checkpoint.status).in_([CheckpointStatus.pending, CheckpointStatus.ready]),
         )
         .order_by(col(Checkpoint.id).desc())
     )
@@ -63,7 +60,7 @@ def pending_output(
 
 def start_output(*, session: Session, run: MergeRun, spec: OutputSpec) -> Checkpoint:
     """The merged checkpoint for ``run``: reused when a crashed attempt left one, else new."""
-    existing = pending_output(session=session, run=run, name=spec.name, ready_too=True)
+    existing = existing_output(session=session, name=spec.name)
     if existing is not None:
         return existing
     metadata: dict[str, Any] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class PreparedMerge:
     state_path: Path | None = None
     evaluator: str | None = None
     policy_name: str | None = None
-    input_ids: list[int] = field(default_factory=list)
 
     @property
     def out_dir(self) -> Path:
@@ -109,7 +108,6 @@ def prepare(
         else None,
         evaluator=policy.evaluator if policy else run.evaluator,
         policy_name=policy.name if policy else None,
-        input_ids=[c.id or 0 for c in checkpoints],
     )
     _side_inputs(session, store, method, prepared, checkpoints, cache)
     if mb.Need.STATE in method.needs:

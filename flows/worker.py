@@ -16,11 +16,11 @@ import time
 
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from flows.launchers import READY_EVENT
+from flows.launchers import MERGE_DEPLOYMENT, POLICY_DEPLOYMENT, READY_EVENT
 from flows.merge_flow import GPU_LIMIT
 from flows.pipelines import evaluate, merge_checkpoints, on_checkpoint_ready, sequential_merge
 from flows.runtime import Runtime
-from registry.models import MergeRunStatus, MergeTrigger
+from registry.models import MergeTrigger
 from registry.services import merge_runs as run_service
 from registry.services import policies as policy_service
 
@@ -71,8 +71,6 @@ def sync_cron_schedules(runtime: Runtime) -> list[str]:
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import CronSchedule
 
-    from flows.launchers import POLICY_DEPLOYMENT
-
     with runtime.session() as session:
         policies = policy_service.list_policies(
             session=session, trigger=MergeTrigger.cron, enabled=True
@@ -111,16 +109,11 @@ def recover_unfinished(runtime: Runtime) -> list[int]:
     """
     from prefect.deployments import run_deployment
 
-    from flows.launchers import MERGE_DEPLOYMENT
-
     with runtime.session() as session:
-        unfinished = run_service.unfinished_merge_runs(session=session)
-    resubmitted = []
-    for run in unfinished:
-        if run.status in (MergeRunStatus.queued, MergeRunStatus.running):
-            run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run.id}, timeout=0)
-            resubmitted.append(run.id or 0)
-    return resubmitted
+        unfinished = [run.id or 0 for run in run_service.unfinished_merge_runs(session=session)]
+    for run_id in unfinished:
+        run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0)
+    return unfinished
 
 
 def serve_worker(
@@ -169,8 +162,6 @@ def _housekeeping(runtime: Runtime, recover: bool, every_s: float, stop: threadi
 
 def _wait_for_deployments(stop: threading.Event, timeout_s: float = 120.0) -> bool:
     from prefect.client.orchestration import get_client
-
-    from flows.launchers import MERGE_DEPLOYMENT, POLICY_DEPLOYMENT
 
     deadline = time.monotonic() + timeout_s
     while not stop.is_set() and time.monotonic() < deadline:

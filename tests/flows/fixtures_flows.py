@@ -198,6 +198,11 @@ class Embedded:
         """Register a checkpoint over REST (create, PUT file, complete); returns its JSON."""
         return rest_upload(self.client, self.headers, name, state, **fields)
 
+    def post_merge(self, method: str, input_ids: list[int], **extra: Any) -> Any:
+        """``POST /merges`` over ``input_ids`` (see ``merge_request``); returns the response."""
+        body = merge_request(method, input_ids, **extra)
+        return self.client.post("/api/v1/merges", json=body, headers=self.headers)
+
 
 @pytest.fixture
 def embedded(flow_env: FlowEnv) -> Iterator[Embedded]:
@@ -264,17 +269,41 @@ class Process:
         return self.log.read_text(errors="replace")[-5000:]
 
 
-def start_ckreg(args: list[str], env: dict[str, str], log: Path) -> Process:
+def start_process(cmd: list[str], env: dict[str, str], log: Path) -> Process:
+    """Start ``cmd`` in its own process group, its output appended to ``log``."""
     handle = log.open("ab")
     proc = subprocess.Popen(
-        [*CKREG, *args],
-        env=env,
-        cwd=REPO,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        cmd, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
     )
     return Process(proc=proc, log=log)
+
+
+def start_ckreg(args: list[str], env: dict[str, str], log: Path) -> Process:
+    return start_process([*CKREG, *args], env, log)
+
+
+def start_serving(
+    cmd: list[str], env: dict[str, str], log: Path, health_url: str, timeout: float = 60
+) -> Process:
+    """``start_process``, returned once ``health_url`` answers (killed if it never does)."""
+    server = start_process(cmd, env, log)
+    try:
+        wait_http(health_url, server, timeout=timeout)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+def serve_ckreg(env: dict[str, str], log: Path, port: int) -> Process:
+    """``ckreg serve`` on ``port``, returned once ``/healthz`` answers."""
+    cmd = [*CKREG, "serve", "--port", str(port)]
+    return start_serving(cmd, env, log, f"http://127.0.0.1:{port}/healthz")
+
+
+def ckreg_token(env: dict[str, str]) -> str:
+    """A new API token (``ckreg token create --name ci``): the command's last output line."""
+    return str(run_ckreg(["token", "create", "--name", "ci"], env).stdout.strip().splitlines()[-1])
 
 
 def wait_http(url: str, process: Process, timeout: float = 60) -> None:
@@ -314,3 +343,15 @@ def rest_upload(
     done = api.post(f"/api/v1/checkpoints/{checkpoint_id}/complete", json={}, headers=headers)
     assert done.status_code == 200, done.text
     return dict(done.json())
+
+
+def create_policy(api: Any, headers: dict[str, str], **body: Any) -> dict[str, Any]:
+    """Create a merge policy over REST; returns its JSON."""
+    created = api.post("/api/v1/policies", json=body, headers=headers)
+    assert created.status_code == 201, created.text
+    return dict(created.json())
+
+
+def merge_request(method: str, input_ids: list[int], **extra: Any) -> dict[str, Any]:
+    """A ``POST /merges`` body over the checkpoints ``input_ids`` (default weights)."""
+    return {"method": method, "inputs": [{"checkpoint_id": i} for i in input_ids], **extra}

@@ -12,9 +12,8 @@ from tests.flows.fixtures_flows import (
     ckreg_env,
     rest_upload,
     run_ckreg,
-    start_ckreg,
+    serve_ckreg,
     tiny_state,
-    wait_http,
 )
 from tests.services import free_port
 
@@ -28,9 +27,8 @@ def test_serve_token_and_policy_commands(tmp_path: Path, evaluator_plugins: Path
     token = created.stdout.strip().splitlines()[-1]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_ckreg(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+    server = serve_ckreg(env, tmp_path / "serve.log", port)
     try:
-        wait_http(f"{url}/healthz", server)
         with httpx.Client(base_url=url, timeout=30) as api:
             base = rest_upload(
                 api, {"Authorization": f"Bearer {token}"}, "base", tiny_state(0), kind="base"

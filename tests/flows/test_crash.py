@@ -10,11 +10,11 @@ import httpx
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import (
     ckreg_env,
+    ckreg_token,
+    create_policy,
     rest_upload,
-    run_ckreg,
-    start_ckreg,
+    serve_ckreg,
     tiny_state,
-    wait_http,
 )
 from tests.services import free_port
 
@@ -31,34 +31,28 @@ def _wait_run(api: httpx.Client, status: set[str], timeout: float) -> dict:
 
 def test_killed_worker_restarts_and_completes_once(tmp_path: Path, evaluator_plugins: Path) -> None:
     env = ckreg_env(tmp_path / "home", evaluator_plugins)
-    token = run_ckreg(["token", "create", "--name", "ci"], env).stdout.strip().splitlines()[-1]
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {ckreg_token(env)}"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_ckreg(["serve", "--port", str(port)], env, tmp_path / "serve-1.log")
+    server = serve_ckreg(env, tmp_path / "serve-1.log", port)
     try:
-        wait_http(f"{url}/healthz", server)
         with httpx.Client(base_url=url, timeout=30) as api:
             base = rest_upload(api, headers, "base", tiny_state(0), kind="base")
-            policy = api.post(
-                "/api/v1/policies",
-                json={
-                    "name": "slow",
-                    "method": "task_arithmetic",
-                    "selector": {"base_id": base["id"]},
-                    "trigger": "on_register",
-                    "evaluator": "ckreg-test-slow",
-                },
-                headers=headers,
+            create_policy(
+                api,
+                headers,
+                name="slow",
+                method="task_arithmetic",
+                selector={"base_id": base["id"]},
+                trigger="on_register",
+                evaluator="ckreg-test-slow",
             )
-            assert policy.status_code == 201, policy.text
             rest_upload(api, headers, "a", tiny_state(1), base_id=base["id"], task="a")
             rest_upload(api, headers, "b", tiny_state(2), base_id=base["id"], task="b")
             _wait_run(api, {"running"}, 60)
             time.sleep(1.5)  # inside the (slow) evaluation of the merged output
         server.kill()
-        server = start_ckreg(["serve", "--port", str(port)], env, tmp_path / "serve-2.log")
-        wait_http(f"{url}/healthz", server)
+        server = serve_ckreg(env, tmp_path / "serve-2.log", port)
         with httpx.Client(base_url=url, timeout=30) as api:
             run = _wait_run(api, {"succeeded", "failed"}, 90)
             assert run["status"] == "succeeded", run["error"]

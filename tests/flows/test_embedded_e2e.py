@@ -53,15 +53,8 @@ def test_rest_register_yields_merged_evaluated_checkpoint(embedded: Embedded) ->
     assert tracker_from_settings(embedded.env.settings).pending >= 1
 
     # The same inputs + method + params over POST /merges return the existing run.
-    again = api.post(
-        "/api/v1/merges",
-        json={
-            "method": "ties",
-            "params": {"density": 0.5},
-            "base_id": base["id"],
-            "inputs": [{"checkpoint_id": ft_a["id"]}, {"checkpoint_id": ft_b["id"]}],
-        },
-        headers=headers,
+    again = embedded.post_merge(
+        "ties", [ft_a["id"], ft_b["id"]], params={"density": 0.5}, base_id=base["id"]
     )
     assert again.status_code == 200, again.text
     assert again.json()["id"] == run["id"] and again.json()["reused"] is True

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from registry.models import MergeRun
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import Embedded, tiny_state
 
 
+def _post_linear(embedded: Embedded, **extra: Any) -> Any:
+    """Upload two fine-tunes and ``POST /merges`` a linear merge of them."""
+    ft_a = embedded.upload("ft-a", tiny_state(1))
+    ft_b = embedded.upload("ft-b", tiny_state(2))
+    return embedded.post_merge("linear", [ft_a["id"], ft_b["id"]], **extra)
+
+
 def test_post_merges_with_evaluator_stores_evaluation_metrics(embedded: Embedded) -> None:
-    api, headers = embedded.client, embedded.headers
+    api = embedded.client
     base = embedded.upload("base", tiny_state(0), kind="base")
     ft_a = embedded.upload("ft-a", tiny_state(1), base_id=base["id"], task="a")
     ft_b = embedded.upload("ft-b", tiny_state(2), base_id=base["id"], task="b")
-    started = api.post(
-        "/api/v1/merges",
-        json={
-            "method": "ties",
-            "params": {"density": 0.5},
-            "base_id": base["id"],
-            "inputs": [{"checkpoint_id": ft_a["id"]}, {"checkpoint_id": ft_b["id"]}],
-            "evaluator": "ckreg-test-norm",
-        },
-        headers=headers,
+    ties = {"params": {"density": 0.5}, "base_id": base["id"]}
+    started = embedded.post_merge(
+        "ties", [ft_a["id"], ft_b["id"]], **ties, evaluator="ckreg-test-norm"
     )
     assert started.status_code == 202, started.text
     run_id = started.json()["id"]
@@ -42,34 +44,15 @@ def test_post_merges_with_evaluator_stores_evaluation_metrics(embedded: Embedded
     assert run["evaluator"] == "ckreg-test-norm"
 
     # The evaluator is not part of the idempotency key: the same merge without one is this run.
-    again = api.post(
-        "/api/v1/merges",
-        json={
-            "method": "ties",
-            "params": {"density": 0.5},
-            "base_id": base["id"],
-            "inputs": [{"checkpoint_id": ft_a["id"]}, {"checkpoint_id": ft_b["id"]}],
-        },
-        headers=headers,
-    )
+    again = embedded.post_merge("ties", [ft_a["id"], ft_b["id"]], **ties)
     assert again.status_code == 200, again.text
     assert again.json()["id"] == run_id and again.json()["reused"] is True
     assert again.json()["evaluator"] == "ckreg-test-norm"
 
 
 def test_post_merges_with_unknown_evaluator_is_refused_up_front(embedded: Embedded) -> None:
-    api, headers = embedded.client, embedded.headers
-    ft_a = embedded.upload("ft-a", tiny_state(1))
-    ft_b = embedded.upload("ft-b", tiny_state(2))
-    refused = api.post(
-        "/api/v1/merges",
-        json={
-            "method": "linear",
-            "inputs": [{"checkpoint_id": i} for i in (ft_a["id"], ft_b["id"])],
-            "evaluator": "ckreg-test-nrom",
-        },
-        headers=headers,
-    )
+    api = embedded.client
+    refused = _post_linear(embedded, evaluator="ckreg-test-nrom")
     assert refused.status_code == 422, refused.text
     detail = str(refused.json()["detail"])
     assert "unknown evaluator 'ckreg-test-nrom'" in detail
@@ -78,17 +61,8 @@ def test_post_merges_with_unknown_evaluator_is_refused_up_front(embedded: Embedd
 
 
 def test_post_merges_without_evaluator_stores_no_metrics(embedded: Embedded) -> None:
-    api, headers = embedded.client, embedded.headers
-    ft_a = embedded.upload("ft-a", tiny_state(1))
-    ft_b = embedded.upload("ft-b", tiny_state(2))
-    started = api.post(
-        "/api/v1/merges",
-        json={
-            "method": "linear",
-            "inputs": [{"checkpoint_id": i} for i in (ft_a["id"], ft_b["id"])],
-        },
-        headers=headers,
-    )
+    api = embedded.client
+    started = _post_linear(embedded)
     assert started.status_code == 202, started.text
     assert embedded.launcher.wait_idle(60), embedded.launcher.errors
     run = api.get(f"/api/v1/merges/{started.json()['id']}").json()

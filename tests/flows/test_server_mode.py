@@ -17,11 +17,13 @@ from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import (
     Process,
     ckreg_env,
+    ckreg_token,
+    create_policy,
     rest_upload,
-    run_ckreg,
+    serve_ckreg,
     start_ckreg,
+    start_serving,
     tiny_state,
-    wait_http,
 )
 from tests.services import free_port
 
@@ -29,30 +31,11 @@ MERGE_BOUND_S = 45.0
 
 
 def _start_prefect_server(tmp_path: Path, env: dict[str, str]) -> tuple[Process, str]:
-    import subprocess
-
     port = free_port()
-    log = tmp_path / "prefect-server.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = Process(proc=proc, log=log)
     url = f"http://127.0.0.1:{port}/api"
-    wait_http(f"{url}/health", server, timeout=90)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    log = tmp_path / "prefect-server.log"
+    server = start_serving([*cmd, "--port", str(port)], env, log, f"{url}/health", timeout=90)
     return server, url
 
 
@@ -70,27 +53,21 @@ def test_server_mode_merges_on_event(tmp_path: Path, evaluator_plugins: Path) ->
         prefect, api_url = _start_prefect_server(tmp_path, prefect_env)
         processes.append(prefect)
         env = {**prefect_env, "PREFECT_API_URL": api_url, "CKREG_PREFECT_MODE": "server"}
-        token = run_ckreg(["token", "create", "--name", "ci"], env).stdout.strip().splitlines()[-1]
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = {"Authorization": f"Bearer {ckreg_token(env)}"}
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        registry = start_ckreg(["serve", "--port", str(port)], env, tmp_path / "serve.log")
-        processes.append(registry)
-        wait_http(f"{url}/healthz", registry)
+        processes.append(serve_ckreg(env, tmp_path / "serve.log", port))
         with httpx.Client(base_url=url, timeout=30) as api:
             base = rest_upload(api, headers, "base", tiny_state(0), kind="base")
-            created = api.post(
-                "/api/v1/policies",
-                json={
-                    "name": "auto",
-                    "method": "task_arithmetic",
-                    "selector": {"base_id": base["id"]},
-                    "trigger": "on_register",
-                    "evaluator": "ckreg-test-norm",
-                },
-                headers=headers,
+            create_policy(
+                api,
+                headers,
+                name="auto",
+                method="task_arithmetic",
+                selector={"base_id": base["id"]},
+                trigger="on_register",
+                evaluator="ckreg-test-norm",
             )
-            assert created.status_code == 201, created.text
             a = rest_upload(api, headers, "a", tiny_state(1), base_id=base["id"], task="a")
             worker = start_ckreg(["worker", "--schedule-sync", "1"], env, tmp_path / "worker.log")
             processes.append(worker)
@@ -105,20 +82,17 @@ def test_server_mode_merges_on_event(tmp_path: Path, evaluator_plugins: Path) ->
             metrics = api.get(f"/api/v1/checkpoints/{merged['id']}/metrics").json()
             assert {m["source"] for m in metrics} == {"evaluation"}
             # A cron policy becomes a schedule of the worker's ckreg-policy deployment.
-            cron = api.post(
-                "/api/v1/policies",
-                json={
-                    "name": "nightly",
-                    "method": "task_arithmetic",
-                    "selector": {"base_id": base["id"]},
-                    "trigger": "cron",
-                    "cron": "0 3 * * *",
-                },
-                headers=headers,
+            cron = create_policy(
+                api,
+                headers,
+                name="nightly",
+                method="task_arithmetic",
+                selector={"base_id": base["id"]},
+                trigger="cron",
+                cron="0 3 * * *",
             )
-            assert cron.status_code == 201, cron.text
-            schedule = _wait_schedule(api_url, f"ckreg-policy-{cron.json()['id']}", worker)
-            assert schedule["parameters"] == {"policy_id": cron.json()["id"]}
+            schedule = _wait_schedule(api_url, f"ckreg-policy-{cron['id']}", worker)
+            assert schedule["parameters"] == {"policy_id": cron["id"]}
             assert schedule["schedule"]["cron"] == "0 3 * * *"
         assert elapsed < MERGE_BOUND_S
     finally:
