@@ -29,7 +29,8 @@ from bench.quality_registry import Registry, reset_home, start_embedded
 from bench.quality_report import claims_section, log_to_mlflow, parity_lines
 from bench.quality_steps import Drive, score_rows
 from bench.zoo import DEFAULT_TASKS, TrainConfig, ensure_zoo, load_manifest
-from bench.zoo.quality import Row, format_table, run_quality
+from bench.zoo.loaded import Row
+from bench.zoo.quality import format_table, run_quality
 
 SECTIONS = ("multitask", "trajectory", "continual")
 LEGEND = (

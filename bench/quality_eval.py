@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from bench.quality_registry import Registry
 from bench.zoo.evaluator import DigitsEvaluator
-from bench.zoo.quality import Row
+from bench.zoo.loaded import Row
 
 StateDict = dict[str, torch.Tensor]
 

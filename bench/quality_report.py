@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.zoo.quality import Row
+from bench.zoo.loaded import Row
 
 EXPERIMENT = "ckreg-merge-quality"
 

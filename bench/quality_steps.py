@@ -18,8 +18,8 @@ from tqdm import tqdm
 from bench import quality_plan as plan
 from bench.quality_eval import OutputScorer
 from bench.quality_registry import TERMINAL, Registry, all_finished
+from bench.zoo.loaded import Row
 from bench.zoo.manifest import ZooManifest, load_tensors
-from bench.zoo.quality import Row
 
 
 class Drive:

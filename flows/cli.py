@@ -24,9 +24,9 @@ app.add_typer(mlflow_app, name="mlflow")
 
 
 def _mount_client_commands() -> None:
-    """register / ls / show / lineage / download (registry.cli) and merge (mergeops.cli)."""
+    """register / ls / show / lineage / download (registry.client.cli) and merge (mergeops.cli)."""
     from mergeops.cli import merge_command
-    from registry.cli import registry_app
+    from registry.client.cli import registry_app
 
     app.registered_commands.extend(registry_app.registered_commands)
     app.command("merge")(merge_command)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlmodel import Session
 
-from mergeops.io.readers import open_source
+from mergeops.io import open_source
 from mergeops.sources import TensorSource
 from registry.errors import InvalidState
 from registry.models import Artifact, ArtifactRole, Checkpoint

@@ -85,7 +85,7 @@ def evaluate_output(prepared: PreparedMerge) -> dict[str, float]:
     """Score the merged files in the work folder with the run's evaluator."""
     import torch
 
-    from mergeops.io.readers import open_source
+    from mergeops.io import open_source
 
     assert prepared.evaluator is not None
     state = mb.load_state_dict(open_source(prepared.out_dir), torch.device("cpu"))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from mergeops.device import resolve_device, resolve_dtype
-from mergeops.io.readers import open_source
+from mergeops.io.layouts import open_source
 from mergeops.methods import base as mb
 from mergeops.sources import Objective, TensorMeta, TensorSource
 

@@ -175,6 +175,12 @@ class Artifact(ArtifactBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
     checkpoint_id: int = Field(foreign_key="checkpoint.id", index=True)
     blob_key: str = Field(max_length=512)
+    # How the blob is stored at rest: "raw" (the file's own bytes) or a lossless codec; the
+    # sha256 and ``size`` are always the original file's. ``codec_base_sha256`` names the blob a
+    # delta codec was taken against (a fine-tune's base file).
+    codec: str = Field(default="raw", max_length=32)
+    stored_size: int | None = Field(default=None, sa_type=BigInteger)
+    codec_base_sha256: str | None = Field(default=None, max_length=64)
     # tensor name -> {"dtype", "shape", "start", "end"} (absolute byte range), for range reads.
     tensor_index: dict[str, Any] = _json()
     # safetensors ``__metadata__`` plus derived facts (e.g. task-vector norms).
@@ -304,6 +310,11 @@ class MergeRun(MergeRunBase, table=True):
     created_at: datetime = _when()
     started_at: datetime | None = _when(nullable=True)
     finished_at: datetime | None = _when(nullable=True)
+    # Claim of the worker executing the run: a run is executed only under an unexpired lease.
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_expires_at: datetime | None = _when(nullable=True, index=True)
+    heartbeat_at: datetime | None = _when(nullable=True)
+    attempts: int = Field(default=0)
 
 
 class MergeRunInput(SQLModel, table=True):

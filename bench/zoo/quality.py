@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,8 @@ import torch
 
 import mergeops
 from bench.zoo.evaluator import DigitsEvaluator
-from bench.zoo.manifest import ZooManifest, load_manifest, load_tensors
+from bench.zoo.loaded import Row, StateDict, Zoo, load_zoo
 
-StateDict = dict[str, torch.Tensor]
 MergeFn = Callable[[Mapping[str, Any]], StateDict]
 
 # Validation grids (small on purpose: the zoo is one seed; see METHODS.md for the defaults).
@@ -49,47 +48,6 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"step_size": s, "lambda": lam, "max_iters": 10} for s in (0.1, 0.3) for lam in (0.1, 0.3)
     ],
 }
-
-
-@dataclass
-class Zoo:
-    """A built zoo's models in memory."""
-
-    manifest: ZooManifest
-    base: StateDict
-    tasks: dict[str, StateDict]
-    second_moments: dict[str, StateDict]
-    fishers: dict[str, StateDict]
-    irrelevant: list[StateDict]
-    irrelevant_second_moments: list[StateDict]
-
-
-def load_zoo(zoo_dir: Path | str) -> Zoo:
-    """Read every model of the zoo (a few MB) into memory."""
-    manifest = load_manifest(zoo_dir)
-    tasks = manifest.tasks
-    return Zoo(
-        manifest=manifest,
-        base=load_tensors(zoo_dir, manifest.base),
-        tasks={t: load_tensors(zoo_dir, e.model) for t, e in tasks.items()},
-        second_moments={t: load_tensors(zoo_dir, e.second_moment) for t, e in tasks.items()},
-        fishers={t: load_tensors(zoo_dir, e.fisher) for t, e in tasks.items()},
-        irrelevant=[load_tensors(zoo_dir, e.model) for e in manifest.irrelevant],
-        irrelevant_second_moments=[
-            load_tensors(zoo_dir, e.second_moment) for e in manifest.irrelevant
-        ],
-    )
-
-
-@dataclass
-class Row:
-    """One line of the results table: chosen params, validation score, test metrics."""
-
-    section: str
-    method: str
-    params: dict[str, Any] = field(default_factory=dict)
-    validation: float | None = None
-    test: dict[str, float] = field(default_factory=dict)
 
 
 def select(

@@ -17,8 +17,8 @@ from typing import Any
 
 import mergeops
 from bench.zoo.evaluator import DigitsEvaluator
+from bench.zoo.loaded import Row, StateDict, Zoo
 from bench.zoo.manifest import ZooManifest, load_tensors
-from bench.zoo.quality import Row, StateDict, Zoo
 
 MWA_P_GRID = (0.5, 1.0, 2.0, 4.0)
 OPCM_ALPHA_GRID = (0.3, 0.5, 0.7, 0.9)

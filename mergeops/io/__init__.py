@@ -1,5 +1,6 @@
 """Readers and writers: lazy tensor sources in, staged sharded safetensors out."""
 
+from mergeops.io.layouts import open_source
 from mergeops.io.peft import PeftAdapter
 from mergeops.io.readers import (
     INDEX_NAME,
@@ -7,7 +8,6 @@ from mergeops.io.readers import (
     ShardedCheckpoint,
     SourceError,
     StateDictSource,
-    open_source,
 )
 from mergeops.io.writer import (
     DEFAULT_MAX_SHARD_SIZE,

@@ -9,12 +9,12 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from mergeops.sources import TensorMeta, TensorSource
+from mergeops.sources import TensorMeta
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -205,29 +205,3 @@ class StateDictSource:
     def metadata(self, key: str) -> TensorMeta:
         tensor = self.get(key)
         return TensorMeta(tensor.dtype, tuple(tensor.shape))
-
-
-def open_source(
-    item: str | Path | TensorSource | Mapping[str, torch.Tensor],
-    name: str | None = None,
-    *,
-    lora: Literal["factors", "delta", "full"] = "factors",
-    lora_base: TensorSource | None = None,
-) -> TensorSource:
-    """A source for a path (file, sharded folder, PEFT adapter folder), a state dict or a
-    source (returned as is). ``lora`` and ``lora_base`` choose how an adapter folder is
-    exposed (see ``mergeops.io.peft``)."""
-    if isinstance(item, TensorSource):
-        return item
-    if isinstance(item, Mapping):
-        return StateDictSource(item, name=name or "state_dict")
-    path = Path(item)
-    if path.is_file():
-        return SafetensorsFile(path, name=name)
-    if (path / "adapter_config.json").is_file():
-        from mergeops.io.peft import PeftAdapter
-
-        return PeftAdapter(path, name=name, mode=lora, base=lora_base)
-    if path.is_dir():
-        return ShardedCheckpoint(path, name=name)
-    raise SourceError(f"no checkpoint at '{path}' (expected a .safetensors file or a folder)")

@@ -17,7 +17,7 @@ content is still stored once, under one key, with identical bytes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -25,7 +25,6 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from registry.storage import s3_presign
 from registry.storage.base import (
     READ_CHUNK,
     TMP_PREFIX,
@@ -33,8 +32,6 @@ from registry.storage.base import (
     BlobNotFound,
     HashingCounter,
     InvalidRangeError,
-    ObjectStore,
-    PresignedUpload,
     blob_key,
     iter_chunks,
     resolve_range,
@@ -47,6 +44,7 @@ from registry.storage.s3_multipart import (
     PartReader,
     error_code,
 )
+from registry.storage.s3_presign import PresignedUploads
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_COPY_PART = 5 * 1024**3
@@ -56,7 +54,7 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _MultipartUpload = MultipartUpload
 
 
-class S3ObjectStore(ObjectStore):
+class S3ObjectStore(PresignedUploads):
     """Blobs as objects under ``s3://bucket/prefix``; keys are relative to the prefix."""
 
     def __init__(
@@ -253,28 +251,3 @@ class S3ObjectStore(ObjectStore):
     def delete(self, key: str) -> None:
         validate_key(key)
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
-
-    # -- presigned multipart uploads (see ``s3_presign``) ------------------------------------
-
-    def supports_presigned_uploads(self) -> bool:
-        return True
-
-    def start_presigned_upload(
-        self, *, size: int, part_size: int | None, metadata: Mapping[str, str], expires: int
-    ) -> PresignedUpload:
-        return s3_presign.start(
-            self, size=size, part_size=part_size, metadata=metadata, expires=expires
-        )
-
-    def finish_presigned_upload(
-        self, upload_id: str, parts: Sequence[tuple[int, str]]
-    ) -> tuple[str, dict[str, str]]:
-        return s3_presign.finish(self, upload_id, parts)
-
-    def adopt_temp_object(self, key: str, *, expected_sha256: str, expected_size: int) -> BlobInfo:
-        return s3_presign.adopt(
-            self, key, expected_sha256=expected_sha256, expected_size=expected_size
-        )
-
-    def abort_presigned_upload(self, upload_id: str) -> None:
-        s3_presign.abort(self, upload_id)

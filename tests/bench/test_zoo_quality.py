@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.zoo.evaluator import DigitsEvaluator
-from bench.zoo.quality import GRIDS, format_table, load_zoo, multitask_rows, run_quality, select
+from bench.zoo.loaded import load_zoo
+from bench.zoo.quality import GRIDS, format_table, multitask_rows, run_quality, select
 from bench.zoo.sequences import continual_rows, trajectory_rows
 from tests.bench.test_zoo import _build
 

@@ -140,7 +140,7 @@ def test_sequential_merge_resumes_from_merge_state(flow_env: FlowEnv, tmp_path) 
         state_path=folder / "state.safetensors",
         progress=False,
     )
-    from mergeops.io.readers import open_source
+    from mergeops.io import open_source
 
     source = open_source(folder / "out")
     reference = {k: source.get(k) for k in source.keys()}  # noqa: SIM118 - a TensorSource, not a dict

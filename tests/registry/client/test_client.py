@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from registry.capture import capture_second_moments
 from registry.client import Client, ClientError
+from registry.client.capture import capture_second_moments
 from tests.registry.conftest import LiveRegistry
 
 SHAPES = {"layer.weight": (3, 2), "layer.bias": (3,), "head.weight": (2, 3)}

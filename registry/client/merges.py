@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from registry.client_base import BaseClient, ClientError
+from registry.client.transport import BaseClient, ClientError
 
 TERMINAL = frozenset({"succeeded", "failed"})
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from registry.client import Client, ClientError
-from registry.client_helpers import LayoutError
+from registry.client.api import Client, ClientError
+from registry.client.layouts import LayoutError
 from registry.safetensors_check import HeaderError
 from registry.settings import get_settings
 

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from registry.capture import second_moments_from_optimizer_file, write_second_moments
-from registry.client_base import API_PREFIX, ClientError
-from registry.client_helpers import plan_upload, sha256_file
-from registry.client_merges import MergesMixin
-from registry.client_presigned import UNSUPPORTED, upload_presigned
+from registry.client.capture import second_moments_from_optimizer_file, write_second_moments
+from registry.client.layouts import plan_upload, sha256_file
+from registry.client.merges import MergesMixin
+from registry.client.presigned import UNSUPPORTED, upload_presigned
+from registry.client.transport import API_PREFIX, ClientError
 
 __all__ = ["API_PREFIX", "Client", "ClientError"]
 
@@ -120,12 +120,12 @@ class Client(MergesMixin):
         optimizer_param_names: Sequence[str] | None = None,
         progress: bool = True,
     ) -> dict[str, Any]:
-        """Upload a checkpoint (file or directory, see ``registry.client_helpers``) and complete it.
+        """Upload a checkpoint (file or directory, see ``registry.client.layouts``) and complete it.
 
         ``kind`` defaults to ``adapter`` for a PEFT directory and ``finetune`` otherwise; ``step``
         and the ``loss`` metric default to a Trainer directory's ``trainer_state.json``.
         ``second_moment`` is a safetensors file of Adam ``exp_avg_sq`` keyed by parameter name
-        (see ``registry.capture``). A Trainer ``optimizer.pt`` is converted into one only when
+        (see ``registry.client.capture``). A Trainer ``optimizer.pt`` is converted into one only when
         ``optimizer_param_names`` (names in the optimizer's parameter order) is given; otherwise
         it is never opened. Returns the final ``CheckpointPublic``.
         """

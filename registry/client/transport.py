@@ -8,8 +8,8 @@ from typing import Any, Self
 import httpx
 from tqdm import tqdm
 
-from registry.client_helpers import CHUNK, iter_file
-from registry.client_presigned import DEFAULT_THRESHOLD
+from registry.client.layouts import CHUNK, iter_file
+from registry.client.presigned import DEFAULT_THRESHOLD
 
 API_PREFIX = "/api/v1"
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from registry.cli import registry_app
+from registry.client.cli import registry_app
 from tests.registry.conftest import LiveRegistry
 
 runner = CliRunner()

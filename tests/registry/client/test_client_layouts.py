@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from registry.client_helpers import LayoutError, plan_upload, read_trainer_state, sha256_file
+from registry.client.layouts import LayoutError, plan_upload, read_trainer_state, sha256_file
 from registry.safetensors_check import HeaderError
 
 

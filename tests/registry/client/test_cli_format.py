@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from registry.cli import format_table, lineage_tree, parse_metrics, registry_app
+from registry.client.cli import format_table, lineage_tree, parse_metrics, registry_app
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from registry.capture import (
+from registry.client.capture import (
     CaptureError,
     capture_second_moments,
     second_moments_from_optimizer_file,
