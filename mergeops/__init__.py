@@ -24,6 +24,7 @@ from mergeops.io import DEFAULT_MAX_SHARD_SIZE, open_source
 from mergeops.methods import available_methods, get_method
 from mergeops.methods.base import MergeError, ModelResult, _field_names
 from mergeops.plan import PlanRequest, SourceLike, build_plan
+from mergeops.prefetch import DEFAULT_PREFETCH_BYTES
 from mergeops.sources import Evaluator, Objective, TensorMeta, TensorSource
 
 __all__ = [
@@ -121,6 +122,8 @@ _OPTIONS = (
     "dtype",
     "seed",
     "lora",
+    "prefetch",
+    "prefetch_bytes",
 )
 
 
@@ -159,6 +162,8 @@ def merge_files(
     seed: int = 0,
     lora: Literal["factors", "delta", "full"] = "factors",
     progress: bool = True,
+    prefetch: bool = True,
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
     **extra_params: Any,
 ) -> MergeResult:
     """Stream a merge into ``out_dir`` (which must not exist or be empty).
@@ -168,7 +173,9 @@ def merge_files(
     their stored factors by default; ``lora="delta"`` merges ΔW = (alpha/r)·B·A per adapted
     weight, ``lora="full"`` merges base + ΔW as full weights (needs ``base``).
     All inputs are checked before anything is written; on any failure ``out_dir`` is left
-    as it was. Returns paths and counters.
+    as it was (a NaN/Inf input or merged value is such a failure). ``prefetch`` reads the next
+    tensor's (or slice's) inputs in a few threads while the current one is merged, with at
+    most ``prefetch_bytes`` read ahead. Returns paths and counters.
     """
     options: dict[str, Any] = {
         "model_params": model_params,
@@ -182,6 +189,8 @@ def merge_files(
         "dtype": dtype,
         "seed": seed,
         "lora": lora,
+        "prefetch": prefetch,
+        "prefetch_bytes": prefetch_bytes,
     }
     all_params = {**(params or {}), **extra_params}
     plan = build_plan(_request(method, models, base, all_params, options))

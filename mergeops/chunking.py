@@ -11,12 +11,15 @@ dtype. Peak memory per tensor is a few slices, not a few whole float32 copies pe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import torch
 
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
+from mergeops.prefetch import Prefetcher, Read
 from mergeops.sources import TensorSource
 
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -38,6 +41,12 @@ def chunk_rows(plan: MergePlan, key: str) -> int:
     if row == 0 or row % _ROW_ALIGN or row * shape[0] * 4 <= CHUNK_BYTES:
         return 0
     return max(1, CHUNK_BYTES // (row * 4))
+
+
+def row_ranges(count: int, rows: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each slice of ``rows`` rows over ``count`` rows."""
+    for start in range(0, count, rows):
+        yield start, min(count, start + rows)
 
 
 def read_rows(source: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:
@@ -80,10 +89,14 @@ def _check_finite(tensor: torch.Tensor, key: str, role: str) -> None:
 
 
 class ChunkedMerge:
-    """Merges one tensor name in row slices; ``bytes_read`` counts the input bytes read."""
+    """Merges one tensor name in row slices; ``bytes_read`` counts the input bytes read.
 
-    def __init__(self, plan: MergePlan, key: str, rows: int) -> None:
+    Slice k+1 of every input is read (in ``prefetcher``'s threads) while slice k is merged.
+    """
+
+    def __init__(self, plan: MergePlan, key: str, rows: int, prefetcher: Prefetcher) -> None:
         self.plan, self.key, self.rows = plan, key, rows
+        self.prefetcher = prefetcher
         self.bytes_read = 0
         self.roles = [f"model '{m.name}'" for m in plan.models]
         self.sources: list[_Rows] = [_Rows(m, key) for m in plan.models]
@@ -91,7 +104,9 @@ class ChunkedMerge:
         self._base_raw: torch.Tensor | None = None
 
     def _read(self, rows: _Rows, start: int, stop: int, role: str) -> torch.Tensor:
-        raw = rows.get(start, stop)
+        return self._owned(rows.get(start, stop), role)
+
+    def _owned(self, raw: torch.Tensor, role: str) -> torch.Tensor:
         self.bytes_read += raw.numel() * raw.element_size()
         out = _owned_float(raw, self.plan.ctx.device)
         _check_finite(out, self.key, role)
@@ -116,19 +131,43 @@ class ChunkedMerge:
         self._base_raw = None
         out = torch.empty(shape, dtype=out_dtype, device=plan.ctx.device)
         row = math.prod(shape[1:])
-        for start in range(0, shape[0], self.rows):
-            stop = min(shape[0], start + self.rows)
-            models = [
-                self._read(s, start, stop, r) for s, r in zip(self.sources, self.roles, strict=True)
-            ]
-            base = None if self.base is None else self._read(self.base, start, stop, "base")
-            inputs = mb.TensorInputs(name=key, models=models, base=base)
-            merged = method.merge_rows(inputs, stats, start * row, plan.ctx)
-            if tuple(merged.shape) != (stop - start, *shape[1:]):
-                raise mb.MergeError(
-                    f"method '{method.name}' produced shape {tuple(merged.shape)} for rows "
-                    f"{start}:{stop} of '{key}', expected {(stop - start, *shape[1:])}"
-                )
-            out[start:stop].copy_(merged)
-            del models, base, inputs, merged
+        inputs_rows = [*self.sources, *([self.base] if self.base is not None else [])]
+        roles = [*self.roles, *(["base"] if self.base is not None else [])]
+        itemsize = plan.metas[key].dtype.itemsize
+        ranges = list(row_ranges(shape[0], self.rows))
+        batches = (
+            [Read((stop - start) * row * itemsize, _slice(r, start, stop)) for r in inputs_rows]
+            for start, stop in ranges
+        )
+        with closing(self.prefetcher.stream(batches)) as stream:
+            for (start, stop), pending in zip(ranges, stream, strict=True):
+                loaded = [self._owned(p.result(), r) for p, r in zip(pending, roles, strict=True)]
+                self._merge_slice(method, loaded, stats, (start, stop), out)
+                del loaded, pending
         return out
+
+    def _merge_slice(
+        self,
+        method: Any,
+        loaded: list[torch.Tensor],
+        stats: list[Any],
+        rows: tuple[int, int],
+        out: torch.Tensor,
+    ) -> None:
+        """Merge one slice's owned float32 inputs (models then base) into ``out``."""
+        key, (start, stop) = self.key, rows
+        shape = tuple(self.plan.metas[key].shape)
+        count = len(self.sources)
+        base = loaded[count] if self.base is not None else None
+        inputs = mb.TensorInputs(name=key, models=loaded[:count], base=base)
+        merged = method.merge_rows(inputs, stats, start * math.prod(shape[1:]), self.plan.ctx)
+        if tuple(merged.shape) != (stop - start, *shape[1:]):
+            raise mb.MergeError(
+                f"method '{method.name}' produced shape {tuple(merged.shape)} for rows "
+                f"{start}:{stop} of '{key}', expected {(stop - start, *shape[1:])}"
+            )
+        out[start:stop].copy_(merged)
+
+
+def _slice(rows: _Rows, start: int, stop: int) -> Any:
+    return lambda: rows.get(start, stop)

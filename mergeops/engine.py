@@ -3,6 +3,10 @@ casts and writes the result, and drops it. It holds no method logic.
 
 Peak memory is a few tensors times the number of inputs. Methods that need model-wide
 statistics get their first pass(es) here; whole-model methods get the sources directly.
+The next tensor's (or slice's) inputs are read ahead in a small thread pool
+(``mergeops.prefetch``); on CUDA, elementwise methods run through the overlapped copy/compute
+pipeline (``mergeops.pipeline``). Every floating output is checked finite, on its device,
+before it reaches the writer (``mergeops.finite``).
 """
 
 from __future__ import annotations
@@ -12,18 +16,23 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
 
+from mergeops import finite
 from mergeops.chunking import ChunkedMerge, chunk_rows
 from mergeops.device import dtype_name
 from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
+from mergeops.prefetch import Prefetcher
+from mergeops.reader import TensorReader
 
 TensorSink = Callable[[str, str | None, torch.Tensor], None]
 """Receives (stream, tensor name, tensor); stream None is the merged model."""
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -39,38 +48,6 @@ class MergeResult:
     state_path: Path | None = None
 
 
-class _Reader:
-    """Reads one tensor name's inputs as float32 on the device, checking for NaN/Inf."""
-
-    def __init__(self, plan: MergePlan) -> None:
-        self.plan = plan
-        self.bytes_read = 0
-
-    def _load(self, source_role: str, tensor: torch.Tensor, key: str) -> torch.Tensor:
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        out = tensor.to(device=self.plan.ctx.device, dtype=torch.float32)
-        # Two reductions (NaN propagates through min/max) instead of a bool tensor per input.
-        low, high = torch.aminmax(out) if out.numel() else (out.new_zeros(()), out.new_zeros(()))
-        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-            raise mb.MergeError(f"tensor '{key}' of {source_role} contains NaN or Inf")
-        return out
-
-    def read(self, key: str) -> mb.TensorInputs:
-        plan = self.plan
-        models = [self._load(f"model '{m.name}'", m.get(key), key) for m in plan.models]
-        base = None
-        if plan.base is not None:
-            base = self._load("base", plan.base.get(key), key)
-        side: dict[str, list[torch.Tensor]] = {}
-        for kind, sources in plan.side.items():
-            tensors = []
-            for source in sources:
-                raw = plan.method.read_side_input(kind, source, key, plan.ctx.device)
-                tensors.append(self._load(f"{kind} of model '{source.name}'", raw, key))
-            side[kind] = tensors
-        return mb.TensorInputs(name=key, models=models, base=base, side=side)
-
-
 def _float_keys(plan: MergePlan) -> list[str]:
     return [k for k in plan.keys if plan.metas[k].dtype.is_floating_point]
 
@@ -79,8 +56,8 @@ def _out_dtype(plan: MergePlan, key: str) -> torch.dtype:
     return plan.ctx.out_dtype or plan.metas[key].dtype
 
 
-def _progress(keys: list[str], desc: str, enabled: bool) -> Iterable[str]:
-    return tqdm(keys, desc=desc, unit="tensor", disable=not enabled, leave=False)
+def _progress(items: Iterable[_T], total: int, desc: str, enabled: bool) -> Iterable[_T]:
+    return tqdm(items, total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
 
 
 def _load_state(plan: MergePlan) -> None:
@@ -93,7 +70,7 @@ def _load_state(plan: MergePlan) -> None:
         plan.ctx.state = plan.method.new_state(plan.ctx)
 
 
-def _stream(plan: MergePlan, sink: TensorSink, reader: _Reader, progress: bool) -> None:
+def _stream(plan: MergePlan, sink: TensorSink, reader: TensorReader, progress: bool) -> None:
     method = plan.method
     assert isinstance(method, mb.StreamingMethod)
     float_keys = _float_keys(plan)
@@ -101,24 +78,79 @@ def _stream(plan: MergePlan, sink: TensorSink, reader: _Reader, progress: bool) 
     sweep = 0
     while collector is not None:
         sweep += 1
-        for key in _progress(float_keys, f"{method.name}: statistics pass {sweep}", progress):
-            collector.observe(reader.read(key), plan.ctx)
+        desc = f"{method.name}: statistics pass {sweep}"
+        for _, inputs in _progress(reader.stream(float_keys), len(float_keys), desc, progress):
+            assert inputs is not None
+            collector.observe(inputs, plan.ctx)
         if not collector.next_pass():
             plan.ctx.stats = collector.result()
             break
-    for key in _progress(plan.keys, f"{method.name}: merging", progress):
-        if key not in float_keys:  # integer/bool buffers pass through from the reference
-            sink(key, None, plan.reference.get(key))
-            continue
-        rows = chunk_rows(plan, key)
-        if rows:  # elementwise method, large tensor: merged slice by slice
-            chunked = ChunkedMerge(plan, key, rows)
-            sink(key, None, chunked.run(_out_dtype(plan, key)))
-            reader.bytes_read += chunked.bytes_read
-            continue
-        result = method.merge_tensor(reader.read(key), plan.ctx)
-        _emit(plan, sink, key, result.merged, result.extras)
+    if _pipelined(plan):
+        _pipeline(plan, sink, reader, progress)
+    else:
+        _merge_pass(plan, sink, reader, progress)
     method.finish(plan.ctx)
+
+
+def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progress: bool) -> None:
+    method = plan.method
+    assert isinstance(method, mb.StreamingMethod)
+    floats = set(_float_keys(plan))
+    rows_of = {key: chunk_rows(plan, key) for key in floats}
+    stream = reader.stream(plan.keys, read=lambda key: key in floats and not rows_of[key])
+    for key, inputs in _progress(stream, len(plan.keys), f"{method.name}: merging", progress):
+        if key not in floats:  # integer/bool buffers pass through from the reference
+            sink(key, None, plan.reference.get(key))
+        elif rows_of[key]:  # elementwise method, large tensor: merged slice by slice
+            chunked = ChunkedMerge(plan, key, rows_of[key], reader.prefetcher)
+            _emit(plan, sink, key, chunked.run(_out_dtype(plan, key)), {})
+            reader.bytes_read += chunked.bytes_read
+        else:
+            assert inputs is not None
+            result = method.merge_tensor(inputs, plan.ctx)
+            _emit(plan, sink, key, result.merged, result.extras)
+
+
+def _pipelined(plan: MergePlan) -> bool:
+    """CUDA and an elementwise method without side inputs: the overlapped pipeline."""
+    return (
+        plan.ctx.device.type == "cuda"
+        and bool(getattr(plan.method, "chunkable", False))
+        and (not plan.side)
+    )
+
+
+def _pipeline(plan: MergePlan, sink: TensorSink, reader: TensorReader, progress: bool) -> None:
+    from mergeops.cuda_stream import CudaBackend
+    from mergeops.pipeline import SlicePipeline
+
+    method = plan.method
+    assert isinstance(method, mb.StreamingMethod)
+    bar = tqdm(total=len(plan.keys), desc=f"{method.name}: merging", unit="tensor",
+               disable=not progress, leave=False)  # fmt: skip
+
+    def host_job(key: str) -> Callable[[], None]:
+        def run() -> None:
+            if not plan.metas[key].dtype.is_floating_point:
+                sink(key, None, plan.reference.get(key))
+            else:
+                result = method.merge_tensor(reader.read(key), plan.ctx)
+                _emit(plan, sink, key, result.merged, result.extras)
+            bar.update()
+
+        return run
+
+    def finished(key: str, tensor: torch.Tensor) -> None:
+        sink(key, None, tensor)  # checked finite on the device by the pipeline
+        bar.update()
+
+    pipeline = SlicePipeline(plan, CudaBackend(plan.ctx.device), reader.prefetcher,
+                             host_job=host_job, sink=finished)  # fmt: skip
+    try:
+        pipeline.run()
+    finally:
+        bar.close()
+        reader.bytes_read += pipeline.bytes_read
 
 
 def _whole(plan: MergePlan, sink: TensorSink) -> None:
@@ -129,29 +161,32 @@ def _whole(plan: MergePlan, sink: TensorSink) -> None:
     for key in plan.keys:
         if key not in result.merged:
             raise mb.MergeError(f"method '{method.name}' returned no tensor '{key}'")
-        sink(key, None, result.merged[key].to(_out_dtype(plan, key)))
-    for stream, tensors in result.extras.items():
-        for name, tensor in tensors.items():
-            sink(name, stream, tensor)
+        _emit(plan, sink, key, result.merged[key], {})
+    _emit(plan, sink, None, None, result.extras)
     method.finish(plan.ctx)
 
 
 def _emit(
     plan: MergePlan,
     sink: TensorSink,
-    key: str,
+    key: str | None,
     merged: torch.Tensor | None,
     extras: dict[str, dict[str, torch.Tensor]],
 ) -> None:
+    """Cast, check (finite, on the tensor's device) and send one tensor and its extras."""
     if merged is not None:
+        assert key is not None
         if tuple(merged.shape) != tuple(plan.metas[key].shape):
             raise mb.MergeError(
                 f"method '{plan.method.name}' produced shape {tuple(merged.shape)} for '{key}', "
                 f"expected {tuple(plan.metas[key].shape)}"
             )
-        sink(key, None, merged.to(_out_dtype(plan, key)))
+        out = merged.to(_out_dtype(plan, key))
+        finite.check_output(plan.ctx, key, out)
+        sink(key, None, out)
     for stream, tensors in extras.items():
         for name, tensor in tensors.items():
+            finite.check_output(plan.ctx, f"{stream}/{name}", tensor)
             sink(name, stream, tensor)
 
 
@@ -161,8 +196,9 @@ def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     Returns the number of bytes read.
     """
     _load_state(plan)
-    reader = _Reader(plan)
-    with torch.no_grad():
+    prefetcher = Prefetcher(enabled=plan.prefetch, max_bytes=plan.prefetch_bytes)
+    reader = TensorReader(plan, prefetcher)
+    with prefetcher, torch.no_grad():
         if plan.method.streaming:
             _stream(plan, sink, reader, progress)
         else:

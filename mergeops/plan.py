@@ -17,6 +17,7 @@ import torch
 from mergeops.device import resolve_device, resolve_dtype
 from mergeops.io.layouts import open_source
 from mergeops.methods import base as mb
+from mergeops.prefetch import DEFAULT_PREFETCH_BYTES
 from mergeops.sources import Objective, TensorMeta, TensorSource
 
 SourceLike = str | Path | TensorSource | Mapping[str, torch.Tensor]
@@ -35,6 +36,8 @@ class MergePlan:
     metas: dict[str, TensorMeta]
     state_path: Path | None = None
     raw_params: dict[str, Any] = field(default_factory=dict)
+    prefetch: bool = True
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
 
     @property
     def reference(self) -> TensorSource:
@@ -61,6 +64,8 @@ class PlanRequest:
     dtype: str | torch.dtype | None = None
     seed: int = 0
     lora: Literal["factors", "delta", "full"] = "factors"
+    prefetch: bool = True
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
 
 
 def build_plan(request: PlanRequest) -> MergePlan:
@@ -98,7 +103,12 @@ def build_plan(request: PlanRequest) -> MergePlan:
                 method.check_side_input(kind, source, key, metas[key])
     method.validate(ctx)
     state_path = Path(request.state_path) if request.state_path is not None else None
-    return MergePlan(method, ctx, models, base, side, keys, metas, state_path, dict(request.params))
+    if request.prefetch_bytes < 0:
+        raise mb.MergeError(f"prefetch_bytes must be >= 0, got {request.prefetch_bytes}")
+    return MergePlan(
+        method, ctx, models, base, side, keys, metas, state_path, dict(request.params),
+        prefetch=request.prefetch, prefetch_bytes=request.prefetch_bytes,
+    )  # fmt: skip
 
 
 def _open_models(request: PlanRequest, base: TensorSource | None) -> list[TensorSource]:
