@@ -1,10 +1,15 @@
-"""Merge inputs from the store: each checkpoint's files laid out as a local folder mergeops reads.
+"""Merge inputs from the store, as mergeops reads them: local files, or sources that range-read
+the store in place.
 
-A file store hands out its blob paths directly (no copy); any other store is downloaded once
-into a content-addressed cache under the work dir (``cache/blobs/<sha256>``), which a later
-merge of the same checkpoint reuses. The cache is bounded: ``prune_cache`` evicts the least
-recently used blobs beyond ``CKREG_CACHE_MAX_BYTES`` before each merge resolves its inputs. Each checkpoint gets a folder of links named like its
-files, so sharded checkpoints (``model.safetensors.index.json``) read as they were uploaded.
+A file store hands out its raw blob paths directly (no copy). Anything else (S3, a blob kept
+compressed at rest) is, by default (``CKREG_MERGE_INPUTS=stream``), read IN PLACE: a range-read
+``TensorSource`` built from the tensor index stored at ``complete`` fetches each row slice the
+engine asks for with one HTTP Range request, so nothing is downloaded and memory stays bounded.
+``CKREG_MERGE_INPUTS=cache`` downloads whole files once into a content-addressed cache under
+the work dir (``cache/blobs/<sha256>``), which later merges reuse; ``prune_cache`` evicts the
+least recently used blobs beyond ``CKREG_CACHE_MAX_BYTES``. Each cached checkpoint gets a folder
+of links named like its files, so sharded checkpoints read as they were uploaded. PEFT adapters
+(a small folder mergeops reads as one unit) always take the cache path.
 """
 
 from __future__ import annotations
@@ -13,31 +18,53 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from mergeops.io import open_source
 from mergeops.sources import TensorSource
 from registry.errors import InvalidState
-from registry.models import Artifact, ArtifactRole, Checkpoint
+from registry.models import Artifact, ArtifactRole, Checkpoint, CheckpointKind
+from registry.services.blobs import stored_blob
 from registry.services.common import checkpoint_files, load_ready_checkpoint
+from registry.services.tensors import checkpoint_tensor_source, file_tensor_source
 from registry.storage import ObjectStore
+from registry.storage.codecs import StoredBlob, iter_original
+
+InputMode = Literal["stream", "cache"]
+MergeInput = Path | TensorSource
+"""What a merge reads one checkpoint (or side artifact) from: a local path or a source."""
 
 
-def blob_path(*, store: ObjectStore, artifact: Artifact, cache_dir: Path) -> Path:
-    """A local path holding the artifact's bytes (the store's own file, or a cached download)."""
-    local = store.local_path(artifact.blob_key)
+def _local(store: ObjectStore, blob: StoredBlob) -> Path | None:
+    """The store's own file holding ``blob``'s original bytes, when there is one."""
+    return store.local_path(blob.key) if blob.codec == "raw" else None
+
+
+def blob_path(
+    *, store: ObjectStore, artifact: Artifact, cache_dir: Path, blob: StoredBlob | None = None
+) -> Path:
+    """A local path holding the artifact's original bytes (the store's own file, or a cached
+    download). ``blob`` is the file's ``StoredBlob`` (default: the row's blob, stored raw)."""
+    blob = blob or StoredBlob(artifact.blob_key, artifact.size)
+    local = _local(store, blob)
     if local is not None:
         return local
     target = cache_dir / "blobs" / artifact.sha256
     if target.is_file() and target.stat().st_size == artifact.size:
         os.utime(target)  # mark as recently used for prune_cache
         return target
+    fetch_file(store=store, blob=blob, target=target)
+    return target
+
+
+def fetch_file(*, store: ObjectStore, blob: StoredBlob, target: Path) -> Path:
+    """Write ``blob``'s original bytes to ``target`` atomically (a failed copy leaves nothing)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{artifact.sha256[:12]}-")
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:12]}-")
     try:
         with os.fdopen(fd, "wb") as handle:
-            for chunk in store.iter_bytes(artifact.blob_key):
+            for chunk in iter_original(store, blob):
                 handle.write(chunk)
         os.replace(partial, target)
     except BaseException:
@@ -78,7 +105,12 @@ def checkpoint_dir(
     folder.mkdir(parents=True, exist_ok=True)
     for artifact in files:
         link = folder / artifact.name
-        source = blob_path(store=store, artifact=artifact, cache_dir=cache_dir)
+        source = blob_path(
+            store=store,
+            artifact=artifact,
+            cache_dir=cache_dir,
+            blob=stored_blob(session, artifact),
+        )
         if link.is_symlink() and Path(os.readlink(link)) == source:
             continue
         link.unlink(missing_ok=True)
@@ -86,34 +118,84 @@ def checkpoint_dir(
     return folder
 
 
-def checkpoint_source(
-    *, session: Session, store: ObjectStore, checkpoint: Checkpoint, cache_dir: Path
-) -> TensorSource:
-    """A mergeops tensor source over a ready checkpoint, named after it."""
-    folder = checkpoint_dir(
-        session=session, store=store, checkpoint_id=checkpoint.id or 0, cache_dir=cache_dir
+def checkpoint_input(
+    *,
+    session: Session,
+    store: ObjectStore,
+    checkpoint: Checkpoint,
+    cache_dir: Path,
+    mode: InputMode = "stream",
+) -> MergeInput:
+    """What a merge reads ``checkpoint`` from: its folder of local files when the store holds
+    them raw (or ``mode`` is "cache", or it is a PEFT adapter), else a range-read source."""
+    checkpoint_id = checkpoint.id or 0
+    load_ready_checkpoint(session, checkpoint_id)
+    weights = [f for f in checkpoint_files(session, checkpoint_id) if f.role == "weights"]
+    in_place = all(_local(store, stored_blob(session, f)) is not None for f in weights)
+    if mode == "cache" or in_place or checkpoint.kind == CheckpointKind.adapter:
+        return checkpoint_dir(
+            session=session, store=store, checkpoint_id=checkpoint_id, cache_dir=cache_dir
+        )
+    return checkpoint_tensor_source(session=session, store=store, checkpoint_id=checkpoint_id)
+
+
+def _first_artifact(session: Session, checkpoint_id: int, role: ArtifactRole) -> Artifact | None:
+    query = (
+        select(Artifact)
+        .where(Artifact.checkpoint_id == checkpoint_id, Artifact.role == role)
+        .order_by(col(Artifact.id))
     )
-    weights = sorted(folder.glob("*.safetensors"))
-    has_index = any(folder.glob("*.safetensors.index.json"))
-    item = weights[0] if len(weights) == 1 and not has_index else folder
-    return open_source(item, name=checkpoint.name)
+    return session.exec(query).first()
+
+
+def artifact_input(
+    *,
+    session: Session,
+    store: ObjectStore,
+    checkpoint_id: int,
+    role: ArtifactRole,
+    cache_dir: Path,
+    mode: InputMode = "stream",
+) -> MergeInput | None:
+    """A checkpoint's (first) tensor artifact with ``role`` as a merge input (a local path, or
+    a range-read source when streaming), or None when it has none."""
+    artifact = _first_artifact(session, checkpoint_id, role)
+    if artifact is None:
+        return None
+    blob = stored_blob(session, artifact)
+    local = _local(store, blob)
+    if local is not None:
+        return local
+    if mode == "stream":
+        return file_tensor_source(session=session, store=store, artifact=artifact, name=role)
+    return blob_path(store=store, artifact=artifact, cache_dir=cache_dir, blob=blob)
 
 
 def artifact_file(
     *, session: Session, store: ObjectStore, checkpoint_id: int, role: ArtifactRole, cache_dir: Path
 ) -> Path | None:
     """Local path of a checkpoint's (first) artifact with ``role``, or None when it has none."""
-    from sqlmodel import col, select
-
-    query = (
-        select(Artifact)
-        .where(Artifact.checkpoint_id == checkpoint_id, Artifact.role == role)
-        .order_by(col(Artifact.id))
-    )
-    artifact = session.exec(query).first()
+    artifact = _first_artifact(session, checkpoint_id, role)
     if artifact is None:
         return None
-    return blob_path(store=store, artifact=artifact, cache_dir=cache_dir)
+    blob = stored_blob(session, artifact)
+    return blob_path(store=store, artifact=artifact, cache_dir=cache_dir, blob=blob)
+
+
+def copy_artifact(
+    *, session: Session, store: ObjectStore, checkpoint_id: int, role: ArtifactRole, target: Path
+) -> Path | None:
+    """Copy a checkpoint's (first) artifact with ``role`` to ``target`` (no cache involved);
+    None when it has none."""
+    artifact = _first_artifact(session, checkpoint_id, role)
+    if artifact is None:
+        return None
+    blob = stored_blob(session, artifact)
+    local = _local(store, blob)
+    if local is not None:
+        shutil.copyfile(local, target)
+        return target
+    return fetch_file(store=store, blob=blob, target=target)
 
 
 def clear_dir(path: Path) -> None:

@@ -1,7 +1,8 @@
-"""Turning a MergeRun row into what ``mergeops.merge_files`` needs: local sources and side inputs.
+"""Turning a MergeRun row into what ``mergeops.merge_files`` needs: its inputs and side inputs.
 
-Everything is resolved through registry services; the result holds only paths and plain values,
-so it can cross into Prefect tasks (and Dask workers) unchanged.
+Everything is resolved through registry services. Inputs are local paths, or (S3 stores, by
+default) range-read sources that stream the stored files in place (see ``flows.inputs``); both
+pickle, so the result crosses into Prefect tasks (and Dask workers) unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from flows.inputs import artifact_file, checkpoint_dir, prune_cache
+from flows.inputs import (
+    InputMode,
+    MergeInput,
+    artifact_input,
+    checkpoint_input,
+    copy_artifact,
+    prune_cache,
+)
 from flows.outputs import OutputSpec, output_name
 from mergeops.methods import base as mb
 from registry.errors import InvalidState
@@ -28,19 +36,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedMerge:
-    """A merge run resolved to local folders and plain values."""
+    """A merge run resolved to its inputs (local paths or range-read sources) and plain values."""
 
     run_id: int
     method: str
     params: dict[str, Any]
     work_dir: Path
-    models: list[Path]
+    models: list[MergeInput]
     model_names: list[str]
     model_params: list[dict[str, Any]]
     output: OutputSpec
-    base: Path | None = None
-    second_moments: list[Path] | None = None
-    fisher: list[Path] | None = None
+    base: MergeInput | None = None
+    second_moments: list[MergeInput] | None = None
+    fisher: list[MergeInput] | None = None
     metrics: list[float | None] | None = None
     state_path: Path | None = None
     evaluator: str | None = None
@@ -51,18 +59,18 @@ class PreparedMerge:
         return self.work_dir / "out"
 
     def input_kwargs(self) -> dict[str, Any]:
-        """The mergeops inputs of this run as plain values (paths as strings, so they pickle)."""
+        """The mergeops inputs of this run (paths as strings; sources as they are, they pickle)."""
         return {
             "method": self.method,
-            "models": [str(p) for p in self.models],
-            "base": str(self.base) if self.base is not None else None,
+            "models": [_plain(p) for p in self.models],
+            "base": _plain(self.base) if self.base is not None else None,
             "params": self.params,
             "model_params": self.model_params,
             "model_names": self.model_names,
-            "second_moments": [str(p) for p in self.second_moments]
+            "second_moments": [_plain(p) for p in self.second_moments]
             if self.second_moments
             else None,
-            "fisher": [str(p) for p in self.fisher] if self.fisher else None,
+            "fisher": [_plain(p) for p in self.fisher] if self.fisher else None,
             "metrics": self.metrics,
         }
 
@@ -74,11 +82,15 @@ def prepare(
     work_root: Path,
     run_id: int,
     cache_max_bytes: int | None = None,
+    inputs: InputMode | None = None,
 ) -> PreparedMerge:
     """Resolve ``run_id``'s inputs, side inputs and state into a fresh work folder.
 
-    With ``cache_max_bytes``, the download cache is pruned to that size first.
+    With ``cache_max_bytes``, the download cache is pruned to that size first. ``inputs``:
+    "stream" (range-read remote inputs in place) or "cache" (download them); default: the
+    runtime's ``CKREG_MERGE_INPUTS``.
     """
+    mode = inputs or _input_mode()
     run = run_service.get_merge_run(session=session, run_id=run_id)
     method = mb.get_method(run.method)
     inputs = run_service.merge_run_inputs(session=session, run_id=run_id)
@@ -95,7 +107,7 @@ def prepare(
         method=run.method,
         params=dict(run.params),
         work_dir=work_dir,
-        models=[_folder(session, store, c, cache) for c in checkpoints],
+        models=[_input(session, store, c, cache, mode) for c in checkpoints],
         model_names=[c.name for c in checkpoints],
         model_params=[_model_params(i.params, i.weight) for i in inputs],
         output=OutputSpec(
@@ -103,21 +115,33 @@ def prepare(
             input_ids=[c.id or 0 for c in checkpoints],
             tasks=[c.task for c in checkpoints if c.task],
         ),
-        base=_folder(session, store, load_checkpoint(session, run.base_id), cache)
+        base=_input(session, store, load_checkpoint(session, run.base_id), cache, mode)
         if run.base_id is not None
         else None,
         evaluator=policy.evaluator if policy else run.evaluator,
         policy_name=policy.name if policy else None,
     )
-    _side_inputs(session, store, method, prepared, checkpoints, cache)
+    _side_inputs(session, store, method, prepared, checkpoints, (cache, mode))
     if mb.Need.STATE in method.needs:
-        _previous_state(session, store, run, prepared, cache)
+        _previous_state(session, store, run, prepared)
     return prepared
 
 
-def _folder(session: Session, store: ObjectStore, checkpoint: Checkpoint, cache: Path) -> Path:
-    return checkpoint_dir(
-        session=session, store=store, checkpoint_id=checkpoint.id or 0, cache_dir=cache
+def _input_mode() -> InputMode:
+    from flows.runtime import current_runtime
+
+    return current_runtime().settings.merge_inputs
+
+
+def _plain(item: MergeInput) -> Any:
+    return str(item) if isinstance(item, Path) else item
+
+
+def _input(
+    session: Session, store: ObjectStore, checkpoint: Checkpoint, cache: Path, mode: InputMode
+) -> MergeInput:
+    return checkpoint_input(
+        session=session, store=store, checkpoint=checkpoint, cache_dir=cache, mode=mode
     )
 
 
@@ -131,8 +155,9 @@ def _side_inputs(
     method: mb.MergeMethod,
     prepared: PreparedMerge,
     checkpoints: list[Checkpoint],
-    cache: Path,
+    where: tuple[Path, InputMode],
 ) -> None:
+    cache, mode = where
     wanted = {
         mb.Need.SECOND_MOMENTS: ArtifactRole.second_moment,
         mb.Need.FISHER: ArtifactRole.fisher,
@@ -142,15 +167,16 @@ def _side_inputs(
             continue
         paths = []
         for checkpoint in checkpoints:
-            path = artifact_file(
+            path = artifact_input(
                 session=session,
                 store=store,
                 checkpoint_id=checkpoint.id or 0,
                 role=role,
                 cache_dir=cache,
+                mode=mode,
             )
             if path is None and need == mb.Need.FISHER and prepared.evaluator:
-                path = _estimate_fisher(session, store, checkpoint, prepared, cache)
+                path = _estimate_fisher(session, store, checkpoint, prepared, where)
             if path is None:
                 raise InvalidState(
                     f"method '{method.name}' needs a '{role}' artifact; checkpoint "
@@ -170,7 +196,7 @@ def _estimate_fisher(
     store: ObjectStore,
     checkpoint: Checkpoint,
     prepared: PreparedMerge,
-    cache: Path,
+    where: tuple[Path, InputMode],
 ) -> Path:
     """Estimate a checkpoint's diagonal Fisher with the run's evaluator and keep it as an artifact."""
     import torch
@@ -182,8 +208,8 @@ def _estimate_fisher(
     from registry.services import artifacts
 
     assert prepared.evaluator is not None
-    folder = _folder(session, store, checkpoint, cache)
-    state = mb.load_state_dict(open_source(folder), torch.device("cpu"))
+    model = _input(session, store, checkpoint, *where)
+    state = mb.load_state_dict(open_source(_plain(model)), torch.device("cpu"))
     fisher = load_evaluator(prepared.evaluator).fisher(state)
     path = prepared.work_dir / f"fisher-{checkpoint.id}.safetensors"
     write_safetensors(path, {k: v.detach().float() for k, v in fisher.items()})
@@ -218,7 +244,7 @@ def _metric(session: Session, checkpoint: Checkpoint, params: dict[str, Any]) ->
 
 
 def _previous_state(
-    session: Session, store: ObjectStore, run: MergeRun, prepared: PreparedMerge, cache: Path
+    session: Session, store: ObjectStore, run: MergeRun, prepared: PreparedMerge
 ) -> None:
     """Copy the policy's last merge_state (if any) where the engine resumes from it."""
     prepared.state_path = prepared.work_dir / "merge_state.safetensors"
@@ -228,15 +254,12 @@ def _previous_state(
     last = run_service.last_succeeded_run(session=session, policy_id=run.policy_id)
     if last is None or last.output_checkpoint_id is None:
         return
-    path = artifact_file(
+    path = copy_artifact(
         session=session,
         store=store,
         checkpoint_id=last.output_checkpoint_id,
         role=ArtifactRole.merge_state,
-        cache_dir=cache,
+        target=prepared.state_path,
     )
-    parent = None
-    if path is not None:
-        shutil.copyfile(path, prepared.state_path)
-        parent = last.output_checkpoint_id
+    parent = last.output_checkpoint_id if path is not None else None
     prepared.output = replace(prepared.output, state_parent_id=parent)

@@ -14,8 +14,9 @@ from sqlmodel import Session
 
 from mergeops.sources import TensorSource
 from registry.errors import InvalidInput, NotFound
-from registry.models import ArtifactRole, CheckpointStatus
+from registry.models import Artifact, ArtifactRole, CheckpointStatus
 from registry.services.artifacts import find_artifact
+from registry.services.blobs import stored_blob
 from registry.services.common import checkpoint_files, load_checkpoint
 from registry.storage import ObjectStore
 from registry.storage.range_source import BlobTensorSource, ShardedBlobTensorSource
@@ -41,7 +42,8 @@ def checkpoint_tensor_source(
     checkpoint_id: int,
     role: ArtifactRole | str = ArtifactRole.weights,
 ) -> TensorSource:
-    """A range-reading ``TensorSource`` over a checkpoint's weights or one of its artifacts."""
+    """A range-reading ``TensorSource`` (with row reads) over a checkpoint's weights or one of
+    its artifacts; tensors are located by the index stored at ``complete`` (no header reads)."""
     checkpoint = load_checkpoint(session, checkpoint_id)
     if checkpoint.status == CheckpointStatus.deleted:
         raise NotFound(f"checkpoint {checkpoint_id} '{checkpoint.name}' is deleted")
@@ -52,16 +54,31 @@ def checkpoint_tensor_source(
         artifact = find_artifact(session=session, checkpoint_id=checkpoint_id, role=role)
         if artifact is None:
             raise NotFound(f"checkpoint {checkpoint_id} '{checkpoint.name}' has no {role} artifact")
-        return BlobTensorSource(store, artifact.blob_key, checkpoint.name)
+        return file_tensor_source(
+            session=session, store=store, artifact=artifact, name=checkpoint.name
+        )
     weights = [
         a for a in checkpoint_files(session, checkpoint_id) if a.role == ArtifactRole.weights
     ]
     if not weights:
         raise NotFound(f"checkpoint {checkpoint_id} '{checkpoint.name}' has no weights")
     if len(weights) == 1:
-        return BlobTensorSource(store, weights[0].blob_key, checkpoint.name)
-    weight_map = {tensor: a.blob_key for a in weights for tensor in a.tensor_index}
-    return ShardedBlobTensorSource(store, weight_map, checkpoint.name)
+        return file_tensor_source(
+            session=session, store=store, artifact=weights[0], name=checkpoint.name
+        )
+    blobs = {a.blob_key: stored_blob(session, a) for a in weights}
+    weight_map = {tensor: blobs[a.blob_key] for a in weights for tensor in a.tensor_index}
+    indexes = {a.blob_key: a.tensor_index for a in weights if a.tensor_index}
+    return ShardedBlobTensorSource(store, weight_map, checkpoint.name, indexes=indexes)
+
+
+def file_tensor_source(
+    *, session: Session, store: ObjectStore, artifact: Artifact, name: str
+) -> BlobTensorSource:
+    """A range-reading source over one stored file, by its stored tensor index when it has one."""
+    return BlobTensorSource(
+        store, stored_blob(session, artifact), name, index=artifact.tensor_index or None
+    )
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

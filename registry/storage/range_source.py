@@ -1,117 +1,104 @@
 """mergeops ``TensorSource`` adapters that read safetensors blobs from an object store by range.
 
-Only the header and the requested tensor's bytes are fetched, so a merge can stream a checkpoint
-from S3 without downloading it. ``ShardedBlobTensorSource`` spans the shards of one checkpoint.
+A merge streams a checkpoint straight from S3: ``get_rows(name, start, stop)`` fetches exactly
+the byte span of those rows with one range request, ``get(name)`` one tensor's bytes. Where the
+tensors are comes from the TENSOR INDEX stored on the file row at ``complete`` (no request at
+all); without one, the file's header is read from the store once. Every byte goes through
+``registry.storage.codecs`` (a blob stored compressed reads the same). Sources are safe to
+share between threads (the engine's prefetch reads several inputs at once): they keep no
+per-read state, and their fetch counters are locked. ``ShardedBlobTensorSource`` spans the
+shards of one checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from mergeops.sources import TensorMeta
-from registry.safetensors_check import TORCH_DTYPES
 from registry.storage.base import ObjectStore, StorageError
+from registry.storage.codecs import StoredBlob, iter_original
+from registry.storage.tensor_index import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DTYPES,
+    SafetensorsHeaderError,
+    TensorEntry,
+    TensorIndexError,
+    entries_from_header,
+    entries_from_index,
+)
 
-DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-DTYPES = TORCH_DTYPES
-
-
-class SafetensorsHeaderError(StorageError, ValueError):
-    """A blob whose safetensors header is malformed, oversized or inconsistent."""
-
-
-class _Entry:
-    __slots__ = ("begin", "dtype", "end", "shape")
-
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> None:
-        self.dtype, self.shape, self.begin, self.end = dtype, shape, begin, end
+__all__ = [
+    "DEFAULT_MAX_HEADER_BYTES",
+    "DTYPES",
+    "BlobTensorSource",
+    "FetchStats",
+    "SafetensorsHeaderError",
+    "ShardedBlobTensorSource",
+    "TensorIndexError",
+]
 
 
-def _parse_entry(where: str, name: str, raw: Any, data_size: int) -> _Entry:
-    """Validate one header entry: known dtype, int shape, offsets inside the data and sized right."""
-    if not isinstance(raw, dict):
-        raise SafetensorsHeaderError(f"{where}: entry for tensor '{name}' is not an object")
-    dtype = DTYPES.get(raw.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
-        raise SafetensorsHeaderError(
-            f"{where}: tensor '{name}' has unsupported dtype {raw.get('dtype')!r}; "
-            f"supported: {', '.join(sorted(DTYPES))}"
-        )
-    shape, offsets = raw.get("shape"), raw.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise SafetensorsHeaderError(f"{where}: tensor '{name}' has invalid shape {shape!r}")
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    ):
-        raise SafetensorsHeaderError(
-            f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}"
-        )
-    begin, end = offsets
-    expected = math.prod(shape) * dtype.itemsize
-    if not 0 <= begin <= end <= data_size or end - begin != expected:
-        raise SafetensorsHeaderError(
-            f"{where}: tensor '{name}' data_offsets {offsets} do not fit shape {tuple(shape)} "
-            f"({expected} bytes) inside {data_size} data bytes"
-        )
-    return _Entry(dtype, tuple(shape), begin, end)
+class FetchStats:
+    """Bytes and range requests a source (or all shards of one checkpoint) fetched; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.requests = 0
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self.bytes += size
+            self.requests += 1
 
 
 class BlobTensorSource:
-    """One safetensors blob as a ``TensorSource``; the header is read once, tensors on demand."""
+    """One safetensors file in the store as a ``TensorSource`` with row reads.
+
+    ``blob`` is the file's ``StoredBlob`` (a bare key is read raw, its size asked from the
+    store); ``index`` is the stored tensor index (then no header is read).
+    """
 
     def __init__(
         self,
         store: ObjectStore,
-        key: str,
+        blob: StoredBlob | str,
         name: str,
         *,
+        index: Mapping[str, Any] | None = None,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        stats: FetchStats | None = None,
     ) -> None:
         if sys.byteorder != "little":
             raise StorageError(
                 "safetensors data is little-endian; big-endian hosts are unsupported"
             )
+        if isinstance(blob, str):
+            blob = StoredBlob(blob, store.size(blob))
         self.name = name
         self.store = store
-        self.key = key
-        self._where = f"safetensors blob '{key}' (source '{name}')"
-        self._entries, self.file_metadata = self._read_header(max_header_bytes)
-
-    def _read_header(self, max_header_bytes: int) -> tuple[dict[str, _Entry], dict[str, str]]:
-        total = self.store.size(self.key)
-        if total < 8:
-            raise SafetensorsHeaderError(f"{self._where} is {total} bytes, too short for a header")
-        (length,) = struct.unpack("<Q", self.store.read_range(self.key, 0, 8))
-        if length > max_header_bytes or 8 + length > total:
-            raise SafetensorsHeaderError(
-                f"{self._where}: header length {length} exceeds the limit {max_header_bytes} "
-                f"or the blob size {total}"
+        self.blob = blob
+        self.key = blob.key
+        self.stats = stats if stats is not None else FetchStats()
+        self._where = f"safetensors blob '{blob.key}' (source '{name}')"
+        self.file_metadata: dict[str, str] = {}
+        if index is not None:
+            self._entries = entries_from_index(self._where, index, blob.size)
+        else:
+            self._entries, self.file_metadata = entries_from_header(
+                store, blob, self._where, max_header_bytes
             )
-        try:
-            header = json.loads(self.store.read_range(self.key, 8, length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SafetensorsHeaderError(
-                f"{self._where}: header is not valid JSON ({exc})"
-            ) from None
-        if not isinstance(header, dict):
-            raise SafetensorsHeaderError(f"{self._where}: header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + length
-        data_size = total - self._data_start
-        entries = {
-            name: _parse_entry(self._where, name, raw, data_size) for name, raw in header.items()
-        }
-        return entries, {str(k): str(v) for k, v in dict(metadata).items()}
 
-    def _entry(self, key: str) -> _Entry:
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles (to Dask workers) as where to read from, not as an open client.
+        return (_reopen_blob, (store_spec(self.store), self.blob, self.name, self.index()))
+
+    def _entry(self, key: str) -> TensorEntry:
         try:
             return self._entries[key]
         except KeyError:
@@ -121,44 +108,90 @@ class BlobTensorSource:
         """Tensor names, sorted."""
         return sorted(self._entries)
 
+    def index(self) -> dict[str, dict[str, Any]]:
+        """The tensor index this source reads by (stored-index JSON form)."""
+        return {name: entry.as_json() for name, entry in self._entries.items()}
+
     def metadata(self, key: str) -> TensorMeta:
-        """Dtype and shape from the header; no data is read."""
+        """Dtype and shape from the index; no data is read."""
         entry = self._entry(key)
         return TensorMeta(dtype=entry.dtype, shape=entry.shape)
 
     def get(self, key: str) -> torch.Tensor:
-        """Range-read one tensor's bytes and return it as a CPU tensor."""
+        """One whole tensor (one range request)."""
         entry = self._entry(key)
-        if entry.end == entry.begin:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        # Fill one preallocated buffer chunk by chunk: peak memory is the tensor plus one chunk.
-        raw = bytearray(entry.end - entry.begin)
-        view, filled = memoryview(raw), 0
-        start = self._data_start + entry.begin
-        for chunk in self.store.iter_bytes(self.key, start=start, end=start + len(raw)):
+        return self._read(key, entry.begin, entry.end, entry.dtype, entry.shape)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension, clamped like a slice) of one tensor, fetched
+        as exactly their byte span with one range request."""
+        entry = self._entry(key)
+        if not entry.shape:
+            raise ValueError(f"tensor '{key}' of source '{self.name}' is a scalar; it has no rows")
+        count = entry.shape[0]
+        start, stop = max(0, min(start, count)), max(0, min(stop, count))
+        stop = max(start, stop)
+        first = entry.begin + start * entry.row_bytes
+        last = entry.begin + stop * entry.row_bytes
+        return self._read(key, first, last, entry.dtype, (stop - start, *entry.shape[1:]))
+
+    def _read(
+        self, key: str, first: int, last: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Bytes ``[first, last)`` of the original file as a tensor, filled into one buffer."""
+        size = last - first
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(size)
+        view, filled = memoryview(buffer), 0
+        for chunk in iter_original(self.store, self.blob, start=first, end=last):
+            if filled + len(chunk) > size:
+                raise StorageError(f"long read of tensor '{key}' from {self._where}")
             view[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
-        if filled != len(raw):
-            raise StorageError(f"short read of tensor '{key}' from {self._where}")
-        return torch.frombuffer(raw, dtype=entry.dtype).reshape(entry.shape)
+        if filled != size:
+            raise StorageError(
+                f"short read of tensor '{key}' from {self._where}: {filled} of {size} bytes"
+            )
+        self.stats.add(size)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 class ShardedBlobTensorSource:
-    """A sharded checkpoint (tensor name -> blob key) as one ``TensorSource``."""
+    """A sharded checkpoint (tensor name -> shard) as one ``TensorSource`` with row reads.
+
+    Shards are given as ``StoredBlob``s (or bare keys) with their stored tensor indexes
+    (``indexes``, blob key -> index); a shard without one has its header read when first used.
+    """
 
     def __init__(
         self,
         store: ObjectStore,
-        weight_map: Mapping[str, str],
+        weight_map: Mapping[str, StoredBlob | str],
         name: str,
         *,
+        indexes: Mapping[str, Mapping[str, Any]] | None = None,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         self.name = name
         self.store = store
+        self.stats = FetchStats()
         self._weight_map = dict(weight_map)
+        self._indexes = dict(indexes or {})
         self._max_header_bytes = max_header_bytes
         self._shards: dict[str, BlobTensorSource] = {}
+        self._lock = threading.Lock()
+        for tensor, shard in self._weight_map.items():
+            index = self._indexes.get(_key(shard))
+            if index is not None and tensor not in index:
+                raise TensorIndexError(
+                    f"source '{name}': tensor '{tensor}' is mapped to shard '{_key(shard)}' "
+                    "whose tensor index does not list it"
+                )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = (self._weight_map, self.name, self._indexes, self._max_header_bytes)
+        return (_reopen_sharded, (store_spec(self.store), *state))
 
     @classmethod
     def from_index(
@@ -179,12 +212,18 @@ class ShardedBlobTensorSource:
         blob = self._weight_map.get(key)
         if blob is None:
             raise KeyError(f"tensor '{key}' not found in source '{self.name}'")
-        shard = self._shards.get(blob)
-        if shard is None:
-            shard = BlobTensorSource(
-                self.store, blob, self.name, max_header_bytes=self._max_header_bytes
-            )
-            self._shards[blob] = shard
+        with self._lock:  # two prefetch threads must not open the same shard twice
+            shard = self._shards.get(_key(blob))
+            if shard is None:
+                shard = BlobTensorSource(
+                    self.store,
+                    blob,
+                    self.name,
+                    index=self._indexes.get(_key(blob)),
+                    max_header_bytes=self._max_header_bytes,
+                    stats=self.stats,
+                )
+                self._shards[_key(blob)] = shard
         return shard
 
     def keys(self) -> list[str]:
@@ -192,9 +231,60 @@ class ShardedBlobTensorSource:
         return sorted(self._weight_map)
 
     def metadata(self, key: str) -> TensorMeta:
-        """Dtype and shape from the owning shard's header."""
+        """Dtype and shape from the owning shard's index."""
         return self._shard_for(key).metadata(key)
 
     def get(self, key: str) -> torch.Tensor:
-        """Range-read one tensor from the shard that holds it."""
+        """One whole tensor from the shard that holds it."""
         return self._shard_for(key).get(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor from the shard that holds it (one range request)."""
+        return self._shard_for(key).get_rows(key, start, stop)
+
+
+def _key(blob: StoredBlob | str) -> str:
+    return blob if isinstance(blob, str) else blob.key
+
+
+_STORES: dict[tuple[Any, ...], ObjectStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def store_spec(store: ObjectStore) -> tuple[Any, ...]:
+    """How to open ``store`` again in another process: its URL and, for S3, endpoint, region
+    and part size. Credentials are not part of it (the other side uses boto3's usual chain)."""
+    client = getattr(store, "client", None)
+    if client is None:
+        return (store.url,)
+    return (store.url, client.meta.endpoint_url, client.meta.region_name, store.part_size)  # type: ignore[attr-defined]
+
+
+def open_spec(spec: tuple[Any, ...]) -> ObjectStore:
+    """The store ``spec`` names; one per process and spec, so every source shares its client."""
+    from registry.storage import open_store
+
+    with _STORES_LOCK:
+        store = _STORES.get(spec)
+        if store is None:
+            options = dict(zip(("endpoint_url", "region", "part_size"), spec[1:], strict=False))
+            store = _STORES[spec] = open_store(spec[0], **options)
+        return store
+
+
+def _reopen_blob(
+    spec: tuple[Any, ...], blob: StoredBlob, name: str, index: Mapping[str, Any]
+) -> BlobTensorSource:
+    return BlobTensorSource(open_spec(spec), blob, name, index=index)
+
+
+def _reopen_sharded(
+    spec: tuple[Any, ...],
+    weight_map: Mapping[str, StoredBlob | str],
+    name: str,
+    indexes: Mapping[str, Mapping[str, Any]],
+    max_header_bytes: int,
+) -> ShardedBlobTensorSource:
+    return ShardedBlobTensorSource(
+        open_spec(spec), weight_map, name, indexes=indexes, max_header_bytes=max_header_bytes
+    )
