@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     # Bound on the merge-input download cache (S3 stores only; file stores are read in place).
     cache_max_bytes: int = 20 * 1024**3
+    # How merges read inputs a store cannot hand out as local files (S3, compressed blobs):
+    # "stream" range-reads rows in place (no download), "cache" downloads them into the cache.
+    merge_inputs: Literal["stream", "cache"] = "stream"
     # The digits model zoo used by the `digits` evaluator (default: <home>/zoo/digits-seed0).
     zoo_dir: Path | None = None
 
