@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from flows.cli_admin import admin_app
 from flows.cli_policies import policy_app
 from registry.settings import get_settings
 
@@ -21,6 +22,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 app.add_typer(policy_app, name="policy")
 app.add_typer(mlflow_app, name="mlflow")
+app.registered_commands.extend(admin_app.registered_commands)  # gc, delete
 
 
 def _mount_client_commands() -> None:

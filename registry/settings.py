@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     merge_inputs: Literal["stream", "cache"] = "stream"
     # The digits model zoo used by the `digits` evaluator (default: <home>/zoo/digits-seed0).
     zoo_dir: Path | None = None
+    # Storage lifecycle (`ckreg gc`): unreferenced blobs younger than the grace period are never
+    # deleted; uploads not completed within the TTL are aborted and their temp objects removed.
+    gc_grace_s: float = Field(default=3600.0, ge=0)
+    upload_ttl_s: float = Field(default=24 * 3600.0, ge=0)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from registry.api.errors import install_error_handlers
 from registry.api.routes import (
+    admin,
     artifacts,
     checkpoints,
     files,
@@ -67,4 +68,5 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
     app.include_router(health.router, prefix=API_PREFIX)
     for module in (checkpoints, files, uploads, artifacts, metrics, task_vectors, policies, merges):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(admin.router, prefix=API_PREFIX)
     return app

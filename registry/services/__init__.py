@@ -14,7 +14,7 @@ from registry.services.checkpoints import (
     list_checkpoints,
 )
 from registry.services.completion import complete_checkpoint, fail_checkpoint, register_directory
-from registry.services.deletion import delete_checkpoint
+from registry.services.deletion import DeletionReport, delete_checkpoint, delete_checkpoint_report
 from registry.services.files import (
     StoredFile,
     add_file_by_reference,
@@ -23,6 +23,7 @@ from registry.services.files import (
     get_checkpoint_file,
     stream_artifact,
 )
+from registry.services.gc import GcReport, collect_garbage
 from registry.services.lineage import add_lineage_edges, get_lineage
 from registry.services.metrics import add_metrics, list_metrics
 from registry.services.task_vectors import Similarity, compute_task_vector, similar_checkpoints
@@ -30,6 +31,8 @@ from registry.services.tensors import checkpoint_tensor_source
 from registry.services.tokens import authenticate, create_token, list_tokens, revoke_token
 
 __all__ = [
+    "DeletionReport",
+    "GcReport",
     "Similarity",
     "StoredFile",
     "add_artifact",
@@ -43,11 +46,13 @@ __all__ = [
     "checkpoint_public",
     "checkpoint_tensor_source",
     "checkpoints_public",
+    "collect_garbage",
     "complete_checkpoint",
     "compute_task_vector",
     "create_checkpoint",
     "create_token",
     "delete_checkpoint",
+    "delete_checkpoint_report",
     "fail_checkpoint",
     "get_artifact",
     "get_checkpoint",

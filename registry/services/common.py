@@ -1,4 +1,4 @@
-"""Shared service helpers: loading rows with domain errors, name checks, blob garbage collection."""
+"""Shared service helpers: loading rows with domain errors, name checks, releasing blobs to gc."""
 
 from __future__ import annotations
 
@@ -73,16 +73,19 @@ def checkpoint_files(session: Session, checkpoint_id: int) -> list[Artifact]:
 
 
 def release_blobs(*, session: Session, store: ObjectStore, keys: Iterable[str]) -> list[str]:
-    """Delete the blobs among ``keys`` that no artifact row references any more; returns them.
+    """The blobs among ``keys`` that no artifact row references any more, sorted.
 
-    Call after committing the row changes, so a blob shared with another checkpoint survives.
+    They are released to garbage collection (``registry.services.gc``), which deletes them once
+    the grace period has passed; nothing is deleted here. Deleting inline is not safe: an upload
+    of the same content may have found the blob stored and be about to attach it, and only the
+    collector's grace period and re-checks cover that. Call after committing the row changes;
+    ``store`` is the store the keys live in (kept for the callers, not written to).
     """
-    released: list[str] = []
-    for key in sorted(set(keys)):
-        still_used = session.exec(
-            select(Artifact.id).where(Artifact.blob_key == key).limit(1)
-        ).first()
-        if still_used is None:
-            store.delete(key)
-            released.append(key)
-    return released
+    del store  # nothing is deleted inline any more
+    wanted = sorted(set(keys))
+    if not wanted:
+        return []
+    named = set(
+        session.exec(select(Artifact.blob_key).where(col(Artifact.blob_key).in_(wanted))).all()
+    )
+    return [key for key in wanted if key not in named]

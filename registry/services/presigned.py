@@ -3,11 +3,14 @@
 ``start_presigned_upload`` hands out one presigned ``UploadPart`` URL per part for a temp object;
 ``complete_presigned_upload`` completes it, verifies size and sha256 by hashing the object once,
 moves it content-addressed and attaches it exactly like a streamed ``PUT`` would.
+``expire_uploads`` (run by garbage collection) aborts uploads never completed within the upload
+TTL (``CKREG_UPLOAD_TTL_S``) and removes the temp objects they left.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlmodel import Session
 
@@ -20,7 +23,7 @@ from registry.services.common import (
 )
 from registry.services.files import StoredFile, attach_file
 from registry.storage import ObjectStore, StorageIntegrityError
-from registry.storage.base import PresignedUpload
+from registry.storage.base import TMP_PREFIX, ObjectInfo, OpenUpload, PresignedUpload
 
 PRESIGN_EXPIRES = 3600
 
@@ -96,3 +99,19 @@ def abort_presigned_upload(
         raise PresignedUnsupported(f"presigned uploads need an S3 store; {store.url} is not one")
     load_checkpoint(session, checkpoint_id)
     store.abort_presigned_upload(upload_id)
+
+
+def expire_uploads(
+    *, store: ObjectStore, cutoff: datetime, dry_run: bool
+) -> tuple[list[OpenUpload], list[ObjectInfo]]:
+    """Abort multipart uploads last active (started, or sent a part) before ``cutoff`` and
+    remove temp objects (``tmp/``) last written before it; returns both lists (with
+    ``dry_run``, what would go)."""
+    stale_uploads = [upload for upload in store.open_uploads() if upload.last_active < cutoff]
+    stale_temps = [info for info in store.list_info(TMP_PREFIX) if info.modified < cutoff]
+    if dry_run:
+        return stale_uploads, stale_temps
+    for upload in stale_uploads:
+        store.abort_open_upload(upload)
+    removed = [info for info in stale_temps if store.delete_if_older(info.key, cutoff=cutoff)]
+    return stale_uploads, removed

@@ -3,6 +3,11 @@
 Implementations provide a small core (``put_stream``, ``size``, ``iter_bytes``, ``list``,
 ``delete``); everything else (``put_bytes``, ``put_file``, ``exists``, ``read_range``) is built
 on that core here, so the ``file://`` and ``s3://`` stores behave the same by construction.
+
+For garbage collection (``registry.services.gc``) every store also lists objects with their
+last-modified time (``list_info``, ``modified``), refreshes that time when an upload finds its
+content already stored (``touch``), and deletes an object only if it was not modified since a
+cutoff (``delete_if_older``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,6 +61,25 @@ class BlobInfo:
     sha256: str
     size: int
     created: bool
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object as listed: its key, size in bytes and last-modified time (UTC)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    """A multipart upload the store still holds open: store key, upload id, and when it was
+    last active (started, or received its newest part), in UTC."""
+
+    key: str
+    upload_id: str
+    last_active: datetime
 
 
 @dataclass(frozen=True)
@@ -199,6 +224,46 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; deleting a missing key is not an error."""
+
+    # -- lifecycle: what garbage collection needs ------------------------------------------
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """``ObjectInfo`` (key, size, last-modified) of every key starting with ``prefix``."""
+
+    @abstractmethod
+    def modified(self, key: str) -> datetime:
+        """When ``key`` was last written or touched, in UTC (``BlobNotFound`` when absent)."""
+
+    @abstractmethod
+    def touch(self, key: str) -> None:
+        """Set ``key``'s last-modified time to now (``BlobNotFound`` when absent).
+
+        Uploads that find their content already stored call this, so garbage collection treats
+        the blob as freshly written for a whole grace period.
+        """
+
+    def delete_if_older(self, key: str, *, cutoff: datetime) -> bool:
+        """Delete ``key`` only if it was last modified before ``cutoff``; True if deleted.
+
+        This default checks, then deletes; stores that can do better (the file store moves the
+        object aside first) close the gap between the two.
+        """
+        try:
+            if self.modified(key) >= cutoff:
+                return False
+        except BlobNotFound:
+            return False
+        self.delete(key)
+        return True
+
+    def open_uploads(self) -> Iterator[OpenUpload]:
+        """Multipart uploads the store holds open (none for stores without them)."""
+        return iter(())
+
+    def abort_open_upload(self, upload: OpenUpload) -> None:
+        """Abort one of ``open_uploads()`` (stores without multipart uploads have none)."""
+        raise NotImplementedError(f"{self!r} holds no multipart uploads; got {upload.key!r}")
 
     def put_bytes(self, data: bytes) -> BlobInfo:
         """Store ``data``; returns its ``BlobInfo``.

@@ -3,7 +3,9 @@
 Layout: ``<root>/blobs/sha256/<hex>`` for content, ``<root>/tmp/`` for uploads in flight.
 An upload is written to a temp file while hashing, then hard-linked into place: ``os.link``
 fails when the target exists, so identical content is stored once and a reader never sees a
-half-written blob.
+half-written blob. When the content is already there its mtime is refreshed instead (``touch``),
+and ``delete_if_older`` moves a blob aside before it looks at its mtime, so a concurrent upload
+either refreshed it first (the blob is put back) or finds it gone and links its own copy.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import errno
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -22,6 +25,7 @@ from registry.storage.base import (
     BlobInfo,
     BlobNotFound,
     HashingCounter,
+    ObjectInfo,
     ObjectStore,
     UnsafeKeyError,
     blob_key,
@@ -32,6 +36,20 @@ from registry.storage.base import (
 
 # Filesystems without hard links answer with one of these; we then fall back to rename.
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+_PUBLISH_TRIES = 3
+
+
+def _refresh(path: Path) -> bool:
+    """Set ``path``'s mtime to now; False when it does not exist (any more)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _mtime(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
 def root_from_file_url(url: str) -> Path:
@@ -97,19 +115,23 @@ class LocalObjectStore(ObjectStore):
 
     @staticmethod
     def _publish(tmp: Path, final: Path) -> bool:
-        """Move ``tmp`` to ``final`` unless it exists; True when this call created it."""
+        """Move ``tmp`` to ``final`` unless it exists (then touch it); True when this call created it."""
         final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(tmp, final)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_LINK_ERRNOS:
-                raise
+        for _ in range(_PUBLISH_TRIES):
+            try:
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                if _refresh(final):
+                    return False
+                # garbage collection removed it between the two calls: link our copy
+            except OSError as exc:
+                if exc.errno not in _NO_LINK_ERRNOS:
+                    raise
+                break
         # No hard links here: an atomic rename. Two racing writers may both report
         # created=True, but the bytes are identical and a reader never sees a torn file.
-        if final.exists():
+        if _refresh(final):
             return False
         os.replace(tmp, final)
         return True
@@ -172,6 +194,56 @@ class LocalObjectStore(ObjectStore):
         if path.is_dir():
             raise UnsafeKeyError(f"object key {key!r} names a directory in {self.url}")
         path.unlink(missing_ok=True)
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            path = self.root.joinpath(*key.split("/"))
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            yield ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+
+    def modified(self, key: str) -> datetime:
+        path = self._path(key)
+        try:
+            return _mtime(path)
+        except FileNotFoundError:
+            raise BlobNotFound(key, self.url) from None
+
+    def touch(self, key: str) -> None:
+        if not _refresh(self._path(key)):
+            raise BlobNotFound(key, self.url)
+
+    def delete_if_older(self, key: str, *, cutoff: datetime) -> bool:
+        """Move ``key`` aside (atomic), then delete it if its mtime is before ``cutoff``.
+
+        A ``touch`` that came before the move shows in the moved file's mtime, and the blob is
+        put back; one that comes after finds no file, so that upload links its own copy.
+        """
+        path = self._path(key)
+        if path.is_dir():
+            raise UnsafeKeyError(f"object key {key!r} names a directory in {self.url}")
+        aside = self.root / TMP_PREFIX / f"gc-{uuid.uuid4().hex}.trash"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            if _mtime(aside) < cutoff:
+                return True
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass  # an upload stored the same bytes again meanwhile
+            except OSError as exc:
+                if exc.errno not in _NO_LINK_ERRNOS:
+                    raise
+                if not path.exists():
+                    os.replace(aside, path)
+            return False
+        finally:
+            aside.unlink(missing_ok=True)
 
     def local_path(self, key: str) -> Path | None:
         """The blob's real file (read-only): callers may ``safe_open``/mmap it directly."""

@@ -7,7 +7,9 @@ recycled buffers of ``part_size``): straight to the final key when the caller de
 otherwise to ``<prefix>/tmp/<uuid>`` followed by a server-side multipart copy to the final key.
 Every write to a final key is conditional (``If-None-Match: *`` on ``PutObject`` and
 ``CompleteMultipartUpload``), so identical content is stored once even under concurrency, and a
-failed upload is aborted so it leaves nothing behind.
+failed upload is aborted so it leaves nothing behind. A write that finds its content already
+stored touches it (a copy onto itself refreshes ``LastModified``) so garbage collection sees it
+as freshly written; if it is gone by then, the write is made again.
 
 ``BlobInfo.created`` is exact on AWS S3, where conditional writes are atomic. On servers whose
 check is not atomic (moto) several racing first uploads may each report ``created=True``; the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -32,6 +35,9 @@ from registry.storage.base import (
     BlobNotFound,
     HashingCounter,
     InvalidRangeError,
+    ObjectInfo,
+    OpenUpload,
+    StorageError,
     blob_key,
     iter_chunks,
     resolve_range,
@@ -49,6 +55,7 @@ from registry.storage.s3_presign import PresignedUploads
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_COPY_PART = 5 * 1024**3
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_WRITE_TRIES = 3
 
 # Kept for callers and tests that reach the multipart helpers through this module.
 _MultipartUpload = MultipartUpload
@@ -114,7 +121,7 @@ class S3ObjectStore(PresignedUploads):
         expected_size: int | None = None,
     ) -> BlobInfo:
         counter = HashingCounter(expected_sha256=expected_sha256, expected_size=expected_size)
-        if expected_sha256 is not None and self.exists(blob_key(expected_sha256)):
+        if expected_sha256 is not None and self._refresh(blob_key(expected_sha256)):
             # Already stored: only verify what the caller sent, do not upload it again.
             for chunk in iter_chunks(chunks):
                 counter.update(chunk)
@@ -150,23 +157,39 @@ class S3ObjectStore(PresignedUploads):
         return MultipartUpload(self.client, self.bucket, self._full(target))
 
     def _put_small(self, data: bytes | bytearray, key: str) -> bool:
-        """One conditional ``PutObject``; False when the object already exists."""
+        """One conditional ``PutObject``; False (object touched) when it already exists."""
+        for _ in range(_WRITE_TRIES):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._full(key), Body=data, IfNoneMatch="*"
+                )
+            except ClientError as exc:
+                if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise
+                if self._refresh(key):
+                    return False
+                continue  # deleted by garbage collection just now: write it again
+            return True
+        raise StorageError(f"could not store '{key}' in {self.url}: it kept disappearing")
+
+    def _refresh(self, key: str) -> bool:
+        """Touch ``key``; False when it does not exist (any more)."""
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._full(key), Body=data, IfNoneMatch="*"
-            )
-        except ClientError as exc:
-            if error_code(exc) == "PreconditionFailed":
-                return False
-            if error_code(exc) == "ConditionalRequestConflict" and self.exists(key):
-                return False
-            raise
+            self.touch(key)
+        except BlobNotFound:
+            return False
         return True
 
     def _finish_multipart(self, upload: MultipartUpload, key: str, size: int) -> bool:
         """Complete ``upload`` and make its content live at ``key``; True when newly created."""
         if upload.key == self._full(key):
-            return upload.complete(if_absent=True)
+            if upload.complete(if_absent=True) is True:
+                return True
+            if self._refresh(key):
+                return False
+            raise StorageError(
+                f"'{key}' was garbage-collected while this upload completed; upload it again"
+            )
         upload.complete(if_absent=False)
         try:
             return self._copy_if_absent(upload.key, key, size)
@@ -179,14 +202,22 @@ class S3ObjectStore(PresignedUploads):
         A plain ``CopyObject`` is not conditional on every S3-compatible server (moto ignores
         ``IfNoneMatch`` there) and stops at 5 GiB; a multipart copy has neither problem.
         """
-        if self.exists(key):
-            return False
+        for _ in range(_WRITE_TRIES):
+            if self._refresh(key):
+                return False
+            if self._multipart_copy(source_full_key, key, size, if_absent=True):
+                return True
+        raise StorageError(f"could not store '{key}' in {self.url}: it kept disappearing")
+
+    def _multipart_copy(
+        self, source_full_key: str, key: str, size: int, *, if_absent: bool
+    ) -> bool:
         step = min(max(self.part_size, -(-size // MAX_PARTS)), MAX_COPY_PART)
         copy = MultipartUpload(self.client, self.bucket, self._full(key))
         try:
             for first in range(0, size, step):
                 copy.add_copy(source_full_key, first, min(first + step, size) - 1)
-            return copy.complete(if_absent=True)
+            return copy.complete(if_absent=if_absent)
         except BaseException:
             copy.abort()
             raise
@@ -251,3 +282,72 @@ class S3ObjectStore(PresignedUploads):
     def delete(self, key: str) -> None:
         validate_key(key)
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_key(prefix, allow_empty=True, trailing_slash=True)
+        full_prefix = self._full(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"])
+
+    def modified(self, key: str) -> datetime:
+        validate_key(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except ClientError as exc:
+            if error_code(exc) in _NOT_FOUND:
+                raise BlobNotFound(key, self.url) from None
+            raise
+        return head["LastModified"]  # type: ignore[no-any-return]
+
+    def touch(self, key: str) -> None:
+        """Copy ``key`` onto itself with fresh metadata, which sets ``LastModified`` to now."""
+        size = self.size(key)
+        full = self._full(key)
+        if size > MAX_COPY_PART:  # CopyObject stops at 5 GiB
+            if not self._multipart_copy(full, key, size, if_absent=False):
+                raise BlobNotFound(key, self.url)
+            return
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=full,
+                CopySource={"Bucket": self.bucket, "Key": full},
+                MetadataDirective="REPLACE",
+                Metadata={"ckreg-touched": datetime.now(UTC).isoformat()},
+            )
+        except ClientError as exc:
+            if error_code(exc) in _NOT_FOUND:
+                raise BlobNotFound(key, self.url) from None
+            raise
+
+    def open_uploads(self) -> Iterator[OpenUpload]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Uploads", []):
+                active = self._last_active(item["Key"], str(item["UploadId"]), item["Initiated"])
+                yield OpenUpload(item["Key"][strip:], str(item["UploadId"]), active)
+
+    def _last_active(self, full_key: str, upload_id: str, initiated: datetime) -> datetime:
+        """The newer of the upload's start and its newest part (some S3-compatible servers,
+        moto among them, report a fixed ``Initiated``; parts carry real times)."""
+        try:
+            reply = self.client.list_parts(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchUpload":
+                raise
+            return initiated
+        return max([initiated, *(part["LastModified"] for part in reply.get("Parts", []))])
+
+    def abort_open_upload(self, upload: OpenUpload) -> None:
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._full(upload.key), UploadId=upload.upload_id
+            )
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchUpload":
+                raise

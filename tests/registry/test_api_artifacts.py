@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load
 
+from registry.services import collect_garbage
 from tests.registry.registry_fixtures import *  # noqa: F403
 from tests.registry.registry_fixtures import Api, st_bytes, tiny_state
 
@@ -37,6 +38,10 @@ def test_artifact_upload_validation_and_download(api: Api) -> None:
         "'layers.0.weight'" in bad.json()["detail"]["message"]
         and "fisher.safetensors" in bad.json()["detail"]["message"]
     )
+    with api.env.session() as session:  # its blob was released to gc, which reclaims it
+        collect_garbage(
+            session=session, store=api.env.store, grace_s=0, upload_ttl_s=0, dry_run=False
+        )
     assert api.env.blobs() == blobs, "a rejected artifact leaves no blob"
     state = api.client.post(
         url,

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from registry.services import collect_garbage
 from tests.registry.registry_fixtures import *  # noqa: F403
 from tests.registry.registry_fixtures import Api, st_bytes, tiny_state
 
@@ -55,5 +56,9 @@ def test_upload_complete_download_over_s3(s3_api: Api) -> None:
     blobs = s3_api.env.blobs()
     done = s3_api.client.post(f"/api/v1/checkpoints/{bad['id']}/complete", headers=s3_api.headers)
     assert done.status_code == 422
+    with s3_api.env.session() as session:  # its blob was released to gc, which reclaims it
+        collect_garbage(
+            session=session, store=s3_api.env.store, grace_s=0, upload_ttl_s=0, dry_run=False
+        )
     assert len(s3_api.env.blobs()) == len(blobs) - 1, "the failed upload's blob is removed from S3"
     assert s3_api.client.get("/api/v1/readyz").json()["store"] == "ok"

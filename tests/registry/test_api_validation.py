@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from registry.services import collect_garbage
 from tests.registry.registry_fixtures import *  # noqa: F403
 from tests.registry.registry_fixtures import (
     Api,
@@ -231,6 +232,10 @@ def _assert_nothing_left(
     row = api.env.checkpoint(checkpoint_id)
     assert row.status == status
     assert api.env.artifact_rows(checkpoint_id) == []
+    with api.env.session() as session:  # released blobs go to gc, which reclaims them
+        collect_garbage(
+            session=session, store=api.env.store, grace_s=0, upload_ttl_s=0, dry_run=False
+        )
     assert api.env.blobs() == blobs_before, "no orphan blob may remain"
     listed = api.client.get("/api/v1/checkpoints", params={"status": "ready"}).json()["items"]
     assert checkpoint_id not in [item["id"] for item in listed]

@@ -1,10 +1,10 @@
 """Deletion: refused while a merged descendant depends on the checkpoint, unless forced;
-unshared blobs are released, shared ones kept."""
+unshared blobs are released to gc, shared ones kept."""
 
 from __future__ import annotations
 
 from registry.models import LineageCreate
-from registry.services import add_lineage_edges
+from registry.services import add_lineage_edges, collect_garbage
 from tests.registry.registry_fixtures import *  # noqa: F403
 from tests.registry.registry_fixtures import Api, st_bytes, tiny_state
 
@@ -46,7 +46,15 @@ def test_delete_refused_while_merged_descendant_depends(api: Api) -> None:
         and done.json()["status"] == "deleted"
         and done.json()["files"] == []
     )
-    # the finetune's weights and task vector are released; only the base's weights remain
+    # the finetune's weights and task vector are released to gc, which reclaims them; only the
+    # base's weights remain
+    released = done.json()["metadata"]["deletion"]["released_to_gc"]
+    assert len(released) == 2 and f"blobs/sha256/{base_blob}" not in released
+    assert set(released) <= set(api.env.blobs()), "released, not deleted inline"
+    with api.env.session() as session:
+        collect_garbage(
+            session=session, store=api.env.store, grace_s=0, upload_ttl_s=0, dry_run=False
+        )
     assert api.env.blobs() == [f"blobs/sha256/{base_blob}"]
     assert (
         api.client.get(f"/api/v1/checkpoints/{ft['id']}/files/model.safetensors").status_code == 404

@@ -14,6 +14,7 @@ from registry.services import (
     add_file_from_path,
     add_file_from_stream,
     checkpoint_tensor_source,
+    collect_garbage,
     complete_checkpoint,
     create_checkpoint,
     get_checkpoint,
@@ -97,6 +98,9 @@ def test_register_directory_failure_leaves_nothing(env: Env, tmp_path: Path) -> 
             )
         items, _ = list_checkpoints(session=session, status=CheckpointStatus.failed)
         assert [c.name for c in items] == ["bad"] and items[0].error
+        collect_garbage(
+            session=session, store=env.store, grace_s=0, upload_ttl_s=0, dry_run=False
+        )  # the released blob
     assert env.blobs() == [] and env.artifact_rows() == []
 
 

@@ -215,3 +215,51 @@ def test_failing_stream_leaves_nothing(store: ObjectStore) -> None:
     with pytest.raises(OSError, match="client went away"):
         store.put_stream(broken())
     assert list(store.list()) == []
+
+
+# -- lifecycle: what garbage collection relies on ---------------------------------------------
+
+
+def test_list_info_and_modified(store: ObjectStore) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    before = datetime.now(UTC) - timedelta(seconds=2)  # S3 reports whole seconds
+    info = store.put_bytes(b"listed with a time")
+    listed = list(store.list_info("blobs/"))
+    assert [(i.key, i.size) for i in listed] == [(info.key, len(b"listed with a time"))]
+    assert before <= listed[0].modified <= datetime.now(UTC) + timedelta(seconds=2)
+    assert store.modified(info.key) == listed[0].modified
+    assert list(store.list_info("nothing/")) == []
+    with pytest.raises(BlobNotFound):
+        store.modified(blob_key("0" * 64))
+    with pytest.raises(BlobNotFound):
+        store.touch(blob_key("0" * 64))
+    assert list(store.open_uploads()) == []
+
+
+def test_touch_and_duplicate_put_refresh_the_modified_time(store: ObjectStore) -> None:
+    import time
+
+    key = store.put_bytes(b"old content").key
+    first = store.modified(key)
+    time.sleep(1.1)  # S3's Last-Modified has one-second resolution
+    store.touch(key)
+    touched = store.modified(key)
+    assert touched > first
+    time.sleep(1.1)
+    again = store.put_bytes(b"old content")  # already stored: refreshed, not rewritten
+    assert not again.created and store.modified(key) > touched
+    assert b"".join(store.iter_bytes(key)) == b"old content"
+
+
+def test_delete_if_older(store: ObjectStore) -> None:
+    from datetime import timedelta
+
+    key = store.put_bytes(b"maybe garbage").key
+    written = store.modified(key)
+    assert not store.delete_if_older(key, cutoff=written), "modified at the cutoff: kept"
+    assert store.exists(key) and b"".join(store.iter_bytes(key)) == b"maybe garbage"
+    assert store.delete_if_older(key, cutoff=written + timedelta(seconds=1))
+    assert not store.exists(key) and list(store.list()) == []
+    assert not store.delete_if_older(key, cutoff=written + timedelta(seconds=1)), "already gone"
+    assert store.put_bytes(b"maybe garbage").created, "a re-upload after gc stores it again"

@@ -1,0 +1,68 @@
+"""Administration (admin-scoped tokens only): garbage collection of the object store."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from registry.api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
+from registry.services.gc import collect_garbage, report_summary
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class GcRequest(BaseModel):
+    """A collection; a dry run (the default) only reports. Periods default to the settings
+    (``CKREG_GC_GRACE_S``, ``CKREG_UPLOAD_TTL_S``)."""
+
+    dry_run: bool = True
+    grace_s: float | None = Field(default=None, ge=0)
+    upload_ttl_s: float | None = Field(default=None, ge=0)
+    limit: int = Field(default=1000, ge=0, le=100_000, description="Most keys listed per list.")
+
+
+class OrphanPublic(BaseModel):
+    key: str
+    size: int
+
+
+class GcResult(BaseModel):
+    """What was (or, in a dry run, would be) reclaimed; lists are cut to ``limit`` entries."""
+
+    dry_run: bool
+    grace_s: float
+    upload_ttl_s: float
+    scanned: int
+    referenced: int
+    young: int
+    orphan_count: int
+    orphan_bytes: int
+    orphans: list[OrphanPublic]
+    deleted_count: int
+    deleted_bytes: int
+    kept_on_recheck: list[str]
+    stale_uploads: list[str]
+    stale_temps: list[str]
+    pruned_rows: int
+    unresolved_rows: list[str]
+
+
+@router.post("/gc")
+def run_gc(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    _: AdminDep,
+    body: GcRequest | None = None,
+) -> GcResult:
+    request = body or GcRequest()
+    report = collect_garbage(
+        session=session,
+        store=store,
+        grace_s=settings.gc_grace_s if request.grace_s is None else request.grace_s,
+        upload_ttl_s=settings.upload_ttl_s
+        if request.upload_ttl_s is None
+        else request.upload_ttl_s,
+        dry_run=request.dry_run,
+    )
+    return GcResult.model_validate(report_summary(report, limit=request.limit))
