@@ -64,3 +64,25 @@ class Unauthenticated(RegistryError):
 
 class Forbidden(RegistryError):
     code = "forbidden"
+
+
+class UploadStalled(RegistryError):
+    """The client sent no body bytes for longer than the upload idle timeout."""
+
+    code = "upload_idle_timeout"
+
+
+class TooManyUploads(RegistryError):
+    """Upload refused for now: the token (or the server) has every upload slot in use."""
+
+    code = "too_many_uploads"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ClientDisconnected(RegistryError):
+    """The client went away before its request body was read in full."""
+
+    code = "client_disconnected"

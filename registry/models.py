@@ -28,6 +28,12 @@ SQLModel.metadata.naming_convention = {
 }
 
 
+# What the database's integer columns hold; API fields are bounded to it (422, not a 500).
+# Ids compare fine as 64-bit values; ``step`` columns are INTEGER (32 bits on PostgreSQL).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -101,10 +107,12 @@ class MergeRunStatus(StrEnum):
 class CheckpointBase(SQLModel):
     name: str = Field(min_length=1, max_length=255, index=True)
     kind: CheckpointKind = Field(sa_type=String(16))
-    base_id: int | None = Field(default=None, foreign_key="checkpoint.id", index=True)
+    base_id: int | None = Field(
+        default=None, foreign_key="checkpoint.id", index=True, ge=INT64_MIN, le=INT64_MAX
+    )
     task: str | None = Field(default=None, max_length=255, index=True)
     run: str | None = Field(default=None, max_length=255, index=True)
-    step: int | None = None
+    step: int | None = Field(default=None, ge=INT32_MIN, le=INT32_MAX)
 
 
 class CheckpointCreate(CheckpointBase):
@@ -201,7 +209,7 @@ class ArtifactPublic(ArtifactBase):
 class MetricBase(SQLModel):
     name: str = Field(min_length=1, max_length=255, index=True)
     value: float
-    step: int | None = None
+    step: int | None = Field(default=None, ge=INT32_MIN, le=INT32_MAX)
     dataset: str | None = Field(default=None, max_length=255)
     split: str | None = Field(default=None, max_length=64)
     source: MetricSource = Field(default=MetricSource.client, sa_type=String(16))

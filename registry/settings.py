@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     task_vectors_on_complete: bool = True
     # Registry server: reads need a 'read' token too when set (writes always need 'write').
     auth_reads: bool = False
+    # Registry server hardening (see README "Limits and hardening").
+    max_json_body_bytes: int = 1024 * 1024
+    max_metadata_bytes: int = 64 * 1024
+    upload_idle_timeout_s: float = 30.0
+    max_uploads_per_token: int = 8
+    max_concurrent_uploads: int = 64
+    upload_retry_after_s: int = 5
+    server_keep_alive_s: float = 5.0
     # Merge work: where merged outputs are staged before upload.
     work_dir: Path | None = None
     # Bound on the merge-input download cache (S3 stores only; file stores are read in place).

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from registry.api.body_guard import InputGuard
 from registry.api.errors import install_error_handlers
 from registry.api.routes import (
     admin,
@@ -21,6 +22,7 @@ from registry.api.routes import (
     task_vectors,
     uploads,
 )
+from registry.api.uploading import UploadSlots
 from registry.db import make_engine
 from registry.launcher import Launcher, NullLauncher
 from registry.settings import Settings
@@ -63,6 +65,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
     app.state.engine = engine
     app.state.store = open_settings_store(settings)
     app.state.launcher = launcher or NullLauncher()
+    app.state.upload_slots = UploadSlots.from_settings(settings)
+    app.add_middleware(InputGuard, max_body_bytes=settings.max_json_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(health.router, prefix=API_PREFIX)

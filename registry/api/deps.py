@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from typing import Annotated
 
-import anyio
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from sqlmodel import Session
 
 from registry import services
@@ -64,21 +63,8 @@ ReaderDep = Annotated[ApiToken | None, Depends(_reader)]
 WriterDep = Annotated[ApiToken, Depends(_require(TokenScope.write))]
 AdminDep = Annotated[ApiToken, Depends(_require(TokenScope.admin))]
 
-
-def body_chunks(request: Request) -> Iterator[bytes]:
-    """The request body as a blocking iterator, for services running in a worker thread.
-
-    Each chunk is pulled from the event loop with ``anyio.from_thread.run``, so the upload is
-    streamed into the store without buffering the whole body.
-    """
-    stream: AsyncIterator[bytes] = request.stream()
-
-    async def next_chunk() -> Any:
-        try:
-            return await stream.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    while (chunk := anyio.from_thread.run(next_chunk)) is not None:
-        if chunk:
-            yield chunk
+# Every integer in a path or query fits the database's 64-bit integers (else 422, not 500).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+RowId = Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX)]
+RowIdQuery = Annotated[int | None, Query(ge=INT64_MIN, le=INT64_MAX)]
+Offset = Annotated[int, Query(ge=0, le=INT64_MAX)]

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from registry.errors import (
     BaseMismatch,
+    ClientDisconnected,
     DependentsExist,
     Forbidden,
     InvalidInput,
     InvalidState,
     NotFound,
     RegistryError,
+    TooManyUploads,
     Unauthenticated,
+    UploadStalled,
     ValidationFailed,
 )
 from registry.storage import BlobNotFound, StorageError, UnsafeKeyError
@@ -28,6 +36,9 @@ STATUS: dict[type[Exception], int] = {
     DependentsExist: 409,
     Unauthenticated: 401,
     Forbidden: 403,
+    UploadStalled: 408,
+    ClientDisconnected: 400,
+    TooManyUploads: 429,
     BlobNotFound: 404,
     UnsafeKeyError: 422,
     StorageError: 502,
@@ -49,27 +60,78 @@ async def handle_domain_error(request: Request, exc: Exception) -> JSONResponse:
     }
     if isinstance(exc, ValidationFailed):
         detail.update(file=exc.file, tensor=exc.tensor)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    headers: dict[str, str] | None = None
+    if isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, TooManyUploads):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse({"detail": detail}, status_code=_status(exc), headers=headers)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by their text, so the response is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _brief_input(value: Any) -> Any:
+    """The refused input as echoed back: large values are cut, not returned whole."""
+    text = repr(value)
+    return value if len(text) <= 200 else text[:200] + "..."
 
 
 async def handle_request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed request fields, in the same error shape (the field path in the message)."""
+    errors = [{**error, "input": _brief_input(error.get("input"))} for error in exc.errors()]
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg')}"
-        for error in exc.errors()
+        f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg')}" for error in errors
     )
-    detail = {"error": "invalid_request", "message": problems, "errors": jsonable(exc.errors())}
+    detail = {"error": "invalid_request", "message": problems, "errors": jsonable(errors)}
     return JSONResponse({"detail": detail}, status_code=422)
 
 
 def jsonable(errors: object) -> object:
-    from fastapi.encoders import jsonable_encoder
+    return _finite(jsonable_encoder(errors))
 
-    return jsonable_encoder(errors)
+
+async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Routing errors (unknown path 404, wrong method 405, ...) in the documented shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return JSONResponse(
+        {"detail": {"error": code, "message": message}},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def handle_overflow(request: Request, exc: Exception) -> JSONResponse:
+    """A number too large for the database that slipped past the field bounds: 422, not 500."""
+    message = f"{request.method} {request.url.path}: a number is out of the database's range: {exc}"
+    return JSONResponse(
+        {"detail": {"error": "invalid_number", "message": message}}, status_code=422
+    )
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Last resort: a bug still answers in the documented shape (Starlette re-raises it after
+    this response, so the server logs the traceback once)."""
+    message = f"internal error handling {request.method} {request.url.path}"
+    return JSONResponse(
+        {"detail": {"error": "internal_error", "message": message}}, status_code=500
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RegistryError, handle_domain_error)
     app.add_exception_handler(StorageError, handle_domain_error)
     app.add_exception_handler(RequestValidationError, handle_request_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, handle_http_error)
+    app.add_exception_handler(OverflowError, handle_overflow)
+    app.add_exception_handler(Exception, handle_unexpected)

@@ -25,8 +25,12 @@ from registry.models import (
     FilePublic,
 )
 from registry.services.common import load_checkpoint
+from registry.services.validation import check_json_size, check_json_values, check_text
 
 MAX_PAGE = 1000
+
+
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 
 
 def _clean_tags(tags: Sequence[str]) -> list[str]:
@@ -35,17 +39,42 @@ def _clean_tags(tags: Sequence[str]) -> list[str]:
         value = tag.strip()
         if not value or len(value) > 255:
             raise InvalidInput(f"invalid tag {tag!r}: tags are 1-255 characters")
+        check_text(value, what="tag")
         if value not in cleaned:
             cleaned.append(value)
     return cleaned
 
 
-def create_checkpoint(*, session: Session, data: CheckpointCreate) -> Checkpoint:
+def _check_fields(data: CheckpointCreate, *, max_metadata_bytes: int) -> None:
+    """Names without control characters; metadata finite, int64-safe and within its size limit."""
+    check_text(data.name, what="checkpoint name")
+    check_text(data.task, what="task")
+    check_text(data.run, what="run")
+    check_json_values(data.step, what="step")
+    check_json_values(data.metadata, what="metadata")
+    check_json_size(data.metadata, what="metadata", limit=max_metadata_bytes)
+
+
+def _check_base(session: Session, base_id: int) -> None:
+    """A checkpoint's base must be ready: a pending base may still fail, a failed one never fits."""
+    base = load_checkpoint(session, base_id)
+    if base.status != CheckpointStatus.ready:
+        raise InvalidState(
+            f"base checkpoint {base.id} '{base.name}' is {base.status}; "
+            "complete the base before registering checkpoints on it"
+        )
+
+
+def create_checkpoint(
+    *,
+    session: Session,
+    data: CheckpointCreate,
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+) -> Checkpoint:
     """Insert a pending checkpoint (files come next, then ``complete_checkpoint``)."""
+    _check_fields(data, max_metadata_bytes=max_metadata_bytes)
     if data.base_id is not None:
-        base = load_checkpoint(session, data.base_id)
-        if base.status in (CheckpointStatus.failed, CheckpointStatus.deleted):
-            raise InvalidState(f"base checkpoint {base.id} '{base.name}' is {base.status}")
+        _check_base(session, data.base_id)
     tags = _clean_tags(data.tags)
     checkpoint = Checkpoint(
         name=data.name,
@@ -129,6 +158,29 @@ def file_public(artifact: Artifact, *, deduplicated: bool = False) -> FilePublic
     )
 
 
+def shared_blob_keys(session: Session, keys: Sequence[str]) -> set[str]:
+    """The ``keys`` that more than one artifact row references.
+
+    This is what a file's ``deduplicated`` flag means everywhere (upload answers and listings
+    alike): its bytes are stored once and shared with another file or artifact.
+    """
+    if not keys:
+        return set()
+    query = (
+        sa_select(col(Artifact.blob_key))
+        .where(col(Artifact.blob_key).in_(set(keys)))
+        .group_by(col(Artifact.blob_key))
+        .having(func.count() > 1)
+    )
+    return {key for (key,) in session.connection().execute(query).all()}
+
+
+def files_public(*, session: Session, artifacts: Sequence[Artifact]) -> list[FilePublic]:
+    """API forms of file rows, ``deduplicated`` when their blob is shared (``shared_blob_keys``)."""
+    shared = shared_blob_keys(session, [artifact.blob_key for artifact in artifacts])
+    return [file_public(a, deduplicated=a.blob_key in shared) for a in artifacts]
+
+
 _PUBLIC_PAGE = TypeAdapter(list[CheckpointPublic])
 
 
@@ -152,9 +204,17 @@ def _files_by_checkpoint(session: Session, ids: list[int]) -> dict[int, list[dic
         .where(col(Artifact.checkpoint_id).in_(ids), col(Artifact.role).in_(FILE_ROLES))
         .order_by(col(Artifact.name))
     )
-    for checkpoint_id, name, sha256, size, role in session.connection().execute(query).all():
+    rows = session.connection().execute(query.add_columns(col(Artifact.blob_key))).all()
+    shared = shared_blob_keys(session, [row[-1] for row in rows])
+    for checkpoint_id, name, sha256, size, role, key in rows:
         files[checkpoint_id].append(
-            {"name": name, "sha256": sha256, "size": size, "role": role, "deduplicated": False}
+            {
+                "name": name,
+                "sha256": sha256,
+                "size": size,
+                "role": role,
+                "deduplicated": key in shared,
+            }
         )
     return files
 

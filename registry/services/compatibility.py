@@ -1,6 +1,8 @@
 """Base compatibility: a checkpoint's tensors must fit the base it declares.
 
-Full fine-tunes and merged checkpoints: every tensor exists in the base with the same shape.
+Full fine-tunes and merged checkpoints: every tensor exists in the base with the same shape; a
+fine-tune's tensors also keep the base's dtype (a change would otherwise surface only at merge
+time; merged outputs may be written in another dtype on request).
 Adapters (PEFT LoRA) are checked loosely: for each ``<module>.lora_A/.lora_B`` pair whose base
 weight ``<module>.weight`` can be found, ``lora_A`` is ``(r, in)`` and ``lora_B`` is ``(out, r)``
 with ``(out, in)`` the base weight's shape; modules not found in the base are skipped, since
@@ -36,8 +38,17 @@ def tensor_shapes(session: Session, base: Checkpoint) -> Shapes:
     return shapes
 
 
+def tensor_dtypes(session: Session, base: Checkpoint) -> dict[str, str]:
+    """Tensor name -> safetensors dtype (``F32``, ``BF16``, ...) of a ready checkpoint's weights."""
+    return {
+        tensor: str(entry["dtype"])
+        for artifact in checkpoint_files(session, base.id or 0)
+        for tensor, entry in artifact.tensor_index.items()
+    }
+
+
 def _full_mismatches(
-    headers: Mapping[str, SafetensorsHeader], base: Shapes
+    headers: Mapping[str, SafetensorsHeader], base: Shapes, dtypes: Mapping[str, str]
 ) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
     for file, header in headers.items():
@@ -46,6 +57,8 @@ def _full_mismatches(
                 found.append((file, tensor, "missing in base"))
             elif tuple(entry.shape) != base[tensor]:
                 found.append((file, tensor, f"shape {tuple(entry.shape)} vs base {base[tensor]}"))
+            elif tensor in dtypes and entry.dtype != dtypes[tensor]:
+                found.append((file, tensor, f"dtype {entry.dtype} vs base {dtypes[tensor]}"))
     return found
 
 
@@ -105,6 +118,8 @@ def check_base_compatibility(
     if checkpoint.kind == CheckpointKind.adapter:
         mismatches = _adapter_mismatches(headers, shapes)
     else:
-        mismatches = _full_mismatches(headers, shapes)
+        # Merged outputs may be written in another dtype on request (mergekit's ``dtype``).
+        dtypes = tensor_dtypes(session, base) if checkpoint.kind == CheckpointKind.finetune else {}
+        mismatches = _full_mismatches(headers, shapes, dtypes)
     if mismatches:
         _raise(checkpoint, base, mismatches)

@@ -12,12 +12,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session, col, select
 
 from mergeops.methods import base as methods_base
 from registry.errors import InvalidInput, InvalidState, NotFound
 from registry.models import (
+    INT64_MAX,
+    INT64_MIN,
     Checkpoint,
     CheckpointStatus,
     MergeRun,
@@ -25,6 +27,7 @@ from registry.models import (
     MergeRunStatus,
 )
 from registry.services.evaluators import check_evaluator
+from registry.services.validation import check_json_values
 
 
 class MergeInputSpec(BaseModel):
@@ -32,9 +35,15 @@ class MergeInputSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    checkpoint_id: int
-    weight: float | None = None
+    checkpoint_id: int = Field(ge=INT64_MIN, le=INT64_MAX)
+    weight: float | None = Field(default=None, allow_inf_nan=False)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _finite_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _json_safe(value, what="params")
+        return value
 
 
 class MergeRequest(BaseModel):
@@ -44,9 +53,23 @@ class MergeRequest(BaseModel):
 
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    base_id: int | None = None
+    base_id: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     inputs: list[MergeInputSpec] = Field(min_length=1)
     evaluator: str | None = None
+
+    @field_validator("params")
+    @classmethod
+    def _finite_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _json_safe(value, what="params")
+        return value
+
+
+def _json_safe(value: Any, *, what: str) -> None:
+    """Non-finite numbers, out-of-range integers or NUL text in params: a validation error."""
+    try:
+        check_json_values(value, what=what)
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
 
 
 class MergeInputPublic(MergeInputSpec):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from sqlmodel import Session, col, select
@@ -9,6 +10,7 @@ from sqlmodel import Session, col, select
 from registry.errors import InvalidInput
 from registry.models import Metric, MetricCreate, MetricSource
 from registry.services.common import load_checkpoint
+from registry.services.validation import check_text
 
 
 def add_metrics(
@@ -18,10 +20,12 @@ def add_metrics(
     checkpoint = load_checkpoint(session, checkpoint_id)
     rows: list[Metric] = []
     for metric in metrics:
-        if metric.value != metric.value or metric.value in (float("inf"), float("-inf")):
+        if not math.isfinite(metric.value):
             raise InvalidInput(
                 f"metric '{metric.name}' of checkpoint {checkpoint.id} is not finite: {metric.value}"
             )
+        for field in ("name", "dataset", "split"):
+            check_text(getattr(metric, field), what=f"metric {field}")
         row = Metric(checkpoint_id=checkpoint_id, **metric.model_dump())
         row.source = MetricSource(metric.source)
         session.add(row)

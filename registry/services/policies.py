@@ -32,6 +32,7 @@ from registry.services.policy_rules import (
     parse_selector,
     validate_policy,
 )
+from registry.services.validation import check_json_values, check_text
 
 
 def next_cron_time(expression: str, after: datetime) -> datetime:
@@ -45,6 +46,9 @@ def next_cron_time(expression: str, after: datetime) -> datetime:
 
 def create_policy(*, session: Session, data: MergePolicyCreate) -> MergePolicy:
     """Validate and store a policy; a duplicate name is refused."""
+    check_text(data.name, what="policy name")
+    check_json_values(data.params, what="params")
+    check_json_values(data.selector, what="selector")
     selector = validate_policy(session=session, data=data)
     if session.exec(select(MergePolicy).where(MergePolicy.name == data.name)).first():
         raise InvalidInput(f"a policy named '{data.name}' already exists")

@@ -7,10 +7,12 @@ NaN/Inf scan is switched on (``Settings.scan_nonfinite``).
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from registry.errors import IntegrityMismatch, ValidationFailed
+from registry.errors import IntegrityMismatch, InvalidInput, ValidationFailed
 from registry.models import Artifact, ArtifactRole, Checkpoint, CheckpointKind
 from registry.safetensors_check import (
     INDEX_FILE_NAME,
@@ -217,3 +219,41 @@ def entry_json(entry: TensorEntry) -> dict[str, Any]:
         "start": entry.start,
         "end": entry.end,
     }
+
+
+# ---- request values (names, metadata, params) -------------------------------------------------
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_text(value: str | None, *, what: str) -> str | None:
+    """``value`` unless it holds a control character (NUL, newline, ...), which names refuse."""
+    if value is not None and _CONTROL.search(value):
+        raise InvalidInput(f"{what} {value!r} holds a control character; use printable text")
+    return value
+
+
+def check_json_values(value: Any, *, what: str) -> None:
+    """Refuse non-finite numbers, integers outside int64 and NUL text anywhere in ``value``."""
+    stack: list[tuple[Any, str]] = [(value, what)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((child, f"{where}.{key}") for key, child in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{where}.{i}") for i, child in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidInput(f"{where} is {item}: numbers must be finite")
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise InvalidInput(f"{where} is {item}: integers must fit in 64 bits")
+        elif isinstance(item, str) and "\x00" in item:
+            raise InvalidInput(f"{where} holds a NUL character")
+
+
+def check_json_size(value: Any, *, what: str, limit: int) -> None:
+    """Refuse a JSON value whose serialised form is larger than ``limit`` bytes."""
+    size = len(json.dumps(value, separators=(",", ":"), default=str).encode())
+    if size > limit:
+        raise InvalidInput(f"{what} is {size} bytes of JSON; the limit is {limit} bytes")

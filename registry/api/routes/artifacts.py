@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, status
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from registry import services
-from registry.api.deps import ReaderDep, SessionDep, SettingsDep, StoreDep, WriterDep, body_chunks
+from registry.api.deps import ReaderDep, RowId, SessionDep, SettingsDep, StoreDep, WriterDep
+from registry.api.uploading import body_chunks, run_upload
 from registry.models import ArtifactPublic, ArtifactRole
 
 router = APIRouter(prefix="/checkpoints/{checkpoint_id}/artifacts", tags=["artifacts"])
@@ -17,17 +17,19 @@ router = APIRouter(prefix="/checkpoints/{checkpoint_id}/artifacts", tags=["artif
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def upload_artifact(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     role: ArtifactRole,
     request: Request,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    _: WriterDep,
+    token: WriterDep,
     name: str | None = None,
     x_content_sha256: Annotated[str | None, Header()] = None,
 ) -> ArtifactPublic:
-    artifact = await run_in_threadpool(
+    artifact = await run_upload(
+        request,
+        token,
         services.add_artifact,
         session=session,
         store=store,
@@ -35,7 +37,7 @@ async def upload_artifact(
         checkpoint_id=checkpoint_id,
         role=role,
         name=name,
-        content=body_chunks(request),
+        content=body_chunks(request, idle_timeout_s=settings.upload_idle_timeout_s),
         declared_sha256=x_content_sha256,
     )
     return services.artifact_public(artifact)
@@ -43,7 +45,7 @@ async def upload_artifact(
 
 @router.get("")
 def list_artifacts(
-    checkpoint_id: int, session: SessionDep, _: ReaderDep, role: ArtifactRole | None = None
+    checkpoint_id: RowId, session: SessionDep, _: ReaderDep, role: ArtifactRole | None = None
 ) -> list[ArtifactPublic]:
     artifacts = services.list_artifacts(session=session, checkpoint_id=checkpoint_id, role=role)
     return [services.artifact_public(a) for a in artifacts]
@@ -51,7 +53,7 @@ def list_artifacts(
 
 @router.get("/{artifact_id}")
 def get_artifact(
-    checkpoint_id: int, artifact_id: int, session: SessionDep, _: ReaderDep
+    checkpoint_id: RowId, artifact_id: RowId, session: SessionDep, _: ReaderDep
 ) -> ArtifactPublic:
     artifact = services.get_artifact(
         session=session, checkpoint_id=checkpoint_id, artifact_id=artifact_id
@@ -61,7 +63,7 @@ def get_artifact(
 
 @router.get("/{artifact_id}/content")
 def download_artifact(
-    checkpoint_id: int, artifact_id: int, session: SessionDep, store: StoreDep, _: ReaderDep
+    checkpoint_id: RowId, artifact_id: RowId, session: SessionDep, store: StoreDep, _: ReaderDep
 ) -> StreamingResponse:
     artifact = services.get_artifact(
         session=session, checkpoint_id=checkpoint_id, artifact_id=artifact_id

@@ -9,7 +9,17 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from registry import services
-from registry.api.deps import LauncherDep, ReaderDep, SessionDep, SettingsDep, StoreDep, WriterDep
+from registry.api.deps import (
+    LauncherDep,
+    Offset,
+    ReaderDep,
+    RowId,
+    RowIdQuery,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    WriterDep,
+)
 from registry.models import (
     CheckpointCreate,
     CheckpointKind,
@@ -30,9 +40,11 @@ class CompleteRequest(BaseModel):
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_checkpoint(
-    data: CheckpointCreate, session: SessionDep, _: WriterDep
+    data: CheckpointCreate, session: SessionDep, settings: SettingsDep, _: WriterDep
 ) -> CheckpointPublic:
-    checkpoint = services.create_checkpoint(session=session, data=data)
+    checkpoint = services.create_checkpoint(
+        session=session, data=data, max_metadata_bytes=settings.max_metadata_bytes
+    )
     return services.checkpoint_public(session=session, checkpoint=checkpoint)
 
 
@@ -40,7 +52,7 @@ def create_checkpoint(
 def list_checkpoints(
     session: SessionDep,
     _: ReaderDep,
-    base_id: int | None = None,
+    base_id: RowIdQuery = None,
     kind: CheckpointKind | None = None,
     task: str | None = None,
     run: str | None = None,
@@ -48,7 +60,7 @@ def list_checkpoints(
     status: CheckpointStatus | None = None,
     name: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> CheckpointPage:
     items, total = services.list_checkpoints(
         session=session,
@@ -67,14 +79,14 @@ def list_checkpoints(
 
 
 @router.get("/{checkpoint_id}")
-def get_checkpoint(checkpoint_id: int, session: SessionDep, _: ReaderDep) -> CheckpointPublic:
+def get_checkpoint(checkpoint_id: RowId, session: SessionDep, _: ReaderDep) -> CheckpointPublic:
     checkpoint = services.get_checkpoint(session=session, checkpoint_id=checkpoint_id)
     return services.checkpoint_public(session=session, checkpoint=checkpoint)
 
 
 @router.post("/{checkpoint_id}/complete")
 def complete_checkpoint(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -95,7 +107,7 @@ def complete_checkpoint(
 
 @router.delete("/{checkpoint_id}")
 def delete_checkpoint(
-    checkpoint_id: int, session: SessionDep, store: StoreDep, _: WriterDep, force: bool = False
+    checkpoint_id: RowId, session: SessionDep, store: StoreDep, _: WriterDep, force: bool = False
 ) -> CheckpointPublic:
     checkpoint = services.delete_checkpoint(
         session=session, store=store, checkpoint_id=checkpoint_id, force=force
@@ -105,7 +117,7 @@ def delete_checkpoint(
 
 @router.get("/{checkpoint_id}/lineage")
 async def get_lineage(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     session: SessionDep,
     _: ReaderDep,
     depth: Annotated[int, Query(ge=1, le=50)] = 5,

@@ -10,9 +10,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from registry import services
-from registry.api.deps import ReaderDep, SessionDep, StoreDep, WriterDep, body_chunks
+from registry.api.deps import ReaderDep, RowId, SessionDep, SettingsDep, StoreDep, WriterDep
+from registry.api.uploading import body_chunks, declared_length, run_upload
 from registry.models import FilePublic
-from registry.services.checkpoints import file_public
+from registry.services.checkpoints import files_public
 
 router = APIRouter(prefix="/checkpoints/{checkpoint_id}", tags=["files"])
 
@@ -25,33 +26,39 @@ class FileReference(BaseModel):
 
 
 # ``{name:path}`` so that names with '/' or '..' reach the service and get a 422 naming them.
+# Content-Length is read from the request, not declared: it is not a parameter clients choose.
 @router.put("/files/{name:path}")
 async def upload_file(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     name: str,
     request: Request,
     session: SessionDep,
     store: StoreDep,
-    _: WriterDep,
+    settings: SettingsDep,
+    token: WriterDep,
     x_content_sha256: Annotated[str | None, Header()] = None,
-    content_length: Annotated[int | None, Header()] = None,
 ) -> FilePublic:
-    stored = await run_in_threadpool(
+    stored = await run_upload(
+        request,
+        token,
         services.add_file_from_stream,
         session=session,
         store=store,
         checkpoint_id=checkpoint_id,
         name=name,
-        chunks=body_chunks(request),
+        chunks=body_chunks(
+            request, idle_timeout_s=settings.upload_idle_timeout_s, before_wait=session.commit
+        ),
         declared_sha256=x_content_sha256,
-        expected_size=content_length,
+        expected_size=declared_length(request),
     )
-    return file_public(stored.artifact, deduplicated=stored.deduplicated)
+    public = await run_in_threadpool(files_public, session=session, artifacts=[stored.artifact])
+    return public[0]
 
 
 @router.post("/files:by-reference")
 def attach_by_reference(
-    checkpoint_id: int, body: FileReference, session: SessionDep, store: StoreDep, _: WriterDep
+    checkpoint_id: RowId, body: FileReference, session: SessionDep, store: StoreDep, _: WriterDep
 ) -> FilePublic:
     stored = services.add_file_by_reference(
         session=session,
@@ -60,7 +67,7 @@ def attach_by_reference(
         name=body.name,
         sha256=body.sha256,
     )
-    return file_public(stored.artifact, deduplicated=stored.deduplicated)
+    return files_public(session=session, artifacts=[stored.artifact])[0]
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -93,7 +100,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 @router.get("/files/{name:path}")
 def download_file(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     name: str,
     session: SessionDep,
     store: StoreDep,

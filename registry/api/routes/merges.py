@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response, status
 
-from registry.api.deps import LauncherDep, ReaderDep, SessionDep, WriterDep
+from registry.api.deps import (
+    LauncherDep,
+    Offset,
+    ReaderDep,
+    RowId,
+    RowIdQuery,
+    SessionDep,
+    WriterDep,
+)
 from registry.models import MergeRunStatus
 from registry.services import merge_runs as run_service
 
@@ -37,9 +45,9 @@ def list_merges(
     session: SessionDep,
     _: ReaderDep,
     status_: MergeRunStatus | None = Query(default=None, alias="status"),
-    policy_id: int | None = None,
+    policy_id: RowIdQuery = None,
     limit: int = Query(default=50, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: Offset = 0,
 ) -> run_service.MergeRunPage:
     runs, total = run_service.list_merge_runs(
         session=session, status=status_, policy_id=policy_id, limit=limit, offset=offset
@@ -49,6 +57,6 @@ def list_merges(
 
 
 @router.get("/{run_id}")
-def show_merge(run_id: int, session: SessionDep, _: ReaderDep) -> run_service.MergeRunPublic:
+def show_merge(run_id: RowId, session: SessionDep, _: ReaderDep) -> run_service.MergeRunPublic:
     run = run_service.get_merge_run(session=session, run_id=run_id)
     return run_service.to_public(session=session, run=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict
 
-from registry.api.deps import LauncherDep, ReaderDep, SessionDep, WriterDep
+from registry.api.deps import LauncherDep, ReaderDep, RowId, SessionDep, WriterDep
 from registry.models import MergePolicyCreate, MergePolicyPublic, MergeTrigger
 from registry.services import merge_runs as run_service
 from registry.services import policies as policy_service
@@ -39,14 +39,14 @@ def list_policies(
 
 
 @router.get("/{policy_id}")
-def show_policy(policy_id: int, session: SessionDep, _: ReaderDep) -> MergePolicyPublic:
+def show_policy(policy_id: RowId, session: SessionDep, _: ReaderDep) -> MergePolicyPublic:
     policy = policy_service.get_policy(session=session, policy_id=policy_id)
     return MergePolicyPublic.model_validate(policy)
 
 
 @router.patch("/{policy_id}")
 def update_policy(
-    policy_id: int, data: PolicyUpdate, session: SessionDep, _: WriterDep
+    policy_id: RowId, data: PolicyUpdate, session: SessionDep, _: WriterDep
 ) -> MergePolicyPublic:
     policy = policy_service.set_policy_enabled(
         session=session, policy_id=policy_id, enabled=data.enabled
@@ -55,7 +55,7 @@ def update_policy(
 
 
 @router.delete("/{policy_id}")
-def disable_policy(policy_id: int, session: SessionDep, _: WriterDep) -> MergePolicyPublic:
+def disable_policy(policy_id: RowId, session: SessionDep, _: WriterDep) -> MergePolicyPublic:
     """Policies are disabled, not removed: their merge runs keep referring to them."""
     policy = policy_service.set_policy_enabled(session=session, policy_id=policy_id, enabled=False)
     return MergePolicyPublic.model_validate(policy)
@@ -63,7 +63,7 @@ def disable_policy(policy_id: int, session: SessionDep, _: WriterDep) -> MergePo
 
 @router.post("/{policy_id}/run")
 def run_policy(
-    policy_id: int, session: SessionDep, launcher: LauncherDep, _: WriterDep, response: Response
+    policy_id: RowId, session: SessionDep, launcher: LauncherDep, _: WriterDep, response: Response
 ) -> run_service.MergeRunPublic | None:
     """Start the policy's merge now; 204-like ``null`` when the selector yields too few inputs."""
     planned = policy_service.plan_policy_run(session=session, policy_id=policy_id)

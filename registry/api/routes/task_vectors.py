@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from registry import services
-from registry.api.deps import ReaderDep, SessionDep, SettingsDep, StoreDep, WriterDep
+from registry.api.deps import ReaderDep, RowId, SessionDep, SettingsDep, StoreDep, WriterDep
 from registry.models import ArtifactPublic
 
 router = APIRouter(prefix="/checkpoints/{checkpoint_id}", tags=["task vectors"])
@@ -23,7 +23,7 @@ class SimilarPublic(BaseModel):
 
 @router.post("/task-vector")
 def compute_task_vector(
-    checkpoint_id: int, session: SessionDep, store: StoreDep, settings: SettingsDep, _: WriterDep
+    checkpoint_id: RowId, session: SessionDep, store: StoreDep, settings: SettingsDep, _: WriterDep
 ) -> ArtifactPublic:
     artifact = services.compute_task_vector(
         session=session, store=store, settings=settings, checkpoint_id=checkpoint_id
@@ -33,7 +33,7 @@ def compute_task_vector(
 
 @router.get("/similar")
 def similar_checkpoints(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,

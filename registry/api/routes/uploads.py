@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from registry.api.deps import SessionDep, StoreDep, WriterDep
+from registry.api.deps import INT64_MAX, RowId, SessionDep, StoreDep, WriterDep
 from registry.models import FilePublic
-from registry.services.checkpoints import file_public
+from registry.services.checkpoints import files_public
 from registry.services.presigned import (
+    PresignedUnsupported,
     abort_presigned_upload,
     complete_presigned_upload,
     start_presigned_upload,
@@ -21,9 +22,9 @@ class UploadCreate(BaseModel):
     """The file the client is about to upload; ``part_size`` defaults to the store's."""
 
     name: str
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=INT64_MAX)
     sha256: str
-    part_size: int | None = Field(default=None, gt=0)
+    part_size: int | None = Field(default=None, gt=0, le=INT64_MAX)
 
 
 class PartUrl(BaseModel):
@@ -41,7 +42,7 @@ class UploadPlan(BaseModel):
 
 
 class PartDone(BaseModel):
-    part_number: int = Field(ge=1)
+    part_number: int = Field(ge=1, le=10_000)  # S3's part numbers are 1..10000
     etag: str
 
 
@@ -51,7 +52,7 @@ class UploadComplete(BaseModel):
 
 @router.post("", status_code=201)
 def create_upload(
-    checkpoint_id: int, body: UploadCreate, session: SessionDep, store: StoreDep, _: WriterDep
+    checkpoint_id: RowId, body: UploadCreate, session: SessionDep, store: StoreDep, _: WriterDep
 ) -> UploadPlan:
     upload = start_presigned_upload(
         session=session,
@@ -72,13 +73,17 @@ def create_upload(
 
 @router.post("/{upload_id}/complete")
 def complete_upload(
-    checkpoint_id: int,
+    checkpoint_id: RowId,
     upload_id: str,
     body: UploadComplete,
     session: SessionDep,
     store: StoreDep,
     _: WriterDep,
 ) -> FilePublic:
+    if not store.supports_presigned_uploads():  # as its sister routes: 409, not a 500
+        raise PresignedUnsupported(
+            f"presigned uploads need an S3 store; {store.url} is not one, PUT the file instead"
+        )
     stored = complete_presigned_upload(
         session=session,
         store=store,
@@ -86,12 +91,12 @@ def complete_upload(
         upload_id=upload_id,
         parts=[(part.part_number, part.etag) for part in body.parts],
     )
-    return file_public(stored.artifact, deduplicated=stored.deduplicated)
+    return files_public(session=session, artifacts=[stored.artifact])[0]
 
 
 @router.delete("/{upload_id}", status_code=204)
 def abort_upload(
-    checkpoint_id: int, upload_id: str, session: SessionDep, store: StoreDep, _: WriterDep
+    checkpoint_id: RowId, upload_id: str, session: SessionDep, store: StoreDep, _: WriterDep
 ) -> Response:
     abort_presigned_upload(
         session=session, store=store, checkpoint_id=checkpoint_id, upload_id=upload_id
