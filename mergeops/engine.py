@@ -26,6 +26,7 @@ from mergeops.chunking import ChunkedMerge, chunk_rows
 from mergeops.device import dtype_name
 from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output
 from mergeops.methods import base as mb
+from mergeops.pipeline import Backend, SlicePipeline
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher
 from mergeops.reader import TensorReader
@@ -85,8 +86,9 @@ def _stream(plan: MergePlan, sink: TensorSink, reader: TensorReader, progress: b
         if not collector.next_pass():
             plan.ctx.stats = collector.result()
             break
-    if _pipelined(plan):
-        _pipeline(plan, sink, reader, progress)
+    backend = pipeline_backend(plan)
+    if backend is not None:
+        _pipeline(plan, sink, reader, progress, backend)
     else:
         _merge_pass(plan, sink, reader, progress)
     method.finish(plan.ctx)
@@ -111,19 +113,20 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
             _emit(plan, sink, key, result.merged, result.extras)
 
 
-def _pipelined(plan: MergePlan) -> bool:
-    """CUDA and an elementwise method without side inputs: the overlapped pipeline."""
-    return (
-        plan.ctx.device.type == "cuda"
-        and bool(getattr(plan.method, "chunkable", False))
-        and (not plan.side)
-    )
-
-
-def _pipeline(plan: MergePlan, sink: TensorSink, reader: TensorReader, progress: bool) -> None:
+def pipeline_backend(plan: MergePlan) -> Backend | None:
+    """The overlapped pipeline's backend for CUDA and an elementwise method without side
+    inputs, else None (the tests swap in a fake backend here to run the pipeline on CPU)."""
+    chunkable = bool(getattr(plan.method, "chunkable", False))
+    if plan.ctx.device.type != "cuda" or not chunkable or plan.side:
+        return None
     from mergeops.cuda_stream import CudaBackend
-    from mergeops.pipeline import SlicePipeline
 
+    return CudaBackend(plan.ctx.device)
+
+
+def _pipeline(
+    plan: MergePlan, sink: TensorSink, reader: TensorReader, progress: bool, backend: Backend
+) -> None:
     method = plan.method
     assert isinstance(method, mb.StreamingMethod)
     bar = tqdm(total=len(plan.keys), desc=f"{method.name}: merging", unit="tensor",
@@ -144,8 +147,7 @@ def _pipeline(plan: MergePlan, sink: TensorSink, reader: TensorReader, progress:
         sink(key, None, tensor)  # checked finite on the device by the pipeline
         bar.update()
 
-    pipeline = SlicePipeline(plan, CudaBackend(plan.ctx.device), reader.prefetcher,
-                             host_job=host_job, sink=finished)  # fmt: skip
+    pipeline = SlicePipeline(plan, backend, reader.prefetcher, host_job=host_job, sink=finished)
     try:
         pipeline.run()
     finally:

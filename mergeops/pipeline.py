@@ -104,7 +104,7 @@ class SlicePipeline:
         host_job: Callable[[str], Callable[[], None]],
         sink: Callable[[str, torch.Tensor], None],
         slots: int = 2,
-        slice_bytes: int = SLICE_BYTES,
+        slice_bytes: int | None = None,
     ) -> None:
         if slots < 2:
             raise ValueError(f"the pipeline needs at least 2 buffer slots, got {slots}")
@@ -113,7 +113,7 @@ class SlicePipeline:
         self.roles = [f"model '{m.name}'" for m in plan.models] + (
             ["base"] * (plan.base is not None)
         )
-        self.jobs = list(self._jobs(host_job, slice_bytes))
+        self.jobs = list(self._jobs(host_job, slice_bytes or SLICE_BYTES))
         self.streams = {role: backend.stream(role) for role in STREAMS}
         self.slots = [self._slot() for _ in range(slots)]
         self.bytes_read = 0
