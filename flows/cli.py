@@ -50,7 +50,7 @@ def serve(
     import uvicorn
 
     from flows.launchers import EmbeddedLauncher, ServerLauncher
-    from registry.api.app import create_app
+    from registry.api.app import create_app, server_options
     from registry.db import upgrade_database
 
     settings = get_settings()
@@ -71,6 +71,7 @@ def serve(
             host=host or settings.host,
             port=port or settings.port,
             log_level="info",
+            **server_options(settings),  # type: ignore[arg-type]
         )
     finally:
         if isinstance(launcher, EmbeddedLauncher):

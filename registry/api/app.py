@@ -41,6 +41,15 @@ def open_settings_store(settings: Settings) -> ObjectStore:
     )
 
 
+def server_options(settings: Settings) -> dict[str, object]:
+    """uvicorn options of ``ckreg serve``: idle keep-alive connections and oversized request
+    heads are cut off, so idle or slow clients cannot pile up connections."""
+    return {
+        "timeout_keep_alive": settings.server_keep_alive_s,
+        "h11_max_incomplete_event_size": 64 * 1024,
+    }
+
+
 def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastAPI:
     """The registry app; the database must already be upgraded (``registry.db.upgrade_database``)."""
     engine = make_engine(settings.database_url)
