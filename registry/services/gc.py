@@ -49,6 +49,9 @@ from registry.storage import ObjectStore
 from registry.storage.base import BLOB_PREFIX, ObjectInfo, OpenUpload
 
 RECHECK_BATCH = 256
+# S3 reports Last-Modified in whole seconds (rounded down): a blob touched just after the cutoff
+# can look older than it. The cutoff moves back by this much more (by at most the grace period).
+MTIME_RESOLUTION_S = 1.0
 
 # progress(stage, advance, total): stage "scan" (total unknown) or "delete" (total known).
 Progress = Callable[[str, int, int | None], None]
@@ -191,7 +194,7 @@ def collect_garbage(
     if grace_s < 0 or upload_ttl_s < 0:
         raise ValueError(f"grace_s and upload_ttl_s must be >= 0, got {grace_s}, {upload_ttl_s}")
     moment = now or datetime.now(UTC)
-    cutoff = moment - timedelta(seconds=grace_s)
+    cutoff = moment - timedelta(seconds=grace_s + min(grace_s, MTIME_RESOLUTION_S))
     report = GcReport(dry_run=dry_run, grace_s=grace_s, upload_ttl_s=upload_ttl_s)
     step = progress or _no_progress
     _find_orphans(session=session, store=store, report=report, cutoff=cutoff, progress=step)
