@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -35,14 +34,13 @@ from registry.storage.base import (
     BlobNotFound,
     HashingCounter,
     InvalidRangeError,
-    ObjectInfo,
-    OpenUpload,
     StorageError,
     blob_key,
     iter_chunks,
     resolve_range,
     validate_key,
 )
+from registry.storage.s3_lifecycle import MAX_COPY_PART, S3Lifecycle
 from registry.storage.s3_multipart import (
     MAX_PARTS,
     MultipartUpload,
@@ -50,10 +48,8 @@ from registry.storage.s3_multipart import (
     PartReader,
     error_code,
 )
-from registry.storage.s3_presign import PresignedUploads
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
-MAX_COPY_PART = 5 * 1024**3
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _WRITE_TRIES = 3
 
@@ -61,7 +57,7 @@ _WRITE_TRIES = 3
 _MultipartUpload = MultipartUpload
 
 
-class S3ObjectStore(PresignedUploads):
+class S3ObjectStore(S3Lifecycle):
     """Blobs as objects under ``s3://bucket/prefix``; keys are relative to the prefix."""
 
     def __init__(
@@ -172,14 +168,6 @@ class S3ObjectStore(PresignedUploads):
             return True
         raise StorageError(f"could not store '{key}' in {self.url}: it kept disappearing")
 
-    def _refresh(self, key: str) -> bool:
-        """Touch ``key``; False when it does not exist (any more)."""
-        try:
-            self.touch(key)
-        except BlobNotFound:
-            return False
-        return True
-
     def _finish_multipart(self, upload: MultipartUpload, key: str, size: int) -> bool:
         """Complete ``upload`` and make its content live at ``key``; True when newly created."""
         if upload.key == self._full(key):
@@ -282,72 +270,3 @@ class S3ObjectStore(PresignedUploads):
     def delete(self, key: str) -> None:
         validate_key(key)
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
-
-    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_key(prefix, allow_empty=True, trailing_slash=True)
-        full_prefix = self._full(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-            for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"])
-
-    def modified(self, key: str) -> datetime:
-        validate_key(key)
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
-        except ClientError as exc:
-            if error_code(exc) in _NOT_FOUND:
-                raise BlobNotFound(key, self.url) from None
-            raise
-        return head["LastModified"]  # type: ignore[no-any-return]
-
-    def touch(self, key: str) -> None:
-        """Copy ``key`` onto itself with fresh metadata, which sets ``LastModified`` to now."""
-        size = self.size(key)
-        full = self._full(key)
-        if size > MAX_COPY_PART:  # CopyObject stops at 5 GiB
-            if not self._multipart_copy(full, key, size, if_absent=False):
-                raise BlobNotFound(key, self.url)
-            return
-        try:
-            self.client.copy_object(
-                Bucket=self.bucket,
-                Key=full,
-                CopySource={"Bucket": self.bucket, "Key": full},
-                MetadataDirective="REPLACE",
-                Metadata={"ckreg-touched": datetime.now(UTC).isoformat()},
-            )
-        except ClientError as exc:
-            if error_code(exc) in _NOT_FOUND:
-                raise BlobNotFound(key, self.url) from None
-            raise
-
-    def open_uploads(self) -> Iterator[OpenUpload]:
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            for item in page.get("Uploads", []):
-                active = self._last_active(item["Key"], str(item["UploadId"]), item["Initiated"])
-                yield OpenUpload(item["Key"][strip:], str(item["UploadId"]), active)
-
-    def _last_active(self, full_key: str, upload_id: str, initiated: datetime) -> datetime:
-        """The newer of the upload's start and its newest part (some S3-compatible servers,
-        moto among them, report a fixed ``Initiated``; parts carry real times)."""
-        try:
-            reply = self.client.list_parts(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
-        except ClientError as exc:
-            if error_code(exc) != "NoSuchUpload":
-                raise
-            return initiated
-        return max([initiated, *(part["LastModified"] for part in reply.get("Parts", []))])
-
-    def abort_open_upload(self, upload: OpenUpload) -> None:
-        try:
-            self.client.abort_multipart_upload(
-                Bucket=self.bucket, Key=self._full(upload.key), UploadId=upload.upload_id
-            )
-        except ClientError as exc:
-            if error_code(exc) != "NoSuchUpload":
-                raise
