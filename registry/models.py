@@ -9,8 +9,9 @@ from __future__ import annotations
 import warnings
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -36,6 +37,15 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; they are stored in UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# API timestamps always carry their zone (RFC 3339 ``date-time``, as the OpenAPI says).
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 def _json(**kwargs: Any) -> Any:
@@ -156,7 +166,7 @@ class CheckpointPublic(CheckpointBase):
     status: CheckpointStatus
     error: str | None = None
     total_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
     files: list[FilePublic] = Field(default_factory=list)
 
 
@@ -228,7 +238,7 @@ class Metric(MetricBase, table=True):
 class MetricPublic(MetricBase):
     id: int
     checkpoint_id: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 # --- lineage ---------------------------------------------------------------------------------
@@ -293,8 +303,8 @@ class MergePolicy(MergePolicyBase, table=True):
 
 class MergePolicyPublic(MergePolicyBase):
     id: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
 
 
 class MergeRunBase(SQLModel):

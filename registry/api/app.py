@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from registry.api.body_guard import InputGuard
-from registry.api.errors import install_error_handlers
+from registry.api.errors import ERROR_RESPONSES, install_error_handlers
+from registry.api.links import with_links
 from registry.api.routes import (
     admin,
     artifacts,
@@ -69,7 +70,9 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=f"{API_PREFIX}/docs",
+        responses=ERROR_RESPONSES,
     )
+    app.openapi = with_links(app.openapi)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.engine = engine
     app.state.store = open_settings_store(settings)

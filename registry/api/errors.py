@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from registry.errors import (
@@ -26,6 +27,30 @@ from registry.errors import (
     ValidationFailed,
 )
 from registry.storage import BlobNotFound, StorageError, UnsafeKeyError
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable ``error`` code and a ``message`` naming the object and values
+    (``file``/``tensor`` for validation failures, ``errors`` for malformed request fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    detail: ErrorDetail
+
+
+# Declared on every route (instead of FastAPI's default 422 schema), so the OpenAPI says what
+# the server really answers.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "Refused: bad input, state or credentials"},
+    "5XX": {"model": ErrorResponse, "description": "Server or storage failure"},
+}
 
 STATUS: dict[type[Exception], int] = {
     NotFound: 404,

@@ -61,7 +61,11 @@ def get_artifact(
     return services.artifact_public(artifact)
 
 
-@router.get("/{artifact_id}/content")
+@router.get(
+    "/{artifact_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The bytes"}},
+)
 def download_artifact(
     checkpoint_id: RowId, artifact_id: RowId, session: SessionDep, store: StoreDep, _: ReaderDep
 ) -> StreamingResponse:

@@ -98,7 +98,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@router.get("/files/{name:path}")
+_BYTES = {"content": {"application/octet-stream": {}}}
+
+
+@router.get(
+    "/files/{name:path}",
+    response_class=StreamingResponse,
+    responses={
+        200: {**_BYTES, "description": "The whole file"},
+        206: {**_BYTES, "description": "The requested byte range"},
+        416: {"description": "The range starts past the end of the file"},
+    },
+)
 def download_file(
     checkpoint_id: RowId,
     name: str,
