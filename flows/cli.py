@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from flows.cli_admin import admin_app
+from flows.cli_family import family_app
 from flows.cli_policies import policy_app
 from registry.settings import get_settings
 
@@ -22,6 +23,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 app.add_typer(policy_app, name="policy")
 app.add_typer(mlflow_app, name="mlflow")
+app.add_typer(family_app, name="family")
 app.registered_commands.extend(admin_app.registered_commands)  # gc, delete
 
 
