@@ -6,27 +6,30 @@ artifact) of a checkpoint that is not deleted, i.e. the row's own blob plus ever
 decodes against. A row of a deleted checkpoint survives deletion only while a live row decodes
 against it (``registry.services.deletion``); once none does, a collection prunes it.
 
-Why a concurrent upload never loses its blob. An upload writes (or, when the content is already
-stored, *touches*: see ``ObjectStore.touch``) its blob, then commits the row that references it.
-A collection deletes a blob only when all of these hold, checked in this order:
+Why a concurrent upload never loses its blob. An upload writes its blob (or, when the content is
+already stored, *touches* it: ``ObjectStore.touch`` sets its last-modified time to now), then
+commits the row that references it; call the time between the two its gap ``W``. A collection
+that starts at ``T`` (cutoff ``T - grace``) deletes a blob only when all of these hold:
 
 1. it is not in the reference set read at the start;
-2. right before the delete, no artifact row names it (a fresh read of the database);
-3. at the delete itself, its last-modified time is older than the grace period
-   (``ObjectStore.delete_if_older``).
+2. right before the delete, no artifact row names it (a fresh read of the database, at ``t2``);
+3. at the delete itself, its last-modified time is before the cutoff
+   (``ObjectStore.delete_if_older``, at ``t3 > t2``).
 
-Take an upload whose row the check in 2 did not see: the row was committed after that read, so
-the upload wrote or touched the blob after check 1's reads began minus the time between its
-write and its commit. As long as that time is shorter than the grace period (default one hour;
-an upload's write-to-commit gap is milliseconds to seconds), the blob's last-modified time is
-inside the grace period when check 3 runs, and it stays. The file store makes check 3 atomic:
-it moves the blob aside, reads the moved file's mtime and puts it back if it is fresh; an upload
-that touches after the move finds no file and links its own copy. On S3 the check and the
-delete are two requests: an upload that touches an old orphan in the milliseconds between them
-is the one window left, and ``complete`` (which re-reads every file) then fails the checkpoint
-rather than marking it ready. A content-addressed re-upload of a blob deleted a moment ago is
-never mistaken for a duplicate: the store's write is conditional on the key being absent, and a
-touch of a key that has gone fails, so the upload writes the bytes again.
+Take an upload whose row check 2 missed: it commits at ``tc > t2``, so it wrote or touched the
+blob at ``tw >= tc - W > t2 - W >= T - W``. If ``tw`` comes before check 3, the blob's time is
+after the cutoff as long as ``W`` is shorter than the grace period (default one hour; real gaps
+are milliseconds to seconds), and check 3 keeps it. If ``tw`` comes after check 3, the file store
+has already moved the blob aside (the move is what makes check 3 atomic there), so the touch finds
+no file and the upload links its own copy; a content-addressed re-upload of a blob deleted a
+moment ago is never mistaken for a duplicate, because the write is conditional on the key being
+absent and a touch of a missing key fails, so the bytes are written again. On S3 check 3 and the
+delete are two requests: an upload touching an *old orphan* in the milliseconds between them is
+the one window left, and ``complete`` (which reads the headers of the files it validates) then
+fails that checkpoint rather than marking it ready. Check 2 covers rows committed while the
+collection ran. Attaching by reference (``files.add_file_by_reference``) does not touch the blob
+yet, so it relies on check 2 alone and can lose a race against the deletion of that very
+orphan. S3 reports times to the second, so the cutoff moves back one more second.
 
 Uploads never finished: multipart uploads the store holds open longer than the upload TTL are
 aborted and temp objects (``tmp/``) older than the TTL removed (``registry.services.presigned``).

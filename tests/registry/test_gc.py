@@ -6,12 +6,19 @@ from __future__ import annotations
 import os
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
-from registry.services import collect_garbage, create_token, delete_checkpoint_report
+from registry.models import CheckpointCreate
+from registry.services import (
+    collect_garbage,
+    create_token,
+    delete_checkpoint_report,
+    register_directory,
+)
 from registry.services.presigned import start_presigned_upload
 from registry.settings import get_settings
 from tests.registry.registry_fixtures import *  # noqa: F403
@@ -154,7 +161,14 @@ def test_admin_route_needs_the_admin_scope(api: Api) -> None:
     assert not api.env.store.exists(orphan.key)
 
 
-def test_cli_gc_is_a_dry_run_unless_delete(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def _folder(tmp_path: Path, data: bytes) -> Path:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(data)
+    return folder
+
+
+def test_cli_gc_and_delete(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from flows.cli import app
 
     orphan = env.store.put_bytes(b"x" * 2048)
@@ -170,5 +184,20 @@ def test_cli_gc_is_a_dry_run_unless_delete(env: Env, monkeypatch: pytest.MonkeyP
         done = CliRunner().invoke(app, ["gc", "--delete", "-q"])
         assert done.exit_code == 0 and "deleted 1 orphan blobs, 2.0 KiB" in done.output
         assert not env.store.exists(orphan.key)
+        with env.session() as session:
+            checkpoint = register_directory(
+                session=session,
+                store=env.store,
+                settings=env.settings,
+                data=CheckpointCreate(name="gone", kind="base"),
+                directory=_folder(tmp_path, st_bytes(tiny_state(4))),
+            )
+        deleted = CliRunner().invoke(app, ["delete", str(checkpoint.id)])
+        assert deleted.exit_code == 0, deleted.output
+        assert env.artifact_rows() == []
+        assert f"checkpoint {checkpoint.id} 'gone' is deleted" in deleted.output
+        assert "released to gc" in deleted.output and "blobs/sha256/" in deleted.output
+        missing = CliRunner().invoke(app, ["delete", "999"])
+        assert missing.exit_code == 1 and "checkpoint 999 not found" in missing.output
     finally:
         get_settings.cache_clear()
