@@ -115,9 +115,7 @@ def prepare(
             input_ids=[c.id or 0 for c in checkpoints],
             tasks=[c.task for c in checkpoints if c.task],
         ),
-        base=_input(session, store, load_checkpoint(session, run.base_id), cache, mode)
-        if run.base_id is not None
-        else None,
+        base=_base(session, store, run.base_id, cache, mode) if run.base_id is not None else None,
         evaluator=policy.evaluator if policy else run.evaluator,
         policy_name=policy.name if policy else None,
     )
@@ -135,6 +133,18 @@ def _input_mode() -> InputMode:
 
 def _plain(item: MergeInput) -> Any:
     return str(item) if isinstance(item, Path) else item
+
+
+def _base(
+    session: Session, store: ObjectStore, base_id: int, cache: Path, mode: InputMode
+) -> MergeInput:
+    """The base input. A local base folder is named after its cache folder (the checkpoint id),
+    which the output records as ``mergeops_base``; a streamed base is named the same, so the
+    output is byte-identical however the inputs are read."""
+    item = _input(session, store, load_checkpoint(session, base_id), cache, mode)
+    if not isinstance(item, Path):
+        item.name = str(base_id)
+    return item
 
 
 def _input(

@@ -15,11 +15,15 @@ from sqlmodel import Session
 from mergeops.sources import TensorSource
 from registry.errors import InvalidInput, NotFound
 from registry.models import Artifact, ArtifactRole, CheckpointStatus
+from registry.safetensors_check import INDEX_FILE_NAME
 from registry.services.artifacts import find_artifact
 from registry.services.blobs import stored_blob
 from registry.services.common import checkpoint_files, load_checkpoint
 from registry.storage import ObjectStore
+from registry.storage.codecs import read_original
 from registry.storage.range_source import BlobTensorSource, ShardedBlobTensorSource
+
+MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -67,9 +71,29 @@ def checkpoint_tensor_source(
             session=session, store=store, artifact=weights[0], name=checkpoint.name
         )
     blobs = {a.blob_key: stored_blob(session, a) for a in weights}
-    weight_map = {tensor: blobs[a.blob_key] for a in weights for tensor in a.tensor_index}
+    # Tensors in the order a local read of the checkpoint folder gives (the index file's
+    # weight_map, else file by file), so a streamed merge writes byte-identical output.
+    shard_of = {tensor: a.blob_key for a in weights for tensor in sorted(a.tensor_index)}
+    order = [t for t in _index_order(session, store, checkpoint_id) if t in shard_of]
+    order += [t for t in shard_of if t not in set(order)]
+    weight_map = {tensor: blobs[shard_of[tensor]] for tensor in order}
     indexes = {a.blob_key: a.tensor_index for a in weights if a.tensor_index}
     return ShardedBlobTensorSource(store, weight_map, checkpoint.name, indexes=indexes)
+
+
+def _index_order(session: Session, store: ObjectStore, checkpoint_id: int) -> list[str]:
+    """Tensor names in the order of the checkpoint's ``model.safetensors.index.json`` (one
+    small read; validated at ``complete``), or [] when it has none."""
+    files = checkpoint_files(session, checkpoint_id)
+    index = next((f for f in files if f.name == INDEX_FILE_NAME), None)
+    if index is None or index.size > MAX_INDEX_BYTES:
+        return []
+    raw = read_original(store, stored_blob(session, index), 0, index.size)
+    try:
+        weight_map = json.loads(raw).get("weight_map")
+    except (ValueError, AttributeError):
+        return []
+    return [str(name) for name in weight_map] if isinstance(weight_map, dict) else []
 
 
 def file_tensor_source(

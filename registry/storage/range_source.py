@@ -227,8 +227,8 @@ class ShardedBlobTensorSource:
         return shard
 
     def keys(self) -> list[str]:
-        """Tensor names, sorted."""
-        return sorted(self._weight_map)
+        """Tensor names, in the weight map's order (a sharded checkpoint's index order)."""
+        return list(self._weight_map)
 
     def metadata(self, key: str) -> TensorMeta:
         """Dtype and shape from the owning shard's index."""

@@ -6,6 +6,7 @@ request per call" and "no header request" are checked on the wire, not in the so
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -224,3 +225,24 @@ def test_a_file_store_reads_the_same_rows(tmp_path: Path) -> None:
     for name, tensor in tensors.items():
         if tensor.dim():
             assert torch.equal(source.get_rows(name, 2, 5), tensor[2:5]), name
+
+
+def test_sources_pickle_as_where_to_read(
+    s3: tuple[ObjectStore, Wire], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dask workers get sources by pickle: they reopen the store (one client per process)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    store, _ = s3
+    tensors = _rows_tensors()
+    blob, index = _stored(store, tensors)
+    single = BlobTensorSource(store, blob, "m", index=index)
+    sharded = ShardedBlobTensorSource(
+        store, dict.fromkeys(index, blob), "s", indexes={blob.key: index}
+    )
+    for source in (single, sharded):
+        copy = pickle.loads(pickle.dumps(source))
+        assert copy.name == source.name and copy.keys() == source.keys()
+        assert copy.store is not store and copy.store.url == store.url
+        assert torch.equal(copy.get_rows("m.bfloat16", 1, 4), tensors["m.bfloat16"][1:4])
+    assert pickle.loads(pickle.dumps(single)).store is copy.store  # one store per spec
