@@ -196,3 +196,18 @@ def _iter_spans(
         first, last = max(start, span.start) - span.start, min(end, span.end) - span.start
         for offset in range(first, last, chunk_size):
             yield data[offset : min(offset + chunk_size, last)]
+
+
+class TallCodec:
+    """The ``tall`` codec for ``registry.storage.codecs`` (registered there lazily)."""
+
+    name = CODEC
+
+    def iter_original(
+        self, store: ObjectStore, blob: StoredBlob, *, start: int, end: int, chunk_size: int
+    ) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of the rebuilt member file."""
+        return iter_tall(store, blob, start=start, end=end, chunk_size=chunk_size)
+
+
+TALL = TallCodec()
