@@ -1,7 +1,9 @@
 """Merge-engine benchmark: ckreg (mergeops) against mergekit on the same synthetic checkpoints.
 
     python -m bench.merge_engine [--sizes 270m,100m] [--methods ties,task_arithmetic,linear]
-                                 [--mergekit PATH|none] [--work DIR] [--keep]
+                                 [--mergekit PATH|none] [--work DIR] [--keep] [--prefetch-compare]
+    python -m bench.merge_engine --device cuda [--sizes 270m]
+                                 [--methods ties,task_arithmetic,ota_ffg,opcm]
 
 Writes a bf16 Llama-shaped base + 4 fine-tunes per size (``bench._synth``), then runs every
 merge as its own subprocess (``ckreg merge`` and ``mergekit-yaml`` on the same YAML) and prints
@@ -9,7 +11,12 @@ wall time, peak RSS (``wait4`` rusage of that process; RssAnon sampled from /pro
 difference between the two outputs, and effective bandwidth (input + output bytes per second)
 next to a plain in-RAM tensor copy of the same bytes timed just before. With CUDA it adds
 ckreg ``--device cuda`` rows and their ratio to pinned host-to-device bandwidth. The output
-comparison lives in ``bench.merge_parity``.
+comparison lives in ``bench.merge_parity``. ``--prefetch-compare`` adds, per method, the
+in-process merge time with input prefetch off and on.
+
+``--device cuda`` runs only ckreg on the GPU (bf16 in and out; ota_ffg with synthetic second
+moments, opcm from a fresh state) and prints wall time, effective bandwidth, the pinned
+host-to-device bandwidth measured in the same run and their ratio (``bench.merge_pipeline``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import yaml
 from bench._common import MIB
 from bench._synth import SHAPES, write_family
 from bench.merge_parity import Parity, compare, format_parity
+from bench.merge_pipeline import cuda_main, h2d_bandwidth, prefetch_compare
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
 DEFAULT_WORK = Path("bench/out/merge_engine")
@@ -152,19 +160,6 @@ def copy_bandwidth(total_bytes: int, chunk: int = 256 * MIB) -> tuple[float, flo
     return rates[0], rates[1]
 
 
-def h2d_bandwidth(chunk: int = 256 * MIB, repeats: int = 8) -> float:
-    """GB/s of pinned host -> device copies."""
-    host = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty(chunk, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        device.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return chunk * repeats / (time.perf_counter() - start) / 1e9
-
-
 @dataclass
 class Row:
     size: str
@@ -174,6 +169,7 @@ class Row:
     memcpy_gbs: tuple[float, float]
     parity: Parity | None = None
     versus: Run | None = None
+    prefetch: tuple[float, float] | None = None
 
 
 def bench_method(
@@ -211,6 +207,8 @@ def bench_method(
         rows.append(Row(size, method, gpu, in_bytes + folder_bytes(outs["ckreg-cuda"]), memcpy))
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
+    if args.prefetch_compare:
+        rows[0].prefetch = prefetch_compare(cfg, work, method, measure)
     return rows
 
 
@@ -238,14 +236,32 @@ def format_table(rows: list[Row]) -> str:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="270m,100m", help=f"of {', '.join(SHAPES)}")
-    parser.add_argument("--methods", default="ties,task_arithmetic,linear")
+    parser.add_argument("--methods", default=None,
+                        help="default: ties,task_arithmetic,linear on CPU; "
+                             "ties,task_arithmetic,ota_ffg,opcm on CUDA")  # fmt: skip
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or "none",
                         help="mergekit-yaml executable, or 'none' to skip it")  # fmt: skip
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--shard-size", default="256MB", help="output shard size, both engines")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: ckreg vs mergekit; cuda: ckreg on the GPU vs H2D bandwidth",
+    )
+    parser.add_argument(
+        "--prefetch-compare",
+        action="store_true",
+        help="also time each CPU merge in-process with prefetch off and on",
+    )
     args = parser.parse_args(argv)
+    if args.methods is None:
+        cuda = args.device == "cuda"
+        args.methods = (
+            "ties,task_arithmetic,ota_ffg,opcm" if cuda else "ties,task_arithmetic,linear"
+        )
     args.mergekit = None if args.mergekit in ("", "none") else args.mergekit
     return args
 
@@ -254,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; returns 1 when a merge failed."""
     args = _parse(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if args.device == "cuda":
+        return cuda_main(args, sizes, measure)
     print(f"load average (1/5/15 min): {os.getloadavg()}, cpus: {os.cpu_count()}, "
           f"torch threads: {torch.get_num_threads()}")  # fmt: skip
     print(f"ckreg: {' '.join(ckreg_command())} --device cpu --max-shard-size {args.shard_size}")
@@ -283,6 +301,11 @@ def _print_notes(rows: list[Row], args: argparse.Namespace) -> None:
           "(read + written), +alloc = the same into fresh memory (clone); cpu s = user + sys; speedup and RSS/mk: ckreg vs mergekit; rel = max|a-b| / max|b| "
           "per tensor; off-ties: ties max diff away from threshold ties")  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
+    for r in rows:
+        if r.prefetch is not None:
+            off, on = r.prefetch
+            print(f"prefetch {r.size} {r.method}: merge {off:.2f} s off, {on:.2f} s on "
+                  f"({off / on:.2f}x), in-process, CPU")  # fmt: skip
     cpu = [r for r in rows if r.run.engine == "ckreg" and r.run.device == "cpu"]
     by_size = {r.size: max(x.run.peak_rss for x in cpu if x.size == r.size) for r in cpu}
     if len(by_size) > 1:

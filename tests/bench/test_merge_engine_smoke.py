@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bench import merge_engine
+from bench import merge_engine, merge_pipeline
 from bench._synth import SHAPES, write_family
 from mergeops.io import open_source
 
@@ -55,3 +55,42 @@ def test_tiny_benchmark_runs_ckreg_side_without_mergekit(tmp_path: Path, capsys)
     assert "FAILED" not in printed
     assert "CUDA:" in printed
     assert not (tmp_path / "tiny" / "models").exists()  # cleaned up without --keep
+
+
+def test_tiny_benchmark_compares_prefetch_off_and_on(tmp_path: Path, capsys) -> None:
+    args = ["--sizes", "tiny", "--work", str(tmp_path), "--mergekit", "none"]
+    code = merge_engine.main([*args, "--methods", "task_arithmetic", "--prefetch-compare"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    line = next(x for x in printed.splitlines() if x.startswith("prefetch tiny task_arithmetic"))
+    assert " s off, " in line and "nan" not in line
+
+
+def test_gpu_rows_run_every_method_config_on_cpu(tmp_path: Path) -> None:
+    """The CUDA table's configs (ota_ffg second moments, opcm fresh state), parsing and
+    formatting, run on the CPU here; bench/gpu_check.sh runs them on a GPU."""
+    shape = SHAPES["tiny"]
+    folders = write_family(tmp_path / "models", shape=shape, finetunes=2, shard_size="60KB")
+    methods = ["ties", "task_arithmetic", "ota_ffg", "opcm"]
+    rows = merge_pipeline.cuda_rows(tmp_path, folders, shape, methods, merge_engine.measure,
+                                    device="cpu")  # fmt: skip
+    assert [r.method for r in rows] == methods
+    assert all(r.ok and r.merge_s > 0 for r in rows), [r.log.read_text() for r in rows]
+    moments = sum(merge_pipeline.folder_bytes(tmp_path / "models" / f"v-{i}") for i in (1, 2))
+    models = sum(merge_pipeline.folder_bytes(f) for f in folders)
+    assert rows[2].moved > rows[1].moved and moments > 0 and rows[1].moved > models
+    table = merge_pipeline.format_cuda(rows, h2d=25.0)
+    assert "ota_ffg" in table and "FAILED" not in table and ">= 0.50" in table
+
+
+def test_cuda_mode_without_cuda_says_so(capsys) -> None:
+    if torch.cuda.is_available():
+        return
+    assert merge_engine.main(["--device", "cuda", "--sizes", "tiny"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().out
+
+
+def test_latency_demo_runs_both_modes() -> None:
+    rows = merge_pipeline.latency_demo(0.0, layers=1, rows=1024)
+    assert [label for label, _ in rows] == ["prefetch off", "prefetch on"]
+    assert all(wall > 0 for _, wall in rows)
