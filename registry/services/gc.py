@@ -38,6 +38,7 @@ aborted and temp objects (``tmp/``) older than the TTL removed (``registry.servi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -52,6 +53,7 @@ from registry.storage import ObjectStore
 from registry.storage.base import BLOB_PREFIX, ObjectInfo, OpenUpload
 
 RECHECK_BATCH = 256
+DELETE_THREADS = 8  # deletes in flight at once (each is a check and a delete; S3: two requests)
 # S3 reports Last-Modified in whole seconds (rounded down): a blob touched just after the cutoff
 # can look older than it. The cutoff moves back by this much more (by at most the grace period).
 MTIME_RESOLUTION_S = 1.0
@@ -164,15 +166,20 @@ def _delete_orphans(
     *, session: Session, store: ObjectStore, report: GcReport, cutoff: datetime, progress: Progress
 ) -> None:
     total = len(report.orphans)
-    for first in range(0, total, RECHECK_BATCH):
-        batch = report.orphans[first : first + RECHECK_BATCH]
-        named = _still_named(session, [info.key for info in batch])
-        for info in batch:
-            if info.key not in named and store.delete_if_older(info.key, cutoff=cutoff):
-                report.deleted.append(info.key)
-            else:
-                report.kept_on_recheck.append(info.key)
-            progress("delete", 1, total)
+
+    def delete(key: str) -> bool:
+        return store.delete_if_older(key, cutoff=cutoff)
+
+    with ThreadPoolExecutor(max_workers=DELETE_THREADS, thread_name_prefix="ckreg-gc") as pool:
+        for first in range(0, total, RECHECK_BATCH):
+            batch = [info.key for info in report.orphans[first : first + RECHECK_BATCH]]
+            named = _still_named(session, batch)
+            candidates = [key for key in batch if key not in named]
+            report.kept_on_recheck.extend(key for key in batch if key in named)
+            progress("delete", len(batch) - len(candidates), total)
+            for key, deleted in zip(candidates, pool.map(delete, candidates), strict=True):
+                (report.deleted if deleted else report.kept_on_recheck).append(key)
+                progress("delete", 1, total)
 
 
 def _no_progress(stage: str, advance: int, total: int | None) -> None:
