@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load
 from sqlmodel import select
 
+from flows import runtime as flow_runtime
 from flows.family_flow import family_compress
-from registry.errors import InvalidInput, NotFound
+from registry.errors import InvalidInput, InvalidState, NotFound
 from registry.models import Artifact, ArtifactRole, Checkpoint, CheckpointKind, Metric
+from registry.services import family as family_service
+from registry.services.gc import collect_garbage
+from registry.services.tensors import checkpoint_tensor_source
 from registry.storage.tall_codec import RECONSTRUCTED_KEY
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import Embedded, FlowEnv, tiny_state
@@ -183,6 +188,25 @@ def test_a_member_below_the_share_keeps_every_original(flow_env: FlowEnv) -> Non
     lenient = family_compress(base_id, ids, evaluator="ckreg-test-family", min_retention=1e-9)
     assert lenient["outcome"] == "replaced"
     assert all(_weights(flow_env, i).codec == "tall" for i in ids)
+    runtime = flow_runtime.current_runtime()
+    with flow_env.session() as session:
+        # gc keeps what the rebuilt members decode from and takes the released originals
+        gc = collect_garbage(
+            session=session, store=runtime.store, grace_s=0, upload_ttl_s=3600, dry_run=False,
+            now=datetime.now(UTC) + timedelta(seconds=5),
+        )  # fmt: skip
+        assert set(gc.deleted) == {blob_key for _, _, _, blob_key, _, _ in before.values()}
+        # the merge engine's row reads see the rebuilt member, through the codec
+        source = checkpoint_tensor_source(
+            session=session, store=runtime.store, checkpoint_id=ids[0]
+        )
+        whole = family_service.load_state(
+            session=session, store=runtime.store, checkpoint_id=ids[0]
+        )
+    assert torch.equal(source.get_rows("layers.0.weight", 2, 5), whole["layers.0.weight"][2:5])
+    assert not torch.equal(whole["layers.0.weight"], TARGETS["t0"]["layers.0.weight"])
+    with pytest.raises(InvalidState, match="already stored in family"):
+        family_compress(base_id, ids, evaluator="ckreg-test-family")
 
 
 def test_keep_originals_stores_both(flow_env: FlowEnv) -> None:
