@@ -201,3 +201,25 @@ def test_cli_gc_and_delete(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: 
         assert missing.exit_code == 1 and "checkpoint 999 not found" in missing.output
     finally:
         get_settings.cache_clear()
+
+
+def test_delete_refused_while_an_unfinished_merge_run_uses_it(api: Api) -> None:
+    from registry.services import merge_runs as run_service
+
+    base = api.register({"model.safetensors": st_bytes(tiny_state(0))}, name="base")
+    ft = api.register({"model.safetensors": st_bytes(tiny_state(1))}, name="ft")
+    request = run_service.MergeRequest(
+        method="task_arithmetic",
+        base_id=base["id"],
+        inputs=[run_service.MergeInputSpec(checkpoint_id=ft["id"])],
+    )
+    with api.env.session() as session:
+        run, _ = run_service.create_merge_run(session=session, request=request)
+    refused = api.client.delete(f"/api/v1/checkpoints/{ft['id']}", headers=api.headers)
+    assert refused.status_code == 409
+    assert f"unfinished merge run(s) [{run.id}]" in refused.json()["detail"]["message"]
+    forced = api.client.delete(
+        f"/api/v1/checkpoints/{ft['id']}", params={"force": True}, headers=api.headers
+    )
+    assert forced.status_code == 200 and forced.json()["status"] == "deleted"
+    assert forced.json()["metadata"]["deletion"]["released_bytes"] > 0
