@@ -35,6 +35,7 @@ REFS = ("base", "merged", "mask")
 RECONSTRUCTED_KEY = "ckreg.reconstructed"
 ORIGINAL_SHA_KEY = "ckreg.original_sha256"
 _SOURCE_CACHE_SIZE = 32
+ROW_BLOCK_BYTES = 16 << 20  # rebuilt bytes computed at once (whole rows)
 
 
 @dataclass(frozen=True)
@@ -153,20 +154,59 @@ def _has_tensor(source: BlobTensorSource, name: str) -> bool:
     return True
 
 
-def _tensor_bytes(store: ObjectStore, blob: StoredBlob, span: TensorSpan) -> bytes:
-    base = _source(store, blob.refs["base"], "base").get(span.name)
+def _mask_rows(source: BlobTensorSource, span: TensorSpan, rows: tuple[int, int]) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a packed mask: only the bytes holding their bits are read."""
+    per_row = math.prod(span.shape[1:])
+    first, last = rows[0] * per_row, rows[1] * per_row
+    packed = source.get_rows(span.name, first // 8, (last + 7) // 8)
+    bits = unpack_mask(packed, [packed.numel() * 8])
+    skip = first - (first // 8) * 8
+    return bits[skip : skip + last - first].reshape((rows[1] - rows[0], *span.shape[1:]))
+
+
+def _rows_bytes(
+    store: ObjectStore, blob: StoredBlob, span: TensorSpan, rows: tuple[int, int] | None
+) -> bytes:
+    """The rebuilt bytes of rows ``[r0, r1)`` of one tensor (``None``: all of a scalar)."""
+    base_source = _source(store, blob.refs["base"], "base")
     mask_source = _source(store, blob.refs["mask"], "mask")
-    mask = merged = None
-    if _has_tensor(mask_source, span.name):
-        mask = unpack_mask(mask_source.get(span.name), span.shape)
-        merged = _source(store, blob.refs["merged"], "merged").get(span.name)
-    if tuple(base.shape) != span.shape:
+    base_shape = tuple(base_source.metadata(span.name).shape)
+    if base_shape != span.shape:
         raise ValueError(
             f"tall blob '{blob.key}', tensor '{span.name}': base has shape "
-            f"{tuple(base.shape)}, the layout {span.shape}"
+            f"{base_shape}, the layout {span.shape}"
         )
+    masked = _has_tensor(mask_source, span.name)
+    merged_source = _source(store, blob.refs["merged"], "merged") if masked else None
+    if rows is None:
+        base = base_source.get(span.name)
+        mask = unpack_mask(mask_source.get(span.name), span.shape) if masked else None
+        merged = merged_source.get(span.name) if merged_source is not None else None
+    else:
+        base = base_source.get_rows(span.name, *rows)
+        mask = _mask_rows(mask_source, span, rows) if masked else None
+        merged = merged_source.get_rows(span.name, *rows) if merged_source is not None else None
     rebuilt = rebuild_tensor(base, merged, mask, TORCH_DTYPES[span.dtype])
     return rebuilt.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _tensor_pieces(
+    store: ObjectStore, blob: StoredBlob, span: TensorSpan, first: int, last: int
+) -> Iterator[tuple[bytes, int]]:
+    """The rebuilt bytes covering ``[first, last)`` of a tensor (offsets inside it), in blocks
+    of whole rows (at most ~``ROW_BLOCK_BYTES``), each with the offset it starts at."""
+    if not span.shape:
+        yield _rows_bytes(store, blob, span, None), 0
+        return
+    row_bytes = math.prod(span.shape[1:]) * TORCH_DTYPES[span.dtype].itemsize
+    if row_bytes == 0:
+        return
+    step = max(1, ROW_BLOCK_BYTES // row_bytes)
+    row, stop = first // row_bytes, -(-last // row_bytes)
+    while row < stop:
+        upto = min(stop, row + step)
+        yield _rows_bytes(store, blob, span, (row, upto)), row * row_bytes
+        row = upto
 
 
 def iter_tall(
@@ -177,7 +217,7 @@ def iter_tall(
     end: int | None = None,
     chunk_size: int = READ_CHUNK,
 ) -> Iterator[bytes]:
-    """Bytes ``[start, end)`` of the rebuilt file, computing only the tensors they overlap."""
+    """Bytes ``[start, end)`` of the rebuilt file, computing only the rows they overlap."""
     found = blob_layout(blob)
     start, end = resolve_range(blob.key, start, end, found.size)
     return _iter_spans(store, blob, found, start, end, chunk_size)
@@ -192,10 +232,11 @@ def _iter_spans(
     for span in found.spans:
         if span.end <= start or span.start >= end or span.start == span.end:
             continue
-        data = _tensor_bytes(store, blob, span)
         first, last = max(start, span.start) - span.start, min(end, span.end) - span.start
-        for offset in range(first, last, chunk_size):
-            yield data[offset : min(offset + chunk_size, last)]
+        for data, at in _tensor_pieces(store, blob, span, first, last):
+            lo, hi = max(first, at) - at, min(last, at + len(data)) - at
+            for offset in range(lo, hi, chunk_size):
+                yield data[offset : min(offset + chunk_size, hi)]
 
 
 class TallCodec:
