@@ -38,4 +38,5 @@ def tracker_from_settings(settings: Settings, *, experiment_name: str | None = N
         settings.mlflow_tracking_uri,
         outbox_dir=settings.home.resolve() / "mlflow-outbox",
         experiment_name=experiment_name or settings.mlflow_experiment,
+        database_url=settings.database_url,
     )

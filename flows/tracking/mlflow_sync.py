@@ -2,7 +2,9 @@
 
 Merges never fail because MLflow is down: a connection failure (or a 5xx) queues the event and
 the call returns ``None``. Every call first flushes older queued events, in order, so the next
-success (or ``ckreg mlflow sync`` -> :meth:`Tracker.sync`) catches MLflow up.
+success (or ``ckreg mlflow sync`` -> :meth:`Tracker.sync`) catches MLflow up. With a registry
+``database_url``, a queued merge that reaches MLflow later gets its ``MergeRun.mlflow_run_id``
+filled in then (a merge logged at once is recorded by its caller).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Tracker:
         artifact_location: str | None = None,
         http_timeout_s: int = 10,
         http_max_retries: int = 0,
+        database_url: str | None = None,
     ) -> None:
         # MLflow reads these per request; keep outage detection fast unless the user chose otherwise.
         if not MLFLOW_HTTP_REQUEST_MAX_RETRIES.is_set():
@@ -96,6 +99,7 @@ class Tracker:
         if tracking_uri.startswith("sqlite:///"):
             Path(urlparse(tracking_uri).path).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
+        self.database_url = database_url
         self.outbox = Outbox(outbox_dir)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.writer = MlflowWriter(
@@ -176,7 +180,7 @@ class Tracker:
         sent = 0
         for event in self.outbox.pending():
             try:
-                self._apply(event.kind, event.payload)
+                mlflow_id = self._apply(event.kind, event.payload)
             except Exception as exc:
                 if is_outage(exc):
                     return sent, exc
@@ -187,4 +191,25 @@ class Tracker:
                 continue
             self.outbox.done(event)
             sent += 1
+            if event.kind == "merge":
+                self._record_run_id(int(event.payload["run_id"]), mlflow_id)
         return sent, None
+
+    def _record_run_id(self, merge_run_id: int, mlflow_run_id: str) -> None:
+        """Fill ``MergeRun.mlflow_run_id`` of a merge whose event was queued (best effort)."""
+        if self.database_url is None:
+            return
+        from registry.db import make_engine, session_scope
+        from registry.errors import RegistryError
+        from registry.services.merge_run_states import set_mlflow_run_id
+
+        engine = make_engine(self.database_url)
+        try:
+            with session_scope(engine) as session:
+                set_mlflow_run_id(session=session, run_id=merge_run_id, mlflow_run_id=mlflow_run_id)
+        except RegistryError as exc:  # the run was removed meanwhile: MLflow still has it
+            logger.warning(
+                "MLflow run %s not recorded on merge run %s: %s", mlflow_run_id, merge_run_id, exc
+            )
+        finally:
+            engine.dispose()
