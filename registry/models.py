@@ -157,6 +157,10 @@ class FilePublic(SQLModel):
     size: int
     role: ArtifactRole
     deduplicated: bool = False
+    # How the file is kept at rest: "raw" or a lossless codec, and the bytes the store holds
+    # (``size`` and ``sha256`` are always the original file's, which downloads return).
+    codec: str = "raw"
+    stored_size: int | None = None
 
 
 class CheckpointPublic(CheckpointBase):
@@ -210,6 +214,8 @@ class ArtifactPublic(ArtifactBase):
     id: int
     checkpoint_id: int
     tensors: int
+    codec: str = "raw"
+    stored_size: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)  # type: ignore[assignment,misc]
 
 

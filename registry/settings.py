@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # deleted; uploads not completed within the TTL are aborted and their temp objects removed.
     gc_grace_s: float = Field(default=3600.0, ge=0)
     upload_ttl_s: float = Field(default=24 * 3600.0, ge=0)
+    # Stored safetensors files: compressed losslessly at `complete` ("zipnn", with deltas against
+    # the base's file where smaller) or kept as uploaded ("off"). Downloads are always the original.
+    store_compression: Literal["zipnn", "off"] = "zipnn"
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -186,5 +186,7 @@ def artifact_public(artifact: Artifact) -> ArtifactPublic:
         sha256=artifact.sha256,
         size=artifact.size,
         tensors=len(artifact.tensor_index),
+        codec=artifact.codec,
+        stored_size=artifact.stored_size if artifact.stored_size is not None else artifact.size,
         metadata=artifact.meta or {},
     )

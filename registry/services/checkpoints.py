@@ -155,6 +155,8 @@ def file_public(artifact: Artifact, *, deduplicated: bool = False) -> FilePublic
         size=artifact.size,
         role=ArtifactRole(artifact.role),
         deduplicated=deduplicated,
+        codec=artifact.codec,
+        stored_size=artifact.stored_size if artifact.stored_size is not None else artifact.size,
     )
 
 
@@ -200,13 +202,15 @@ def _files_by_checkpoint(session: Session, ids: list[int]) -> dict[int, list[dic
             col(Artifact.sha256),
             col(Artifact.size),
             col(Artifact.role),
+            col(Artifact.codec),
+            col(Artifact.stored_size),
         )
         .where(col(Artifact.checkpoint_id).in_(ids), col(Artifact.role).in_(FILE_ROLES))
         .order_by(col(Artifact.name))
     )
     rows = session.connection().execute(query.add_columns(col(Artifact.blob_key))).all()
     shared = shared_blob_keys(session, [row[-1] for row in rows])
-    for checkpoint_id, name, sha256, size, role, key in rows:
+    for checkpoint_id, name, sha256, size, role, codec, stored, key in rows:
         files[checkpoint_id].append(
             {
                 "name": name,
@@ -214,6 +218,8 @@ def _files_by_checkpoint(session: Session, ids: list[int]) -> dict[int, list[dic
                 "size": size,
                 "role": role,
                 "deduplicated": key in shared,
+                "codec": codec,
+                "stored_size": size if stored is None else stored,
             }
         )
     return files

@@ -26,6 +26,7 @@ from registry.models import (
 from registry.services.checkpoints import create_checkpoint
 from registry.services.common import checkpoint_files, load_checkpoint, release_blobs
 from registry.services.compatibility import check_base_compatibility
+from registry.services.compression import compress_checkpoint
 from registry.services.files import add_file_from_path
 from registry.services.lineage import add_lineage_edges
 from registry.services.validation import tensor_index, validate_files
@@ -131,6 +132,8 @@ def complete_checkpoint(
         raise
     _mark_ready(session=session, checkpoint=checkpoint, headers=headers)
     _derive_task_vector(session=session, store=store, settings=settings, checkpoint=checkpoint)
+    # After validation and the task vector (which read the raw upload), before anyone is told.
+    compress_checkpoint(session=session, store=store, settings=settings, checkpoint=checkpoint)
     (launcher or NullLauncher()).checkpoint_ready(checkpoint_id)
     session.refresh(checkpoint)
     return checkpoint

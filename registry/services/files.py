@@ -12,6 +12,7 @@ from sqlmodel import Session, col, select
 
 from registry.errors import IntegrityMismatch, InvalidInput, InvalidState, NotFound
 from registry.models import FILE_ROLES, Artifact, ArtifactRole, Checkpoint
+from registry.services.blobs import stored_blob
 from registry.services.common import (
     check_file_name,
     check_sha256,
@@ -20,6 +21,7 @@ from registry.services.common import (
     release_blobs,
 )
 from registry.storage import BlobInfo, ObjectStore, StorageIntegrityError, blob_key
+from registry.storage.codecs import RAW, StoredBlob, iter_original
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,22 @@ def get_checkpoint_file(*, session: Session, checkpoint_id: int, name: str) -> A
 
 
 def stream_artifact(
-    *, store: ObjectStore, artifact: Artifact, chunk_size: int = 1 << 20
+    *,
+    store: ObjectStore,
+    artifact: Artifact,
+    session: Session | None = None,
+    start: int = 0,
+    end: int | None = None,
+    chunk_size: int = 1 << 20,
 ) -> Iterator[bytes]:
-    """The bytes of an artifact or file, streamed from the store."""
-    return store.iter_bytes(artifact.blob_key, chunk_size=chunk_size)
+    """The original bytes ``[start, end)`` of an artifact or file, decoded from however it is
+    stored (``registry.storage.codecs``); a compressed row needs ``session`` to resolve refs."""
+    if artifact.codec == RAW:
+        blob = StoredBlob(artifact.blob_key, artifact.size)
+    elif session is None:
+        raise InvalidState(
+            f"file '{artifact.name}' is stored as {artifact.codec!r}: pass a session"
+        )
+    else:
+        blob = stored_blob(session, artifact)
+    return iter_original(store, blob, start=start, end=end, chunk_size=chunk_size)

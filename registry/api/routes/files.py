@@ -132,10 +132,12 @@ def download_file(
     start, end = span or (0, artifact.size)
     headers["Content-Length"] = str(end - start)
     if span is None:
-        body = services.stream_artifact(store=store, artifact=artifact)
+        body = services.stream_artifact(store=store, artifact=artifact, session=session)
         return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{artifact.size}"
-    body = store.iter_bytes(artifact.blob_key, start=start, end=end)
+    body = services.stream_artifact(
+        store=store, artifact=artifact, session=session, start=start, end=end
+    )
     return StreamingResponse(
         body, status_code=206, media_type="application/octet-stream", headers=headers
     )
