@@ -218,7 +218,7 @@ def test_keep_originals_stores_both(flow_env: FlowEnv) -> None:
         member_id, sibling_id = figure["checkpoint_id"], figure["served_by"]
         assert sibling_id != member_id
         assert _weights(flow_env, member_id).sha256 == before[member_id]
-        assert _weights(flow_env, member_id).codec == "raw"
+        assert _weights(flow_env, member_id).codec != "tall"
         sibling = _weights(flow_env, sibling_id)
         assert sibling.codec == "tall" and sibling.meta["original_sha256"] == before[member_id]
         with flow_env.session() as session:
@@ -226,21 +226,34 @@ def test_keep_originals_stores_both(flow_env: FlowEnv) -> None:
             assert row is not None and row.base_id == base_id and "tall-reconstructed" in row.tags
 
 
-def test_digits_zoo_family_end_to_end(flow_env: FlowEnv, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A two-task digits zoo (a few seconds to build), served by ``ckreg-test-family-digits``."""
     from bench.zoo.build import build_zoo
-    from bench.zoo.manifest import load_tensors
     from bench.zoo.train import TrainConfig
 
     config = TrainConfig(hidden=32, features=16, pretrain_epochs=5, finetune_epochs=3,
                          trajectory_points=2, fisher_examples=64)  # fmt: skip
-    zoo = tmp_path / "zoo"
+    zoo = tmp_path_factory.mktemp("family-zoo")
     manifest = build_zoo(zoo, tasks=("rot90", "parity"), irrelevant=0, config=config)
     ZOO["dir"] = zoo
-    base_id = flow_env.register("zoo-base", load_tensors(zoo, manifest.base), kind="base")
+    return manifest
+
+
+def _register_zoo(env: FlowEnv, manifest: Any) -> tuple[int, list[int]]:
+    from bench.zoo.manifest import load_tensors
+
+    zoo = ZOO["dir"]
+    base_id = env.register("zoo-base", load_tensors(zoo, manifest.base), kind="base")
     ids = [
-        flow_env.register(f"zoo-{t}", load_tensors(zoo, e.model), base_id=base_id, task=t)
+        env.register(f"zoo-{t}", load_tensors(zoo, e.model), base_id=base_id, task=t)
         for t, e in manifest.tasks.items()
     ]
+    return base_id, ids
+
+
+def test_digits_zoo_family_end_to_end(flow_env: FlowEnv, tiny_zoo: Any) -> None:
+    base_id, ids = _register_zoo(flow_env, tiny_zoo)
     report = family_compress(base_id, ids, evaluator="ckreg-test-family-digits", min_retention=0.5)
     assert {m["metric"] for m in report["members"]} == {"accuracy/rot90", "accuracy/parity"}
     for figure in report["members"]:
@@ -248,6 +261,34 @@ def test_digits_zoo_family_end_to_end(flow_env: FlowEnv, tmp_path: Path) -> None
         assert figure["reconstructed"] == pytest.approx(figure["retention"] * figure["original"])
     assert report["outcome"] == ("replaced" if min(m["retention"] for m in report["members"])
                                  >= 0.5 else "kept")  # fmt: skip
+
+
+def test_cli_reports_and_refuses_bad_input(
+    flow_env: FlowEnv, tiny_zoo: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from registry.settings import get_settings
+
+    base_id, ids = _register_zoo(flow_env, tiny_zoo)
+    before = {i: _row_state(_weights(flow_env, i)) for i in ids}
+    monkeypatch.setenv("CKREG_HOME", str(flow_env.settings.home))
+    monkeypatch.setenv("CKREG_MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        args = ["family", "compress", "--base", str(base_id), "--evaluator",
+                "ckreg-test-family-digits", "-q"]  # fmt: skip
+        one = runner.invoke(app, [*args, "--task-vectors", str(ids[0])])
+        assert one.exit_code == 1 and "at least 2 fine-tunes" in one.output
+        strict = runner.invoke(app, [*args, "--task-vectors", ",".join(map(str, ids)),
+                                     "--min-retention", "1.0"])  # fmt: skip
+        assert strict.exit_code == 0, strict.output
+        assert "outcome: kept" in strict.output and "kept the originals" in strict.output
+        assert {i: _row_state(_weights(flow_env, i)) for i in ids} == before
+    finally:
+        get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(
