@@ -16,7 +16,7 @@ from typing import Literal
 
 from flows.runtime import configure
 from flows.scheduler import CronScheduler
-from registry.services import merge_runs as run_service
+from registry.services import leases
 from registry.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,16 @@ class EmbeddedLauncher:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EmbeddedLauncher:
-        """Start the worker (and cron scheduler); re-queue runs a previous process left unfinished."""
+        """Start the worker (and cron scheduler); re-queue runs a previous process left unfinished.
+
+        A run still leased by a live process (another server on the same database) is left to
+        it; one whose owner died (or whose lease expired) is taken over.
+        """
         self._jobs.put(("warmup", 0))
         if self._recover:
             with self.runtime.session() as session:
-                for run in run_service.unfinished_merge_runs(session=session):
-                    self._jobs.put(("merge", run.id or 0))
+                for run_id in leases.reclaim_stale_runs(session=session, claim_grace_s=0):
+                    self._jobs.put(("merge", run_id))
         self._thread.start()
         if self.scheduler is not None:
             self.scheduler.start()

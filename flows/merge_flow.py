@@ -1,7 +1,10 @@
 """``merge_checkpoints(run_id)``: inputs from the store -> stream merge -> merged checkpoint.
 
-Then evaluate, mark the run succeeded and log to MLflow. Any failure marks the run failed with
-the error and the half-made output failed; running the flow again for the run succeeds.
+The flow first claims the run's lease (``registry.services.leases``; a heartbeat renews it),
+works in a staging folder keyed by run and attempt, evaluates, and adopts the output and the
+run's success in one transaction conditioned on the lease; then logs to MLflow. A worker that
+lost its lease drops its work. Any other failure marks the run failed with the error and the
+half-made output failed; running the flow again for the run succeeds.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from prefect.cache_policies import NO_CACHE
 
 import mergeops
 from flows import outputs
+from flows.attempts import LeaseKeeper, attempt_root, attempt_roots, drop_attempt, not_lease_lost
 from flows.evaluate_flow import store_metrics
 from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
-from flows.runtime import current_runtime
+from flows.runtime import Runtime, current_runtime
 from mergeops.methods import base as mb
+from registry.models import MergeRunStatus
+from registry.services import leases
 from registry.services import merge_run_states as run_states
 from registry.services import merge_runs as run_service
 
@@ -32,14 +38,14 @@ IO_RETRIES = 2
 
 
 @task(retries=IO_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
-def prepare_inputs(run_id: int) -> PreparedMerge:
-    """Resolve the run's inputs to local files (I/O: retried)."""
+def prepare_inputs(run_id: int, attempt: int) -> PreparedMerge:
+    """Resolve the run's inputs into the attempt's staging folder (I/O: retried)."""
     runtime = current_runtime()
     with runtime.session() as session:
         return prepare(
             session=session,
             store=runtime.store,
-            work_root=runtime.settings.work_dir or runtime.settings.home / "work",
+            work_root=attempt_root(runtime, run_id, attempt),
             run_id=run_id,
             cache_max_bytes=runtime.settings.cache_max_bytes,
         )
@@ -61,14 +67,25 @@ def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
     )
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
-def publish_output(prepared: PreparedMerge) -> int:
-    """Upload and register the merged checkpoint with its lineage (I/O: retried)."""
+@task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=1,
+    retry_condition_fn=not_lease_lost,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def publish_output(prepared: PreparedMerge, lease: leases.Lease, metrics: dict[str, float]) -> int:
+    """Stage the merged checkpoint (files, lineage, state, metrics), then adopt it under the
+    lease: ready and the run succeeded in one transaction (I/O: retried; a lost lease is not)."""
     runtime = current_runtime()
     with runtime.session() as session:
         run = run_service.get_merge_run(session=session, run_id=prepared.run_id)
-        checkpoint = outputs.start_output(session=session, run=run, spec=prepared.output)
-        ready = outputs.upload_output(
+        if not leases.holds_lease(session=session, lease=lease):
+            raise leases.LeaseLost(f"merge run {run.id}: lease of attempt {lease.attempt} lost")
+        checkpoint = outputs.start_output(
+            session=session, store=runtime.store, run=run, spec=prepared.output, lease=lease
+        )
+        staged = outputs.upload_output(
             session=session,
             store=runtime.store,
             settings=runtime.settings,
@@ -77,7 +94,18 @@ def publish_output(prepared: PreparedMerge) -> int:
             out_dir=prepared.out_dir,
             spec=prepared.output,
         )
-        return ready.id or 0
+    output_id = staged.id or 0
+    if metrics and prepared.evaluator:  # on the staged output: a ready output has its metrics
+        store_metrics(output_id, metrics, prepared.evaluator)
+    with runtime.session() as session:
+        outputs.adopt_output(
+            session=session,
+            store=runtime.store,
+            settings=runtime.settings,
+            lease=lease,
+            checkpoint_id=output_id,
+        )
+    return output_id
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -113,41 +141,63 @@ def merge_slot() -> Iterator[None]:
 def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
     """Run merge run ``run_id``; returns the merged checkpoint's id.
 
+    A run that succeeded already returns its output; one another live worker holds returns
+    None (that worker completes it, or the recovery sweep re-submits it once its lease expires).
     ``tensor_ranges > 1`` splits per-tensor methods into that many range tasks on the flow's
     task runner (a ``DaskTaskRunner`` via ``merge_checkpoints.with_options(task_runner=...)``).
     """
     runtime = current_runtime()
     with runtime.session() as session:
-        run = run_states.claim_merge_run(
-            session=session, run_id=run_id, orchestration_run_id=_flow_run_id()
+        lease = leases.claim_merge_run(
+            session=session,
+            run_id=run_id,
+            owner=leases.new_owner(),
+            lease_s=runtime.settings.merge_lease_s,
+            orchestration_run_id=_flow_run_id(),
         )
-        if run is None:  # already succeeded: idempotent no-op
-            return run_service.get_merge_run(session=session, run_id=run_id).output_checkpoint_id
+        if lease is None:
+            run = run_service.get_merge_run(session=session, run_id=run_id)
+            if run.status != MergeRunStatus.succeeded:
+                log.info("merge run %s is held by %s; not run here", run_id, run.lease_owner)
+            return run.output_checkpoint_id
+    with LeaseKeeper(runtime, lease) as keeper:
+        return _run_claimed(runtime, lease, keeper, tensor_ranges)
+
+
+def _run_claimed(
+    runtime: Runtime, lease: leases.Lease, keeper: LeaseKeeper, tensor_ranges: int
+) -> int | None:
+    """The merge itself, under a held lease; None when the lease was lost midway."""
     prepared: PreparedMerge | None = None
     try:
-        prepared = prepare_inputs(run_id)
+        prepared = prepare_inputs(lease.run_id, lease.attempt)
         with merge_slot():
+            keeper.check()
             if tensor_ranges > 1:
                 from flows.split import split_merge
 
                 split_merge(prepared, parts=tensor_ranges, device=runtime.settings.device)
             else:
                 run_merge(prepared)
+        keeper.check()
         # Evaluated before it is published: a ready output has its metrics (or failed to).
         metrics = evaluate_output(prepared) if prepared.evaluator else {}
-        output_id = publish_output(prepared)
-        if metrics and prepared.evaluator:
-            store_metrics(output_id, metrics, prepared.evaluator)
-        with runtime.session() as session:
-            run_states.finish_merge_run(
-                session=session, run_id=run_id, output_checkpoint_id=output_id
-            )
-    except BaseException as exc:
-        _record_failure(run_id, prepared, exc)
+        keeper.check()
+        output_id = publish_output(prepared, lease, metrics)
+    except Exception as exc:
+        if not keeper.held():
+            log.warning("merge run %s: %s; attempt %s dropped", lease.run_id, exc, lease.attempt)
+            drop_attempt(runtime, lease, prepared)
+            return None
+        _record_failure(lease, prepared, exc)
         raise
-    in_background(_track, run_id, output_id, metrics, prepared)
-    # The work folder holds only the uploaded output now; the input cache stays for reuse.
-    shutil.rmtree(prepared.out_dir, ignore_errors=True)
+    except BaseException as exc:
+        _record_failure(lease, prepared, exc)
+        raise
+    in_background(_track, lease.run_id, output_id, metrics, prepared)
+    # The staging folders hold only uploaded outputs now; the input cache stays for reuse.
+    for root in attempt_roots(runtime, lease.run_id):
+        shutil.rmtree(root, ignore_errors=True)
     return output_id
 
 
@@ -158,22 +208,28 @@ def _flow_run_id() -> str | None:
     return str(value) if value else None
 
 
-def _record_failure(run_id: int, prepared: PreparedMerge | None, exc: BaseException) -> None:
-    """Mark the run failed with the error and its half-made output failed."""
+def _record_failure(
+    lease: leases.Lease, prepared: PreparedMerge | None, exc: BaseException
+) -> None:
+    """Mark the run failed with the error and the attempt's half-made output failed."""
     error = f"{type(exc).__name__}: {exc}"
     runtime = current_runtime()
     try:
         with runtime.session() as session:
-            run = run_service.get_merge_run(session=session, run_id=run_id)
-            if prepared is not None:
-                pending = outputs.existing_output(session=session, name=prepared.output.name)
-                output_id = pending.id if pending is not None else run.output_checkpoint_id
-                outputs.fail_output(
-                    session=session, store=runtime.store, checkpoint_id=output_id, error=error
-                )
-            run_states.fail_merge_run(session=session, run_id=run_id, error=error)
+            if not leases.fail_under_lease(session=session, lease=lease, error=error):
+                return  # another worker holds the run now: its outcome counts, not this one
+            if prepared is None:
+                return
+            run = run_service.get_merge_run(session=session, run_id=lease.run_id)
+            for staged in outputs.staged_outputs(
+                session=session, run=run, name=prepared.output.name
+            ):
+                if staged.meta.get("attempt") == lease.attempt:
+                    outputs.fail_output(
+                        session=session, store=runtime.store, checkpoint_id=staged.id, error=error
+                    )
     except Exception:  # the original error matters more than a failure to record it
-        log.exception("could not record the failure of merge run %s", run_id)
+        log.exception("could not record the failure of merge run %s", lease.run_id)
 
 
 def in_background(work: Callable[..., None], *args: Any) -> None:

@@ -1,28 +1,36 @@
 """Registering a merge's output: a ``merged`` checkpoint with its files, state and lineage.
 
-A retried or restarted run reuses the pending output checkpoint of its earlier attempt, so a
-run yields exactly one ready output. A failure marks that checkpoint failed (nothing ready).
+Each attempt of a run stages its output as a pending checkpoint (tagged with the attempt's
+lease) and adopts it with ``adopt_output``: the checkpoint turns ready in the same transaction
+that marks the run succeeded, conditioned on still holding the lease, so a run yields exactly
+one ready output however many workers tried. Staged outputs of other attempts are discarded;
+a failure marks the attempt's own output failed (nothing ready).
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
 from registry.models import (
+    Artifact,
     ArtifactRole,
     Checkpoint,
     CheckpointCreate,
     CheckpointKind,
     CheckpointStatus,
+    Lineage,
     LineageCreate,
     LineageRole,
     MergeRun,
+    Metric,
 )
-from registry.services import completion, files, lineage
+from registry.services import completion, files, leases, lineage
+from registry.services.common import release_blobs
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
@@ -37,6 +45,10 @@ class OutputSpec:
     state_parent_id: int | None = None
     state_path: Path | None = None
     mask_parent_ids: tuple[int, ...] = ()
+    # (file name, local path) copied next to the merged weights (HF config.json & co.);
+    # ``adapter``: the output is a PEFT adapter (weights renamed adapter_model.safetensors)
+    extras: tuple[tuple[str, Path], ...] = ()
+    adapter: bool = False
 
 
 def output_name(run: MergeRun, policy_name: str | None) -> str:
@@ -44,31 +56,48 @@ def output_name(run: MergeRun, policy_name: str | None) -> str:
     return f"{policy_name or run.method}-run{run.id}"
 
 
-def existing_output(*, session: Session, name: str) -> Checkpoint | None:
-    """The output ``name`` an earlier attempt of its run left behind (pending or ready)."""
+def staged_outputs(*, session: Session, run: MergeRun, name: str) -> list[Checkpoint]:
+    """The pending outputs attempts of ``run`` staged (named ``name``), oldest first."""
     query = (
         select(Checkpoint)
         .where(
             Checkpoint.name == name,
             Checkpoint.kind == CheckpointKind.merged,
-            col(Checkpoint.status).in_([CheckpointStatus.pending, CheckpointStatus.ready]),
+            Checkpoint.status == CheckpointStatus.pending,
         )
-        .order_by(col(Checkpoint.id).desc())
+        .order_by(col(Checkpoint.id))
     )
-    return session.exec(query).first()
+    return [c for c in session.exec(query).all() if c.meta.get("merge_run_id") == run.id]
 
 
-def start_output(*, session: Session, run: MergeRun, spec: OutputSpec) -> Checkpoint:
-    """The merged checkpoint for ``run``: reused when a crashed attempt left one, else new."""
-    existing = existing_output(session=session, name=spec.name)
-    if existing is not None:
-        return existing
+def _staged_by(checkpoint: Checkpoint, lease: leases.Lease) -> bool:
+    meta = checkpoint.meta
+    return meta.get("attempt") == lease.attempt and meta.get("lease_owner") == lease.owner
+
+
+def start_output(
+    *, session: Session, store: ObjectStore, run: MergeRun, spec: OutputSpec, lease: leases.Lease
+) -> Checkpoint:
+    """The pending output this attempt stages: reused on a retry, else new.
+
+    Outputs other attempts staged are discarded (their workers lost the lease to this one).
+    """
+    mine = None
+    for staged in staged_outputs(session=session, run=run, name=spec.name):
+        if _staged_by(staged, lease):
+            mine = staged
+        else:
+            discard_output(session=session, store=store, checkpoint_id=staged.id or 0)
+    if mine is not None:
+        return mine
     metadata: dict[str, Any] = {
         "merge_run_id": run.id,
         "method": run.method,
         "params": run.params,
         "policy_id": run.policy_id,
         "inputs": spec.input_ids,
+        "attempt": lease.attempt,
+        "lease_owner": lease.owner,
     }
     data = CheckpointCreate(
         name=spec.name,
@@ -93,23 +122,19 @@ def upload_output(
     out_dir: Path,
     spec: OutputSpec,
 ) -> Checkpoint:
-    """Upload the merge's files, complete the checkpoint, store its state and lineage.
+    """Upload the merge's files, state and lineage into the pending ``checkpoint``.
 
-    An output a crashed attempt already completed is kept as it is (exactly one output per run).
+    It stays pending (invisible to policies and listings of ready checkpoints) until
+    ``adopt_output`` publishes it.
     """
     checkpoint_id = checkpoint.id or 0
-    if checkpoint.status == CheckpointStatus.ready:
-        return checkpoint
+    add_extras(out_dir, spec)
     for path in sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
         files.add_file_from_path(
             session=session, store=store, checkpoint_id=checkpoint_id, path=path
         )
     lineage.add_lineage_edges(
         session=session, edges=_edges(run=run, child_id=checkpoint_id, spec=spec)
-    )
-    # No launcher: a merged checkpoint does not trigger on_register policies.
-    ready = completion.complete_checkpoint(
-        session=session, store=store, settings=settings, checkpoint_id=checkpoint_id
     )
     if spec.state_path is not None and spec.state_path.is_file():
         store_state(
@@ -119,7 +144,44 @@ def upload_output(
             checkpoint_id=checkpoint_id,
             path=spec.state_path,
         )
+    session.refresh(checkpoint)
+    return checkpoint
+
+
+def adopt_output(
+    *,
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    lease: leases.Lease,
+    checkpoint_id: int,
+) -> Checkpoint:
+    """Publish the staged output: validate it, mark it ready and the run succeeded, atomically.
+
+    The run's conditional update (``finish_under_lease``) runs first in the transaction that
+    ``complete_checkpoint`` commits when it marks the checkpoint ready; a lost lease raises
+    ``LeaseLost`` and a failed validation rolls both back. No launcher: a merged checkpoint
+    does not trigger on_register policies.
+    """
+    leases.finish_under_lease(session=session, lease=lease, output_checkpoint_id=checkpoint_id)
+    ready = completion.complete_checkpoint(
+        session=session, store=store, settings=settings, checkpoint_id=checkpoint_id
+    )
+    session.commit()
     return ready
+
+
+def add_extras(out_dir: Path, spec: OutputSpec) -> None:
+    """Copy the pass-through files into ``out_dir``; an adapter output's single weights file
+    becomes ``adapter_model.safetensors`` (and its index goes), as PEFT loads it."""
+    for name, source in spec.extras:
+        shutil.copyfile(source, out_dir / name)
+    if not spec.adapter:
+        return
+    shards = sorted(out_dir.glob("model-*-of-*.safetensors"))
+    if len(shards) == 1:
+        shards[0].rename(out_dir / "adapter_model.safetensors")
+        (out_dir / "model.safetensors.index.json").unlink(missing_ok=True)
 
 
 def _edges(*, run: MergeRun, child_id: int, spec: OutputSpec) -> list[LineageCreate]:
@@ -164,6 +226,27 @@ def store_state(
         content=path,
         name="merge_state.safetensors",
     )
+
+
+def discard_output(*, session: Session, store: ObjectStore, checkpoint_id: int) -> None:
+    """Drop an output an attempt that lost its lease staged: its rows go, the checkpoint is
+    marked deleted and its blobs are released to garbage collection."""
+    session.rollback()
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None or checkpoint.status != CheckpointStatus.pending:
+        return
+    keys = list(
+        session.exec(select(Artifact.blob_key).where(Artifact.checkpoint_id == checkpoint_id))
+    )
+    session.execute(delete(Artifact).where(col(Artifact.checkpoint_id) == checkpoint_id))
+    session.execute(delete(Metric).where(col(Metric.checkpoint_id) == checkpoint_id))
+    session.execute(delete(Lineage).where(col(Lineage.child_id) == checkpoint_id))
+    checkpoint.status = CheckpointStatus.deleted
+    checkpoint.total_bytes = 0
+    checkpoint.meta = {**checkpoint.meta, "discarded": "its attempt lost the run's lease"}
+    session.add(checkpoint)
+    session.commit()
+    release_blobs(session=session, store=store, keys=keys)
 
 
 def fail_output(

@@ -5,7 +5,13 @@
 * ``sequential_merge`` runs each enabled cron policy on its schedule: one schedule per policy
   (slug ``ckreg-policy-<id>``, parameter ``policy_id``) on the ``ckreg-policy`` deployment,
   kept in step with the policies table while the worker runs;
-* a global concurrency limit (``ckreg-merge-gpu``) allows one merge per GPU at a time.
+* a global concurrency limit (``ckreg-merge-gpu``) allows one merge per GPU at a time, across
+  every worker on the Prefect server.
+
+Any number of workers may serve the same deployments: each merge run is claimed with a lease in
+the database (``registry.services.leases``) and its output adopted only under that lease. Each
+worker sweeps for runs whose lease expired (or whose owner died) and re-submits them, and plans
+on_register runs whose ready event was lost with a killed worker.
 """
 
 from __future__ import annotations
@@ -13,15 +19,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from flows.launchers import MERGE_DEPLOYMENT, POLICY_DEPLOYMENT, READY_EVENT
 from flows.merge_flow import GPU_LIMIT
 from flows.pipelines import evaluate, merge_checkpoints, on_checkpoint_ready, sequential_merge
+from flows.policy_flows import missed_policy_runs
 from flows.runtime import Runtime
 from registry.models import MergeTrigger
-from registry.services import merge_runs as run_service
+from registry.services import leases
 from registry.services import policies as policy_service
 
 log = logging.getLogger(__name__)
@@ -101,19 +109,28 @@ def sync_cron_schedules(runtime: Runtime) -> list[str]:
     return sorted(wanted)
 
 
-def recover_unfinished(runtime: Runtime) -> list[int]:
-    """Re-submit merge runs a killed worker left queued or running; returns their ids.
+def recover_runs(runtime: Runtime) -> list[int]:
+    """One recovery sweep: re-submit stale merge runs and missed on_register runs.
 
-    Assumes this worker is the only one serving ``merge_checkpoints`` (one-machine setups):
-    a run still marked running cannot be executing while the worker is starting.
+    Stale: queued or running, but the lease expired, its owner died, or nobody claimed it
+    within ``CKREG_MERGE_CLAIM_GRACE_S``. Of many sweeping workers exactly one re-submits each
+    run. Returns the re-submitted run ids.
     """
     from prefect.deployments import run_deployment
 
     with runtime.session() as session:
-        unfinished = [run.id or 0 for run in run_service.unfinished_merge_runs(session=session)]
-    for run_id in unfinished:
+        run_ids = leases.reclaim_stale_runs(
+            session=session, claim_grace_s=runtime.settings.merge_claim_grace_s
+        )
+        run_ids += missed_policy_runs(session=session)
+    for run_id in run_ids:
         run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0)
-    return unfinished
+    return run_ids
+
+
+def sweep_interval_s(lease_s: float) -> float:
+    """How often a worker sweeps: a third of the lease, between 0.5 s and 15 s."""
+    return min(15.0, max(0.5, lease_s / 3))
 
 
 def serve_worker(
@@ -121,20 +138,23 @@ def serve_worker(
 ) -> None:
     """Register the deployments and execute their runs until interrupted.
 
-    A background thread re-submits runs a killed worker left unfinished (once, at start) and
-    keeps the cron policies' schedules in step with the database (every ``sync_every_s``).
+    Background threads keep the cron policies' schedules in step with the database (every
+    ``sync_every_s``) and, with ``recover``, sweep for runs to recover (``recover_runs``).
     """
     from prefect import serve
 
     ensure_concurrency_limit()
     stop = threading.Event()
-    thread = threading.Thread(
-        target=_housekeeping,
-        args=(runtime, recover, sync_every_s, stop),
-        name="ckreg-worker-housekeeping",
-        daemon=True,
-    )
-    thread.start()
+    jobs = [(_sync_schedules, sync_every_s)]
+    if recover:
+        jobs.append((_recover, sweep_interval_s(runtime.settings.merge_lease_s)))
+    for job, every_s in jobs:
+        threading.Thread(
+            target=_repeat,
+            args=(job, runtime, every_s, stop),
+            name=f"ckreg-worker{job.__name__}",
+            daemon=True,
+        ).start()
     try:
         # Poll for new flow runs every second (Prefect's default is 10 s): merges triggered by
         # events should start promptly.
@@ -143,21 +163,31 @@ def serve_worker(
         stop.set()
 
 
-def _housekeeping(runtime: Runtime, recover: bool, every_s: float, stop: threading.Event) -> None:
+def _repeat(
+    job: Callable[[Runtime], None], runtime: Runtime, every_s: float, stop: threading.Event
+) -> None:
     # serve() registers the deployments first; wait for them before touching their runs.
-    if _wait_for_deployments(stop) and recover:
-        try:
-            ids = recover_unfinished(runtime)
-            if ids:
-                log.warning("re-submitted unfinished merge runs %s", ids)
-        except Exception:
-            log.exception("could not re-submit unfinished merge runs")
+    if not _wait_for_deployments(stop):
+        return
     while not stop.is_set():
-        try:
-            sync_cron_schedules(runtime)
-        except Exception:
-            log.exception("could not sync cron policy schedules")
+        job(runtime)
         stop.wait(every_s)
+
+
+def _sync_schedules(runtime: Runtime) -> None:
+    try:
+        sync_cron_schedules(runtime)
+    except Exception:
+        log.exception("could not sync cron policy schedules")
+
+
+def _recover(runtime: Runtime) -> None:
+    try:
+        ids = recover_runs(runtime)
+        if ids:
+            log.warning("re-submitted merge runs %s", ids)
+    except Exception:
+        log.exception("could not re-submit merge runs")
 
 
 def _wait_for_deployments(stop: threading.Event, timeout_s: float = 120.0) -> bool:

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     # Bound on the merge-input download cache (S3 stores only; file stores are read in place).
     cache_max_bytes: int = 20 * 1024**3
+    # Many workers: a merge run's lease (renewed every third of it while the merge runs), and
+    # how long a queued run may wait for a worker's claim before the recovery sweep resubmits it.
+    merge_lease_s: float = Field(default=60.0, gt=0)
+    merge_claim_grace_s: float = Field(default=60.0, gt=0)
     # How merges read inputs a store cannot hand out as local files (S3, compressed blobs):
     # "stream" range-reads rows in place (no download), "cache" downloads them into the cache.
     merge_inputs: Literal["stream", "cache"] = "stream"
