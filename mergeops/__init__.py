@@ -13,19 +13,48 @@ as a list with one value per model, or per model via ``model_params=[{...}, ...]
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-import torch
-
-from mergeops.engine import MergeResult, merge_to_dicts, merge_to_dir
-from mergeops.io import DEFAULT_MAX_SHARD_SIZE, open_source
-from mergeops.methods import available_methods, get_method
-from mergeops.methods.base import MergeError, ModelResult, _field_names
-from mergeops.plan import PlanRequest, SourceLike, build_plan
 from mergeops.prefetch import DEFAULT_PREFETCH_BYTES
-from mergeops.sources import Evaluator, Objective, TensorMeta, TensorSource
+
+# torch and the engine are imported on first use, not with the package: ``ckreg --help`` and
+# other torch-free commands (``import mergeops.cli``) stay fast.
+if TYPE_CHECKING:
+    import torch
+
+    from mergeops.engine import MergeResult
+    from mergeops.io import open_source
+    from mergeops.methods import available_methods, get_method
+    from mergeops.methods.base import MergeError, ModelResult
+    from mergeops.plan import PlanRequest, SourceLike
+    from mergeops.sources import Evaluator, Objective, TensorMeta, TensorSource
+
+    ModelsLike: TypeAlias = Sequence[SourceLike] | Mapping[str, SourceLike]
+
+_LAZY = {
+    "Evaluator": "mergeops.sources",
+    "MergeError": "mergeops.methods.base",
+    "MergeResult": "mergeops.engine",
+    "Objective": "mergeops.sources",
+    "TensorMeta": "mergeops.sources",
+    "TensorSource": "mergeops.sources",
+    "available_methods": "mergeops.methods",
+    "get_method": "mergeops.methods",
+    "open_source": "mergeops.io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public names of ``_LAZY`` when first asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mergeops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Evaluator",
@@ -42,10 +71,12 @@ __all__ = [
     "open_source",
 ]
 
-ModelsLike = Sequence[SourceLike] | Mapping[str, SourceLike]
-
 
 def _split_models(models: ModelsLike) -> tuple[list[SourceLike], list[str] | None]:
+    import torch
+
+    from mergeops.methods.base import MergeError
+
     if isinstance(models, Mapping):
         if models and all(isinstance(v, torch.Tensor) for v in models.values()):
             raise MergeError(
@@ -62,6 +93,9 @@ def _distribute(
     count: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Turn list-valued per-model params (one value per model) into per-model dicts."""
+    from mergeops.methods import get_method
+    from mergeops.methods.base import MergeError, _field_names
+
     per_model_fields = _field_names(get_method(method).model_params_model)
     own = (
         [dict(p) for p in model_params] if model_params is not None else [{} for _ in range(count)]
@@ -85,6 +119,8 @@ def _request(
     params: Mapping[str, Any],
     options: dict[str, Any],
 ) -> PlanRequest:
+    from mergeops.plan import PlanRequest
+
     sources, names = _split_models(models)
     if options.get("model_names") is not None:
         names = list(options.pop("model_names"))
@@ -105,6 +141,9 @@ def merge_with_extras(
     method: str, models: ModelsLike, *, base: SourceLike | None = None, **params: Any
 ) -> ModelResult:
     """Like ``merge`` but also returns the method's extra outputs (masks, task vectors)."""
+    from mergeops.engine import merge_to_dicts
+    from mergeops.plan import build_plan
+
     options = {k: params.pop(k) for k in _OPTIONS if k in params}
     plan = build_plan(_request(method, models, base, params, options))
     return merge_to_dicts(plan)
@@ -156,7 +195,7 @@ def merge_files(
     metrics: Sequence[float | None] | Mapping[str, float] | None = None,
     objective: Objective | None = None,
     state_path: str | Path | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
@@ -175,8 +214,13 @@ def merge_files(
     All inputs are checked before anything is written; on any failure ``out_dir`` is left
     as it was (a NaN/Inf input or merged value is such a failure). ``prefetch`` reads the next
     tensor's (or slice's) inputs in a few threads while the current one is merged, with at
-    most ``prefetch_bytes`` read ahead. Returns paths and counters.
+    most ``prefetch_bytes`` read ahead. ``max_shard_size`` defaults to
+    ``mergeops.io.DEFAULT_MAX_SHARD_SIZE``. Returns paths and counters.
     """
+    from mergeops.engine import merge_to_dir
+    from mergeops.io import DEFAULT_MAX_SHARD_SIZE
+    from mergeops.plan import build_plan
+
     options: dict[str, Any] = {
         "model_params": model_params,
         "model_names": model_names,
@@ -194,4 +238,5 @@ def merge_files(
     }
     all_params = {**(params or {}), **extra_params}
     plan = build_plan(_request(method, models, base, all_params, options))
-    return merge_to_dir(plan, out_dir, max_shard_size=max_shard_size, progress=progress)
+    shard_size = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
+    return merge_to_dir(plan, out_dir, max_shard_size=shard_size, progress=progress)

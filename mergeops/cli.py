@@ -11,11 +11,6 @@ from typing import Annotated
 
 import typer
 
-from mergeops.config import load_config, to_merge_kwargs
-from mergeops.io.readers import SourceError
-from mergeops.io.writer import OutputError
-from mergeops.methods.base import MergeError
-
 merge_app = typer.Typer(help="Merge checkpoints with mergeops (no server needed).")
 
 
@@ -52,7 +47,12 @@ def merge_command(
 
     Example: ckreg merge --config merge.yml --out merged/
     """
+    # Imported here, not with the module: they pull in torch, which ``ckreg --help`` never needs.
     from mergeops import merge_files
+    from mergeops.config import load_config, to_merge_kwargs
+    from mergeops.io.readers import SourceError
+    from mergeops.io.writer import OutputError
+    from mergeops.methods.base import MergeError
 
     try:
         kwargs = to_merge_kwargs(load_config(config), root=config.parent)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mergeops.io import write_safetensors
+# torch is imported where it is used: the ``ckreg`` commands that never touch tensors start fast.
+if TYPE_CHECKING:
+    import torch
 
 
 class CaptureError(ValueError):
@@ -54,6 +54,8 @@ def second_moments_from_optimizer_file(
     ``optimizer.param_groups`` flattened, which is NOT always ``model.named_parameters()`` order
     (HF Trainer groups decay / no-decay parameters). A mapping index -> name is also accepted.
     """
+    import torch
+
     state_dict = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict) or "state" not in state_dict:
         raise CaptureError(f"'{path}' is not an optimizer state_dict (no 'state' key)")
@@ -74,6 +76,8 @@ def second_moments_from_optimizer_file(
 
 def write_second_moments(moments: Mapping[str, torch.Tensor], path: Path | str) -> Path:
     """Save second moments as safetensors (detached, contiguous copies); returns the path."""
+    from mergeops.io import write_safetensors
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {

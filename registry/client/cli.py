@@ -11,14 +11,14 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from registry.client.api import Client, ClientError
-from registry.client.layouts import LayoutError
-from registry.safetensors_check import HeaderError
 from registry.settings import get_settings
+
+if TYPE_CHECKING:
+    from registry.client.api import Client
 
 registry_app = typer.Typer(help="Register, browse and download checkpoints.", no_args_is_help=True)
 
@@ -58,6 +58,11 @@ LS_COLUMNS = (
 @contextmanager
 def _client(url: str | None, token: str | None) -> Iterator[Client]:
     """A client from options or settings; server and input errors become a clean exit 1."""
+    # Imported here: they pull in torch, which ``ckreg --help`` must not wait for.
+    from registry.client.api import Client, ClientError
+    from registry.client.layouts import LayoutError
+    from registry.safetensors_check import HeaderError
+
     settings = get_settings()
     try:
         with Client(url or settings.api_url, token=token or settings.token) as client:
