@@ -172,7 +172,9 @@ def family_compress(
     lambdas: list[float] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Compress the family; returns the report (outcome ``replaced`` | ``kept`` | ``stored_alongside``)."""
+    """Compress the family; returns the report: ``outcome`` (``replaced`` | ``kept`` |
+    ``stored_alongside``), bytes (``family_bytes``: tensor bytes of the family form;
+    ``stored_bytes``: the files stored, when stored) and each member's figures."""
     if not 0.0 < min_retention <= 1.0:
         raise ValueError(f"min_retention must be in (0, 1], got {min_retention}")
     grid = list(lambdas or LAMBDA_GRID)
@@ -187,11 +189,11 @@ def family_compress(
         record_metrics(result, name, getattr(plugin, "split", None))
         results.append(result)
         forms.append(MemberForm(member, result.lam, masks, result.retention))
-    passed = all(r.retention >= min_retention for r in results)
-    outcome = "kept"
-    if passed:
+    outcome, stored_bytes = "kept", None
+    if all(r.retention >= min_retention for r in results):
         outcome = "stored_alongside" if keep_originals else "replaced"
         stored = _store(family, merged, forms, replace=not keep_originals)
+        stored_bytes = stored.merged_bytes + sum(stored.mask_bytes.values())
         for result in results:
             result.served_by = stored.served[result.checkpoint_id]
     return {
@@ -200,6 +202,7 @@ def family_compress(
         "min_retention": min_retention,
         "original_bytes": family.original_bytes,
         "family_bytes": _family_bytes(merged, [f.masks for f in forms]),
+        "stored_bytes": stored_bytes,
         "members": [asdict(r) for r in results],
     }
 

@@ -140,58 +140,56 @@ def _sibling(session: Session, member: Checkpoint) -> Checkpoint:
     return sibling
 
 
-def _tall_row(
-    session: Session,
-    store: ObjectStore,
-    *,
-    original: Artifact,
-    target: Checkpoint,
-    base_row: Artifact,
-    merged_row: Artifact,
-    mask_row: Artifact,
-    lam: float,
-) -> Artifact:
-    """Point a file row of ``target`` at the ``tall`` codec; its sha256 is the rebuilt file's."""
+def _tall_params(original: Artifact, lam: float) -> dict[str, Any]:
+    """Codec params of the rebuilt file: its tensors in the original's order, its metadata (the
+    original's string metadata plus the reconstructed marks), λ and the member's dtype."""
     entries = sorted(original.tensor_index.items(), key=lambda item: item[1]["start"])
     tensors = [[name, e["dtype"], list(e["shape"])] for name, e in entries]
     file_meta = {k: v for k, v in (original.meta or {}).items() if isinstance(v, str)}
     file_meta.update({RECONSTRUCTED_KEY: CODEC, ORIGINAL_SHA_KEY: original.sha256})
-    params = {"lambda": lam, "dtype": tensors[0][1] if tensors else "F32"}
-    params.update({"tensors": tensors, "metadata": file_meta})
-    refs = {"base": base_row.sha256, "merged": merged_row.sha256, "mask": mask_row.sha256}
-    found = layout(tensors, file_meta)
-    blob = StoredBlob(
-        mask_row.blob_key,
-        found.size,
-        CODEC,
-        {
-            "base": stored_blob(session, base_row),
-            "merged": StoredBlob(merged_row.blob_key, merged_row.size),
-            "mask": StoredBlob(mask_row.blob_key, mask_row.size),
-        },
-        params,
-    )
+    dtype = tensors[0][1] if tensors else "F32"
+    return {"lambda": lam, "dtype": dtype, "tensors": tensors, "metadata": file_meta}
+
+
+def _rebuilt_sha256(store: ObjectStore, blob: StoredBlob) -> str:
     digest = hashlib.sha256()
     for chunk in iter_tall(store, blob):
         digest.update(chunk)
-    if target.id == original.checkpoint_id:
-        row = original
-    else:
+    return digest.hexdigest()
+
+
+def _tall_row(
+    session: Session, store: ObjectStore, *, original: Artifact, target: Checkpoint,
+    refs: Mapping[str, Artifact], lam: float,
+) -> Artifact:  # fmt: skip
+    """Point a file row of ``target`` at the ``tall`` codec (``refs``: the base, merged and mask
+    rows); the row's sha256 and size become the rebuilt file's."""
+    params = _tall_params(original, lam)
+    found = layout(params["tensors"], params["metadata"])
+    mask, merged = refs["mask"], refs["merged"]
+    blobs = {
+        "base": stored_blob(session, refs["base"]),
+        "merged": StoredBlob(merged.blob_key, merged.size),
+        "mask": StoredBlob(mask.blob_key, mask.size),
+    }
+    sha256 = _rebuilt_sha256(store, StoredBlob(mask.blob_key, found.size, CODEC, blobs, params))
+    row = original
+    if target.id != original.checkpoint_id:
         row = Artifact(
             checkpoint_id=target.id or 0, role=original.role, name=original.name, blob_key="",
             sha256="", size=0,
         )  # fmt: skip
     row.meta = {
         **(original.meta or {}),
-        "codec_refs": refs,
+        "codec_refs": {name: ref.sha256 for name, ref in refs.items()},
         "codec_params": params,
         "original_sha256": original.sha256,
         "original_size": original.size,
         "reconstructed": True,
     }
-    row.codec, row.codec_base_sha256 = CODEC, base_row.sha256
-    row.blob_key, row.stored_size = mask_row.blob_key, mask_row.size
-    row.sha256, row.size, row.tensor_index = digest.hexdigest(), found.size, found.tensor_index()
+    row.codec, row.codec_base_sha256 = CODEC, refs["base"].sha256
+    row.blob_key, row.stored_size = mask.blob_key, mask.size
+    row.sha256, row.size, row.tensor_index = sha256, found.size, found.tensor_index()
     session.add(row)
     session.flush()
     return row
@@ -235,9 +233,10 @@ def _store_member(
             stored=stored,
         )  # fmt: skip
         old_key = original.blob_key
+        refs = {"base": base_rows[original.name], "merged": merged_rows[original.name]}
         row = _tall_row(
-            session, store, original=original, target=target, base_row=base_rows[original.name],
-            merged_row=merged_rows[original.name], mask_row=mask_row, lam=form.lam,
+            session, store, original=original, target=target, refs={**refs, "mask": mask_row},
+            lam=form.lam,
         )  # fmt: skip
         if replace:
             old_keys.append(old_key)
