@@ -170,6 +170,9 @@ def test_every_member_kept_replaces_the_originals_and_downloads_rebuild(
         assert ranged.status_code == 206 and ranged.content == response.content[100:301]
         public = embedded.client.get(f"/api/v1/checkpoints/{member_id}", headers=embedded.headers)
         assert public.json()["metadata"]["family_compression"]["reconstructed"] is True
+        (listed,) = public.json()["files"]
+        assert listed["codec"] == "tall"  # the public mark of a (lossy) rebuilt file
+        assert listed["sha256"] == row.sha256
 
 
 def test_a_member_below_the_share_keeps_every_original(flow_env: FlowEnv) -> None:
