@@ -37,7 +37,9 @@ async def upload_artifact(
         checkpoint_id=checkpoint_id,
         role=role,
         name=name,
-        content=body_chunks(request, idle_timeout_s=settings.upload_idle_timeout_s),
+        content=body_chunks(
+            request, idle_timeout_s=settings.upload_idle_timeout_s, before_wait=session.commit
+        ),
         declared_sha256=x_content_sha256,
     )
     return services.artifact_public(artifact)
