@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_SAVING = 0.98  # keep the compressed form only if it is below this share of the raw size
+MIN_FILE_BYTES = 64 * 1024  # smaller files stay raw: a few KiB saved is not worth a second object
 DELTA_CODEC = "zipnn-delta"
 CODEC = "zipnn"
 
@@ -201,6 +202,7 @@ def compress_checkpoint(
             artifact.role != ArtifactRole.weights
             or artifact.codec != RAW
             or not artifact.tensor_index
+            or artifact.size < MIN_FILE_BYTES
         ):
             continue
         try:

@@ -28,6 +28,8 @@ def test_single_file_round_trip(api: Api) -> None:
             "size": len(data),
             "role": "weights",
             "deduplicated": False,
+            "codec": "raw",  # under 64 KiB: not worth compressing
+            "stored_size": len(data),
         }
     ]
     assert api.env.launcher.ready == [body["id"]]
