@@ -217,7 +217,8 @@ def show(
         if key != "files":
             typer.echo(f"{key:>12}: {checkpoint[key]}")
     typer.echo("       files:")
-    typer.echo(format_table(checkpoint.get("files", []), ("name", "size", "role", "sha256")))
+    columns = ("name", "size", "stored_size", "codec", "role", "sha256")  # stored: at rest
+    typer.echo(format_table(checkpoint.get("files", []), columns))
 
 
 @registry_app.command()

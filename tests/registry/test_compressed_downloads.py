@@ -21,6 +21,7 @@ from registry.services.blobs import stored_blob
 from registry.services.gc import collect_garbage
 from registry.storage import blob_key
 from registry.storage.codecs import read_original
+from tests.registry.conftest import LiveRegistry
 from tests.registry.registry_fixtures import Api, build_api, make_env, st_bytes
 
 CHUNK = 64 * 1024
@@ -187,3 +188,25 @@ def test_incompressible_file_stays_raw(api: Api) -> None:
     assert described["codec"] == "raw" and described["stored_size"] == len(data)
     assert _collect(api) == [blob_key(described["sha256"])]  # the discarded candidate went
     _check_downloads(api, checkpoint["id"], data)
+
+
+def test_cli_show_lists_codec_and_stored_size(live_registry: LiveRegistry, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from registry.client.cli import registry_app
+
+    path = tmp_path / "model.safetensors"
+    save_file(_base_state(), str(path))
+    auth = ["--url", live_registry.url, "--token", live_registry.token]
+    runner = CliRunner()
+    registered = runner.invoke(registry_app, ["register", str(path), "--kind", "base", *auth])
+    assert registered.exit_code == 0, registered.output
+    checkpoint_id = registered.output.split("registered checkpoint ")[1].split()[0]
+    shown = runner.invoke(registry_app, ["show", checkpoint_id, *auth])
+    assert shown.exit_code == 0, shown.output
+    header, row = shown.output.split("       files:\n")[1].strip().splitlines()
+    assert header.split()[:4] == ["NAME", "SIZE", "STORED_SIZE", "CODEC"]
+    name, size, stored, codec = row.split()[:4]
+    assert name == "model.safetensors"
+    assert codec == "zipnn" and int(stored) < int(size) == path.stat().st_size
