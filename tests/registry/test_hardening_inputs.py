@@ -278,3 +278,25 @@ def test_put_still_checks_the_request_content_length(hapi: Api) -> None:
 
 def test_unknown_route_answers_in_the_documented_shape(hapi: Api) -> None:
     assert assert_error(hapi.client.get("/api/v1/nope"), 404)["error"] == "not_found"
+
+
+def test_overflow_and_bugs_still_answer_in_the_documented_shape(tmp_path: Path) -> None:
+    """Safety nets: an OverflowError past the bounds is a 422, any other bug a JSON 500."""
+    from fastapi.testclient import TestClient
+
+    from registry.api.app import create_app
+    from registry.settings import Settings
+
+    app = create_app(Settings(home=tmp_path / "h"))
+
+    @app.get("/overflow")
+    def overflow() -> None:
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    @app.get("/bug")
+    def bug() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert assert_error(client.get("/overflow"), 422, "out of the database's range")
+        assert assert_error(client.get("/bug"), 500)["error"] == "internal_error"
