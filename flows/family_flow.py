@@ -186,9 +186,10 @@ def family_compress(
     results, forms = [], []
     for member in _members(family, progress):
         result, masks = choose_lambda(plugin, name, member, base, merged, grid)
-        record_metrics(result, name, getattr(plugin, "split", None))
         results.append(result)
         forms.append(MemberForm(member, result.lam, masks, result.retention))
+    for result in results:  # only once every member was scored: a failed run records nothing
+        record_metrics(result, name, getattr(plugin, "split", None))
     outcome, stored_bytes = "kept", None
     if all(r.retention >= min_retention for r in results):
         outcome = "stored_alongside" if keep_originals else "replaced"

@@ -66,6 +66,20 @@ class BrokenEvaluator(TargetEvaluator):
         raise RuntimeError("evaluation data unavailable")
 
 
+class LateFailingEvaluator(TargetEvaluator):
+    """Scores the first member (its original and the 5 λ), then fails on the second
+    (entry point ``ckreg-test-family-late``)."""
+
+    name = "ckreg-test-family-late"
+    calls = 0
+
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        LateFailingEvaluator.calls += 1
+        if LateFailingEvaluator.calls > 6:
+            raise RuntimeError("evaluation worker lost")
+        return super().evaluate(state_dict)
+
+
 def tiny_zoo_evaluator() -> Any:
     """The digits evaluator on the module's tiny zoo (entry point ``ckreg-test-family-digits``)."""
     from bench.zoo.evaluator import DigitsEvaluator
@@ -84,6 +98,7 @@ def family_plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         "[ckreg.evaluators]\n"
         f"ckreg-test-family = {module}:TargetEvaluator\n"
         f"ckreg-test-family-broken = {module}:BrokenEvaluator\n"
+        f"ckreg-test-family-late = {module}:LateFailingEvaluator\n"
         f"ckreg-test-family-digits = {module}:tiny_zoo_evaluator\n"
     )
     sys.path.insert(0, str(root))
@@ -301,6 +316,7 @@ def test_cli_reports_and_refuses_bad_input(
         ("one_member", InvalidInput),
         ("unknown_member", NotFound),
         ("broken_evaluator", RuntimeError),
+        ("evaluator_fails_midway", RuntimeError),
         ("unknown_evaluator", LookupError),
         ("base_as_member", InvalidInput),
     ],
@@ -319,6 +335,8 @@ def test_bad_input_fails_the_run_and_leaves_originals(
         ids.append(987654)
     elif case == "broken_evaluator":
         evaluator = "ckreg-test-family-broken"
+    elif case == "evaluator_fails_midway":
+        evaluator = "ckreg-test-family-late"
     elif case == "unknown_evaluator":
         evaluator = "no-such-evaluator"
     elif case == "base_as_member":
