@@ -124,10 +124,23 @@ def add_file_by_reference(
     checkpoint = load_pending_checkpoint(session, checkpoint_id)
     digest = check_sha256(sha256, what=f"file '{name}'")
     key = blob_key(digest)
-    if not store.exists(key):
-        raise NotFound(f"blob '{key}' for file '{name}' is not in the store")
-    info = BlobInfo(key=key, sha256=digest, size=store.size(key), created=False)
+    if store.exists(key):
+        info = BlobInfo(key=key, sha256=digest, size=store.size(key), created=False)
+    else:
+        info = _restore_compressed(session=session, store=store, key=key, name=name)
     return attach_file(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
+
+
+def _restore_compressed(*, session: Session, store: ObjectStore, key: str, name: str) -> BlobInfo:
+    """Content kept only compressed (``registry.services.compression``) is written back raw, so
+    the new file validates like an upload; ``complete`` then reuses the compressed object."""
+    sha256 = key.rsplit("/", 1)[-1]
+    query = select(Artifact).where(Artifact.sha256 == sha256, col(Artifact.codec) != RAW)
+    twin = session.exec(query.limit(1)).first()
+    if twin is None:
+        raise NotFound(f"blob '{key}' for file '{name}' is not in the store")
+    chunks = stream_artifact(store=store, artifact=twin, session=session)
+    return store.put_stream(chunks, expected_sha256=sha256, expected_size=twin.size)
 
 
 def get_checkpoint_file(*, session: Session, checkpoint_id: int, name: str) -> Artifact:

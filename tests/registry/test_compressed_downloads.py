@@ -210,3 +210,28 @@ def test_cli_show_lists_codec_and_stored_size(live_registry: LiveRegistry, tmp_p
     name, size, stored, codec = row.split()[:4]
     assert name == "model.safetensors"
     assert codec == "zipnn" and int(stored) < int(size) == path.stat().st_size
+
+
+def test_attach_by_reference_to_content_stored_compressed(api: Api) -> None:
+    data = st_bytes(_base_state())
+    first = api.register({"model.safetensors": data}, name="first")
+    sha256 = _file(api, first)["sha256"]
+    assert blob_key(sha256) not in _collect(api)  # only the compressed object is left
+    second = api.register({}, name="second", complete=False)
+    attached = api.client.post(
+        f"/api/v1/checkpoints/{second['id']}/files:by-reference",
+        json={"name": "model.safetensors", "sha256": sha256},
+        headers=api.headers,
+    )
+    assert attached.status_code == 200, attached.text
+    missing = api.client.post(
+        f"/api/v1/checkpoints/{second['id']}/files:by-reference",
+        json={"name": "other.safetensors", "sha256": "ab" * 32},
+        headers=api.headers,
+    )
+    assert missing.status_code == 404 and "not in the store" in missing.text, missing.text
+    done = api.client.post(f"/api/v1/checkpoints/{second['id']}/complete", headers=api.headers)
+    assert done.status_code == 200, done.text
+    assert _file(api, done.json())["codec"] == "zipnn"
+    assert _row(api, second["id"]).blob_key == _row(api, first["id"]).blob_key
+    _check_downloads(api, second["id"], data)
