@@ -5,6 +5,7 @@ the REST API, and bad input that fails the run and leaves the originals untouche
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,7 @@ from flows.family_flow import family_compress
 from registry.errors import InvalidInput, InvalidState, NotFound
 from registry.models import Artifact, ArtifactRole, Checkpoint, CheckpointKind, Metric
 from registry.services import family as family_service
+from registry.services.deletion import delete_checkpoint_report
 from registry.services.gc import collect_garbage
 from registry.services.tensors import checkpoint_tensor_source
 from registry.storage.tall_codec import RECONSTRUCTED_KEY
@@ -188,6 +190,20 @@ def test_every_member_kept_replaces_the_originals_and_downloads_rebuild(
         (listed,) = public.json()["files"]
         assert listed["codec"] == "tall"  # the public mark of a (lossy) rebuilt file
         assert listed["sha256"] == row.sha256
+    # the base and the family's τ_MTL stay while members decode against them, even forced
+    runtime = flow_runtime.current_runtime()
+    with env.session() as session:
+        report = delete_checkpoint_report(
+            session=session, store=runtime.store, checkpoint_id=base_id, force=True
+        )
+    assert report.kept_as_codec_ref and all(
+        n.endswith("model.safetensors") for n in report.kept_as_codec_ref
+    )
+    again = embedded.client.get(
+        f"/api/v1/checkpoints/{ids[0]}/files/model.safetensors", headers=embedded.headers
+    )
+    assert again.status_code == 200
+    assert hashlib.sha256(again.content).hexdigest() == _weights(env, ids[0]).sha256
 
 
 def test_a_member_below_the_share_keeps_every_original(flow_env: FlowEnv) -> None:
