@@ -20,7 +20,7 @@ from registry.services.common import (
     load_pending_checkpoint,
     release_blobs,
 )
-from registry.storage import BlobInfo, ObjectStore, StorageIntegrityError, blob_key
+from registry.storage import BlobInfo, BlobNotFound, ObjectStore, StorageIntegrityError, blob_key
 from registry.storage.codecs import RAW, StoredBlob, iter_original
 
 
@@ -124,9 +124,11 @@ def add_file_by_reference(
     checkpoint = load_pending_checkpoint(session, checkpoint_id)
     digest = check_sha256(sha256, what=f"file '{name}'")
     key = blob_key(digest)
-    if store.exists(key):
+    try:
+        # Touching (not just checking) keeps gc from deleting an old orphan we are adopting.
+        store.touch(key)
         info = BlobInfo(key=key, sha256=digest, size=store.size(key), created=False)
-    else:
+    except BlobNotFound:
         info = _restore_compressed(session=session, store=store, key=key, name=name)
     return attach_file(session=session, store=store, checkpoint=checkpoint, name=name, info=info)
 
