@@ -107,15 +107,23 @@ def decode_chunk(chunk: Chunk, payload: bytes, base: bytes | None) -> bytes:
 
 
 def _candidates(data: bytes, dtype: str, base: bytes | None) -> list[tuple[Encoding, bytes]]:
-    found = [(Encoding.RAW, data), (Encoding.ZSTD, zstandard.compress(data, ZSTD_LEVEL))]
+    """Encodings worth trying, cheapest first; ones that cannot win are skipped (zipnn beats
+    zstd on float weights; an XOR delta far below the raw size beats compressing alone)."""
+    found = [(Encoding.RAW, data)]
     zipnn_dtype = ZIPNN_DTYPES.get(dtype) if len(data) >= MIN_ZIPNN_BYTES else None
-    if zipnn_dtype:
-        found.append((Encoding.ZIPNN, _zipnn_compress(data, zipnn_dtype)))
+    smallest = len(data)
     if base is not None:
         delta = _xor(data, base)
         found.append((Encoding.XOR_ZSTD, zstandard.compress(delta, ZSTD_LEVEL)))
-        if zipnn_dtype:
+        smallest = len(found[-1][1])
+        if zipnn_dtype and smallest > len(data) // 4:  # sparse deltas: zstd's zero runs win
             found.append((Encoding.XOR_ZIPNN, _zipnn_compress(delta, zipnn_dtype)))
+            smallest = min(smallest, len(found[-1][1]))
+    if smallest > len(data) * 3 // 5:  # alone can still win (bf16 zipnn alone: ~0.66)
+        if zipnn_dtype:
+            found.append((Encoding.ZIPNN, _zipnn_compress(data, zipnn_dtype)))
+        else:
+            found.append((Encoding.ZSTD, zstandard.compress(data, ZSTD_LEVEL)))
     return found
 
 
