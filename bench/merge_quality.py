@@ -7,6 +7,10 @@ the ``on_register`` policies merge as the task fine-tunes arrive one at a time, 
 are started with ``POST /policies/{id}/run`` — then scores every merged checkpoint on the TEST
 split and prints one table, the papers' claims against it, and where to browse the results.
 The table and a PNG of it also go to MLflow (experiment ``ckreg-merge-quality``).
+
+``--zoo lm`` runs the same job on the language-model zoo (``bench.lmzoo``: Hugging Face Llama
+directories, one of them sharded, and PEFT LoRA adapters, built per ``--seed`` and ``--tasks``),
+registered with ``ckreg register`` and scored by the ``lm_tasks`` evaluator.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ LEGEND = (
     "          as the registry policies' params; every merge below was made by the ckreg flows",
     "  task columns, avg, norm_avg (vs each task's own fine-tune): TEST split, scored here on",
     "          merged weights downloaded over REST (GET /checkpoints/{id}/files/model.safetensors)",
-    "  val_avg: the flows' `digits` evaluator (VALIDATION split), stored as registry metrics",
+    "  val_avg: the flows' evaluator (`digits` / `lm_tasks`, VALIDATION split), stored as registry metrics",
     "  seen_avg: mean over arrivals of the average test accuracy on the tasks seen so far",
 )
 
@@ -48,6 +52,9 @@ class BenchConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    zoo: str = "digits"  # or "lm" (bench.lmzoo)
+    seed: int = 0  # the LM zoo's seed (the digits zoo is seed 0)
+    lm_config: dict[str, Any] = {}  # LMTrainConfig overrides (quick runs)
     home: Path = Path(".ckreg/demo")
     url: str | None = None  # an already running registry instead of the embedded one
     token: str | None = None
@@ -78,12 +85,52 @@ class BenchResult:
     elapsed_s: float
 
 
+@dataclass(frozen=True)
+class ZooKind:
+    """What differs between the digits and the LM zoo for this job."""
+
+    load_manifest: Callable[[Path], Any]
+    run_quality: Callable[..., list[Row]]
+    evaluator: Callable[..., Any]
+    evaluator_name: str
+    cli: int  # how many task fine-tunes (and adapters) to register with `ckreg register`
+    adapter_merges: tuple[tuple[str, str, str], ...]
+    sections: tuple[str, ...]
+
+
+def zoo_kind(name: str) -> ZooKind:
+    """The digits zoo (``bench.zoo``) or the LM zoo (``bench.lmzoo``)."""
+    if name == "digits":
+        from bench.zoo.evaluator import DigitsEvaluator
+
+        return ZooKind(load_manifest, run_quality, DigitsEvaluator, "digits", 0, (), SECTIONS)
+    if name == "lm":
+        from bench.lmzoo.evaluator import LMTasksEvaluator
+        from bench.lmzoo.manifest import load_manifest as load_lm_manifest
+        from bench.lmzoo.quality import ADAPTER_MERGES, run_lm_quality
+        from bench.lmzoo.quality import SECTIONS as LM_SECTIONS
+
+        return ZooKind(
+            load_lm_manifest, run_lm_quality, LMTasksEvaluator, "lm_tasks", 2,
+            ADAPTER_MERGES, LM_SECTIONS,
+        )  # fmt: skip
+    raise ValueError(f"unknown zoo {name!r}; choose digits or lm")
+
+
 def _stamp(started: float, text: str) -> None:
-    print(f"[{time.perf_counter() - started:6.1f}s] {text}", flush=True)
+    cpu = time.process_time()  # this process's CPU seconds: wall time is inflated on a loaded host
+    print(f"[{time.perf_counter() - started:6.1f}s, cpu {cpu:6.1f}s] {text}", flush=True)
 
 
 def prepare_zoo(config: BenchConfig) -> Path:
     """Build (or reuse) the zoo under the home; a reused zoo must hold the requested tasks."""
+    if config.zoo == "lm":
+        from bench.lmzoo.build import ensure_lm_zoo
+        from bench.lmzoo.train import LMTrainConfig
+
+        root = (config.home / "zoo").resolve()
+        lm = LMTrainConfig(**config.lm_config)
+        return ensure_lm_zoo(root, seed=config.seed, tasks=config.tasks, config=lm)
     options: dict[str, Any] = {"tasks": list(config.tasks), "irrelevant": config.irrelevant}
     if config.finetune_epochs is not None:
         options["config"] = TrainConfig(finetune_epochs=config.finetune_epochs)
@@ -106,7 +153,7 @@ def chosen_params(memory_rows: Sequence[Row]) -> tuple[dict[str, dict[str, Any]]
     chosen = {
         r.method: {k: v for k, v in r.params.items() if not (k == "seed" and v == 0)}
         for r in memory_rows
-        if r.section in ("multitask", "continual") and r.method not in skip
+        if r.section in ("multitask", "continual", "adapters") and r.method not in skip
     }
     if any(r.method == "continual_average" for r in memory_rows):
         chosen.setdefault("linear", {})  # its on_register runs are the continual average
@@ -115,7 +162,9 @@ def chosen_params(memory_rows: Sequence[Row]) -> tuple[dict[str, dict[str, Any]]
 
 
 @contextmanager
-def registry_for(config: BenchConfig) -> Iterator[tuple[Registry, str, str]]:
+def registry_for(
+    config: BenchConfig, zoo_dir: Path | None = None
+) -> Iterator[tuple[Registry, str, str]]:
     """(client, url, MLflow tracking URI): the embedded registry, or the one at ``--url``."""
     from registry.settings import Settings
 
@@ -129,14 +178,28 @@ def registry_for(config: BenchConfig) -> Iterator[tuple[Registry, str, str]]:
         return
     if config.reset:
         reset_home(config.home.resolve())
-    embedded = start_embedded(config.home, timeout=config.timeout_s)
+    env = {"CKREG_ZOO_DIR": str(zoo_dir)} if config.zoo == "lm" and zoo_dir else None
+    embedded = start_embedded(config.home, timeout=config.timeout_s, extra_env=env)
     print(f"registry: {embedded.url} (ckreg serve, embedded flows; log {embedded.log_path})")
     registry = Registry(embedded.url, embedded.token)
     try:
         yield registry, embedded.url, tracking_uri
     finally:
         registry.close()
+        print(f"registry server CPU time: {_cpu_seconds(embedded.server.pid):.0f} s")
         embedded.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (0 when it is gone)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        tree = [process, *process.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in tree)
+    except psutil.Error:
+        return 0.0
 
 
 def run_benchmark(config: BenchConfig, finish: Callable[[BenchResult], None]) -> BenchResult:
@@ -145,9 +208,10 @@ def run_benchmark(config: BenchConfig, finish: Callable[[BenchResult], None]) ->
     started = time.perf_counter()
     torch.set_num_threads(1)  # fastest on a shared 2-core machine; the models are tiny
     zoo_dir = prepare_zoo(config)
-    manifest = load_manifest(zoo_dir)
+    zoo = zoo_kind(config.zoo)
+    manifest = zoo.load_manifest(zoo_dir)
     _stamp(started, f"zoo ready at {zoo_dir} ({len(manifest.tasks)} tasks)")
-    memory_rows = run_quality(
+    memory_rows = zoo.run_quality(
         zoo_dir,
         methods=config.methods,
         sections=config.sections,
@@ -155,10 +219,19 @@ def run_benchmark(config: BenchConfig, finish: Callable[[BenchResult], None]) ->
     )
     chosen, mwa_params = chosen_params(memory_rows)
     _stamp(started, "hyperparameters chosen on validation (in memory, bench.zoo.quality grids)")
-    with registry_for(config) as (registry, url, tracking_uri):
-        drive = Drive(registry, zoo_dir, manifest, config.timeout_s, lambda s: _stamp(started, s))
+    with registry_for(config, zoo_dir) as (registry, url, tracking_uri):
+        drive = Drive(
+            registry,
+            zoo_dir,
+            manifest,
+            config.timeout_s,
+            lambda s: _stamp(started, s),
+            evaluator=zoo.evaluator_name,
+            cli=zoo.cli,
+            adapter_merges=zoo.adapter_merges,
+        )
         plans = drive.run(chosen, mwa_params, trajectories="trajectory" in config.sections)
-        scorer = OutputScorer(registry, zoo_dir, manifest.task_names)
+        scorer = OutputScorer(registry, zoo_dir, manifest.task_names, zoo.evaluator)
         try:
             rows = score_rows(scorer, drive, plans, memory_rows, mwa_params)
         finally:
@@ -196,7 +269,7 @@ def report(config: BenchConfig, result: BenchResult, json_path: Path | None) -> 
         "\nPapers' claims vs this run (test accuracy; |Δ| < 0.005 is a tie, "
         "'keeps' holds within 0.01):"
     )
-    print("\n".join(claims_section(result.rows, config.irrelevant)) or "  (no claim rows)")
+    print("\n".join(claims_section(result.rows, _n_irrelevant(config))) or "  (no claim rows)")
     if config.mlflow:
         out_dir = config.home.resolve() / "results"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +292,14 @@ def report(config: BenchConfig, result: BenchResult, json_path: Path | None) -> 
             "elapsed_s": result.elapsed_s,
         }
         json_path.write_text(json.dumps(payload, indent=2))
+
+
+def _n_irrelevant(config: BenchConfig) -> int:
+    if config.zoo == "lm":
+        from bench.lmzoo.train import LMTrainConfig
+
+        return LMTrainConfig(**config.lm_config).irrelevant
+    return config.irrelevant
 
 
 def _print_browse(config: BenchConfig, result: BenchResult) -> None:
@@ -256,29 +337,49 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
     parser.add_argument(
         "--home",
         type=Path,
-        default=Path(".ckreg/demo"),
-        help="registry home for --embedded; the zoo lives in <home>/zoo",
+        default=None,
+        help="registry home for --embedded (default .ckreg/demo, .ckreg/lm for --zoo lm); "
+        "the zoo lives in <home>/zoo",
     )
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="zoo tasks")
+    parser.add_argument("--zoo", choices=("digits", "lm"), default="digits", help="which zoo")
+    parser.add_argument("--seed", type=int, default=0, help="LM zoo seed (built once per seed)")
+    parser.add_argument(
+        "--lm-config",
+        default="{}",
+        help="LM zoo LMTrainConfig overrides, JSON (e.g. '{\"pretrain_steps\": 200}')",
+    )
+    parser.add_argument(
+        "--tasks", default=None, help="zoo tasks (default: the zoo's; LM: copy,reverse,...)"
+    )
     parser.add_argument("--irrelevant", type=int, default=8, help="irrelevant models for fw")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="zoo build option")
     parser.add_argument("--methods", default="", help="multitask methods subset (comma list)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="table sections")
+    parser.add_argument("--sections", default=None, help="table sections (default: all)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per wait")
     parser.add_argument("--reset", action="store_true", help="empty the registry home first")
     parser.add_argument("--serve", action="store_true", help="keep the registry up afterwards")
     parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow table run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.tasks is None:
+        from bench.lmzoo.tasks import DEFAULT_TASKS as LM_TASKS
+
+        args.tasks = ",".join(LM_TASKS if args.zoo == "lm" else DEFAULT_TASKS)
+    sections = args.sections
+    if sections is None:
+        sections = ",".join(zoo_kind(args.zoo).sections)
     config = BenchConfig(
-        home=args.home,
+        zoo=args.zoo,
+        seed=args.seed,
+        lm_config=json.loads(args.lm_config),
+        home=args.home or Path(".ckreg/lm" if args.zoo == "lm" else ".ckreg/demo"),
         url=args.url,
         token=args.token,
         tasks=tuple(t for t in args.tasks.split(",") if t),
         irrelevant=args.irrelevant,
         finetune_epochs=args.finetune_epochs,
         methods=tuple(m for m in args.methods.split(",") if m) or None,
-        sections=tuple(s for s in args.sections.split(",") if s),
+        sections=tuple(s for s in sections.split(",") if s),
         timeout_s=args.timeout,
         reset=args.reset,
         mlflow=not args.no_mlflow,
@@ -289,9 +390,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, Path | None]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config, json_path = parse_args(argv)
-    unknown = sorted(set(config.sections) - set(SECTIONS))
+    known = zoo_kind(config.zoo).sections
+    unknown = sorted(set(config.sections) - set(known))
     if unknown:
-        sys.exit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        sys.exit(f"unknown sections {unknown}; choose from {', '.join(known)}")
     run_benchmark(config, lambda result: report(config, result, json_path))
 
 

@@ -9,7 +9,7 @@ which fill the table's ``val_avg`` column.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,18 @@ StateDict = dict[str, torch.Tensor]
 class OutputScorer:
     """Downloads merged checkpoints once and scores them on test; reads their validation metrics."""
 
-    def __init__(self, registry: Registry, zoo_dir: Path, tasks: Sequence[str]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        zoo_dir: Path,
+        tasks: Sequence[str],
+        evaluator: Callable[..., Any] = DigitsEvaluator,
+    ) -> None:
+        """``evaluator(zoo_dir, split=..., tasks=...)`` builds the zoo's evaluator (digits or
+        ``bench.lmzoo``'s ``LMTasksEvaluator``)."""
         self.registry = registry
-        self.test = DigitsEvaluator(zoo_dir, split="test")
-        self.per_task = {t: DigitsEvaluator(zoo_dir, split="test", tasks=[t]) for t in tasks}
+        self.test = evaluator(zoo_dir, split="test")
+        self.per_task = {t: evaluator(zoo_dir, split="test", tasks=[t]) for t in tasks}
         self._tmp = tempfile.TemporaryDirectory(prefix="ckreg-mq-")
         self._states: dict[int, StateDict] = {}
 

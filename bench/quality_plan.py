@@ -5,7 +5,8 @@ task_arithmetic, ties and the continual opcm fold) merge as checkpoints arrive; 
 ``manual`` policies started with ``POST /policies/{id}/run``. Every policy evaluates its merges
 with the ``digits`` evaluator (validation split). Checkpoint tags keep the selectors apart:
 ``zoo-task`` (the task fine-tunes), ``pool`` (task fine-tunes + irrelevant models, for fw),
-``trajectory`` (one training run per task, for mwa).
+``trajectory`` (one training run per task, for mwa); the LM zoo adds ``zoo-adapter`` (its LoRA
+adapters, merged as full weights when the policy names the base, as adapters when it does not).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.quality_registry import Registry
+from bench.quality_registry import Registry, cli_register
 from bench.zoo.manifest import ZooManifest
 
 ON_REGISTER = ("linear", "task_arithmetic", "ties")
@@ -47,6 +48,7 @@ class Registered:
     tasks: dict[str, int] = field(default_factory=dict)
     irrelevant: list[int] = field(default_factory=list)
     trajectories: dict[str, list[int]] = field(default_factory=dict)
+    adapters: dict[str, int] = field(default_factory=dict)
 
 
 def _policy(
@@ -56,6 +58,7 @@ def _policy(
     params: Mapping[str, Any],
     selector: dict[str, Any],
     trigger: str = "manual",
+    evaluator: str = EVALUATOR,
 ) -> PolicyPlan:
     body = {
         # MLflow refuses ':' in model names, and merged checkpoints are named after the policy.
@@ -64,13 +67,18 @@ def _policy(
         "params": dict(params),
         "selector": selector,
         "trigger": trigger,
-        "evaluator": EVALUATOR,
+        "evaluator": evaluator,
     }
     return PolicyPlan(key=key, body=body)
 
 
 def multitask_policies(
-    *, label: str, base_id: int, chosen: Mapping[str, Mapping[str, Any]], n_irrelevant: int
+    *,
+    label: str,
+    base_id: int,
+    chosen: Mapping[str, Mapping[str, Any]],
+    n_irrelevant: int,
+    evaluator: str = EVALUATOR,
 ) -> list[PolicyPlan]:
     """Policies for the multitask rows and the continual opcm fold, with validation-chosen params.
 
@@ -79,7 +87,15 @@ def multitask_policies(
     """
     tasks = {"base_id": base_id, "tags": ["zoo-task"]}
     plans = [
-        _policy(label, m, m, chosen[m], tasks, "on_register" if m in ON_REGISTER else "manual")
+        _policy(
+            label,
+            m,
+            m,
+            chosen[m],
+            tasks,
+            "on_register" if m in ON_REGISTER else "manual",
+            evaluator,
+        )
         for m in (*ON_REGISTER, *MANUAL)
         if m in chosen
     ]
@@ -87,15 +103,40 @@ def multitask_policies(
         key = f"{method}+{n_irrelevant}irrelevant"
         if key in chosen:
             pool = {"base_id": base_id, "tags": ["pool"]}
-            plans.append(_policy(label, key, method, chosen[key], pool))
+            plans.append(_policy(label, key, method, chosen[key], pool, evaluator=evaluator))
     if "opcm" in chosen:
         fold = tasks | {"window": "all_since_last_fold"}
-        plans.append(_policy(label, "opcm", "opcm", chosen["opcm"], fold, "on_register"))
+        plans.append(_policy(label, "opcm", "opcm", chosen["opcm"], fold, "on_register", evaluator))
+    return plans
+
+
+def adapter_policies(
+    *,
+    label: str,
+    base_id: int,
+    chosen: Mapping[str, Mapping[str, Any]],
+    merges: Iterable[tuple[str, str, str]],
+    evaluator: str = EVALUATOR,
+) -> list[PolicyPlan]:
+    """Manual policies over the ``zoo-adapter`` checkpoints: ``merges`` are (row label, method,
+    lora mode); a ``full`` merge names the base (the flows merge base + B·A), a ``factors``
+    one does not (the flows merge the adapters' factors into an adapter)."""
+    plans = []
+    for key, method, mode in merges:
+        if key in chosen:
+            selector: dict[str, Any] = {"tags": ["zoo-adapter"]}
+            if mode == "full":
+                selector["base_id"] = base_id
+            plans.append(_policy(label, key, method, chosen[key], selector, evaluator=evaluator))
     return plans
 
 
 def trajectory_policies(
-    *, label: str, manifest: ZooManifest, mwa_params: Mapping[str, Any]
+    *,
+    label: str,
+    manifest: ZooManifest,
+    mwa_params: Mapping[str, Any],
+    evaluator: str = EVALUATOR,
 ) -> list[PolicyPlan]:
     """Per task: mwa (loss-weighted) and the uniform average over its training run's checkpoints."""
     plans = []
@@ -106,8 +147,10 @@ def trajectory_policies(
             "window": "last_k_of_run",
             "k": len(entry.trajectory),
         }
-        plans.append(_policy(label, f"mwa:{task}", "mwa", mwa_params, selector))
-        plans.append(_policy(label, f"uniform:{task}", "linear", {}, selector))
+        plans.append(
+            _policy(label, f"mwa:{task}", "mwa", mwa_params, selector, evaluator=evaluator)
+        )
+        plans.append(_policy(label, f"uniform:{task}", "linear", {}, selector, evaluator=evaluator))
     return plans
 
 
@@ -133,23 +176,60 @@ def register_tasks(
     *,
     label: str,
     after_each: Callable[[str, int], None],
+    cli: int = 0,
 ) -> None:
     """Task fine-tunes one at a time (weights, second moment, Fisher); ``after_each(task, id)``
-    waits for the automatic merges the arrival triggers."""
-    for task, entry in tqdm(manifest.tasks.items(), desc="register tasks", unit="ckpt"):
-        checkpoint = registry.register(
-            zoo_dir / entry.model,
-            name=f"{label}-{task}",
-            base_id=ids.base,
-            task=task,
-            tags=["zoo", "zoo-task", "pool"],
-            second_moment=zoo_dir / entry.second_moment,
-            progress=False,
-        )
-        checkpoint_id = int(checkpoint["id"])
+    waits for the automatic merges the arrival triggers. The first ``cli`` are registered with
+    the ``ckreg register`` command, as a user would; the rest with the Python client it wraps
+    (the same requests, without a process start per checkpoint)."""
+    for i, (task, entry) in enumerate(
+        tqdm(manifest.tasks.items(), desc="register tasks", unit="ckpt")
+    ):
+        options: dict[str, Any] = {
+            "name": f"{label}-{task}",
+            "base_id": ids.base,
+            "task": task,
+            "tags": ["zoo", "zoo-task", "pool"],
+            "second_moment": zoo_dir / entry.second_moment,
+        }
+        if i < cli:
+            checkpoint_id = cli_register(registry, zoo_dir / entry.model, **options)
+        else:
+            checkpoint_id = int(
+                registry.register(zoo_dir / entry.model, progress=False, **options)["id"]
+            )
         registry.upload_artifact(checkpoint_id, zoo_dir / entry.fisher, "fisher", progress=False)
         ids.tasks[task] = checkpoint_id
         after_each(task, checkpoint_id)
+
+
+def register_adapters(
+    registry: Registry,
+    zoo_dir: Path,
+    manifest: Any,
+    ids: Registered,
+    *,
+    label: str,
+    cli: int = 0,
+) -> None:
+    """Each task's PEFT LoRA directory as an ``adapter`` checkpoint of the base (the first
+    ``cli`` with ``ckreg register``)."""
+    for i, (task, entry) in enumerate(
+        tqdm(manifest.tasks.items(), desc="register adapters", unit="ckpt")
+    ):
+        options: dict[str, Any] = {
+            "name": f"{label}-lora-{task}",
+            "base_id": ids.base,
+            "task": task,
+            "tags": ["zoo", "zoo-adapter"],
+        }
+        if i < cli:
+            checkpoint_id = cli_register(registry, zoo_dir / entry.adapter, **options)
+        else:
+            checkpoint_id = int(
+                registry.register(zoo_dir / entry.adapter, progress=False, **options)["id"]
+            )
+        ids.adapters[task] = checkpoint_id
 
 
 def register_irrelevant(

@@ -9,7 +9,9 @@ runs and waiting until the flows have finished them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -62,8 +64,11 @@ def _serve_command(port: int) -> list[str]:
     return [sys.executable, "-c", launcher, "serve", "--port", str(port)]
 
 
-def start_embedded(home: Path, *, timeout: float = 120.0) -> EmbeddedRegistry:
-    """``ckreg serve`` with ``CKREG_HOME=home`` (embedded flows), ready to answer requests."""
+def start_embedded(
+    home: Path, *, timeout: float = 120.0, extra_env: dict[str, str] | None = None
+) -> EmbeddedRegistry:
+    """``ckreg serve`` with ``CKREG_HOME=home`` (embedded flows), ready to answer requests;
+    ``extra_env`` adds variables (the LM zoo's ``CKREG_ZOO_DIR`` for its evaluator)."""
     from registry.db import upgrade_database
     from registry.settings import Settings
 
@@ -86,6 +91,7 @@ def start_embedded(home: Path, *, timeout: float = 120.0) -> EmbeddedRegistry:
             for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH"))
             if p
         ),
+        **(extra_env or {}),
     }
     log_path = home / "logs" / "serve.log"
     server = start_server(_serve_command(port), port=port, log_path=log_path, env=env)
@@ -116,6 +122,10 @@ def wait_ready(url: str, *, timeout: float = 60.0) -> None:
 
 class Registry(Client):
     """The REST client plus waiting for the flows' merge runs of this benchmark."""
+
+    def __init__(self, base_url: str, token: str | None = None, **options: Any) -> None:
+        super().__init__(base_url, token, **options)
+        self.url, self.token = base_url, token  # for ``ckreg register --url/--token``
 
     def wait_runs(
         self,
@@ -153,6 +163,38 @@ class Registry(Client):
             if logged == len(done) or time.monotonic() - since > quiet_s:
                 return logged, len(done)
             time.sleep(0.5)
+
+
+def cli_register(
+    registry: Registry,
+    path: Path,
+    *,
+    name: str,
+    base_id: int | None = None,
+    task: str | None = None,
+    tags: Iterable[str] = (),
+    second_moment: Path | None = None,
+) -> int:
+    """``ckreg register PATH ...`` as a user runs it (a subprocess); returns the new id."""
+    script = Path(sys.executable).parent / "ckreg"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
+    command += ["register", str(path), "--name", name, "--quiet"]
+    command += ["--url", registry.url, "--token", registry.token or ""]
+    if base_id is not None:
+        command += ["--base", str(base_id)]
+    if task is not None:
+        command += ["--task", task]
+    for tag in tags:
+        command += ["--tag", tag]
+    if second_moment is not None:
+        command += ["--second-moment", str(second_moment)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    found = re.search(r"registered checkpoint (\d+)", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"`ckreg register {path}` failed ({done.returncode}): {done.stderr[-2000:]}"
+        )
+    return int(found[1])
 
 
 def describe_failure(run: dict[str, Any]) -> str:

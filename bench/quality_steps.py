@@ -32,7 +32,15 @@ class Drive:
         manifest: ZooManifest,
         timeout_s: float,
         log: Callable[[str], None],
+        *,
+        evaluator: str = plan.EVALUATOR,
+        cli: int = 0,
+        adapter_merges: Sequence[tuple[str, str, str]] = (),
     ) -> None:
+        """``evaluator``: the policies' evaluator; ``cli``: how many task fine-tunes and
+        adapters to register with ``ckreg register``; ``adapter_merges``: (row, method, lora mode) policies
+        over the zoo's LoRA adapters (the LM zoo)."""
+        self.evaluator, self.cli, self.adapter_merges = evaluator, cli, tuple(adapter_merges)
         self.registry = registry
         self.zoo_dir = zoo_dir
         self.manifest = manifest
@@ -57,16 +65,29 @@ class Drive:
             base_id=ids.base,
             chosen=chosen,
             n_irrelevant=len(manifest.irrelevant),
+            evaluator=self.evaluator,
+        )
+        self.plans += plan.adapter_policies(
+            label=self.label,
+            base_id=ids.base,
+            chosen=chosen,
+            merges=self.adapter_merges,
+            evaluator=self.evaluator,
         )
         if trajectories:
             self.plans += plan.trajectory_policies(
-                label=self.label, manifest=manifest, mwa_params=mwa_params
+                label=self.label, manifest=manifest, mwa_params=mwa_params, evaluator=self.evaluator
             )
         plan.create_policies(reg, self.plans)
         auto = [p.body["name"] for p in self.plans if p.on_register]
         self.log(f"base {ids.base} registered; {len(self.plans)} policies, on_register: {auto}")
-        plan.register_tasks(reg, zoo, manifest, ids, label=self.label, after_each=self._await_auto)
+        plan.register_tasks(
+            reg, zoo, manifest, ids, label=self.label, after_each=self._await_auto, cli=self.cli
+        )
         self.log(f"{len(ids.tasks)} task fine-tunes registered; automatic merges done")
+        if any(p.key.startswith("lora_") for p in self.plans):
+            plan.register_adapters(reg, zoo, manifest, ids, label=self.label, cli=self.cli)
+            self.log(f"{len(ids.adapters)} LoRA adapters registered (kind adapter)")
         if any("irrelevant" in p.key for p in self.plans):
             plan.register_irrelevant(reg, zoo, manifest, ids, label=self.label)
         if trajectories:
@@ -141,7 +162,7 @@ def score_rows(
         params = policy.body["params"]
         rows.append(
             Row(
-                "multitask",
+                "adapters" if policy.key.startswith("lora_") else "multitask",
                 policy.key,
                 params,
                 scorer.validation(final),

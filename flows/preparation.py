@@ -19,6 +19,7 @@ from flows.inputs import (
     InputMode,
     MergeInput,
     artifact_input,
+    blob_path,
     checkpoint_input,
     copy_artifact,
     prune_cache,
@@ -26,12 +27,15 @@ from flows.inputs import (
 from flows.outputs import OutputSpec, output_name
 from mergeops.methods import base as mb
 from registry.errors import InvalidState
-from registry.models import ArtifactRole, Checkpoint, MergePolicy, MergeRun, Metric
+from registry.models import ArtifactRole, Checkpoint, CheckpointKind, MergePolicy, MergeRun, Metric
 from registry.services import merge_runs as run_service
-from registry.services.common import load_checkpoint
+from registry.services.blobs import stored_blob
+from registry.services.common import checkpoint_files, load_checkpoint
 from registry.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+HF_CONFIGS = ("config.json", "generation_config.json")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -53,6 +57,7 @@ class PreparedMerge:
     state_path: Path | None = None
     evaluator: str | None = None
     policy_name: str | None = None
+    lora: str = "factors"  # how PEFT adapter inputs are read (see ``_lora_mode``)
 
     @property
     def out_dir(self) -> Path:
@@ -72,6 +77,7 @@ class PreparedMerge:
             else None,
             "fisher": [_plain(p) for p in self.fisher] if self.fisher else None,
             "metrics": self.metrics,
+            "lora": self.lora,
         }
 
 
@@ -119,10 +125,53 @@ def prepare(
         evaluator=policy.evaluator if policy else run.evaluator,
         policy_name=policy.name if policy else None,
     )
+    prepared.lora = _lora_mode(checkpoints, run.base_id)
+    prepared.output = replace(
+        prepared.output,
+        **pass_through(session, store, checkpoints, run.base_id, cache, prepared.lora),
+    )
     _side_inputs(session, store, method, prepared, checkpoints, (cache, mode))
     if mb.Need.STATE in method.needs:
         _previous_state(session, store, run, prepared)
     return prepared
+
+
+def _lora_mode(checkpoints: list[Checkpoint], base_id: int | None) -> str:
+    """Adapters with a base are merged as full weights (base + B·A: any method, a full model
+    out); without a base, as adapters (their A and B factors: base-free methods)."""
+    if any(c.kind == CheckpointKind.adapter for c in checkpoints) and base_id is not None:
+        return "full"
+    return "factors"
+
+
+def pass_through(
+    session: Session,
+    store: ObjectStore,
+    checkpoints: list[Checkpoint],
+    base_id: int | None,
+    cache: Path,
+    lora: str,
+) -> dict[str, Any]:
+    """OutputSpec fields that make the merged folder a loadable Hugging Face directory: the
+    ``config.json`` / ``generation_config.json`` of the base (else of the first input holding
+    one), or, for adapters merged as adapters, the first adapter's ``adapter_config.json``."""
+    adapters = all(c.kind == CheckpointKind.adapter for c in checkpoints)
+    if adapters and lora == "factors":
+        names, sources = (ADAPTER_CONFIG,), [c.id for c in checkpoints[:1]]
+    else:
+        names, sources = HF_CONFIGS, [base_id, *(c.id for c in checkpoints)]
+    for checkpoint_id in sources:
+        if checkpoint_id is None:
+            continue
+        found = [f for f in checkpoint_files(session, checkpoint_id) if f.name in names]
+        if found:
+            paths = tuple(
+                blob_path(store=store, artifact=f, cache_dir=cache, blob=stored_blob(session, f))
+                for f in found
+            )
+            return {"extras": tuple(zip((f.name for f in found), paths, strict=True)),
+                    "adapter": adapters and lora == "factors"}  # fmt: skip
+    return {}
 
 
 def _input_mode() -> InputMode:

@@ -92,5 +92,11 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(zoo_dir: Path | str, relative: str) -> dict[str, torch.Tensor]:
-    """Load one safetensors file of the zoo by its manifest path."""
-    return load_file(str(Path(zoo_dir) / relative))
+    """Load one safetensors file of the zoo by its manifest path (a folder: all its
+    ``*.safetensors`` files, e.g. a sharded Hugging Face directory)."""
+    path = Path(zoo_dir) / relative
+    if path.is_dir():
+        return {
+            k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()
+        }
+    return load_file(str(path))

@@ -30,13 +30,15 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _trajectory_merges(
-    zoo_dir: Path | str, manifest: ZooManifest
+    zoo_dir: Path | str, manifest: ZooManifest, load: Callable[[str], StateDict] | None = None
 ) -> dict[str, dict[str, StateDict]]:
-    """Per variant (``last``, ``uniform``, ``mwa:<p>``), each task's merged trajectory."""
+    """Per variant (``last``, ``uniform``, ``mwa:<p>``), each task's merged trajectory;
+    ``load(relative_path)`` reads a checkpoint (default: one safetensors file of the zoo)."""
+    load = load or (lambda relative: load_tensors(zoo_dir, relative))
     merged: dict[str, dict[str, StateDict]] = {"last": {}, "uniform": {}}
     merged |= {f"mwa:{p}": {} for p in MWA_P_GRID}
     for task, entry in manifest.tasks.items():
-        checkpoints = [load_tensors(zoo_dir, point.model) for point in entry.trajectory]
+        checkpoints = [load(point.model) for point in entry.trajectory]
         losses = [point.loss for point in entry.trajectory]
         names = [f"{task}@{point.step}" for point in entry.trajectory]
         merged["last"][task] = checkpoints[-1]
@@ -49,13 +51,21 @@ def _trajectory_merges(
 
 
 def trajectory_rows(
-    zoo_dir: Path | str, manifest: ZooManifest, *, log: Callable[[str], None] = print
+    zoo_dir: Path | str,
+    manifest: ZooManifest,
+    *,
+    log: Callable[[str], None] = print,
+    evaluator: Callable[[str, str], DigitsEvaluator] | None = None,
+    load: Callable[[str], StateDict] | None = None,
 ) -> list[Row]:
-    """mwa (one p for all tasks, chosen on validation), uniform average, last checkpoint."""
-    merged = _trajectory_merges(zoo_dir, manifest)
+    """mwa (one p for all tasks, chosen on validation), uniform average, last checkpoint.
+
+    ``evaluator(split, task)`` scores one task (default: the digits evaluator); ``load`` reads
+    a trajectory checkpoint (see ``_trajectory_merges``)."""
+    merged = _trajectory_merges(zoo_dir, manifest, load)
+    make = evaluator or (lambda split, task: DigitsEvaluator(zoo_dir, split=split, tasks=[task]))
     evaluators = {
-        split: {t: DigitsEvaluator(zoo_dir, split=split, tasks=[t]) for t in manifest.tasks}
-        for split in ("validation", "test")
+        split: {t: make(split, t) for t in manifest.tasks} for split in ("validation", "test")
     }
 
     def scores(per_task: dict[str, StateDict], split: str) -> dict[str, float]:

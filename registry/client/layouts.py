@@ -4,7 +4,7 @@ Layouts understood (checked in this order inside a directory):
 - PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` (kind ``adapter``);
 - sharded: ``model.safetensors.index.json`` + the shards it names;
 - single: ``model.safetensors``;
-plus ``config.json`` when present, and, for a Hugging Face Trainer checkpoint directory,
+plus ``config.json`` and ``generation_config.json`` when present, and, for a Hugging Face Trainer checkpoint directory,
 ``trainer_state.json`` (step = ``global_step``, loss = last ``log_history`` entry with ``loss``).
 A path to a ``.safetensors`` file is uploaded alone.
 """
@@ -32,7 +32,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SINGLE_WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-EXTRA_FILES = ("config.json",)
+EXTRA_FILES = ("config.json", "generation_config.json")
 
 
 class LayoutError(ValueError):

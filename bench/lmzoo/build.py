@@ -1,0 +1,208 @@
+"""Build the LM zoo: ``python -m bench.lmzoo.build --out DIR [--seed N] [--tasks a,b]``.
+
+Layout under ``DIR`` (every model folder is written by ``save_pretrained``: ``config.json``,
+``generation_config.json``, safetensors weights; the second task's fine-tune is SHARDED)::
+
+    base/                               pretrained on an even mix of the tasks
+    tasks/<task>/model/                 full fine-tune
+    tasks/<task>/second_moment.safetensors   Adam exp_avg_sq (registry.client.capture)
+    tasks/<task>/fisher.safetensors     empirical diagonal Fisher on train prompts
+    adapters/<task>/                    PEFT LoRA adapter (adapter_config.json + weights)
+    trajectories/<task>/step-<n>/       checkpoints along the fine-tune (mwa)
+    irrelevant/<i>/model/               fine-tunes on shuffled answers (fw's distractors)
+    manifest.json
+
+``ensure_lm_zoo`` builds once per (seed, tasks, config) key and reuses the folder after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from bench.lmzoo.manifest import (
+    MANIFEST_NAME,
+    LMIrrelevantEntry,
+    LMTaskEntry,
+    LMTrajectoryEntry,
+    LMZooManifest,
+    write_manifest,
+)
+from bench.lmzoo.model import batch, exact_match, lm_config, load_weights, new_model
+from bench.lmzoo.tasks import DEFAULT_TASKS, examples, get_task
+from bench.lmzoo.train import LMTrainConfig, diagonal_fisher, finetune, pretrain, train_lora
+from bench.zoo.build import deterministic_torch
+from bench.zoo.manifest import save_tensors
+from registry.client.capture import capture_second_moments
+
+EVAL_SIZES = {"validation": 64, "test": 112}
+
+
+def zoo_key(seed: int, tasks: Sequence[str], config: LMTrainConfig) -> str:
+    """Folder name of a build: seed, tasks and a digest of the training config."""
+    blob = json.dumps([list(tasks), config.model_dump(), EVAL_SIZES], sort_keys=True)
+    return f"lm-seed{seed}-{len(tasks)}t-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def task_accuracy(model: torch.nn.Module, task: str, split: str, seed: int) -> float:
+    data = batch(examples(task, split, n=EVAL_SIZES[split], seed=seed))
+    return round(float(exact_match(model, data).mean()), 6)
+
+
+def _accuracies(model: torch.nn.Module, task: str, seed: int, label: str) -> dict[str, float]:
+    return {f"{label}/{s}": task_accuracy(model, task, s, seed) for s in EVAL_SIZES}
+
+
+def _save_state(state: dict[str, torch.Tensor], folder: Path, scratch: torch.nn.Module) -> None:
+    load_weights(scratch, state).save_pretrained(folder)
+
+
+def _build_task(
+    out: Path, task: str, base: torch.nn.Module, *, seed: int, config: LMTrainConfig, shard: bool
+) -> LMTaskEntry:
+    run = finetune(base, task, seed=seed, config=config)
+    model_dir = f"tasks/{task}/model"
+    run.model.save_pretrained(
+        out / model_dir, **({"max_shard_size": config.shard_size} if shard else {})
+    )
+    moments = f"tasks/{task}/second_moment.safetensors"
+    capture_second_moments(run.model, run.optimizer, out / moments)
+    fisher_data = batch(examples(task, "train", n=config.fisher_examples, seed=seed + 1))
+    fisher = f"tasks/{task}/fisher.safetensors"
+    save_tensors(out / fisher, diagonal_fisher(run.model, fisher_data))
+    scratch = new_model(run.model.config, 0)
+    trajectory = []
+    for step, loss, state in run.trajectory:
+        folder = f"trajectories/{task}/step-{step}"
+        _save_state(state, out / folder, scratch)
+        trajectory.append(LMTrajectoryEntry(step=step, loss=round(loss, 6), model=folder))
+    adapter = train_lora(base, task, seed=seed, config=config)
+    adapter_dir = f"adapters/{task}"
+    adapter.save_pretrained(out / adapter_dir)
+    accuracy = (
+        _accuracies(run.model, task, seed, "finetune")
+        | _accuracies(adapter, task, seed, "adapter")
+        | _accuracies(base, task, seed, "base")
+    )
+    return LMTaskEntry(
+        name=task,
+        model=model_dir,
+        sharded=shard,
+        adapter=adapter_dir,
+        second_moment=moments,
+        fisher=fisher,
+        trajectory=trajectory,
+        accuracy=accuracy,
+    )
+
+
+def _build_irrelevant(
+    out: Path, index: int, task: str, base: torch.nn.Module, *, seed: int, config: LMTrainConfig
+) -> LMIrrelevantEntry:
+    run = finetune(base, task, seed=seed + 100 + index, config=config, shuffle_answers=True)
+    model_dir = f"irrelevant/{index}/model"
+    run.model.save_pretrained(out / model_dir)
+    moments = f"irrelevant/{index}/second_moment.safetensors"
+    capture_second_moments(run.model, run.optimizer, out / moments)
+    return LMIrrelevantEntry(index=index, model=model_dir, second_moment=moments)
+
+
+def build_lm_zoo(
+    out: Path,
+    *,
+    seed: int = 0,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    config: LMTrainConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> LMZooManifest:
+    """Pretrain, fine-tune and adapt every task, save everything; returns the manifest."""
+    config = config or LMTrainConfig()
+    for task in tasks:
+        get_task(task)  # a bad name fails before any training
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with deterministic_torch(1):
+        arch = lm_config(hidden=config.hidden, layers=config.layers, heads=config.heads)
+        base = pretrain(new_model(arch, seed), tasks, seed=seed, config=config)
+        base.save_pretrained(out / "base")
+        log(f"  pretrained base in {time.perf_counter() - started:.0f}s")
+        entries = {}
+        for i, task in enumerate(tasks):
+            entries[task] = _build_task(
+                out, task, base, seed=seed, config=config, shard=(i == min(1, len(tasks) - 1))
+            )
+            acc = entries[task].accuracy
+            log(
+                f"  {task:<9} base {acc['base/validation']:.2f} finetune "
+                f"{acc['finetune/validation']:.2f} lora {acc['adapter/validation']:.2f} (val) "
+                f"[{time.perf_counter() - started:.0f}s]"
+            )
+        distractors = [
+            _build_irrelevant(out, i, tasks[i % len(tasks)], base, seed=seed, config=config)
+            for i in range(config.irrelevant)
+        ]
+        base_accuracy = {
+            f"{t}/{s}": task_accuracy(base, t, s, seed) for t in tasks for s in EVAL_SIZES
+        }
+    manifest = LMZooManifest(
+        seed=seed,
+        config=config.model_dump(),
+        eval_sizes=EVAL_SIZES,
+        lora={"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank},
+        base="base",
+        base_accuracy=base_accuracy,
+        tasks=entries,
+        irrelevant=distractors,
+    )
+    write_manifest(out, manifest)
+    return manifest
+
+
+def ensure_lm_zoo(
+    root: Path,
+    *,
+    seed: int = 0,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    config: LMTrainConfig | None = None,
+) -> Path:
+    """The zoo for (seed, tasks, config) under ``root``, built atomically if missing."""
+    config = config or LMTrainConfig()
+    path = Path(root) / zoo_key(seed, tasks, config)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build_lm_zoo(staging, seed=seed, tasks=tasks, config=config)
+        try:
+            staging.rename(path)
+        except OSError:
+            if not (path / MANIFEST_NAME).is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.lmzoo.build", description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    build_lm_zoo(args.out, seed=args.seed, tasks=[t for t in args.tasks.split(",") if t])
+    print(f"built LM zoo in {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
