@@ -22,13 +22,22 @@ import struct
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import zstandard
 
-from bench._common import MIB, create_token, load_average, print_table, start_registry
+from bench._common import (
+    MIB,
+    S3_ENV,
+    create_token,
+    load_average,
+    print_table,
+    start_moto,
+    start_registry,
+)
 from bench._synth import FINETUNE_SCALE, SHAPES, LlamaShape, synth_tensor, write_model
 from mergeops.io.writer import ShardedWriter
 from registry.storage import ObjectStore, open_store
@@ -162,7 +171,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def api_round_trip(work: Path, models: dict[str, Path], compression: str) -> list[list[object]]:
+def _store_env(home: Path, s3_endpoint: str | None) -> dict[str, str]:
+    """``CKREG_*`` store settings: a file store under ``home``, or a fresh bucket on moto."""
+    if s3_endpoint is None:
+        return {"CKREG_STORE_URL": f"file://{home / 'store'}"}
+    import boto3
+
+    bucket = f"bench-{home.name}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    ).create_bucket(Bucket=bucket)
+    return {
+        **S3_ENV,
+        "CKREG_STORE_URL": f"s3://{bucket}/ckreg",
+        "CKREG_S3_ENDPOINT_URL": s3_endpoint,
+    }
+
+
+def api_round_trip(
+    work: Path, models: dict[str, Path], compression: str, s3_endpoint: str | None = None
+) -> list[list[object]]:
     """Upload base, dense and sparse through a fresh registry, download each back (sha256
     checked); rows of (mode, model, codec, stored MiB, upload MiB/s, download MiB/s)."""
     from registry.client import Client
@@ -175,7 +207,7 @@ def api_round_trip(work: Path, models: dict[str, Path], compression: str) -> lis
     env = {
         "CKREG_HOME": str(home),
         "CKREG_DATABASE_URL": database,
-        "CKREG_STORE_URL": f"file://{home / 'store'}",
+        **_store_env(home, s3_endpoint),
         "CKREG_STORE_COMPRESSION": compression,
         "CKREG_TASK_VECTORS_ON_COMPLETE": "false",
     }
@@ -226,9 +258,9 @@ def report_sizes(rows: list[Sizes]) -> None:
           f"{sparse.raw / (sparse.delta or sparse.zipnn):.2f}x")  # fmt: skip
 
 
-def report_api(rows: list[list[object]]) -> None:
+def report_api(rows: list[list[object]], store: str) -> None:
     print_table(
-        "Through the API (file store; upload = create + PUT + complete incl. compression)",
+        f"Through the API ({store} store; upload = create + PUT + complete incl. compression)",
         ["compression", "model", "codec", "stored MiB", "upload MiB/s", "download MiB/s"],
         rows,
     )
@@ -248,6 +280,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparse-share", type=float, default=0.01, help="share of weights moved")
     parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="digits zoo dir")
     parser.add_argument("--no-api", action="store_true", help="sizes only (no registry server)")
+    parser.add_argument(
+        "--store", choices=("file", "s3"), default="file", help="API runs: file store or S3 (moto)"
+    )
     parser.add_argument("--family", action="store_true", help="also run section 2 (TALL)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: temp)")
     return parser.parse_args(argv)
@@ -265,8 +300,13 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Sizes], list[list[obje
         sizes = size_rows(args.zoo, models, work)
         report_sizes(sizes)
         if not args.no_api:
-            api_rows = api_round_trip(work, models, "off") + api_round_trip(work, models, "zipnn")
-            report_api(api_rows)
+            with ExitStack() as stack:
+                endpoint = None
+                if args.store == "s3":
+                    endpoint = stack.enter_context(start_moto(work)).url
+                for mode in ("off", "zipnn"):
+                    api_rows += api_round_trip(work, models, mode, endpoint)
+            report_api(api_rows, args.store)
     print(f"section 1 took {time.perf_counter() - started:.1f}s ({load_average()})")
     if args.family:  # section 2 lives in its own module (TALL family compression)
         family = importlib.import_module("bench.family_compression")
