@@ -19,6 +19,7 @@ import registry.storage.zipnn_encoder as encoder
 from registry.models import Artifact
 from registry.services.blobs import stored_blob
 from registry.services.gc import collect_garbage
+from registry.services.tensors import checkpoint_tensor_source
 from registry.storage import blob_key
 from registry.storage.codecs import read_original
 from tests.registry.conftest import LiveRegistry
@@ -168,6 +169,13 @@ def test_zipnn_and_delta_downloads_are_the_original(api: Api) -> None:
         read_original(api.env.store, blob, entry["start"], 999)
         == tuned_data[entry["start"] : entry["start"] + 999]
     )
+
+    with api.env.session() as session:  # a merge input: tensors read by range, decoded
+        source = checkpoint_tensor_source(
+            session=session, store=api.env.store, checkpoint_id=tuned["id"]
+        )
+        for name, tensor in _sparse_finetune(base_state).items():
+            assert torch.equal(source.get(name), tensor), name
 
     again = api.register(
         {"model.safetensors": tuned_data}, name="ft-again", kind="finetune", base_id=base["id"]
