@@ -5,6 +5,7 @@ process against the registry's database and store (CKREG_* settings)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any
 
 import typer
@@ -77,14 +78,20 @@ def compress(
     from flows.runtime import configure
     from registry.db import upgrade_database
     from registry.errors import RegistryError
+    from registry.services.family import check_family
 
     settings = get_settings()
+    # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     upgrade_database(settings.database_url)
-    configure(settings)
+    runtime = configure(settings)
+    members = _ids(task_vectors)
     try:
+        with runtime.session() as session:  # bad input: a clear message before any flow run
+            check_family(session=session, base_id=base, member_ids=members)
         report = family_compress(
             base,
-            _ids(task_vectors),
+            members,
             evaluator=evaluator,
             min_retention=min_retention,
             keep_originals=keep_originals,
