@@ -41,6 +41,8 @@ from mergeops.prefetch import Pending, Prefetcher, Read
 SLICE_BYTES = 32 * 1024 * 1024
 """Float32 bytes per input slice on the device (large: fewer, longer copies and kernels)."""
 STREAMS = ("h2d", "compute", "d2h")
+SLOTS = 2
+"""Buffer sets in rotation (2 is enough for the issue order above; more only adds slack)."""
 
 
 class Backend(Protocol):
@@ -103,9 +105,10 @@ class SlicePipeline:
         *,
         host_job: Callable[[str], Callable[[], None]],
         sink: Callable[[str, torch.Tensor], None],
-        slots: int = 2,
+        slots: int | None = None,
         slice_bytes: int | None = None,
     ) -> None:
+        slots = SLOTS if slots is None else slots
         if slots < 2:
             raise ValueError(f"the pipeline needs at least 2 buffer slots, got {slots}")
         self.plan, self.backend, self.prefetcher, self.sink = plan, backend, prefetcher, sink

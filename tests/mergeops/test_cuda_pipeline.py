@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mergeops
-from mergeops import engine, pipeline
+from mergeops import chunking, engine, pipeline
 from mergeops.methods.base import MergeError
 from tests.mergeops.test_prefetch import assert_bits_equal, family, write_family
 
@@ -129,21 +129,43 @@ def _run(
 
 @pytest.mark.parametrize(("method", "params"), CASES)
 @pytest.mark.parametrize("eager", MODES)
-@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize(("dtype", "slots", "prefetch"), [(None, 2, True), ("float32", 3, False)])
 def test_pipeline_matches_the_cpu_merge_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch,
     method: str,
     params: dict[str, Any],
     eager: tuple[str, ...],
     dtype: str | None,
+    slots: int,
+    prefetch: bool,
 ) -> None:
     expected = _run(monkeypatch, None, method, dtype=dtype, **params)
     backend = FakeBackend(eager)
-    got = _run(monkeypatch, backend, method, dtype=dtype, **params)
+    monkeypatch.setattr(pipeline, "SLOTS", slots)
+    got = _run(monkeypatch, backend, method, dtype=dtype, prefetch=prefetch, **params)
     assert_bits_equal(expected, got)
     assert list(got.merged) == ["embed", "mlp", "norm", "ids"]
     inputs = 3 + (method != "linear")  # models and base, each pinned + device, per slot:
-    assert backend.buffers == 2 * (inputs * 2 + 4)  # allocated once, reused by all 17 slices
+    assert backend.buffers == slots * (inputs * 2 + 4)  # allocated once, reused by 21 slices
+
+
+def test_reader_errors_surface_unchanged_through_the_pipeline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.mergeops.test_prefetch import _sources
+
+    monkeypatch.setattr(pipeline, "SLICE_BYTES", 8192)  # 16 rows per slice, as on the CPU path:
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 8192)
+    messages = []
+    for fake in (False, True):
+        if fake:
+            monkeypatch.setattr(engine, "pipeline_backend", lambda plan: FakeBackend(STREAMS))
+        base, models = _sources(tmp_path / str(fake), [])
+        models[2].fail_at = ("embed", 32)
+        with pytest.raises(OSError) as info:
+            mergeops.merge("task_arithmetic", models, base=base, device="cpu")
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and "rows 32:48 of 'embed' of 'ft-3'" in messages[0]
 
 
 @pytest.mark.parametrize(
