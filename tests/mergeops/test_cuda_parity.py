@@ -78,9 +78,15 @@ def test_cuda_dare_drops_the_asked_fraction(method: str) -> None:
 
 def test_cuda_pipeline_is_used_and_output_is_checked_on_the_device() -> None:
     import mergeops
+    from mergeops import engine
+    from mergeops.cuda_stream import CudaBackend
     from mergeops.methods.base import MergeError
+    from mergeops.plan import PlanRequest, build_plan
 
     tensors = family()
+    for method, pipelined in (("ties", True), ("linear", True), ("consensus", False)):
+        plan = build_plan(PlanRequest(method, tensors[1:], base=tensors[0], device="cuda"))
+        assert isinstance(engine.pipeline_backend(plan), CudaBackend) == pipelined, method
     with pytest.raises(MergeError, match="merged tensor 'embed'"):
         mergeops.merge("task_arithmetic", tensors[1:], base=tensors[0], device="cuda",
                        weight=[1.0, float("inf"), 1.0])  # fmt: skip
