@@ -84,13 +84,21 @@ def serve(
 def worker(
     limit: Annotated[int | None, typer.Option(help="Most flow runs at once.")] = None,
     recover: Annotated[
-        bool, typer.Option(help="Re-submit merge runs a killed worker left unfinished.")
+        bool,
+        typer.Option(
+            help="Sweep for merge runs whose worker died (lease expired, CKREG_MERGE_LEASE_S) "
+            "and re-submit them; also plans on_register runs whose event was lost."
+        ),
     ] = True,
     schedule_sync: Annotated[
         float, typer.Option(help="Seconds between syncs of cron policy schedules.")
     ] = 30.0,
 ) -> None:
-    """Serve the flows as Prefect deployments (server mode; needs PREFECT_API_URL)."""
+    """Serve the flows as Prefect deployments (server mode; needs PREFECT_API_URL).
+
+    Run as many workers as you like against one Prefect server and database: each merge run
+    is leased to one worker and its output adopted exactly once.
+    """
     from flows.runtime import configure
     from flows.worker import serve_worker
     from registry.db import upgrade_database

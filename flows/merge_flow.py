@@ -161,13 +161,22 @@ def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
                 log.info("merge run %s is held by %s; not run here", run_id, run.lease_owner)
             return run.output_checkpoint_id
     with LeaseKeeper(runtime, lease) as keeper:
-        return _run_claimed(runtime, lease, keeper, tensor_ranges)
+        done = _run_claimed(runtime, lease, keeper, tensor_ranges)
+    if done is None:
+        return None
+    output_id, metrics, prepared = done
+    in_background(_track, lease.run_id, output_id, metrics, prepared)
+    # The staging folders hold only uploaded outputs now; the input cache stays for reuse.
+    for root in attempt_roots(runtime, lease.run_id):
+        shutil.rmtree(root, ignore_errors=True)
+    return output_id
 
 
 def _run_claimed(
     runtime: Runtime, lease: leases.Lease, keeper: LeaseKeeper, tensor_ranges: int
-) -> int | None:
-    """The merge itself, under a held lease; None when the lease was lost midway."""
+) -> tuple[int, dict[str, float], PreparedMerge] | None:
+    """The merge itself, under a held lease, up to the adopted output: its id, metrics and
+    preparation; None when the lease was lost midway."""
     prepared: PreparedMerge | None = None
     try:
         prepared = prepare_inputs(lease.run_id, lease.attempt)
@@ -194,11 +203,7 @@ def _run_claimed(
     except BaseException as exc:
         _record_failure(lease, prepared, exc)
         raise
-    in_background(_track, lease.run_id, output_id, metrics, prepared)
-    # The staging folders hold only uploaded outputs now; the input cache stays for reuse.
-    for root in attempt_roots(runtime, lease.run_id):
-        shutil.rmtree(root, ignore_errors=True)
-    return output_id
+    return output_id, metrics, prepared
 
 
 def _flow_run_id() -> str | None:

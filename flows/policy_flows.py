@@ -10,7 +10,7 @@ was lost with a killed worker.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prefect import flow
 from sqlalchemy.exc import IntegrityError
@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from flows.merge_flow import in_background, merge_checkpoints, track_checkpoint
 from flows.runtime import current_runtime
-from registry.models import MergePolicy, MergeRun, MergeTrigger
+from registry.models import MergePolicy, MergeRun, MergeTrigger, utcnow
 from registry.services import merge_runs as run_service
 from registry.services import policies as policy_service
 from registry.services.common import load_checkpoint
@@ -70,20 +70,22 @@ def sequential_merge(policy_id: int) -> int | None:
     return merge_checkpoints(run_id)
 
 
-def missed_policy_runs(*, session: Session) -> list[int]:
+def missed_policy_runs(*, session: Session, settle_s: float) -> list[int]:
     """Create the run each enabled on_register policy asks for now, where none exists yet.
 
     An on_register policy's run is planned when a checkpoint's ready event is handled; a
     worker killed before it planned loses that event. Planning again from the current
-    selection gives the run the newest event would have made. Runs that exist already (also
-    failed ones: they are not retried here) are left alone. Returns the ids of new runs.
+    selection gives the run the newest event would have made. Only selections whose newest
+    checkpoint became ready more than ``settle_s`` ago count (younger events are still being
+    handled). Runs that exist already (also failed ones: they are not retried here) are left
+    alone. Returns the ids of new runs.
     """
     created: list[int] = []
     policies = policy_service.list_policies(
         session=session, trigger=MergeTrigger.on_register, enabled=True
     )
     for policy in policies:
-        request = _current_request(session, policy)
+        request = _current_request(session, policy, settle_s)
         if request is None:
             continue
         key = run_service.idempotency_key(request=request, policy_id=policy.id)
@@ -100,8 +102,11 @@ def missed_policy_runs(*, session: Session) -> list[int]:
     return created
 
 
-def _current_request(session: Session, policy: MergePolicy) -> run_service.MergeRequest | None:
-    """The request ``plan_policy_run`` would make for the policy now (None: too few inputs)."""
+def _current_request(
+    session: Session, policy: MergePolicy, settle_s: float
+) -> run_service.MergeRequest | None:
+    """The request ``plan_policy_run`` would make for the policy now; None with too few inputs
+    or when its newest input is not older than ``settle_s`` or than the policy."""
     selector = parse_selector(policy.selector)
     folded: list[int] = []
     if selector.window == Window.all_since_last_fold:
@@ -111,7 +116,8 @@ def _current_request(session: Session, policy: MergePolicy) -> run_service.Merge
         return None
     # Only a registration after the policy existed triggers it (as its event would have).
     newest = max((c.ready_at for c in chosen if c.ready_at is not None), default=None)
-    if newest is None or _utc(newest) < _utc(policy.created_at):
+    settled = utcnow() - timedelta(seconds=settle_s)
+    if newest is None or _utc(newest) < _utc(policy.created_at) or _utc(newest) > settled:
         return None
     return run_service.MergeRequest(
         method=policy.method,

@@ -122,7 +122,9 @@ def recover_runs(runtime: Runtime) -> list[int]:
         run_ids = leases.reclaim_stale_runs(
             session=session, claim_grace_s=runtime.settings.merge_claim_grace_s
         )
-        run_ids += missed_policy_runs(session=session)
+        run_ids += missed_policy_runs(
+            session=session, settle_s=runtime.settings.merge_claim_grace_s
+        )
     for run_id in run_ids:
         run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0)
     return run_ids
