@@ -293,8 +293,26 @@ def test_digits_zoo_family_end_to_end(flow_env: FlowEnv, tiny_zoo: Any) -> None:
     for figure in report["members"]:
         assert figure["lam"] in (0.2, 0.3, 0.4, 0.5, 0.6)
         assert figure["reconstructed"] == pytest.approx(figure["retention"] * figure["original"])
-    assert report["outcome"] == ("replaced" if min(m["retention"] for m in report["members"])
-                                 >= 0.5 else "kept")  # fmt: skip
+    # the tiny zoo builds deterministically: rot90 keeps ~58 %, parity ~99 % (both >= 50 %)
+    assert min(m["retention"] for m in report["members"]) >= 0.5
+    assert report["outcome"] == "replaced"
+    # the rebuilt members read through the codecs (base and members arrive zipnn-compressed)
+    from bench.zoo.manifest import load_tensors
+
+    zoo, runtime = ZOO["dir"], flow_runtime.current_runtime()
+    base = load_tensors(zoo, tiny_zoo.base)
+    members = [load_tensors(zoo, e.model) for e in tiny_zoo.tasks.values()]
+    merged = family_service.multitask_vector(base, members)
+    for member, figure in zip(members, report["members"], strict=True):
+        masks = family_service.tall_masks(base, member, merged, figure["lam"])
+        expected = family_service.rebuild_state(
+            base, merged, masks, family_service.state_dtypes(member)
+        )
+        with flow_env.session() as session:
+            served = family_service.load_state(
+                session=session, store=runtime.store, checkpoint_id=figure["checkpoint_id"]
+            )
+        assert all(torch.equal(served[k], expected[k]) for k in expected)
 
 
 def test_cli_reports_and_refuses_bad_input(
