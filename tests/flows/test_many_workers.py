@@ -309,3 +309,84 @@ def test_many_workers_merge_each_run_exactly_once(
     assert counts["metrics_per_output"] == [2]  # each output evaluated once: no duplicate
     assert counts["stopped_run_attempts"] >= 2 and counts["killed_run_attempts"] >= 2
     assert 0 <= counts["max_gpu_slots"] <= 1, counts
+
+
+def test_a_late_attempt_never_publishes_a_second_output(flow_env: Any) -> None:
+    """Two attempts of one run in one process: the one whose lease was taken over stages its
+    output but cannot adopt it (discarded); the holder's output is the run's only one."""
+    from flows import merge_flow, outputs
+    from flows.runtime import current_runtime
+    from registry.services import leases
+    from registry.services import merge_runs as run_service
+
+    base = flow_env.register("base", tiny_state(0), kind="base")
+    inputs = [
+        flow_env.register(f"ft-{i}", tiny_state(i), base_id=base, task=f"t{i}") for i in (1, 2)
+    ]
+    request = run_service.MergeRequest(
+        method="task_arithmetic",
+        base_id=base,
+        inputs=[run_service.MergeInputSpec(checkpoint_id=i) for i in inputs],
+    )
+    with flow_env.session() as session:
+        run, _ = run_service.create_merge_run(session=session, request=request)
+    run_id = run.id or 0
+
+    def claim(owner: str, lease_s: float) -> leases.Lease:
+        with flow_env.session() as session:
+            lease = leases.claim_merge_run(
+                session=session, run_id=run_id, owner=owner, lease_s=lease_s
+            )
+        assert lease is not None
+        return lease
+
+    def staged(lease: leases.Lease) -> Any:
+        prepared = merge_flow.prepare_inputs.fn(run_id, lease.attempt)
+        merge_flow.run_merge.fn(prepared)
+        return prepared
+
+    late = claim("elsewhere:1:late", 0.2)
+    late_prepared = staged(late)
+    runtime = current_runtime()
+    with flow_env.session() as session:  # the late worker stages its output in time...
+        pending = outputs.start_output(
+            session=session,
+            store=runtime.store,
+            run=run_service.get_merge_run(session=session, run_id=run_id),
+            spec=late_prepared.output,
+            lease=late,
+        )
+        late_output = pending.id or 0
+        outputs.upload_output(
+            session=session,
+            store=runtime.store,
+            settings=runtime.settings,
+            run=run_service.get_merge_run(session=session, run_id=run_id),
+            checkpoint=pending,
+            out_dir=late_prepared.out_dir,
+            spec=late_prepared.output,
+        )
+    time.sleep(0.3)  # ...then freezes past its lease, and another worker takes the run over
+    holder = claim("elsewhere:2:holder", 60)
+    assert holder.attempt == 2
+    with flow_env.session() as session, pytest.raises(leases.LeaseLost):
+        outputs.adopt_output(
+            session=session,
+            store=runtime.store,
+            settings=runtime.settings,
+            lease=late,
+            checkpoint_id=late_output,
+        )
+    holder_prepared = staged(holder)
+    assert holder_prepared.work_dir != late_prepared.work_dir
+    output_id = merge_flow.publish_output.fn(holder_prepared, holder, {})
+    with pytest.raises(leases.LeaseLost):  # revived after the holder published: still nothing
+        merge_flow.publish_output.fn(late_prepared, late, {})
+    with Session(runtime.engine) as session:
+        merged = session.exec(select(Checkpoint).where(Checkpoint.kind == "merged")).all()
+        done = session.get(MergeRun, run_id)
+    assert (
+        done is not None and done.status == "succeeded" and done.output_checkpoint_id == output_id
+    )
+    statuses = {c.id: c.status for c in merged}
+    assert statuses == {late_output: "deleted", output_id: "ready"}
