@@ -12,7 +12,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """Answered on the event loop: liveness never waits for a worker thread."""
     return {"status": "ok"}
 
 
