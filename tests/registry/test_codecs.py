@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from registry.storage import ObjectStore, StorageError, open_store
+from registry.storage import ObjectStore, StorageError, open_store, zipnn_codec
 from registry.storage.base import READ_CHUNK
 from registry.storage.chunk_table import ChunkFormatError, Encoding
 from registry.storage.codecs import (
@@ -248,3 +248,15 @@ def test_encode_chunk_picks_the_smallest_exact_encoding() -> None:
     changed[100] ^= 1
     encoding, payload = encode_chunk(bytes(changed), "BF16", weights)
     assert encoding.is_delta and len(payload) < 200
+
+
+def test_chunk_by_chunk_fetches_read_in_order(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request per chunk (on S3 the next one is fetched while one is consumed)."""
+    monkeypatch.setattr(zipnn_codec, "FETCH_BYTES", 1)
+    base = _tensors(4)
+    tuned = save(_finetune(base, 0.3))
+    blob, _ = _compress(store, tuned, save(base))
+    assert len(load_table(store, blob).chunks) > 4
+    _check_ranges(store, blob, tuned)
