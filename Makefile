@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ckreg-installed
 
-.PHONY: install system-deps test lint demo serve ui clean bench
+.PHONY: install system-deps test lint demo demo-lm serve ui clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: install
 ## demo: the main job — embedded registry, model zoo, automatic merges, results table
 demo: install
 	$(PY) -m bench.merge_quality --embedded
+
+## demo-lm: the same job on the language-model zoo (HF Llama dirs + LoRA adapters; ~15+ min)
+demo-lm: install
+	$(PY) -m bench.merge_quality --embedded --zoo lm --seed 0
 
 serve: install
 	$(VENV)/bin/ckreg serve
