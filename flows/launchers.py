@@ -128,6 +128,20 @@ class EmbeddedLauncher:
             pipelines.sequential_merge(object_id)
 
 
+def run_tag(run_id: int) -> str:
+    """The tag of the flow runs submitted for merge run ``run_id``."""
+    return f"ckreg-merge-run-{run_id}"
+
+
+def submit_merge(run_id: int) -> None:
+    """Start the ``ckreg-merge`` deployment for merge run ``run_id`` (any worker picks it up)."""
+    from prefect.deployments import run_deployment
+
+    run_deployment(
+        MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0, tags=[run_tag(run_id)]
+    )
+
+
 class ServerLauncher:
     """Hands work to a Prefect server: events for new checkpoints, deployment runs for merges."""
 
@@ -141,9 +155,7 @@ class ServerLauncher:
         )
 
     def merge_requested(self, run_id: int) -> None:
-        from prefect.deployments import run_deployment
-
-        run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0)
+        submit_merge(run_id)
 
     def policy_due(self, policy_id: int) -> None:
         from prefect.deployments import run_deployment

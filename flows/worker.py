@@ -23,7 +23,13 @@ from collections.abc import Callable
 
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from flows.launchers import MERGE_DEPLOYMENT, POLICY_DEPLOYMENT, READY_EVENT
+from flows.launchers import (
+    MERGE_DEPLOYMENT,
+    POLICY_DEPLOYMENT,
+    READY_EVENT,
+    run_tag,
+    submit_merge,
+)
 from flows.merge_flow import GPU_LIMIT
 from flows.pipelines import evaluate, merge_checkpoints, on_checkpoint_ready, sequential_merge
 from flows.policy_flows import missed_policy_runs
@@ -43,11 +49,18 @@ def gpu_slots() -> int:
 
 
 def ensure_concurrency_limit(slots: int | None = None) -> None:
-    """Create or update the global concurrency limit the merge flow acquires."""
+    """Create or update the global concurrency limit the merge flow acquires.
+
+    Workers starting together race to create it; the loser updates the winner's instead.
+    """
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, limit=slots or gpu_slots())
+        try:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, limit=slots or gpu_slots())
+        except ObjectAlreadyExists:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, limit=slots or gpu_slots())
 
 
 def ready_trigger() -> DeploymentEventTrigger:
@@ -114,10 +127,9 @@ def recover_runs(runtime: Runtime) -> list[int]:
 
     Stale: queued or running, but the lease expired, its owner died, or nobody claimed it
     within ``CKREG_MERGE_CLAIM_GRACE_S``. Of many sweeping workers exactly one re-submits each
-    run. Returns the re-submitted run ids.
+    run; not while an earlier submission still waits for a worker (busy workers would
+    otherwise pile up flow runs). Returns the re-submitted run ids.
     """
-    from prefect.deployments import run_deployment
-
     with runtime.session() as session:
         run_ids = leases.reclaim_stale_runs(
             session=session, claim_grace_s=runtime.settings.merge_claim_grace_s
@@ -125,9 +137,29 @@ def recover_runs(runtime: Runtime) -> list[int]:
         run_ids += missed_policy_runs(
             session=session, settle_s=runtime.settings.merge_claim_grace_s
         )
+    waiting = _waiting_submissions()
+    run_ids = [run_id for run_id in run_ids if run_tag(run_id) not in waiting]
     for run_id in run_ids:
-        run_deployment(MERGE_DEPLOYMENT, parameters={"run_id": run_id}, timeout=0)
+        submit_merge(run_id)
     return run_ids
+
+
+def _waiting_submissions() -> set[str]:
+    """Tags of merge flow runs submitted but not picked up by any worker yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    scheduled = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+    )
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=scheduled, limit=1000)
+    return {tag for run in runs for tag in run.tags if tag.startswith("ckreg-merge-run-")}
 
 
 def sweep_interval_s(lease_s: float) -> float:

@@ -146,6 +146,9 @@ def _mid_merge(
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        for worker in workers:
+            if worker.proc.poll() is not None:
+                raise AssertionError(f"worker exited:\n{worker.output()}")
         with Session(engine) as session:
             running = session.exec(select(MergeRun).where(MergeRun.status == "running")).all()
         for run in running:
