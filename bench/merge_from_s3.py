@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +115,15 @@ def _s3_sources(spec: dict[str, Any]) -> tuple[list[Any], Any, Any]:
 
     store = open_store(spec["store_url"], endpoint_url=spec["endpoint"])
     wire = {"GetObject": 0, "HeadObject": 0, "other": 0, "bytes": 0}
+    lock = threading.Lock()  # the engine's prefetch threads make requests concurrently
 
     def before(model: Any, **_: Any) -> None:
-        name = model.name if model.name in wire else "other"
-        wire[name] += 1
+        with lock:
+            wire[model.name if model.name in wire else "other"] += 1
 
     def after(parsed: dict[str, Any], **_: Any) -> None:
-        wire["bytes"] += int(parsed.get("ContentLength", 0))
+        with lock:
+            wire["bytes"] += int(parsed.get("ContentLength", 0))
 
     store.client.meta.events.register("before-call.s3", before)  # type: ignore[attr-defined]
     store.client.meta.events.register("after-call.s3.GetObject", after)  # type: ignore[attr-defined]
