@@ -166,6 +166,40 @@ def load_table(store: ObjectStore, blob: StoredBlob) -> ChunkTable:
     return table
 
 
+class BaseWindow:
+    """Reads of a base file's original bytes, served from one larger read where they are
+    neighbours (a delta file's chunks usually follow the base's layout): one request per
+    window instead of one per chunk."""
+
+    def __init__(self, store: ObjectStore, base: StoredBlob, window: int) -> None:
+        self.store, self.base, self.window = store, base, window
+        self.start, self.data = 0, b""
+
+    def read(self, start: int, length: int) -> bytes:
+        """Exactly ``length`` original bytes of the base from ``start``."""
+        offset = start - self.start
+        if offset < 0 or offset + length > len(self.data):
+            size = min(max(length, self.window), self.base.size - start)
+            self.start, self.data, offset = (
+                start,
+                read_original(self.store, self.base, start, size),
+                0,
+            )
+        return self.data[offset : offset + length]
+
+
+def _base_span(chunks: list[Chunk]) -> int:
+    """How much base to read at once for ``chunks``: their base bytes' extent when they sit
+    close together (at most twice what they use), else one chunk at a time."""
+    deltas = [c for c in chunks if c.encoding.is_delta and c.base_start is not None]
+    if not deltas:
+        return 0
+    low = min(c.base_start or 0 for c in deltas)
+    high = max((c.base_start or 0) + c.length for c in deltas)
+    used = sum(c.length for c in deltas)
+    return high - low if high - low <= 2 * used else 0
+
+
 class ChunkedCodec:
     """Reader of the chunked container; ``needs_base`` for ``zipnn-delta``."""
 
@@ -239,11 +273,12 @@ class ChunkedCodec:
             return
         first = chunks[0].offset
         span = store.read_range(blob.key, first, chunks[-1].offset + chunks[-1].stored - first)
+        window = BaseWindow(store, base, _base_span(chunks)) if base is not None else None
         for chunk in chunks:
             payload = span[chunk.offset - first : chunk.offset - first + chunk.stored]
             base_bytes = None
-            if chunk.encoding.is_delta and base is not None and chunk.base_start is not None:
-                base_bytes = read_original(store, base, chunk.base_start, chunk.length)
+            if chunk.encoding.is_delta and window is not None and chunk.base_start is not None:
+                base_bytes = window.read(chunk.base_start, chunk.length)
             data = decode_chunk(chunk, payload, base_bytes)
             _DECODED.put((store.url, blob.key, chunk.start), data)
             yield chunk, data

@@ -19,10 +19,11 @@ from registry.storage.chunk_table import (
     encode_footer,
     encode_table,
 )
-from registry.storage.codecs import StoredBlob, iter_original, read_original
-from registry.storage.zipnn_codec import encode_chunk
+from registry.storage.codecs import StoredBlob, iter_original
+from registry.storage.zipnn_codec import BaseWindow, encode_chunk
 
 CHUNK_BYTES = 2 << 20
+BASE_WINDOW = 16 << 20  # base bytes read per request while encoding a delta
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,13 @@ def write_compressed(
 
     def payloads() -> Iterator[bytes]:
         reader = _SequentialReader(iter_original(store, original, chunk_size=READ_CHUNK))
+        window = BaseWindow(store, base, BASE_WINDOW) if base is not None else None
         offset = 0
         for segment in segments:
             data = reader.take(segment.length)
             base_bytes = None
-            if base is not None and segment.base_start is not None:
-                base_bytes = read_original(store, base, segment.base_start, segment.length)
+            if window is not None and segment.base_start is not None:
+                base_bytes = window.read(segment.base_start, segment.length)
             encoding, payload = encode_chunk(data, segment.dtype, base_bytes)
             delta_base = segment.base_start if encoding.is_delta else None
             chunks.append(
