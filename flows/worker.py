@@ -130,6 +130,7 @@ def recover_runs(runtime: Runtime) -> list[int]:
     run; not while an earlier submission still waits for a worker (busy workers would
     otherwise pile up flow runs). Returns the re-submitted run ids.
     """
+    waiting = _waiting_submissions()
     with runtime.session() as session:
         run_ids = leases.reclaim_stale_runs(
             session=session, claim_grace_s=runtime.settings.merge_claim_grace_s
@@ -137,7 +138,6 @@ def recover_runs(runtime: Runtime) -> list[int]:
         run_ids += missed_policy_runs(
             session=session, settle_s=runtime.settings.merge_claim_grace_s
         )
-    waiting = _waiting_submissions()
     run_ids = [run_id for run_id in run_ids if run_tag(run_id) not in waiting]
     for run_id in run_ids:
         submit_merge(run_id)
@@ -153,12 +153,13 @@ def _waiting_submissions() -> set[str]:
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
 
     scheduled = FlowRunFilter(
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
     )
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=scheduled, limit=1000)
+        runs = client.read_flow_runs(flow_run_filter=scheduled, sort=FlowRunSort.ID_DESC, limit=200)
     return {tag for run in runs for tag in run.tags if tag.startswith("ckreg-merge-run-")}
 
 
