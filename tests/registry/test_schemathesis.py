@@ -20,7 +20,7 @@ from tests.registry.live_server import ServerProcess, registry_process
 from tests.registry.registry_fixtures import st_bytes, tiny_state
 
 SEED = 20261203
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 5
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
 
 
@@ -60,7 +60,9 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(tmp_path: Path
             *("--header", f"Authorization: Bearer {server.tokens[0]}"),
             *("--checks", CHECKS),
             *("--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED)),
-            *("--workers", "2", "--no-shrink", "--request-timeout", "30"),
+            # One worker: Hypothesis parsing lambdas in two threads at once trips CPython
+            # 3.11's "AST constructor recursion depth mismatch" (a tester error, not ours).
+            *("--workers", "1", "--no-shrink", "--request-timeout", "30"),
             *("--report", "json", "--report-json-path", str(report)),
             "--exclude-path-regex",
             "^/api/v1/admin/",  # needs an admin token; covered by its own tests
