@@ -86,6 +86,9 @@ def start_embedded(
         "CKREG_PORT": str(port),
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # The in-process Prefect API server gets 20 s to start by default; a loaded machine
+        # needs more, and a flow job that misses it loses its on_register merges.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
         "PYTHONPATH": os.pathsep.join(
             p
             for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH"))
