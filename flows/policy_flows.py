@@ -92,13 +92,14 @@ def missed_policy_runs(*, session: Session, settle_s: float) -> list[int]:
         if session.exec(select(MergeRun.id).where(MergeRun.idempotency_key == key)).first():
             continue
         try:
-            run, _ = run_service.create_merge_run(
+            run, launch = run_service.create_merge_run(
                 session=session, request=request, policy_id=policy.id
             )
         except IntegrityError:  # another worker created it a moment ago
             session.rollback()
             continue
-        created.append(run.id or 0)
+        if launch:  # else another worker created it since the check above
+            created.append(run.id or 0)
     return created
 
 
