@@ -61,6 +61,8 @@ def test_presigned_multipart_happy_path(s3_api: Api) -> None:
         "size": len(big),
         "role": "config",
         "deduplicated": None,
+        "codec": "raw",
+        "stored_size": len(big),
     }
     assert not list(s3_api.env.store.list("tmp/"))
     ready = s3_api.client.post(
@@ -118,10 +120,26 @@ def test_file_store_refuses_presigned(api: Api) -> None:
     assert "presigned uploads need an S3 store" in reply.json()["detail"]["message"]
 
 
+class _ViaTestClient(httpx.BaseTransport):
+    """An httpx transport that hands each request to the app's TestClient (which may be built on
+    another HTTP library), so ``registry.client.Client`` talks to the in-process app."""
+
+    def __init__(self, api: Api) -> None:
+        self.test_client = api.client
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        reply = self.test_client.request(
+            request.method, str(request.url), headers=dict(request.headers), content=request.read()
+        )
+        return httpx.Response(
+            reply.status_code, headers=list(reply.headers.multi_items()), content=reply.content
+        )
+
+
 def _client(api: Api) -> Client:
     client = Client("http://testserver", token=None, presigned_threshold=1)
     client._http = httpx.Client(
-        transport=api.client._transport,
+        transport=_ViaTestClient(api),
         base_url="http://testserver/api/v1",
         headers=api.headers,
     )
