@@ -1,21 +1,22 @@
 """Merge methods: thin adapters over ``mergeops.ops`` in an explicit registry.
 
-Importing this package registers every method; look them up with ``get_method(name)``.
+Methods live one per module in family folders (``averaging/``, ``task_vector/``, ``masks/``,
+``curvature/``, ``activation/``, ``subspace/``, ``data_driven/``, ``alignment/``, ``moe/``,
+``continual/``); importing this package imports every family, which registers every method.
+Look methods up with ``get_method(name)``.
 """
 
 from mergeops.methods import (  # noqa: F401 - imported to register the methods
-    consensus,
-    dare,
-    ffg,
-    fisher,
-    fw,
-    linear,
-    mwa,
-    opcm,
-    ota,
-    tall,
-    task_arithmetic,
-    ties,
+    activation,
+    alignment,
+    averaging,
+    continual,
+    curvature,
+    data_driven,
+    masks,
+    moe,
+    subspace,
+    task_vector,
 )
 from mergeops.methods.base import (
     MergeContext,

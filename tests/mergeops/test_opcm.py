@@ -11,7 +11,7 @@ from safetensors.torch import load, save
 import mergeops
 from mergeops.io import ShardedCheckpoint
 from mergeops.methods.base import MergeError
-from mergeops.methods.opcm import load_opcm_state  # also registers opcm
+from mergeops.methods.continual.opcm import load_opcm_state  # also registers opcm
 from mergeops.ops.opcm import (
     fold,
     merged_model,

@@ -14,7 +14,7 @@ import torch
 import mergeops
 from mergeops import chunking
 from mergeops.io import SafetensorsFile, write_safetensors
-from mergeops.methods.task_arithmetic import TaskArithmetic
+from mergeops.methods.task_vector.task_arithmetic import TaskArithmetic
 from mergeops.prefetch import Prefetcher, Read
 
 SHAPES = {"embed": (96, 128), "mlp": (40, 192), "norm": (128,)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import mergeops
-from mergeops.methods.tall import reconstruct_model  # also registers tall_masks
+from mergeops.methods.masks.tall import reconstruct_model  # also registers tall_masks
 from mergeops.ops.masks import reconstruct_task, tall_mask, unpack_masks
 
 

@@ -18,7 +18,7 @@ from mergeops.methods.base import (
     TensorResult,
     register,
 )
-from mergeops.methods.tall import PAPER, TallModelParams, tall_masks_for
+from mergeops.methods.masks.tall import PAPER, TallModelParams, tall_masks_for
 from mergeops.ops.masks import consensus_mask, consensus_merge
 
 

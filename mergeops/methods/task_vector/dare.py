@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mergeops.methods.base import MergeContext, register
-from mergeops.methods.task_arithmetic import (
+from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
     TaskVectorMerge,

@@ -2,7 +2,7 @@
 
 τ_MTL = Σ τ_t; per model m_t = [|τ_t| > λ_t·|τ_MTL - τ_t|]. Outputs: the main output
 θ0 + τ_MTL (task arithmetic with λ = 1), the stream ``task_vector`` holding τ_MTL in float32,
-and the streams ``mask.<model>`` with bit-packed masks (see ``mergeops.methods.ffg``).
+and the streams ``mask.<model>`` with bit-packed masks (see ``mergeops.methods.curvature.ffg``).
 Task t is recovered as θ0 + m_t ⊙ τ_MTL with :func:`reconstruct_model`.
 """
 
@@ -23,7 +23,7 @@ from mergeops.methods.base import (
     TensorResult,
     register,
 )
-from mergeops.methods.ffg import stream_name
+from mergeops.methods.curvature.ffg import stream_name
 from mergeops.ops.masks import pack_masks_inline, reconstruct_task, tall_mask, unpack_masks
 
 PAPER = "https://arxiv.org/abs/2405.07813"

@@ -4,7 +4,7 @@ ota: ``P_t = v_t^power`` (optionally divided by its mean over ALL of model t's e
 ``normalise: global`` — computed exactly in a first pass), ``W_t = P_t + ε``;
 with a base θ = θ0 + Σ W τ / Σ W (θ0 where Σ W ≤ 1.1·T·ε), without θ = Σ W θ / Σ W.
 ota_ffg: the same with ``W_t = (P_t + ε)·M_t``, ``M_t`` the FFG mask of model t (per-model
-``density`` or ``threshold``, see ``mergeops.methods.ffg``); needs a base.
+``density`` or ``threshold``, see ``mergeops.methods.curvature.ffg``); needs a base.
 ``second_moment: rank1`` replaces each 2-D v by r cᵀ / Σv before anything else.
 """
 
@@ -26,7 +26,7 @@ from mergeops.methods.base import (
     TensorResult,
     register,
 )
-from mergeops.methods.ffg import (
+from mergeops.methods.curvature.ffg import (
     PAPER,
     FfgModelParams,
     FfgThresholds,

@@ -19,7 +19,7 @@ from mergeops.methods.base import (
     TensorInputs,
     register,
 )
-from mergeops.methods.task_arithmetic import (
+from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
     TaskVectorMerge,

@@ -1,0 +1,8 @@
+"""Curvature-aware merges: OTA, FFG and Fisher averaging, weighted by second moments or Fisher.
+
+Importing this package imports every module in it, so each module's ``@register`` runs.
+"""
+
+from mergeops.methods._discover import import_submodules
+
+import_submodules(__name__, __path__)

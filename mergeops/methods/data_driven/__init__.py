@@ -1,0 +1,8 @@
+"""Merges that consult data through an objective: FW-Merging and coefficient learning.
+
+Importing this package imports every module in it, so each module's ``@register`` runs.
+"""
+
+from mergeops.methods._discover import import_submodules
+
+import_submodules(__name__, __path__)
