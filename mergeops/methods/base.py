@@ -101,6 +101,9 @@ class MergeContext:
     model_params: list[ModelParams]
     device: torch.device
     out_dtype: torch.dtype | None = None
+    #: dtype the inputs are handed in: float32 by default; a mergekit config's ``dtype``, or
+    #: None (the inputs' own dtype) when a mergekit config gives none, as mergekit computes.
+    compute_dtype: torch.dtype | None = torch.float32
     has_base: bool = False
     metrics: list[float | None] = field(default_factory=list)
     objective: Objective | None = None
@@ -193,6 +196,9 @@ class MergeMethod(ABC):
     #: Inputs used when given but not required (e.g. ota's base).
     optional: ClassVar[frozenset[Need]] = frozenset()
     streaming: ClassVar[bool] = True
+    #: Values for params a mergekit config omits (mergekit's own defaults, e.g. ties density
+    #: 1.0); ckreg's schema (``conventions: ckreg``) keeps the pydantic defaults instead.
+    mergekit_defaults: ClassVar[dict[str, Any]] = {}
 
     def validate(self, ctx: MergeContext) -> None:  # noqa: B027 - optional hook
         """Check params against the inputs before anything is read; raise ``MergeError``."""
