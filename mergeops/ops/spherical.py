@@ -1,0 +1,161 @@
+"""Spherical interpolation of tensors: slerp, nuslerp and multislerp, as mergekit 0.1.5 computes
+them (same operation order, so the same numbers in float32 and in bfloat16).
+
+slerp works in float32 (float64 for float64 inputs) and returns the input dtype; nuslerp and
+multislerp compute in the dtype they are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_SLERP_CHUNK = 1024 * 1024
+"""Elements per chunk of slerp's float32 scratch; the chunking also fixes its summation order."""
+
+
+def _chunks(flat: torch.Tensor, work: torch.dtype) -> list[torch.Tensor]:
+    return [
+        flat[:, start : start + _SLERP_CHUNK].to(work)
+        for start in range(0, flat.shape[1], _SLERP_CHUNK)
+    ]
+
+
+def _chunked_norm(parts: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """The L2 norm (a [1, 1] tensor) as a norm of per-chunk norms; 1 where it is <= eps."""
+    norms = [torch.linalg.vector_norm(part, dim=1, keepdim=True) for part in parts]
+    norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    return torch.where(norm > eps, norm, 1)
+
+
+def slerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1) of the flattened tensors.
+
+    θ = [sin((1-t)Ω)·v0 + sin(tΩ)·v1] / sin Ω with Ω the angle between them; linear
+    interpolation where |cos Ω| > ``dot_threshold``. Returns a tensor of ``v0``'s shape and dtype.
+    """
+    work = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    if a.shape[1] == 0:
+        return v0.clone()
+    coef_t = torch.tensor([t], dtype=work, device=v0.device).reshape(-1, 1)
+    norm_a = _chunked_norm(_chunks(a, work), eps)
+    norm_b = _chunked_norm(_chunks(b, work), eps)
+    dots = [
+        ((x / norm_a) * (y / norm_b)).sum(dim=1, keepdim=True)
+        for x, y in zip(_chunks(a, work), _chunks(b, work), strict=True)
+    ]
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - coef_t, torch.sin((1 - coef_t) * theta) / sin_theta)
+    coef_b = torch.where(linear, coef_t, torch.sin(coef_t * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for start in range(0, a.shape[1], _SLERP_CHUNK):
+        stop = start + _SLERP_CHUNK
+        result[:, start:stop] = coef_a * a[:, start:stop].to(work) + coef_b * b[:, start:stop].to(
+            work
+        )
+    return result.reshape(v0.shape)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+
+def nuslerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    row_wise: bool = False,
+    flatten: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Slerp from ``v0`` (t = 0) to ``v1`` (t = 1) in ``v0``'s dtype.
+
+    ``flatten``: one angle for the whole tensor; else one per vector along the last dimension,
+    or along the first with ``row_wise``. Collinear vectors (1 - cos² ≤ eps²) interpolate
+    linearly.
+    """
+    shape = v0.shape
+    transposed = row_wise and not flatten
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif transposed:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    cos_theta = torch.sum(_unit_rows(v0) * _unit_rows(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos_theta.square()) <= eps**2
+    theta = torch.acos(torch.where(collinear, 0, cos_theta))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(collinear, (1 - t) * v0 + t * v1, spherical)
+    if transposed:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """nuslerp's interpolation factor: w2 / (w1 + w2), 0.5 when the weights sum to ~0."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+class AntipodalError(ValueError):
+    """multislerp's weighted mean direction is zero (antipodal inputs with balanced weights)."""
+
+
+def multislerp(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor | None = None,
+    *,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere (in the inputs' dtype).
+
+    The inputs (their task vectors when ``base`` is given) are projected to the unit sphere,
+    interpolated in the tangent space at their weighted mean direction, mapped back and scaled
+    by the weighted mean norm; ``base`` is added back. Raises ``AntipodalError`` when the mean
+    direction vanishes for more than two inputs (two fall back to linear interpolation).
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(list(tensors), dim=0)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] != 2:
+            raise AntipodalError("the weighted mean direction of the inputs is zero")
+        result = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+    else:
+        result = _tangent_mean(units, w, mean / mean_norm, eps)
+        result = (result * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return result if base is None else result + base
+
+
+def _tangent_mean(
+    units: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """exp_mean(Σ w_i·log_mean(u_i)) with the tangent space's first-order log map."""
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    norm = torch.norm(tangent) + eps
+    return mean * torch.cos(norm) + tangent * (torch.sin(norm) / norm)
