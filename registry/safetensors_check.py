@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from registry.text import shown, text_problem
+
 ReadRange = Callable[[int, int], bytes]
 """``read_range(offset, length)`` returns exactly ``length`` bytes starting at ``offset``."""
 
@@ -107,6 +109,8 @@ def inspect_safetensors_header(
     raw = _parse_header_json(_read_exact(read_range, 8, header_len, name), name)
     data_offset = 8 + header_len
     metadata = _parse_metadata(raw.pop("__metadata__", None), name)
+    for tensor in raw:
+        _check_text(tensor, name, None, "tensor name")
     tensors = {key: _parse_entry(key, value, data_offset, name) for key, value in raw.items()}
     _check_layout(tensors, data_offset, total_size, name)
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_offset=data_offset)
@@ -148,7 +152,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key '{key}'")
+            raise ValueError(f"duplicate key '{shown(key)}'")
         result[key] = value
     return result
 
@@ -162,6 +166,8 @@ def _parse_header_json(raw: bytes, name: str) -> dict[str, Any]:
         ) from exc
     try:
         parsed = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
+    except RecursionError:  # '[' x 10000: the decoder recursed past Python's limit
+        raise HeaderError(name, None, "header JSON is nested too deeply") from None
     except ValueError as exc:
         raise HeaderError(name, None, f"header is not valid JSON: {exc}") from exc
     if not isinstance(parsed, dict):
@@ -181,6 +187,9 @@ def _parse_metadata(value: Any, name: str) -> dict[str, str]:
             name, "__metadata__", f"must be an object of strings, got {type(value).__name__}"
         )
     for key, item in value.items():
+        _check_text(key, name, "__metadata__", "key")
+        if isinstance(item, str):
+            _check_text(item, name, "__metadata__", f"value of '{shown(key)}'")
         if not isinstance(item, str):
             raise HeaderError(
                 name,
@@ -188,6 +197,13 @@ def _parse_metadata(value: Any, name: str) -> dict[str, str]:
                 f"value of '{key}' must be a string, got {type(item).__name__}",
             )
     return dict(value)
+
+
+def _check_text(text: str, name: str, tensor: str | None, what: str) -> None:
+    """Header text is stored and listed: it must be valid Unicode without NUL."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise HeaderError(name, tensor, f"{what} '{shown(text)}' {problem}")
 
 
 def _parse_entry(tensor: str, value: Any, data_offset: int, name: str) -> TensorEntry:

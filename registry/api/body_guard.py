@@ -1,9 +1,12 @@
 """Refuse malformed request input before any route sees it, in the documented error shape.
 
 JSON bodies larger than the limit get 413; bodies nested too deep, holding a non-finite number
-(``NaN``, ``Infinity``, ``1e309``), an integer the database cannot hold (outside int64) or a NUL
-character get 422 naming the field path. A NUL in the query string gets 422 too (the PostgreSQL
-driver refuses NUL in text). Streamed uploads (file and artifact bodies) pass through.
+(``NaN``, ``Infinity``, ``1e309``), an integer the database cannot hold (outside int64), a NUL
+character or text that is not valid Unicode (a lone surrogate such as ``"\\udfff"``, in a value
+or a key) get 422 naming the field path. The query string and the path must percent-decode to
+valid UTF-8 without NUL (else 422 naming the parameter): the PostgreSQL driver refuses NUL, and
+neither the database nor a JSON answer can hold a lone surrogate. Streamed uploads (file and
+artifact bodies) pass through; their safetensors headers are checked in ``safetensors_check``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.responses import JSONResponse
+
+from registry.text import shown, text_problem
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -58,8 +64,8 @@ def _location(path: tuple[str | int, ...]) -> str:
 
 def _check_value(value: Any, path: tuple[str | int, ...]) -> None:
     if isinstance(value, _Constant) or (isinstance(value, float) and not math.isfinite(value)):
-        shown = value.literal if isinstance(value, _Constant) else repr(value)
-        raise InputRefused(422, "invalid_number", f"{_location(path)}: {shown} is not finite")
+        literal = value.literal if isinstance(value, _Constant) else repr(value)
+        raise InputRefused(422, "invalid_number", f"{_location(path)}: {literal} is not finite")
     out_of_range = isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX
     if out_of_range:
         raise InputRefused(
@@ -68,8 +74,14 @@ def _check_value(value: Any, path: tuple[str | int, ...]) -> None:
             f"{_location(path)}: integer {value} is outside the 64-bit range "
             f"[{INT64_MIN}, {INT64_MAX}] the database holds",
         )
-    if isinstance(value, str) and "\x00" in value:
-        raise InputRefused(422, "invalid_text", f"{_location(path)}: text holds a NUL character")
+    if isinstance(value, str):
+        _check_text(value, _location(path), "text")
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    problem = text_problem(text)
+    if problem is not None:
+        raise InputRefused(422, "invalid_text", f"{where}: {what} {problem}")
 
 
 def check_json_values(document: Any, *, max_depth: int = MAX_DEPTH) -> None:
@@ -83,8 +95,7 @@ def check_json_values(document: Any, *, max_depth: int = MAX_DEPTH) -> None:
             )
         if isinstance(value, dict):
             for key, item in value.items():
-                if "\x00" in key:
-                    raise InputRefused(422, "invalid_text", f"{_location(path)}: key holds a NUL")
+                _check_text(key, _location(path), f"key '{shown(key)}'")
                 stack.append((item, (*path, key)))
         elif isinstance(value, list):
             stack.extend((item, (*path, index)) for index, item in enumerate(value))
@@ -105,10 +116,36 @@ def check_json_body(raw: bytes, *, max_depth: int = MAX_DEPTH) -> None:
 
 
 def check_target(scope: Scope) -> None:
-    """Refuse a NUL character in the query string (path parameters are checked by their routes:
-    ids must be integers, file names plain names)."""
+    """Refuse a query string that does not percent-decode to valid UTF-8 text without NUL, naming
+    the parameter, and a path that is not valid UTF-8 (path parameters are checked by their
+    routes: ids must be integers, file names plain names)."""
     if b"%00" in scope.get("query_string", b""):
         raise InputRefused(422, "invalid_text", "the query string holds a NUL character (%00)")
+    for field in scope.get("query_string", b"").split(b"&"):
+        name, _, value = field.partition(b"=")
+        for part, what in ((name, "parameter name"), (value, "value")):
+            _check_encoded(part.replace(b"+", b" "), f"query.{_shown(name)}", what)
+    raw_path = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogateescape")
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputRefused(
+            422, "invalid_text", f"path: text is not valid UTF-8 ({exc.reason})"
+        ) from None
+
+
+def _shown(encoded: bytes) -> str:
+    return unquote_to_bytes(encoded).decode("utf-8", "backslashreplace")
+
+
+def _check_encoded(encoded: bytes, where: str, what: str) -> None:
+    try:
+        text = unquote_to_bytes(encoded).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputRefused(
+            422, "invalid_text", f"{where}: {what} is not valid UTF-8 ({exc.reason})"
+        ) from None
+    _check_text(text, where, what)
 
 
 class InputGuard:

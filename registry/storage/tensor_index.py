@@ -161,8 +161,8 @@ def entries_from_header(
         )
     try:
         header = json.loads(read_original(store, blob, 8, length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsHeaderError(f"{where}: header is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SafetensorsHeaderError(f"{where}: header is not valid JSON ({exc!r})") from None
     if not isinstance(header, dict):
         raise SafetensorsHeaderError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
