@@ -106,3 +106,68 @@ def wudi_merge(task_vectors: Sequence[torch.Tensor], *, steps: int, lr: float) -
             loss.backward()
         optimiser.step()
     return merged.detach()
+
+
+def shared_subspace(task_vectors: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
+    """An orthonormal basis (rows x rank) of the directions the task vectors share: each
+    τ_i's top-``rank`` left singular vectors, concatenated and re-decomposed."""
+    tops = [_svd(tau)[0][:, :rank] for tau in task_vectors]
+    u, _, _ = _svd(torch.cat(tops, dim=1))
+    return u[:, :rank]
+
+
+def doge_loss(merged: torch.Tensor, task_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DOGE's data-free surrogate Σ_j ‖rowsum(τ_j ⊙ (τ_j - τ_m))‖²."""
+    loss = merged.new_zeros(())
+    for tau in task_vectors:
+        loss = loss + (tau * (tau - merged)).sum(dim=1).pow(2).sum()
+    return loss
+
+
+def doge_merge(
+    task_vectors: Sequence[torch.Tensor],
+    *,
+    scale: float,
+    density: float,
+    subspace_rank: float,
+    steps: int,
+    lr: float,
+) -> torch.Tensor:
+    """DOGE-TA for one 2-D weight; returns τ_m = Σ_i λ_i (m_i ⊙ τ_i + δ).
+
+    λ_i = scale·mean_j‖τ_j‖ / ‖τ_i‖ (every task vector brought to the mean norm); m_i keeps
+    the top ``density`` magnitudes of τ_i; the shared correction δ starts at 0 and takes
+    ``steps`` Adam steps on ``doge_loss`` with its gradient projected off the shared
+    subspace (rank = ``subspace_rank`` x the matrix rank), so shared knowledge is kept."""
+    taus = [t.float().detach() for t in task_vectors]
+    norms = torch.stack([t.norm() for t in taus]).clamp_min(1e-30)
+    lambdas = scale * norms.mean() / norms
+    masked = [_top_magnitudes(t, density) for t in taus]
+    k = max(1, round(subspace_rank * min(taus[0].shape)))
+    basis = shared_subspace(taus, k)
+    delta = torch.zeros_like(taus[0], requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=lr)
+
+    def merged_of(correction: torch.Tensor) -> torch.Tensor:
+        return sum((lam * (m + correction) for lam, m in zip(lambdas, masked, strict=True)),
+                   torch.zeros_like(taus[0]))  # fmt: skip
+
+    for _ in range(steps):
+        optimiser.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            doge_loss(merged_of(delta), taus).backward()
+        assert delta.grad is not None
+        delta.grad -= basis @ (basis.T @ delta.grad)
+        optimiser.step()
+        with torch.no_grad():  # Adam's per-entry scaling leaves the subspace: project back
+            delta -= basis @ (basis.T @ delta)
+    return merged_of(delta.detach())
+
+
+def _top_magnitudes(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """τ with all but its ``density`` share of largest magnitudes zeroed (ties kept)."""
+    if density >= 1:
+        return tau
+    keep = max(1, int(density * tau.numel()))
+    threshold = tau.abs().reshape(-1).kthvalue(tau.numel() - keep + 1).values
+    return tau * (tau.abs() >= threshold)

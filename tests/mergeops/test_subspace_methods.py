@@ -174,3 +174,27 @@ def test_bfloat16_inputs_give_base_dtype_output(method):
     )
     assert out["w"].dtype == torch.bfloat16
     assert torch.isfinite(out["w"].float()).all()
+
+
+def test_doge_ta_without_steps_is_norm_equalised_masked_task_arithmetic():
+    base, fts, taus = _random_family(count=2)
+    norms = [np.linalg.norm(t) for t in taus]
+    lams = [0.3 * np.mean(norms) / n for n in norms]
+    expected = base["w"].double().numpy() + sum(lam * t for lam, t in zip(lams, taus, strict=True))
+    out = mergeops.merge("doge_ta", fts, base=base, device="cpu", steps=0, density=1.0)
+    assert np.allclose(out["w"].double().numpy(), expected, atol=1e-5)
+
+
+def test_doge_ta_correction_lowers_its_loss_and_stays_off_the_shared_subspace():
+    from mergeops.ops.subspace import doge_loss, doge_merge, shared_subspace
+
+    _, fts, _ = _random_family(rows=8, cols=6, count=3)
+    base_w = _random_family(rows=8, cols=6, count=3)[0]["w"]
+    taus = [ft["w"] - base_w for ft in fts]
+    kwargs = {"scale": 0.3, "density": 0.5, "subspace_rank": 0.34}
+    start = doge_merge(taus, steps=0, lr=1e-2, **kwargs)
+    tuned = doge_merge(taus, steps=100, lr=1e-2, **kwargs)
+    assert doge_loss(tuned, taus) < doge_loss(start, taus)
+    basis = shared_subspace(taus, 2)
+    change = tuned - start
+    assert torch.allclose(basis.T @ change, torch.zeros(2, 6), atol=1e-4)
