@@ -1,10 +1,16 @@
 """dare_linear / dare_ties — random drop-and-rescale of task vectors, then task arithmetic or
-TIES sign consensus (Yu et al. 2024). Drops are seeded per (seed, tensor, model)."""
+TIES sign consensus (Yu et al. 2024). Drops are seeded per (seed, tensor, model).
+
+Survivors are rescaled by 1/density (``rescale_by: keep_probability``, the paper's and ckreg's
+default) or so that each τ_t keeps its L1 norm (``rescale_by: l1``, what mergekit's
+``rescale: true`` does); ``rescale: false`` keeps them as they are. Under a mergekit config
+the defaults are mergekit's: density 1, rescale_by l1.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -14,18 +20,55 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskArithmeticParams,
     TaskVectorMerge,
 )
-from mergeops.ops.sparsify import dare_drop, dare_keep
+from mergeops.ops.prune import RescaleBy, l1_scale
+from mergeops.ops.sparsify import dare_keep
+
+
+class DareParams(TaskArithmeticParams):
+    """``rescale`` survivors (default true) by ``rescale_by``: keep_probability (1/density)
+    or l1 (keep ‖τ_t‖₁, mergekit's)."""
+
+    rescale: bool = True
+    rescale_by: RescaleBy = "keep_probability"
+
+
+def dare_rows(
+    tau: torch.Tensor, keep: torch.Tensor, density: float, scale: torch.Tensor | None, by: str
+) -> torch.Tensor:
+    """τ ⊙ keep rescaled: by 1/density, or by the precomputed L1 factor ``scale``."""
+    if by == "keep_probability":
+        return tau * keep / density
+    masked = tau * keep
+    return masked if scale is None else masked * scale
 
 
 class _Dare(TaskVectorMerge):
     paper = "https://arxiv.org/abs/2311.03099"
-    params_model = TaskArithmeticParams
+    params_model = DareParams
     model_params_model = SparseModelParams
     sparsification = "random"
+    mergekit_defaults: ClassVar[dict[str, Any]] = {"density": 1.0, "rescale_by": "l1"}
+
+    def _draw(
+        self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Model ``index``'s keep mask for tensor ``key`` and its L1 factor (None: keep all)."""
+        params = ctx.params
+        assert isinstance(params, DareParams)
+        density = ctx.model_params[index].density  # type: ignore[attr-defined]
+        keep = dare_keep(tau.shape, density, ctx.generator(key, index), ctx.device)
+        if keep is None:
+            return None
+        by = self._rescale_by(params)
+        scale = l1_scale(tau, tau * keep) if by == "l1" else None
+        return keep, scale
+
+    @staticmethod
+    def _rescale_by(params: DareParams) -> str:
+        return params.rescale_by if params.rescale else "none"
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
-        density = ctx.model_params[index].density  # type: ignore[attr-defined]
-        return dare_drop(tau, density, ctx.generator(key, index))
+        return self.sparsify_rows(tau, self._draw(key, tau, index, ctx), 0, index, ctx)
 
     def tensor_stats(
         self,
@@ -34,11 +77,17 @@ class _Dare(TaskVectorMerge):
         task_vector: Callable[[int], torch.Tensor],
         ctx: MergeContext,
     ) -> list[Any]:
-        """Each model's whole-tensor keep mask, drawn exactly as ``dare_drop`` draws it."""
-        return [
-            dare_keep(shape, p.density, ctx.generator(key, i), ctx.device)  # type: ignore[attr-defined]
-            for i, p in enumerate(ctx.model_params)
-        ]
+        """Each model's whole-tensor keep mask (drawn exactly as unchunked) and L1 factor."""
+        params = ctx.params
+        assert isinstance(params, DareParams)
+        stats: list[Any] = []
+        for i, p in enumerate(ctx.model_params):
+            if self._rescale_by(params) == "l1" and p.density < 1:  # type: ignore[attr-defined]
+                stats.append(self._draw(key, task_vector(i), i, ctx))
+            else:
+                keep = dare_keep(shape, p.density, ctx.generator(key, i), ctx.device)  # type: ignore[attr-defined]
+                stats.append(None if keep is None else (keep, None))
+        return stats
 
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
@@ -46,9 +95,12 @@ class _Dare(TaskVectorMerge):
         """Apply a row slice of this tensor's keep mask (same random numbers as unchunked)."""
         if stat is None:
             return tau
+        params = ctx.params
+        assert isinstance(params, DareParams)
+        keep, scale = stat
         density = ctx.model_params[index].density  # type: ignore[attr-defined]
-        keep = stat.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
-        return tau * keep / density
+        keep = keep.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
+        return dare_rows(tau, keep, density, scale, self._rescale_by(params))
 
 
 @register

@@ -1,7 +1,9 @@
 """task_arithmetic — θ0 + λ·Σ w_t τ_t — and the task-vector family built on it.
 
 ``TaskVectorMerge`` is one algorithm with switches (sparsification, sign consensus), so ties,
-dare_linear and dare_ties are subclasses that only set them (as in mergekit).
+dare_*, breadcrumbs* and della* are subclasses that only set them (as in mergekit). The
+combination follows mergekit 0.1.5's operation order in the dtype of the inputs
+(``ops.sign_consensus``), so results match mergekit bit for bit in float32.
 """
 
 from __future__ import annotations
@@ -22,14 +24,21 @@ from mergeops.methods.base import (
     TensorResult,
     register,
 )
-from mergeops.ops.basic import disjoint_merge, task_arithmetic
+from mergeops.ops.sign_consensus import combine_task_vectors
 
 
 class TaskArithmeticParams(MethodParams):
-    """``lambda`` scales the merged task vector; ``normalize`` divides by Σ w_t."""
+    """``lambda`` scales the merged task vector; ``normalize`` divides by Σ w_t.
+
+    ``rescale`` (mergekit's name) rescales sparsified task vectors, so it has no effect
+    without sparsification; ``int8_mask`` is accepted for mergekit configs and changes
+    nothing here (mergekit uses it to store the sign mask in int8; ckreg's masks are bool).
+    """
 
     lambda_: float = Field(1.0, alias="lambda")
     normalize: bool = False
+    rescale: bool = False
+    int8_mask: bool = False
 
 
 class TaskWeightParams(ModelParams):
@@ -54,7 +63,10 @@ class TaskVectorMerge(StreamingMethod):
     """
 
     needs = frozenset({Need.BASE})
-    sparsification: ClassVar[Literal["none", "magnitude", "random"]] = "none"
+    #: Param values a mergekit config implies when it leaves them out, where ckreg's own
+    #: defaults differ (applied when a YAML is read as a mergekit config).
+    mergekit_defaults: ClassVar[dict[str, Any]] = {}
+    sparsification: ClassVar[Literal["none", "magnitude", "random", "outliers", "ranked"]] = "none"
     consensus: ClassVar[bool] = False
     chunkable: ClassVar[bool] = True
 
@@ -107,13 +119,14 @@ class TaskVectorMerge(StreamingMethod):
         params = ctx.params
         assert isinstance(params, TaskArithmeticParams)
         weights = [p.weight for p in ctx.model_params]  # type: ignore[attr-defined]
-        if not self.consensus:
-            return task_arithmetic(
-                base, taus, weights, scale=params.lambda_, normalize=params.normalize
-            )
-        deltas = torch.stack([w * tau for w, tau in zip(weights, taus, strict=True)])
-        delta = disjoint_merge(deltas, weights, normalize=params.normalize)
-        return base + params.lambda_ * delta
+        return combine_task_vectors(
+            base,
+            taus,
+            weights,
+            consensus=self.consensus,
+            normalize=params.normalize,
+            scale=params.lambda_,
+        )
 
 
 @register

@@ -2,14 +2,19 @@
 
 ``trim_scope: tensor`` (default) keeps the top-k magnitudes of each tensor's τ_t, as mergekit
 does; ``trim_scope: model`` uses one exact top-k threshold over the model's whole flattened
-task vector, found by a two-pass radix select (``ops.sparsify.RadixTopK``). Ties at the
-threshold are broken by position so exactly k = max(1, ⌊density·n⌋) entries survive.
+task vector, found by a two-pass radix select (``ops.sparsify.RadixTopK``). Exactly
+k = max(1, ⌊density·n⌋) entries survive: ties at the threshold go to lower flat indices
+(``tie_break: position``) or, in tensor scope, to the entries mergekit's sort keeps
+(``tie_break: mergekit``, see ``ops.selection``). ``rescale`` scales each trimmed τ_t back to
+its L1 norm (mergekit's). Under a mergekit config the defaults are mergekit's: density 1,
+tie_break mergekit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -24,14 +29,9 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskArithmeticParams,
     TaskVectorMerge,
 )
-from mergeops.ops.sparsify import (
-    GlobalThreshold,
-    RadixTopK,
-    TrimCut,
-    magnitude_trim,
-    tie_cut,
-    topk_cut,
-)
+from mergeops.ops.prune import l1_scale
+from mergeops.ops.selection import TieBreak, topk_cut_by
+from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, TrimCut, tie_cut
 
 
 class TiesParams(TaskArithmeticParams):
@@ -39,6 +39,20 @@ class TiesParams(TaskArithmeticParams):
 
     normalize: bool = True
     trim_scope: Literal["tensor", "model"] = "tensor"
+    tie_break: TieBreak = "position"
+
+
+@dataclass(frozen=True)
+class TrimStat:
+    """One model's trim of one whole tensor: its cut (None: all kept) and L1 rescale factor."""
+
+    cut: TrimCut | None
+    scale: torch.Tensor | None
+
+    def apply(self, tau: torch.Tensor, offset: int) -> torch.Tensor:
+        """The trimmed (and rescaled) slice of τ starting at flat index ``offset``."""
+        masked = tau if self.cut is None else tau * self.cut.mask_rows(tau.abs(), offset)
+        return masked if self.scale is None else masked * self.scale
 
 
 class ModelTopK(StatsCollector):
@@ -69,6 +83,7 @@ class Ties(TaskVectorMerge):
     model_params_model = SparseModelParams
     sparsification = "magnitude"
     consensus = True
+    mergekit_defaults: ClassVar[dict[str, Any]] = {"density": 1.0, "tie_break": "mergekit"}
 
     def stats_collector(self, ctx: MergeContext) -> StatsCollector | None:
         params = ctx.params
@@ -78,13 +93,27 @@ class Ties(TaskVectorMerge):
         return ModelTopK([p.density for p in ctx.model_params])  # type: ignore[attr-defined]
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
+        return self._trim(key, tau, index, ctx).apply(tau, 0)
+
+    def _trim(self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext) -> TrimStat:
+        """The cut and rescale factor of model ``index``'s whole τ for tensor ``key``."""
         params = ctx.params
         assert isinstance(params, TiesParams)
         density = ctx.model_params[index].density  # type: ignore[attr-defined]
         if params.trim_scope == "tensor":
-            return magnitude_trim(tau, density)
-        cut = ctx.stats[index]
-        return tau if cut is None else tau * cut.mask(key, tau.abs())
+            if density >= 1:
+                return TrimStat(None, None)
+            cut = topk_cut_by(tau.abs(), density, params.tie_break)
+        else:
+            model_cut = ctx.stats[index]
+            if model_cut is None:
+                return TrimStat(None, None)
+            magnitude = tau.abs()
+            cut = tie_cut(magnitude, model_cut.threshold, model_cut.tie_quota.get(key, 0))
+        if not params.rescale or cut is None:
+            return TrimStat(cut, None)
+        masked = tau * cut.mask_rows(tau.abs(), 0)
+        return TrimStat(cut, l1_scale(tau, masked))
 
     def tensor_stats(
         self,
@@ -93,28 +122,22 @@ class Ties(TaskVectorMerge):
         task_vector: Callable[[int], torch.Tensor],
         ctx: MergeContext,
     ) -> list[Any]:
-        """Each model's trim cut of this tensor, from its whole |τ_t| (one model at a time)."""
+        """Each model's trim of this tensor, from its whole τ_t (one model at a time)."""
         params = ctx.params
         assert isinstance(params, TiesParams)
-        cuts: list[TrimCut | None] = []
+        stats: list[TrimStat] = []
         for index, model_params in enumerate(ctx.model_params):
             density = model_params.density  # type: ignore[attr-defined]
-            cut = ctx.stats[index] if params.trim_scope == "model" else None
             if (params.trim_scope == "tensor" and density >= 1) or (
-                params.trim_scope == "model" and cut is None
+                params.trim_scope == "model" and ctx.stats[index] is None
             ):
-                cuts.append(None)
+                stats.append(TrimStat(None, None))
                 continue
-            magnitude = task_vector(index).abs_()
-            if cut is None:
-                cuts.append(topk_cut(magnitude, density))
-            else:
-                cuts.append(tie_cut(magnitude, cut.threshold, cut.tie_quota.get(key, 0)))
-            del magnitude
-        return cuts
+            stats.append(self._trim(key, task_vector(index), index, ctx))
+        return stats
 
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
     ) -> torch.Tensor:
-        """Apply this tensor's precomputed cut to a row slice of τ_t."""
-        return tau if stat is None else tau * stat.mask_rows(tau.abs(), offset)
+        """Apply this tensor's precomputed trim to a row slice of τ_t."""
+        return stat.apply(tau, offset)

@@ -1,0 +1,92 @@
+"""Pruning helpers of mergekit's task-vector methods: the L1-preserving rescale of a masked
+task vector, and DELLA's magnitude-ranked keep probabilities (MAGPRUNE).
+
+Each function follows mergekit 0.1.5's operation order, so results computed in bfloat16 round
+the same way; they work in the dtype they are given.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RescaleBy = Literal["keep_probability", "l1"]
+
+L1_EPS = 1e-7
+"""Below this L1 norm (before or after masking) the masked tensor is not rescaled."""
+
+
+def l1_scale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
+    """‖tensor‖₁ / ‖masked‖₁ as a 0-dim tensor, or None when either norm is below ``L1_EPS``."""
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return None
+    return before / after
+
+
+def l1_rescale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``masked`` scaled so its L1 norm equals that of ``tensor`` (mergekit's ``rescale``)."""
+    scale = l1_scale(tensor, masked)
+    return masked if scale is None else masked * scale
+
+
+def work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype mergekit draws masks in: the tensor's own, but float32 for CPU float16/32."""
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def check_della(density: float, epsilon: float) -> str | None:
+    """Why (density, epsilon) is invalid for DELLA, or None (density >= 1 is always valid)."""
+    if density >= 1:
+        return None
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        return f"density ± epsilon must lie in (0, 1); got density {density}, epsilon {epsilon}"
+    return None
+
+
+def della_keep_probability(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """p = (density - ε) + 2ε·rank_norm per entry, ranks of |τ| along dim 1 (1-D: one row).
+
+    Returns the probabilities in ``work_dtype`` shaped like the tensor viewed with at least
+    two dimensions. Equal magnitudes are ranked as ``torch.argsort`` orders them; a single
+    column (rank range 0) gets rank_norm 0.5 (mergekit divides 0 by 0 there).
+    """
+    rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    dtype = work_dtype(tensor)
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    positions = torch.arange(rows.shape[1], device=rows.device)
+    positions = positions.reshape((1, -1) + (1,) * (rows.dim() - 2)).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(dtype) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    if rows.shape[1] > 1:
+        rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    else:
+        rank_norm = torch.full_like(ranks, 0.5)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della_prune(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale_by: RescaleBy | None,
+) -> torch.Tensor:
+    """DELLA's MAGPRUNE: keep each entry with its probability p, then rescale survivors by
+    1/p (``keep_probability``, the paper's), to the L1 norm of τ (``l1``, mergekit's) or not."""
+    if density >= 1:
+        return tensor
+    probs = della_keep_probability(tensor, density, epsilon)
+    keep = torch.bernoulli(probs, generator=generator)
+    rows = tensor.reshape(probs.shape).to(probs.dtype)
+    masked = rows * keep
+    if rescale_by == "l1":
+        masked = l1_rescale(rows, masked)
+    elif rescale_by == "keep_probability":
+        masked = masked / probs
+    return masked.to(tensor.dtype).reshape(tensor.shape)

@@ -1,0 +1,71 @@
+"""RAM and RAM+ (Reinforced Agent Merging, https://arxiv.org/abs/2601.13572) as mergekit 0.1.5
+computes them, per tensor.
+
+An entry of τ_t counts as moved when |τ_t| > ε. Entries only one model moved are kept as they
+are; entries several moved are averaged over the movers. RAM+ (tensor-local) scales each
+model's unique entries by λ_t = 1 + r·clip(shared_t / unique_t, 0, alpha).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Flattened task vectors (T, n) and who moved each entry."""
+
+    task_vectors: torch.Tensor
+    moved: torch.Tensor
+    movers: torch.Tensor
+
+    @property
+    def shared(self) -> torch.Tensor:
+        return self.movers > 1
+
+    @property
+    def unique(self) -> torch.Tensor:
+        return self.movers == 1
+
+
+def overlap(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float) -> Overlap:
+    """Task vectors θ_t - θ0 flattened, |τ| > ε per entry, and the mover count per entry."""
+    stacked = torch.stack([model - base for model in models], dim=0)
+    flat = stacked.view(len(models), -1)
+    moved = flat.abs() > epsilon
+    return Overlap(flat, moved, moved.sum(dim=0, keepdim=True))
+
+
+def ram_merge(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float) -> torch.Tensor:
+    """θ0 + Σ_t [unique τ_t + shared τ_t / movers]."""
+    o = overlap(base, models, epsilon)
+    kept = o.task_vectors * o.moved
+    merged = ((kept * o.unique) + (kept * o.shared / o.movers.clamp(min=1))).sum(
+        dim=0, keepdim=True
+    )
+    return base + merged.reshape_as(base)
+
+
+def ramplus_scale(o: Overlap, r: float, alpha: float, epsilon: float) -> torch.Tensor:
+    """λ_t = 1 + r·clip(shared_t / max(unique_t, ε), 0, alpha) per model (float32), shape (T,)."""
+    shared = (o.moved & o.shared).sum(dim=1)
+    unique = (o.moved & o.unique).sum(dim=1)
+    ratio = shared / unique.clamp(min=epsilon)
+    return 1 + r * ratio.clamp(min=0, max=alpha)
+
+
+def ramplus_merge(
+    base: torch.Tensor, models: Sequence[torch.Tensor], r: float, alpha: float, epsilon: float
+) -> torch.Tensor:
+    """θ0 + Σ_t [λ_t·unique τ_t + shared τ_t / movers] (float32 when inputs are 16-bit, as in
+    mergekit, where λ_t's float32 promotes the sum)."""
+    o = overlap(base, models, epsilon)
+    scale = ramplus_scale(o, r, alpha, epsilon)
+    kept = o.task_vectors * o.moved
+    merged = (
+        (kept * o.unique * scale.unsqueeze(-1)) + (kept * o.shared / o.movers.clamp(min=1))
+    ).sum(dim=0, keepdim=True)
+    return base + merged.reshape(base.shape)

@@ -1,0 +1,107 @@
+"""Rank selections of magnitudes with a choice of who wins ties: top-k (TIES) and a rank
+window (Model Breadcrumbs: drop the largest and the smallest).
+
+Two tie rules:
+
+- ``position``: the entries a *stable* sort in the selection's direction keeps (top-k: lower
+  flat index first; window: by ascending (magnitude, index)). Found with ``kthvalue``, no sort.
+- ``mergekit``: the entries mergekit 0.1.5 keeps — it runs an unstable ``torch.argsort`` /
+  ``torch.sort`` (on float32 magnitudes on CPU) and slices it. That choice is defined only by
+  the sort itself, so when a group of equal magnitudes straddles a cut we run the same sort
+  call; when no group straddles, both rules agree and the fast path is used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from mergeops.ops.sparsify import TrimCut, keep_count, kth_smallest, tie_cut
+
+TieBreak = Literal["position", "mergekit"]
+
+
+def sort_keys(magnitude: torch.Tensor) -> torch.Tensor:
+    """Flat magnitudes as mergekit sorts them (float32 on CPU, own dtype elsewhere)."""
+    flat = magnitude.reshape(-1)
+    return flat.float() if flat.device.type == "cpu" else flat
+
+
+def _indices(flat: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+    return (flat == value).nonzero().reshape(-1)
+
+
+def topk_cut_by(magnitude: torch.Tensor, density: float, tie_break: TieBreak) -> TrimCut | None:
+    """The cut keeping the k = max(1, ⌊density·n⌋) largest magnitudes (None: keep all).
+
+    Ties at the threshold go to lower flat indices (``position``) or to the entries
+    mergekit's ``argsort(descending=True)[:k]`` keeps (``mergekit``).
+    """
+    n = magnitude.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return None
+    flat = magnitude.reshape(-1)
+    threshold = kth_smallest(flat, n - k + 1)
+    above = int(torch.count_nonzero(flat > threshold))
+    if tie_break == "position":
+        return tie_cut(magnitude, float(threshold), k - above)
+    equal = _indices(flat, threshold)
+    if above + equal.numel() == k:  # the whole tie group survives: no choice to make
+        return TrimCut(threshold=float(threshold), ties=equal)
+    order = torch.argsort(sort_keys(flat), descending=True)[:k]
+    kept = order[flat[order] == threshold]
+    return TrimCut(threshold=float(threshold), ties=kept.sort().values)
+
+
+def topk_mask_by(values: torch.Tensor, density: float, tie_break: TieBreak) -> torch.Tensor:
+    """Bool mask of the top-k magnitudes of ``values`` (see ``topk_cut_by``)."""
+    magnitude = values.abs()
+    cut = topk_cut_by(magnitude, density, tie_break)
+    if cut is None:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    return cut.mask_rows(magnitude, 0)
+
+
+def window_bounds(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """mergekit's breadcrumbs window of ascending ranks [lo, hi): target ⌊density·n⌋ kept,
+    ⌊gamma·n⌋ largest dropped first (fewer when the target needs them)."""
+    target = int(density * numel)
+    top = int(gamma * numel)
+    lo = max(0, numel - target - top)
+    return lo, lo + target
+
+
+def _tie_span(flat: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
+    """(first ascending rank, count) of the entries equal to ``value``."""
+    below = int(torch.count_nonzero(flat < value))
+    return below, int(torch.count_nonzero(flat == value))
+
+
+def rank_window_mask(
+    magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak
+) -> torch.Tensor:
+    """Bool mask of the entries whose ascending magnitude rank is in [lo, hi).
+
+    ``position`` ranks equal magnitudes by flat index; ``mergekit`` as
+    ``torch.sort(magnitude).indices[lo:hi]`` does (run only when a tie group straddles a cut).
+    """
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if hi <= lo:
+        return mask.reshape(magnitude.shape)
+    if lo == 0 and hi >= n:
+        return mask.fill_(True).reshape(magnitude.shape)
+    low, high = kth_smallest(flat, lo + 1), kth_smallest(flat, hi)
+    spans = {float(v): (v, *_tie_span(flat, v)) for v in (low, high)}
+    straddles = any(r < cut < r + e for _, r, e in spans.values() for cut in (lo, hi))
+    if tie_break == "mergekit" and straddles:
+        mask[torch.sort(sort_keys(flat)).indices[lo:hi]] = True
+        return mask.reshape(magnitude.shape)
+    mask |= (flat > low) & (flat < high)
+    for value, first_rank, _ in spans.values():
+        equal = _indices(flat, value)
+        mask[equal[max(0, lo - first_rank) : max(0, hi - first_rank)]] = True
+    return mask.reshape(magnitude.shape)

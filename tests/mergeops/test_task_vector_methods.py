@@ -1,0 +1,219 @@
+"""mergekit's task-vector methods in ckreg (breadcrumbs, della, sce, ram) and the mergekit
+options of ties/dare: hand-computed results on tiny tensors, reductions, seeded statistics,
+chunked == whole, and bad input naming the model, tensor or parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import mergeops
+from mergeops import chunking
+from mergeops.methods.base import MergeError, get_method
+from mergeops.ops.prune import della_keep_probability
+from mergeops.ops.sce import select_mask
+from mergeops.ops.selection import rank_window_mask, topk_mask_by, window_bounds
+
+
+def _merge(method: str, taus: list[list[float]], **params: Any) -> torch.Tensor:
+    """Merge models θ_t = τ_t over a zero base; the merged tensor."""
+    base = {"w": torch.zeros(len(taus[0]))}
+    models = [{"w": torch.tensor(tau)} for tau in taus]
+    return mergeops.merge(method, models, base=base, device="cpu", **params)["w"]
+
+
+def _close(got: torch.Tensor, expected: list[float]) -> None:
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6), got.tolist()
+
+
+# ---- breadcrumbs ---------------------------------------------------------------------------
+TAU = [5.0, -1.0, 3.0, 0.5, -4.0, 2.0, 0.1, 6.0, -2.5, 1.5]
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    # n 10, density 0.5 -> 5 kept, gamma 0.1 -> the largest (6) dropped: ascending ranks [4, 9)
+    assert window_bounds(10, 0.5, 0.1) == (4, 9)
+    out = _merge("breadcrumbs", [TAU], density=0.5, gamma=0.1)
+    _close(out, [5.0, 0, 3.0, 0, -4.0, 2.0, 0, 0, -2.5, 0])
+
+
+def test_breadcrumbs_ties_elects_signs_and_rescale_keeps_l1():
+    # model 2 only disagrees at [0]; with density 1 nothing is pruned
+    out = _merge("breadcrumbs_ties", [[2.0, 1.0], [-1.0, 1.0]], normalize=False)
+    _close(out, [2.0, 2.0])
+    rescaled = _merge("breadcrumbs", [TAU], density=0.5, gamma=0.1, rescale=True)
+    kept = [5.0, 0, 3.0, 0, -4.0, 2.0, 0, 0, -2.5, 0]
+    factor = sum(abs(x) for x in TAU) / sum(abs(x) for x in kept)
+    _close(rescaled, [x * factor for x in kept])
+
+
+def test_breadcrumbs_position_ties_follow_ascending_index_order():
+    ones = torch.ones(4)
+    assert rank_window_mask(ones, 2, 4, "position").tolist() == [False, False, True, True]
+    assert rank_window_mask(ones, 1, 3, "position").tolist() == [False, True, True, False]
+    assert not rank_window_mask(ones, 2, 2, "position").any()
+
+
+def test_breadcrumbs_density_one_is_task_arithmetic():
+    taus = [TAU, [x * -0.5 for x in TAU]]
+    ta = _merge("task_arithmetic", taus, weight=[0.7, 1.2], **{"lambda": 0.8})
+    bc = _merge("breadcrumbs", taus, weight=[0.7, 1.2], **{"lambda": 0.8})
+    assert torch.equal(ta, bc)
+
+
+# ---- ties / dare under mergekit options ----------------------------------------------------
+def test_ties_rescale_restores_the_l1_norm():
+    # top-2 of |[3, -1, 2, 0.5]| kept; L1 6.5 / 5 = 1.3
+    out = _merge("ties", [[3.0, -1.0, 2.0, 0.5]], density=0.5, rescale=True)
+    _close(out, [3.9, 0.0, 2.6, 0.0])
+
+
+def test_topk_tie_break_modes_both_keep_exactly_k():
+    values = torch.tensor([1.0, -1.0, 1.0, 0.5, 1.0])
+    assert topk_mask_by(values, 0.4, "position").tolist() == [True, True, False, False, False]
+    mergekit_like = topk_mask_by(values, 0.4, "mergekit")
+    assert int(mergekit_like.sum()) == 2 and not bool(mergekit_like[3])
+    expected = torch.zeros(5, dtype=torch.bool)
+    expected[torch.argsort(values.abs(), descending=True)[:2]] = True
+    assert torch.equal(mergekit_like, expected)
+
+
+def test_dare_l1_rescale_keeps_the_l1_norm_exactly_and_the_mean_statistically():
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.randn(20000, generator=gen)
+    base = {"w": torch.zeros(20000)}
+    out = mergeops.merge(
+        "dare_linear", [{"w": tau}], base=base, density=0.3, rescale_by="l1", device="cpu"
+    )["w"]
+    assert abs(float(out.abs().sum()) / float(tau.abs().sum()) - 1) < 1e-5
+    assert abs(float((out != 0).float().mean()) - 0.3) < 0.02
+    plain = mergeops.merge("dare_linear", [{"w": tau}], base=base, density=0.3, rescale=False)
+    assert torch.equal(plain["w"], torch.where(out != 0, tau, torch.zeros_like(tau)))
+
+
+def test_mergekit_defaults_name_what_a_mergekit_config_implies():
+    assert get_method("ties").mergekit_defaults == {"density": 1.0, "tie_break": "mergekit"}  # type: ignore[attr-defined]
+    assert get_method("dare_ties").mergekit_defaults["rescale_by"] == "l1"  # type: ignore[attr-defined]
+    assert get_method("della").mergekit_defaults == {"rescale_by": "l1"}  # type: ignore[attr-defined]
+    assert get_method("breadcrumbs").mergekit_defaults == {"tie_break": "mergekit"}  # type: ignore[attr-defined]
+    assert get_method("sce").mergekit_defaults == {}  # type: ignore[attr-defined]
+
+
+# ---- della ---------------------------------------------------------------------------------
+def test_della_keep_probability_by_magnitude_rank():
+    probs = della_keep_probability(torch.tensor([3.0, -1.0, 2.0]), 0.5, 0.1)
+    assert torch.allclose(probs, torch.tensor([[0.6, 0.4, 0.5]]))
+    single = della_keep_probability(torch.tensor([[3.0], [1.0]]), 0.5, 0.1)
+    assert torch.allclose(single, torch.full((2, 1), 0.5))
+
+
+@pytest.mark.parametrize("rescale_by", ["keep_probability", "l1"])
+def test_della_is_seeded_and_preserves_the_mean(rescale_by: str):
+    base = {"w": torch.zeros(40, 500)}
+    model = {"w": torch.ones(40, 500)}
+    kw: dict[str, Any] = {"density": 0.4, "epsilon": 0.2, "rescale_by": rescale_by}
+    one = mergeops.merge("della_linear", [model], base=base, seed=1, device="cpu", **kw)["w"]
+    two = mergeops.merge("della_linear", [model], base=base, seed=1, device="cpu", **kw)["w"]
+    other = mergeops.merge("della_linear", [model], base=base, seed=2, device="cpu", **kw)["w"]
+    assert torch.equal(one, two) and not torch.equal(one, other)
+    assert abs(float(one.mean()) - 1.0) < 0.03
+    assert abs(float((one != 0).float().mean()) - 0.4) < 0.02
+
+
+def test_della_density_one_reduces_to_ties_and_task_arithmetic():
+    taus = [[1.0, -2.0, 0.5, 3.0], [-1.5, 1.0, 0.5, 2.0]]
+    _close(
+        _merge("della", taus, weight=[1.0, 2.0]),
+        _merge("ties", taus, weight=[1.0, 2.0], density=1.0).tolist(),
+    )
+    assert torch.equal(_merge("della_linear", taus), _merge("task_arithmetic", taus))
+
+
+# ---- sce -----------------------------------------------------------------------------------
+def test_sce_weights_by_energy_and_erases_minority_signs():
+    # energies 5/3 and 7 -> w = 5/26, 21/26; signs + everywhere; [1]: (2·5 + 4·21)/26
+    out = _merge("sce", [[1.0, 2.0, 0.0], [-1.0, 4.0, 2.0]])
+    _close(out, [1.0, 94 / 26, 2.0])
+
+
+def test_sce_select_keeps_the_highest_variance_positions():
+    taus = torch.tensor([[1.0, 2.0, 0.0, 5.0], [1.0, 4.0, 2.0, -5.0]])
+    # variances 0, 1, 1, 25: 3 nonzero, k = int(3 * 0.34) = 1
+    assert select_mask(taus, 0.34).tolist() == [0.0, 0.0, 0.0, 1.0]
+    out = _merge("sce", taus.tolist(), select_topk=0.34)
+    _close(out, [0.0, 0.0, 0.0, 5.0])  # signs tie at [3] (sum 0 -> +): model 1's +5 wins
+
+
+# ---- ram -----------------------------------------------------------------------------------
+RAM_TAUS = [[1.0, 0.0, 2.0, 0.0, 2.0], [0.0, 0.0, 4.0, 3.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_ram_keeps_unique_moves_and_averages_shared_ones():
+    _close(_merge("ram", RAM_TAUS), [1.0, 0.0, 3.0, 3.0, 2.0])
+
+
+def test_ramplus_boosts_unique_moves_by_the_shared_ratio():
+    # λ_1 = 1 + 0.5·min(2/1, 2) = 2, λ_2 = 1 + 0.5·1 = 1.5 (model 3 has no unique entries)
+    _close(_merge("ramplus_tl", RAM_TAUS, r=0.5, alpha=2.0), [1.0, 0.0, 3.0, 4.5, 4.0])
+
+
+def test_ram_epsilon_ignores_tiny_moves():
+    _close(_merge("ram", [[1e-6, 2.0], [1.0, 2.0]]), [1.0, 2.0])
+    _close(_merge("ram", [[1e-6, 2.0], [1.0, 2.0]], epsilon=0.0), [0.5 + 5e-7, 2.0])
+
+
+# ---- chunked == whole ----------------------------------------------------------------------
+CHUNK_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("ties", {"density": 0.3, "tie_break": "mergekit", "rescale": True}),
+    ("ties", {"density": [0.2, 0.5], "trim_scope": "model", "rescale": True}),
+    ("dare_ties", {"density": 0.4, "rescale_by": "l1"}),
+    ("dare_linear", {"density": 0.4, "rescale": False}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CHUNK_CASES)
+def test_chunked_merge_is_bit_identical(
+    monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any]
+):
+    gen = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(64, 128, generator=gen)}
+    models = [
+        {"w": base["w"] + torch.randint(-3, 4, (64, 128), generator=gen) * 0.125} for _ in range(2)
+    ]
+    outs = []
+    for chunk in (1 << 40, 4096):
+        monkeypatch.setattr(chunking, "CHUNK_BYTES", chunk)
+        outs.append(mergeops.merge(method, models, base=base, device="cpu", seed=5, **params)["w"])
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+
+# ---- bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "params", "words"),
+    [
+        ("della", {"density": 0.1, "epsilon": 0.15}, ["della", "model 'ft-1'", "epsilon"]),
+        ("breadcrumbs", {"gamma": 2.0}, ["model", "gamma", "2.0"]),
+        ("ties", {"tie_break": "random"}, ["tie_break", "random"]),
+        ("dare_linear", {"rescale_by": "l2"}, ["rescale_by", "l2"]),
+        ("sce", {"weight": 1.0}, ["unknown parameter 'weight'", "select_topk"]),
+        ("ramplus_tl", {"alpha": -1.0}, ["alpha", "-1.0"]),
+    ],
+)
+def test_bad_params_name_model_and_parameter(method: str, params: dict[str, Any], words: list[str]):
+    base = {"w": torch.zeros(3)}
+    models = {"ft-1": {"w": torch.ones(3)}, "ft-2": {"w": torch.ones(3)}}
+    with pytest.raises(MergeError) as info:
+        mergeops.merge(method, models, base=base, device="cpu", **params)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "della", "sce", "ram", "ramplus_tl"])
+def test_missing_base_and_shape_mismatch_are_named(method: str):
+    models = {"ft-1": {"w": torch.ones(3)}, "ft-2": {"w": torch.ones(4)}}
+    with pytest.raises(MergeError, match="base"):
+        mergeops.merge(method, [models["ft-1"]], device="cpu")
+    with pytest.raises(MergeError, match=r"'w'.*ft-2"):
+        mergeops.merge(method, models, base={"w": torch.zeros(3)}, device="cpu")
