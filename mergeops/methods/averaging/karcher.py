@@ -1,8 +1,9 @@
 """karcher — the Karcher (Riemannian) mean of the models' directions on the unit hypersphere,
 scaled by their mean norm, as mergekit's ``karcher`` (arXiv 2603.04972).
 
-Equal weights. mergekit adds ``base_model`` to the inputs of this base-agnostic method, so a
-base, when given, is averaged like the other models (as the last input).
+Equal weights over the models. The method takes no base: a ``base`` given to ``merge`` is not
+used, while a mergekit config's ``base_model`` is one more input (mergekit appends it to the
+models when it is not listed), which the config layer passes as a model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pydantic import Field
 from mergeops.methods.base import (
     MergeContext,
     MethodParams,
-    Need,
     StreamingMethod,
     TensorInputs,
     TensorResult,
@@ -37,12 +37,11 @@ class Karcher(StreamingMethod):
     name = "karcher"
     paper = "https://arxiv.org/abs/2603.04972"
     params_model = KarcherParams
-    optional = frozenset({Need.BASE})
     mergekit_defaults: ClassVar[dict[str, Any]] = {}
 
     def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
         params = ctx.params
         assert isinstance(params, KarcherParams)
-        tensors = [*inputs.models, *([inputs.base] if inputs.base is not None else [])]
+        tensors = inputs.models
         alphas = [1.0 / len(tensors)] * len(tensors)
         return TensorResult(karcher_mean(tensors, alphas, max_iter=params.max_iter, tol=params.tol))
