@@ -65,10 +65,15 @@ class Need(StrEnum):
     FISHER = "fisher"
     OBJECTIVE = "objective"
     STATE = "state"
+    GRAMS = "grams"
 
 
 #: Side inputs read per model per tensor, keyed by the name used in ``TensorInputs.side``.
-SIDE_INPUTS: dict[Need, str] = {Need.SECOND_MOMENTS: "second_moment", Need.FISHER: "fisher"}
+SIDE_INPUTS: dict[Need, str] = {
+    Need.SECOND_MOMENTS: "second_moment",
+    Need.FISHER: "fisher",
+    Need.GRAMS: "gram",
+}
 
 
 class MethodParams(BaseModel):
