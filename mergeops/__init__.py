@@ -14,7 +14,7 @@ as a list with one value per model, or per model via ``model_params=[{...}, ...]
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -154,11 +154,13 @@ _OPTIONS = (
     "model_names",
     "second_moments",
     "fisher",
+    "grams",
     "metrics",
     "objective",
     "state_path",
     "device",
     "dtype",
+    "compute_dtype",
     "seed",
     "lora",
     "prefetch",
@@ -174,7 +176,8 @@ def merge(
     ``models``: a list of state dicts / paths / ``TensorSource``s, or a name -> model mapping.
     ``params``: method params (``lambda``, ``normalize``, ``trim_scope``, ...) and per-model
     params (a scalar for all models or a list with one value per model), plus the options
-    ``model_params``, ``model_names``, ``second_moments``, ``fisher``, ``metrics``,
+    ``model_params``, ``model_names``, ``second_moments``, ``fisher``, ``grams`` (layer-input Gram matrices per model, for
+    regmean), ``metrics``,
     ``objective``, ``state_path``, ``device`` (default ``auto``), ``dtype``, ``seed`` and
     ``lora`` (see ``merge_files``).
     """
@@ -192,15 +195,19 @@ def merge_files(
     model_names: Sequence[str] | None = None,
     second_moments: Sequence[SourceLike] | None = None,
     fisher: Sequence[SourceLike] | None = None,
+    grams: Sequence[SourceLike] | None = None,
     metrics: Sequence[float | None] | Mapping[str, float] | None = None,
     objective: Objective | None = None,
     state_path: str | Path | None = None,
     max_shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = "float32",
     seed: int = 0,
     lora: Literal["factors", "delta", "full"] = "factors",
     progress: bool = True,
+    overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
     prefetch: bool = True,
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
     **extra_params: Any,
@@ -215,7 +222,10 @@ def merge_files(
     as it was (a NaN/Inf input or merged value is such a failure). ``prefetch`` reads the next
     tensor's (or slice's) inputs in a few threads while the current one is merged, with at
     most ``prefetch_bytes`` read ahead. ``max_shard_size`` defaults to
-    ``mergeops.io.DEFAULT_MAX_SHARD_SIZE``. Returns paths and counters.
+    ``mergeops.io.DEFAULT_MAX_SHARD_SIZE``. ``compute_dtype`` is the dtype methods compute
+    in (None: the inputs' own); ``overwrite`` replaces a non-empty ``out_dir`` after success;
+    ``finalize(folder)`` adds files before the folder is moved into place. Returns paths and
+    counters.
     """
     from mergeops.engine import merge_to_dir
     from mergeops.io import DEFAULT_MAX_SHARD_SIZE
@@ -226,11 +236,13 @@ def merge_files(
         "model_names": model_names,
         "second_moments": second_moments,
         "fisher": fisher,
+        "grams": grams,
         "metrics": metrics,
         "objective": objective,
         "state_path": state_path,
         "device": device,
         "dtype": dtype,
+        "compute_dtype": compute_dtype,
         "seed": seed,
         "lora": lora,
         "prefetch": prefetch,
@@ -239,4 +251,5 @@ def merge_files(
     all_params = {**(params or {}), **extra_params}
     plan = build_plan(_request(method, models, base, all_params, options))
     shard_size = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
-    return merge_to_dir(plan, out_dir, max_shard_size=shard_size, progress=progress)
+    return merge_to_dir(plan, out_dir, max_shard_size=shard_size, progress=progress,
+                        overwrite=overwrite, finalize=finalize)  # fmt: skip

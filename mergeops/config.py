@@ -1,13 +1,14 @@
-"""Merge configs in YAML: mergekit's schema, extended for mergeops' other methods.
+"""Merge configs in YAML: mergekit 0.1.5's whole schema, extended for mergeops' other methods.
 
-mergekit keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``,
-``parameters``, ``dtype`` (``out_dtype`` wins when both are given). Scalar parameters only;
-mergekit gradients, per-tensor filters and ``slices``/``modules`` are rejected with an error.
-A model listed in ``models`` that is also ``base_model`` is the base, as in mergekit, for the
-methods that use a base. Extensions:
+The schema lives in ``mergeops.mergekit.schema`` (``models`` or ``slices``, gradients,
+``filter:`` lists, ``dtype``/``out_dtype``, ``tokenizer_source``/``tokenizer``,
+``chat_template``, ``model+lora`` references); ``modules`` is refused with the reason. Every
+config follows mergekit's conventions (omitted params take mergekit's defaults, the merge
+computes in ``dtype``) unless it says ``conventions: ckreg`` (ckreg's defaults, float32).
+Extensions:
 
     models:
-      - model: ckpt/ft-1            # file, sharded folder or PEFT adapter folder
+      - model: ckpt/ft-1            # file, sharded folder, PEFT adapter folder or model+lora
         name: ft-1                  # defaults to the path's name
         metric: 0.42                # mwa
         second_moment: ckpt/ft-1-v  # ota / ffg
@@ -17,11 +18,11 @@ methods that use a base. Extensions:
     state: runs/opcm-state                    # opcm state, loaded and saved
     max_shard_size: 2GB
     device: auto
-    seed: 0
-    lora: factors                             # adapters: factors | delta (B·A) | full (base + B·A)
+    seed: 0                                   # or random_seed (mergekit's --random-seed)
+    lora: factors                             # adapters: factors | delta (B·A) | full
 
-Relative paths are resolved against the config file's folder. ``dtype`` (or ``out_dtype``)
-is the output dtype; computation is always float32, so mergekit's fp32 outputs match.
+Relative paths are resolved against the config file's folder. ``run_config`` writes a
+loadable model folder (shards, config.json, tokenizer, generation config, model card).
 """
 
 from __future__ import annotations
@@ -29,98 +30,43 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergeops.methods.base import MergeError, Need, get_method
+from mergeops.mergekit import schema
+from mergeops.mergekit.plan import IGNORABLE, uses_base
+from mergeops.mergekit.schema import InputModel, MergeConfig
+from mergeops.methods.base import MergeError, _field_names, get_method
 from mergeops.sources import Objective
 
-_IGNORED_MERGEKIT_KEYS = ("tokenizer_source", "tokenizer", "chat_template")
+if TYPE_CHECKING:
+    from mergeops.engine import MergeResult
+
+ModelEntry = InputModel
+__all__ = ["MergeConfig", "ModelEntry", "load_config", "parse_config", "run_config"]
 
 
-class ModelEntry(BaseModel):
-    """One ``models[]`` entry."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str
-    name: str | None = None
-    parameters: dict[str, Any] = {}
-    metric: float | None = None
-    second_moment: str | None = None
-    fisher: str | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _scalars_only(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_scalars(value)
-
-
-class MergeConfig(BaseModel):
-    """A parsed merge YAML."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    merge_method: str
-    models: list[ModelEntry]
-    base_model: str | None = None
-    parameters: dict[str, Any] = {}
-    dtype: str | None = None
-    out_dtype: str | None = None
-    objective: str | None = None
-    evaluator: str | None = None
-    state: str | None = None
-    max_shard_size: int | str = "5GB"
-    device: str = "auto"
-    seed: int = 0
-    lora: Literal["factors", "delta", "full"] = "factors"
-
-    @field_validator("parameters")
-    @classmethod
-    def _scalars_only(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_scalars(value)
-
-
-def _check_scalars(params: dict[str, Any]) -> dict[str, Any]:
-    for key, value in params.items():
-        if not isinstance(value, bool | int | float | str):
-            raise ValueError(
-                f"parameter '{key}' must be a scalar; mergekit gradients and filters "
-                f"are not supported (got {value!r})"
-            )
-    return params
-
-
-def parse_config(data: dict[str, Any]) -> MergeConfig:
+def parse_config(data: Any) -> MergeConfig:
     """Validate a config mapping; raises ``MergeError`` naming the bad key."""
-    if not isinstance(data, dict):
-        raise MergeError("a merge config must be a mapping with 'merge_method' and 'models'")
-    for key in ("slices", "modules"):
-        if key in data:
-            raise MergeError(f"mergekit '{key}' configs are not supported; list 'models' instead")
-    cleaned = {k: v for k, v in data.items() if k not in _IGNORED_MERGEKIT_KEYS}
-    cleaned["models"] = [
-        {"model": m} if isinstance(m, str) else m for m in cleaned.get("models") or []
-    ]
-    try:
-        return MergeConfig.model_validate(cleaned)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise MergeError(f"bad merge config: {problems}") from None
+    return schema.parse(data)
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a merge YAML file."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a merge YAML file."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise MergeError(f"cannot read merge config '{path}': {exc}") from None
-    return parse_config(data)
+    if not isinstance(data, dict):
+        raise MergeError(f"merge config '{path}' must be a mapping with 'merge_method'")
+    return data
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a merge YAML file."""
+    return parse_config(read_yaml(path))
 
 
 def _resolve(root: Path, value: str) -> str:
@@ -153,26 +99,58 @@ def load_objective(config: MergeConfig) -> Objective | None:
     return objective
 
 
-def to_merge_kwargs(config: MergeConfig, root: str | Path) -> dict[str, Any]:
-    """Keyword arguments for ``mergeops.merge_files`` (all but ``out_dir``)."""
-    root = Path(root)
-    method = get_method(config.merge_method)
-    uses_base = Need.BASE in method.needs | method.optional
-    entries = [
-        e
-        for e in config.models
-        if not (uses_base and config.base_model is not None and e.model == config.base_model)
-    ]
+def _entries(config: MergeConfig, method_uses_base: bool) -> list[InputModel]:
+    base = config.base_model
+    entries = [e for e in config.models if not (method_uses_base and base and e.model == base)]
+    listed = any(e.model == base for e in config.models)
+    if config.is_mergekit and base and not method_uses_base and not listed:
+        entries.append(InputModel(model=base))  # mergekit merges the base as one more input
     if not entries:
         raise MergeError("the config lists no model to merge besides the base")
+    return entries
+
+
+def _with_defaults(config: MergeConfig, entries: list[InputModel]) -> tuple[dict, list[dict]]:
+    """Global and per-model params, mergekit's defaults filling what the YAML omits."""
+    method = get_method(config.merge_method)
+    accepted = _field_names(method.params_model) | _field_names(method.model_params_model)
+    given = {k: v for k, v in config.parameters.items() if k in accepted or k not in IGNORABLE}
+    defaults = method.mergekit_defaults if config.is_mergekit else {}
+    per_model = _field_names(method.model_params_model)
+    params = {**{k: v for k, v in defaults.items() if k not in per_model}, **given}
+    own = []
+    for entry in entries:
+        values = {k: v for k, v in entry.parameters.items() if k in accepted or k not in IGNORABLE}
+        for key, value in defaults.items():
+            if key in per_model and key not in values and key not in given:
+                values[key] = value
+        own.append(values)
+    return params, own
+
+
+def to_merge_kwargs(config: MergeConfig, root: str | Path) -> dict[str, Any]:
+    """Keyword arguments for ``mergeops.merge_files`` (all but ``out_dir``) of a config
+    without slices or per-tensor params (``run_config`` takes any config)."""
+    from mergeops.mergekit.build import compute_dtype
+
+    root = Path(root)
+    if config.slices or any(not isinstance(v, bool | int | float | str)
+                            for s in [config.parameters, *(m.parameters for m in config.models)]
+                            for v in s.values()):  # fmt: skip
+        raise MergeError("this config has slices or per-tensor params; use run_config")
+    method = get_method(config.merge_method)
+    method_uses_base = uses_base(method)
+    entries = _entries(config, method_uses_base)
+    params, own = _with_defaults(config, entries)
     kwargs: dict[str, Any] = {
         "method": config.merge_method,
         "models": [_resolve(root, e.model) for e in entries],
         "model_names": [e.name or Path(e.model).name.removesuffix(".safetensors") for e in entries],
-        "model_params": [dict(e.parameters) for e in entries],
+        "model_params": own,
         "base": _resolve(root, config.base_model) if config.base_model else None,
-        "params": dict(config.parameters),
+        "params": params,
         "dtype": config.out_dtype or config.dtype,
+        "compute_dtype": compute_dtype(config),
         "max_shard_size": config.max_shard_size,
         "device": config.device,
         "seed": config.seed,
@@ -192,3 +170,27 @@ def to_merge_kwargs(config: MergeConfig, root: str | Path) -> dict[str, Any]:
                 _resolve(root, v) for v in values
             ]
     return kwargs
+
+
+def run_config(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Run a merge YAML into ``out_dir`` as a loadable model folder (``ckreg merge``).
+
+    ``overrides`` replace top-level keys (``device``, ``dtype``, ``max_shard_size``, ``seed``).
+    """
+    from mergeops.mergekit.run import run_merge_config
+
+    path = Path(path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw = read_yaml(path)
+    if "seed" in given:
+        raw.pop("random_seed", None)
+    raw = {**raw, **given}
+    return run_merge_config(parse_config(raw), raw, path.parent, Path(out_dir),
+                            overwrite=overwrite, progress=progress)  # fmt: skip

@@ -30,6 +30,7 @@ from mergeops.pipeline import Backend, SlicePipeline
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher
 from mergeops.reader import TensorReader
+from mergeops.routing import passthrough, stream_routes
 
 TensorSink = Callable[[str, str | None, torch.Tensor], None]
 """Receives (stream, tensor name, tensor); stream None is the merged model."""
@@ -47,6 +48,7 @@ class MergeResult:
     bytes_read: int = 0
     bytes_written: int = 0
     state_path: Path | None = None
+    method: str = ""
 
 
 def _float_keys(plan: MergePlan) -> list[str]:
@@ -55,6 +57,22 @@ def _float_keys(plan: MergePlan) -> list[str]:
 
 def _out_dtype(plan: MergePlan, key: str) -> torch.dtype:
     return plan.ctx.out_dtype or plan.metas[key].dtype
+
+
+def _fp32_compute(plan: MergePlan) -> bool:
+    return plan.ctx.compute_dtype == torch.float32
+
+
+def _to_compute(plan: MergePlan, key: str, inputs: mb.TensorInputs) -> mb.TensorInputs:
+    """``inputs`` (read as float32) in the plan's compute dtype (None: the stored dtype);
+    exact, since the stored values came from that dtype or a narrower one."""
+    dtype = plan.ctx.compute_dtype or plan.metas[key].dtype
+    if dtype == torch.float32:
+        return inputs
+    cast = [t.to(dtype) for t in inputs.models]
+    base = inputs.base.to(dtype) if inputs.base is not None else None
+    side = {k: [t.to(dtype) for t in v] for k, v in inputs.side.items()}
+    return mb.TensorInputs(name=inputs.name, models=cast, base=base, side=side)
 
 
 def _progress(items: Iterable[_T], total: int, desc: str, enabled: bool) -> Iterable[_T]:
@@ -98,7 +116,7 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
     method = plan.method
     assert isinstance(method, mb.StreamingMethod)
     floats = set(_float_keys(plan))
-    rows_of = {key: chunk_rows(plan, key) for key in floats}
+    rows_of = {key: chunk_rows(plan, key) if _fp32_compute(plan) else 0 for key in floats}
     stream = reader.stream(plan.keys, read=lambda key: key in floats and not rows_of[key])
     for key, inputs in _progress(stream, len(plan.keys), f"{method.name}: merging", progress):
         if key not in floats:  # integer/bool buffers pass through from the reference
@@ -109,15 +127,31 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
             reader.bytes_read += chunked.bytes_read
         else:
             assert inputs is not None
-            result = method.merge_tensor(inputs, plan.ctx)
+            result = method.merge_tensor(_to_compute(plan, key, inputs), plan.ctx)
             _emit(plan, sink, key, result.merged, result.extras)
+
+
+def _routed(plan: MergePlan, sink: TensorSink, prefetcher: Prefetcher, progress: bool) -> int:
+    """Merge a routed plan: each output tensor with its own inputs and context."""
+    method = plan.method
+    assert isinstance(method, mb.StreamingMethod) and plan.routes is not None
+    counter = [0]
+    stream = stream_routes(plan.routes, prefetcher, counter)
+    for route, inputs in _progress(stream, len(plan.routes), f"{method.name}: merging", progress):
+        if inputs is None:
+            sink(route.key, None, passthrough(route))
+            continue
+        result = method.merge_tensor(inputs, route.ctx)
+        _emit(plan, sink, route.key, result.merged, result.extras)
+    method.finish(plan.ctx)
+    return counter[0]
 
 
 def pipeline_backend(plan: MergePlan) -> Backend | None:
     """The overlapped pipeline's backend for CUDA and an elementwise method without side
     inputs, else None (the tests swap in a fake backend here to run the pipeline on CPU)."""
     chunkable = bool(getattr(plan.method, "chunkable", False))
-    if plan.ctx.device.type != "cuda" or not chunkable or plan.side:
+    if plan.ctx.device.type != "cuda" or not chunkable or plan.side or not _fp32_compute(plan):
         return None
     from mergeops.cuda_stream import CudaBackend
 
@@ -201,6 +235,8 @@ def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     prefetcher = Prefetcher(enabled=plan.prefetch, max_bytes=plan.prefetch_bytes)
     reader = TensorReader(plan, prefetcher)
     with prefetcher, torch.no_grad():
+        if plan.routes is not None:
+            return _routed(plan, sink, prefetcher, progress)
         if plan.method.streaming:
             _stream(plan, sink, reader, progress)
         else:
@@ -224,6 +260,8 @@ def merge_to_dicts(plan: MergePlan) -> mb.ModelResult:
 
 def output_metadata(plan: MergePlan) -> dict[str, str]:
     """The safetensors ``__metadata__`` recording method, params and inputs."""
+    if plan.description is not None:
+        return dict(plan.description)
     inputs = [
         {"name": name, "params": params.model_dump(mode="json", by_alias=True)}
         for name, params in zip(plan.ctx.model_names, plan.ctx.model_params, strict=True)
@@ -240,11 +278,21 @@ def output_metadata(plan: MergePlan) -> dict[str, str]:
 
 
 def merge_to_dir(
-    plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str, progress: bool
+    plan: MergePlan,
+    out_dir: str | Path,
+    *,
+    max_shard_size: int | str,
+    progress: bool,
+    overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
 ) -> MergeResult:
-    """Run a plan into ``out_dir`` (sharded safetensors, extras in sub-folders), atomically."""
+    """Run a plan into ``out_dir`` (sharded safetensors, extras in sub-folders), atomically.
+
+    ``finalize(folder)`` adds files (config, tokenizer, card) before the folder is moved into
+    place; ``overwrite`` replaces a non-empty ``out_dir`` only once the merge succeeded.
+    """
     metadata = output_metadata(plan)
-    with staged_output(out_dir) as staging:
+    with staged_output(out_dir, overwrite=overwrite) as staging:
         writers: dict[str | None, ShardedWriter] = {
             None: ShardedWriter(staging, max_shard_size=max_shard_size, metadata=metadata)
         }
@@ -262,6 +310,8 @@ def merge_to_dir(
         for stream, writer in writers.items():
             if stream is not None:
                 writer.close()
+        if finalize is not None:
+            finalize(staging)
         staged_state = staging / ".state-staged"
         if plan.state_path is not None and plan.ctx.state is not None:
             plan.method.save_state(plan.ctx.state, staged_state)
@@ -277,6 +327,7 @@ def merge_to_dir(
         bytes_read=bytes_read,
         bytes_written=sum(w.bytes_written for w in writers.values()),
         state_path=state_path,
+        method=plan.method.name,
     )
 
 

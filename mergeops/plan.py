@@ -18,6 +18,7 @@ from mergeops.device import resolve_device, resolve_dtype
 from mergeops.io.layouts import open_source
 from mergeops.methods import base as mb
 from mergeops.prefetch import DEFAULT_PREFETCH_BYTES
+from mergeops.routing import TensorRoute
 from mergeops.sources import Objective, TensorMeta, TensorSource
 
 SourceLike = str | Path | TensorSource | Mapping[str, torch.Tensor]
@@ -38,6 +39,11 @@ class MergePlan:
     raw_params: dict[str, Any] = field(default_factory=dict)
     prefetch: bool = True
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
+    #: Per-output-tensor inputs and params (mergekit slices, gradients, filters); when set,
+    #: ``keys``/``metas`` are the outputs' and ``models`` every source the routes read.
+    routes: list[TensorRoute] | None = None
+    #: Output metadata replacing the method/params record (routed plans: the config).
+    description: dict[str, str] | None = None
 
     @property
     def reference(self) -> TensorSource:
@@ -57,11 +63,13 @@ class PlanRequest:
     model_names: Sequence[str] | None = None
     second_moments: Sequence[SourceLike] | None = None
     fisher: Sequence[SourceLike] | None = None
+    grams: Sequence[SourceLike] | None = None
     metrics: Sequence[float | None] | Mapping[str, float] | None = None
     objective: Objective | None = None
     state_path: str | Path | None = None
     device: str | torch.device = "auto"
     dtype: str | torch.dtype | None = None
+    compute_dtype: str | torch.dtype | None = "float32"
     seed: int = 0
     lora: Literal["factors", "delta", "full"] = "factors"
     prefetch: bool = True
@@ -90,6 +98,7 @@ def build_plan(request: PlanRequest) -> MergePlan:
         model_params=model_params,
         device=resolve_device(request.device),
         out_dtype=resolve_dtype(request.dtype),
+        compute_dtype=resolve_dtype(request.compute_dtype),
         has_base=base is not None,
         metrics=_metrics(request.metrics, names),
         objective=request.objective,
@@ -167,7 +176,11 @@ def _metrics(
 def _open_side(
     method: mb.MergeMethod, request: PlanRequest, names: list[str]
 ) -> dict[str, list[TensorSource]]:
-    given = {mb.Need.SECOND_MOMENTS: request.second_moments, mb.Need.FISHER: request.fisher}
+    given = {
+        mb.Need.SECOND_MOMENTS: request.second_moments,
+        mb.Need.FISHER: request.fisher,
+        mb.Need.GRAMS: request.grams,
+    }
     side: dict[str, list[TensorSource]] = {}
     for need, kind in mb.SIDE_INPUTS.items():
         items = given[need]

@@ -143,11 +143,19 @@ def write_safetensors(
 
 
 @contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """A temporary folder renamed to ``out_dir`` on success and deleted on failure."""
+def staged_output(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder renamed to ``out_dir`` on success and deleted on failure.
+
+    A non-empty ``out_dir`` is refused up front unless ``overwrite``; then it is replaced only
+    after success (moved aside, the new folder renamed in, the old one deleted).
+    """
     target = Path(out_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise OutputError(f"output folder '{target}' already exists and is not empty")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output '{target}' exists and is not a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise OutputError(
+            f"output folder '{target}' already exists and is not empty (use --overwrite)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -156,9 +164,13 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    old = None
     if target.exists():
-        target.rmdir()
+        old = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
     staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardedWriter:

@@ -35,10 +35,28 @@ def test_mergekit_schema_with_base_listed_among_models(tmp_path):
     kwargs = to_merge_kwargs(config, tmp_path)
     assert kwargs["models"] == [str(tmp_path / "ft1"), str(tmp_path / "ft2")]
     assert kwargs["model_names"] == ["ft1", "ft2"]
-    assert kwargs["model_params"] == [{"weight": 0.7, "density": 0.5}, {}]
+    # mergekit's defaults fill what the YAML omits (ties keeps every entry: density 1.0)
+    assert kwargs["model_params"] == [{"weight": 0.7, "density": 0.5}, {"density": 1.0}]
     assert kwargs["base"] == str(tmp_path / "base")
-    assert kwargs["params"] == {"normalize": True, "lambda": 0.9}
+    assert kwargs["params"]["normalize"] is True and kwargs["params"]["lambda"] == 0.9
     assert kwargs["dtype"] == "bfloat16"
+    assert kwargs["compute_dtype"] == torch.bfloat16
+
+
+def test_ckreg_conventions_keep_ckreg_defaults_and_float32(tmp_path):
+    config = parse_config(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": ["ft1", "ft2"],
+            "dtype": "bfloat16",
+            "conventions": "ckreg",
+        }
+    )
+    kwargs = to_merge_kwargs(config, tmp_path)
+    assert kwargs["model_params"] == [{}, {}]
+    assert kwargs["params"] == {}
+    assert kwargs["compute_dtype"] == torch.float32
 
 
 def test_linear_keeps_a_listed_base_model_as_an_input(tmp_path):
@@ -89,10 +107,11 @@ def test_partial_side_inputs_name_the_model(tmp_path):
         (
             {
                 "merge_method": "ties",
-                "models": [{"model": "a", "parameters": {"density": [0.1, 0.5]}}],
+                "models": [{"model": "a", "parameters": {"density": {"filter": "mlp"}}}],
             },
-            "gradients",
+            "density",
         ),
+        ({"merge_method": "ties", "models": ["a"], "modules": {}}, "modules"),
         ({"merge_method": "ties", "models": ["a"], "colour": "red"}, "colour"),
         ({"models": ["a"]}, "merge_method"),
     ],
