@@ -30,10 +30,13 @@ app.registered_commands.extend(admin_app.registered_commands)  # gc, delete
 def _mount_client_commands() -> None:
     """register / ls / show / lineage / download (registry.client.cli) and merge (mergeops.cli)."""
     from mergeops.cli import merge_command
+    from mergeops.cli_lora import make_extract_lora_command
+    from registry.client.adapters import register_adapter
     from registry.client.cli import registry_app
 
     app.registered_commands.extend(registry_app.registered_commands)
     app.command("merge")(merge_command)
+    app.command("extract-lora")(make_extract_lora_command(register_adapter))
 
 
 _mount_client_commands()
