@@ -79,5 +79,7 @@ def karcher_mean(
         unit_norm = _norm(mean)
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)
-    scale = sum((alpha * norm for alpha, norm in zip(alphas, norms, strict=True)), torch.tensor(0))
+    scale = alphas[0] * norms[0]
+    for alpha, norm in zip(alphas[1:], norms[1:], strict=True):
+        scale = scale + alpha * norm
     return scale * mean

@@ -90,3 +90,39 @@ def test_cuda_pipeline_is_used_and_output_is_checked_on_the_device() -> None:
     with pytest.raises(MergeError, match="merged tensor 'embed'"):
         mergeops.merge("task_arithmetic", tensors[1:], base=tensors[0], device="cuda",
                        weight=[1.0, float("inf"), 1.0])  # fmt: skip
+
+
+def _averaging_cases() -> dict[str, tuple[list[Any], dict[str, Any]]]:
+    """mergekit's averaging-family methods: (models, keyword arguments) on the bf16 family."""
+    base, *fts = family()
+    return {
+        "slerp": (fts[:1], {"base": base, "t": 0.3}),
+        "nuslerp": (fts[:2], {"weight": [1.0, 2.0]}),
+        "nuslerp_rows": (fts[:2], {"base": base, "weight": 1.0, "nuslerp_flatten": False}),
+        "multislerp": (fts, {"base": base, "weight": [1.0, 0.5, 2.0]}),
+        "karcher": (fts, {}),
+        "model_stock": (fts, {"base": base, "filter_wise": True}),
+        "nearswap": (fts[:1], {"base": base, "t": 0.05}),
+        "passthrough": (fts[:1], {"scale": 0.5}),
+        "arcee_fusion": (fts[:1], {"base": base}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_averaging_cases()))
+def test_cuda_matches_cpu_for_mergekit_averaging_methods(name: str) -> None:
+    """Elementwise ones (nearswap, passthrough) bit-equal; reductions within 1e-5 relative
+    (float32 outputs, so a last-bit difference does not become a bf16 rounding flip)."""
+    import mergeops
+
+    models, kwargs = _averaging_cases()[name]
+    method = name.removesuffix("_rows")
+    cpu = mergeops.merge(method, models, device="cpu", dtype="float32", **kwargs)
+    gpu = mergeops.merge(method, models, device="cuda", dtype="float32", **kwargs)
+    assert cpu.keys() == gpu.keys()
+    for key, tensor in cpu.items():
+        other = gpu[key]
+        assert other.device.type == "cpu" and other.dtype == tensor.dtype, key
+        if name in ("nearswap", "passthrough") or not tensor.is_floating_point():
+            assert torch.equal(tensor.view(torch.uint8), other.view(torch.uint8)), (name, key)
+        else:
+            assert _max_rel(other, tensor) <= 1e-5, (name, key, _max_rel(other, tensor))
