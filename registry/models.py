@@ -81,6 +81,7 @@ class ArtifactRole(StrEnum):
     task_vector = "task_vector"
     mask = "mask"
     merge_state = "merge_state"
+    gram = "gram"  # layer-input XᵀX per linear weight (activation-aware merges)
 
 
 FILE_ROLES = (ArtifactRole.weights, ArtifactRole.config)

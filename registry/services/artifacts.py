@@ -32,6 +32,7 @@ SHAPED_ROLES = (
     ArtifactRole.fisher,
     ArtifactRole.task_vector,
     ArtifactRole.mask,
+    ArtifactRole.gram,
 )
 
 
@@ -47,8 +48,16 @@ def _put(store: ObjectStore, content: Content, expected_sha256: str | None, name
         raise IntegrityMismatch(f"artifact '{name}': {exc}", file=name) from exc
 
 
+def _expected_shape(role: ArtifactRole, weight: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The artifact tensor's shape for a weight: the weight's own, or (in, in) for a gram
+    (None: this weight can have no such tensor)."""
+    if role != ArtifactRole.gram:
+        return weight
+    return (weight[1], weight[1]) if len(weight) == 2 else None
+
+
 def _check_against_weights(
-    session: Session, checkpoint_id: int, header: SafetensorsHeader, name: str
+    session: Session, checkpoint_id: int, header: SafetensorsHeader, name: str, role: ArtifactRole
 ) -> None:
     checkpoint = load_checkpoint(session, checkpoint_id)
     weights = tensor_shapes(session, checkpoint)
@@ -59,9 +68,11 @@ def _check_against_weights(
                 file=name,
                 tensor=tensor,
             )
-        if tuple(entry.shape) != weights[tensor]:
+        expected = _expected_shape(role, weights[tensor])
+        if tuple(entry.shape) != expected:
+            what = "its gram must be (in, in)" if role == ArtifactRole.gram else "they must match"
             raise ValidationFailed(
-                f"file '{name}', tensor '{tensor}': shape {tuple(entry.shape)} but the weight is {weights[tensor]}",
+                f"file '{name}', tensor '{tensor}': shape {tuple(entry.shape)} but the weight is {weights[tensor]} ({what})",
                 file=name,
                 tensor=tensor,
             )
@@ -129,7 +140,7 @@ def add_artifact(
     try:
         header = inspect_artifact(store=store, settings=settings, artifact=probe)
         if role in SHAPED_ROLES:
-            _check_against_weights(session, checkpoint_id, header, name)
+            _check_against_weights(session, checkpoint_id, header, name, role)
     except RegistryError:
         release_blobs(session=session, store=store, keys=[info.key])
         raise
