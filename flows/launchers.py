@@ -1,7 +1,8 @@
 """Launchers the registry calls to start work: in-process (embedded) or via a Prefect server.
 
 ``EmbeddedLauncher`` runs the flows in this process on one background worker thread (so one
-merge at a time), with Prefect's ephemeral API instead of a server. ``ServerLauncher`` emits
+merge at a time), with Prefect's ephemeral API instead of a server; at start-up and every
+``CKREG_RECOVERY_SWEEP_S`` it sweeps for work a crash lost (``recovery_sweep``). ``ServerLauncher`` emits
 ``ckreg.checkpoint.ready`` events and starts deployments served by ``ckreg worker``.
 """
 
@@ -14,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
-from flows.runtime import configure
+from flows.runtime import Runtime, configure
 from flows.scheduler import CronScheduler
-from registry.services import leases
+from registry.services import leases, recovery
 from registry.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,32 @@ READY_EVENT = "ckreg.checkpoint.ready"
 MERGE_DEPLOYMENT = "merge_checkpoints/ckreg-merge"
 POLICY_DEPLOYMENT = "sequential_merge/ckreg-policy"
 
-Job = tuple[Literal["ready", "merge", "policy", "warmup"], int]
+Job = tuple[Literal["ready", "merge", "policy", "warmup", "sweep"], int]
+
+
+def recovery_sweep(runtime: Runtime, *, at_start: bool) -> list[int]:
+    """Find work a crash lost; returns the merge runs to (re-)run.
+
+    Merge runs whose owner died or whose lease expired; on_register runs whose ready event was
+    lost (planned from the current selection, as the event would have); checkpoints pending past
+    ``CKREG_PENDING_TTL_S`` (failed, blobs released to gc); files an interrupted ``complete``
+    never compressed. At start-up nothing of this process is in flight, so nothing needs to
+    settle; later sweeps leave runs and checkpoints younger than the claim grace alone.
+    """
+    from flows.policy_flows import missed_policy_runs  # imports Prefect: only when sweeping
+
+    settings = runtime.settings
+    settle_s = 0.0 if at_start else settings.merge_claim_grace_s
+    with runtime.session() as session:
+        run_ids = leases.reclaim_stale_runs(session=session, claim_grace_s=settle_s)
+        run_ids += missed_policy_runs(session=session, settle_s=settle_s)
+        recovery.fail_stale_pending(
+            session=session, store=runtime.store, ttl_s=settings.pending_ttl_s
+        )
+        recovery.resume_compression(
+            session=session, store=runtime.store, settings=settings, settle_s=settle_s
+        )
+    return run_ids
 
 
 class EmbeddedLauncher:
@@ -48,6 +74,8 @@ class EmbeddedLauncher:
             CronScheduler(self.runtime, self.policy_due, tick_s=cron_tick_s) if cron else None
         )
         self._recover = recover
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_timer, name="ckreg-sweep", daemon=True)
         self.errors: list[str] = []
 
     # ---- Launcher protocol ---------------------------------------------------------------
@@ -63,22 +91,24 @@ class EmbeddedLauncher:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EmbeddedLauncher:
-        """Start the worker (and cron scheduler); re-queue runs a previous process left unfinished.
+        """Start the worker (and cron scheduler); recover what a previous process left.
 
         A run still leased by a live process (another server on the same database) is left to
-        it; one whose owner died (or whose lease expired) is taken over.
+        it; one whose owner died (or whose lease expired) is taken over. With ``recover`` the
+        start-up sweep runs first and the periodic one every ``CKREG_RECOVERY_SWEEP_S``.
         """
         self._jobs.put(("warmup", 0))
         if self._recover:
-            with self.runtime.session() as session:
-                for run_id in leases.reclaim_stale_runs(session=session, claim_grace_s=0):
-                    self._jobs.put(("merge", run_id))
+            for run_id in recovery_sweep(self.runtime, at_start=True):
+                self._jobs.put(("merge", run_id))
+            self._sweeper.start()
         self._thread.start()
         if self.scheduler is not None:
             self.scheduler.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
         if self.scheduler is not None:
             self.scheduler.stop()
         self._jobs.put(None)
@@ -93,6 +123,13 @@ class EmbeddedLauncher:
                 return True
             time.sleep(0.05)
         return False
+
+    def _sweep_timer(self) -> None:
+        """Queue a sweep every ``recovery_sweep_s`` while the worker is idle: queued behind other
+        jobs it would find their runs unclaimed and queue them twice."""
+        while not self._stop.wait(self.runtime.settings.recovery_sweep_s):
+            if self._jobs.unfinished_tasks == 0:
+                self._jobs.put(("sweep", 0))
 
     def _work(self) -> None:
         # In-process flows cannot crash apart from this process: skip flow-run heartbeats,
@@ -126,6 +163,9 @@ class EmbeddedLauncher:
             pipelines.merge_checkpoints(object_id)
         elif kind == "policy":
             pipelines.sequential_merge(object_id)
+        elif kind == "sweep":
+            for run_id in recovery_sweep(self.runtime, at_start=False):
+                self._jobs.put(("merge", run_id))
 
 
 def run_tag(run_id: int) -> str:

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # deleted; uploads not completed within the TTL are aborted and their temp objects removed.
     gc_grace_s: float = Field(default=3600.0, ge=0)
     upload_ttl_s: float = Field(default=24 * 3600.0, ge=0)
+    # Recovery sweep (embedded launcher, every `recovery_sweep_s`; also at start-up): checkpoints
+    # pending with no upload or complete for longer than `pending_ttl_s` are failed, their blobs
+    # released to gc; lost on_register merges are planned, an interrupted complete compressed.
+    pending_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    recovery_sweep_s: float = Field(default=60.0, gt=0)
     # Stored safetensors files: compressed losslessly at `complete` ("zipnn", with deltas against
     # the base's file where smaller) or kept as uploaded ("off"). Downloads are always the original.
     store_compression: Literal["zipnn", "off"] = "zipnn"

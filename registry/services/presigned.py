@@ -1,6 +1,8 @@
 """Presigned multipart uploads: the client sends a large file's parts straight to S3.
 
-``start_presigned_upload`` hands out one presigned ``UploadPart`` URL per part for a temp object;
+``start_presigned_upload`` hands out one presigned ``UploadPart`` URL per part for a temp object
+whose upload id names its checkpoint (the first 16 hex digits), so an upload can only be completed
+or aborted through the checkpoint it was opened for (any other: 404, the upload untouched);
 ``complete_presigned_upload`` completes it, verifies size and sha256 by hashing the object once,
 moves it content-addressed and attaches it exactly like a streamed ``PUT`` would.
 ``expire_uploads`` (run by garbage collection) aborts uploads never completed within the upload
@@ -9,6 +11,8 @@ TTL (``CKREG_UPLOAD_TTL_S``) and removes the temp objects they left.
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -26,6 +30,7 @@ from registry.storage import ObjectStore, StorageIntegrityError
 from registry.storage.base import TMP_PREFIX, ObjectInfo, OpenUpload, PresignedUpload
 
 PRESIGN_EXPIRES = 3600
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class PresignedUnsupported(InvalidState):
@@ -56,10 +61,28 @@ def start_presigned_upload(
     metadata = {"checkpoint": str(checkpoint_id), "name": name, "sha256": digest, "size": str(size)}
     try:
         return store.start_presigned_upload(
-            size=size, part_size=part_size, metadata=metadata, expires=expires
+            size=size,
+            part_size=part_size,
+            metadata=metadata,
+            expires=expires,
+            upload_id=new_upload_id(checkpoint_id),
         )
     except ValueError as exc:
         raise InvalidInput(f"presigned upload of file '{name}': {exc}") from exc
+
+
+def new_upload_id(checkpoint_id: int) -> str:
+    """A fresh upload id: the checkpoint id in 16 hex digits, then 64 random bits."""
+    return f"{checkpoint_id:016x}{uuid.uuid4().hex[:16]}"
+
+
+def check_upload_owner(*, checkpoint_id: int, upload_id: str) -> None:
+    """``NotFound`` unless ``upload_id`` was opened for ``checkpoint_id`` (checked before the
+    store is touched, so another checkpoint's upload is never completed, aborted or deleted)."""
+    if not isinstance(upload_id, str) or not _UPLOAD_ID.fullmatch(upload_id):
+        raise InvalidInput(f"invalid upload id {upload_id!r}: expected 32 lowercase hex characters")
+    if int(upload_id[:16], 16) != checkpoint_id:
+        raise NotFound(f"checkpoint {checkpoint_id} has no upload {upload_id}")
 
 
 def complete_presigned_upload(
@@ -72,6 +95,7 @@ def complete_presigned_upload(
 ) -> StoredFile:
     """Complete the upload, verify it and attach it; a mismatch stores nothing (422)."""
     checkpoint = load_pending_checkpoint(session, checkpoint_id)
+    check_upload_owner(checkpoint_id=checkpoint_id, upload_id=upload_id)
     try:
         key, metadata = store.finish_presigned_upload(upload_id, parts)
     except StorageIntegrityError as exc:
@@ -98,6 +122,7 @@ def abort_presigned_upload(
     if not store.supports_presigned_uploads():
         raise PresignedUnsupported(f"presigned uploads need an S3 store; {store.url} is not one")
     load_checkpoint(session, checkpoint_id)
+    check_upload_owner(checkpoint_id=checkpoint_id, upload_id=upload_id)
     store.abort_presigned_upload(upload_id)
 
 

@@ -13,6 +13,7 @@ from registry.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
 from registry.models import ApiToken, TokenScope
 
 TOKEN_PREFIX = "ckr"
+INT64_MAX = 2**63 - 1
 # What each scope grants: admin implies write implies read.
 GRANTS: dict[str, set[TokenScope]] = {
     TokenScope.read: {TokenScope.read},
@@ -58,7 +59,11 @@ def revoke_token(*, session: Session, token_id: int) -> ApiToken:
 def _lookup(session: Session, plaintext: str) -> ApiToken | None:
     prefix, _, rest = plaintext.partition("_")
     token_id, _, secret = rest.partition("_")
-    if prefix != TOKEN_PREFIX or not token_id.isdigit() or not secret:
+    # ASCII digits only ("²".isdigit() is True, int("²") fails), and an id the database holds.
+    well_formed = token_id.isascii() and token_id.isdigit() and len(token_id) <= 19
+    if prefix != TOKEN_PREFIX or not well_formed or not secret or not plaintext.isascii():
+        return None
+    if int(token_id) > INT64_MAX:
         return None
     token = session.get(ApiToken, int(token_id))
     if token is None or token.revoked or not hmac.compare_digest(token.token_hash, _hash(secret)):

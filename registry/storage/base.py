@@ -303,9 +303,16 @@ class ObjectStore(ABC):
         return False
 
     def start_presigned_upload(
-        self, *, size: int, part_size: int | None, metadata: Mapping[str, str], expires: int
+        self,
+        *,
+        size: int,
+        part_size: int | None,
+        metadata: Mapping[str, str],
+        expires: int,
+        upload_id: str | None = None,
     ) -> PresignedUpload:
-        """Open a multipart upload to ``tmp/<upload_id>`` and presign one URL per part."""
+        """Open a multipart upload to ``tmp/<upload_id>`` (a new random id unless given: 32
+        lowercase hex characters) and presign one URL per part."""
         raise NotImplementedError(f"{self!r} cannot hand out presigned upload URLs")
 
     def finish_presigned_upload(

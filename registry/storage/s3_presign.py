@@ -73,6 +73,7 @@ class PresignedUploads(ObjectStore):
         part_size: int | None,
         metadata: Mapping[str, str],
         expires: int,
+        upload_id: str | None = None,
     ) -> PresignedUpload:
         """Create the multipart upload and presign one ``UploadPart`` URL per part."""
         step = part_size or self.part_size
@@ -83,7 +84,7 @@ class PresignedUploads(ObjectStore):
         count = max(1, -(-size // step))
         if count > MAX_PARTS:
             raise ValueError(f"{size} bytes in parts of {step} needs {count} > {MAX_PARTS} parts")
-        upload_id = uuid.uuid4().hex
+        upload_id = upload_id or uuid.uuid4().hex
         key = temp_key(upload_id)
         full = self._full(key)
         reply = self.client.create_multipart_upload(

@@ -156,3 +156,122 @@ def test_deeply_nested_header_in_an_artifact_upload_is_422(rapi: Api) -> None:
     with rapi.env.session() as session:
         rows = session.exec(select(Artifact).where(Artifact.checkpoint_id == base["id"])).all()
     assert [row.role for row in rows] == ["weights"]
+
+
+# ---- 4: presigned uploads are tied to their checkpoint ----------------------------------------
+
+
+@pytest.mark.s3
+def test_presigned_upload_of_b_cannot_be_aborted_or_completed_through_a(s3_api: Api) -> None:
+    import hashlib
+
+    import httpx
+
+    a = s3_api.register({}, name="a", complete=False)
+    b = s3_api.register({}, name="b", complete=False)
+    data = b"bytes of b" * 10
+    body = {"name": "b.bin", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    started = s3_api.client.post(
+        f"/api/v1/checkpoints/{b['id']}/uploads", json=body, headers=s3_api.headers
+    )
+    assert started.status_code == 201, started.text
+    plan = started.json()
+    put = httpx.put(plan["parts"][0]["url"], content=data)
+    parts = [{"part_number": 1, "etag": put.headers["ETag"]}]
+    through_a = f"/api/v1/checkpoints/{a['id']}/uploads/{plan['upload_id']}"
+    assert_error(s3_api.client.delete(through_a, headers=s3_api.headers), 404, "no upload")
+    completed = s3_api.client.post(
+        f"{through_a}/complete", json={"parts": parts}, headers=s3_api.headers
+    )
+    assert_error(completed, 404, f"checkpoint {a['id']}", "no upload")
+    assert s3_api.env.artifact_rows(a["id"]) == []
+    # B's upload is untouched: it completes through B.
+    done = s3_api.client.post(
+        f"/api/v1/checkpoints/{b['id']}/uploads/{plan['upload_id']}/complete",
+        json={"parts": parts},
+        headers=s3_api.headers,
+    )
+    assert done.status_code == 200, done.text
+    assert [row.name for row in s3_api.env.artifact_rows(b["id"])] == ["b.bin"]
+
+
+# ---- 7: tokens -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer tök".encode(),
+        b"Bearer ckr_\xb2_secret",  # latin-1 superscript two: str.isdigit() is True
+        b"Bearer ckr_1_s\xe9cret",
+        b"Bearer ckr_99999999999999999999999_abc",
+        f"Bearer ckr_{2**63}_abc".encode(),
+    ],
+)
+def test_odd_bearer_tokens_are_401(rapi: Api, value: bytes) -> None:
+    response = rapi.client.post(
+        "/api/v1/checkpoints",
+        json={"name": "x", "kind": "base"},
+        headers={"Authorization": value},  # type: ignore[dict-item]
+    )
+    assert_error(response, 401, "invalid or revoked token")
+    assert checkpoints(rapi) == []
+
+
+def _admin(api: Api) -> dict[str, str]:
+    from registry.services import create_token
+
+    with api.env.session() as session:
+        _, secret = create_token(session=session, name="admin", scopes=["admin"])
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_admin_lists_and_revokes_tokens_effective_on_the_next_request(rapi: Api) -> None:
+    admin = _admin(rapi)
+    assert_error(rapi.client.get("/api/v1/admin/tokens", headers=rapi.headers), 403, "admin")
+    listed = rapi.client.get("/api/v1/admin/tokens", headers=admin)
+    assert listed.status_code == 200, listed.text
+    assert [(t["name"], t["revoked"]) for t in listed.json()] == [
+        ("writer", False),
+        ("reader", False),
+        ("admin", False),
+    ]
+    assert all("hash" not in key for t in listed.json() for key in t)
+    writer_id = listed.json()[0]["id"]
+    assert rapi.client.post(
+        "/api/v1/checkpoints", json={"name": "a", "kind": "base"}, headers=rapi.headers
+    ).is_success
+    revoked = rapi.client.delete(f"/api/v1/admin/tokens/{writer_id}", headers=admin)
+    assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+    refused = rapi.client.post(
+        "/api/v1/checkpoints", json={"name": "b", "kind": "base"}, headers=rapi.headers
+    )
+    assert_error(refused, 401, "revoked")
+    assert_error(rapi.client.delete("/api/v1/admin/tokens/999", headers=admin), 404, "999")
+    again = rapi.client.get("/api/v1/admin/tokens", headers=admin).json()
+    assert again[0]["revoked"] is True and again[1]["revoked"] is False
+
+
+def test_cli_token_list_and_revoke(rapi: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from registry.settings import get_settings
+
+    monkeypatch.setenv("CKREG_DATABASE_URL", rapi.env.settings.database_url)
+    monkeypatch.setenv("CKREG_STORE_URL", rapi.env.settings.store_url)
+    get_settings.cache_clear()
+    try:
+        listed = CliRunner().invoke(app, ["token", "list"])
+        assert listed.exit_code == 0, listed.output
+        assert "writer" in listed.output and "reader" in listed.output and "active" in listed.output
+        assert "ckr_" not in listed.output
+        revoked = CliRunner().invoke(app, ["token", "revoke", "2"])
+        assert revoked.exit_code == 0 and "revoked token 2 'reader'" in revoked.output
+        reads = rapi.client.get("/api/v1/admin/tokens", headers=rapi.read_headers)
+        assert reads.status_code == 401
+        missing = CliRunner().invoke(app, ["token", "revoke", "99"])
+        assert missing.exit_code == 1 and "token 99 not found" in missing.output
+        assert "revoked" in CliRunner().invoke(app, ["token", "list"]).output
+    finally:
+        get_settings.cache_clear()

@@ -1,12 +1,15 @@
-"""Administration (admin-scoped tokens only): garbage collection of the object store."""
+"""Administration (admin-scoped tokens only): garbage collection of the object store, and the
+API tokens (list, revoke; a revoked token is refused from the next request on)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from registry.api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
+from registry.api.deps import AdminDep, RowId, SessionDep, SettingsDep, StoreDep
+from registry.models import ApiToken, UtcDateTime
 from registry.services.gc import collect_garbage, report_summary
+from registry.services.tokens import list_tokens, revoke_token
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -66,3 +69,37 @@ def run_gc(
         dry_run=request.dry_run,
     )
     return GcResult.model_validate(report_summary(report, limit=request.limit))
+
+
+class TokenPublic(BaseModel):
+    """A token as listed: never its secret or hash."""
+
+    id: int
+    name: str
+    scopes: list[str]
+    revoked: bool
+    created_at: UtcDateTime
+    last_used_at: UtcDateTime | None
+
+
+def _token_public(token: ApiToken) -> TokenPublic:
+    return TokenPublic(
+        id=token.id or 0,
+        name=token.name,
+        scopes=list(token.scopes),
+        revoked=token.revoked,
+        created_at=token.created_at,
+        last_used_at=token.last_used_at,
+    )
+
+
+@router.get("/tokens")
+def get_tokens(session: SessionDep, _: AdminDep) -> list[TokenPublic]:
+    """Every token, oldest first (revoked ones included, marked)."""
+    return [_token_public(token) for token in list_tokens(session=session)]
+
+
+@router.delete("/tokens/{token_id}")
+def delete_token(token_id: RowId, session: SessionDep, _: AdminDep) -> TokenPublic:
+    """Revoke a token: it is refused (401) from the next request on; the row stays, listed."""
+    return _token_public(revoke_token(session=session, token_id=token_id))
