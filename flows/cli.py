@@ -11,6 +11,7 @@ import typer
 from flows.cli_admin import admin_app
 from flows.cli_family import family_app
 from flows.cli_policies import policy_app
+from flows.cli_tokens import token_commands
 from registry.settings import get_settings
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 mlflow_app = typer.Typer(help="MLflow lineage.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+token_app.registered_commands.extend(token_commands.registered_commands)  # list, revoke
 app.add_typer(policy_app, name="policy")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(family_app, name="family")
