@@ -9,18 +9,20 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from registry.client.capture import second_moments_from_optimizer_file, write_second_moments
 from registry.client.layouts import plan_upload, sha256_file
 from registry.client.merges import MergesMixin
 from registry.client.presigned import UNSUPPORTED, upload_presigned
+from registry.client.trainer_moments import side_artifacts
 from registry.client.transport import API_PREFIX, ClientError
 
 __all__ = ["API_PREFIX", "Client", "ClientError"]
+log = logging.getLogger("registry.client")
 
 
 class Client(MergesMixin):
@@ -118,6 +120,7 @@ class Client(MergesMixin):
         metrics: Mapping[str, float] | None = None,
         second_moment: Path | str | None = None,
         optimizer_param_names: Sequence[str] | None = None,
+        include_training_state: bool = False,
         progress: bool = True,
     ) -> dict[str, Any]:
         """Upload a checkpoint (file or directory, see ``registry.client.layouts``) and complete it.
@@ -125,35 +128,43 @@ class Client(MergesMixin):
         ``kind`` defaults to ``adapter`` for a PEFT directory and ``finetune`` otherwise; ``step``
         and the ``loss`` metric default to a Trainer directory's ``trainer_state.json``.
         ``second_moment`` is a safetensors file of Adam ``exp_avg_sq`` keyed by parameter name
-        (see ``registry.client.capture``). A Trainer ``optimizer.pt`` is converted into one only when
-        ``optimizer_param_names`` (names in the optimizer's parameter order) is given; otherwise
-        it is never opened. Returns the final ``CheckpointPublic``.
+        (see ``registry.client.capture``); else a folder's ``second_moment.safetensors`` or its
+        Trainer ``optimizer.pt`` converted (``registry.client.trainer_moments``; names in optimizer
+        order from ``optimizer_param_names``, else from ``config.json``). Skipped files (training
+        state unless ``include_training_state``) are logged. Returns the final ``CheckpointPublic``.
         """
-        plan = plan_upload(Path(path))
-        checkpoint = self.create_checkpoint(
-            name=name or plan.name,
-            kind=kind or plan.kind,
-            base_id=base_id,
-            task=task,
-            run=run,
-            step=step if step is not None else plan.step,
-            tags=tags,
-            metadata={"layout": plan.layout} | dict(metadata or {}),
-        )
-        checkpoint_id = int(checkpoint["id"])
-        hashes = {}
-        for file in plan.files:
-            hashes[file.name] = self.upload_file(checkpoint_id, file, progress=progress)["sha256"]
-        self.complete(checkpoint_id, sha256=hashes)
-        all_metrics = plan.metrics | dict(metrics or {})
-        if all_metrics:
-            self.add_metrics(checkpoint_id, all_metrics, step=checkpoint.get("step"))
-        if second_moment is not None:
-            self.upload_artifact(checkpoint_id, second_moment, "second_moment", progress=progress)
-        elif optimizer_param_names is not None and plan.optimizer_file is not None:
-            self._upload_optimizer_moments(
-                checkpoint_id, plan.optimizer_file, optimizer_param_names, progress
+        plan = plan_upload(Path(path), include_training_state=include_training_state)
+        for note in plan.notes:
+            log.warning(note)
+        with tempfile.TemporaryDirectory(prefix="ckreg-") as tmp:  # converted optimizer state
+            extra = side_artifacts(
+                plan,
+                second_moment=second_moment,
+                optimizer_param_names=optimizer_param_names,
+                work_dir=Path(tmp),
             )
+            checkpoint = self.create_checkpoint(
+                name=name or plan.name,
+                kind=kind or plan.kind,
+                base_id=base_id,
+                task=task,
+                run=run,
+                step=step if step is not None else plan.step,
+                tags=tags,
+                metadata={"layout": plan.layout} | dict(metadata or {}),
+            )
+            checkpoint_id = int(checkpoint["id"])
+            hashes = {}
+            for file in plan.files:
+                hashes[file.name] = self.upload_file(checkpoint_id, file, progress=progress)[
+                    "sha256"
+                ]
+            self.complete(checkpoint_id, sha256=hashes)
+            all_metrics = plan.metrics | dict(metrics or {})
+            if all_metrics:
+                self.add_metrics(checkpoint_id, all_metrics, step=checkpoint.get("step"))
+            for role, artifact in extra:
+                self.upload_artifact(checkpoint_id, artifact, role, progress=progress)
         return self.get_checkpoint(checkpoint_id)
 
     def list_checkpoints(self, **filters: Any) -> dict[str, Any]:
@@ -242,11 +253,3 @@ class Client(MergesMixin):
     def health(self) -> dict[str, Any]:
         """``{"status": "ok"}`` when the server is up."""
         return self._json("GET", "/healthz")
-
-    def _upload_optimizer_moments(
-        self, checkpoint_id: int, optimizer_file: Path, names: Sequence[str], progress: bool
-    ) -> None:
-        moments = second_moments_from_optimizer_file(optimizer_file, names)
-        with tempfile.TemporaryDirectory(prefix="ckreg-") as tmp:
-            path = write_second_moments(moments, Path(tmp) / "second_moment.safetensors")
-            self.upload_artifact(checkpoint_id, path, "second_moment", progress=progress)

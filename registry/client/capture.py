@@ -6,17 +6,24 @@ methods that weight by curvature can use them. Nothing here runs on the server.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from registry.client.layouts import LayoutError
 
 # torch is imported where it is used: the ``ckreg`` commands that never touch tensors start fast.
 if TYPE_CHECKING:
     import torch
 
 
-class CaptureError(ValueError):
+class CaptureError(LayoutError):
     """The optimizer state cannot be turned into second moments; names the parameters at fault."""
+
+
+class UnsafeOptimizerFile(CaptureError, pickle.UnpicklingError):
+    """``torch.load(weights_only=True)`` refused the file: it holds more than tensors."""
 
 
 def capture_second_moments(
@@ -54,17 +61,35 @@ def second_moments_from_optimizer_file(
     ``optimizer.param_groups`` flattened, which is NOT always ``model.named_parameters()`` order
     (HF Trainer groups decay / no-decay parameters). A mapping index -> name is also accepted.
     """
-    import torch
-
-    state_dict = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict) or "state" not in state_dict:
-        raise CaptureError(f"'{path}' is not an optimizer state_dict (no 'state' key)")
+    state_dict = load_optimizer_state(path)
     names = dict(param_names) if isinstance(param_names, Mapping) else dict(enumerate(param_names))
     indices = _param_indices(state_dict)
     if indices and len(indices) != len(names):
         raise CaptureError(
             f"'{path}' holds {len(indices)} optimizer parameters but {len(names)} parameter names were given"
         )
+    return moments_by_name(state_dict, names, path)
+
+
+def load_optimizer_state(path: Path | str) -> dict[str, Any]:
+    """A saved optimizer ``state_dict``, read with ``torch.load(weights_only=True)``."""
+    import torch
+
+    try:
+        state_dict = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeOptimizerFile(f"'{path}' was not loaded: {exc}") from exc
+    except (RuntimeError, EOFError) as exc:
+        raise CaptureError(f"'{path}' cannot be read as an optimizer state_dict: {exc}") from exc
+    if not isinstance(state_dict, dict) or "state" not in state_dict:
+        raise CaptureError(f"'{path}' is not an optimizer state_dict (no 'state' key)")
+    return state_dict
+
+
+def moments_by_name(
+    state_dict: dict[str, Any], names: Mapping[int, str], path: Path | str
+) -> dict[str, torch.Tensor]:
+    """``{names[i]: exp_avg_sq of parameter i}``; ``CaptureError`` naming a parameter without one."""
     moments: dict[str, torch.Tensor] = {}
     for index, name in names.items():
         state = state_dict["state"].get(index, {})

@@ -116,6 +116,10 @@ def register(
         Path | None,
         typer.Option("--second-moment", help="safetensors of Adam exp_avg_sq by parameter name."),
     ] = None,
+    include_training_state: Annotated[
+        bool,
+        typer.Option(help="Also upload optimizer/scheduler/RNG state (skipped by default)."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -145,6 +149,7 @@ def register(
             tags=tag or [],
             metrics=metrics,
             second_moment=second_moment,
+            include_training_state=include_training_state,
             progress=not quiet,
         )
     typer.echo(

@@ -3,9 +3,16 @@
 Layouts understood (checked in this order inside a directory):
 - PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` (kind ``adapter``);
 - sharded: ``model.safetensors.index.json`` + the shards it names;
-- single: ``model.safetensors``;
-plus ``config.json`` and ``generation_config.json`` when present, and, for a Hugging Face Trainer checkpoint directory,
-``trainer_state.json`` (step = ``global_step``, loss = last ``log_history`` entry with ``loss``).
+- single: ``model.safetensors``.
+Every other top-level file of the folder goes along as a checkpoint file (``config.json``,
+``generation_config.json``, tokenizer files, chat templates, ``README.md``, ...), except:
+- training state (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``,
+  ``training_args.bin``, ``trainer_state.json``), kept only with ``include_training_state``;
+- other weight formats (``*.bin``, ``*.pt``, ...: pickles are never uploaded), hidden files,
+  names the registry refuses, and subfolders;
+- ``second_moment.safetensors`` / ``fisher.safetensors``, uploaded as artifacts of that role.
+Each kind of skip is reported in ``UploadPlan.notes``. A Trainer ``checkpoint-N`` folder's
+``trainer_state.json`` gives the step (``global_step``) and loss (last logged ``loss``).
 A path to a ``.safetensors`` file is uploaded alone.
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +40,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SINGLE_WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-EXTRA_FILES = ("config.json", "generation_config.json")
+CONFIG_FILE = "config.json"
+EXTRA_FILES = (CONFIG_FILE, "generation_config.json")  # listed right after the weights
+TRAINING_STATE = re.compile(
+    r"^((optimizer|scheduler|scaler)\.(pt|bin)|rng_state.*\.pth|training_args\.bin|trainer_state\.json)$"
+)
+OTHER_WEIGHT_FORMATS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
+ARTIFACT_FILES = {"second_moment.safetensors": "second_moment", "fisher.safetensors": "fisher"}
+# The registry's rule for file names (registry.services.common.check_file_name).
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
 class LayoutError(ValueError):
@@ -50,10 +66,22 @@ class UploadPlan:
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     optimizer_file: Path | None = None
+    # (role, path) of tensor artifacts found in the folder (second_moment.safetensors, ...)
+    artifacts: list[tuple[str, Path]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line per kind of skipped file
+
+    @property
+    def directory(self) -> Path | None:
+        """The checkpoint folder, or None when a single file is uploaded."""
+        return None if self.layout == "file" else self.files[0].parent
 
 
-def plan_upload(path: Path) -> UploadPlan:
-    """Inspect ``path`` (a ``.safetensors`` file or a checkpoint directory); returns its plan."""
+def plan_upload(path: Path, *, include_training_state: bool = False) -> UploadPlan:
+    """Inspect ``path`` (a ``.safetensors`` file or a checkpoint directory); returns its plan.
+
+    ``include_training_state`` uploads optimizer / scheduler / RNG state as plain files too
+    (never opened here; the registry only stores them).
+    """
     if path.is_file():
         if path.suffix != ".safetensors":
             raise LayoutError(
@@ -63,19 +91,56 @@ def plan_upload(path: Path) -> UploadPlan:
         return UploadPlan(layout="file", name=path.stem, files=[path])
     if not path.is_dir():
         raise LayoutError(f"'{path}' does not exist")
-    layout, kind, files = _weights_in(path)
-    files += [path / extra for extra in EXTRA_FILES if (path / extra).is_file()]
+    layout, kind, weights = _weights_in(path)
+    extras, artifacts, notes = _other_files(path, weights, include_training_state)
     step, metrics = read_trainer_state(path / TRAINER_STATE)
     optimizer = path / OPTIMIZER_FILE
     return UploadPlan(
         layout=layout if step is None else f"trainer/{layout}",
         name=path.resolve().name,
-        files=files,
+        files=weights + extras,
         kind=kind,
         step=step,
         metrics=metrics,
         optimizer_file=optimizer if optimizer.is_file() else None,
+        artifacts=artifacts,
+        notes=notes,
     )
+
+
+def _other_files(
+    directory: Path, weights: list[Path], include_training_state: bool
+) -> tuple[list[Path], list[tuple[str, Path]], list[str]]:
+    """The folder's non-weight files to upload, its artifacts, and a note per kind of skip."""
+    taken = {p.name for p in weights}
+    entries = sorted(directory.iterdir(), key=lambda p: (p.name not in EXTRA_FILES, p.name))
+    extras: list[Path] = []
+    artifacts: list[tuple[str, Path]] = []
+    skipped: dict[str, list[str]] = {}
+    for entry in entries:
+        name = entry.name
+        if name in taken:
+            continue
+        if entry.is_dir():
+            skipped.setdefault("subfolder; only top-level files are registered", []).append(
+                name + "/"
+            )
+        elif name in ARTIFACT_FILES:
+            artifacts.append((ARTIFACT_FILES[name], entry))
+        elif TRAINING_STATE.match(name) and not include_training_state:
+            skipped.setdefault("training state; --include-training-state to keep", []).append(name)
+        elif name.endswith(".safetensors"):
+            skipped.setdefault("safetensors outside the weights layout", []).append(name)
+        elif name.endswith(OTHER_WEIGHT_FORMATS) and not TRAINING_STATE.match(name):
+            skipped.setdefault("not safetensors; pickled weights are never uploaded", []).append(
+                name
+            )
+        elif not SAFE_NAME.fullmatch(name) or ".." in name:
+            skipped.setdefault("hidden or not a plain file name", []).append(name)
+        elif entry.is_file():
+            extras.append(entry)
+    notes = [f"skipped {', '.join(names)} ({why})" for why, names in skipped.items()]
+    return extras, artifacts, notes
 
 
 def _weights_in(directory: Path) -> tuple[str, str, list[Path]]:
