@@ -20,7 +20,7 @@ import torch
 
 from bench.zoo.data import SPLITS, TaskData, task_data
 from bench.zoo.manifest import load_manifest, load_tensors
-from bench.zoo.model import Params, accuracy, check_backbone, head_from, mean_loss
+from bench.zoo.model import Params, accuracy, check_backbone, head_from, logits, mean_loss
 from bench.zoo.train import diagonal_fisher
 
 DEFAULT_PROXY_SIZE = 64
@@ -62,6 +62,24 @@ class DigitsObjective:
             head = {k: v.to(reference.device, reference.dtype) for k, v in self.heads[task].items()}
             x = data.x.to(reference.device, reference.dtype)
             total = total + mean_loss(params, head, x, data.y.to(reference.device))
+        return total
+
+
+class DigitsEntropy:
+    """AdaMerging's objective: mean prediction entropy of every task head on unlabeled inputs
+    (labels never read), summed over tasks; differentiable in the backbone parameters."""
+
+    def __init__(self, heads: Mapping[str, Params], inputs: Mapping[str, torch.Tensor]) -> None:
+        self.heads = dict(heads)
+        self.inputs = dict(inputs)
+
+    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        reference = params["fc1.weight"]
+        total = reference.new_zeros(())
+        for task, x in self.inputs.items():
+            head = {k: v.to(reference.device, reference.dtype) for k, v in self.heads[task].items()}
+            probs = torch.softmax(logits(params, head, x.to(reference.device, reference.dtype)), -1)
+            total = total - (probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         return total
 
 
@@ -140,6 +158,15 @@ class DigitsEvaluator:
             for t in self.tasks
         }
         return DigitsObjective(self.heads, proxies)
+
+    def unlabeled_objective(self) -> DigitsEntropy:
+        """Prediction entropy on ``proxy_size`` unlabeled validation inputs per task (adamerging)."""
+        seed = self.manifest.seed
+        inputs = {
+            t: _subset(task_data(t, "validation", seed=seed), self.proxy_size, seed).x
+            for t in self.tasks
+        }
+        return DigitsEntropy(self.heads, inputs)
 
     def fisher(
         self, state_dict: Mapping[str, torch.Tensor], *, task: str | None = None

@@ -19,6 +19,7 @@ import torch
 
 import mergeops
 from bench.zoo.evaluator import DigitsEvaluator
+from bench.zoo.grams import task_grams
 from bench.zoo.loaded import Row, StateDict, Zoo, load_zoo
 
 MergeFn = Callable[[Mapping[str, Any]], StateDict]
@@ -47,7 +48,23 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "fw": [
         {"step_size": s, "lambda": lam, "max_iters": 10} for s in (0.1, 0.3) for lam in (0.1, 0.3)
     ],
+    # the frontier methods (issue 19)
+    "regmean": [{"alpha": a} for a in (0.5, 0.7, 0.9, 1.0)],
+    "adamerging": [
+        {"granularity": g, "steps": 150, "lr": 0.02, "init": 0.3} for g in ("task", "layer")
+    ],
+    "wudi": [{"alpha": a, "steps": 300, "lr": lr} for a in (0.3, 0.5, 1.0) for lr in (1e-3, 1e-2)],
+    "iso_c": [{"alpha": a} for a in (0.3, 0.5, 0.7, 1.0, 1.5, 2.0)],
+    "iso_cts": [{"alpha": a, "common_space_fraction": 0.8} for a in (0.5, 1.0, 1.5, 2.0)],
+    "tsv_m": [{"alpha": a} for a in (0.3, 0.5, 0.7, 1.0)],
+    "pcb": [{"pcb_ratio": r, "lambda": lam} for r in (0.1, 0.2, 0.5) for lam in (0.5, 1.0, 1.5)],
+    "doge_ta": [
+        {"lambda": lam, "density": 0.3, "steps": 100, "lr": 1e-3} for lam in (0.2, 0.3, 0.5)
+    ],
+    "magmax": [{"lambda": lam} for lam in (0.3, 0.5, 0.7, 1.0)],
 }
+#: Served per task (each task its own rebuilt model), not as one merged model: own rows.
+PER_TASK = ("emr",)
 
 
 def select(
@@ -65,17 +82,25 @@ def select(
     return best
 
 
-def _merge_fn(method: str, zoo: Zoo, objective: mergeops.Objective) -> MergeFn:
+def _merge_fn(
+    method: str, zoo: Zoo, objective: mergeops.Objective, val: DigitsEvaluator | None = None
+) -> MergeFn:
     names = list(zoo.tasks)
     models = [zoo.tasks[t] for t in names]
     side: dict[str, Any] = {"model_names": names}
+    if method == "regmean":
+        seed = zoo.manifest.seed
+        side["grams"] = [task_grams(zoo.tasks[t], t, seed=seed) for t in names]
+    if method == "adamerging":
+        assert val is not None
+        side["objective"] = val.unlabeled_objective()
     if method in ("ota", "ota_ffg"):
         side["second_moments"] = [zoo.second_moments[t] for t in names]
     if method == "fisher":
         side["fisher"] = [zoo.fishers[t] for t in names]
     if method == "fw":
         side["objective"] = objective
-    base = None if method in ("linear", "fisher") else zoo.base
+    base = None if method in ("linear", "fisher", "regmean") else zoo.base
     return lambda params: mergeops.merge(method, models, base=base, **side, **params)
 
 
@@ -112,10 +137,14 @@ def multitask_rows(
         own[f"{kind}/avg"] = sum(own[f"{kind}/{t}"] for t in zoo.tasks) / len(zoo.tasks)
     rows.append(Row("individual", "finetuned(own task each)", test=own))
     objective = val.objective()
-    for method in methods or list(GRIDS):
-        params, merged, score = select(_merge_fn(method, zoo, objective), GRIDS[method], _avg(val))
+    for method in [m for m in methods or list(GRIDS) if m not in PER_TASK]:
+        merge_fn = _merge_fn(method, zoo, objective, val)
+        params, merged, score = select(merge_fn, GRIDS[method], _avg(val))
         rows.append(Row("multitask", method, params, score, test.evaluate(merged)))
         log(f"{method:<16} {params} val {score:.3f}")
+    if methods is None or "emr" in methods:
+        rows.append(emr_row(zoo, test))
+        log("emr              (tuning-free; each task served from its own mask and rescaler)")
     if methods is None or "fw" in methods:
         for method in ("task_arithmetic", "fw"):
             fn = _fw_pool_fn(zoo, objective, method)
@@ -124,6 +153,30 @@ def multitask_rows(
             rows.append(Row("multitask", name, params, score, test.evaluate(merged)))
             log(f"{name:<16} {params} val {score:.3f}")
     return rows
+
+
+def emr_row(zoo: Zoo, test: DigitsEvaluator) -> Row:
+    """EMR: task t scored with its own rebuilt model θ0 + g_t·m_t ⊙ τ_uni, on task t only."""
+    from mergeops.methods.masks.emr import reconstruct_model
+
+    names = list(zoo.tasks)
+    result = mergeops.merge_with_extras(
+        "emr", [zoo.tasks[t] for t in names], base=zoo.base, model_names=names, device="cpu"
+    )
+    unified = result.extras["task_vector"]
+    metrics: dict[str, float] = {}
+    for task in names:
+        rebuilt = reconstruct_model(
+            zoo.base, unified, result.extras[f"mask.{task}"], result.extras[f"rescale.{task}"]
+        )
+        scored = test.evaluate(rebuilt)
+        for kind in ("accuracy", "normalized_accuracy"):
+            if f"{kind}/{task}" in scored:
+                metrics[f"{kind}/{task}"] = scored[f"{kind}/{task}"]
+    for kind in ("accuracy", "normalized_accuracy"):
+        values = [metrics[f"{kind}/{t}"] for t in names if f"{kind}/{t}" in metrics]
+        metrics[f"{kind}/avg"] = sum(values) / len(values)
+    return Row("multitask", "emr(per-task)", {}, None, metrics)
 
 
 def run_quality(

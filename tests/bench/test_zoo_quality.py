@@ -69,3 +69,27 @@ def test_sequence_sections(zoo: Path) -> None:
 def test_run_quality_end_to_end(zoo: Path) -> None:
     rows = run_quality(zoo, methods=["linear"], sections=("multitask",), log=lambda _: None)
     assert any(r.method == "linear" for r in rows)
+
+
+def test_frontier_methods_run_on_the_zoo(zoo: Path) -> None:
+    """regmean (grams from the zoo), adamerging (entropy on unlabeled inputs) and emr (served
+    per task) each give a row; the entropy objective drops under adamerging."""
+    loaded = load_zoo(zoo)
+    val = DigitsEvaluator(zoo, split="validation")
+    test = DigitsEvaluator(zoo, split="test")
+    rows = multitask_rows(
+        loaded, val, test, methods=["regmean", "iso_c", "emr"], log=lambda _: None
+    )
+    by_name = {row.method: row for row in rows}
+    assert {"regmean", "iso_c", "emr(per-task)"} <= set(by_name)
+    for row in (by_name["regmean"], by_name["iso_c"], by_name["emr(per-task)"]):
+        assert 0 <= row.test["accuracy/avg"] <= 1
+    entropy = val.unlabeled_objective()
+    import mergeops
+
+    tasks = list(loaded.tasks.values())
+    start = mergeops.merge("task_arithmetic", tasks, base=loaded.base, **{"lambda": 0.3})
+    learnt = mergeops.merge(
+        "adamerging", tasks, base=loaded.base, objective=entropy, steps=20, lr=0.02
+    )
+    assert float(entropy.loss(learnt)) < float(entropy.loss(start))
