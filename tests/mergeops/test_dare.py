@@ -43,3 +43,19 @@ def test_dare_draws_differ_per_model_and_tensor():
     model = {"a": torch.ones(1000), "b": torch.ones(1000)}
     out = mergeops.merge("dare_linear", [model], base=base, density=0.5, device="cpu")
     assert not torch.equal(out["a"], out["b"])
+
+
+@pytest.mark.parametrize("rescale_by", ["keep_probability", "l1"])
+def test_dare_rescale_modes_match_mergekit_on_average(rescale_by):
+    """1/density and L1 rescales agree in expectation with mergekit's L1 ``rescale``."""
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    gen = torch.Generator().manual_seed(5)
+    tau = torch.randn(50000, generator=gen)
+    ours = mergeops.merge(
+        "dare_linear", [{"w": tau}], base={"w": torch.zeros(50000)}, density=0.3,
+        rescale_by=rescale_by, device="cpu",
+    )["w"]  # fmt: skip
+    torch.manual_seed(0)
+    theirs = sparsify.bernoulli(tau, 0.3, sparsify.RescaleNorm.l1)
+    for stat in (lambda t: t.abs().sum(), lambda t: (t != 0).float().mean()):
+        assert abs(float(stat(ours)) / float(stat(theirs)) - 1) < 0.03

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mergeops
+from mergeops.ops.selection import topk_mask_by
 from mergeops.ops.sparsify import RadixTopK, topk_mask
 
 BASE = {"w": torch.tensor([1.0, 2.0, 3.0])}
@@ -95,3 +96,25 @@ def test_ties_model_scope_uses_one_threshold_over_all_tensors():
 def test_ties_bad_trim_scope_names_the_param():
     with pytest.raises(mergeops.MergeError, match="trim_scope"):
         mergeops.merge("ties", [A], base=BASE, trim_scope="layer", device="cpu")
+
+
+@pytest.mark.parametrize("density", [0.1, 0.37, 0.5])
+def test_mergekit_tie_break_keeps_what_mergekit_keeps(density):
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    gen = torch.Generator().manual_seed(2)
+    # bf16 values in a narrow range: hundreds of equal magnitudes at every threshold
+    tau = (torch.randn(4000, generator=gen) * 0.05).to(torch.bfloat16)
+    expected = sparsify.magnitude(tau, density) != 0
+    got = topk_mask_by(tau, density, "mergekit") & (tau != 0)
+    assert torch.equal(got, expected)
+    by_position = topk_mask_by(tau, density, "position")
+    assert int(by_position.sum()) == int(topk_mask_by(tau, density, "mergekit").sum())
+
+
+def test_ties_tie_break_param_reaches_the_trim():
+    base = {"w": torch.zeros(5)}
+    model = {"w": torch.tensor([1.0, -1.0, 1.0, 0.5, 1.0])}
+    out = mergeops.merge("ties", [model], base=base, density=0.4, device="cpu")
+    assert out["w"].tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
+    kept = mergeops.merge("ties", [model], base=base, density=0.4, tie_break="mergekit")
+    assert int((kept["w"] != 0).sum()) == 2
