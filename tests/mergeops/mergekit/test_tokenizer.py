@@ -23,8 +23,22 @@ WEIGHTS = {"base": 1.0, "chat": 0.5, "other": 0.3}
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_zoo(tmp_path_factory.mktemp("vocab-zoo"))
+def zoos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """The three models per dtype name, built on first use."""
+    built: dict[str, dict[str, Path]] = {}
+
+    class Lazy(dict):
+        def __missing__(self, dtype: str) -> dict[str, Path]:
+            folder = tmp_path_factory.mktemp(f"vocab-zoo-{dtype}")
+            self[dtype] = build_zoo(folder, dtype=getattr(torch, dtype))
+            return self[dtype]
+
+    return Lazy(built)
+
+
+@pytest.fixture(scope="module")
+def zoo(zoos) -> dict[str, Path]:
+    return zoos["float32"]
 
 
 def _config(zoo: dict[str, Path], base: str | None = "base", **extra: Any) -> dict[str, Any]:
@@ -219,3 +233,66 @@ def test_bad_settings_name_the_key(zoo, tmp_path) -> None:
         remap_rows({"base": torch.zeros(5, 16)}, plan)
     with pytest.raises(ValueError, match="differ beyond the vocabulary axis"):
         remap_rows({"base": torch.zeros(23, 16), "chat": torch.zeros(26, 8)}, plan)
+
+
+def _in_their_order(ours: dict, our_vocab: dict[str, int], their_vocab: dict[str, int]) -> dict:
+    """Our vocabulary tensors with rows reordered to mergekit's token ids (padding rows kept)."""
+    order = [our_vocab[tok] for tok, _ in sorted(their_vocab.items(), key=lambda kv: kv[1])]
+    out = dict(ours)
+    for key in VOCAB_KEYS:
+        tail = list(range(len(order), ours[key].shape[0]))
+        out[key] = ours[key][torch.tensor(order + tail)]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype", "extra"),
+    [
+        ("linear", "float32", {"tokenizer_source": "union"}),
+        (
+            "task_arithmetic",
+            "float32",
+            {
+                "tokenizer": {
+                    "source": "union",
+                    "pad_to_multiple_of": 8,
+                    "tokens": {
+                        "x0": {"source": {"kind": "zero"}},
+                        "w4": {"source": "@other", "force": True},
+                    },
+                },
+                "chat_template": "chatml",
+            },
+        ),
+        ("ties", "float32", {"tokenizer_source": "base"}),
+        ("linear", "bfloat16", {"tokenizer_source": "union"}),
+    ],
+)
+def test_ckreg_merge_matches_mergekit(zoos, tmp_path, method, dtype, extra) -> None:
+    """The whole ``ckreg merge`` (H3's harness) against mergekit-yaml, tensors compared by token."""
+    from transformers import AutoTokenizer
+
+    from tests.mergeops.mergekit.harness import assert_close, run_ckreg, run_mergekit
+
+    zoo = zoos[dtype]
+    extra = json.loads(json.dumps(extra).replace('"@other"', json.dumps(str(zoo["other"]))))
+    weights = {"chat": 0.5, "other": 0.3} | ({"base": 1.0} if method == "linear" else {})
+    density = {"density": 0.5} if method == "ties" else {}
+    models = [
+        {"model": str(zoo[n]), "parameters": {"weight": w, **density}} for n, w in weights.items()
+    ]
+    config = {"merge_method": method, "base_model": str(zoo["base"]), "dtype": dtype,
+              "models": models, **extra}  # fmt: skip
+    theirs = run_mergekit(config, tmp_path / "mk")
+    ours = run_ckreg(config, tmp_path / "ours")
+    their_vocab = AutoTokenizer.from_pretrained(str(tmp_path / "mk")).get_vocab()
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    assert set(saved.get_vocab()) == set(their_vocab)
+    assert_close(_in_their_order(ours, saved.get_vocab(), their_vocab), theirs, dtype)
+    out_config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (
+        out_config["vocab_size"]
+        == json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"]
+    )
+    if "chat_template" in extra:
+        assert saved.chat_template == BUNDLED["chatml"]
