@@ -81,6 +81,13 @@ def method_cases(root: Path, tensors: list[dict[str, torch.Tensor]]) -> dict[str
         "mwa": {"models": models, "metrics": [0.3, 0.5, 0.9]},
         "opcm": {**common, "_state": True},
         "fw": {**common, "objective": Quadratic(target)},
+        "breadcrumbs": {**common, "density": 0.5, "gamma": 0.05},
+        "breadcrumbs_ties": {**common, "density": 0.5, "tie_break": "mergekit"},
+        "della": {**common, "density": 0.5, "epsilon": 0.1},
+        "della_linear": {**common, "density": 0.5, "rescale_by": "l1"},
+        "sce": {**common, "select_topk": 0.5},
+        "ram": {**common, "epsilon": 0.01},
+        "ramplus_tl": {**common, "epsilon": 0.01},
     }
     assert {c.get("_method", n) for n, c in cases.items()} == set(mergeops.available_methods())
     return cases
@@ -109,6 +116,7 @@ def assert_bits_equal(a: Any, b: Any) -> None:
 CASE_NAMES = [
     "linear", "task_arithmetic", "ties", "ties_model", "dare_linear", "dare_ties", "consensus",
     "tall_masks", "ffg", "ota", "ota_ffg", "fisher", "mwa", "opcm", "fw",
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl",
 ]  # fmt: skip
 
 
