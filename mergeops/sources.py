@@ -49,6 +49,25 @@ class Objective(Protocol):
 
 
 @runtime_checkable
+class GramProbe(Protocol):
+    """Layer-input statistics of a model under given parameters (regmean_plusplus).
+
+    ``linear_weights()`` names the linear weights in forward order; ``input_grams(params,
+    model_name)`` runs ``params`` on that model's data and returns each linear weight's mean
+    input Gram XᵀX / n."""
+
+    def linear_weights(self) -> list[str]:
+        """Linear weight names, in the order the forward pass reaches them."""
+        ...
+
+    def input_grams(
+        self, params: Mapping[str, torch.Tensor], model_name: str
+    ) -> dict[str, torch.Tensor]:
+        """Mean input Gram per linear weight, with ``params`` on ``model_name``'s data."""
+        ...
+
+
+@runtime_checkable
 class Evaluator(Protocol):
     """Scores a merged state dict; registered under the ``ckreg.evaluators`` entry-point group."""
 

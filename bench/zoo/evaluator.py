@@ -168,6 +168,12 @@ class DigitsEvaluator:
         }
         return DigitsEntropy(self.heads, inputs)
 
+    def gram_probe(self) -> Any:
+        """Layer-input Grams of a backbone on each task's train inputs (regmean_plusplus)."""
+        from bench.zoo.grams import DigitsGramProbe
+
+        return DigitsGramProbe(self.manifest.seed)
+
     def fisher(
         self, state_dict: Mapping[str, torch.Tensor], *, task: str | None = None
     ) -> dict[str, torch.Tensor]:

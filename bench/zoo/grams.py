@@ -30,3 +30,16 @@ def task_grams(params: Params, task: str, *, seed: int) -> dict[str, torch.Tenso
     """``backbone_grams`` of one fine-tune on (up to ``GRAM_EXAMPLES``) train inputs of its task."""
     x = task_data(task, "train", seed=seed).x[:GRAM_EXAMPLES]
     return backbone_grams({k: v.float() for k, v in params.items()}, x)
+
+
+class DigitsGramProbe:
+    """The ``GramProbe`` of the digits zoo (regmean_plusplus): model names are task names."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def linear_weights(self) -> list[str]:
+        return ["fc1.weight", "fc2.weight"]
+
+    def input_grams(self, params: Params, model_name: str) -> dict[str, torch.Tensor]:
+        return task_grams(params, model_name, seed=self.seed)

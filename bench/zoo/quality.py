@@ -19,7 +19,7 @@ import torch
 
 import mergeops
 from bench.zoo.evaluator import DigitsEvaluator
-from bench.zoo.grams import task_grams
+from bench.zoo.grams import DigitsGramProbe, task_grams
 from bench.zoo.loaded import Row, StateDict, Zoo, load_zoo
 
 MergeFn = Callable[[Mapping[str, Any]], StateDict]
@@ -50,6 +50,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     ],
     # the frontier methods (issue 19)
     "regmean": [{"alpha": a} for a in (0.5, 0.7, 0.9, 1.0)],
+    "regmean_plusplus": [{"alpha": a} for a in (0.5, 0.7, 0.9, 1.0)],
     "adamerging": [
         {"granularity": g, "steps": 150, "lr": 0.02, "init": 0.3} for g in ("task", "layer")
     ],
@@ -91,6 +92,8 @@ def _merge_fn(
     if method == "regmean":
         seed = zoo.manifest.seed
         side["grams"] = [task_grams(zoo.tasks[t], t, seed=seed) for t in names]
+    if method == "regmean_plusplus":
+        side["objective"] = DigitsGramProbe(zoo.manifest.seed)
     if method == "adamerging":
         assert val is not None
         side["objective"] = val.unlabeled_objective()
@@ -100,7 +103,7 @@ def _merge_fn(
         side["fisher"] = [zoo.fishers[t] for t in names]
     if method == "fw":
         side["objective"] = objective
-    base = None if method in ("linear", "fisher", "regmean") else zoo.base
+    base = None if method in ("linear", "fisher", "regmean", "regmean_plusplus") else zoo.base
     return lambda params: mergeops.merge(method, models, base=base, **side, **params)
 
 

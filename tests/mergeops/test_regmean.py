@@ -95,3 +95,56 @@ def test_gram_recorder_samples_every_nth_forward(tmp_path):
     assert torch.allclose(grams["weight"], x.T @ x / 4)
     with pytest.raises(ValueError, match=r"no torch\.nn\.Linear"):
         GramRecorder(torch.nn.ReLU())
+
+
+class _MlpProbe:
+    """Two linear layers with a ReLU; each model has its own inputs."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def linear_weights(self):
+        return ["l1.weight", "l2.weight"]
+
+    def input_grams(self, params, model_name):
+        x = self.inputs[model_name]
+        h = torch.relu(x @ params["l1.weight"].T)
+        return {"l1.weight": x.T @ x / len(x), "l2.weight": h.T @ h / len(h)}
+
+
+def _mlp(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "l1.weight": torch.randn(6, 4, generator=gen),
+        "l2.weight": torch.randn(3, 6, generator=gen),
+    }
+
+
+def test_regmean_plusplus_takes_the_second_layers_grams_on_the_merged_first_layer():
+    inputs = {"a": _inputs(0, width=4), "b": _inputs(1, width=4)}
+    probe = _MlpProbe(inputs)
+    models = {"a": _mlp(0), "b": _mlp(1)}
+    out = mergeops.merge("regmean_plusplus", models, objective=probe, alpha=1.0, device="cpu")
+    grams1 = [{"l1.weight": x.T @ x / len(x)} for x in inputs.values()]
+    first = mergeops.merge(
+        "regmean", [{"l1.weight": m["l1.weight"]} for m in models.values()], grams=grams1,
+        alpha=1.0, device="cpu",
+    )["l1.weight"]  # fmt: skip
+    assert torch.allclose(out["l1.weight"], first, atol=1e-5)
+    hidden = {k: torch.relu(x @ first.T) for k, x in inputs.items()}
+    grams2 = [h.T @ h / len(h) for h in hidden.values()]
+    second = sum(
+        m["l2.weight"].double() @ g.double() for m, g in zip(models.values(), grams2, strict=True)
+    )
+    expected = second @ torch.linalg.inv(sum(g.double() for g in grams2))
+    assert torch.allclose(out["l2.weight"].double(), expected, atol=1e-4)
+    plain = mergeops.merge(
+        "regmean", list(models.values()),
+        grams=[probe.input_grams(m, k) for k, m in models.items()], alpha=1.0, device="cpu",
+    )  # fmt: skip
+    assert not torch.allclose(plain["l2.weight"], out["l2.weight"], atol=1e-3)
+
+
+def test_regmean_plusplus_needs_a_probe():
+    with pytest.raises(mergeops.MergeError, match=r"needs an objective|gram probe"):
+        mergeops.merge("regmean_plusplus", [_mlp(0), _mlp(1)], device="cpu")
