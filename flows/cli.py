@@ -11,6 +11,7 @@ import typer
 from flows.cli_admin import admin_app
 from flows.cli_family import family_app
 from flows.cli_policies import policy_app
+from flows.cli_settings import echo_database
 from flows.cli_tokens import token_commands
 from registry.settings import get_settings
 
@@ -29,14 +30,44 @@ app.add_typer(family_app, name="family")
 app.registered_commands.extend(admin_app.registered_commands)  # gc, delete
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ckreg {version('ckreg')}")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            typer.echo("ckreg (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """ckreg: a checkpoint registry with automated merge pipelines.
+
+    Client commands (register, ls, show, merges, ...) talk to CKREG_API_URL; server-side
+    commands (serve, worker, token, db, gc, ...) use CKREG_DATABASE_URL / CKREG_HOME directly
+    and print which database they use.
+    """
+
+
 def _mount_client_commands() -> None:
     """register / ls / show / lineage / download (registry.client.cli) and merge (mergeops.cli)."""
     from mergeops.cli import merge_command
     from mergeops.cli_lora import make_extract_lora_command
     from registry.client.adapters import register_adapter
     from registry.client.cli import registry_app
+    from registry.client.cli_merges import merges_app
 
     app.registered_commands.extend(registry_app.registered_commands)
+    app.add_typer(merges_app, name="merges")
     app.command("merge")(merge_command)
     app.command("extract-lora")(make_extract_lora_command(register_adapter))
 
@@ -61,6 +92,7 @@ def serve(
     from registry.db import upgrade_database
 
     settings = get_settings()
+    echo_database(settings)
     # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     upgrade_database(settings.database_url)
@@ -109,6 +141,7 @@ def worker(
     from registry.db import upgrade_database
 
     settings = get_settings()
+    echo_database(settings)
     upgrade_database(settings.database_url)
     serve_worker(configure(settings), limit=limit, recover=recover, sync_every_s=schedule_sync)
 
@@ -120,7 +153,9 @@ def db_upgrade(
     """Bring the database (CKREG_DATABASE_URL) to the latest schema."""
     from registry.db import upgrade_database
 
-    url = get_settings().database_url
+    settings = get_settings()
+    echo_database(settings)
+    url = settings.database_url
     upgrade_database(url, revision)
     typer.echo(f"database at {url.split('@')[-1]} is at {revision}")
 
@@ -137,6 +172,7 @@ def token_create(
     from registry.services import create_token
 
     settings = get_settings()
+    echo_database(settings)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:

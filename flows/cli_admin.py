@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.cli_settings import echo_database
 from registry.settings import get_settings
 
 admin_app = typer.Typer()
@@ -34,6 +35,7 @@ def _registry() -> Iterator[tuple[Any, Any]]:
     from registry.db import make_engine, session_scope, upgrade_database
 
     settings = get_settings()
+    echo_database(settings)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:

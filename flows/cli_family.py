@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.cli_settings import echo_database
 from registry.settings import get_settings
 
 family_app = typer.Typer(
@@ -81,6 +82,7 @@ def compress(
     from registry.services.family import check_family
 
     settings = get_settings()
+    echo_database(settings)
     # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     upgrade_database(settings.database_url)

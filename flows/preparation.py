@@ -24,6 +24,7 @@ from flows.inputs import (
     copy_artifact,
     prune_cache,
 )
+from flows.model_names import unique_model_names
 from flows.outputs import OutputSpec, output_name
 from mergeops.methods import base as mb
 from registry.errors import InvalidState
@@ -114,7 +115,7 @@ def prepare(
         params=dict(run.params),
         work_dir=work_dir,
         models=[_input(session, store, c, cache, mode) for c in checkpoints],
-        model_names=[c.name for c in checkpoints],
+        model_names=unique_model_names(checkpoints),
         model_params=[_model_params(i.params, i.weight) for i in inputs],
         output=OutputSpec(
             name=output_name(run, policy.name if policy else None),

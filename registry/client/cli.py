@@ -11,14 +11,17 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from registry.client.cli_format import format_table, lineage_tree
 from registry.settings import get_settings
 
 if TYPE_CHECKING:
     from registry.client.api import Client
+
+__all__ = ["format_table", "lineage_tree", "parse_metrics", "registry_app"]
 
 registry_app = typer.Typer(help="Register, browse and download checkpoints.", no_args_is_help=True)
 
@@ -29,18 +32,6 @@ TokenOption = Annotated[
     str | None, typer.Option("--token", help="API token (default: CKREG_TOKEN).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
-SHOW_ORDER = (
-    "id",
-    "name",
-    "kind",
-    "status",
-    "base_id",
-    "task",
-    "run",
-    "step",
-    "tags",
-    "total_bytes",
-)
 LS_COLUMNS = (
     "id",
     "name",
@@ -57,22 +48,38 @@ LS_COLUMNS = (
 
 @contextmanager
 def _client(url: str | None, token: str | None) -> Iterator[Client]:
-    """A client from options or settings; server and input errors become a clean exit 1."""
+    """A client from options or settings; server and input errors become a clean exit 1, and an
+    unreachable server one line naming its URL."""
     # Imported here: they pull in torch, which ``ckreg --help`` must not wait for.
+    import httpx
+
     from registry.client.api import Client, ClientError
     from registry.client.layouts import LayoutError
     from registry.safetensors_check import HeaderError
 
     settings = get_settings()
+    base_url = url or settings.api_url
     try:
-        with Client(url or settings.api_url, token=token or settings.token) as client:
+        with Client(base_url, token=token or settings.token) as client:
             yield client
+    except httpx.TransportError as exc:
+        typer.secho(unreachable_message(base_url, exc), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
     except ClientError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from exc
     except (HeaderError, LayoutError, OSError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from exc
+
+
+def unreachable_message(url: str, exc: Exception) -> str:
+    """``error: cannot reach the registry at URL (connection refused); ...`` on one line."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return (
+        f"error: cannot reach the registry at {url} ({reason}); is `ckreg serve` running there? "
+        "(set --url or CKREG_API_URL)"
+    )
 
 
 def parse_metrics(values: list[str]) -> dict[str, float]:
@@ -120,11 +127,26 @@ def register(
         bool,
         typer.Option(help="Also upload optimizer/scheduler/RNG state (skipped by default)."),
     ] = False,
+    no_base: Annotated[
+        bool,
+        typer.Option(
+            "--no-base",
+            help="Register a fine-tune without --base (its base is not in the registry; "
+            "task-vector merges cannot use it). Without this, a fine-tune needs --base.",
+        ),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Wait for the merge runs it triggers; exit 1 if one fails."),
+    ] = False,
+    wait_timeout: Annotated[
+        float, typer.Option(help="Seconds --wait waits for the merges at most.")
+    ] = 3600.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Upload a checkpoint and print its id.
+    """Upload a checkpoint, print its id and the merge runs it triggered.
 
     PATH is a .safetensors file, a directory with model.safetensors or a sharded
     model.safetensors.index.json, a PEFT adapter directory, or a Hugging Face Trainer
@@ -135,8 +157,31 @@ def register(
       ckreg register out/model.safetensors --kind base --name llama-tiny
 
       ckreg register out/checkpoint-500 --base 1 --task math --run r7 --metric acc=0.81 --tag nightly
+
+      ckreg register out/checkpoint-600 --base 1 --task math --wait
+
+    A fine-tune (the kind detected for model weights) is refused without --base: pass
+    --kind base for a pretrained model, or --no-base. On_register policies that take the
+    checkpoint start merge runs: they are listed (ckreg merges watch ID follows one), and
+    --wait waits for them.
     """
+    from registry.client.cli_merges import report_triggered
+
     metrics = parse_metrics(metric or [])
+    if (
+        base is None
+        and not no_base
+        and path.exists()
+        and (kind or _detected_kind(path)) == "finetune"
+    ):
+        typer.secho(
+            f"error: '{path}' would be a fine-tune without a base. Give --base ID (the "
+            "checkpoint it was trained from), --kind base for a pretrained model, or --no-base "
+            "for a fine-tune whose base is not in the registry.",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(1)
     with _client(url, token) as client:
         checkpoint = client.register(
             path,
@@ -152,9 +197,16 @@ def register(
             include_training_state=include_training_state,
             progress=not quiet,
         )
-    typer.echo(
-        f"registered checkpoint {checkpoint['id']} '{checkpoint['name']}' ({checkpoint['status']})"
-    )
+        typer.echo(
+            f"registered checkpoint {checkpoint['id']} '{checkpoint['name']}' "
+            f"({checkpoint['status']})"
+        )
+        report_triggered(client, int(checkpoint["id"]), wait=wait, timeout=wait_timeout)
+
+
+def _detected_kind(path: Path) -> str:
+    """The kind ``Client.register`` gives ``path`` by default: adapter for a PEFT folder."""
+    return "adapter" if (path / "adapter_config.json").is_file() else "finetune"
 
 
 @registry_app.command("ls")
@@ -204,26 +256,21 @@ def show(
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Show one checkpoint with its files.
+    """Show one checkpoint: its fields, files, metrics, artifacts and the merge runs it took
+    part in (and, for a merged checkpoint, the run that made it).
 
     Example:
 
       ckreg show 12
     """
+    from registry.client.cli_views import checkpoint_details, show_lines
+
     with _client(url, token) as client:
-        checkpoint = client.get_checkpoint(checkpoint_id)
+        details = checkpoint_details(client, checkpoint_id)
     if as_json:
-        typer.echo(json.dumps(checkpoint, indent=2))
+        typer.echo(json.dumps(details, indent=2))
         return
-    keys = [k for k in SHOW_ORDER if k in checkpoint] + [
-        k for k in checkpoint if k not in SHOW_ORDER
-    ]
-    for key in keys:
-        if key != "files":
-            typer.echo(f"{key:>12}: {checkpoint[key]}")
-    typer.echo("       files:")
-    columns = ("name", "size", "stored_size", "codec", "role", "sha256")  # stored: at rest
-    typer.echo(format_table(checkpoint.get("files", []), columns))
+    typer.echo("\n".join(show_lines(details, format_table)))
 
 
 @registry_app.command()
@@ -234,18 +281,22 @@ def lineage(
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Print where a checkpoint came from and what was made from it, as an indented tree.
+    """Print where a checkpoint came from and what was made from it, as an indented tree:
+    each node with its name, kind, task, merge method and scores.
 
     Example:
 
       ckreg lineage 12 --depth 3
     """
+    from registry.client.cli_views import node_labels
+
     with _client(url, token) as client:
         graph = client.lineage(checkpoint_id, depth=depth)
+        labels = None if as_json else node_labels(client, graph)
     if as_json:
         typer.echo(json.dumps(graph, indent=2))
         return
-    typer.echo("\n".join(lineage_tree(graph)))
+    typer.echo("\n".join(lineage_tree(graph, labels)))
 
 
 @registry_app.command()
@@ -276,47 +327,3 @@ def download(
     with _client(url, token) as client:
         target = client.download_file(checkpoint_id, name, dest, progress=not quiet)
     typer.echo(str(target))
-
-
-def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    """Left-aligned plain-text table of ``columns`` (lists joined by commas, None shown as '-')."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, list):
-            return ",".join(map(str, value)) or "-"
-        return str(value)
-
-    cells = [[cell(row.get(column)) for column in columns] for row in rows]
-    widths = [
-        max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)
-    ]
-    lines = [[column.upper() for column in columns], *cells]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
-
-
-def lineage_tree(graph: dict[str, Any]) -> list[str]:
-    """Indented tree: the checkpoint, its ancestors (parents first) and its descendants."""
-    root = int(graph["checkpoint_id"])
-    lines = [f"checkpoint {root}"]
-    for title, edges, near, far in (
-        ("ancestors", graph.get("ancestors", []), "child_id", "parent_id"),
-        ("descendants", graph.get("descendants", []), "parent_id", "child_id"),
-    ):
-        if edges:
-            lines.append(f"  {title}:")
-            lines += _walk(edges, root, near, far, indent=2)
-    return lines
-
-
-def _walk(edges: list[dict[str, Any]], node: int, near: str, far: str, *, indent: int) -> list[str]:
-    """Depth-first lines from ``node`` following edges whose ``near`` end is the current node."""
-    lines = []
-    for edge in sorted((e for e in edges if e[near] == node), key=lambda e: e[far]):
-        lines.append(f"{'  ' * indent}└─ {edge[far]} ({edge['role']})")
-        if indent < 64:  # a cycle in bad data must not recurse forever
-            lines += _walk(edges, edge[far], near, far, indent=indent + 1)
-    return lines

@@ -61,6 +61,17 @@ class MergesMixin(BaseClient):
             if not page["items"] or len(items) >= page["total"]:
                 return sorted(items, key=lambda run: run["id"])
 
+    def list_merge_runs(self, **filters: Any) -> dict[str, Any]:
+        """One page ``{items, total, limit, offset}``, newest first; filters: status, policy_id,
+        input_checkpoint_id, limit, offset (``None`` values are dropped)."""
+        params = {key: value for key, value in filters.items() if value is not None}
+        return self._json("GET", "/merges", params=params)
+
+    def merge_triggers(self, checkpoint_id: int) -> dict[str, Any]:
+        """``{checkpoint_id, runs, waiting}``: runs taking the checkpoint, and on_register
+        policies (``{id, name}``) that will take it but have not planned their run yet."""
+        return self._json("GET", f"/merges/triggered-by/{checkpoint_id}")
+
     def wait_for_merge(self, run_id: int, *, timeout: float = 600.0) -> dict[str, Any]:
         """Poll a run until it succeeds (returns it) or fails (raises ``ClientError``)."""
         deadline = time.monotonic() + timeout

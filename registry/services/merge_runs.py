@@ -239,15 +239,22 @@ def list_merge_runs(
     session: Session,
     status: MergeRunStatus | None = None,
     policy_id: int | None = None,
+    input_checkpoint_id: int | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[Sequence[MergeRun], int]:
-    """Runs newest first, with the total count before paging."""
+    """Runs newest first (optionally only those taking ``input_checkpoint_id``), with the total
+    count before paging."""
     query = select(MergeRun)
     if status is not None:
         query = query.where(MergeRun.status == status)
     if policy_id is not None:
         query = query.where(MergeRun.policy_id == policy_id)
+    if input_checkpoint_id is not None:
+        taking = select(MergeRunInput.merge_run_id).where(
+            MergeRunInput.checkpoint_id == input_checkpoint_id
+        )
+        query = query.where(col(MergeRun.id).in_(taking))
     total = len(session.exec(query).all())
     page = session.exec(query.order_by(col(MergeRun.id).desc()).offset(offset).limit(limit)).all()
     return page, total

@@ -213,7 +213,8 @@ def test_cli_show_lists_codec_and_stored_size(live_registry: LiveRegistry, tmp_p
     checkpoint_id = registered.output.split("registered checkpoint ")[1].split()[0]
     shown = runner.invoke(registry_app, ["show", checkpoint_id, *auth])
     assert shown.exit_code == 0, shown.output
-    header, row = shown.output.split("       files:\n")[1].strip().splitlines()
+    files = shown.output.split("       files:\n")[1].split("     metrics:")[0]
+    header, row = files.strip().splitlines()
     assert header.split()[:4] == ["NAME", "SIZE", "STORED_SIZE", "CODEC"]
     name, size, stored, codec = row.split()[:4]
     assert name == "model.safetensors"

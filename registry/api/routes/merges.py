@@ -15,6 +15,7 @@ from registry.api.deps import (
 )
 from registry.models import MergeRunStatus
 from registry.services import merge_runs as run_service
+from registry.services.merge_triggers import MergeTriggers, merge_triggers
 
 router = APIRouter(prefix="/merges", tags=["merges"])
 
@@ -46,14 +47,28 @@ def list_merges(
     _: ReaderDep,
     status_: MergeRunStatus | None = Query(default=None, alias="status"),
     policy_id: RowIdQuery = None,
+    input_checkpoint_id: RowIdQuery = None,
     limit: int = Query(default=50, ge=1, le=1000),
     offset: Offset = 0,
 ) -> run_service.MergeRunPage:
+    """Runs newest first; ``input_checkpoint_id`` keeps the runs that take that checkpoint."""
     runs, total = run_service.list_merge_runs(
-        session=session, status=status_, policy_id=policy_id, limit=limit, offset=offset
+        session=session,
+        status=status_,
+        policy_id=policy_id,
+        input_checkpoint_id=input_checkpoint_id,
+        limit=limit,
+        offset=offset,
     )
     items = [run_service.to_public(session=session, run=run) for run in runs]
     return run_service.MergeRunPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/triggered-by/{checkpoint_id}")
+def triggered_by(checkpoint_id: RowId, session: SessionDep, _: ReaderDep) -> MergeTriggers:
+    """The runs a checkpoint takes part in, and the on_register policies that will take it but
+    have not planned their run yet (``ckreg register --wait`` polls this)."""
+    return merge_triggers(session=session, checkpoint_id=checkpoint_id)
 
 
 @router.get("/{run_id}")

@@ -93,12 +93,12 @@ def test_lineage_tree(live_registry: LiveRegistry, base_id: int, tmp_path: Path)
     code, output = invoke(live_registry, "lineage", str(child), "--depth", "2")
     assert code == 0, output
     assert output.splitlines()[:3] == [
-        f"checkpoint {child}",
+        f"checkpoint {child} 'lin' [finetune]",
         "  ancestors:",
-        f"    └─ {base_id} (base)",
+        f"    └─ {base_id} 'cli-base' [base] (base)",
     ]
     code, output = invoke(live_registry, "lineage", str(base_id))
-    assert f"└─ {child} (base)" in output
+    assert f"└─ {child} 'lin' [finetune] (base)" in output
 
 
 def test_download(live_registry: LiveRegistry, base_id: int, tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_errors_are_clean(live_registry: LiveRegistry, tmp_path: Path) -> None:
     assert code == 1 and "HTTP 404" in output and "Traceback" not in output
     path = weights(tmp_path / "x.safetensors", 4)
     code, output = invoke(
-        live_registry, "register", str(path), "--quiet", token=live_registry.read_token
+        live_registry, "register", str(path), "--no-base", "--quiet", token=live_registry.read_token
     )
     assert code == 1 and "HTTP 403" in output
     code, output = invoke(live_registry, "register", str(path), "--metric", "loss:0.1")
