@@ -30,6 +30,16 @@ class Quadratic:
         return sum(((params[k] - t) ** 2).sum() for k, t in self.target.items())  # type: ignore[return-value]
 
 
+class _Probe:
+    """regmean_plusplus's probe: fixed Grams (a data-free stand-in for forward passes)."""
+
+    def linear_weights(self) -> list[str]:
+        return ["embed", "mlp"]
+
+    def input_grams(self, params: Any, model_name: str) -> dict[str, torch.Tensor]:
+        return {k: torch.eye(params[k].shape[1]) * (1 + len(model_name)) for k in ("embed", "mlp")}
+
+
 def family(seed: int = 5, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, torch.Tensor]]:
     """A base and three fine-tunes (plus an integer buffer passed through)."""
     gen = torch.Generator().manual_seed(seed)
@@ -64,6 +74,12 @@ def method_cases(root: Path, tensors: list[dict[str, torch.Tensor]]) -> dict[str
         side.append(root / f"v-{i}.safetensors")
         write_safetensors(side[-1], moments)
     target = {k: v.float() for k, v in tensors[1].items() if v.is_floating_point()}
+    grams = []
+    for i in range(len(models)):
+        matrices = {k: v.float() for k, v in tensors[0].items() if v.dim() == 2}
+        x = {k: torch.randn(8, v.shape[1], generator=gen) for k, v in matrices.items()}
+        grams.append(root / f"g-{i}.safetensors")
+        write_safetensors(grams[-1], {k: xi.T @ xi / 8 for k, xi in x.items()})
     common: dict[str, Any] = {"models": models, "base": base}
     cases: dict[str, dict[str, Any]] = {
         "linear": {"models": models, "weight": [1.0, 0.8, 0.6]},
@@ -88,6 +104,27 @@ def method_cases(root: Path, tensors: list[dict[str, torch.Tensor]]) -> dict[str
         "sce": {**common, "select_topk": 0.5},
         "ram": {**common, "epsilon": 0.01},
         "ramplus_tl": {**common, "epsilon": 0.01},
+        # mergekit's averaging family
+        "slerp": {"models": models[:1], "base": base, "t": 0.3},
+        "nuslerp": {"models": models[:2], "weight": [0.4, 0.6]},
+        "multislerp": {**common, "weight": [1.0, 0.8, 0.6]},
+        "karcher": {"models": models},
+        "model_stock": {**common},
+        "nearswap": {"models": models[:1], "base": base, "t": 0.05},
+        "passthrough": {"models": models[:1], "scale": 0.5},
+        "arcee_fusion": {"models": models[:1], "base": base},
+        # the frontier (issue 19)
+        "magmax": {**common},
+        "pcb": {**common, "pcb_ratio": 0.2},
+        "emr": {**common},
+        "iso_c": {**common},
+        "iso_cts": {**common},
+        "tsv_m": {**common},
+        "wudi": {**common, "steps": 3, "lr": 1e-3},
+        "doge_ta": {**common, "steps": 3},
+        "adamerging": {**common, "objective": Quadratic(target), "steps": 3},
+        "regmean": {"models": models, "grams": grams},
+        "regmean_plusplus": {"models": models, "objective": _Probe()},
     }
     assert {c.get("_method", n) for n, c in cases.items()} == set(mergeops.available_methods())
     return cases
@@ -117,6 +154,9 @@ CASE_NAMES = [
     "linear", "task_arithmetic", "ties", "ties_model", "dare_linear", "dare_ties", "consensus",
     "tall_masks", "ffg", "ota", "ota_ffg", "fisher", "mwa", "opcm", "fw",
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl",
+    "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "passthrough",
+    "arcee_fusion", "magmax", "pcb", "emr", "iso_c", "iso_cts", "tsv_m", "wudi", "doge_ta",
+    "adamerging", "regmean", "regmean_plusplus",
 ]  # fmt: skip
 
 
