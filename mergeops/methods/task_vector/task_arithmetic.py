@@ -63,9 +63,6 @@ class TaskVectorMerge(StreamingMethod):
     """
 
     needs = frozenset({Need.BASE})
-    #: Param values a mergekit config implies when it leaves them out, where ckreg's own
-    #: defaults differ (applied when a YAML is read as a mergekit config).
-    mergekit_defaults: ClassVar[dict[str, Any]] = {}
     sparsification: ClassVar[Literal["none", "magnitude", "random", "outliers", "ranked"]] = "none"
     consensus: ClassVar[bool] = False
     chunkable: ClassVar[bool] = True
