@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from registry.api.body_guard import InputGuard
+from registry.api.docs import install_docs
 from registry.api.errors import ERROR_RESPONSES, install_error_handlers
 from registry.api.links import with_links
 from registry.api.routes import (
@@ -69,7 +70,8 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
         version="0.1.0",
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # served offline by install_docs, with Swagger UI's files local
+        redoc_url=None,
         responses=ERROR_RESPONSES,
     )
     app.openapi = with_links(app.openapi)  # type: ignore[method-assign]
@@ -80,6 +82,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
     app.state.upload_slots = UploadSlots.from_settings(settings)
     app.add_middleware(InputGuard, max_body_bytes=settings.max_json_body_bytes)
     install_error_handlers(app)
+    install_docs(app, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(health.router, prefix=API_PREFIX)
     for module in (checkpoints, files, uploads, artifacts, metrics, task_vectors, policies, merges):
