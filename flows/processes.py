@@ -1,0 +1,170 @@
+"""Stop every process ``ckreg serve`` / ``ckreg worker`` started when it stops, however it stops.
+
+* SIGTERM raises ``SystemExit`` (as SIGINT raises ``KeyboardInterrupt``), so ``finally`` blocks
+  and ``atexit`` handlers run: uvicorn re-raises the signal after its graceful shutdown, and
+  Python's default SIGTERM action would end the process on the spot, leaving Prefect's API
+  subprocess behind.
+* At exit, every descendant still running gets SIGTERM, then SIGKILL after a grace period.
+* For ``kill -9`` (nothing runs in the dying process) a small watchdog process, in its own
+  session, holds a pipe from this process: a thread tells it each descendant (pid and start
+  time); when the pipe closes — this process died, by any signal — it stops the ones still
+  running (the start time guards against a reused pid).
+
+Linux only (``/proc``); elsewhere only the signal handling applies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+PROC = Path("/proc")
+POLL_S = 0.5
+
+_WATCHDOG = r"""
+import os, signal, sys, time
+known = {}
+for line in sys.stdin:
+    pid, _, start = line.strip().partition(" ")
+    known[int(pid)] = start
+def alive(pid, start):
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid, start in known.items():
+        if alive(pid, start):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p, s) for p, s in known.items()):
+        time.sleep(0.1)
+"""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def is_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every live descendant of ``pid`` (default: this process), parents before children."""
+    if not PROC.is_dir():
+        return []
+    root = os.getpid() if pid is None else pid
+    parents: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found.extend(children)
+        frontier.extend(children)
+    return found
+
+
+def stop_descendants(grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every descendant (but the watchdog), SIGKILL those still running after
+    ``grace_s``; returns them."""
+    spared = {_guard.watchdog_pid} if _guard is not None else set()
+    pids = [pid for pid in descendants() if pid not in spared]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if is_running(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(is_running(pid) for pid in pids):
+            time.sleep(0.05)
+    return pids
+
+
+class OrphanGuard:
+    """The watchdog process and the thread that tells it this process's descendants."""
+
+    def __init__(self, poll_s: float = POLL_S) -> None:
+        self.poll_s = poll_s
+        self._told: set[tuple[int, str]] = set()
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not stopped with this process's group: it acts after it
+            text=True,
+        )
+        self._pipe: IO[str] = self._watchdog.stdin  # type: ignore[assignment]
+        self.watchdog_pid = self._watchdog.pid
+        threading.Thread(target=self._watch, name="ckreg-orphan-guard", daemon=True).start()
+
+    def tell(self) -> None:
+        """Send the watchdog the descendants it does not know yet."""
+        for pid in descendants():
+            started = start_time(pid)
+            if pid == self.watchdog_pid or started is None or (pid, started) in self._told:
+                continue
+            self._pipe.write(f"{pid} {started}\n")
+            self._pipe.flush()
+            self._told.add((pid, started))
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                self.tell()
+            except Exception:  # a vanished pid or a closed pipe at exit: try again next time
+                log.debug("orphan guard could not list descendants", exc_info=True)
+            time.sleep(self.poll_s)
+
+
+_guard: OrphanGuard | None = None
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_children_on_exit(*, watchdog: bool = True) -> None:
+    """Make this process stop what it started on SIGTERM, SIGINT, exit and ``kill -9``.
+
+    Call once from the main thread of a long-running command (``ckreg serve``, ``ckreg worker``).
+    """
+    global _guard
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    atexit.register(stop_descendants)
+    if watchdog and _guard is None and PROC.is_dir():
+        _guard = OrphanGuard()
