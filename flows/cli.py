@@ -88,9 +88,11 @@ def serve(
     import uvicorn
 
     from flows.launchers import EmbeddedLauncher, ServerLauncher
+    from flows.processes import stop_children_on_exit
     from registry.api.app import create_app, server_options
     from registry.db import upgrade_database
 
+    stop_children_on_exit()  # SIGTERM, SIGINT and kill -9 leave no Prefect API behind
     settings = get_settings()
     echo_database(settings)
     # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
@@ -136,10 +138,12 @@ def worker(
     Run as many workers as you like against one Prefect server and database: each merge run
     is leased to one worker and its output adopted exactly once.
     """
+    from flows.processes import stop_children_on_exit
     from flows.runtime import configure
     from flows.worker import serve_worker
     from registry.db import upgrade_database
 
+    stop_children_on_exit()  # no flow-run subprocess outlives the worker
     settings = get_settings()
     echo_database(settings)
     upgrade_database(settings.database_url)
