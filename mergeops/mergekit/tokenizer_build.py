@@ -16,7 +16,7 @@ LOG = logging.getLogger(__name__)
 def stripped_tokenizer(model_dir: Path, vocab_size_of: Callable[[Path], int | None]) -> Any:
     """The model's fast tokenizer without the tokens whose id is >= the model's vocab_size.
 
-    Only BPE tokenizers can be stripped (their merges that use a dropped token go too).
+    Only BPE tokenizers can be stripped (merges that read or produce a dropped token go too).
     """
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -46,8 +46,10 @@ def stripped_tokenizer(model_dir: Path, vocab_size_of: Callable[[Path], int | No
 
 
 def _uses(merge: Any, tokens: set[str]) -> bool:
+    """A merge that reads or produces a dropped token (mergekit checks only what it reads, and
+    then fails to load a tokenizer whose kept merge produces a dropped token)."""
     parts = merge.split(" ") if isinstance(merge, str) else list(merge)
-    return any(part in tokens for part in parts)
+    return any(part in tokens for part in parts) or "".join(parts) in tokens
 
 
 def union_tokenizer(

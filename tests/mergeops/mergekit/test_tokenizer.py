@@ -296,3 +296,31 @@ def test_ckreg_merge_matches_mergekit(zoos, tmp_path, method, dtype, extra) -> N
     )
     if "chat_template" in extra:
         assert saved.chat_template == BUNDLED["chatml"]
+
+
+def test_donor_tokens_beyond_vocab_size_are_stripped_like_mergekit(tmp_path) -> None:
+    """BPE tokenizer with 10 tokens on an 8-row model: the 2 tokens without a row go."""
+    from transformers import AutoTokenizer
+
+    from tests.mergeops.mergekit.tiny_vocab_models import save_bpe_llama
+
+    dirs = {str(tmp_path / n): save_bpe_llama(tmp_path / n, seed=i, model_rows=8)
+            for i, n in enumerate(("b0", "b1"))}  # fmt: skip
+    base = next(iter(dirs))
+    models = [{"model": name, "parameters": {"weight": 1.0}} for name in dirs]
+    config = {"merge_method": "linear", "base_model": base, "models": models,
+              "tokenizer_source": "base", "dtype": "float32"}  # fmt: skip
+    theirs, their_tok = _run_mergekit(config, tmp_path / "mk")
+    plan = plan_vocabulary(TokenizerSettings(source="base"), dirs, base, tmp_path / "ours")
+    assert plan is not None and plan.vocab == their_tok.get_vocab() and len(plan.vocab) == 8
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    assert saved.tokenize("abc ab") == their_tok.tokenize("abc ab") == ["abc", "ab"]
+    assert theirs["lm_head.weight"].shape[0] == plan.vocab_size == 8
+    # A dropped token that a kept merge produces: mergekit cannot load the result; ckreg drops
+    # that merge too.
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "bc": 5}
+    odd = save_bpe_llama(tmp_path / "odd", seed=3, model_rows=5, vocab=vocab,
+                         merges=[("a", "b"), ("b", "c")])  # fmt: skip
+    plan = plan_vocabulary(TokenizerSettings(source="base"), {"odd": odd}, "odd", tmp_path / "o2")
+    assert plan is not None and "bc" not in plan.vocab
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "o2")).tokenize("abc") == ["ab", "c"]

@@ -83,3 +83,26 @@ def build_zoo(root: Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]
         ),
         "other": save_llama(root / "other", seed=2, words=other_words, dtype=dtype),
     }
+
+
+def save_bpe_llama(out: Path, *, seed: int, model_rows: int, vocab: dict[str, int] | None = None,
+                   merges: list[tuple[str, str]] | None = None) -> Path:  # fmt: skip
+    """A Llama with ``model_rows`` embedding rows and a BPE tokenizer, so the tokenizer's last
+    tokens (ids >= model_rows) have no row, as in trimmed checkpoints."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = vocab or {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4, "c": 5, "ab": 6,
+                      "abc": 7, "<extra_0>": 8, "<extra_1>": 9}  # fmt: skip
+    merges = merges or [("a", "b"), ("ab", "c")]
+    core = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(str(out))
+    config = LlamaConfig(vocab_size=model_rows, hidden_size=8, intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    return out
