@@ -56,6 +56,20 @@ def test_breadcrumbs_position_ties_follow_ascending_index_order():
     assert not rank_window_mask(ones, 2, 2, "position").any()
 
 
+@pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.01), (0.5, 0.2), (0.9, 0.3), (0.05, 0.0)])
+def test_breadcrumbs_window_matches_sort_references(density: float, gamma: float):
+    gen = torch.Generator().manual_seed(9)
+    tau = torch.randint(-6, 7, (997,), generator=gen).float() * 0.25  # many equal magnitudes
+    lo, hi = window_bounds(tau.numel(), density, gamma)
+    stable = torch.zeros(997, dtype=torch.bool)
+    stable[torch.sort(tau.abs(), stable=True).indices[lo:hi]] = True
+    assert torch.equal(rank_window_mask(tau.abs(), lo, hi, "position"), stable)
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    expected = sparsify.magnitude_outliers(tau, density, gamma=gamma) != 0
+    got = rank_window_mask(tau.abs(), lo, hi, "mergekit") & (tau != 0)
+    assert torch.equal(got, expected)
+
+
 def test_breadcrumbs_density_one_is_task_arithmetic():
     taus = [TAU, [x * -0.5 for x in TAU]]
     ta = _merge("task_arithmetic", taus, weight=[0.7, 1.2], **{"lambda": 0.8})
