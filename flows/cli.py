@@ -63,6 +63,7 @@ def _mount_client_commands() -> None:
     from mergeops.cli import merge_command
     from mergeops.cli_lora import make_extract_lora_command
     from registry.client.adapters import register_adapter
+    from registry.client import cli_pull
     from registry.client.cli import registry_app
     from registry.client.cli_merges import merges_app
 
@@ -70,6 +71,7 @@ def _mount_client_commands() -> None:
     app.add_typer(merges_app, name="merges")
     app.command("merge")(merge_command)
     app.command("extract-lora")(make_extract_lora_command(register_adapter))
+    app.command("pull")(cli_pull.pull)
 
 
 _mount_client_commands()

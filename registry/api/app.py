@@ -18,6 +18,7 @@ from registry.api.routes import (
     checkpoints,
     files,
     health,
+    hub,
     merges,
     metrics,
     policies,
@@ -88,4 +89,5 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
     for module in (checkpoints, files, uploads, artifacts, metrics, task_vectors, policies, merges):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
+    app.include_router(hub.router)  # Hugging Face Hub-compatible reads under /hub
     return app

@@ -18,6 +18,7 @@ from typing import Any
 from registry.client.layouts import plan_upload, sha256_file
 from registry.client.merges import MergesMixin
 from registry.client.presigned import UNSUPPORTED, upload_presigned
+from registry.client.pull import pull_checkpoint
 from registry.client.trainer_moments import side_artifacts
 from registry.client.transport import API_PREFIX, ClientError
 
@@ -249,6 +250,10 @@ class Client(MergesMixin):
     ) -> Path:
         url = f"/checkpoints/{checkpoint_id}/artifacts/{artifact_id}/content"
         return self._download(url, f"artifact-{artifact_id}.safetensors", Path(dest), progress)
+
+    def pull(self, ref: str | int, dest: Path | str, **options: Any) -> Path:
+        """Every file of checkpoint ``ref`` (id or name) into ``dest``; see ``registry.client.pull``."""
+        return pull_checkpoint(self, ref, dest, **options)
 
     def health(self) -> dict[str, Any]:
         """``{"status": "ok"}`` when the server is up."""

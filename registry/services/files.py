@@ -16,6 +16,7 @@ from registry.services.blobs import stored_blob
 from registry.services.common import (
     check_file_name,
     check_sha256,
+    checkpoint_files,
     load_checkpoint,
     load_pending_checkpoint,
     release_blobs,
@@ -151,7 +152,10 @@ def get_checkpoint_file(*, session: Session, checkpoint_id: int, name: str) -> A
     checkpoint = load_checkpoint(session, checkpoint_id)
     artifact = _find_file(session, checkpoint_id, name)
     if artifact is None:
-        raise NotFound(f"checkpoint {checkpoint_id} '{checkpoint.name}' has no file '{name}'")
+        there = ", ".join(f.name for f in checkpoint_files(session, checkpoint_id)) or "none"
+        raise NotFound(
+            f"checkpoint {checkpoint_id} '{checkpoint.name}' has no file '{name}'; files: {there}"
+        )
     return artifact
 
 
