@@ -29,6 +29,7 @@ from registry.services.compatibility import check_base_compatibility
 from registry.services.compression import compress_checkpoint
 from registry.services.files import add_file_from_path
 from registry.services.lineage import add_lineage_edges
+from registry.services.moe_info import annotate_moe
 from registry.services.validation import tensor_index, validate_files
 from registry.settings import Settings
 from registry.storage import ObjectStore
@@ -63,6 +64,7 @@ def _mark_ready(*, session: Session, checkpoint: Checkpoint, headers: Mapping) -
             artifact.tensor_index = tensor_index(headers[artifact.name])
             artifact.meta = dict(headers[artifact.name].metadata)
             session.add(artifact)
+    annotate_moe(checkpoint=checkpoint, headers=headers)
     checkpoint.status = CheckpointStatus.ready
     checkpoint.error = None
     checkpoint.total_bytes = sum(artifact.size for artifact in files)
