@@ -120,6 +120,7 @@ class Client(MergesMixin):
         metadata: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
         second_moment: Path | str | None = None,
+        gram: Path | str | None = None,
         optimizer_param_names: Sequence[str] | None = None,
         include_training_state: bool = False,
         progress: bool = True,
@@ -132,7 +133,9 @@ class Client(MergesMixin):
         (see ``registry.client.capture``); else a folder's ``second_moment.safetensors`` or its
         Trainer ``optimizer.pt`` converted (``registry.client.trainer_moments``; names in optimizer
         order from ``optimizer_param_names``, else from ``config.json``). Skipped files (training
-        state unless ``include_training_state``) are logged. Returns the final ``CheckpointPublic``.
+        state unless ``include_training_state``) are logged. ``gram``: layer-input Gram matrices
+        (``registry.client.capture_gram``) stored as a ``gram`` artifact for regmean. Returns the
+        final ``CheckpointPublic``.
         """
         plan = plan_upload(Path(path), include_training_state=include_training_state)
         for note in plan.notes:
@@ -166,6 +169,8 @@ class Client(MergesMixin):
                 self.add_metrics(checkpoint_id, all_metrics, step=checkpoint.get("step"))
             for role, artifact in extra:
                 self.upload_artifact(checkpoint_id, artifact, role, progress=progress)
+            if gram is not None:
+                self.upload_artifact(checkpoint_id, Path(gram), "gram", progress=progress)
         return self.get_checkpoint(checkpoint_id)
 
     def list_checkpoints(self, **filters: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Client-side capture of Adam second moments (``exp_avg_sq``) as a safetensors artifact.
+"""Client-side capture of Adam second moments (``exp_avg_sq``) as a safetensors artifact
+(and, re-exported from ``capture_gram``, of layer-input Grams: ``capture_gram``).
 
 The registry stores them as a ``second_moment`` artifact keyed by parameter name, so merge
 methods that weight by curvature can use them. Nothing here runs on the server.
@@ -11,7 +12,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from registry.client.capture_gram import GramRecorder, capture_gram
 from registry.client.layouts import LayoutError
+
+__all__ = [
+    "CaptureError",
+    "GramRecorder",
+    "UnsafeOptimizerFile",
+    "capture_gram",
+    "capture_second_moments",
+]
 
 # torch is imported where it is used: the ``ckreg`` commands that never touch tensors start fast.
 if TYPE_CHECKING:

@@ -123,6 +123,14 @@ def register(
         Path | None,
         typer.Option("--second-moment", help="safetensors of Adam exp_avg_sq by parameter name."),
     ] = None,
+    gram: Annotated[
+        Path | None,
+        typer.Option(
+            "--gram",
+            help="safetensors of layer-input Gram matrices per linear weight "
+            "(registry.client.capture_gram), for regmean merges.",
+        ),
+    ] = None,
     include_training_state: Annotated[
         bool,
         typer.Option(help="Also upload optimizer/scheduler/RNG state (skipped by default)."),
@@ -194,6 +202,7 @@ def register(
             tags=tag or [],
             metrics=metrics,
             second_moment=second_moment,
+            gram=gram,
             include_training_state=include_training_state,
             progress=not quiet,
         )
