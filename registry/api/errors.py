@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from registry.errors import (
     BaseMismatch,
@@ -79,9 +80,12 @@ def _status(exc: Exception) -> int:
 
 async def handle_domain_error(request: Request, exc: Exception) -> JSONResponse:
     """Map a ``RegistryError`` or ``StorageError`` to ``{"detail": {"error", "message", ...}}``."""
+    message = getattr(exc, "message", str(exc))
+    if isinstance(exc, BlobNotFound):
+        message = f"object '{exc.key}' not found"
     detail: dict[str, object] = {
         "error": getattr(exc, "code", "storage_error"),
-        "message": getattr(exc, "message", str(exc)),
+        "message": _without_store_location(request, message),
     }
     if isinstance(exc, ValidationFailed):
         detail.update(file=exc.file, tensor=exc.tensor)
@@ -91,6 +95,16 @@ async def handle_domain_error(request: Request, exc: Exception) -> JSONResponse:
     elif isinstance(exc, TooManyUploads):
         headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse({"detail": detail}, status_code=_status(exc), headers=headers)
+
+
+def _without_store_location(request: Request, message: str) -> str:
+    """``message`` without the store's location (a server path, an S3 bucket and prefix): a
+    client has no use for it and should not learn the server's layout."""
+    store = getattr(request.app.state, "store", None)
+    for location in (getattr(store, "url", None), str(getattr(store, "root", "") or "")):
+        if location:
+            message = message.replace(location, "the store")
+    return message
 
 
 def _finite(value: Any) -> Any:
@@ -129,11 +143,26 @@ async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # Starlette names only the first route's methods
+        headers["Allow"] = ", ".join(allowed_methods(request))
+        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
     return JSONResponse(
         {"detail": {"error": code, "message": message}},
         status_code=exc.status_code,
-        headers=getattr(exc, "headers", None),
+        headers=headers or None,
     )
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the request's path answers (asked of the router itself, so
+    included routers count too)."""
+    found = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            found.append(method)
+    return found
 
 
 async def handle_overflow(request: Request, exc: Exception) -> JSONResponse:

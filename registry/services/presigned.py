@@ -53,7 +53,8 @@ def start_presigned_upload(
     """Open a presigned multipart upload of file ``name`` to a pending checkpoint."""
     if not store.supports_presigned_uploads():
         raise PresignedUnsupported(
-            f"presigned uploads need an S3 store; {store.url} is not one, PUT the file instead"
+            "presigned uploads need an S3 store and this registry's store is not one; "
+            "PUT the file instead"
         )
     check_file_name(name)
     load_pending_checkpoint(session, checkpoint_id)
@@ -120,7 +121,9 @@ def abort_presigned_upload(
 ) -> None:
     """Abort a presigned upload and delete whatever it left in the store."""
     if not store.supports_presigned_uploads():
-        raise PresignedUnsupported(f"presigned uploads need an S3 store; {store.url} is not one")
+        raise PresignedUnsupported(
+            "presigned uploads need an S3 store and this registry's store is not one"
+        )
     load_checkpoint(session, checkpoint_id)
     check_upload_owner(checkpoint_id=checkpoint_id, upload_id=upload_id)
     store.abort_presigned_upload(upload_id)

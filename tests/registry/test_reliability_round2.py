@@ -275,3 +275,58 @@ def test_cli_token_list_and_revoke(rapi: Api, monkeypatch: pytest.MonkeyPatch) -
         assert "revoked" in CliRunner().invoke(app, ["token", "list"]).output
     finally:
         get_settings.cache_clear()
+
+
+# ---- 7: small ones: store locations, Allow headers, strict booleans ----------------------------
+
+
+def test_file_store_refusal_does_not_show_its_path(rapi: Api) -> None:
+    created = rapi.register({}, complete=False)
+    body = {"name": "a.bin", "size": 3, "sha256": "0" * 64}
+    reply = rapi.client.post(
+        f"/api/v1/checkpoints/{created['id']}/uploads", json=body, headers=rapi.headers
+    )
+    detail = assert_error(reply, 409, "S3 store")
+    root = rapi.env.settings.store_url.removeprefix("file://")
+    assert root not in reply.text and "file://" not in reply.text, detail
+
+
+@pytest.mark.s3
+def test_s3_not_found_does_not_name_bucket_or_prefix(s3_api: Api) -> None:
+    created = s3_api.register({}, complete=False)
+    url = f"/api/v1/checkpoints/{created['id']}/uploads/{created['id']:016x}{'0' * 16}"
+    reply = s3_api.client.delete(url, headers=s3_api.headers)
+    assert_error(reply, 404, "not found")
+    bucket = s3_api.env.settings.store_url.removeprefix("s3://").split("/")[0]
+    assert bucket not in reply.text and "s3://" not in reply.text, reply.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/api/v1/checkpoints", "GET, POST"),
+        ("OPTIONS", "/api/v1/checkpoints", "GET, POST"),
+        ("PUT", "/api/v1/policies/1", "GET, PATCH, DELETE"),
+        ("OPTIONS", "/api/v1/checkpoints/1", "GET, DELETE"),
+    ],
+)
+def test_allow_header_lists_every_method_of_the_path(
+    rapi: Api, method: str, path: str, allowed: str
+) -> None:
+    reply = rapi.client.request(method, path, headers=rapi.headers)
+    assert reply.status_code == 405, reply.text
+    assert set(reply.headers["allow"].split(", ")) == set(allowed.split(", "))
+    assert allowed.split(", ")[0] in reply.json()["detail"]["message"]
+
+
+@pytest.mark.parametrize("value", [0, 1, "true", "yes", None])
+def test_policy_enabled_must_be_a_json_boolean(rapi: Api, value: object) -> None:
+    body = {"name": "p", "method": "linear", "selector": {}, "enabled": value}
+    assert_error(rapi.client.post("/api/v1/policies", json=body, headers=rapi.headers), 422)
+    created = rapi.client.post(
+        "/api/v1/policies", json={**body, "enabled": False}, headers=rapi.headers
+    )
+    assert created.status_code == 201 and created.json()["enabled"] is False
+    url = f"/api/v1/policies/{created.json()['id']}"
+    assert_error(rapi.client.patch(url, json={"enabled": 1}, headers=rapi.headers), 422)
+    assert rapi.client.patch(url, json={"enabled": True}, headers=rapi.headers).json()["enabled"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from registry.api.deps import LauncherDep, ReaderDep, RowId, SessionDep, WriterDep
 from registry.models import MergePolicyCreate, MergePolicyPublic, MergeTrigger
@@ -13,16 +13,22 @@ from registry.services import policies as policy_service
 router = APIRouter(prefix="/policies", tags=["policies"])
 
 
+class PolicyCreate(MergePolicyCreate):
+    """A new policy; ``enabled`` must be a JSON boolean (``0`` or ``"yes"`` are refused)."""
+
+    enabled: StrictBool = True
+
+
 class PolicyUpdate(BaseModel):
-    """The fields a PATCH may change."""
+    """The fields a PATCH may change (``enabled``: a JSON boolean, not ``0``/``1``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool
+    enabled: StrictBool
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_policy(data: MergePolicyCreate, session: SessionDep, _: WriterDep) -> MergePolicyPublic:
+def create_policy(data: PolicyCreate, session: SessionDep, _: WriterDep) -> MergePolicyPublic:
     policy = policy_service.create_policy(session=session, data=data)
     return MergePolicyPublic.model_validate(policy)
 

@@ -82,7 +82,8 @@ def complete_upload(
 ) -> FilePublic:
     if not store.supports_presigned_uploads():  # as its sister routes: 409, not a 500
         raise PresignedUnsupported(
-            f"presigned uploads need an S3 store; {store.url} is not one, PUT the file instead"
+            "presigned uploads need an S3 store and this registry's store is not one; "
+            "PUT the file instead"
         )
     stored = complete_presigned_upload(
         session=session,
