@@ -154,3 +154,27 @@ def test_cli(pair, tmp_path) -> None:
     assert missing.exit_code != 0 and "--base-id" in missing.output
     helped = CliRunner().invoke(app, ["extract-lora", "--help"], env={"COLUMNS": "200"})
     assert "sv-epsilon" in helped.output and "largest singular value" in helped.output
+
+
+def test_factors_match_mergekit_extract_lora(pair, tmp_path) -> None:
+    """Same tensor names and the same B·A as mergekit-extract-lora 0.1.5 (in-process)."""
+    pytest.importorskip("mergekit")
+    from click.testing import CliRunner as ClickRunner
+    from mergekit.scripts.extract_lora import main as mergekit_extract
+
+    base, tuned = pair
+    argv = ["--model", str(tuned), "--base-model", str(base), "--out-path", str(tmp_path / "mk"),
+            "--max-rank", "2"]  # fmt: skip
+    result = ClickRunner().invoke(mergekit_extract, argv)
+    assert result.exit_code == 0, result.output
+    extract_lora(base, tuned, tmp_path / "ours", max_rank=2, device="cpu")
+    theirs = load_file(str(tmp_path / "mk" / "adapter_model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert set(ours) <= set(theirs)
+    for key in set(theirs) - set(ours):  # mergekit saves every norm, changed or not
+        assert "layernorm" in key and torch.equal(theirs[key], _tuned_state(base)[key[17:]])
+    for key in (k for k in ours if ".lora_A." in k):
+        key_b = key.replace(".lora_A.", ".lora_B.")
+        expected = theirs[key_b] @ theirs[key]
+        got = ours[key_b] @ ours[key]
+        assert float((got - expected).abs().max()) <= 1e-6 * float(expected.abs().max()), key
