@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -10,6 +11,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -28,6 +31,8 @@ from registry.errors import (
     ValidationFailed,
 )
 from registry.storage import BlobNotFound, StorageError, UnsafeKeyError
+
+log = logging.getLogger(__name__)
 
 
 class ErrorDetail(BaseModel):
@@ -173,6 +178,25 @@ async def handle_overflow(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+DATABASE_RETRY_AFTER_S = 5
+
+
+async def handle_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database could not be reached or dropped the connection (a restart, an outage):
+    503 with ``Retry-After``, the connection kept open. The driver's text is logged, not sent
+    (it names hosts and ports)."""
+    log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
+    message = (
+        f"the database is unavailable ({type(getattr(exc, 'orig', None) or exc).__name__}); "
+        f"retry in {DATABASE_RETRY_AFTER_S} s"
+    )
+    return JSONResponse(
+        {"detail": {"error": "database_unavailable", "message": message}},
+        status_code=503,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """Last resort: a bug still answers in the documented shape (Starlette re-raises it after
     this response, so the server logs the traceback once)."""
@@ -188,4 +212,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle_request_validation)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, handle_http_error)
     app.add_exception_handler(OverflowError, handle_overflow)
+    # Connection-level failures only (refused, dropped, pool exhausted); other database errors
+    # (constraint violations, bad SQL) are bugs or handled where they happen.
+    for unavailable in (OperationalError, InterfaceError, DisconnectionError, PoolTimeout):
+        app.add_exception_handler(unavailable, handle_database_unavailable)
     app.add_exception_handler(Exception, handle_unexpected)

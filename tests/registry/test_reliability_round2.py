@@ -330,3 +330,35 @@ def test_policy_enabled_must_be_a_json_boolean(rapi: Api, value: object) -> None
     url = f"/api/v1/policies/{created.json()['id']}"
     assert_error(rapi.client.patch(url, json={"enabled": 1}, headers=rapi.headers), 422)
     assert rapi.client.patch(url, json={"enabled": True}, headers=rapi.headers).json()["enabled"]
+
+
+# ---- 9: the database unreachable --------------------------------------------------------------
+
+
+def test_database_unreachable_is_503_with_retry_after_and_readyz_reports_it(
+    tmp_path: Path,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from registry.api.app import create_app
+    from registry.settings import Settings
+    from tests.services import free_port
+
+    closed = f"postgresql+psycopg://ckreg:secret@127.0.0.1:{free_port()}/ckreg"
+    settings = Settings(home=tmp_path, database_url=closed, store_url=f"file://{tmp_path / 's'}")
+    with TestClient(create_app(settings)) as client:  # errors would raise in the test
+        token = {"Authorization": "Bearer ckr_1_x"}
+        for _ in range(2):  # the same keep-alive client, twice
+            listed = client.get("/api/v1/checkpoints")
+            assert listed.status_code == 503, listed.text
+            assert listed.headers["retry-after"] == "5"
+            assert listed.json()["detail"]["error"] == "database_unavailable"
+            assert "secret" not in listed.text and closed.split("@")[1] not in listed.text
+        created = client.post(
+            "/api/v1/checkpoints", json={"name": "x", "kind": "base"}, headers=token
+        )
+        assert created.status_code == 503, created.text
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["database"].startswith("error")
+        assert ready.json()["store"] == "ok"
+        assert client.get("/healthz").status_code == 200
