@@ -150,6 +150,18 @@ class DigitsEvaluator:
                 metrics[f"{kind}/avg"] = sum(values) / len(values)
         return metrics
 
+    def per_example(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per task, whether each example of this split is classified right (bool tensor)."""
+        params = _as_float(state_dict)
+        check_backbone(params)
+        out = {}
+        with torch.no_grad():
+            for task in self.tasks:
+                data = self._data[task]
+                scores = logits(params, self._head(params, task), data.x)
+                out[task] = scores.argmax(-1) == data.y
+        return out
+
     def objective(self) -> DigitsObjective:
         """Task losses on ``proxy_size`` validation examples per task (never the test split)."""
         seed = self.manifest.seed
