@@ -1,0 +1,210 @@
+"""Build a Mixtral-style MoE from a dense base and its fine-tunes: each fine-tune's MLP is an expert.
+
+Attention, norms and embeddings come from the base (or the average of the fine-tunes), the router
+of every layer from prompts: ``hidden`` (mean input of that layer's MLP over each expert's positive
+prompts, minus the mean over its negative prompts, normalised), ``cheap_embed`` (mean token
+embedding of the prompts, the same at every layer) or ``random``. The idea and gate modes follow
+mergekit-moe (https://github.com/arcee-ai/mergekit/blob/main/docs/moe.md); the output loads with
+``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeops.moe.experts import MoeError
+from mergeops.moe.stats import collect_layer_inputs
+
+GateMode = Literal["hidden", "cheap_embed", "random"]
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+class BuildParams(BaseModel):
+    """How to assemble the MoE."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    gate_mode: GateMode = "hidden"
+    experts_per_token: int = Field(default=2, ge=1)
+    shared_weights: Literal["base", "average"] = "base"  # attention, norms, embeddings
+    seed: int = 0
+
+
+@dataclass
+class ExpertSource:
+    """One expert: a dense fine-tune of the base, and prompts (token-id tensors) it should get."""
+
+    model_dir: Path
+    positive: list[torch.Tensor] = field(default_factory=list)
+    negative: list[torch.Tensor] = field(default_factory=list)
+
+
+def _load(folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _check_dense(model: Any, folder: Path, base: Any | None) -> None:
+    names = set(model.state_dict())
+    missing = f"model.layers.0.mlp.{_MLP[0]}.weight"
+    if missing not in names:
+        raise MoeError(f"'{folder}' is not a dense Llama-style model: no tensor '{missing}'")
+    if base is not None:
+        theirs, ours = base.state_dict(), model.state_dict()
+        for name, tensor in theirs.items():
+            if name not in ours or ours[name].shape != tensor.shape:
+                got = tuple(ours[name].shape) if name in ours else "missing"
+                raise MoeError(
+                    f"expert '{folder}' does not match the base at '{name}': base {tuple(tensor.shape)}, expert {got}"
+                )
+
+
+def moe_config(dense: Any, num_experts: int, experts_per_token: int) -> Any:
+    """A MixtralConfig with the dense (Llama-style) config's sizes and ``num_experts`` experts."""
+    from transformers import MixtralConfig
+
+    if getattr(dense, "attention_bias", False) or getattr(dense, "mlp_bias", False):
+        raise MoeError(f"base '{dense.model_type}' uses biases; a Mixtral has none")
+    if experts_per_token > num_experts:
+        raise MoeError(f"experts_per_token={experts_per_token} exceeds the {num_experts} experts")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "hidden_act",
+        "tie_word_embeddings",
+        "head_dim",
+        "rope_parameters",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    values = {k: getattr(dense, k) for k in keys if getattr(dense, k, None) is not None}
+    return MixtralConfig(
+        **values, num_local_experts=num_experts, num_experts_per_tok=experts_per_token
+    )
+
+
+def _prompt_vectors(
+    base: Any, prompts: Sequence[torch.Tensor], mode: GateMode, layers: int
+) -> torch.Tensor:
+    """(layers, hidden) mean representation of ``prompts`` for one expert."""
+    if mode == "cheap_embed":
+        table = base.get_input_embeddings().weight
+        mean = torch.cat([table[p.flatten()] for p in prompts]).mean(dim=0)
+        return mean.expand(layers, -1)
+    prefixes = [f"model.layers.{i}.mlp" for i in range(layers)]
+    inputs = collect_layer_inputs(base, prefixes, prompts)
+    return torch.stack([inputs[p].mean(dim=0) for p in prefixes])
+
+
+def gate_weights(
+    base: Any, experts: Sequence[ExpertSource], params: BuildParams, layers: int
+) -> torch.Tensor:
+    """(layers, experts, hidden) router weights, one unit row per expert."""
+    hidden = base.config.hidden_size
+    if params.gate_mode == "random":
+        generator = torch.Generator().manual_seed(params.seed)
+        rows = torch.randn(layers, len(experts), hidden, generator=generator)
+        return torch.nn.functional.normalize(rows, dim=-1)
+    per_expert = []
+    for index, expert in enumerate(experts):
+        if not expert.positive:
+            raise MoeError(
+                f"expert {index} ('{expert.model_dir}') has no positive prompts; gate_mode '{params.gate_mode}' needs them"
+            )
+        vector = _prompt_vectors(base, expert.positive, params.gate_mode, layers)
+        if expert.negative:
+            vector = vector - _prompt_vectors(base, expert.negative, params.gate_mode, layers)
+        per_expert.append(vector)
+    return torch.nn.functional.normalize(torch.stack(per_expert, dim=1), dim=-1)
+
+
+def moe_state(
+    base: Any, models: Sequence[Any], gates: torch.Tensor, shared_weights: str
+) -> dict[str, torch.Tensor]:
+    """The Mixtral state dict (transformers 5 in-memory names: fused experts under ``mlp``)."""
+    base_state = base.state_dict()
+    states = [m.state_dict() for m in models]
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in base_state.items():
+        if ".mlp." in name:
+            continue
+        out[name] = (
+            torch.stack([s[name] for s in states]).mean(0)
+            if shared_weights == "average"
+            else tensor
+        )
+    for layer in range(gates.shape[0]):
+        mlp = f"model.layers.{layer}.mlp"
+        out[f"{mlp}.gate.weight"] = gates[layer]
+        out[f"{mlp}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([s[f"{mlp}.gate_proj.weight"], s[f"{mlp}.up_proj.weight"]]) for s in states]
+        )
+        out[f"{mlp}.experts.down_proj"] = torch.stack(
+            [s[f"{mlp}.down_proj.weight"] for s in states]
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    num_experts: int
+    bytes_written: int
+
+
+def build_moe(
+    base_dir: str | Path,
+    experts: Sequence[ExpertSource],
+    out_dir: str | Path,
+    params: BuildParams | None = None,
+) -> BuildResult:
+    """Assemble and write the MoE folder (atomically; nothing is written on a ``MoeError``)."""
+    from transformers import MixtralForCausalLM
+
+    params = params or BuildParams()
+    base_path, out = Path(base_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise MoeError(f"output folder '{out}' is not empty")
+    if len(experts) < 2:
+        raise MoeError(f"an MoE needs at least 2 experts; got {len(experts)}")
+    base = _load(base_path)
+    _check_dense(base, base_path, None)
+    models = [_load(e.model_dir) for e in experts]
+    for expert, model in zip(experts, models, strict=True):
+        _check_dense(model, expert.model_dir, base)
+    config = moe_config(base.config, len(experts), params.experts_per_token)
+    gates = gate_weights(base, experts, params, config.num_hidden_layers)
+    moe = MixtralForCausalLM(config)
+    moe.load_state_dict(moe_state(base, models, gates, params.shared_weights), strict=True)
+    _write(moe, base_path, out)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return BuildResult(out, len(experts), size)
+
+
+def _write(model: Any, base_path: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
+        staged = Path(scratch) / "model"
+        model.save_pretrained(staged)
+        for name in _COPIED:
+            if (base_path / name).is_file():
+                shutil.copy(base_path / name, staged / name)
+        if out.exists():
+            out.rmdir()
+        shutil.move(str(staged), out)
