@@ -67,6 +67,38 @@ class GramProbe(Protocol):
         ...
 
 
+class NeuronLayer(NamedTuple):
+    """One layer of neurons to align (pleas, ot_fusion): ``weight``/``bias`` produce them;
+    ``rows`` are all tensors whose dim 0 indexes them, ``cols`` those whose dim 1 does."""
+
+    name: str
+    weight: str
+    bias: str | None
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+
+
+@runtime_checkable
+class FeatureProbe(Protocol):
+    """Activations of a model on shared unlabeled inputs (alignment methods).
+
+    ``layer_order()`` lists the layers in forward order; ``features(params, layer)`` is the
+    layer's post-activation output (n, width); ``layer_inputs(params, layer)`` the inputs
+    (n, in) its ``weight`` sees. Shapes follow ``params``, so a wider merge runs too."""
+
+    def layer_order(self) -> list[NeuronLayer]:
+        """The layers to align, in forward order."""
+        ...
+
+    def features(self, params: Mapping[str, torch.Tensor], layer: str) -> torch.Tensor:
+        """Post-activation features of ``layer`` under ``params``, shape (n, width)."""
+        ...
+
+    def layer_inputs(self, params: Mapping[str, torch.Tensor], layer: str) -> torch.Tensor:
+        """Inputs of ``layer``'s weight under ``params``, shape (n, in)."""
+        ...
+
+
 @runtime_checkable
 class Evaluator(Protocol):
     """Scores a merged state dict; registered under the ``ckreg.evaluators`` entry-point group."""

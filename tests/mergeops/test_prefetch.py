@@ -40,6 +40,24 @@ class _Probe:
         return {k: torch.eye(params[k].shape[1]) * (1 + len(model_name)) for k in ("embed", "mlp")}
 
 
+class _Features:
+    """pleas / ot_fusion's feature probe: two unchained layers on fixed random inputs."""
+
+    inputs = {"embed": torch.randn(32, 128, generator=torch.Generator().manual_seed(3)),
+              "mlp": torch.randn(32, 192, generator=torch.Generator().manual_seed(4))}  # fmt: skip
+
+    def layer_order(self) -> list[Any]:
+        from mergeops.sources import NeuronLayer
+
+        return [NeuronLayer(k, k, None, (k,), ()) for k in ("embed", "mlp")]
+
+    def features(self, params: Any, layer: str) -> torch.Tensor:
+        return torch.relu(self.layer_inputs(params, layer) @ params[layer].T)
+
+    def layer_inputs(self, params: Any, layer: str) -> torch.Tensor:
+        return self.inputs[layer]
+
+
 def family(seed: int = 5, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, torch.Tensor]]:
     """A base and three fine-tunes (plus an integer buffer passed through)."""
     gen = torch.Generator().manual_seed(seed)
@@ -125,6 +143,8 @@ def method_cases(root: Path, tensors: list[dict[str, torch.Tensor]]) -> dict[str
         "adamerging": {**common, "objective": Quadratic(target), "steps": 3},
         "regmean": {"models": models, "grams": grams},
         "regmean_plusplus": {"models": models, "objective": _Probe()},
+        "pleas": {"models": models, "objective": _Features()},
+        "ot_fusion": {"models": models, "objective": _Features(), "solver": "sinkhorn"},
     }
     assert {c.get("_method", n) for n, c in cases.items()} == set(mergeops.available_methods())
     return cases
@@ -156,7 +176,7 @@ CASE_NAMES = [
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl",
     "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "passthrough",
     "arcee_fusion", "magmax", "pcb", "emr", "iso_c", "iso_cts", "tsv_m", "wudi", "doge_ta",
-    "adamerging", "regmean", "regmean_plusplus",
+    "adamerging", "regmean", "regmean_plusplus", "pleas", "ot_fusion",
 ]  # fmt: skip
 
 
