@@ -81,7 +81,7 @@ def test_bad_experts_are_named_and_nothing_is_written(
     out = tmp_path / "out"
     with pytest.raises(
         MoeError,
-        match="not a dense Llama-style model: no tensor 'model.layers.0.mlp.gate_proj.weight'",
+        match=r"not a dense Llama-style model: no tensor 'model\.layers\.0\.mlp\.gate_proj\.weight'",
     ):
         build_moe(
             base_dir,
