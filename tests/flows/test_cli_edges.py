@@ -53,10 +53,11 @@ def _env(**extra: str) -> dict[str, str]:
         ["merges", "show", "1"],
         ["merges", "watch", "1"],
         ["policy", "ls"],
+        ["pull", "1", "WEIGHTS.d"],
     ],
 )
 def test_unreachable_server_is_one_line(args: list[str], closed_url: str, weights: Path) -> None:
-    argv = [str(weights) if a == "WEIGHTS" else a for a in args]
+    argv = [a.replace("WEIGHTS", str(weights)) for a in args]
     result = runner.invoke(app, [*argv, "--url", closed_url, "--token", "t"])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import Result
 from typer.testing import CliRunner
@@ -138,3 +139,11 @@ def test_failed_merge_exits_nonzero_with_its_error(served: Served, base_id: int)
     assert watched.exit_code == 1 and "second_moment" in watched.stderr
     listed = served.ckreg("merges", "ls", "--status", "failed", "--json")
     assert [run["id"] for run in json.loads(listed.stdout)["items"]] == [int(failed[1])]
+
+
+def test_triggered_by_unknown_checkpoint_is_404(served: Served) -> None:
+    response = httpx.get(f"{served.url}/api/v1/merges/triggered-by/987654", timeout=30)
+    assert response.status_code == 404
+    assert "checkpoint 987654 not found" in response.json()["detail"]["message"]
+    missing = served.ckreg("merges", "show", "987654")
+    assert missing.exit_code == 1 and "merge run 987654 not found" in missing.output
