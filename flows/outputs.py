@@ -172,10 +172,18 @@ def adopt_output(
 
 
 def add_extras(out_dir: Path, spec: OutputSpec) -> None:
-    """Copy the pass-through files into ``out_dir``; an adapter output's single weights file
-    becomes ``adapter_model.safetensors`` (and its index goes), as PEFT loads it."""
+    """Copy the pass-through files into ``out_dir`` (never over a file the merge wrote); an
+    adapter output's single weights file becomes ``adapter_model.safetensors`` (and its index
+    goes), as PEFT loads it. A copied ``config.json`` gets the output's dtype."""
+    copied = set()
     for name, source in spec.extras:
-        shutil.copyfile(source, out_dir / name)
+        if not (out_dir / name).exists():
+            shutil.copyfile(source, out_dir / name)
+            copied.add(name)
+    if "config.json" in copied and not spec.adapter:
+        from flows.pass_through import set_config_dtype
+
+        set_config_dtype(out_dir)
     if not spec.adapter:
         return
     shards = sorted(out_dir.glob("model-*-of-*.safetensors"))

@@ -19,24 +19,21 @@ from flows.inputs import (
     InputMode,
     MergeInput,
     artifact_input,
-    blob_path,
     checkpoint_input,
     copy_artifact,
     prune_cache,
 )
 from flows.model_names import unique_model_names
 from flows.outputs import OutputSpec, output_name
+from flows.pass_through import pass_through
 from mergeops.methods import base as mb
 from registry.errors import InvalidState
 from registry.models import ArtifactRole, Checkpoint, CheckpointKind, MergePolicy, MergeRun, Metric
 from registry.services import merge_runs as run_service
-from registry.services.blobs import stored_blob
-from registry.services.common import checkpoint_files, load_checkpoint
+from registry.services.common import load_checkpoint
 from registry.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-HF_CONFIGS = ("config.json", "generation_config.json")
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -143,36 +140,6 @@ def _lora_mode(checkpoints: list[Checkpoint], base_id: int | None) -> str:
     if any(c.kind == CheckpointKind.adapter for c in checkpoints) and base_id is not None:
         return "full"
     return "factors"
-
-
-def pass_through(
-    session: Session,
-    store: ObjectStore,
-    checkpoints: list[Checkpoint],
-    base_id: int | None,
-    cache: Path,
-    lora: str,
-) -> dict[str, Any]:
-    """OutputSpec fields that make the merged folder a loadable Hugging Face directory: the
-    ``config.json`` / ``generation_config.json`` of the base (else of the first input holding
-    one), or, for adapters merged as adapters, the first adapter's ``adapter_config.json``."""
-    adapters = all(c.kind == CheckpointKind.adapter for c in checkpoints)
-    if adapters and lora == "factors":
-        names, sources = (ADAPTER_CONFIG,), [c.id for c in checkpoints[:1]]
-    else:
-        names, sources = HF_CONFIGS, [base_id, *(c.id for c in checkpoints)]
-    for checkpoint_id in sources:
-        if checkpoint_id is None:
-            continue
-        found = [f for f in checkpoint_files(session, checkpoint_id) if f.name in names]
-        if found:
-            paths = tuple(
-                blob_path(store=store, artifact=f, cache_dir=cache, blob=stored_blob(session, f))
-                for f in found
-            )
-            return {"extras": tuple(zip((f.name for f in found), paths, strict=True)),
-                    "adapter": adapters and lora == "factors"}  # fmt: skip
-    return {}
 
 
 def _input_mode() -> InputMode:
