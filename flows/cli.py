@@ -62,6 +62,7 @@ def _mount_client_commands() -> None:
     """register / ls / show / lineage / download (registry.client.cli) and merge (mergeops.cli)."""
     from mergeops.cli import merge_command
     from mergeops.cli_lora import make_extract_lora_command
+    from mergeops.cli_moe import moe_app
     from registry.client.adapters import register_adapter
     from registry.client import cli_pull
     from registry.client.cli import registry_app
@@ -70,6 +71,7 @@ def _mount_client_commands() -> None:
     app.registered_commands.extend(registry_app.registered_commands)
     app.add_typer(merges_app, name="merges")
     app.command("merge")(merge_command)
+    app.add_typer(moe_app, name="moe")
     app.command("extract-lora")(make_extract_lora_command(register_adapter))
     app.command("pull")(cli_pull.pull)
 

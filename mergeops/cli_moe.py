@@ -1,0 +1,184 @@
+"""``ckreg moe``: build an MoE from a base and its fine-tunes, or shrink an MoE by merging experts.
+
+torch and transformers are imported inside the commands, so ``ckreg --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+moe_app = typer.Typer(
+    help="Mixture-of-experts checkpoints: build one from fine-tunes, merge its experts.",
+    no_args_is_help=True,
+)
+
+BUILD_EXAMPLE = """\
+base_model: ./base                 # dense Llama-style model folder
+gate_mode: hidden                  # hidden | cheap_embed | random
+experts_per_token: 2
+shared_weights: base               # attention/norms/embeddings: base | average
+experts:
+  - source_model: ./ft-math
+    positive_prompts: ["Solve 12+7", "What is 3*4?"]
+    negative_prompts: ["Write a poem"]
+  - source_model: ./ft-code
+    positive_token_ids: [[5, 9, 2]]  # instead of text, for models without a tokenizer
+"""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        _fail(
+            f"text prompts need a tokenizer, and '{folder}' has none ({exc}); give token ids instead"
+        )
+
+
+def _prompts(entry: dict[str, Any], sign: str, tokenizer: Any) -> list[Any]:
+    import torch
+
+    ids = [torch.tensor(row, dtype=torch.long) for row in entry.get(f"{sign}_token_ids") or []]
+    texts = entry.get(f"{sign}_prompts") or []
+    if texts:
+        tokenizer = tokenizer()
+        ids += [tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    return ids
+
+
+def _load_build_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"cannot read '{path}': {exc}")
+    if not isinstance(config, dict) or "base_model" not in config or not config.get("experts"):
+        _fail(f"'{path}' needs 'base_model' and a list of 'experts'; example:\n{BUILD_EXAMPLE}")
+    unknown = set(config) - {
+        "base_model",
+        "gate_mode",
+        "experts_per_token",
+        "shared_weights",
+        "seed",
+        "experts",
+    }
+    if unknown:
+        _fail(f"unknown key(s) in '{path}': {', '.join(sorted(unknown))}")
+    return config
+
+
+@moe_app.command(
+    "build",
+    help="Build a Mixtral-style MoE: each fine-tune's MLP becomes one expert.\n\n"
+    "Config (YAML):\n\n" + BUILD_EXAMPLE.replace("\n", "\n\n"),
+)
+def build_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="MoE build YAML (see above).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Model folder to write (must be empty).")
+    ],
+) -> None:
+    from mergeops.moe.build import BuildParams, ExpertSource, build_moe
+    from mergeops.moe.experts import MoeError
+
+    spec = _load_build_config(config)
+    root = config.parent
+    base = root / spec["base_model"]
+    cached: dict[str, Any] = {}
+
+    def tokenizer() -> Any:  # loaded once, and only when some prompt is text
+        if "tokenizer" not in cached:
+            cached["tokenizer"] = _tokenizer(base)
+        return cached["tokenizer"]
+
+    experts = [
+        ExpertSource(
+            root / e["source_model"],
+            _prompts(e, "positive", tokenizer),
+            _prompts(e, "negative", tokenizer),
+        )
+        for e in spec["experts"]
+    ]
+    settings = {
+        k: spec[k]
+        for k in ("gate_mode", "experts_per_token", "shared_weights", "seed")
+        if k in spec
+    }
+    try:
+        result = build_moe(base, experts, out, BuildParams(**settings))
+    except (MoeError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"wrote {result.out_dir}: {result.num_experts} experts per layer, {result.bytes_written} bytes"
+    )
+
+
+def _calibration(path: Path, model_dir: Path) -> list[Any]:
+    import torch
+
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        return [torch.tensor(row, dtype=torch.long) for row in rows]
+    tokenizer = _tokenizer(model_dir)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [tokenizer(line, return_tensors="pt").input_ids for line in lines]
+
+
+@moe_app.command("compress", help="Merge each MoE layer's N experts into --num-experts (M < N).")
+def compress_command(
+    model: Annotated[Path, typer.Argument(help="MoE model folder (Mixtral, Qwen2/3-MoE).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Model folder to write (must be empty).")
+    ],
+    num_experts: Annotated[
+        int, typer.Option("--num-experts", "-m", min=1, help="Experts per layer after merging.")
+    ],
+    calibration: Annotated[
+        Path,
+        typer.Option(
+            help="Calibration inputs: a .txt (one prompt a line, tokenized with the model's "
+            "tokenizer) or a .json list of token-id lists."
+        ),
+    ],
+    method: Annotated[
+        str, typer.Option(help="mc_smoe | sub_moe | average (naive, neighbours).")
+    ] = "mc_smoe",
+    rank: Annotated[
+        int | None, typer.Option(min=1, help="sub_moe: rank of the shared basis.")
+    ] = None,
+    low_rank: Annotated[
+        int | None, typer.Option(min=1, help="mc_smoe: low-rank + sparse compression rank.")
+    ] = None,
+    align: Annotated[
+        bool, typer.Option(help="Permute neurons onto each group's leader first.")
+    ] = True,
+) -> None:
+    from mergeops.moe.compress import compress_moe
+    from mergeops.moe.experts import MoeError
+
+    if method not in ("mc_smoe", "sub_moe", "average"):
+        _fail(f"unknown method '{method}'; available: mc_smoe, sub_moe, average")
+    options: dict[str, Any] = {"align": align, "rank": rank}
+    if low_rank is not None:
+        options["low_rank"] = low_rank
+    try:
+        inputs = _calibration(calibration, model)
+        result = compress_moe(model, out, method, num_experts, inputs, **options)  # type: ignore[arg-type]
+    except (MoeError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    saved = result.bytes_before - result.bytes_after
+    typer.echo(
+        f"wrote {result.out_dir}: {result.experts_before} -> {result.experts_after} experts per layer, "
+        f"{result.bytes_after} bytes ({saved} saved)"
+    )
