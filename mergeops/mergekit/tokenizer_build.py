@@ -80,11 +80,11 @@ def union_tokenizer(
             added.setdefault(info.content, info)
     result = _copy_tokenizer(tokenizers[donor])
     donor_vocab = tokenizers[donor].get_vocab()
-    for tok in plain:
-        if tok not in added and tok not in donor_vocab:
-            result.add_tokens(tok)
-    for info in added.values():
-        result.add_tokens(info)
+    new_plain = [tok for tok in plain if tok not in added and tok not in donor_vocab]
+    if new_plain:  # one call each: per-token calls rebuild the added-token trie every time
+        result.add_tokens(new_plain)
+    if added:
+        result.add_tokens(list(added.values()))
     return result
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
 if TYPE_CHECKING:
-    from mergeops.mergekit.tokenizer import TokenEmbedding, VocabPlan
+    from mergeops.mergekit.tokenizer import ModelTokenEmbedding, VocabPlan, ZeroEmbedding
+
+    Source: TypeAlias = str | ZeroEmbedding | ModelTokenEmbedding
 
 LOG = logging.getLogger(__name__)
 
@@ -71,31 +73,35 @@ def _vocab_first(tensors: Mapping[str, torch.Tensor], axis: int) -> dict[str, to
 
 def _token_sources(
     plan: VocabPlan, names: list[str], base: str | None
-) -> tuple[dict[str, TokenEmbedding], set[str]]:
+) -> tuple[dict[str, Source], set[str]]:
     """Configured sources plus mergekit's automatic ones; and the tokens to average."""
-    from mergeops.mergekit.tokenizer import TokenEmbedding, ZeroEmbedding
+    from mergeops.mergekit.tokenizer import ZeroEmbedding
 
-    sources = {tok: cfg for tok, cfg in plan.tokens.items() if cfg.source is not None}
+    sources: dict[str, Source] = {
+        tok: cfg.source for tok, cfg in plan.tokens.items() if cfg.source is not None
+    }
     present = torch.stack([plan.rows[name] >= 0 for name in names])  # [models, vocab]
     counts = present.sum(dim=0).tolist()
+    first_holder = present.to(torch.uint8).argmax(dim=0).tolist()
     base_rows = plan.rows[base].tolist() if base in names else None
     average: set[str] = set()
+    zero = ZeroEmbedding(kind="zero")
     for tok, out_id in plan.vocab.items():
         if tok in sources or counts[out_id] == len(names):
             continue  # forced tokens every model has take the base row or the mean below
         if counts[out_id] == 1:
-            sources[tok] = TokenEmbedding(source=names[int(present[:, out_id].nonzero()[0])])
+            sources[tok] = names[first_holder[out_id]]
         elif counts[out_id] == 0:
             LOG.warning("token %r is in none of the models; its row is zero", tok)
-            sources[tok] = TokenEmbedding(source=ZeroEmbedding(kind="zero"))
+            sources[tok] = zero
         elif base_rows is not None and base_rows[out_id] >= 0:
-            sources[tok] = TokenEmbedding(source=base)
+            sources[tok] = str(base)
         else:
             average.add(tok)
     for tok, cfg in plan.tokens.items():  # forced, present everywhere, no source given
         if cfg.force and tok in plan.vocab and tok not in sources and tok not in average:
             if base_rows is not None:
-                sources[tok] = TokenEmbedding(source=base)
+                sources[tok] = str(base)
             else:
                 average.add(tok)
     return sources, average
@@ -103,37 +109,74 @@ def _token_sources(
 
 def _default_rows(
     views: Mapping[str, torch.Tensor], plan: VocabPlan, base: str | None
-) -> dict[str, torch.Tensor]:
-    """The shared row of every token some model lacks or that is forced."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared row of every token some model lacks or that is forced: (output id -> index
+    into the rows, -1 where there is none; the rows)."""
+    from mergeops.mergekit.tokenizer import ZeroEmbedding
+
     names = list(views)
     sources, average = _token_sources(plan, names, base)
-    missing = torch.stack([plan.rows[name] < 0 for name in names]).any(dim=0).tolist()
-    forced = {tok for tok, cfg in plan.tokens.items() if cfg.force and tok in plan.vocab}
-    needed = forced | {tok for tok, out_id in plan.vocab.items() if missing[out_id]}
+    needed = torch.stack([plan.rows[name] < 0 for name in names]).any(dim=0)
+    for tok, cfg in plan.tokens.items():
+        if cfg.force and tok in plan.vocab:
+            needed[plan.vocab[tok]] = True
+    ids = needed.nonzero().squeeze(1)
+    tokens = _tokens_by_id(plan)
     first = views[names[0]]
-    defaults: dict[str, torch.Tensor] = {}
-    for tok in needed:
-        out_id = plan.vocab[tok]
+    rows = first.new_zeros((len(ids), *first.shape[1:]))
+    position = torch.full((len(plan.vocab),), -1, dtype=torch.int64)
+    position[ids] = torch.arange(len(ids))
+    by_model: dict[str, list[int]] = {}
+    averaged: list[int] = []
+    for pos, out_id in enumerate(ids.tolist()):
+        tok = tokens[out_id]
+        src = sources.get(tok)
         if tok in average:
-            row = torch.zeros(first.shape[1:], dtype=first.dtype, device=first.device)
-            count = 0
-            for name in names:
-                src = int(plan.rows[name][out_id])
-                if src >= 0:
-                    row = row + views[name][src]
-                    count += 1
-            defaults[tok] = row / count
-        elif tok in sources:
-            defaults[tok] = _configured_row(tok, sources[tok], views, plan)
-    return defaults
+            averaged.append(pos)
+        elif isinstance(src, str) and src in views and int(plan.rows[src][out_id]) >= 0:
+            by_model.setdefault(src, []).append(pos)
+        elif src is not None and not isinstance(src, ZeroEmbedding):
+            rows[pos] = _configured_row(tok, src, views, plan)
+        elif src is None:
+            position[out_id] = -1
+    for model, positions in by_model.items():
+        index = torch.tensor(positions)
+        source_rows = plan.rows[model][ids[index]]
+        rows[index.to(rows.device)] = views[model][source_rows.to(rows.device)]
+    if averaged:
+        index = torch.tensor(averaged)
+        rows[index.to(rows.device)] = _mean_rows(views, plan, ids[index])
+    return position, rows
+
+
+def _tokens_by_id(plan: VocabPlan) -> list[str]:
+    tokens = [""] * len(plan.vocab)
+    for tok, out_id in plan.vocab.items():
+        tokens[out_id] = tok
+    return tokens
+
+
+def _mean_rows(
+    views: Mapping[str, torch.Tensor], plan: VocabPlan, ids: torch.Tensor
+) -> torch.Tensor:
+    """Per output id, the mean of the rows of the models that have it: summed model by model
+    in the tensors' dtype from zeros, then divided by the count, as mergekit does."""
+    first = next(iter(views.values()))
+    total = first.new_zeros((len(ids), *first.shape[1:]))
+    count = first.new_zeros((len(ids), *([1] * (first.ndim - 1))))
+    for name, view in views.items():
+        source = plan.rows[name][ids].to(view.device)
+        present = (source >= 0).view(-1, *([1] * (first.ndim - 1)))
+        total = total + torch.where(present, view[source.clamp(min=0)], 0)
+        count = count + present.to(count.dtype)
+    return total / count
 
 
 def _configured_row(
-    tok: str, cfg: TokenEmbedding, views: Mapping[str, torch.Tensor], plan: VocabPlan
+    tok: str, src: Source, views: Mapping[str, torch.Tensor], plan: VocabPlan
 ) -> torch.Tensor:
     from mergeops.mergekit.tokenizer import ModelTokenEmbedding, ZeroEmbedding
 
-    src = cfg.source
     if isinstance(src, ZeroEmbedding):
         first = next(iter(views.values()))
         return first.new_zeros(first.shape[1:])
@@ -159,24 +202,28 @@ def _configured_row(
 
 
 def _permuted(
-    view: torch.Tensor, plan: VocabPlan, name: str, defaults: Mapping[str, torch.Tensor]
+    view: torch.Tensor,
+    plan: VocabPlan,
+    name: str,
+    defaults: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     n_tokens = len(plan.vocab)
     out = torch.zeros((plan.vocab_size, *view.shape[1:]), dtype=view.dtype, device=view.device)
-    rows = plan.rows[name].to(view.device)
+    rows = plan.rows[name]
     keep = rows >= 0
-    forced = [plan.vocab[t] for t, cfg in plan.tokens.items() if cfg.force and t in plan.vocab]
-    if forced:
-        keep[torch.tensor(forced, device=view.device)] = False
-    out_ids = keep.nonzero().squeeze(1)
-    out[out_ids] = view[rows[out_ids]]
-    tokens_by_id = {out_id: tok for tok, out_id in plan.vocab.items()}
-    for out_id in (~keep).nonzero().squeeze(1).tolist():
-        tok = tokens_by_id[out_id]
-        if tok in defaults:
-            out[out_id] = defaults[tok]
-        else:
-            LOG.error("no row for token %r in model %r; left zero", tok, name)
+    for tok, cfg in plan.tokens.items():
+        if cfg.force and tok in plan.vocab:
+            keep[plan.vocab[tok]] = False
+    kept = keep.nonzero().squeeze(1)
+    out[kept.to(view.device)] = view[rows[kept].to(view.device)]
+    position, default_rows = defaults
+    filled = (~keep).nonzero().squeeze(1)
+    found = position[filled] >= 0
+    out[filled[found].to(view.device)] = default_rows[position[filled[found]].to(view.device)]
+    if not bool(found.all()):
+        tokens = _tokens_by_id(plan)
+        lost = [tokens[i] for i in filled[~found].tolist()]
+        LOG.error("no row for tokens %s in model %r; left zero", lost[:10], name)
     if plan.vocab_size > n_tokens:
         out[n_tokens:] = torch.mean(out[:n_tokens], dim=0)
     return out
