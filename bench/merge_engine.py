@@ -1,6 +1,6 @@
 """Merge-engine benchmark: ckreg (mergeops) against mergekit on the same synthetic checkpoints.
 
-    python -m bench.merge_engine [--sizes 270m,100m] [--methods ties,task_arithmetic,linear]
+    python -m bench.merge_engine [--sizes 270m,100m] [--methods ties,task_arithmetic,linear|mergekit]
                                  [--mergekit PATH|none] [--work DIR] [--keep] [--prefetch-compare]
     python -m bench.merge_engine --device cuda [--sizes 270m]
                                  [--methods ties,task_arithmetic,ota_ffg,opcm]
@@ -13,6 +13,9 @@ next to a plain in-RAM tensor copy of the same bytes timed just before. With CUD
 ckreg ``--device cuda`` rows and their ratio to pinned host-to-device bandwidth. The output
 comparison lives in ``bench.merge_parity``. ``--prefetch-compare`` adds, per method, the
 in-process merge time with input prefetch off and on.
+
+``--methods mergekit`` gives a row per registered method that mergekit 0.1.5 also has (its
+parameters in ``MERGEKIT_SETUPS``), both engines on the same files in one run.
 
 ``--device cuda`` runs only ckreg on the GPU (bf16 in and out; ota_ffg with synthetic second
 moments, opcm from a fresh state) and prints wall time, effective bandwidth, the pinned
@@ -38,6 +41,7 @@ from bench._common import MIB
 from bench._synth import SHAPES, write_family
 from bench.merge_parity import Parity, compare, format_parity
 from bench.merge_pipeline import cuda_main, h2d_bandwidth, prefetch_compare
+from bench.merge_setups import MERGEKIT_SETUPS, Setup, mergekit_methods
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
 DEFAULT_WORK = Path("bench/out/merge_engine")
@@ -116,16 +120,20 @@ def measure(cmd: list[str], *, engine: str, device: str, log: Path) -> Run:
 
 def write_config(path: Path, method: str, folders: list[Path], density: float) -> Path:
     """The mergekit YAML both engines run (fp32 compute and output, for parity)."""
-    base, finetunes = folders[0], folders[1:]
+    setup = MERGEKIT_SETUPS.get(method, Setup(per_model={}))
+    base, finetunes = folders[0], folders[1 : 1 + setup.models]
     models = []
     for folder, weight in zip(finetunes, WEIGHTS, strict=False):
-        params: dict[str, float] = {"weight": weight}
-        if method == "ties":
-            params["density"] = density
-        models.append({"model": str(folder.resolve()), "parameters": params})
+        entry: dict[str, object] = {"model": str(folder.resolve())}
+        if setup.per_model is not None:
+            params = {k: density if v == -1 else v for k, v in setup.per_model.items()}
+            entry["parameters"] = {"weight": weight, **params}
+        models.append(entry)
     config: dict[str, object] = {"merge_method": method, "models": models, "dtype": "float32"}
-    if method != "linear":
+    if setup.base:
         config["base_model"] = str(base.resolve())
+    if setup.shared:
+        config["parameters"] = dict(setup.shared)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -178,7 +186,8 @@ def bench_method(
     """ckreg (CPU, and CUDA when present) and mergekit on one size and method."""
     work: Path = args.work / size
     cfg = write_config(work / f"{method}.yml", method, folders, args.density)
-    inputs = folders[1:] if method == "linear" else folders
+    setup = MERGEKIT_SETUPS.get(method, Setup())
+    inputs = ([folders[0]] if setup.base else []) + folders[1 : 1 + setup.models]
     in_bytes = sum(folder_bytes(f) for f in inputs)
     outs = {e: work / f"out-{method}-{e}" for e in ("ckreg", "mergekit", "ckreg-cuda")}
     for out in outs.values():
@@ -195,7 +204,7 @@ def bench_method(
         mk = measure(mk_cmd, engine="mergekit", device="cpu", log=work / f"{method}-mk.log")
         rows.append(Row(size, method, mk, in_bytes + folder_bytes(outs["mergekit"]), memcpy))
         if ck.ok and mk.ok:
-            ties_inputs = folders if method == "ties" else None
+            ties_inputs = folders[: 1 + setup.models] if method == "ties" else None
             rows[0].parity = compare(
                 outs["ckreg"], outs["mergekit"], ties_inputs=ties_inputs, density=args.density
             )
@@ -237,10 +246,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="270m,100m", help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--methods", default=None,
-                        help="default: ties,task_arithmetic,linear on CPU; "
+                        help="comma-separated, or 'mergekit' (every method mergekit also has); "
+                             "default: ties,task_arithmetic,linear on CPU; "
                              "ties,task_arithmetic,ota_ffg,opcm on CUDA")  # fmt: skip
     parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or "none",
+    parser.add_argument("--mergekit", default=_mergekit_yaml(),
                         help="mergekit-yaml executable, or 'none' to skip it")  # fmt: skip
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--shard-size", default="256MB", help="output shard size, both engines")
@@ -262,8 +272,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.methods = (
             "ties,task_arithmetic,ota_ffg,opcm" if cuda else "ties,task_arithmetic,linear"
         )
+    if args.methods == "mergekit":
+        args.methods = ",".join(mergekit_methods())
     args.mergekit = None if args.mergekit in ("", "none") else args.mergekit
     return args
+
+
+def _mergekit_yaml() -> str:
+    """``mergekit-yaml`` beside this interpreter, else on PATH, else ``none``."""
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    return str(beside) if beside.is_file() else shutil.which("mergekit-yaml") or "none"
 
 
 def main(argv: list[str] | None = None) -> int:

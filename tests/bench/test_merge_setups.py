@@ -1,0 +1,24 @@
+"""The merge-engine benchmark's mergekit rows: one per mergekit method, configs both accept."""
+
+from pathlib import Path
+
+import yaml
+
+from bench.merge_engine import write_config
+from bench.merge_setups import MERGEKIT_SETUPS, mergekit_methods
+from mergeops.config import parse_config
+
+
+def test_every_mergekit_method_has_a_setup_both_engines_parse(tmp_path: Path) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods.registry import registered_methods
+
+    assert set(MERGEKIT_SETUPS) == {m.spec.name for m in registered_methods()}
+    folders = [tmp_path / f"m{i}" for i in range(5)]
+    for method in mergekit_methods():
+        data = yaml.safe_load(
+            write_config(tmp_path / f"{method}.yml", method, folders, 0.5).read_text()
+        )
+        MergeConfiguration.model_validate(data)
+        parse_config(data)
+        assert len(data["models"]) == MERGEKIT_SETUPS[method].models
