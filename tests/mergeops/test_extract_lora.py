@@ -26,12 +26,14 @@ def _config(hidden: int = 16):
                        tie_word_embeddings=False)  # fmt: skip
 
 
-def _save(folder: Path, state: dict[str, torch.Tensor], hidden: int = 16) -> Path:
+def _save(
+    folder: Path, state: dict[str, torch.Tensor], hidden: int = 16, shard: str = "5GB"
+) -> Path:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(_config(hidden))
     model.load_state_dict(state)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), max_shard_size=shard)
     return folder
 
 
@@ -50,7 +52,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     gen = torch.Generator().manual_seed(1)
     tuned = {k: (v + _rank2(v.shape, gen) if v.ndim == 2 else v.clone()) for k, v in base.items()}
     tuned["model.norm.weight"] += 0.25
-    return _save(root / "base", base), _save(root / "tuned", tuned)
+    return _save(root / "base", base), _save(root / "tuned", tuned, shard="20KB")  # sharded
 
 
 def _merged_state(base_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -61,8 +63,12 @@ def _merged_state(base_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
 
 
-def _tuned_state(tuned: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(tuned / "model.safetensors"))
+def _tuned_state(folder: Path) -> dict[str, torch.Tensor]:
+    from mergeops.io.layouts import open_source
+
+    source = open_source(folder)
+    names = source.keys()
+    return {key: source.get(key) for key in names}
 
 
 def test_rank2_delta_reproduced_through_peft(pair, tmp_path) -> None:
@@ -135,6 +141,7 @@ def test_bad_input_is_named(pair, tmp_path) -> None:
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ExtractError, match=r"only in model \['extra'\]"):
         extract_lora(base / "model.safetensors", tmp_path / "extra.safetensors", tmp_path / "d")
+    assert len(list(tuned.glob("model-*.safetensors"))) > 1  # the fine-tune is read sharded
 
 
 def test_cli(pair, tmp_path) -> None:
