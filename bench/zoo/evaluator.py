@@ -151,7 +151,7 @@ class DigitsEvaluator:
         return metrics
 
     def per_example(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per task, whether each example of this split is classified right (bool tensor)."""
+        """Per task, 1.0 where an example of this split is classified right, else 0.0."""
         params = _as_float(state_dict)
         check_backbone(params)
         out = {}
@@ -159,7 +159,7 @@ class DigitsEvaluator:
             for task in self.tasks:
                 data = self._data[task]
                 scores = logits(params, self._head(params, task), data.x)
-                out[task] = scores.argmax(-1) == data.y
+                out[task] = (scores.argmax(-1) == data.y).float()
         return out
 
     def objective(self) -> DigitsObjective:
