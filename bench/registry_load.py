@@ -3,10 +3,10 @@
 ``python -m bench.registry_load --clients 30 --duration 30 --s3 --database-url postgresql+psycopg://...``
 starts ``ckreg serve`` (embedded mode, its own process; with ``--s3`` an S3 store on a
 ``moto_server`` this program starts; SQLite in a temp dir unless ``--database-url``), then runs
-``--clients`` asyncio clients for ``--duration`` seconds. Each client, in a loop, registers a tiny
-checkpoint (create -> PUT -> complete: three requests) with probability ``--write-share``, else
-reads: a page of the listing, one checkpoint, or a file download (checked against the sha256 it
-was uploaded with). Afterwards every ready checkpoint's file is downloaded and verified.
+``--clients`` asyncio clients (one API token each) for ``--duration`` seconds. Each client, in a
+loop, registers a tiny checkpoint (create -> PUT -> complete: three requests) with probability
+``--write-share``, else reads: a page of the listing, one checkpoint, or a file download
+(checked against the sha256 it was uploaded with). Afterwards every ready checkpoint's file is downloaded and verified.
 
 Reported: requests/s over the run, and count / errors / p50 / p95 / p99 (ms) per operation.
 Goal (issue 18, 2-core machine): >= 100 requests/s with 30 clients, p95 of reads < 250 ms,
@@ -120,16 +120,17 @@ async def read(client: Any, stats: Stats, rng: random.Random) -> None:
         stats.mismatches.append(f"checkpoint {checkpoint_id} (during the run)")
 
 
-async def run_clients(url: str, token: str, args: argparse.Namespace, stats: Stats) -> float:
-    """Run the clients for ``args.duration`` seconds; returns the elapsed seconds."""
+async def run_clients(url: str, tokens: list[str], args: argparse.Namespace, stats: Stats) -> float:
+    """Run the clients (one token each, as separate users would have) for ``args.duration``
+    seconds; returns the elapsed seconds."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {token}"}
     deadline = time.monotonic() + args.duration
     counter = iter(range(10**9))
 
     async def one(index: int) -> None:
         rng = random.Random(args.seed * 1000 + index)
+        headers = {"Authorization": f"Bearer {tokens[index]}"}
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
             while time.monotonic() < deadline:
                 if rng.random() < args.write_share:
@@ -237,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                 _bucket(endpoint)
             with start_serve(work, args, endpoint) as server:
                 database_url = args.database_url or f"sqlite:///{work / 'home' / 'registry.db'}"
-                token = create_token(database_url)
+                tokens = [create_token(database_url) for _ in range(args.clients)]
                 stats = Stats()
-                elapsed = asyncio.run(run_clients(server.url, token, args, stats))
-                verified = verify_all(server.url, token, stats)
+                elapsed = asyncio.run(run_clients(server.url, tokens, args, stats))
+                verified = verify_all(server.url, tokens[0], stats)
                 met = report(stats, elapsed, verified, args)
         finally:
             if moto is not None:

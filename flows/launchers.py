@@ -27,6 +27,7 @@ MERGE_DEPLOYMENT = "merge_checkpoints/ckreg-merge"
 POLICY_DEPLOYMENT = "sequential_merge/ckreg-policy"
 
 Job = tuple[Literal["ready", "merge", "policy", "warmup", "sweep"], int]
+AT_START = 1  # the object id of the start-up sweep job (periodic sweeps: 0)
 
 
 def recovery_sweep(runtime: Runtime, *, at_start: bool) -> list[int]:
@@ -98,9 +99,8 @@ class EmbeddedLauncher:
         start-up sweep runs first and the periodic one every ``CKREG_RECOVERY_SWEEP_S``.
         """
         self._jobs.put(("warmup", 0))
-        if self._recover:
-            for run_id in recovery_sweep(self.runtime, at_start=True):
-                self._jobs.put(("merge", run_id))
+        if self._recover:  # first in the queue, off the caller's thread (it imports Prefect)
+            self._jobs.put(("sweep", AT_START))
             self._sweeper.start()
         self._thread.start()
         if self.scheduler is not None:
@@ -164,7 +164,7 @@ class EmbeddedLauncher:
         elif kind == "policy":
             pipelines.sequential_merge(object_id)
         elif kind == "sweep":
-            for run_id in recovery_sweep(self.runtime, at_start=False):
+            for run_id in recovery_sweep(self.runtime, at_start=object_id == AT_START):
                 self._jobs.put(("merge", run_id))
 
 
