@@ -52,6 +52,8 @@ class Linear(StreamingMethod):
         params = ctx.params
         assert isinstance(params, LinearParams)
         weights = [p.weight for p in ctx.model_params]  # type: ignore[attr-defined]
+        if inputs.models[0].dtype in (torch.float16, torch.bfloat16):
+            return TensorResult(_accumulated(inputs.models, weights, params.normalize))
         return TensorResult(weighted_average(inputs.models, weights, normalize=params.normalize))
 
     def merge_rows(
@@ -67,3 +69,15 @@ class Linear(StreamingMethod):
     ) -> list[Any]:
         """No whole-tensor statistics."""
         return [None] * len(ctx.model_params)
+
+
+def _accumulated(models: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """16-bit inputs (a mergekit config's ``dtype``): accumulated in float32 in model order,
+    divided by the float32 weight sum and rounded once, as mergekit's linear does."""
+    coefficients = torch.tensor(weights, dtype=torch.float32, device=models[0].device)
+    result = torch.zeros_like(models[0], dtype=torch.float32)
+    for model, coefficient in zip(models, coefficients.unbind(0), strict=True):
+        result.addcmul_(model, coefficient)
+    if normalize:
+        result.div_(coefficients.sum())
+    return result.to(models[0].dtype)
