@@ -12,7 +12,6 @@ before it reaches the writer (``mergeops.finite``).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from mergeops import finite
 from mergeops.chunking import ChunkedMerge, chunk_rows
 from mergeops.device import dtype_name
-from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output
+from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output, swap_into_place
 from mergeops.methods import base as mb
 from mergeops.pipeline import Backend, SlicePipeline
 from mergeops.plan import MergePlan
@@ -254,7 +253,10 @@ def merge_to_dicts(plan: MergePlan) -> mb.ModelResult:
 
     run(plan, sink)
     if plan.state_path is not None and plan.ctx.state is not None:
-        _save_state(plan, plan.state_path)
+        staged = plan.state_path.parent / f".{plan.state_path.name}.staged"
+        plan.state_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.method.save_state(plan.ctx.state, staged)
+        swap_into_place(staged, plan.state_path)
     return result
 
 
@@ -318,7 +320,7 @@ def merge_to_dir(
     target = Path(out_dir)
     state_path = None
     if plan.state_path is not None and (target / ".state-staged").exists():
-        state_path = _swap_into_place(target / ".state-staged", plan.state_path)
+        state_path = swap_into_place(target / ".state-staged", plan.state_path)
     return MergeResult(
         out_dir=target,
         files=[target / f.name for f in files],
@@ -329,21 +331,3 @@ def merge_to_dir(
         state_path=state_path,
         method=plan.method.name,
     )
-
-
-def _save_state(plan: MergePlan, path: Path) -> None:
-    staged = path.parent / f".{path.name}.staged"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plan.method.save_state(plan.ctx.state, staged)
-    _swap_into_place(staged, path)
-
-
-def _swap_into_place(staged: Path, path: Path) -> Path:
-    """Replace ``path`` (file or folder) by ``staged``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    shutil.move(str(staged), str(path))
-    return path

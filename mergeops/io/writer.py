@@ -251,3 +251,14 @@ class ShardedWriter:
         for index in range(1, len(self._shards) + 1):
             (self.directory / f"shard-{index}.tmp").unlink(missing_ok=True)
         self._pending, self._pending_bytes = {}, 0
+
+
+def swap_into_place(staged: Path, path: Path) -> Path:
+    """Replace ``path`` (file or folder) by ``staged``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    shutil.move(str(staged), str(path))
+    return path
