@@ -9,6 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,9 +21,9 @@ import torch
 
 from registry.client.api import Client
 from registry.services.hub import revision_sha
-from tests.registry.conftest import LiveRegistry
+from tests.registry.conftest import LiveRegistry, _tokens
 from tests.registry.hf_tiny import save_tiny_adapter, save_tiny_model
-from tests.registry.live_server import registry_process
+from tests.services import free_port
 
 LOADS = """
 import hashlib, json, os, sys, torch, huggingface_hub, transformers, peft
@@ -35,17 +39,6 @@ with torch.no_grad():
     out = {"files": files, "tokens": tokenizer("the cat sat")["input_ids"],
            "logits": model(ids).logits.sum().item(), "adapted": adapted(ids).logits.sum().item()}
 print(json.dumps(out))
-"""
-
-AUTH = """
-import huggingface_hub, os
-try:
-    huggingface_hub.snapshot_download(repo_id="ckreg/tiny-auth", token=False)
-    print("no-token: loaded")
-except Exception as exc:
-    print("no-token:", type(exc).__name__)
-folder = huggingface_hub.snapshot_download(repo_id="ckreg/tiny-auth")  # HF_TOKEN from the env
-print("token:", sorted(os.listdir(folder)))
 """
 
 
@@ -166,14 +159,56 @@ def test_revision_is_a_content_hash() -> None:
     assert revision_sha(files("0" * 64)) != revision_sha(files("2" * 64))
 
 
-def test_read_tokens_are_honoured(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    env = {"CKREG_AUTH_READS": "true"}
-    with registry_process(tmp_path / "registry", env=env) as server:
-        token = server.tokens[0]
-        with Client(server.url, token=token) as client:
+@contextmanager
+def auth_registry(home: Path) -> Iterator[tuple[str, str, str]]:
+    """A registry that needs a read token for reads, in a thread: ``(url, write, read)``."""
+    import uvicorn
+
+    from registry.api.app import create_app
+    from registry.db import upgrade_database
+    from registry.settings import Settings
+
+    settings = Settings(
+        home=home,
+        database_url=f"sqlite:///{home / 'registry.db'}",
+        store_url=f"file://{home / 'store'}",
+        auth_reads=True,
+        task_vectors_on_complete=False,
+    )
+    upgrade_database(settings.database_url)
+    write, read = _tokens(settings.database_url)
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "auth registry did not start"
+    try:
+        yield f"http://127.0.0.1:{port}", write, read
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_read_tokens_are_honoured(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # localhost only
+    with auth_registry(tmp_path / "registry") as (url, write, read):
+        with Client(url, token=write) as client:
             client.register(folders[0], kind="base", name="tiny-auth", progress=False)
-        assert httpx.get(f"{server.url}/hub/api/models/ckreg/tiny-auth").status_code == 401
-        out = hf_process(AUTH, server.url, tmp_path / "hf", token=token)
-    lines = out.strip().splitlines()
-    assert lines[-2].startswith("no-token: ") and "loaded" not in lines[-2]
-    assert lines[-1].startswith("token: [") and "model.safetensors" in lines[-1]
+        assert httpx.get(f"{url}/hub/api/models/ckreg/tiny-auth").status_code == 401
+        options = {"repo_id": "ckreg/tiny-auth", "endpoint": f"{url}/hub"}
+        with pytest.raises(RepositoryNotFoundError):
+            huggingface_hub.snapshot_download(**options, token=False, cache_dir=tmp_path / "a")
+        wrong = huggingface_hub.HfApi(endpoint=f"{url}/hub", token="ckreg_not-a-token")
+        with pytest.raises(RepositoryNotFoundError):
+            wrong.model_info("ckreg/tiny-auth")
+        folder = huggingface_hub.snapshot_download(**options, token=read, cache_dir=tmp_path / "b")
+    assert "model.safetensors" in os.listdir(folder)

@@ -11,16 +11,40 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlmodel import Session
 
 from registry import services
-from registry.api.deps import ReaderDep, SessionDep, StoreDep
+from registry.api.deps import SessionDep, SettingsDep, StoreDep
 from registry.api.routes.files import parse_range
+from registry.errors import Forbidden, Unauthenticated
+from registry.models import TokenScope
 from registry.services import hub
 
 router = APIRouter(prefix="/hub", tags=["hub"], include_in_schema=False)
+
+
+def _hub_reader(request: Request, session: SessionDep, settings: SettingsDep) -> None:
+    """Reads need a read token when the registry says so; refused as the Hub refuses a private
+    repo (401/403 with ``X-Error-Code: RepoNotFound``), so clients tell users to authenticate."""
+    if not settings.auth_reads:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    token = value.strip() if scheme.lower() == "bearer" else None
+    try:
+        services.authenticate(session=session, plaintext=token or None, required=TokenScope.read)
+    except (Unauthenticated, Forbidden) as exc:
+        headers = {
+            "X-Error-Code": "RepoNotFound",
+            "X-Error-Message": f"{exc.message} (set HF_TOKEN to a ckreg read token)",
+            "WWW-Authenticate": "Bearer",
+        }
+        status = 401 if isinstance(exc, Unauthenticated) else 403
+        raise HTTPException(status, headers["X-Error-Message"], headers=headers) from exc
+
+
+ReaderDep = Annotated[None, Depends(_hub_reader)]
 
 
 def _not_found(exc: hub.HubNotFound) -> JSONResponse:

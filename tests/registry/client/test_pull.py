@@ -1,17 +1,17 @@
-"""``ckreg pull`` / ``Client.pull``: a whole checkpoint into a folder ``from_pretrained`` loads;
+"""``ckreg pull`` (the real command, in-process) / ``Client.pull``: a whole checkpoint into a folder ``from_pretrained`` loads;
 sha256-checked, resumed with Range from a ``.partial`` file, keeping files already there."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from flows.cli import app
 from registry.client.api import Client, ClientError
 from registry.client.pull import PullError
 from tests.registry.conftest import LiveRegistry
@@ -39,12 +39,10 @@ def test_cli_pull_by_name_loads_with_from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest = tmp_path / "pulled"
-    command = [str(Path(sys.executable).parent / "ckreg"), "pull", "tiny-pull", str(dest), "-q"]
-    command += ["--url", live_registry.url, "--token", live_registry.token]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(dest)
+    args = ["pull", "tiny-pull", str(dest), "-q", "--url", live_registry.url]
+    done = CliRunner().invoke(app, [*args, "--token", live_registry.token])
+    assert done.exit_code == 0, done.output
+    assert done.output.strip() == str(dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted(f["name"] for f in registered["files"])
     model = AutoModelForCausalLM.from_pretrained(dest)
     original = load_file(str(source / "model.safetensors"))
