@@ -112,8 +112,8 @@ def _check_routable(method: mb.MergeMethod) -> None:
     why = None
     if not method.streaming:
         why = "merges whole models at once"
-    elif method.needs & {mb.Need.STATE, mb.Need.SECOND_MOMENTS, mb.Need.FISHER, mb.Need.METRICS}:
-        why = "needs side inputs or state"
+    elif method.needs - {mb.Need.BASE}:
+        why = f"needs {', '.join(sorted(method.needs - {mb.Need.BASE}))}"
     if why:
         raise mb.MergeError(f"method '{method.name}' {why}; it cannot be used with slices, "
                             "gradients, filters, LoRA references or a tokenizer source")  # fmt: skip

@@ -242,3 +242,21 @@ def test_base_missing_from_a_slice_is_named(zoo, tmp_path):
     }
     with pytest.raises(CkregMergeFailed, match=r"base_model .* is not among the sources"):
         run_ckreg(config, tmp_path / "out")
+
+
+def test_chat_template_and_routing_refusal(zoo, tmp_path):
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": _path(zoo, m), "parameters": {"weight": 1}} for m in ("ft1", "ft2")],
+        "chat_template": "chatml",
+    }
+    run_ckreg(config, tmp_path / "ck")
+    tokenizer_config = (tmp_path / "ck" / "tokenizer_config.json").read_text()
+    chat = tmp_path / "ck" / "chat_template.jinja"
+    assert "im_start" in tokenizer_config or (chat.is_file() and "im_start" in chat.read_text())
+    needs_metrics = {
+        "merge_method": "mwa",
+        "slices": [{"sources": [{"model": _path(zoo, "ft1"), "layer_range": [0, 4]}]}],
+    }
+    with pytest.raises(CkregMergeFailed, match="method 'mwa' needs metrics"):
+        run_ckreg(needs_metrics, tmp_path / "mwa")
