@@ -185,3 +185,16 @@ def test_factors_match_mergekit_extract_lora(pair, tmp_path) -> None:
         expected = theirs[key_b] @ theirs[key]
         got = ours[key_b] @ ours[key]
         assert float((got - expected).abs().max()) <= 1e-6 * float(expected.abs().max()), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(pair, tmp_path) -> None:
+    base, tuned = pair
+    extract_lora(base, tuned, tmp_path / "cpu", max_rank=2, device="cpu")
+    extract_lora(base, tuned, tmp_path / "gpu", max_rank=2, device="cuda")
+    cpu = load_file(str(tmp_path / "cpu" / "adapter_model.safetensors"))
+    gpu = load_file(str(tmp_path / "gpu" / "adapter_model.safetensors"))
+    assert set(cpu) == set(gpu)
+    for key in (k for k in cpu if ".lora_A." in k):
+        key_b = key.replace(".lora_A.", ".lora_B.")
+        assert torch.allclose(gpu[key_b] @ gpu[key], cpu[key_b] @ cpu[key], atol=1e-5), key
