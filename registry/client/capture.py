@@ -86,7 +86,10 @@ def load_optimizer_state(path: Path | str) -> dict[str, Any]:
     import torch
 
     try:
-        state_dict = torch.load(Path(path), map_location="cpu", weights_only=True)
+        try:  # mapped, not read: only the exp_avg_sq tensors are ever touched
+            state_dict = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            state_dict = torch.load(Path(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeOptimizerFile(f"'{path}' was not loaded: {exc}") from exc
     except (RuntimeError, EOFError) as exc:

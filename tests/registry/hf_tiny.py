@@ -75,7 +75,7 @@ def train_tiny(folder: Path, *, steps: int = 2, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    model = LlamaForCausalLM(tiny_config())
+    model = LlamaForCausalLM(tiny_config(tie=True))  # tied: lm_head is embed_tokens
     rows = [tokenizer(t, padding="max_length", max_length=8) for t in TEXTS]
     data = [{**r, "labels": list(r["input_ids"])} for r in rows]
     args = TrainingArguments(

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from registry.client.api import Client, ClientError
 from registry.client.capture import CaptureError
 from registry.client.layouts import plan_upload
+from registry.client.trainer_moments import side_artifacts
 from tests.registry.conftest import LiveRegistry
 from tests.registry.hf_tiny import REFERENCE_MOMENTS, save_tiny_model, train_tiny
 
@@ -74,7 +75,7 @@ def test_trainer_folder_via_cli(
     path = client.download_artifact(checkpoint["id"], artifact["id"], tmp_path, progress=False)
     captured = load_file(str(path))
     reference = load_file(str(checkpoint_dir.parent / REFERENCE_MOMENTS))
-    assert set(captured) == set(reference) and len(reference) == 21  # tied: no lm_head
+    assert set(captured) == set(reference) and len(reference) == 20  # tied: no lm_head
     for name, moment in reference.items():
         assert torch.equal(captured[name], moment), name
 
@@ -127,6 +128,21 @@ def test_model_folder_extras_and_skips(client: Client, tmp_path: Path) -> None:
         "tokenizer_config.json",
     ]
     assert [a["role"] for a in client.artifacts(checkpoint["id"])] == ["second_moment"]
+
+
+def test_adapter_optimizer_is_not_guessed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "checkpoint-9"
+    folder.mkdir()
+    save_file({"a.lora_A.weight": torch.ones(1, 2)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text("{}")
+    torch.save({"state": {}, "param_groups": [{"params": [0]}]}, folder / "optimizer.pt")
+    plan = plan_upload(folder)
+    with caplog.at_level("WARNING", logger="registry.client"):
+        found = side_artifacts(
+            plan, second_moment=None, optimizer_param_names=None, work_dir=tmp_path
+        )
+    assert found == []
+    assert "optimizer.pt not converted to second moments (an adapter)" in caplog.text
 
 
 def test_unsafe_file_names_are_refused_by_the_server(client: Client, tmp_path: Path) -> None:
