@@ -133,7 +133,10 @@ def register(
     ] = None,
     include_training_state: Annotated[
         bool,
-        typer.Option(help="Also upload optimizer/scheduler/RNG state (skipped by default)."),
+        typer.Option(
+            "--include-training-state",
+            help="Also upload optimizer/scheduler/RNG state (skipped by default).",
+        ),
     ] = False,
     no_base: Annotated[
         bool,

@@ -18,17 +18,18 @@ def pull(
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Download every file of a checkpoint (weights, config, tokenizer, ...) into DIR.
+    """Download every file of a checkpoint (weights, config, tokenizer...) into DIR.
 
-    Files are checked against the registry's sha256; files already in DIR with the right hash
-    are kept, and an interrupted pull continues where it stopped. A name means the newest
-    ready checkpoint with that name.
+    Each file is checked against the registry's sha256.
+    Files already in DIR with the right hash are kept.
+    An interrupted pull continues where it stopped.
+    A NAME means the newest ready checkpoint of that name.
 
     Examples:
 
       ckreg pull 12 ./ckpt12
 
-      ckreg pull ties-run7 ./merged && python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('./merged')"
+      ckreg pull ties-run7 ./merged   # then from_pretrained("./merged")
     """
     from registry.client.pull import pull_checkpoint
 
