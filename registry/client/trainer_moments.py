@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("registry.client")
+
+
+class UnknownArchitecture(CaptureError):
+    """``config.json`` does not name a ``transformers`` architecture: no names to give."""
+
+
 Layout = list[list[tuple[str, tuple[int, ...]]]]  # groups of (parameter name, shape)
 
 
@@ -54,7 +60,8 @@ def trainer_second_moments(folder: Path, optimizer_file: Path) -> dict[str, torc
     raise CaptureError(
         f"'{optimizer_file}' holds param groups of {sizes} parameters that match no layout of "
         f"the model in '{folder / 'config.json'}' ({'; '.join(problems)}); pass the names in "
-        "optimizer order (Client.register(optimizer_param_names=...)) or --second-moment"
+        "optimizer order (Client.register(optimizer_param_names=...)), give --second-moment, or "
+        "move optimizer.pt out of the folder to register without second moments"
     )
 
 
@@ -75,11 +82,11 @@ def meta_model(folder: Path) -> torch.nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise CaptureError(f"cannot read '{folder / 'config.json'}': {exc}") from exc
+        raise UnknownArchitecture(f"cannot read '{folder / 'config.json'}': {exc}") from exc
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None:
-        raise CaptureError(
+        raise UnknownArchitecture(
             f"'{folder / 'config.json'}' names no architecture transformers knows "
             f"(architectures={architectures}); cannot name the optimizer's parameters"
         )
@@ -143,4 +150,8 @@ def _optimizer_moments(
             "optimizer.pt not converted to second moments (%s); pass optimizer_param_names", why
         )
         return None
-    return trainer_second_moments(plan.directory, plan.optimizer_file)
+    try:
+        return trainer_second_moments(plan.directory, plan.optimizer_file)
+    except UnknownArchitecture as exc:
+        log.warning("optimizer.pt not converted to second moments: %s", exc)
+        return None

@@ -130,7 +130,9 @@ def test_model_folder_extras_and_skips(client: Client, tmp_path: Path) -> None:
     assert [a["role"] for a in client.artifacts(checkpoint["id"])] == ["second_moment"]
 
 
-def test_adapter_optimizer_is_not_guessed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_optimizer_of_adapter_or_unknown_model_is_not_guessed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = tmp_path / "checkpoint-9"
     folder.mkdir()
     save_file({"a.lora_A.weight": torch.ones(1, 2)}, str(folder / "adapter_model.safetensors"))
@@ -143,6 +145,15 @@ def test_adapter_optimizer_is_not_guessed(tmp_path: Path, caplog: pytest.LogCapt
         )
     assert found == []
     assert "optimizer.pt not converted to second moments (an adapter)" in caplog.text
+    (folder / "adapter_model.safetensors").rename(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "my-own-net"}))
+    with caplog.at_level("WARNING", logger="registry.client"):
+        found = side_artifacts(
+            plan_upload(folder), second_moment=None, optimizer_param_names=None, work_dir=tmp_path
+        )
+    assert (
+        found == [] and "optimizer.pt not converted to second moments: cannot read" in caplog.text
+    )
 
 
 def test_unsafe_file_names_are_refused_by_the_server(client: Client, tmp_path: Path) -> None:
