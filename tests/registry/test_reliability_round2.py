@@ -362,3 +362,41 @@ def test_database_unreachable_is_503_with_retry_after_and_readyz_reports_it(
         assert ready.status_code == 503 and ready.json()["database"].startswith("error")
         assert ready.json()["store"] == "ok"
         assert client.get("/healthz").status_code == 200
+
+
+# ---- 3/6: stale pending checkpoints (the service, on both databases) --------------------------
+
+
+def test_fail_stale_pending_on_both_databases(rapi: Api) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+    from sqlmodel import col
+
+    from registry.models import utcnow
+    from registry.services.recovery import fail_stale_pending
+
+    old = rapi.register({"model.safetensors": st_bytes(tiny_state(0))}, name="old", complete=False)
+    fresh = rapi.register(
+        {"model.safetensors": st_bytes(tiny_state(1))}, name="new", complete=False
+    )
+    ready = rapi.register({"model.safetensors": st_bytes(tiny_state(2))}, name="ready")
+    past = utcnow() - timedelta(hours=2)
+    with rapi.env.session() as session:
+        for table, column in ((Checkpoint, Checkpoint.id), (Artifact, Artifact.checkpoint_id)):
+            session.execute(
+                update(table)
+                .where(col(column).in_([old["id"], ready["id"]]))
+                .values(created_at=past)
+            )
+        session.commit()
+        failed = fail_stale_pending(session=session, store=rapi.env.store, ttl_s=3600)
+    assert failed == [old["id"]]
+    assert rapi.env.checkpoint(old["id"]).status == CheckpointStatus.failed
+    assert rapi.env.artifact_rows(old["id"]) == []
+    assert rapi.env.checkpoint(fresh["id"]).status == CheckpointStatus.pending
+    assert rapi.env.checkpoint(ready["id"]).status == CheckpointStatus.ready
+    late = rapi.client.post(
+        f"/api/v1/checkpoints/{old['id']}/complete", json={}, headers=rapi.headers
+    )
+    assert_error(late, 409, "failed")
