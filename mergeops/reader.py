@@ -1,4 +1,5 @@
-"""Reading one tensor name's inputs for the engine: float32 on the device, checked finite.
+"""Reading one tensor name's inputs for the engine: on the device in the compute dtype (float32
+unless a mergekit config says otherwise), checked finite.
 
 ``TensorReader.stream(keys)`` walks tensor names with the next names' raw reads running ahead
 in the shared ``Prefetcher`` (raw bytes only: casts and checks happen on the merging thread, in
@@ -74,7 +75,8 @@ class TensorReader:
             raw = item.result()
             self.bytes_read += raw.numel() * raw.element_size()
             on_device = raw.to(device, non_blocking=True)
-            loaded.append(on_device if on_device.dtype == torch.float32 else on_device.float())
+            dtype = self.plan.ctx.compute_dtype or on_device.dtype  # None: as stored (mergekit)
+            loaded.append(on_device if on_device.dtype == dtype else on_device.to(dtype))
         finite.check_inputs(key, self._roles(), [finite.input_flag(t) for t in loaded])
         count = len(self.plan.models)
         base = loaded[count] if self.plan.base is not None else None
