@@ -174,12 +174,17 @@ def report_triggered(client: Client, checkpoint_id: int, *, wait: bool, timeout:
     """After ``register``: print the merge runs the checkpoint set off. ``wait`` follows them
     to the end and exits 1 if one failed (printing its error) or ``timeout`` passed."""
     waiting: list[dict[str, Any]] = []
+    announced: set[int] = set()
 
     def fetch() -> list[dict[str, Any]]:
         nonlocal waiting
         found = client.merge_triggers(checkpoint_id)
         runs = sorted(found["runs"], key=lambda run: run["id"])
         waiting = found["waiting"]
+        for policy in waiting if wait else ():
+            if policy["id"] not in announced:  # say what --wait waits for before it does
+                announced.add(policy["id"])
+                typer.echo(f"policy {policy['id']} '{policy['name']}' takes it: run being planned")
         if waiting:
             raise _Planning(runs, waiting)
         return runs

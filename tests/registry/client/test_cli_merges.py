@@ -45,7 +45,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, evaluator_plugins: Path) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("merges-cli")
-    env = ckreg_env(tmp / "home", evaluator_plugins)
+    # A loaded machine can take minutes to start the embedded Prefect API (default: 20 s).
+    env = ckreg_env(
+        tmp / "home", evaluator_plugins, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300"
+    )
     token = ckreg_token(env)
     port = free_port()
     server = serve_ckreg(env, tmp / "serve.log", port)
