@@ -89,7 +89,7 @@ def _groups(
     if params.method == "mc_smoe":
         return ops.group_by_dominant(frequency, ops.cosine_matrix(logits.T), m)
     outputs = torch.stack([ops.expert_output(e, inputs, act).flatten() for e in experts])
-    return ops.group_balanced(frequency, ops.cosine_matrix(outputs), m)
+    return ops.group_balanced(frequency, ops.centered_cosine_matrix(outputs), m)
 
 
 def _merge_group(

@@ -63,22 +63,49 @@ def group_by_dominant(
     return [groups[leader] for leader in leaders]
 
 
+def farthest_leaders(frequency: torch.Tensor, similarity: torch.Tensor, count: int) -> list[int]:
+    """``count`` mutually dissimilar experts: the most used first, then repeatedly the expert least
+    similar to every leader so far (ties to the more used) — a deterministic k-center start."""
+    leaders = [int(frequency.argmax())]
+    while len(leaders) < count:
+        rest = [e for e in range(len(frequency)) if e not in leaders]
+        leaders.append(
+            max(
+                rest,
+                key=lambda e: (
+                    -max(float(similarity[e, m]) for m in leaders),
+                    float(frequency[e]),
+                    -e,
+                ),
+            )
+        )
+    return sorted(leaders)
+
+
 def group_balanced(
     frequency: torch.Tensor, similarity: torch.Tensor, num_groups: int
 ) -> list[list[int]]:
-    """Equal-size groups (E / num_groups each) around the most used experts, by an optimal
-    assignment that maximises total similarity to the group's leader."""
+    """Equal-size groups (E / num_groups each) around ``farthest_leaders``, by the optimal
+    assignment (Hungarian) that maximises the total similarity of members to their leader."""
     total = len(frequency)
     size = total // num_groups
-    leaders = _dominant(frequency, num_groups)
+    leaders = farthest_leaders(frequency, similarity, num_groups)
     others = [e for e in range(total) if e not in leaders]
     slots = [leader for leader in leaders for _ in range(size - 1)]
-    cost = -torch.stack([similarity[others, leader] for leader in slots], dim=1).numpy()
-    rows, cols = linear_sum_assignment(cost)
     groups = {leader: [leader] for leader in leaders}
-    for row, col in zip(rows, cols, strict=True):
-        groups[slots[col]].append(others[row])
+    if others:
+        cost = -torch.stack([similarity[others, leader] for leader in slots], dim=1).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        for row, col in zip(rows, cols, strict=True):
+            groups[slots[col]].append(others[row])
     return [groups[leader] for leader in leaders]
+
+
+def centered_cosine_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity after removing the mean over experts: for experts fine-tuned from one
+    MLP, what they share dominates the plain cosine and hides which experts are alike."""
+    centered = features.float() - features.float().mean(dim=0, keepdim=True)
+    return cosine_matrix(centered)
 
 
 def neuron_features(expert: Expert) -> torch.Tensor:

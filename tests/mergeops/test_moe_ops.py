@@ -78,3 +78,16 @@ def test_low_rank_plus_sparse_keeps_the_largest_residuals() -> None:
     torch.testing.assert_close(
         ops.low_rank_plus_sparse(weight, 1, 1 / 9), torch.diag(torch.tensor([4.0, 2, 0]))
     )
+
+
+def test_farthest_leaders_and_centered_similarity_find_twins() -> None:
+    """Four experts = a shared part + one of two task deltas: the twins pair up only once the
+    shared part is removed, and leaders are taken from different twin pairs."""
+    shared = torch.full((6,), 5.0)
+    a, b = torch.tensor([1.0, -1, 0, 0, 0, 0]), torch.tensor([0, 0, 1.0, -1, 0, 0])
+    outputs = torch.stack([shared + a, shared + b, shared + a * 1.1, shared + b * 0.9])
+    similarity = ops.centered_cosine_matrix(outputs)
+    assert ops.cosine_matrix(outputs).min() > 0.9  # plain cosine: everything looks alike
+    frequency = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    assert ops.farthest_leaders(frequency, similarity, 2) == [0, 1]
+    assert ops.group_balanced(frequency, similarity, 2) == [[0, 2], [1, 3]]
