@@ -42,6 +42,10 @@ class Prepared:
     scratch: tempfile.TemporaryDirectory[str] | None = None
     inputs: list[Path] = dataclasses.field(default_factory=list)  # every model path read
 
+    def _with(self, scratch: tempfile.TemporaryDirectory[str], inputs: list[Path]) -> Prepared:
+        self.scratch, self.inputs = scratch, inputs
+        return self
+
 
 def compute_dtype(config: MergeConfig) -> torch.dtype | None:
     """mergekit: ``dtype`` (None: as stored); ckreg conventions: float32."""
@@ -86,14 +90,32 @@ def prepare(
         raise mb.MergeError(f"bad tokenizer settings: {exc}") from None
     scratch = tempfile.TemporaryDirectory(prefix="ckreg-tokenizer-")
     folder.tokenizer_dir = Path(scratch.name)
+    try:
+        return _plan(config, root, refs, settings, folder, device, uniform_kwargs)._with(
+            scratch, inputs
+        )
+    except BaseException:
+        scratch.cleanup()
+        raise
+
+
+def _plan(
+    config: MergeConfig,
+    root: Path,
+    refs: dict[str, ModelRef],
+    settings: tokenizer.TokenizerSettings,
+    folder: ModelFolder,
+    device: str,
+    uniform_kwargs: Callable,
+) -> Prepared:
+    assert folder.tokenizer_dir is not None
     dirs = {key: ref.folder for key, ref in refs.items()}
     try:
         vocab = tokenizer.plan_vocabulary(settings, dirs, config.base_model, folder.tokenizer_dir)
     except (ValueError, OSError) as exc:
         raise mb.MergeError(f"tokenizer: {exc}") from None
     if is_uniform(config, settings):
-        kwargs = uniform_kwargs(config, root)
-        return Prepared(folder, kwargs=kwargs, scratch=scratch, inputs=inputs)
+        return Prepared(folder, kwargs=uniform_kwargs(config, root))
     method = mb.get_method(config.merge_method)
     _check_routable(method)
     layouts = {key: architecture.layout(list(ref.source.keys())) for key, ref in refs.items()}
@@ -104,8 +126,7 @@ def prepare(
         folder.num_layers = sum(s.num_layers for s in slices)
     if vocab is not None:
         folder.vocab_size = vocab.vocab_size
-    plan = _routed_plan(config, method, refs, routes, vocab, device)
-    return Prepared(folder, plan=plan, scratch=scratch, inputs=inputs)
+    return Prepared(folder, plan=_routed_plan(config, method, refs, routes, vocab, device))
 
 
 def _check_routable(method: mb.MergeMethod) -> None:
