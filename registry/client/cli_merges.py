@@ -189,7 +189,16 @@ def report_triggered(client: Client, checkpoint_id: int, *, wait: bool, timeout:
             raise _Planning(runs, waiting)
         return runs
 
-    runs = follow(client, fetch, timeout=timeout if wait else 3.0, until_planned=not wait)
+    from registry.client.transport import ClientError
+
+    try:
+        runs = follow(client, fetch, timeout=timeout if wait else 3.0, until_planned=not wait)
+    except ClientError as exc:
+        if wait:
+            raise
+        # The checkpoint is registered; an older server without triggered-by must not fail it.
+        typer.secho(f"warning: could not list the merge runs it triggered: {exc}", err=True)
+        return
     for policy in waiting:
         typer.echo(
             f"policy {policy['id']} '{policy['name']}' will merge this checkpoint "
