@@ -22,16 +22,16 @@ import torch
 
 import mergeops
 from bench.lmzoo.evaluator import LMTasksEvaluator, StateDict
-from bench.lmzoo.quality import ADAPTER_MERGES, load_lm_zoo
+from bench.lmzoo.quality import ADAPTER_MERGES, LMZoo, lm_merge_fn, load_lm_zoo
 from bench.quality_report import CLAIMS
 from bench.zoo.loaded import Zoo
-from bench.zoo.quality import _fw_pool_fn, _merge_fn
+from bench.zoo.quality import _fw_pool_fn
 
 BOOTSTRAP = 2000
 
 
 def _row_merge(
-    zoo_dir: Path, zoo: Zoo, method: str, params: Mapping[str, Any], val: LMTasksEvaluator
+    zoo_dir: Path, zoo: LMZoo, method: str, params: Mapping[str, Any], val: LMTasksEvaluator
 ) -> StateDict:
     """The merge behind a multitask or adapter row label, with ``params``."""
     names = list(zoo.tasks)
@@ -42,7 +42,7 @@ def _row_merge(
             return mergeops.merge(name, adapters, base=base, model_names=names, lora=mode, **params)
     if "+" in method:
         return _fw_pool_fn(zoo, val.objective(), method.split("+")[0])(params)
-    return _merge_fn(method, zoo, val.objective())(params)  # type: ignore[arg-type]
+    return lm_merge_fn(method, zoo, val.objective(), val)(params)
 
 
 def _avg(

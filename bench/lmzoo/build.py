@@ -3,10 +3,11 @@
 Layout under ``DIR`` (every model folder is written by ``save_pretrained``: ``config.json``,
 ``generation_config.json``, safetensors weights; the second task's fine-tune is SHARDED)::
 
-    base/                               pretrained on an even mix of the tasks
+    base/                               pretrained on an even mix of every task (config.pretrain_mix)
     tasks/<task>/model/                 full fine-tune
     tasks/<task>/second_moment.safetensors   Adam exp_avg_sq (registry.client.capture)
     tasks/<task>/fisher.safetensors     empirical diagonal Fisher on train prompts
+    tasks/<task>/gram.safetensors       layer-input Grams XᵀX/n on train prompts (regmean)
     adapters/<task>/                    PEFT LoRA adapter (adapter_config.json + weights)
     trajectories/<task>/step-<n>/       checkpoints along the fine-tune (mwa)
     irrelevant/<i>/model/               fine-tunes on shuffled answers (fw's distractors)
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.lmzoo.grams import save_task_grams
 from bench.lmzoo.manifest import (
     MANIFEST_NAME,
     LMIrrelevantEntry,
@@ -37,7 +39,7 @@ from bench.lmzoo.manifest import (
     write_manifest,
 )
 from bench.lmzoo.model import batch, exact_match, lm_config, load_weights, new_model
-from bench.lmzoo.tasks import DEFAULT_TASKS, examples, get_task
+from bench.lmzoo.tasks import DEFAULT_TASKS, TASKS, examples, get_task
 from bench.lmzoo.train import LMTrainConfig, diagonal_fisher, finetune, pretrain, train_lora
 from bench.zoo.build import deterministic_torch
 from bench.zoo.manifest import save_tensors
@@ -78,6 +80,8 @@ def _build_task(
     fisher_data = batch(examples(task, "train", n=config.fisher_examples, seed=seed + 1))
     fisher = f"tasks/{task}/fisher.safetensors"
     save_tensors(out / fisher, diagonal_fisher(run.model, fisher_data))
+    gram = f"tasks/{task}/gram.safetensors"
+    save_task_grams(run.model, task, out / gram, seed=seed)
     scratch = new_model(run.model.config, 0)
     trajectory = []
     for step, loss, state in run.trajectory:
@@ -100,6 +104,7 @@ def _build_task(
         second_moment=moments,
         fisher=fisher,
         trajectory=trajectory,
+        gram=gram,
         accuracy=accuracy,
     )
 
@@ -131,7 +136,8 @@ def build_lm_zoo(
     started = time.perf_counter()
     with deterministic_torch(1):
         arch = lm_config(hidden=config.hidden, layers=config.layers, heads=config.heads)
-        base = pretrain(new_model(arch, seed), tasks, seed=seed, config=config)
+        mix = list(TASKS) if config.pretrain_mix == "all" else list(tasks)
+        base = pretrain(new_model(arch, seed), mix, seed=seed, config=config)
         base.save_pretrained(out / "base")
         log(f"  pretrained base in {time.perf_counter() - started:.0f}s")
         entries = {}

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from bench.lmzoo.manifest import LMZooManifest, load_manifest
 from bench.lmzoo.model import Batch, batch, exact_match, load_weights, new_model
-from bench.lmzoo.tasks import examples
+from bench.lmzoo.tasks import BOS, PAD, TOKEN_ID, encode, examples
 from bench.lmzoo.train import diagonal_fisher
 
 StateDict = dict[str, torch.Tensor]
@@ -68,6 +68,42 @@ class LMObjective:
         for data in self.proxies.values():
             total = total + _functional_loss(self.model, tensors, data)
         return total
+
+
+class LMEntropy:
+    """AdaMerging's objective on the LM zoo: mean entropy of the next-token distribution at the
+    end of each unlabeled prompt (where the answer starts; answers are never read), summed over
+    tasks; differentiable in ``params`` through ``torch.func.functional_call``."""
+
+    def __init__(self, model: torch.nn.Module, prompts: Mapping[str, Batch]) -> None:
+        self.model = model
+        self.prompts = dict(prompts)
+
+    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        from torch.func import functional_call
+
+        tensors = dict(params)
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        total = next(iter(tensors.values())).new_zeros(())
+        for data in self.prompts.values():
+            kwargs = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
+            logits = functional_call(self.model, tensors, args=(), kwargs=kwargs, strict=False)
+            last = data.attention_mask.sum(1) - 1  # each prompt's last token
+            logp = torch.log_softmax(logits.logits[torch.arange(len(last)), last], -1)
+            total = total - (logp.exp() * logp).sum(-1).mean()
+        return total
+
+
+def prompt_batch(prompts: Sequence[str]) -> Batch:
+    """``<s> prompt`` per prompt, right-padded (labels unused: all IGNORE)."""
+    rows = [[TOKEN_ID[BOS], *encode(p)] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), TOKEN_ID[PAD], dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return Batch(ids, mask, torch.full_like(ids, -100))
 
 
 def _functional_loss(model: torch.nn.Module, tensors: StateDict, data: Batch) -> torch.Tensor:
@@ -170,6 +206,24 @@ class LMTasksEvaluator:
             for t in self.tasks
         }
         return LMObjective(self.model, proxies)
+
+    def unlabeled_objective(self) -> LMEntropy:
+        """Prediction entropy on ``proxy_size`` unlabeled validation prompts per task
+        (adamerging); the prompts are drawn as ``objective()``'s, answers dropped."""
+        seed = self.manifest.seed
+        prompts = {
+            t: prompt_batch(
+                [p for p, _ in examples(t, "validation", n=self.proxy_size, seed=seed + 7)]
+            )
+            for t in self.tasks
+        }
+        return LMEntropy(self.model, prompts)
+
+    def gram_probe(self) -> Any:
+        """Layer-input Grams of given parameters on each task's train prompts (regmean_plusplus)."""
+        from bench.lmzoo.grams import LMGramProbe
+
+        return LMGramProbe(self.model, self.manifest.seed)
 
     def fisher(
         self, state_dict: Mapping[str, torch.Tensor], *, task: str | None = None

@@ -36,6 +36,8 @@ class LMTaskEntry(_Frozen):
     second_moment: str
     fisher: str
     trajectory: list[LMTrajectoryEntry]
+    # layer-input Grams on the task's train examples (regmean); None in zoos built before them
+    gram: str | None = None
     # "finetune/<split>", "adapter/<split>", "base/<split>": exact match on this task
     accuracy: dict[str, float]
 

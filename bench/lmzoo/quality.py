@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -22,8 +23,8 @@ from safetensors.torch import load_file
 import mergeops
 from bench.lmzoo.evaluator import LMTasksEvaluator, load_hf_dir
 from bench.lmzoo.manifest import load_manifest
-from bench.zoo.loaded import Row, Zoo
-from bench.zoo.quality import GRIDS, format_table, multitask_rows, select
+from bench.zoo.loaded import Row, StateDict, Zoo
+from bench.zoo.quality import GRIDS, MergeFn, _merge_fn, format_table, multitask_rows, select
 from bench.zoo.sequences import continual_rows, trajectory_rows
 
 SECTIONS = ("multitask", "adapters", "trajectory", "continual")
@@ -35,12 +36,23 @@ ADAPTER_MERGES = (
 )
 
 
-def load_lm_zoo(zoo_dir: Path | str) -> Zoo:
+#: Rows whose side inputs are the LM zoo's own (the digits merge function computes digits Grams).
+LM_OWN = ("regmean", "regmean_plusplus")
+
+
+@dataclass
+class LMZoo(Zoo):
+    """The digits zoo's ``Zoo`` record plus each fine-tune's layer-input Grams (regmean)."""
+
+    grams: dict[str, StateDict] = field(default_factory=dict)
+
+
+def load_lm_zoo(zoo_dir: Path | str) -> LMZoo:
     """The zoo's models in memory (the digits zoo's ``Zoo`` record, HF key names)."""
     zoo_dir = Path(zoo_dir)
     manifest = load_manifest(zoo_dir)
     tasks = manifest.tasks
-    return Zoo(
+    return LMZoo(
         manifest=manifest,  # type: ignore[arg-type]  # same fields the sections read
         base=load_hf_dir(zoo_dir / manifest.base),
         tasks={t: load_hf_dir(zoo_dir / e.model) for t, e in tasks.items()},
@@ -48,7 +60,52 @@ def load_lm_zoo(zoo_dir: Path | str) -> Zoo:
         fishers={t: _file(zoo_dir / e.fisher) for t, e in tasks.items()},
         irrelevant=[load_hf_dir(zoo_dir / e.model) for e in manifest.irrelevant],
         irrelevant_second_moments=[_file(zoo_dir / e.second_moment) for e in manifest.irrelevant],
+        grams={t: _file(zoo_dir / e.gram) for t, e in tasks.items() if e.gram is not None},
     )
+
+
+def lm_merge_fn(
+    method: str, zoo: LMZoo, objective: mergeops.Objective, val: LMTasksEvaluator
+) -> MergeFn:
+    """``bench.zoo.quality._merge_fn`` with the LM zoo's Grams (regmean) and probe (regmean++);
+    adamerging asks ``val`` for its unlabeled objective there already."""
+    if method not in LM_OWN:
+        return _merge_fn(method, zoo, objective, val)  # type: ignore[arg-type]
+    names = list(zoo.tasks)
+    models = [zoo.tasks[t] for t in names]
+    side: dict[str, Any] = {"model_names": names}
+    if method == "regmean":
+        missing = [t for t in names if t not in zoo.grams]
+        if missing:
+            raise KeyError(f"the LM zoo has no gram for tasks {missing}: rebuild it")
+        side["grams"] = [zoo.grams[t] for t in names]
+    else:
+        side["objective"] = val.gram_probe()
+    return lambda params: mergeops.merge(method, models, **side, **params)
+
+
+def lm_multitask_rows(
+    zoo: LMZoo,
+    val: LMTasksEvaluator,
+    test: LMTasksEvaluator,
+    *,
+    methods: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """The digits zoo's multitask rows, then regmean / regmean_plusplus with the LM side inputs."""
+    wanted = list(methods) if methods is not None else [*GRIDS, "emr", "fw"]
+    shared = [m for m in wanted if m not in LM_OWN]
+    rows = multitask_rows(zoo, val, test, methods=shared, log=log)  # type: ignore[arg-type]
+    objective = val.objective()
+    for method in [m for m in wanted if m in LM_OWN]:
+        params, merged, score = select(
+            lm_merge_fn(method, zoo, objective, val),
+            GRIDS[method],
+            lambda s: val.evaluate(s)["accuracy/avg"],
+        )
+        rows.append(Row("multitask", method, params, score, test.evaluate(merged)))
+        log(f"{method:<16} {params} val {score:.3f}")
+    return rows
 
 
 def _file(path: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +163,7 @@ def run_lm_quality(
     test = LMTasksEvaluator(zoo_dir, split="test")
     rows: list[Row] = []
     if "multitask" in sections:
-        rows += multitask_rows(zoo, val, test, methods=methods, log=log)  # type: ignore[arg-type]
+        rows += lm_multitask_rows(zoo, val, test, methods=methods, log=log)
     if "adapters" in sections:
         rows += adapter_rows(zoo_dir, zoo, val, test, log=log)
     if "trajectory" in sections:
