@@ -9,11 +9,12 @@ merge at a time), with Prefect's ephemeral API instead of a server; at start-up 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 from flows.runtime import Runtime, configure
 from flows.scheduler import CronScheduler
@@ -28,6 +29,8 @@ POLICY_DEPLOYMENT = "sequential_merge/ckreg-policy"
 
 Job = tuple[Literal["ready", "merge", "policy", "warmup", "sweep"], int]
 AT_START = 1  # the object id of the start-up sweep job (periodic sweeps: 0)
+EPHEMERAL_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_TIMEOUT_S = 300
 
 
 def recovery_sweep(runtime: Runtime, *, at_start: bool) -> list[int]:
@@ -134,9 +137,18 @@ class EmbeddedLauncher:
     def _work(self) -> None:
         # In-process flows cannot crash apart from this process: skip flow-run heartbeats,
         # whose thread costs up to a second per flow run at exit.
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from prefect.settings import (
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            temporary_settings,
+        )
 
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        # Prefect's 20 s for its API subprocess to start is too short on a loaded machine (38 s
+        # measured at load 16 on 2 cores): the warm-up failed and every flow after it.
+        if EPHEMERAL_TIMEOUT_VAR not in os.environ:
+            updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = EPHEMERAL_TIMEOUT_S
+        with temporary_settings(updates=updates):
             self._drain()
 
     def _drain(self) -> None:
