@@ -55,6 +55,11 @@ class CkregCallback(TrainerCallback):
         backoff_s: float = 2.0,
         flush_timeout_s: float = 300.0,
     ) -> None:
+        if base_id is None:
+            log.warning(
+                "ckreg: CkregCallback without base_id registers fine-tunes with no base; "
+                "task-vector merges cannot use them (give the base checkpoint's id)"
+            )
         settings = get_settings()
         self.url = url or settings.api_url
         self.token = token or settings.token
