@@ -11,6 +11,7 @@ import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -22,9 +23,17 @@ StateDict = dict[str, torch.Tensor]
 
 
 class LMTrainConfig(BaseModel):
-    """Sizes and steps of a zoo build (small enough for ~15 minutes on 2 cores end to end)."""
+    """Sizes and steps of a zoo build.
 
-    model_config = ConfigDict(frozen=True)
+    The defaults make fine-tunes of a broadly pretrained model (issue 19, item 5): the base is
+    pretrained on every task of ``bench.lmzoo.tasks.TASKS`` (``pretrain_mix="all"``: broader
+    than a zoo's task list), and each fine-tune takes a few gentle steps from it (lr 3e-4,
+    100 steps) so task vectors stay small and compatible. ``LEGACY_CONFIG`` is the earlier
+    zoo (base pretrained on the zoo's own tasks only, fine-tunes at lr 1e-3 for 200 steps,
+    which forget the other tasks).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     hidden: int = 128
     layers: int = 2
@@ -33,8 +42,9 @@ class LMTrainConfig(BaseModel):
     batch_size: int = 32
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 200
-    finetune_lr: float = 1e-3
+    pretrain_mix: Literal["all", "tasks"] = "all"  # every known task, or the zoo's own
+    finetune_steps: int = 100
+    finetune_lr: float = 3e-4
     lora_steps: int = 150
     lora_lr: float = 4e-3
     lora_rank: int = 8
@@ -43,6 +53,10 @@ class LMTrainConfig(BaseModel):
     loss_examples: int = 128
     irrelevant: int = 2
     shard_size: str = "400KB"  # max_shard_size of the sharded fine-tune (the model is ~1.3 MB)
+
+
+#: The zoo before issue 19: narrow pretraining, long and strong fine-tunes.
+LEGACY_CONFIG = LMTrainConfig(pretrain_mix="tasks", finetune_steps=200, finetune_lr=1e-3)
 
 
 @dataclass
