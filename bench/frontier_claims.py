@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import mergeops
 from bench.lmzoo.analysis import paired_bootstrap
 from bench.zoo.evaluator import DigitsEvaluator
 from bench.zoo.loaded import load_zoo
@@ -65,6 +66,24 @@ def zoo_claims(zoo_dir: Path, log=print) -> list[tuple[str, bool, str]]:
     return claims
 
 
+def adamerging_analysis(zoo_dir: Path) -> str:
+    """Why AdaMerging's claim fails or holds: entropy and accuracy before and after learning λ
+    (layer-wise, from 0.3), with the unlabeled entropy objective and with the labelled proxy."""
+    zoo = load_zoo(zoo_dir)
+    val = DigitsEvaluator(zoo_dir, split="validation")
+    entropy = val.unlabeled_objective()
+    models = list(zoo.tasks.values())
+    start = mergeops.merge("task_arithmetic", models, base=zoo.base, **{"lambda": 0.3})
+    parts = [f"start (λ=0.3): entropy {float(entropy.loss(start)):.2f}, "
+             f"val acc {val.evaluate(start)['accuracy/avg']:.3f}"]  # fmt: skip
+    for label, objective in (("entropy", entropy), ("labelled proxy", val.objective())):
+        learnt = mergeops.merge("adamerging", models, base=zoo.base, objective=objective,
+                                granularity="layer", steps=100, lr=0.005)  # fmt: skip
+        parts.append(f"after {label}: entropy {float(entropy.loss(learnt)):.2f}, "
+                     f"val acc {val.evaluate(learnt)['accuracy/avg']:.3f}")  # fmt: skip
+    return "; ".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.frontier_claims", description=__doc__)
     parser.add_argument("--zoo", type=Path, action="append", required=True,
@@ -82,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for claim, held in outcomes.items():
         verdict = "holds" if sum(held) * 2 > len(held) else "does not hold"
         print(f"  {claim}: {verdict} ({sum(held)}/{len(held)})")
+    print("\nwhy adamerging (entropy) trails: lower entropy is not higher accuracy on this zoo")
+    for zoo_dir in args.zoo:
+        print(f"  {zoo_dir.name}: {adamerging_analysis(zoo_dir)}")
 
 
 if __name__ == "__main__":
