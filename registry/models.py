@@ -296,6 +296,8 @@ class MergePolicyBase(SQLModel):
     cron: str | None = Field(default=None, max_length=128)
     evaluator: str | None = Field(default=None, max_length=128)
     enabled: bool = True
+    # {"algorithm": "cma_es" | "m2n2", "budget": {...}, "space": {...}}: a search policy.
+    search: dict[str, Any] | None = Field(default=None, sa_type=JSON)
 
 
 class MergePolicyCreate(MergePolicyBase):
@@ -304,6 +306,8 @@ class MergePolicyCreate(MergePolicyBase):
 
 class MergePolicy(MergePolicyBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
+    # A search policy's progress (archive / optimizer state, evaluations): resumes a killed run.
+    search_state: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     created_at: datetime = _when()
     updated_at: datetime = _when()
 

@@ -24,6 +24,7 @@ from registry.models import (
     MergeTrigger,
 )
 from registry.services.evaluators import check_evaluator
+from registry.services.searches import check_search
 
 
 class Window(StrEnum):
@@ -114,6 +115,7 @@ def validate_policy(*, session: Session, data: MergePolicyCreate) -> PolicySelec
     _check_trigger(data)
     _check_selector_fits(session=session, data=data, method=method, selector=selector)
     check_evaluator(data.evaluator, owner=f"policy '{data.name}'")
+    check_search(data, method)
     return selector
 
 
