@@ -219,10 +219,12 @@ def _record_failure(
     """Mark the run failed with the error and the attempt's half-made output failed."""
     error = f"{type(exc).__name__}: {exc}"
     runtime = current_runtime()
+    failed = False
     try:
         with runtime.session() as session:
             if not leases.fail_under_lease(session=session, lease=lease, error=error):
                 return  # another worker holds the run now: its outcome counts, not this one
+            failed = True
             if prepared is None:
                 return
             run = run_service.get_merge_run(session=session, run_id=lease.run_id)
@@ -235,6 +237,11 @@ def _record_failure(
                     )
     except Exception:  # the original error matters more than a failure to record it
         log.exception("could not record the failure of merge run %s", lease.run_id)
+    finally:
+        if failed:  # committed: log it to MLflow as a FAILED run, off the merge path
+            from flows.tracking_records import track_failed_merge
+
+            in_background(track_failed_merge, lease.run_id, lease.attempt, error)
 
 
 def in_background(work: Callable[..., None], *args: Any) -> None:

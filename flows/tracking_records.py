@@ -2,7 +2,8 @@
 
 The records carry what MLflow shows: a checkpoint's tags and metrics, a merge's inputs, config,
 evaluation metrics, the ancestor graph of its output (edges labelled with the merge method or
-lineage role) and which evaluator metric ranks merged versions for the ``best`` alias.
+lineage role) and which evaluator metric ranks merged versions for the ``best`` alias; a failed
+merge attempt becomes a FAILED run with its error (:func:`track_failed_merge`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import yaml
 from sqlmodel import Session, col, select
 
 from flows.preparation import PreparedMerge
-from flows.tracking import CheckpointRecord, LineageEdge, MergeInput, MergeRecord
-from registry.models import Checkpoint, Lineage, LineageRole, MergeRun, Metric
+from flows.tracking import (
+    CheckpointRecord,
+    FailedMergeRecord,
+    LineageEdge,
+    MergeInput,
+    MergeRecord,
+)
+from registry.models import Checkpoint, Lineage, LineageRole, MergePolicy, MergeRun, Metric
 from registry.services import merge_runs as run_service
 from registry.services.common import checkpoint_files, load_checkpoint
 
@@ -169,3 +176,47 @@ def merge_record(
         evaluator_metric=metric,
         higher_is_better=higher_is_better,
     )
+
+
+def failed_merge_record(
+    *, session: Session, run: MergeRun, attempt: int, error: str, store_url: str = ""
+) -> FailedMergeRecord:
+    """A failed attempt of ``run``: its method, settings, inputs, base and error."""
+
+    def record(checkpoint_id: int) -> CheckpointRecord:
+        checkpoint = load_checkpoint(session, checkpoint_id)
+        return checkpoint_record(session=session, checkpoint=checkpoint, store_url=store_url)
+
+    inputs = run_service.merge_run_inputs(session=session, run_id=run.id or 0)
+    policy = session.get(MergePolicy, run.policy_id) if run.policy_id is not None else None
+    return FailedMergeRecord(
+        run_id=run.id or 0,
+        attempt=attempt,
+        method=run.method,
+        params=run.params,
+        inputs=[MergeInput(checkpoint=record(i.checkpoint_id), weight=i.weight) for i in inputs],
+        base=record(run.base_id) if run.base_id is not None else None,
+        policy_name=policy.name if policy else None,
+        error=error,
+    )
+
+
+def track_failed_merge(run_id: int, attempt: int, error: str) -> None:
+    """Log a failed merge attempt to MLflow as a FAILED run; never raises (the tracker queues)."""
+    from flows.runtime import current_runtime
+    from flows.tracking import tracker_from_settings
+
+    runtime = current_runtime()
+    try:
+        with runtime.session() as session:
+            run = run_service.get_merge_run(session=session, run_id=run_id)
+            record = failed_merge_record(
+                session=session,
+                run=run,
+                attempt=attempt,
+                error=error,
+                store_url=runtime.settings.store_url,
+            )
+        tracker_from_settings(runtime.settings).log_failed_merge(record)
+    except Exception:
+        log.exception("MLflow tracking of failed merge run %s failed", run_id)

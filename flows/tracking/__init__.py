@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flows.tracking.mlflow_sync import Tracker, TrackingUnavailable, is_outage
-from flows.tracking.records import CheckpointRecord, LineageEdge, MergeInput, MergeRecord
+from flows.tracking.records import (
+    CheckpointRecord,
+    FailedMergeRecord,
+    LineageEdge,
+    MergeInput,
+    MergeRecord,
+)
 from flows.tracking.registration import registered_model_name
 
 if TYPE_CHECKING:
@@ -17,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointRecord",
+    "FailedMergeRecord",
     "LineageEdge",
     "MergeInput",
     "MergeRecord",

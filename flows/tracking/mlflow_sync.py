@@ -24,9 +24,10 @@ from mlflow.environment_variables import (
 )
 from mlflow.exceptions import MlflowException
 
+from flows.tracking.failures import write_failed_merge
 from flows.tracking.mlflow_writer import MlflowWriter
 from flows.tracking.outbox import Outbox, QueuedEvent
-from flows.tracking.records import CheckpointRecord, MergeRecord
+from flows.tracking.records import CheckpointRecord, FailedMergeRecord, MergeRecord
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,10 @@ class Tracker:
         """The merge's MLflow run id, or ``None`` when the event was queued."""
         return self._submit("merge", record.model_dump(mode="json"))
 
+    def log_failed_merge(self, record: FailedMergeRecord) -> str | None:
+        """The FAILED run recording a failed merge attempt, or ``None`` when queued."""
+        return self._submit("failed_merge", record.model_dump(mode="json"))
+
     def sync(self, *, raise_on_outage: bool = False, retry_failed: bool = False) -> int:
         """Send queued events in order; returns how many were recorded.
 
@@ -144,6 +149,9 @@ class Tracker:
                 CheckpointRecord.model_validate(p)
             ),
             "merge": lambda p: self.writer.write_merge(MergeRecord.model_validate(p)),
+            "failed_merge": lambda p: write_failed_merge(
+                self.writer, FailedMergeRecord.model_validate(p)
+            ),
         }
         return handlers[kind](payload)
 

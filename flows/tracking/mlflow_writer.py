@@ -3,7 +3,8 @@
 Checkpoints become external LoggedModels found again by the ``ckreg.registry_id`` tag; a merge
 becomes a run found again by ``ckreg.merge_run_id``; its output becomes a registered model
 version found again by run id. Replaying an event after a partial failure therefore completes
-it without duplicates.
+it without duplicates. The experiment is marked as model development
+(``mlflow.experimentKind``), so the UI opens it on its runs and models, not the GenAI overview.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -21,13 +23,19 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import get_external_mlflow_model_spec
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_RUN_NOTE
 
-from flows.tracking.lineage_plot import render_lineage_png
-from flows.tracking.model_card import render_model_card, render_run_description
-from flows.tracking.records import CheckpointRecord, MergeRecord
+from flows.tracking.model_card import render_run_description
+from flows.tracking.model_views import log_merge_files
+from flows.tracking.records import CheckpointRecord, MergeInput, MergeRecord
 from flows.tracking.registration import register_merged_model
 
 REGISTRY_ID_TAG = "ckreg.registry_id"
 MERGE_RUN_TAG = "ckreg.merge_run_id"
+ERROR_TAG = "ckreg.error"
+ATTEMPT_TAG = "ckreg.attempt"
+#: The experiment tag the MLflow UI (3.x) reads to pick its tabs; without it an experiment
+#: with no traces opens on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _PARAM_LIMIT = 6000
 
 
@@ -58,7 +66,9 @@ class MlflowWriter:
             if found is None:
                 try:
                     exp_id = self.client.create_experiment(
-                        self.experiment_name, artifact_location=self.artifact_location
+                        self.experiment_name,
+                        artifact_location=self.artifact_location,
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                     )
                 except MlflowException as exc:  # another process created it first
                     found = self.client.get_experiment_by_name(self.experiment_name)
@@ -67,6 +77,9 @@ class MlflowWriter:
                     exp_id = found.experiment_id
             else:
                 exp_id = found.experiment_id
+            if found is not None and EXPERIMENT_KIND_TAG not in found.tags:
+                # Made by an older ckreg: mark it too (a kind chosen in the UI is kept).
+                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             self._experiment_id = exp_id
         return self._experiment_id
 
@@ -130,6 +143,8 @@ class MlflowWriter:
         )
         finished = None
         for run in runs:
+            if ERROR_TAG in run.data.tags:
+                continue  # a failed attempt, recorded on purpose (flows.tracking.failures)
             if run.info.status == "FINISHED" and finished is None:
                 finished = run.info.run_id
             elif run.info.status != "FINISHED":
@@ -157,22 +172,12 @@ class MlflowWriter:
             self.client.log_metric(
                 run_id, key, float(value), timestamp=now, step=0, model_id=output_id
             )
-        self._log_artifacts(record, run_id)
+        log_merge_files(self.client, record, run_id=run_id, model_id=output_id)
         description = render_run_description(record, experiment_id=exp_id, model_ids=model_ids)
         self.client.set_tag(run_id, MLFLOW_RUN_NOTE, description)
         self.client.set_logged_model_tags(output_id, {MERGE_RUN_TAG: str(record.run_id)})
         self.client.set_terminated(run_id, "FINISHED")
         return str(run_id)
-
-    def _log_artifacts(self, record: MergeRecord, run_id: str) -> None:
-        if record.config_yaml:
-            self.client.log_text(run_id, record.config_yaml, "merge.yml")
-        self.client.log_text(run_id, render_model_card(record), "model_card.md")
-        png = render_lineage_png(record.all_edges(), highlight=record.output.name)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "lineage.png"
-            path.write_bytes(png)
-            self.client.log_artifact(run_id, str(path))
 
 
 def _input_model_ids(record: MergeRecord, model_ids: dict[int, str]) -> list[str]:
@@ -208,20 +213,38 @@ def merge_tags(record: MergeRecord) -> dict[str, str]:
 
 def merge_params(record: MergeRecord) -> dict[str, str]:
     """Run params: the method, its settings, the base and the inputs with their weights."""
-    params: dict[str, str] = {"method": record.method}
-    for key, value in record.params.items():
+    return merge_params_of(
+        method=record.method,
+        params=record.params,
+        base=record.base,
+        inputs=record.inputs,
+        policy_name=record.policy_name,
+    )
+
+
+def merge_params_of(
+    *,
+    method: str,
+    params: Mapping[str, object],
+    base: CheckpointRecord | None,
+    inputs: Sequence[MergeInput],
+    policy_name: str | None,
+) -> dict[str, str]:
+    """The run params of a merge (finished or failed)."""
+    out: dict[str, str] = {"method": method}
+    for key, value in params.items():
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
         name = _param_key(key)
-        params[f"param.{name}" if name in _RESERVED_PARAMS else name] = text[:_PARAM_LIMIT]
-    if record.base is not None:
-        params["ckreg.base"] = record.base.name
-    params["ckreg.inputs"] = ", ".join(i.checkpoint.name for i in record.inputs)[:_PARAM_LIMIT]
-    for item in record.inputs:
+        out[f"param.{name}" if name in _RESERVED_PARAMS else name] = text[:_PARAM_LIMIT]
+    if base is not None:
+        out["ckreg.base"] = base.name
+    out["ckreg.inputs"] = ", ".join(i.checkpoint.name for i in inputs)[:_PARAM_LIMIT]
+    for item in inputs:
         if item.weight is not None:
-            params[_param_key(f"weight.{item.checkpoint.name}")] = repr(float(item.weight))
-    if record.policy_name:
-        params["ckreg.policy"] = record.policy_name
-    return params
+            out[_param_key(f"weight.{item.checkpoint.name}")] = repr(float(item.weight))
+    if policy_name:
+        out["ckreg.policy"] = policy_name
+    return out
 
 
 _RESERVED_PARAMS = {"method"}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 _counter = itertools.count()
-EVENT_KINDS = ("checkpoint", "merge")
+EVENT_KINDS = ("checkpoint", "merge", "failed_merge")
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,18 @@ class MergeRecord(BaseModel):
                 seen.add((edge.parent, edge.child))
                 edges.append(edge)
         return edges
+
+
+class FailedMergeRecord(BaseModel):
+    """A merge attempt that failed: what was to go in, how, and the error it ended with."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: int
+    attempt: int = 1
+    method: str
+    params: dict[str, object] = Field(default_factory=dict)
+    inputs: list[MergeInput]
+    base: CheckpointRecord | None = None
+    policy_name: str | None = None
+    error: str

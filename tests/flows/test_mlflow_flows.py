@@ -225,3 +225,40 @@ def _outage_then_sync(live: Live, policy: str, base: int) -> None:
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]
     assert _alias(client, policy, LATEST_ALIAS) == "3"
     assert _alias(client, policy, BEST_ALIAS) == "1"
+
+
+def test_failed_merge_is_logged_as_a_failed_run_with_its_error(live: Live) -> None:
+    import torch
+
+    api, client = live.client, live.mlflow
+    # Two unrelated models whose tensor shapes differ: their merge fails in the engine.
+    wide = live.upload("wide", {"w": torch.ones(2, 3)}, kind="base")
+    tall = live.upload("tall", {"w": torch.ones(3, 2)}, kind="base")
+    started = api.post(
+        "/api/v1/merges",
+        json={"method": "linear", "inputs": [{"checkpoint_id": wide}, {"checkpoint_id": tall}]},
+        headers=live.headers,
+    )
+    assert started.status_code == 202, started.text
+    assert live.launcher.wait_idle(180)
+    assert live.launcher.errors  # the failed merge, reported by the launcher
+    background = live.launcher.runtime.background
+    assert background is not None
+    background.submit(lambda: None).result(timeout=60)  # the MLflow logging is done
+    run = api.get(f"/api/v1/merges/{started.json()['id']}").json()
+    assert run["status"] == "failed" and run["error"]
+
+    experiment = client.get_experiment_by_name("ckreg")
+    assert experiment is not None
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`ckreg.merge_run_id` = '{run['id']}'"
+    )
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert failed, [r.info.status for r in runs]  # one FAILED run per attempt
+    attempts = [r.data.tags["ckreg.attempt"] for r in failed]
+    assert len(set(attempts)) == len(attempts)
+    last = max(failed, key=lambda r: int(r.data.tags["ckreg.attempt"]))
+    assert last.data.tags["ckreg.error"] == run["error"]
+    assert last.data.params["method"] == "linear"
+    assert last.data.params["ckreg.inputs"] == "wide, tall"

@@ -84,7 +84,7 @@ def test_embedded_sqlite_keeps_artifacts_beside_the_database(
     assert run_id is not None and tracker.pending == 0
     client = MlflowClient(uri)
     names = {f.path for f in client.list_artifacts(run_id)}
-    assert names == {"merge.yml", "model_card.md", "lineage.png"}
+    assert names == {"merge.yml", "model_card.md", "lineage.png", "evaluation.json"}
     assert (home / "mlartifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
     assert os.listdir(home / "mlflow-outbox") in ([], [".lock"])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.tracking import Tracker
+from flows.tracking import FailedMergeRecord, Tracker
 from flows.tracking.registration import BEST_ALIAS, LATEST_ALIAS
 from tests.services import free_port
 
@@ -63,11 +64,24 @@ def test_merge_run_has_inputs_output_params_metrics_and_tags(
     assert {(m.key, m.value) for m in merged.metrics} >= {("accuracy", 0.91)}
     assert all(m.model_id == output.model_id for m in merged.metrics)
 
-    assert {f.path for f in client.list_artifacts(run_id)} == {
-        "merge.yml",
-        "model_card.md",
-        "lineage.png",
-    }
+    views = {"merge.yml", "model_card.md", "lineage.png", "evaluation.json"}
+    assert {f.path for f in client.list_artifacts(run_id)} == views
+    # The merged model carries the same files (its page shows them), beside its MLmodel stub.
+    model_files = {f.path for f in client.list_logged_model_artifacts(output.model_id)}
+    assert model_files == {*views, "MLmodel"}
+    table = json.loads(
+        Path(client.download_artifacts(run_id, "evaluation.json", str(tmp_path))).read_text()
+    )
+    assert table["columns"] == ["model", "role", "registry_id", "accuracy", "loss"]
+    rows = {row[0]: row for row in table["data"]}
+    assert rows["tiny-merged"][1:] == ["merged", 4, 0.91, pytest.approx(0.09)]
+    assert rows["tiny-math"][1:] == ["input", 2, None, 0.25]  # its own registered loss
+    assert rows["tiny-base"][1] == "base"
+    logged = json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    assert logged == [{"path": "evaluation.json", "type": "table"}]
+    # The experiment opens on its runs and models in the UI, not on the GenAI overview.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     card = Path(client.download_artifacts(run_id, "model_card.md", str(tmp_path)))
     front = yaml.safe_load(card.read_text().split("---")[1])
     assert front == {
@@ -168,8 +182,49 @@ def test_server_mode_keeps_artifacts_in_s3(
         aws_access_key_id="testing", aws_secret_access_key="testing",
     )  # fmt: skip
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    for name in ("merge.yml", "model_card.md", "lineage.png"):
+    for name in ("merge.yml", "model_card.md", "lineage.png", "evaluation.json"):
         assert any(k.endswith(f"{run_id}/artifacts/{name}") for k in keys), (name, keys)
-    # External models: only the MLmodel stub is stored, never weights.
+    # External models: the MLmodel stub (and the merged model's views), never weights.
     model_files = {k.rsplit("/", 1)[1] for k in keys if "/models/" in k}
-    assert model_files == {"MLmodel"}
+    assert model_files == {
+        "MLmodel",
+        "merge.yml",
+        "model_card.md",
+        "lineage.png",
+        "evaluation.json",
+    }
+
+
+def test_failed_merge_is_a_failed_run_with_its_error(
+    mlflow_server, mlflow_experiment_name, tmp_path: Path, make_merge_record
+) -> None:
+    tracker = Tracker(
+        mlflow_server.url, outbox_dir=tmp_path / "outbox", experiment_name=mlflow_experiment_name
+    )
+    done = make_merge_record(run_id=31)
+    failed = FailedMergeRecord(
+        run_id=31, attempt=1, method="ties", params={"density": 0.2}, inputs=done.inputs,
+        base=done.base, policy_name=done.policy_name,
+        error="ValueError: two models are named 'checkpoint-30'",
+    )  # fmt: skip
+    run_id = tracker.log_failed_merge(failed)
+    assert run_id is not None
+    assert tracker.log_failed_merge(failed) == run_id  # a replay adds nothing
+    # A later attempt that succeeds gets its own run; the failed one stays.
+    finished_id = tracker.log_merge(done)
+    assert finished_id is not None and finished_id != run_id
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["ckreg.error"] == "ValueError: two models are named 'checkpoint-30'"
+    assert "checkpoint-30" in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["ckreg.attempt"] == "1" and run.data.params["density"] == "0.2"
+    models = {m.model_id: m.name for m in client.search_logged_models([run.info.experiment_id])}
+    assert {models[i.model_id] for i in run.inputs.model_inputs} == {
+        "tiny-math",
+        "tiny-code",
+        "tiny-base",
+    }
+    runs = client.search_runs([run.info.experiment_id], "tags.`ckreg.merge_run_id` = '31'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
