@@ -173,7 +173,8 @@ def compress_moe(
         raise MoeError(f"'{source}' is a dense model: no expert tensors (…experts.E.*) found")
     if not calibration:
         raise MoeError("calibration holds no inputs; routing statistics need at least one")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    # kept in the checkpoint's dtype; each layer's merge computes in float32
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
     top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
     _check_plan(disk, params, top_k)
     state = dict(model.state_dict())
@@ -189,7 +190,7 @@ def compress_moe(
         )
         write_experts(state, layer, merged, rows)
     setattr(model.config, _expert_count_key(model.config), params.num_experts)
-    _save(type(model)(model.config), state, out)
+    _save(type(model)(model.config).to(model.dtype), state, out)
     return CompressResult(
         out, disk.layers[0].num_experts, params.num_experts, groups, _bytes(source), _bytes(out)
     )

@@ -112,3 +112,14 @@ def test_per_expert_files_read_like_fused_and_rewrite_renumbered(mixtral_dir: Pa
     assert not any(k.startswith(f"{prefix}.experts.2.") for k in disk)
     torch.testing.assert_close(disk[f"{prefix}.experts.0.w3.weight"], on_disk[3]["up"])
     assert disk[f"{prefix}.gate.weight"].shape == (2, 16)
+
+
+def test_bfloat16_checkpoint_stays_bfloat16(tmp_path: Path) -> None:
+    source = moe_tiny.save(moe_tiny.mixtral(5).to(torch.bfloat16), tmp_path / "bf16")
+    out = tmp_path / "out"
+    compress_moe(source, out, "mc_smoe", 2, moe_tiny.calibration(), progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert (
+            handle.get_tensor("model.layers.0.block_sparse_moe.experts.1.w2.weight").dtype
+            == torch.bfloat16
+        )
