@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mergekit  # noqa: F401 - the oracle (dev extra); a missing one is an error, not a skip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,8 +16,6 @@ from safetensors.torch import load_file
 from mergeops.mergekit.chat_templates import BUNDLED, resolve_chat_template
 from mergeops.mergekit.tokenizer import TokenizerSettings, VocabPlan, plan_vocabulary, remap_rows
 from tests.mergeops.mergekit.tiny_vocab_models import build_zoo
-
-pytest.importorskip("mergekit")
 
 VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 WEIGHTS = {"base": 1.0, "chat": 0.5, "other": 0.3}
