@@ -162,7 +162,7 @@ def _check_adapter(store: ObjectStore, files: Mapping[str, Artifact]) -> None:
             )
     try:
         config: Any = json.loads(_read_json(store, files[ADAPTER_CONFIG]))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ValidationFailed(
             f"file '{ADAPTER_CONFIG}' is not valid JSON: {exc}", file=ADAPTER_CONFIG
         ) from exc

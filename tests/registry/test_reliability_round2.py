@@ -158,6 +158,20 @@ def test_deeply_nested_header_in_an_artifact_upload_is_422(rapi: Api) -> None:
     assert [row.role for row in rows] == ["weights"]
 
 
+def test_deeply_nested_adapter_config_is_422(rapi: Api) -> None:
+    base = rapi.register({"model.safetensors": st_bytes(tiny_state(0))}, name="base")
+    files = {
+        "adapter_model.safetensors": st_bytes(tiny_state(1)),
+        "adapter_config.json": b"[" * 10000 + b"]" * 10000,
+    }
+    adapter = rapi.register(files, name="lora", kind="adapter", base_id=base["id"], complete=False)
+    done = rapi.client.post(
+        f"/api/v1/checkpoints/{adapter['id']}/complete", json={}, headers=rapi.headers
+    )
+    assert_error(done, 422, "adapter_config.json")
+    assert rapi.env.checkpoint(adapter["id"]).status == CheckpointStatus.failed
+
+
 # ---- 4: presigned uploads are tied to their checkpoint ----------------------------------------
 
 
