@@ -229,3 +229,20 @@ def test_bad_searches_are_refused_naming_the_field(env: FlowEnv) -> None:
     with pytest.raises(InvalidState, match="at least 2"):
         merge_search(policy)
     assert _state_or_none(env, policy) is None  # nothing half-done
+
+
+def test_cli_starts_watches_and_cancels_a_search(env: FlowEnv) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli_search import search_app
+
+    base = _family(env)
+    policy = _cma_policy(env, base, evaluations=4)
+    runner = CliRunner()
+    assert "not started" in runner.invoke(search_app, ["watch", str(policy)]).output
+    result = runner.invoke(search_app, ["start", str(policy)])
+    assert result.exit_code == 0, result.output
+    assert "finished: 4 evaluations" in result.output and "registered checkpoint" in result.output
+    assert "finished: 4 evaluations" in runner.invoke(search_app, ["watch", str(policy)]).output
+    assert runner.invoke(search_app, ["cancel", str(policy)]).exit_code == 0
+    assert _state(env, policy)["cancel"] is True
