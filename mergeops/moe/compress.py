@@ -55,6 +55,16 @@ class CompressResult:
     bytes_after: int
 
 
+def _check_groups(config: Any, num_experts: int) -> None:
+    """DeepSeek-style group-limited routing needs n_group | M, with at least 2 experts a group."""
+    n_group = getattr(config, "n_group", None) or 1
+    if n_group > 1 and (num_experts % n_group or num_experts // n_group < 2):
+        raise MoeError(
+            f"num_experts={num_experts} does not split into the config's n_group={n_group} "
+            "routing groups of at least 2 experts each"
+        )
+
+
 def _check_plan(layout: MoeLayout, params: CompressParams, top_k: int) -> None:
     for layer in layout.layers:
         router_name(layer)
@@ -110,24 +120,44 @@ def _merge_group(
     return merged
 
 
+def routing_scores(
+    router: dict[str, torch.Tensor], weight: str, inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router logits, scores the top-k is taken on): the logits, or for DeepSeek-V3-style routers
+    with an ``e_score_correction_bias`` sigmoid(logits) + bias."""
+    logits = inputs @ router[weight].float().T
+    bias = next((t for n, t in router.items() if n.endswith("e_score_correction_bias")), None)
+    return logits, logits if bias is None else logits.sigmoid() + bias.float()
+
+
+def merge_router(
+    router: dict[str, torch.Tensor], groups: list[list[int]], average: bool
+) -> dict[str, torch.Tensor]:
+    """Each per-expert router tensor cut to one row per group: the leader's (or the group mean)."""
+    out = {}
+    for name, tensor in router.items():
+        if average:
+            out[name] = torch.stack([tensor.float()[g].mean(dim=0) for g in groups])
+        else:
+            out[name] = tensor.float()[[g[0] for g in groups]]
+    return out
+
+
 def merge_layer(
     params: CompressParams,
     experts: list[ops.Expert],
-    router: torch.Tensor,
+    router: dict[str, torch.Tensor],
+    weight: str,
     inputs: torch.Tensor,
     top_k: int,
     act: Any,
-) -> tuple[list[ops.Expert], torch.Tensor, list[list[int]]]:
-    """One layer's merged experts, their router rows (leaders'; averaged for ``average``) and groups."""
-    logits = inputs @ router.float().T
-    frequency = ops.routing_frequency(logits, top_k)
+) -> tuple[list[ops.Expert], dict[str, torch.Tensor], list[list[int]]]:
+    """One layer's merged experts, its router tensors cut to the groups, and the groups."""
+    logits, choice = routing_scores(router, weight, inputs)
+    frequency = ops.routing_frequency(choice, top_k)
     groups = _groups(params, experts, logits, inputs, frequency, act)
     merged = [_merge_group(params, [experts[i] for i in g], frequency[g]) for g in groups]
-    if params.method == "average":
-        rows = torch.stack([router.float()[g].mean(dim=0) for g in groups])
-    else:
-        rows = router.float()[[g[0] for g in groups]]
-    return merged, rows, groups
+    return merged, merge_router(router, groups, params.method == "average"), groups
 
 
 def _bytes(directory: Path) -> int:
@@ -177,6 +207,7 @@ def compress_moe(
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
     top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
     _check_plan(disk, params, top_k)
+    _check_groups(model.config, params.num_experts)
     state = dict(model.state_dict())
     layout = detect_moe({k: list(v.shape) for k, v in state.items()})
     assert layout is not None  # the files were MoE, so is the model loaded from them
@@ -184,11 +215,17 @@ def compress_moe(
     act = ACT2FN[model.config.hidden_act]
     groups: dict[int, list[list[int]]] = {}
     for layer in tqdm(layout.layers, desc=f"{method}: layers", disable=not progress, leave=False):
-        router = state[router_name(layer)]
-        merged, rows, groups[layer.index] = merge_layer(
-            params, read_experts(state, layer), router, inputs[layer.prefix], top_k, act
+        router = {name: state[name] for name in layer.router}
+        merged, new_router, groups[layer.index] = merge_layer(
+            params,
+            read_experts(state, layer),
+            router,
+            router_name(layer),
+            inputs[layer.prefix],
+            top_k,
+            act,
         )
-        write_experts(state, layer, merged, rows)
+        write_experts(state, layer, merged, new_router)
     setattr(model.config, _expert_count_key(model.config), params.num_experts)
     _save(type(model)(model.config).to(model.dtype), state, out)
     return CompressResult(

@@ -9,7 +9,7 @@ Qwen/DeepSeek's ``gate_proj/up_proj/down_proj``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -70,11 +70,12 @@ def write_experts(
     state: dict[str, torch.Tensor],
     layer: MoeLayer,
     experts: Sequence[Expert],
-    router: torch.Tensor,
+    router: Mapping[str, torch.Tensor],
 ) -> None:
-    """Replace the layer's experts (renumbered 0..M-1) and router weight, in each tensor's dtype."""
-    name = router_name(layer)
-    state[name] = router.to(state[name].dtype)
+    """Replace the layer's experts (renumbered 0..M-1) and router tensors, in each tensor's dtype."""
+    router_name(layer)
+    for name, tensor in router.items():
+        state[name] = tensor.to(state[name].dtype)
     if layer.fused:
         gate_up_name, down_name = (
             f"{layer.prefix}.experts.gate_up_proj",

@@ -77,3 +77,47 @@ def calibration(count: int = 4, length: int = 12, seed: int = 0) -> list[torch.T
         torch.randint(0, SIZES["vocab_size"], (1, length), generator=generator)
         for _ in range(count)
     ]
+
+
+def qwen3_moe(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A 2-layer Qwen3-MoE with 4 experts per layer."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        **SIZES,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+    )
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def deepseek_v3(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A 2-layer DeepSeek-V3: layer 0 dense, layer 1 with 4 routed experts + a shared expert."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = {**SIZES, "num_key_value_heads": 2}
+    config = DeepseekV3Config(
+        **sizes,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=4,
+    )
+    model = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():  # a non-zero correction bias, so cutting it to the groups is visible
+        model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(torch.arange(4.0) / 10)
+    return model

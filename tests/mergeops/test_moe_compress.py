@@ -107,7 +107,8 @@ def test_per_expert_files_read_like_fused_and_rewrite_renumbered(mixtral_dir: Pa
     for a, b in zip(on_disk, in_memory, strict=True):
         for p in ("gate", "up", "down"):
             torch.testing.assert_close(a[p], b[p])
-    write_experts(disk, disk_layer, [on_disk[3], on_disk[1]], torch.zeros(2, 16))
+    router = {"model.layers.0.block_sparse_moe.gate.weight": torch.zeros(2, 16)}
+    write_experts(disk, disk_layer, [on_disk[3], on_disk[1]], router)
     prefix = "model.layers.0.block_sparse_moe"
     assert not any(k.startswith(f"{prefix}.experts.2.") for k in disk)
     torch.testing.assert_close(disk[f"{prefix}.experts.0.w3.weight"], on_disk[3]["up"])
@@ -123,3 +124,33 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path: Path) -> None:
             handle.get_tensor("model.layers.0.block_sparse_moe.experts.1.w2.weight").dtype
             == torch.bfloat16
         )
+
+
+def test_qwen3_moe_and_deepseek_v3_with_dense_first_layer(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    qwen3 = moe_tiny.save(moe_tiny.qwen3_moe(2), tmp_path / "qwen3")
+    compress_moe(qwen3, tmp_path / "q-out", "mc_smoe", 2, moe_tiny.calibration(), progress=False)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "q-out").config.num_experts == 2
+    deepseek = moe_tiny.save(moe_tiny.deepseek_v3(2), tmp_path / "ds")
+    layout = detect_moe(safetensors_shapes(deepseek))
+    assert layout is not None and layout.experts_per_layer == {1: 4}
+    result = compress_moe(
+        deepseek, tmp_path / "ds-out", "sub_moe", 2, moe_tiny.calibration(), progress=False
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ds-out").eval()
+    assert model.config.n_routed_experts == 2
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    leaders = [g[0] for g in result.groups[1]]
+    torch.testing.assert_close(bias, torch.arange(4.0)[leaders] / 10)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_group_limited_routing_needs_whole_groups() -> None:
+    from types import SimpleNamespace
+
+    from mergeops.moe.compress import _check_groups
+
+    _check_groups(SimpleNamespace(n_group=2), 4)
+    with pytest.raises(MoeError, match="n_group=4"):
+        _check_groups(SimpleNamespace(n_group=4), 4)
