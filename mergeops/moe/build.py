@@ -134,30 +134,40 @@ def gate_weights(
     return torch.nn.functional.normalize(torch.stack(per_expert, dim=1), dim=-1)
 
 
+def expert_states(
+    base: Any, experts: Sequence[ExpertSource], average_shared: bool
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Each expert's MLP tensors, and the non-MLP tensors (the base's, or the experts' mean).
+
+    One expert model is in memory at a time."""
+    shared = {k: v for k, v in base.state_dict().items() if ".mlp." not in k}
+    if average_shared:
+        shared = {k: torch.zeros_like(v) for k, v in shared.items()}
+    mlps = []
+    for expert in experts:
+        model = _load(expert.model_dir)
+        _check_dense(model, expert.model_dir, base)
+        state = model.state_dict()
+        mlps.append({k: v for k, v in state.items() if ".mlp." in k})
+        if average_shared:
+            for name in shared:
+                shared[name] += state[name] / len(experts)
+        del model, state
+    return mlps, shared
+
+
 def moe_state(
-    base: Any, models: Sequence[Any], gates: torch.Tensor, shared_weights: str
+    mlps: Sequence[dict[str, torch.Tensor]], shared: dict[str, torch.Tensor], gates: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The Mixtral state dict (transformers 5 in-memory names: fused experts under ``mlp``)."""
-    base_state = base.state_dict()
-    states = [m.state_dict() for m in models]
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in base_state.items():
-        if ".mlp." in name:
-            continue
-        out[name] = (
-            torch.stack([s[name] for s in states]).mean(0)
-            if shared_weights == "average"
-            else tensor
-        )
+    out = dict(shared)
     for layer in range(gates.shape[0]):
         mlp = f"model.layers.{layer}.mlp"
         out[f"{mlp}.gate.weight"] = gates[layer]
         out[f"{mlp}.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([s[f"{mlp}.gate_proj.weight"], s[f"{mlp}.up_proj.weight"]]) for s in states]
+            [torch.cat([s[f"{mlp}.gate_proj.weight"], s[f"{mlp}.up_proj.weight"]]) for s in mlps]
         )
-        out[f"{mlp}.experts.down_proj"] = torch.stack(
-            [s[f"{mlp}.down_proj.weight"] for s in states]
-        )
+        out[f"{mlp}.experts.down_proj"] = torch.stack([s[f"{mlp}.down_proj.weight"] for s in mlps])
     return out
 
 
@@ -185,13 +195,11 @@ def build_moe(
         raise MoeError(f"an MoE needs at least 2 experts; got {len(experts)}")
     base = _load(base_path)
     _check_dense(base, base_path, None)
-    models = [_load(e.model_dir) for e in experts]
-    for expert, model in zip(experts, models, strict=True):
-        _check_dense(model, expert.model_dir, base)
     config = moe_config(base.config, len(experts), params.experts_per_token)
+    mlps, shared = expert_states(base, experts, params.shared_weights == "average")
     gates = gate_weights(base, experts, params, config.num_hidden_layers)
     moe = MixtralForCausalLM(config)
-    moe.load_state_dict(moe_state(base, models, gates, params.shared_weights), strict=True)
+    moe.load_state_dict(moe_state(mlps, shared, gates), strict=True)
     _write(moe, base_path, out)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return BuildResult(out, len(experts), size)

@@ -99,3 +99,15 @@ def test_bad_experts_are_named_and_nothing_is_written(
             BuildParams(gate_mode="random", experts_per_token=3),
         )
     assert not out.exists()
+
+
+def test_shared_weights_average(dense_zoo: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base_dir, tunes = dense_zoo
+    params = BuildParams(gate_mode="random", shared_weights="average")
+    build_moe(base_dir, [ExpertSource(t) for t in tunes[:2]], tmp_path / "moe", params)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").state_dict()[name]
+    tuned = [AutoModelForCausalLM.from_pretrained(t).state_dict()[name] for t in tunes[:2]]
+    torch.testing.assert_close(got, (tuned[0] + tuned[1]) / 2)
