@@ -68,14 +68,17 @@ class GramProbe(Protocol):
 
 
 class NeuronLayer(NamedTuple):
-    """One layer of neurons to align (pleas, ot_fusion): ``weight``/``bias`` produce them;
-    ``rows`` are all tensors whose dim 0 indexes them, ``cols`` those whose dim 1 does."""
+    """One layer of neurons to align (pleas, ot_fusion): ``weight``/``bias`` produce them
+    (``weight`` None for a residual stream, which no single weight produces); ``rows`` are all
+    tensors whose dim 0 indexes them, ``cols`` those whose dim 1 does. ``group`` > 1 moves
+    neurons only in blocks of that size (attention heads: ``group`` = head dim)."""
 
     name: str
-    weight: str
+    weight: str | None
     bias: str | None
     rows: tuple[str, ...]
     cols: tuple[str, ...]
+    group: int = 1
 
 
 @runtime_checkable

@@ -64,6 +64,20 @@ def activation_cost(features_a: torch.Tensor, features_b: torch.Tensor) -> torch
     return torch.cdist(features_a.double().T, features_b.double().T).pow(2)
 
 
+def grouped(features: torch.Tensor, group: int) -> torch.Tensor:
+    """Features (n, G·g) of G blocks of g neurons as (n·g, G): one column per block, so
+    blocks (attention heads) are matched as wholes."""
+    n, width = features.shape
+    blocks = features.reshape(n, width // group, group)
+    return blocks.permute(0, 2, 1).reshape(n * group, width // group)
+
+
+def expand_map(block_map: torch.Tensor, group: int) -> torch.Tensor:
+    """A map between blocks (M x G) as a map between their neurons: ``block_map`` ⊗ I_g."""
+    eye = torch.eye(group, dtype=block_map.dtype)
+    return torch.kron(block_map, eye)
+
+
 def permutation_map(perm: torch.Tensor) -> torch.Tensor:
     """The 0/1 map E (n x n) with E[i, perm[i]] = 1."""
     n = perm.numel()
@@ -156,6 +170,8 @@ def least_squares_layer(
 
 def preactivation(params: Params, layer: NeuronLayer, inputs: torch.Tensor) -> torch.Tensor:
     """inputs·Wᵀ + b of ``layer`` under ``params``: (n, width)."""
+    if layer.weight is None:
+        raise ValueError(f"layer '{layer.name}' has no weight to solve for")
     out = inputs.double() @ params[layer.weight].double().T
     if layer.bias is not None:
         out = out + params[layer.bias].double()

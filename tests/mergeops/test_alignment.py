@@ -130,3 +130,58 @@ def test_bad_input_names_the_cause(pair):
     headless = DigitsFeatureProbe(probe.inputs, ["other"])
     with pytest.raises(MergeError, match=r"heads\.other\.weight"):
         mergeops.merge("ot_fusion", {"a": a, "b": b}, objective=headless)
+
+
+def _llama_pair():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.lmzoo.features import LlamaFeatureProbe
+
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                         max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    a = {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    for key in a:
+        if "norm" in key:  # not all ones, so a wrong norm permutation shows
+            a[key] = a[key] + 0.2 * torch.randn(a[key].shape)
+    gen = torch.Generator().manual_seed(4)
+    b, pr = dict(a), torch.randperm(16, generator=gen)
+    for key, t in a.items():
+        if key.endswith(("o_proj.weight", "down_proj.weight")) or "norm" in key:
+            b[key] = t[pr]
+        elif key.endswith(
+            (
+                "embed_tokens.weight",
+                "lm_head.weight",
+                "q_proj.weight",
+                "k_proj.weight",
+                "v_proj.weight",
+                "gate_proj.weight",
+                "up_proj.weight",
+            )
+        ):
+            b[key] = t[:, pr]  # fmt: skip
+    for i in range(2):
+        p = f"model.layers.{i}."
+        heads = torch.randperm(2, generator=gen)
+        rows = (heads[:, None] * 8 + torch.arange(8)).reshape(-1)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            b[p + f"self_attn.{name}.weight"] = b[p + f"self_attn.{name}.weight"][rows]
+        b[p + "self_attn.o_proj.weight"] = b[p + "self_attn.o_proj.weight"][:, rows]
+        pm = torch.randperm(24, generator=gen)
+        for name in ("gate_proj", "up_proj"):
+            b[p + f"mlp.{name}.weight"] = b[p + f"mlp.{name}.weight"][pm]
+        b[p + "mlp.down_proj.weight"] = b[p + "mlp.down_proj.weight"][:, pm]
+    ids = torch.randint(0, 40, (4, 12), generator=gen)
+    return a, b, LlamaFeatureProbe(config, ids)
+
+
+@pytest.mark.parametrize(("method", "params"), [("pleas", {}), ("ot_fusion", {})])
+def test_llama_permuted_through_residual_heads_and_mlps_merges_back(method, params):
+    a, b, probe = _llama_pair()
+    assert torch.allclose(probe.logits(a), probe.logits(b), atol=1e-4)  # b is a's function
+    merged = mergeops.merge(method, {"a": a, "b": b}, objective=probe, **params)
+    _close(merged, a, 1e-6)
+    with pytest.raises(MergeError, match="cost 'weight'"):
+        mergeops.merge("ot_fusion", {"a": a, "b": b}, objective=probe, cost="weight")

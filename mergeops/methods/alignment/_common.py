@@ -28,18 +28,26 @@ def load_models(inputs: ModelInputs, ctx: MergeContext) -> list[Params]:
     return [load_state_dict(source, ctx.device) for source in inputs.models]
 
 
+def layer_width(model: Params, layer: NeuronLayer) -> int:
+    """How many neurons ``layer`` has in ``model`` (its first row tensor's dim 0)."""
+    return int(model[layer.weight or layer.rows[0]].shape[0])
+
+
 def check_layers(models: list[Params], names: list[str], layers: list[NeuronLayer]) -> None:
     """Every layer's tensors exist in every model with matching neuron dimensions."""
     if not layers:
         raise MergeError("the feature probe names no layers to align")
     for model, name in zip(models, names, strict=True):
         for layer in layers:
-            if layer.weight not in model:
-                raise MergeError(f"layer '{layer.name}': model '{name}' has no '{layer.weight}'")
-            width = model[layer.weight].shape[0]
-            for key in (*layer.rows, *layer.cols):
+            if not layer.rows and layer.weight is None:
+                raise MergeError(f"layer '{layer.name}' names no weight and no row tensors")
+            for key in (*([layer.weight] if layer.weight else []), *layer.rows, *layer.cols):
                 if key not in model:
                     raise MergeError(f"layer '{layer.name}': model '{name}' has no '{key}'")
+            width = layer_width(model, layer)
+            if layer.group < 1 or width % layer.group:
+                raise MergeError(f"layer '{layer.name}': width {width} is not a multiple of "
+                                 f"its group {layer.group}")  # fmt: skip
             for key, dim in [(k, 0) for k in layer.rows] + [(k, 1) for k in layer.cols]:
                 tensor = model[key]
                 if tensor.dim() <= dim or tensor.shape[dim] != width:
@@ -56,7 +64,7 @@ def layer_features(
     out = []
     for model, name in zip(models, names, strict=True):
         feats = probe.features(model, layer.name)
-        width = model[layer.weight].shape[0]
+        width = layer_width(model, layer)
         if feats.dim() != 2 or feats.shape[1] != width:
             raise MergeError(
                 f"features of layer '{layer.name}' for model '{name}' have shape "

@@ -7,8 +7,10 @@ by layer in forward order: a transport plan T between the reference's neurons an
 after the previous layer's alignment), exact (Hungarian, a permutation) or entropic
 (Sinkhorn, soft). Model k's outgoing rows become n·T·rows, the next layer's incoming columns
 cols·(n·T)ᵀ; then all models are averaged. Features come from a ``FeatureProbe`` passed as the
-objective. Supported: MLP chains (each layer's neurons feed the next layer's columns); not
-yet residual streams or attention heads.
+objective. Supported: MLP chains, and Llama-style transformers through a probe that declares
+the residual stream as one layer (a single map for every block) and attention heads as
+layers moved in blocks of the head dim (``NeuronLayer.group``; see ``bench.lmzoo.features``).
+The ``weight`` cost needs chained layers with a weight (MLPs).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mergeops.methods.alignment._common import (
 )
 from mergeops.methods.base import (
     MergeContext,
+    MergeError,
     MethodParams,
     ModelInputs,
     ModelResult,
@@ -36,7 +39,9 @@ from mergeops.methods.base import (
 )
 from mergeops.ops.alignment import (
     activation_cost,
+    expand_map,
     fuse,
+    grouped,
     match_neurons,
     permutation_map,
     sinkhorn,
@@ -55,6 +60,9 @@ class OtFusionParams(MethodParams):
 
 
 def _weight_rows(model: Params, layer: NeuronLayer, prev: torch.Tensor | None) -> torch.Tensor:
+    if layer.weight is None or layer.group != 1:
+        raise MergeError(f"ot_fusion cost 'weight' needs a chain of layers with a weight; layer "
+                         f"'{layer.name}' has none or moves in groups: use cost 'activation'")  # fmt: skip
     weight = model[layer.weight].double()
     if prev is not None:
         weight = weight @ prev.T
@@ -99,9 +107,9 @@ def ot_maps(
     maps: dict[str, list[torch.Tensor]] = {}
     prev: list[torch.Tensor] | None = None
     for layer in layers:
-        width = models[0][layer.weight].shape[0]
+        g = layer.group
         if params.cost == "activation":
-            feats = layer_features(probe, models, names, layer)
+            feats = [grouped(f, g) for f in layer_features(probe, models, names, layer)]
             costs = [activation_cost(feats[0], f) for f in feats]
         else:
             rows = [
@@ -109,12 +117,14 @@ def ot_maps(
                 for k, m in enumerate(models)
             ]
             costs = [torch.cdist(rows[0], r).pow(2) for r in rows]
-        layer_maps = [torch.eye(width, dtype=torch.float64)]
+        blocks = costs[0].shape[0]
+        layer_maps = [torch.eye(blocks * g, dtype=torch.float64)]
         for cost in costs[1:]:
             if params.solver == "exact":
-                layer_maps.append(permutation_map(match_neurons(-cost)))
+                block_map = permutation_map(match_neurons(-cost))
             else:
-                layer_maps.append(width * sinkhorn(cost, params.reg, params.iters))
+                block_map = blocks * sinkhorn(cost, params.reg, params.iters)
+            layer_maps.append(expand_map(block_map, g))
         maps[layer.name] = layer_maps
         prev = layer_maps
     return maps

@@ -12,8 +12,9 @@ https://arxiv.org/abs/2407.02447), merging models that share no base.
 
 Features come from a ``FeatureProbe`` passed as the objective. The merge engine writes the
 input architecture, so through ``merge``/``merge_files`` the width stays the models' own;
-``pleas_merge`` (in memory) returns wider models. Supported: MLP chains; not yet residual
-streams or attention heads.
+``pleas_merge`` (in memory) returns wider models. Supported: MLP chains (all three steps);
+Llama-style transformers (residual stream, heads, MLP blocks) get steps 1-2 only: layers
+without a single producing ``weight`` are permuted and averaged, not solved.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from mergeops.methods.base import (
 )
 from mergeops.ops.alignment import (
     correlation,
+    expand_map,
     fuse,
+    grouped,
     least_squares_layer,
     mapped_targets,
     match_neurons,
@@ -106,8 +109,16 @@ def pleas_merge(
         raise MergeError(f"pleas width_factor > 1 needs exactly 2 models, got {len(models)}")
     layers = probe.layer_order()
     check_layers(models, names, layers)
+    if params.width_factor != 1.0 and any(layer.group != 1 for layer in layers):
+        raise MergeError("pleas width_factor > 1 is for layers of single neurons, not groups")
     maps = {
-        layer.name: _layer_maps(layer_features(probe, models, names, layer), params.width_factor)
+        layer.name: [
+            expand_map(m, layer.group)
+            for m in _layer_maps(
+                [grouped(f, layer.group) for f in layer_features(probe, models, names, layer)],
+                params.width_factor,
+            )
+        ]
         for layer in layers
     }
     merged = fuse(models, layers, maps)
@@ -136,6 +147,8 @@ def _solve_layers(
 ) -> None:
     """Step 3, in forward order: each layer reproduces its matched pre-activations."""
     for layer in layers:
+        if layer.weight is None:  # a residual stream: permutation only
+            continue
         preacts = [preactivation(m, layer, probe.layer_inputs(m, layer.name)) for m in models]
         targets = mapped_targets(preacts, maps[layer.name])
         inputs = probe.layer_inputs(merged, layer.name)
