@@ -49,13 +49,25 @@ def recovery_sweep(runtime: Runtime, *, at_start: bool) -> list[int]:
     with runtime.session() as session:
         run_ids = leases.reclaim_stale_runs(session=session, claim_grace_s=settle_s)
         run_ids += missed_policy_runs(session=session, settle_s=settle_s)
+    recover_checkpoints(runtime, at_start=at_start)
+    return run_ids
+
+
+def recover_checkpoints(runtime: Runtime, *, at_start: bool) -> None:
+    """Fail checkpoints pending past ``CKREG_PENDING_TTL_S`` and compress what an interrupted
+    ``complete`` left raw. Later sweeps compress only checkpoints ready for longer than the TTL:
+    a large file may still be compressing in the request that completed it."""
+    settings = runtime.settings
+    with runtime.session() as session:
         recovery.fail_stale_pending(
             session=session, store=runtime.store, ttl_s=settings.pending_ttl_s
         )
         recovery.resume_compression(
-            session=session, store=runtime.store, settings=settings, settle_s=settle_s
+            session=session,
+            store=runtime.store,
+            settings=settings,
+            settle_s=0.0 if at_start else settings.pending_ttl_s,
         )
-    return run_ids
 
 
 class EmbeddedLauncher:

@@ -10,8 +10,9 @@
 
 Any number of workers may serve the same deployments: each merge run is claimed with a lease in
 the database (``registry.services.leases``) and its output adopted only under that lease. Each
-worker sweeps for runs whose lease expired (or whose owner died) and re-submits them, and plans
-on_register runs whose ready event was lost with a killed worker.
+worker sweeps for runs whose lease expired (or whose owner died) and re-submits them, plans
+on_register runs whose ready event was lost with a killed worker, and fails checkpoints pending
+past ``CKREG_PENDING_TTL_S`` (``flows.launchers.recover_checkpoints``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flows.launchers import (
     MERGE_DEPLOYMENT,
     POLICY_DEPLOYMENT,
     READY_EVENT,
+    recover_checkpoints,
     run_tag,
     submit_merge,
 )
@@ -223,6 +225,10 @@ def _recover(runtime: Runtime) -> None:
             log.warning("re-submitted merge runs %s", ids)
     except Exception:
         log.exception("could not re-submit merge runs")
+    try:  # as the embedded sweep: stale pending checkpoints, compression a crash skipped
+        recover_checkpoints(runtime, at_start=False)
+    except Exception:
+        log.exception("could not recover stale checkpoints")
 
 
 def _wait_for_deployments(stop: threading.Event, timeout_s: float = 120.0) -> bool:
