@@ -50,6 +50,11 @@ TABLE_METHODS = (
     "regmean", "regmean_plusplus", "adamerging", "wudi", "iso_c", "iso_cts", "tsv_m", "pcb",
     "magmax",
 )  # fmt: skip
+#: The rows the claims need (the quick table; ``--full-table`` adds TABLE_METHODS and emr).
+CLAIM_METHODS = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "fisher", "consensus", "ota", "fw",
+    "regmean", "adamerging", "wudi", "iso_c",
+)  # fmt: skip
 KEEP_MARGIN = 0.02
 
 
@@ -77,12 +82,20 @@ def _hits_for(zoo_dir: Path, rows: Sequence[Row]) -> dict[str, dict[str, torch.T
     return hits
 
 
-def zoo_outcomes(zoo_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def zoo_outcomes(
+    zoo_dir: Path,
+    methods: Sequence[str] = (*TABLE_METHODS, "emr"),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The zoo's table (logged) and, per claim, (Δ, std, P(Δ<=0), held)."""
     zoo = load_lm_zoo(zoo_dir)
     val = LMTasksEvaluator(zoo_dir, split="validation")
     test = LMTasksEvaluator(zoo_dir, split="test")
-    rows = lm_multitask_rows(zoo, val, test, methods=[*TABLE_METHODS, "emr"], log=lambda _: None)
+    started = time.perf_counter()
+    rows = lm_multitask_rows(
+        zoo, val, test, methods=list(methods),
+        log=lambda line: print(f"  [{time.perf_counter() - started:4.0f}s] {line}", flush=True),
+    )  # fmt: skip
     log(f"\n== {zoo_dir.name}: tasks {', '.join(zoo.tasks)}\n{format_table(rows)}")
     hits = _hits_for(zoo_dir, rows)
     claims = {}
@@ -136,13 +149,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--root", type=Path, required=True, help="where zoos are built/reused")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--tasks", action="append", required=True,
+    parser.add_argument("--tasks", action="append", default=[],
                         help="a comma-separated task list (repeat for several lists)")  # fmt: skip
     parser.add_argument("--legacy", action="store_true", help="the pre-issue-19 zoo config")
     parser.add_argument("--config", default="{}", help="JSON LMTrainConfig overrides")
+    parser.add_argument("--summarize", type=Path, nargs="+", default=None,
+                        help="only summarise earlier --json outputs (no builds)")  # fmt: skip
+    parser.add_argument("--full-table", action="store_true",
+                        help="every frontier row, not only those the claims need")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write every outcome as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.summarize:
+        results = [r for path in args.summarize for r in json.loads(path.read_text())]
+        print(f"claims over {len(results)} zoos (a claim counts where it holds on most):")
+        print("\n".join(summarize(results)))
+        return
+    if not args.tasks:
+        parser.error("give at least one --tasks list (or --summarize FILES)")
     base = LEGACY_CONFIG if args.legacy else LMTrainConfig()
     config = base.model_copy(update=json.loads(args.config))
     LMTrainConfig.model_validate(config.model_dump())  # unknown or bad overrides fail here
@@ -155,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(
                 f"zoo seed {seed} {tasks} ready in {time.perf_counter() - started:.0f}s", flush=True
             )
-            results.append(zoo_outcomes(zoo_dir) | {"seed": seed, "tasks": tasks})
+            methods = (*TABLE_METHODS, "emr") if args.full_table else CLAIM_METHODS
+            results.append(zoo_outcomes(zoo_dir, methods) | {"seed": seed, "tasks": tasks})
             if args.json is not None:
                 args.json.write_text(json.dumps(results, indent=2, default=float))
     print("\nclaims (a claim counts where it holds on most zoos):")

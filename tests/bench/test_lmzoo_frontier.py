@@ -84,3 +84,19 @@ def test_frontier_rows_on_tiny_zoo(tiny_zoo: tuple[Path, LMZooManifest]) -> None
     for method in ("regmean", "adamerging"):
         assert 0.0 <= by_name[method].test["accuracy/avg"] <= 1.0
         assert by_name[method].params  # a grid point was chosen
+
+
+def test_claims_summary_counts_zoos_and_spread() -> None:
+    from bench.lmzoo.claims import CLAIMS, summarize
+
+    def zoo(diff: float, held: bool) -> dict:
+        claims = {c: {"diff": diff, "std": 0.01, "p": 0.0, "held": held} for c, *_ in CLAIMS}
+        summary = {"pretrained": 0.4, "finetuned_own": 0.9, "finetune_all_tasks_avg": 0.5,
+                   "best": "ties", "best_normalized": 0.8}  # fmt: skip
+        return {"claims": claims, "summary": summary}
+
+    lines = summarize([zoo(0.05, True), zoo(0.03, True), zoo(-0.01, False)])
+    first = lines[0]
+    assert CLAIMS[0][0] in first and "HOLDS" in first and "2/3" in first
+    assert "[-0.010, +0.050]" in first and "+0.023" in first
+    assert "does not hold" in summarize([zoo(0.05, True), zoo(-0.01, False)])[0]
