@@ -54,6 +54,10 @@ def prepare_inputs(run_id: int, attempt: int) -> PreparedMerge:
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
     """Stream the merge into the run's work folder."""
+    if prepared.mergekit is not None:
+        from flows.mergekit_flow import run_mergekit
+
+        return run_mergekit(prepared, device=current_runtime().settings.device)
     objective = None
     if mb.Need.OBJECTIVE in mb.get_method(prepared.method).needs and prepared.evaluator:
         objective = load_evaluator(prepared.evaluator).objective()
@@ -182,7 +186,7 @@ def _run_claimed(
         prepared = prepare_inputs(lease.run_id, lease.attempt)
         with merge_slot():
             keeper.check()
-            if tensor_ranges > 1:
+            if tensor_ranges > 1 and prepared.mergekit is None:
                 from flows.split import split_merge
 
                 split_merge(prepared, parts=tensor_ranges, device=runtime.settings.device)

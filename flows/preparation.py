@@ -56,6 +56,7 @@ class PreparedMerge:
     evaluator: str | None = None
     policy_name: str | None = None
     lora: str = "factors"  # how PEFT adapter inputs are read (see ``_lora_mode``)
+    mergekit: dict[str, Any] | None = None  # a mergekit run's config (``flows.mergekit_flow``)
 
     @property
     def out_dir(self) -> Path:
@@ -106,6 +107,12 @@ def prepare(
     shutil.rmtree(work_dir, ignore_errors=True)  # leftovers of a crashed attempt
     work_dir.mkdir(parents=True)
     policy = session.get(MergePolicy, run.policy_id) if run.policy_id is not None else None
+    if run.mergekit_config is not None:
+        from flows.mergekit_flow import prepare_mergekit
+
+        return prepare_mergekit(
+            session=session, store=store, run=run, work_dir=work_dir, cache=cache, policy=policy
+        )
     prepared = PreparedMerge(
         run_id=run_id,
         method=run.method,

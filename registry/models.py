@@ -344,6 +344,8 @@ class MergeRun(MergeRunBase, table=True):
     lease_expires_at: datetime | None = _when(nullable=True, index=True)
     heartbeat_at: datetime | None = _when(nullable=True)
     attempts: int = Field(default=0)
+    # A run from a mergekit YAML: the config with every model reference as ``ckreg/<id>``.
+    mergekit_config: dict[str, Any] | None = Field(default=None, sa_type=JSON)
 
 
 class MergeRunInput(SQLModel, table=True):

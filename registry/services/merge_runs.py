@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session, col, select
 
 from mergeops.methods import base as methods_base
@@ -51,17 +51,33 @@ class MergeRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: str
+    method: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
     base_id: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    inputs: list[MergeInputSpec] = Field(min_length=1)
+    inputs: list[MergeInputSpec] = Field(default_factory=list)
     evaluator: str | None = None
+    # A mergekit YAML (text, or the same as a mapping) instead of method/params/base_id/inputs:
+    # checkpoint ids or names where mergekit takes paths (``registry.services.mergekit_runs``).
+    mergekit: str | dict[str, Any] | None = None
 
     @field_validator("params")
     @classmethod
     def _finite_params(cls, value: dict[str, Any]) -> dict[str, Any]:
         _json_safe(value, what="params")
         return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MergeRequest:
+        if self.mergekit is not None:
+            given = [k for k in ("method", "params", "base_id", "inputs") if getattr(self, k)]
+            if given:
+                raise ValueError(f"give either 'mergekit' or {given}, not both")
+            return self
+        if not self.method:
+            raise ValueError("'method' is required (or give a 'mergekit' YAML)")
+        if not self.inputs:
+            raise ValueError("'inputs' needs at least one checkpoint (or give a 'mergekit' YAML)")
+        return self
 
 
 def _json_safe(value: Any, *, what: str) -> None:
@@ -88,6 +104,7 @@ class MergeRunPublic(BaseModel):
     orchestration_run_id: str | None
     mlflow_run_id: str | None
     evaluator: str | None
+    mergekit_config: dict[str, Any] | None = None
     error: str | None
     idempotency_key: str
     created_at: Any
@@ -145,8 +162,13 @@ def create_merge_run(
     """
     if policy_id is None:
         check_evaluator(request.evaluator, owner="merge request")
-    _check_inputs(session=session, request=request)
-    key = idempotency_key(request=request, policy_id=policy_id)
+    config = None
+    if request.mergekit is not None:
+        config, request = _from_mergekit(session=session, request=request)
+        key = _mergekit_key(config)
+    else:
+        _check_inputs(session=session, request=request)
+        key = idempotency_key(request=request, policy_id=policy_id)
     existing = session.exec(select(MergeRun).where(MergeRun.idempotency_key == key)).first()
     if existing is not None:
         if existing.status != MergeRunStatus.failed:
@@ -163,6 +185,7 @@ def create_merge_run(
         base_id=request.base_id,
         idempotency_key=key,
         evaluator=request.evaluator,
+        mergekit_config=config,
     )
     session.add(run)
     session.flush()
@@ -179,6 +202,30 @@ def create_merge_run(
     session.commit()
     session.refresh(run)
     return run, True
+
+
+def _from_mergekit(
+    *, session: Session, request: MergeRequest
+) -> tuple[dict[str, Any], MergeRequest]:
+    """The resolved config (references as ``ckreg/<id>``) and the request it amounts to: its
+    method, base and inputs (every other referenced checkpoint), for listings and lineage."""
+    from registry.services import mergekit_runs
+
+    assert request.mergekit is not None
+    raw = mergekit_runs.load_yaml(request.mergekit)
+    config, ids = mergekit_runs.resolve_config(session, raw)
+    check_json_values(config, what="mergekit")
+    mergekit_runs.check_config(config)
+    base_id = mergekit_runs.base_id_of(config)
+    inputs = [MergeInputSpec(checkpoint_id=i) for i in ids if i != base_id]
+    fields = {"method": config["merge_method"], "base_id": base_id, "inputs": inputs}
+    return config, request.model_copy(update=fields | {"mergekit": None})
+
+
+def _mergekit_key(config: dict[str, Any]) -> str:
+    """sha256 over the resolved mergekit config (the evaluator is not part of it)."""
+    text = json.dumps({"mergekit": config}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_method(request: MergeRequest) -> None:

@@ -32,6 +32,17 @@ def start_merge(
 
     An unknown ``evaluator`` is refused (422, listing the installed ones). The evaluator is not
     part of the idempotency key: asking again with another one returns the existing run.
+
+    Instead of ``method``/``params``/``base_id``/``inputs``, the body may carry a mergekit YAML
+    as ``{"mergekit": "<yaml text>"}`` (or the same config as a JSON mapping), with checkpoint
+    references where mergekit takes paths: ``12`` or ``ckreg/12`` (an id), ``ckreg/my-ft``
+    (the newest ready checkpoint named ``my-ft``), ``a+b`` for a model with a LoRA. The run
+    stores the config with every reference as ``ckreg/<id>`` (``mergekit_config``; the
+    idempotency key covers it), its base is the config's ``base_model`` and its inputs every
+    other referenced checkpoint. A bad YAML, an unknown key or parameter, or a reference to no
+    ready checkpoint is a 422 whose ``detail`` names the key (e.g. ``models[1].model``).
+    The output is a model folder: config.json, generation config, tokenizer, and a README
+    model card listing the inputs as ``ckreg/<id>``.
     """
     run, launch = run_service.create_merge_run(session=session, request=request)
     if launch:
