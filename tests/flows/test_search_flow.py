@@ -246,3 +246,17 @@ def test_cli_starts_watches_and_cancels_a_search(env: FlowEnv) -> None:
     assert "finished: 4 evaluations" in runner.invoke(search_app, ["watch", str(policy)]).output
     assert runner.invoke(search_app, ["cancel", str(policy)]).exit_code == 0
     assert _state(env, policy)["cancel"] is True
+
+
+def test_the_seconds_budget_stops_the_search_and_a_plain_policy_has_none(env: FlowEnv) -> None:
+    base = _family(env)
+    search = {"algorithm": "cma_es", "budget": {"evaluations": 50, "seconds": 1e-6},
+              "space": {"lambda": [0.0, 2.0]}, "metric": "score"}  # fmt: skip
+    policy = env.policy(name="timed", method="task_arithmetic", selector={"base_id": base},
+                        evaluator="ckreg-test-target", search=search)  # fmt: skip
+    assert merge_search(policy) is not None
+    state = _state(env, policy)
+    assert state["status"] == "finished" and state["evaluations"] == 1
+    plain = env.policy(name="plain", method="task_arithmetic", selector={"base_id": base})
+    with pytest.raises(InvalidInput, match="has no 'search'"):
+        merge_search(plain)
