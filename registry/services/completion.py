@@ -29,7 +29,7 @@ from registry.services.compatibility import check_base_compatibility
 from registry.services.compression import compress_checkpoint
 from registry.services.files import add_file_from_path
 from registry.services.lineage import add_lineage_edges
-from registry.services.moe_info import annotate_moe
+from registry.services.moe_info import annotate_moe, check_moe_experts, link_moe_experts
 from registry.services.validation import tensor_index, validate_files
 from registry.settings import Settings
 from registry.storage import ObjectStore
@@ -127,12 +127,14 @@ def complete_checkpoint(
             declared_sha256=declared_sha256 or {},
         )
         check_base_compatibility(session=session, checkpoint=checkpoint, headers=headers)
+        check_moe_experts(session=session, checkpoint=checkpoint)
     except RegistryError as exc:
         fail_checkpoint(
             session=session, store=store, checkpoint_id=checkpoint_id, error=exc.message
         )
         raise
     _mark_ready(session=session, checkpoint=checkpoint, headers=headers)
+    link_moe_experts(session=session, checkpoint=checkpoint)
     _derive_task_vector(session=session, store=store, settings=settings, checkpoint=checkpoint)
     # After validation and the task vector (which read the raw upload), before anyone is told.
     compress_checkpoint(session=session, store=store, settings=settings, checkpoint=checkpoint)

@@ -26,3 +26,31 @@ def test_dense_checkpoint_has_no_moe_metadata(api: Api, tmp_path: Path) -> None:
         {"model.safetensors": (folder / "model.safetensors").read_bytes()}, name="d"
     )
     assert "moe" not in api.client.get(f"/api/v1/checkpoints/{body['id']}").json()["metadata"]
+
+
+def test_moe_built_from_registered_experts_links_them(api: Api, tmp_path: Path) -> None:
+    dense = moe_tiny.save(moe_tiny.llama(), tmp_path / "llama")
+    data = (dense / "model.safetensors").read_bytes()
+    experts = [
+        api.register({"model.safetensors": data}, name=f"expert-{i}")["id"] for i in range(2)
+    ]
+    moe = moe_tiny.save(moe_tiny.mixtral(experts=2, per_token=1), tmp_path / "moe")
+    files = {"model.safetensors": (moe / "model.safetensors").read_bytes()}
+    body = api.register(files, name="moe", kind="merged", metadata={"moe_experts": experts})
+    lineage = api.client.get(f"/api/v1/checkpoints/{body['id']}/lineage").json()
+    parents = sorted(e["parent_id"] for e in lineage["ancestors"] if e["role"] == "input")
+    assert parents == sorted(experts)
+    assert body["metadata"]["moe"]["experts_per_layer"] == 2
+
+
+def test_unknown_expert_id_fails_the_checkpoint(api: Api, tmp_path: Path) -> None:
+    moe = moe_tiny.save(moe_tiny.mixtral(experts=2, per_token=1), tmp_path / "moe")
+    files = {"model.safetensors": (moe / "model.safetensors").read_bytes()}
+    created = api.register(
+        files, name="moe", kind="merged", metadata={"moe_experts": [999]}, complete=False
+    )
+    url = f"/api/v1/checkpoints/{created['id']}"
+    done = api.client.post(f"{url}/complete", json={}, headers=api.headers)
+    assert done.status_code == 422 and "expert checkpoint 999 is missing" in done.text
+    shown = api.client.get(url).json()
+    assert shown["status"] == "failed" and shown["files"] == []
