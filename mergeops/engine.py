@@ -23,6 +23,7 @@ from tqdm import tqdm
 from mergeops import finite
 from mergeops.chunking import ChunkedMerge, chunk_rows
 from mergeops.device import dtype_name
+from mergeops.io.streamed import TensorSpec
 from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output, swap_into_place
 from mergeops.methods import base as mb
 from mergeops.pipeline import Backend, SlicePipeline
@@ -279,6 +280,19 @@ def output_metadata(plan: MergePlan) -> dict[str, str]:
     }
 
 
+def output_layout(plan: MergePlan) -> list[TensorSpec] | None:
+    """Every merged tensor's name, shape and dtype in the order the engine emits them, so
+    shards are written in place (bounded memory); None for whole-model methods."""
+    if plan.routes is None and not plan.method.streaming:
+        return None
+
+    def dtype(key: str) -> torch.dtype:
+        meta = plan.metas[key]
+        return _out_dtype(plan, key) if meta.dtype.is_floating_point else meta.dtype
+
+    return [TensorSpec(key, tuple(plan.metas[key].shape), dtype(key)) for key in plan.keys]
+
+
 def merge_to_dir(
     plan: MergePlan,
     out_dir: str | Path,
@@ -296,7 +310,12 @@ def merge_to_dir(
     metadata = output_metadata(plan)
     with staged_output(out_dir, overwrite=overwrite) as staging:
         writers: dict[str | None, ShardedWriter] = {
-            None: ShardedWriter(staging, max_shard_size=max_shard_size, metadata=metadata)
+            None: ShardedWriter(
+                staging,
+                max_shard_size=max_shard_size,
+                metadata=metadata,
+                layout=output_layout(plan),
+            )
         }
 
         def sink(name: str, stream: str | None, tensor: torch.Tensor) -> None:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +23,7 @@ from types import TracebackType
 import torch
 
 from mergeops.io.readers import INDEX_NAME
+from mergeops.io.streamed import HeaderEntry, StreamedShards, TensorSpec, header_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 _UNITS = {
@@ -93,27 +93,32 @@ def safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
     return tag
 
 
+def _entry(name: str, tensor: torch.Tensor) -> HeaderEntry:
+    size = tensor.numel() * tensor.element_size()
+    tag = safetensors_dtype(name, tensor)
+    return HeaderEntry(name, tag, tuple(tensor.shape), size, tensor.element_size())
+
+
+def spec_entry(spec: TensorSpec) -> HeaderEntry:
+    """The header entry of a declared tensor (named in the error if safetensors lacks its dtype)."""
+    tag = SAFETENSORS_DTYPES.get(spec.dtype)
+    if tag is None:
+        raise OutputError(
+            f"tensor '{spec.name}' has dtype {spec.dtype}, which safetensors cannot store"
+        )
+    return HeaderEntry(spec.name, tag, tuple(spec.shape), spec.nbytes, spec.dtype.itemsize)
+
+
 def _safetensors_header(
     tensors: Mapping[str, torch.Tensor], order: list[str], metadata: Mapping[str, str]
 ) -> bytes:
     """Sorted-key header JSON (data in ``order``), space-padded to 8 bytes, with its length."""
-    bad = {k: v for k, v in metadata.items() if not isinstance(v, str)}
-    if bad:
-        raise OutputError(f"safetensors metadata values must be strings, got {bad!r}")
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name in order:
-        tensor = tensors[name]
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": safetensors_dtype(name, tensor),
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    try:
+        return header_bytes([_entry(name, tensors[name]) for name in order], metadata)
+    except ValueError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(str(exc)) from None
 
 
 def write_safetensors(
@@ -174,7 +179,12 @@ def staged_output(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[P
 
 
 class ShardedWriter:
-    """Writes tensors into size-bounded shards of one folder (a context manager)."""
+    """Writes tensors into size-bounded shards of one folder (a context manager).
+
+    With ``layout`` (every tensor's name, shape and dtype in the order they will be added),
+    shards are written in place as tensors arrive (``mergeops.io.streamed``) and nothing is
+    held; without it, each shard is held until full. Both give the same bytes.
+    """
 
     def __init__(
         self,
@@ -182,6 +192,7 @@ class ShardedWriter:
         *,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
+        layout: Sequence[TensorSpec] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -192,9 +203,20 @@ class ShardedWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
+        self._streamed: StreamedShards | None = None
+        if layout is not None:
+            entries = [spec_entry(spec) for spec in layout]
+            _safetensors_header({}, [], self.metadata)  # checked before any tensor is merged
+            self._streamed = StreamedShards(
+                self.directory, entries, self.max_shard_size, self.metadata
+            )
+            self._shards = [[e.name for e in shard] for shard in self._streamed.shards]
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to CPU); flushes a shard when the size limit is reached."""
+        """Write (declared layout) or queue one tensor; flushes a full shard when queued."""
+        if self._streamed is not None:
+            self._write_declared(name, tensor)
+            return
         if name in self._pending or any(name in shard for shard in self._shards):
             raise OutputError(f"tensor '{name}' written twice to '{self.directory.name}'")
         safetensors_dtype(name, tensor)
@@ -203,6 +225,23 @@ class ShardedWriter:
             self._flush()
         self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += size
+        self.tensor_count += 1
+
+    def _write_declared(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._streamed is not None
+        slot = self._streamed.slot(name)
+        where = f"'{self.directory.name}'"
+        if slot is None:
+            raise OutputError(f"tensor '{name}' is not in the declared layout of {where}")
+        if slot.written:
+            raise OutputError(f"tensor '{name}' written twice to {where}")
+        got = (safetensors_dtype(name, tensor), tuple(tensor.shape))
+        if got != (slot.entry.tag, slot.entry.shape):
+            raise OutputError(
+                f"tensor '{name}' is {got[0]} {got[1]}, but the layout of {where} declared "
+                f"{slot.entry.tag} {slot.entry.shape}"
+            )
+        self.bytes_written += self._streamed.write(name, tensor)
         self.tensor_count += 1
 
     def _flush(self) -> None:
@@ -216,6 +255,12 @@ class ShardedWriter:
 
     def close(self) -> list[Path]:
         """Flush, name the shards ``model-i-of-n`` and write the index; returns shard paths."""
+        if self._streamed is not None and self._streamed.missing():
+            missing = self._streamed.missing()
+            raise OutputError(
+                f"{len(missing)} declared tensor(s) never written to "
+                f"'{self.directory.name}', e.g. '{missing[0]}'"
+            )
         self._flush()
         total = len(self._shards)
         weight_map: dict[str, str] = {}
@@ -248,6 +293,8 @@ class ShardedWriter:
 
     def discard(self) -> None:
         """Remove the shards written so far (after a failure) and drop what is queued."""
+        if self._streamed is not None:
+            self._streamed.discard()
         for index in range(1, len(self._shards) + 1):
             (self.directory / f"shard-{index}.tmp").unlink(missing_ok=True)
         self._pending, self._pending_bytes = {}, 0
