@@ -28,6 +28,14 @@ def rapi(database_url: str, tmp_path: Path) -> Iterator[Api]:
     environment.engine.dispose()
 
 
+@pytest.fixture
+def sapi(tmp_path: Path) -> Iterator[Api]:
+    """SQLite only: for checks made before the database is involved."""
+    environment = make_env(f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
+    yield from build_api(environment)
+    environment.engine.dispose()
+
+
 def post_raw(api: Api, path: str, body: str) -> Any:
     headers = {**api.headers, "Content-Type": "application/json"}
     return api.client.post(f"/api/v1{path}", content=body, headers=headers)
@@ -82,15 +90,15 @@ def test_listings_keep_working_beside_refused_text(rapi: Api) -> None:
 
 
 @pytest.mark.parametrize("query", ["name=%ED%A0%80", "task=%FF", "tag%FF=x"])
-def test_query_strings_that_are_not_utf8_are_422(rapi: Api, query: str) -> None:
-    response = rapi.client.get(f"/api/v1/checkpoints?{query}", headers=rapi.headers)
+def test_query_strings_that_are_not_utf8_are_422(sapi: Api, query: str) -> None:
+    response = sapi.client.get(f"/api/v1/checkpoints?{query}", headers=sapi.headers)
     assert_error(response, 422, "query.", "UTF-8")
 
 
-def test_path_that_is_not_utf8_is_422(rapi: Api) -> None:
-    created = rapi.register({}, complete=False)
+def test_path_that_is_not_utf8_is_422(sapi: Api) -> None:
+    created = sapi.register({}, complete=False)
     url = f"/api/v1/checkpoints/{created['id']}/files/%FF.safetensors"
-    assert_error(rapi.client.put(url, content=b"x", headers=rapi.headers), 422, "path", "UTF-8")
+    assert_error(sapi.client.put(url, content=b"x", headers=sapi.headers), 422, "path", "UTF-8")
 
 
 @pytest.mark.parametrize(
@@ -222,14 +230,14 @@ def test_presigned_upload_of_b_cannot_be_aborted_or_completed_through_a(s3_api: 
         f"Bearer ckr_{2**63}_abc".encode(),
     ],
 )
-def test_odd_bearer_tokens_are_401(rapi: Api, value: bytes) -> None:
-    response = rapi.client.post(
+def test_odd_bearer_tokens_are_401(sapi: Api, value: bytes) -> None:
+    response = sapi.client.post(
         "/api/v1/checkpoints",
         json={"name": "x", "kind": "base"},
         headers={"Authorization": value},  # type: ignore[dict-item]
     )
     assert_error(response, 401, "invalid or revoked token")
-    assert checkpoints(rapi) == []
+    assert checkpoints(sapi) == []
 
 
 def _admin(api: Api) -> dict[str, str]:
@@ -294,14 +302,14 @@ def test_cli_token_list_and_revoke(rapi: Api, monkeypatch: pytest.MonkeyPatch) -
 # ---- 7: small ones: store locations, Allow headers, strict booleans ----------------------------
 
 
-def test_file_store_refusal_does_not_show_its_path(rapi: Api) -> None:
-    created = rapi.register({}, complete=False)
+def test_file_store_refusal_does_not_show_its_path(sapi: Api) -> None:
+    created = sapi.register({}, complete=False)
     body = {"name": "a.bin", "size": 3, "sha256": "0" * 64}
-    reply = rapi.client.post(
-        f"/api/v1/checkpoints/{created['id']}/uploads", json=body, headers=rapi.headers
+    reply = sapi.client.post(
+        f"/api/v1/checkpoints/{created['id']}/uploads", json=body, headers=sapi.headers
     )
     detail = assert_error(reply, 409, "S3 store")
-    root = rapi.env.settings.store_url.removeprefix("file://")
+    root = sapi.env.settings.store_url.removeprefix("file://")
     assert root not in reply.text and "file://" not in reply.text, detail
 
 
@@ -325,25 +333,25 @@ def test_s3_not_found_does_not_name_bucket_or_prefix(s3_api: Api) -> None:
     ],
 )
 def test_allow_header_lists_every_method_of_the_path(
-    rapi: Api, method: str, path: str, allowed: str
+    sapi: Api, method: str, path: str, allowed: str
 ) -> None:
-    reply = rapi.client.request(method, path, headers=rapi.headers)
+    reply = sapi.client.request(method, path, headers=sapi.headers)
     assert reply.status_code == 405, reply.text
     assert set(reply.headers["allow"].split(", ")) == set(allowed.split(", "))
     assert allowed.split(", ")[0] in reply.json()["detail"]["message"]
 
 
 @pytest.mark.parametrize("value", [0, 1, "true", "yes", None])
-def test_policy_enabled_must_be_a_json_boolean(rapi: Api, value: object) -> None:
+def test_policy_enabled_must_be_a_json_boolean(sapi: Api, value: object) -> None:
     body = {"name": "p", "method": "linear", "selector": {}, "enabled": value}
-    assert_error(rapi.client.post("/api/v1/policies", json=body, headers=rapi.headers), 422)
-    created = rapi.client.post(
-        "/api/v1/policies", json={**body, "enabled": False}, headers=rapi.headers
+    assert_error(sapi.client.post("/api/v1/policies", json=body, headers=sapi.headers), 422)
+    created = sapi.client.post(
+        "/api/v1/policies", json={**body, "enabled": False}, headers=sapi.headers
     )
     assert created.status_code == 201 and created.json()["enabled"] is False
     url = f"/api/v1/policies/{created.json()['id']}"
-    assert_error(rapi.client.patch(url, json={"enabled": 1}, headers=rapi.headers), 422)
-    assert rapi.client.patch(url, json={"enabled": True}, headers=rapi.headers).json()["enabled"]
+    assert_error(sapi.client.patch(url, json={"enabled": 1}, headers=sapi.headers), 422)
+    assert sapi.client.patch(url, json={"enabled": True}, headers=sapi.headers).json()["enabled"]
 
 
 # ---- 9: the database unreachable --------------------------------------------------------------
