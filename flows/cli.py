@@ -62,16 +62,18 @@ def _mount_client_commands() -> None:
     """register / ls / show / lineage / download (registry.client.cli) and merge (mergeops.cli)."""
     from mergeops.cli import merge_command
     from mergeops.cli_lora import make_extract_lora_command
-    from mergeops.cli_moe import moe_app
-    from registry.client.adapters import register_adapter
+    from mergeops.cli_moe import moe_app, set_register_hook
     from registry.client import cli_pull
+    from registry.client.adapters import register_adapter
     from registry.client.cli import registry_app
     from registry.client.cli_merges import merges_app
+    from registry.client.moe import register_moe
 
     app.registered_commands.extend(registry_app.registered_commands)
     app.add_typer(merges_app, name="merges")
     app.command("merge")(merge_command)
     app.add_typer(moe_app, name="moe")
+    set_register_hook(register_moe)  # ckreg moe build --register
     app.command("extract-lora")(make_extract_lora_command(register_adapter))
     app.command("pull")(cli_pull.pull)
 

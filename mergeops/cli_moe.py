@@ -6,6 +6,7 @@ torch and transformers are imported inside the commands, so ``ckreg --help`` sta
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,16 +18,30 @@ moe_app = typer.Typer(
     no_args_is_help=True,
 )
 
+# mergeops may not import the registry client: flows/cli.py hands ``--register`` its function
+# (``registry.client.moe.register_moe``) through ``set_register_hook``.
+RegisterHook = Callable[..., dict[str, Any]]
+_register_hook: list[RegisterHook] = []
+
+
+def set_register_hook(hook: RegisterHook) -> None:
+    """Back ``ckreg moe build --register`` with ``hook(path, base_id=, expert_ids=, name=, url=, token=)``."""
+    _register_hook[:] = [hook]
+
+
 BUILD_EXAMPLE = """\
 base_model: ./base                 # dense Llama-style model folder
+base_checkpoint_id: 1              # registry ids, for --register (lineage to every expert)
 gate_mode: hidden                  # hidden | cheap_embed | random
 experts_per_token: 2
 shared_weights: base               # attention/norms/embeddings: base | average
 experts:
   - source_model: ./ft-math
+    checkpoint_id: 7
     positive_prompts: ["Solve 12+7", "What is 3*4?"]
     negative_prompts: ["Write a poem"]
   - source_model: ./ft-code
+    checkpoint_id: 8
     positive_token_ids: [[5, 9, 2]]  # instead of text, for models without a tokenizer
 """
 
@@ -66,6 +81,7 @@ def _load_build_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "base_model" not in config or not config.get("experts"):
         _fail(f"'{path}' needs 'base_model' and a list of 'experts'; example:\n{BUILD_EXAMPLE}")
     unknown = set(config) - {
+        "base_checkpoint_id",
         "base_model",
         "gate_mode",
         "experts_per_token",
@@ -88,12 +104,72 @@ def build_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Model folder to write (must be empty).")
     ],
+    register: Annotated[
+        bool,
+        typer.Option(
+            "--register",
+            help="Register the MoE (kind merged, base base_checkpoint_id) "
+            "with lineage to every expert's checkpoint_id.",
+        ),
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option(help="Checkpoint name (--register; default: --out's name).")
+    ] = None,
+    registry_url: Annotated[
+        str | None, typer.Option("--registry-url", help="Registry URL (default: CKREG_API_URL).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="API token (default: CKREG_TOKEN).")
+    ] = None,
 ) -> None:
-    from mergeops.moe.build import BuildParams, ExpertSource, build_moe
+    from mergeops.moe.build import BuildParams, build_moe
     from mergeops.moe.experts import MoeError
 
     spec = _load_build_config(config)
-    root = config.parent
+    expert_ids = _registry_ids(spec) if register else []
+    settings = {
+        k: spec[k]
+        for k in ("gate_mode", "experts_per_token", "shared_weights", "seed")
+        if k in spec
+    }
+    try:
+        base, experts = _expert_sources(spec, config.parent)
+        result = build_moe(base, experts, out, BuildParams(**settings))
+    except (MoeError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"wrote {result.out_dir}: {result.num_experts} experts per layer, {result.bytes_written} bytes"
+    )
+    if register:
+        checkpoint = _register_hook[0](
+            out,
+            base_id=spec.get("base_checkpoint_id"),
+            expert_ids=expert_ids,
+            name=name,
+            url=registry_url,
+            token=token,
+        )
+        typer.echo(
+            f"registered MoE {checkpoint['id']} ({checkpoint['name']}) from experts {expert_ids}"
+        )
+
+
+def _registry_ids(spec: dict[str, Any]) -> list[int]:
+    """Every expert's ``checkpoint_id``, checked before anything is built."""
+    if not _register_hook:
+        _fail("--register is not available here (no registry client)")
+    ids = [e.get("checkpoint_id") for e in spec["experts"]]
+    missing = [i for i, value in enumerate(ids) if not isinstance(value, int)]
+    if missing:
+        _fail(
+            f"--register needs 'checkpoint_id' (a registry id) on every expert; missing on expert(s) {missing}"
+        )
+    return [int(i) for i in ids if i is not None]
+
+
+def _expert_sources(spec: dict[str, Any], root: Path) -> tuple[Path, list[Any]]:
+    from mergeops.moe.build import ExpertSource
+
     base = root / spec["base_model"]
     cached: dict[str, Any] = {}
 
@@ -110,18 +186,7 @@ def build_command(
         )
         for e in spec["experts"]
     ]
-    settings = {
-        k: spec[k]
-        for k in ("gate_mode", "experts_per_token", "shared_weights", "seed")
-        if k in spec
-    }
-    try:
-        result = build_moe(base, experts, out, BuildParams(**settings))
-    except (MoeError, ValueError, OSError) as exc:
-        _fail(str(exc))
-    typer.echo(
-        f"wrote {result.out_dir}: {result.num_experts} experts per layer, {result.bytes_written} bytes"
-    )
+    return base, experts
 
 
 def _calibration(path: Path, model_dir: Path) -> list[Any]:

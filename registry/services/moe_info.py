@@ -3,8 +3,9 @@
 The summary (architecture, MoE layers, experts per layer and per token, shared experts, layers
 whose router is missing) goes under ``metadata["moe"]``, so ``GET /checkpoints/{id}`` says how
 many experts each layer has. An MoE built from registered experts (``ckreg moe build``) names them
-in ``metadata["moe_experts"]`` (checkpoint ids): they are checked with the files and linked as
-lineage parents (role ``input``) when the checkpoint completes.
+in ``metadata["moe_experts"]`` (checkpoint ids) and its dense base in ``metadata["moe_base"]``:
+they are checked with the files and linked as lineage parents (roles ``input`` and ``base``) when
+the checkpoint completes.
 """
 
 from __future__ import annotations
@@ -43,43 +44,52 @@ def annotate_moe(*, checkpoint: Checkpoint, headers: Mapping[str, SafetensorsHea
 # --- lineage of an MoE built from experts ---------------------------------------------------------
 
 MOE_EXPERTS_KEY = "moe_experts"
+MOE_BASE_KEY = (
+    "moe_base"  # the dense base an MoE was built on (its architecture differs: no base_id)
+)
 
 
-def _expert_ids(checkpoint: Checkpoint) -> list[int]:
-    ids = (checkpoint.meta or {}).get(MOE_EXPERTS_KEY)
-    if ids is None:
-        return []
+def _linked_ids(checkpoint: Checkpoint) -> list[tuple[int, LineageRole]]:
+    """(checkpoint id, lineage role) named by the MoE metadata keys."""
+    meta = checkpoint.meta or {}
+    ids = meta.get(MOE_EXPERTS_KEY, [])
     if not isinstance(ids, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in ids
     ):
         raise InvalidInput(
             f"metadata '{MOE_EXPERTS_KEY}' must be a list of checkpoint ids; got {ids!r}"
         )
-    return ids
+    base = meta.get(MOE_BASE_KEY)
+    if base is not None and (not isinstance(base, int) or isinstance(base, bool)):
+        raise InvalidInput(f"metadata '{MOE_BASE_KEY}' must be a checkpoint id; got {base!r}")
+    return [(i, LineageRole.input) for i in ids] + (
+        [(base, LineageRole.base)] if base is not None else []
+    )
 
 
 def check_moe_experts(*, session: Session, checkpoint: Checkpoint) -> None:
-    """Every id in ``metadata["moe_experts"]`` names another ready checkpoint (else InvalidInput)."""
-    for expert_id in _expert_ids(checkpoint):
-        expert = session.get(Checkpoint, expert_id)
-        if expert is None or expert_id == checkpoint.id or expert.status != CheckpointStatus.ready:
+    """Every id in ``metadata["moe_experts"]`` / ``["moe_base"]`` names another ready checkpoint."""
+    for linked_id, role in _linked_ids(checkpoint):
+        linked = session.get(Checkpoint, linked_id)
+        if linked is None or linked_id == checkpoint.id or linked.status != CheckpointStatus.ready:
             state = (
                 "itself"
-                if expert_id == checkpoint.id
+                if linked_id == checkpoint.id
                 else "missing"
-                if expert is None
-                else expert.status
+                if linked is None
+                else linked.status
             )
+            what = "expert" if role == LineageRole.input else "base"
             raise InvalidInput(
-                f"metadata '{MOE_EXPERTS_KEY}' of checkpoint '{checkpoint.name}': expert checkpoint {expert_id} is {state}"
+                f"metadata of checkpoint '{checkpoint.name}': {what} checkpoint {linked_id} is {state}"
             )
 
 
 def link_moe_experts(*, session: Session, checkpoint: Checkpoint) -> None:
-    """Lineage edges (role ``input``) from each expert checkpoint to the MoE built from them."""
+    """Lineage edges from each expert (role ``input``) and the dense base (role ``base``)."""
     edges = [
-        LineageCreate(parent_id=expert_id, child_id=checkpoint.id or 0, role=LineageRole.input)
-        for expert_id in _expert_ids(checkpoint)
+        LineageCreate(parent_id=linked_id, child_id=checkpoint.id or 0, role=role)
+        for linked_id, role in _linked_ids(checkpoint)
     ]
     if edges:
         add_lineage_edges(session=session, edges=edges)
