@@ -22,6 +22,7 @@ from registry.models import MergePolicy, MergeRun, MergeTrigger, utcnow
 from registry.services import merge_runs as run_service
 from registry.services import policies as policy_service
 from registry.services.common import load_checkpoint
+from registry.services.mergekit_policies import template_request
 from registry.services.policy_rules import Window, min_inputs, parse_selector
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ def _current_request(
     settled = utcnow() - timedelta(seconds=settle_s)
     if newest is None or _utc(newest) < _utc(policy.created_at) or _utc(newest) > settled:
         return None
-    return run_service.MergeRequest(
+    return template_request(
+        policy=policy, chosen=chosen, base_id=selector.base_id
+    ) or run_service.MergeRequest(
         method=policy.method,
         params=policy.params,
         base_id=selector.base_id,

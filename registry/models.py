@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # API schemas name a field ``metadata`` like the contract; it shadows SQLModel.metadata harmlessly
@@ -288,7 +288,7 @@ class LineagePublic(SQLModel):
 
 class MergePolicyBase(SQLModel):
     name: str = Field(min_length=1, max_length=255, unique=True)
-    method: str = Field(max_length=64)
+    method: str = Field(default="", max_length=64)  # may be left out with ``mergekit``
     params: dict[str, Any] = _json()
     # e.g. {"base_id": 1, "tasks": [...], "tags": [...], "run": "...", "window": "newest_per_task"}
     selector: dict[str, Any] = _json()
@@ -298,6 +298,8 @@ class MergePolicyBase(SQLModel):
     enabled: bool = True
     # {"algorithm": "cma_es" | "m2n2", "budget": {...}, "space": {...}}: a search policy.
     search: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    # A mergekit YAML template instead of method + params (registry.services.mergekit_policies).
+    mergekit: str | None = Field(default=None, max_length=256 * 1024, sa_type=Text)
 
 
 class MergePolicyCreate(MergePolicyBase):

@@ -1,4 +1,4 @@
-"""Merge runs from a mergekit YAML: the run's resolved ``mergekit_config``.
+"""mergekit YAMLs: a merge run's resolved ``mergekit_config``, a policy's ``mergekit`` template.
 
 Revision ID: 0006
 Revises: 0005
@@ -21,8 +21,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("mergerun", schema=None) as batch_op:
         batch_op.add_column(sa.Column("mergekit_config", sa.JSON(), nullable=True))
+    with op.batch_alter_table("mergepolicy", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("mergekit", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("mergepolicy", schema=None) as batch_op:
+        batch_op.drop_column("mergekit")
     with op.batch_alter_table("mergerun", schema=None) as batch_op:
         batch_op.drop_column("mergekit_config")

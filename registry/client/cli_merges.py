@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -15,7 +16,9 @@ from registry.client.cli_format import format_table
 if TYPE_CHECKING:
     from registry.client.api import Client
 
-merges_app = typer.Typer(help="List, show and follow merge runs.", no_args_is_help=True)
+merges_app = typer.Typer(
+    help="Start (from a mergekit YAML), list, show and follow merge runs.", no_args_is_help=True
+)
 
 TERMINAL = ("succeeded", "failed")
 LS_COLUMNS = ("id", "status", "method", "policy_id", "inputs", "output", "created_at")
@@ -116,6 +119,38 @@ def _name(client: Client, checkpoint_id: int) -> str:
         return str(client.get_checkpoint(checkpoint_id)["name"])
     except ClientError:
         return "?"
+
+
+@merges_app.command("create")
+def create_run(
+    config: Annotated[
+        Path,
+        typer.Option("--config", help="A mergekit YAML; checkpoint ids or names as models."),
+    ],
+    evaluator: Annotated[str | None, typer.Option(help="Score the output with it.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this.")] = 3600.0,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Start a merge on the registry from a mergekit YAML whose models are checkpoints:
+    ``12`` / ``ckreg/12`` (an id) or ``ckreg/my-ft`` (the newest ready one of that name).
+    The same config again returns the existing run. Exit 1 if a waited-for run failed.
+
+    Example:
+
+      ckreg merges create --config merge.yml --wait
+    """
+    try:
+        text = config.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {config}: {exc}", param_hint="--config") from None
+    with _client(url, token) as client:
+        run = client.merge_config(text, evaluator=evaluator)
+        typer.echo(run_line(run) + (" (existing run)" if run.get("reused") else ""))
+        if wait:
+            runs = follow(client, lambda: [client.merge_run(run["id"])], timeout=timeout)
+            _finish(runs, timeout)
 
 
 @merges_app.command("watch")

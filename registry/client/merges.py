@@ -46,6 +46,15 @@ class MergesMixin(BaseClient):
         }
         return self._json("POST", "/merges", json=body)
 
+    def merge_config(
+        self, config: str | Mapping[str, Any], *, evaluator: str | None = None
+    ) -> dict[str, Any]:
+        """Start a merge from a mergekit YAML (text or mapping) whose models are checkpoint ids
+        (``12``, ``ckreg/12``) or names (``ckreg/my-ft``); the same config returns the existing
+        run."""
+        body = {"mergekit": config if isinstance(config, str) else dict(config)}
+        return self._json("POST", "/merges", json=body | {"evaluator": evaluator})
+
     def merge_run(self, run_id: int) -> dict[str, Any]:
         return self._json("GET", f"/merges/{run_id}")
 

@@ -24,7 +24,7 @@ from registry.models import (
     MergeTrigger,
     utcnow,
 )
-from registry.services import merge_runs
+from registry.services import merge_runs, mergekit_policies
 from registry.services.policy_rules import (
     PolicySelector,
     Window,
@@ -49,6 +49,7 @@ def create_policy(*, session: Session, data: MergePolicyCreate) -> MergePolicy:
     check_text(data.name, what="policy name")
     check_json_values(data.params, what="params")
     check_json_values(data.selector, what="selector")
+    data = mergekit_policies.check_template(session=session, data=data)
     selector = validate_policy(session=session, data=data)
     if session.exec(select(MergePolicy).where(MergePolicy.name == data.name)).first():
         raise InvalidInput(f"a policy named '{data.name}' already exists")
@@ -159,7 +160,9 @@ def plan_policy_run(*, session: Session, policy_id: int) -> tuple[MergeRun, bool
     chosen = select_inputs(session=session, selector=selector, folded=folded)
     if len(chosen) < min_inputs(policy.method):
         return None
-    request = merge_runs.MergeRequest(
+    request = mergekit_policies.template_request(
+        policy=policy, chosen=chosen, base_id=selector.base_id
+    ) or merge_runs.MergeRequest(
         method=policy.method,
         params=policy.params,
         base_id=selector.base_id,

@@ -133,3 +133,52 @@ parameters:
     assert [i["checkpoint_id"] for i in run["inputs"]] == [zoo["other"]]
     sources = run["mergekit_config"]["slices"][0]["sources"]
     assert [s["model"] for s in sources] == [f"ckreg/{zoo['base']}", f"ckreg/{zoo['other']}"]
+
+
+TEMPLATE = """
+merge_method: ties
+parameters: {density: [1, 0.5], weight: 0.5}
+dtype: float32
+"""
+
+
+def _policy(api: Api, **fields: Any) -> Any:
+    body = {"name": "kit", "trigger": "manual", **fields}
+    return api.client.post("/api/v1/policies", json=body, headers=api.headers)
+
+
+def test_a_policy_template_takes_the_selectors_matches(api: Api, zoo: dict[str, int]) -> None:
+    selector = {"base_id": zoo["base"], "window": "all_since_last_fold"}
+    created = _policy(api, mergekit=TEMPLATE, selector=selector)
+    assert created.status_code == 201, created.text
+    policy = created.json()
+    assert policy["method"] == "ties" and policy["mergekit"] == TEMPLATE
+    ran = api.client.post(f"/api/v1/policies/{policy['id']}/run", headers=api.headers)
+    assert ran.status_code in (200, 202), ran.text
+    run = ran.json()
+    config = run["mergekit_config"]
+    assert config["base_model"] == f"ckreg/{zoo['base']}"
+    chosen = [i["checkpoint_id"] for i in run["inputs"]]
+    assert chosen == [zoo["ft_old"], zoo["ft"], zoo["other"]]
+    assert [m["model"] for m in config["models"]] == [f"ckreg/{i}" for i in chosen]
+    assert config["parameters"] == {"density": [1, 0.5], "weight": 0.5}
+    assert run["policy_id"] == policy["id"] and api.env.launcher.merges == [run["id"]]
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"mergekit": TEMPLATE.replace("density", "densty")}, ["parameters.densty"]),
+        ({"mergekit": TEMPLATE + "models: [ckreg/nope, ckreg/ft]\n"}, ["models[0].model"]),
+        ({"mergekit": TEMPLATE + "state: /tmp/x\n"}, ["state", "not accepted"]),
+        ({"mergekit": TEMPLATE, "params": {"density": 0.3}}, ["'params'"]),
+        ({"mergekit": TEMPLATE, "method": "linear"}, ["'linear'", "merge_method 'ties'"]),
+        ({"mergekit": "merge_method: [\n"}, ["not valid YAML"]),
+    ],
+)
+def test_a_bad_policy_template_is_a_422(
+    api: Api, zoo: dict[str, int], fields: dict[str, Any], words: list[str]
+) -> None:
+    _error(_policy(api, selector={"base_id": zoo["base"]}, **fields), *words)
+    listed = api.client.get("/api/v1/policies", headers=api.headers).json()
+    assert listed == [] or listed.get("items", listed) == []
