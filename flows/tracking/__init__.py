@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flows.tracking.mlflow_sync import Tracker, TrackingUnavailable, is_outage
+from flows.tracking.mlflow_writer import experiment_ui_url
 from flows.tracking.records import (
     CheckpointRecord,
     FailedMergeRecord,
@@ -29,6 +30,7 @@ __all__ = [
     "MergeRecord",
     "Tracker",
     "TrackingUnavailable",
+    "experiment_ui_url",
     "is_outage",
     "registered_model_name",
     "tracker_from_settings",

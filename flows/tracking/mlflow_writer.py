@@ -36,10 +36,18 @@ ATTEMPT_TAG = "ckreg.attempt"
 #: with no traces opens on the GenAI overview.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: MLflow 3.17's UI ignores that tag and picks GenAI vs model training from this URL query (or
+#: the reviewer's last choice, kept in the browser); GenAI is its default.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 _PARAM_LIMIT = 6000
 
 
 _MLFLOW_NAME_FORBIDDEN = re.compile(r"[:/.%\"']")
+
+
+def experiment_ui_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs and models (not the GenAI overview)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?{UI_WORKFLOW_QUERY}"
 
 
 def mlflow_model_name(name: str) -> str:

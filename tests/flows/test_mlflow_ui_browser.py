@@ -1,4 +1,4 @@
-"""The MLflow UI shows a merge: headless Chromium opens the run page of a logged merge.
+"""The MLflow UI shows a merge: headless Chromium opens the experiment and the run page.
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) and Playwright's Python driver; the
 browser is launched from ``/usr/bin/chromium``, so no Playwright browser download is needed.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.tracking import Tracker
+from flows.tracking import Tracker, experiment_ui_url
 from tests.services import require
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,3 +75,47 @@ def test_run_page_shows_input_models_and_metric(
     metrics = text.split("Metrics", 1)[1]
     assert "accuracy" in metrics and "0.8765" in metrics
     assert shot.stat().st_size > 10_000
+
+
+def test_experiment_opens_on_runs_and_models_with_the_merged_model(
+    mlflow_server, mlflow_experiment_name, tmp_path: Path, make_merge_record
+) -> None:
+    """What a reviewer gets from ckreg's experiment link: runs and models, not GenAI traces."""
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    tracker = Tracker(
+        mlflow_server.url, outbox_dir=tmp_path / "outbox", experiment_name=mlflow_experiment_name
+    )
+    record = make_merge_record(accuracy=0.8765)
+    assert tracker.log_merge(record) is not None
+    url = experiment_ui_url(mlflow_server.url, tracker.writer.experiment_id())
+    run_name = f"merge-{record.run_id}-{record.output.name}"
+    shots = {"runs": tmp_path / "mlflow-experiment-runs.png",
+             "models": tmp_path / "mlflow-experiment-models.png"}  # fmt: skip
+    texts: dict[str, str] = {}
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1900, "height": 1000})
+            page.set_default_timeout(_TIMEOUT_MS)
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_text(run_name).first.wait_for()
+            texts["runs"] = page.inner_text("body")
+            page.screenshot(path=str(shots["runs"]))
+            page.get_by_role("link", name="Models", exact=True).first.click()
+            page.get_by_text("Source run").first.wait_for()
+            page.get_by_text(record.output.name).first.wait_for()
+            texts["models"] = page.inner_text("body")
+            page.screenshot(path=str(shots["models"]))
+        finally:
+            browser.close()
+
+    runs = texts["runs"]
+    assert "Runs" in runs and "Models" in runs  # the model-training navigation
+    assert "Training runs" not in runs and "No data available" not in runs  # not GenAI's
+    assert run_name in runs and "1 matching run" in runs
+    models = texts["models"]
+    for name in (record.output.name, "tiny-math", "tiny-code", "tiny-base"):
+        assert name in models
+    assert run_name in models  # the merged model's source run
+    assert all(shot.stat().st_size > 10_000 for shot in shots.values())
