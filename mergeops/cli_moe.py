@@ -135,7 +135,7 @@ def build_command(
     try:
         base, experts = _expert_sources(spec, config.parent)
         result = build_moe(base, experts, out, BuildParams(**settings))
-    except (MoeError, ValueError, OSError) as exc:
+    except (MoeError, ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     typer.echo(
         f"wrote {result.out_dir}: {result.num_experts} experts per layer, {result.bytes_written} bytes"
@@ -202,7 +202,9 @@ def _calibration(path: Path, model_dir: Path) -> list[Any]:
 
 @moe_app.command("compress", help="Merge each MoE layer's N experts into --num-experts (M < N).")
 def compress_command(
-    model: Annotated[Path, typer.Argument(help="MoE model folder (Mixtral, Qwen2/3-MoE).")],
+    model: Annotated[
+        Path, typer.Argument(help="MoE model folder (Mixtral, Qwen2/3-MoE, DeepSeek-V3).")
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Model folder to write (must be empty).")
     ],
@@ -240,7 +242,7 @@ def compress_command(
     try:
         inputs = _calibration(calibration, model)
         result = compress_moe(model, out, method, num_experts, inputs, **options)  # type: ignore[arg-type]
-    except (MoeError, ValueError, OSError) as exc:
+    except (MoeError, ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     saved = result.bytes_before - result.bytes_after
     typer.echo(
