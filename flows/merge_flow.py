@@ -51,6 +51,31 @@ def prepare_inputs(run_id: int, attempt: int) -> PreparedMerge:
         )
 
 
+def evaluator_objective(evaluator_name: str, method: mb.MergeMethod) -> Any:
+    """The evaluator's objective the method asks for: the supervised proxy loss (fw), the
+    loss on unlabeled inputs (``objective_kind = "unlabeled"``: adamerging's entropy) or a
+    layer-input probe (``"gram_probe"``: regmean_plusplus) or a feature probe
+    (``"feature_probe"``: pleas, ot_fusion)."""
+    evaluator = load_evaluator(evaluator_name)
+    kind = getattr(method, "objective_kind", "supervised")
+    provider = getattr(evaluator, _OBJECTIVE_PROVIDERS[kind], None)
+    if provider is None:
+        raise RuntimeError(
+            f"method '{method.name}' needs the evaluator's {_OBJECTIVE_PROVIDERS[kind]}(), "
+            f"which evaluator '{evaluator_name}' does not have"
+        )
+    return provider()
+
+
+#: Which evaluator method gives a method's objective, by the method's ``objective_kind``.
+_OBJECTIVE_PROVIDERS = {
+    "supervised": "objective",
+    "unlabeled": "unlabeled_objective",
+    "gram_probe": "gram_probe",
+    "feature_probe": "feature_probe",
+}
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
     """Stream the merge into the run's work folder."""
@@ -59,8 +84,9 @@ def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
 
         return run_mergekit(prepared, device=current_runtime().settings.device)
     objective = None
-    if mb.Need.OBJECTIVE in mb.get_method(prepared.method).needs and prepared.evaluator:
-        objective = load_evaluator(prepared.evaluator).objective()
+    method = mb.get_method(prepared.method)
+    if mb.Need.OBJECTIVE in method.needs and prepared.evaluator:
+        objective = evaluator_objective(prepared.evaluator, method)
     return mergeops.merge_files(
         **prepared.input_kwargs(),
         out_dir=prepared.out_dir,

@@ -51,6 +51,7 @@ class PreparedMerge:
     base: MergeInput | None = None
     second_moments: list[MergeInput] | None = None
     fisher: list[MergeInput] | None = None
+    grams: list[MergeInput] | None = None
     metrics: list[float | None] | None = None
     state_path: Path | None = None
     evaluator: str | None = None
@@ -75,6 +76,7 @@ class PreparedMerge:
             if self.second_moments
             else None,
             "fisher": [_plain(p) for p in self.fisher] if self.fisher else None,
+            "grams": [_plain(p) for p in self.grams] if self.grams else None,
             "metrics": self.metrics,
             "lora": self.lora,
         }
@@ -195,6 +197,7 @@ def _side_inputs(
     wanted = {
         mb.Need.SECOND_MOMENTS: ArtifactRole.second_moment,
         mb.Need.FISHER: ArtifactRole.fisher,
+        mb.Need.GRAMS: ArtifactRole.gram,
     }
     for need, role in wanted.items():
         if need not in method.needs:
@@ -219,6 +222,8 @@ def _side_inputs(
             paths.append(path)
         if need == mb.Need.SECOND_MOMENTS:
             prepared.second_moments = paths
+        elif need == mb.Need.GRAMS:
+            prepared.grams = paths
         else:
             prepared.fisher = paths
     if mb.Need.METRICS in method.needs:

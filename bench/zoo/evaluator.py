@@ -186,6 +186,12 @@ class DigitsEvaluator:
 
         return DigitsGramProbe(self.manifest.seed)
 
+    def feature_probe(self) -> Any:
+        """Backbone activations on this split's inputs of every task (pleas, ot_fusion)."""
+        from bench.zoo.multi_init import DigitsFeatureProbe
+
+        return DigitsFeatureProbe(torch.cat([self._data[t].x for t in self.tasks]))
+
     def fisher(
         self, state_dict: Mapping[str, torch.Tensor], *, task: str | None = None
     ) -> dict[str, torch.Tensor]:
