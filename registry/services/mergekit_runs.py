@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 from mergeops.methods import base as mb
 from registry.errors import InvalidInput
 from registry.models import Checkpoint, CheckpointStatus
+from registry.services.validation import check_text
 
 PREFIX = "ckreg/"
 MAX_YAML_CHARS = 256 * 1024
@@ -56,6 +57,8 @@ def load_yaml(value: str | dict[str, Any]) -> dict[str, Any]:
         if len(value) > MAX_YAML_CHARS:
             raise InvalidInput(f"mergekit: the YAML is longer than {MAX_YAML_CHARS} characters")
         try:
+            if any(isinstance(t, yaml.AliasToken) for t in yaml.scan(value)):
+                raise InvalidInput("mergekit: YAML aliases (*name) are not accepted")
             value = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise InvalidInput(f"mergekit: not valid YAML: {exc}") from None
@@ -69,6 +72,7 @@ def find_checkpoint(session: Session, ref: Any, *, key: str) -> Checkpoint:
     if isinstance(ref, bool) or not isinstance(ref, int | str):
         raise InvalidInput(f"mergekit: {key}: a checkpoint id or name, got {ref!r}")
     text = str(ref).strip().removeprefix(PREFIX)
+    check_text(text, what=f"mergekit: {key}: checkpoint")
     if _ID.match(text):
         found = session.get(Checkpoint, int(text))
         if found is None:

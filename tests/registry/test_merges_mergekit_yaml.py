@@ -95,6 +95,8 @@ def test_yaml_by_names_and_ids_is_resolved_stored_and_idempotent(
         (lambda t: t.replace("models:", "models: [\n"), ["not valid YAML"]),
         (lambda t: "- just a list\n", ["mapping"]),
         (lambda t: t.replace("ckreg/ft", "/etc/passwd"), ["models[0].model", "/etc/passwd"]),
+        (lambda t: t.replace("ckreg/ft", '"ft\\0"'), ["models[0].model", "control character"]),
+        (lambda t: "a: &x [1, 1]\nb: [*x, *x]\n" + t, ["aliases"]),
     ],
 )
 def test_bad_yaml_is_a_422_naming_the_key(
