@@ -11,6 +11,7 @@ import typer
 from flows.cli_admin import admin_app
 from flows.cli_family import family_app
 from flows.cli_policies import policy_app
+from flows.cli_search import search_app
 from flows.cli_settings import echo_database
 from flows.cli_tokens import token_commands
 from registry.settings import get_settings
@@ -27,6 +28,7 @@ token_app.registered_commands.extend(token_commands.registered_commands)  # list
 app.add_typer(policy_app, name="policy")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(family_app, name="family")
+app.add_typer(search_app, name="search")  # server-side: start | watch | cancel a search policy
 app.registered_commands.extend(admin_app.registered_commands)  # gc, delete
 
 
@@ -62,18 +64,18 @@ def _mount_client_commands() -> None:
     """register / ls / show / lineage / download (registry.client.cli) and merge (mergeops.cli)."""
     from mergeops.cli import merge_command
     from mergeops.cli_lora import make_extract_lora_command
-    from mergeops.cli_moe import moe_app, set_register_hook
+    from mergeops.cli_moe import moe_app, set_register_hooks
     from registry.client import cli_pull
     from registry.client.adapters import register_adapter
     from registry.client.cli import registry_app
     from registry.client.cli_merges import merges_app
-    from registry.client.moe import register_moe
+    from registry.client.moe import register_compressed, register_moe
 
     app.registered_commands.extend(registry_app.registered_commands)
     app.add_typer(merges_app, name="merges")
     app.command("merge")(merge_command)
     app.add_typer(moe_app, name="moe")
-    set_register_hook(register_moe)  # ckreg moe build --register
+    set_register_hooks(build=register_moe, compress=register_compressed)  # ckreg moe ... --register
     app.command("extract-lora")(make_extract_lora_command(register_adapter))
     app.command("pull")(cli_pull.pull)
 

@@ -18,15 +18,16 @@ moe_app = typer.Typer(
     no_args_is_help=True,
 )
 
-# mergeops may not import the registry client: flows/cli.py hands ``--register`` its function
-# (``registry.client.moe.register_moe``) through ``set_register_hook``.
+# mergeops may not import the registry client: flows/cli.py hands ``--register`` its functions
+# (``registry.client.moe.register_moe`` / ``register_compressed``) through ``set_register_hooks``.
 RegisterHook = Callable[..., dict[str, Any]]
-_register_hook: list[RegisterHook] = []
+_register_hooks: dict[str, RegisterHook] = {}
 
 
-def set_register_hook(hook: RegisterHook) -> None:
-    """Back ``ckreg moe build --register`` with ``hook(path, base_id=, expert_ids=, name=, url=, token=)``."""
-    _register_hook[:] = [hook]
+def set_register_hooks(*, build: RegisterHook, compress: RegisterHook) -> None:
+    """Back ``--register``: ``build(path, base_id=, expert_ids=, name=, url=, token=)`` and
+    ``compress(path, source_id=, metrics=, name=, url=, token=)``."""
+    _register_hooks.update(build=build, compress=compress)
 
 
 BUILD_EXAMPLE = """\
@@ -141,7 +142,7 @@ def build_command(
         f"wrote {result.out_dir}: {result.num_experts} experts per layer, {result.bytes_written} bytes"
     )
     if register:
-        checkpoint = _register_hook[0](
+        checkpoint = _register_hooks["build"](
             out,
             base_id=spec.get("base_checkpoint_id"),
             expert_ids=expert_ids,
@@ -156,7 +157,7 @@ def build_command(
 
 def _registry_ids(spec: dict[str, Any]) -> list[int]:
     """Every expert's ``checkpoint_id``, checked before anything is built."""
-    if not _register_hook:
+    if "build" not in _register_hooks:
         _fail("--register is not available here (no registry client)")
     ids = [e.get("checkpoint_id") for e in spec["experts"]]
     missing = [i for i, value in enumerate(ids) if not isinstance(value, int)]
@@ -230,12 +231,29 @@ def compress_command(
     align: Annotated[
         bool, typer.Option(help="Permute neurons onto each group's leader first.")
     ] = True,
+    source_id: Annotated[
+        int | None,
+        typer.Option(
+            "--register",
+            help="Register the result as a merged child (lineage input) "
+            "of this registry checkpoint id, with experts and bytes as metrics.",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Checkpoint name (--register).")] = None,
+    registry_url: Annotated[
+        str | None, typer.Option("--registry-url", help="Registry URL (default: CKREG_API_URL).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="API token (default: CKREG_TOKEN).")
+    ] = None,
 ) -> None:
     from mergeops.moe.compress import compress_moe
     from mergeops.moe.experts import MoeError
 
     if method not in ("mc_smoe", "sub_moe", "average"):
         _fail(f"unknown method '{method}'; available: mc_smoe, sub_moe, average")
+    if source_id is not None and "compress" not in _register_hooks:
+        _fail("--register is not available here (no registry client)")
     options: dict[str, Any] = {"align": align, "rank": rank}
     if low_rank is not None:
         options["low_rank"] = low_rank
@@ -249,3 +267,15 @@ def compress_command(
         f"wrote {result.out_dir}: {result.experts_before} -> {result.experts_after} experts per layer, "
         f"{result.bytes_after} bytes ({saved} saved)"
     )
+    if source_id is not None:
+        metrics = {
+            "moe/experts_before": float(result.experts_before),
+            "moe/experts_after": float(result.experts_after),
+            "moe/bytes_saved_fraction": saved / result.bytes_before if result.bytes_before else 0.0,
+        }
+        checkpoint = _register_hooks["compress"](
+            out, source_id=source_id, metrics=metrics, name=name, url=registry_url, token=token
+        )
+        typer.echo(
+            f"registered {checkpoint['id']} ({checkpoint['name']}), compressed from {source_id}"
+        )

@@ -35,3 +35,27 @@ def register_moe(
             },
             progress=False,
         )
+
+
+def register_compressed(
+    path: Path,
+    *,
+    source_id: int,
+    metrics: dict[str, float],
+    name: str | None = None,
+    url: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Upload an MoE with merged experts as a merged checkpoint, child (lineage ``input``) of
+    ``source_id``, with ``metrics`` (experts before/after, bytes saved)."""
+    from registry.client.cli import _client
+
+    with _client(url, token) as client:
+        return client.register(
+            path,
+            name=name or Path(path).name,
+            kind="merged",
+            metadata={"moe_compressed_from": source_id, "built_by": "ckreg moe compress"},
+            metrics=metrics,
+            progress=False,
+        )

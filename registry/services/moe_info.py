@@ -44,31 +44,37 @@ def annotate_moe(*, checkpoint: Checkpoint, headers: Mapping[str, SafetensorsHea
 # --- lineage of an MoE built from experts ---------------------------------------------------------
 
 MOE_EXPERTS_KEY = "moe_experts"
-MOE_BASE_KEY = (
-    "moe_base"  # the dense base an MoE was built on (its architecture differs: no base_id)
-)
+# the dense base an MoE was built on (its architecture differs, so it is not the base_id)
+MOE_BASE_KEY = "moe_base"
+# the MoE whose experts were merged into this one
+MOE_SOURCE_KEY = "moe_compressed_from"
+
+
+def _checkpoint_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _linked_ids(checkpoint: Checkpoint) -> list[tuple[int, LineageRole]]:
     """(checkpoint id, lineage role) named by the MoE metadata keys."""
     meta = checkpoint.meta or {}
     ids = meta.get(MOE_EXPERTS_KEY, [])
-    if not isinstance(ids, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in ids
-    ):
+    if not isinstance(ids, list) or not all(_checkpoint_id(i) for i in ids):
         raise InvalidInput(
             f"metadata '{MOE_EXPERTS_KEY}' must be a list of checkpoint ids; got {ids!r}"
         )
-    base = meta.get(MOE_BASE_KEY)
-    if base is not None and (not isinstance(base, int) or isinstance(base, bool)):
-        raise InvalidInput(f"metadata '{MOE_BASE_KEY}' must be a checkpoint id; got {base!r}")
-    return [(i, LineageRole.input) for i in ids] + (
-        [(base, LineageRole.base)] if base is not None else []
-    )
+    linked = [(int(i), LineageRole.input) for i in ids]
+    for key, role in ((MOE_BASE_KEY, LineageRole.base), (MOE_SOURCE_KEY, LineageRole.input)):
+        value = meta.get(key)
+        if value is not None and not _checkpoint_id(value):
+            raise InvalidInput(f"metadata '{key}' must be a checkpoint id; got {value!r}")
+        if value is not None:
+            linked.append((int(value), role))
+    return linked
 
 
 def check_moe_experts(*, session: Session, checkpoint: Checkpoint) -> None:
-    """Every id in ``metadata["moe_experts"]`` / ``["moe_base"]`` names another ready checkpoint."""
+    """Every id in ``metadata["moe_experts"]`` / ``["moe_base"]`` / ``["moe_compressed_from"]``
+    names another ready checkpoint (else InvalidInput naming it)."""
     for linked_id, role in _linked_ids(checkpoint):
         linked = session.get(Checkpoint, linked_id)
         if linked is None or linked_id == checkpoint.id or linked.status != CheckpointStatus.ready:
@@ -79,14 +85,15 @@ def check_moe_experts(*, session: Session, checkpoint: Checkpoint) -> None:
                 if linked is None
                 else linked.status
             )
-            what = "expert" if role == LineageRole.input else "base"
+            what = "base" if role == LineageRole.base else "parent"
             raise InvalidInput(
                 f"metadata of checkpoint '{checkpoint.name}': {what} checkpoint {linked_id} is {state}"
             )
 
 
 def link_moe_experts(*, session: Session, checkpoint: Checkpoint) -> None:
-    """Lineage edges from each expert (role ``input``) and the dense base (role ``base``)."""
+    """Lineage edges from each expert and the compressed source (role ``input``) and the dense
+    base (role ``base``)."""
     edges = [
         LineageCreate(parent_id=linked_id, child_id=checkpoint.id or 0, role=role)
         for linked_id, role in _linked_ids(checkpoint)

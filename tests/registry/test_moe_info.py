@@ -51,6 +51,6 @@ def test_unknown_expert_id_fails_the_checkpoint(api: Api, tmp_path: Path) -> Non
     )
     url = f"/api/v1/checkpoints/{created['id']}"
     done = api.client.post(f"{url}/complete", json={}, headers=api.headers)
-    assert done.status_code == 422 and "expert checkpoint 999 is missing" in done.text
+    assert done.status_code == 422 and "parent checkpoint 999 is missing" in done.text
     shown = api.client.get(url).json()
     assert shown["status"] == "failed" and shown["files"] == []

@@ -76,3 +76,26 @@ def test_build_register_links_every_expert(live_registry: LiveRegistry, tmp_path
     refused = runner.invoke(app, args)
     assert refused.exit_code == 1 and "missing on expert(s) [1]" in refused.output
     assert not (tmp_path / "moe-2").exists()
+
+
+def test_compress_register_is_a_child_with_metrics(
+    live_registry: LiveRegistry, tmp_path: Path
+) -> None:
+    import json
+
+    source = moe_tiny.save(moe_tiny.mixtral(4), tmp_path / "mixtral")
+    source_id = _register(live_registry, source, "base")
+    (tmp_path / "calib.json").write_text(json.dumps([[1, 2, 3, 4], [5, 6, 7]]))
+    args = ["moe", "compress", str(source), "-o", str(tmp_path / "small"), "-m", "2"]
+    args += ["--calibration", str(tmp_path / "calib.json"), "--register", str(source_id)]
+    args += ["--registry-url", live_registry.url, "--token", live_registry.token]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    child = int(result.output.split("registered ")[1].split()[0])
+    headers = {"Authorization": f"Bearer {live_registry.token}"}
+    url = f"{live_registry.url}/api/v1/checkpoints/{child}"
+    lineage = httpx.get(f"{url}/lineage", headers=headers).json()
+    assert {(e["parent_id"], e["role"]) for e in lineage["ancestors"]} == {(source_id, "input")}
+    metrics = httpx.get(f"{url}/metrics", headers=headers).text
+    assert "moe/experts_after" in metrics and "moe/bytes_saved_fraction" in metrics
+    assert httpx.get(url, headers=headers).json()["metadata"]["moe"]["experts_per_layer"] == 2
