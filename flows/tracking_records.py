@@ -152,7 +152,7 @@ def merge_record(
         return checkpoint_record(session=session, checkpoint=checkpoint, store_url=store_url)
 
     base = record(run.base_id) if run.base_id is not None else None
-    config = {
+    config = run.mergekit_config or {  # a mergekit run logs its own YAML
         "merge_method": run.method,
         "base_model": base.name if base else None,
         "models": [

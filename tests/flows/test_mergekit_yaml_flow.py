@@ -14,10 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from flows.inputs import checkpoint_dir
 from flows.pipelines import merge_checkpoints
+from flows.preparation import prepare
 from flows.runtime import current_runtime
+from flows.tracking_records import merge_record
 from mergeops.config import run_config
 from registry.api.app import create_app
 from registry.models import CheckpointCreate, CheckpointKind, Lineage
+from registry.services import merge_runs as run_service
 from registry.services.completion import register_directory
 from registry.services.tokens import create_token
 from tests.flows.fixtures_flows import *  # noqa: F403
@@ -127,6 +130,17 @@ def test_mergekit_yaml_by_names_runs_and_equals_ckreg_merge(flow_env: FlowEnv) -
         assert f"- ckreg/{ids[name]}" in card
     assert "base_model_relation: merge" in card
     assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "float32"
+    with flow_env.session() as session:  # MLflow logs the run's own YAML
+        row = run_service.get_merge_run(session=session, run_id=run["id"])
+        prepared = prepare(
+            session=session, store=current_runtime().store, work_root=flow_env.tmp / "rec",
+            run_id=run["id"], inputs="cache",
+        )  # fmt: skip
+        record = merge_record(
+            session=session, run=row, output_id=output_id, metrics={}, prepared=prepared
+        )
+    assert f"model: ckreg/{ids['ft-a']}" in record.config_yaml
+    assert "density:" in record.config_yaml
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.config.num_hidden_layers == 2
     assert AutoTokenizer.from_pretrained(merged)("the cat sat")["input_ids"] == [3, 4, 5]
