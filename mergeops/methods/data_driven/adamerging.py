@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
+from tqdm import tqdm
 
 from mergeops.methods.base import (
     MergeContext,
@@ -41,6 +42,11 @@ class AdaMergingParams(MethodParams):
     max_seconds: float | None = Field(None, gt=0)
 
 
+def _tick(bar: tqdm, loss: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4g}")
+
+
 @register
 class AdaMerging(WholeModelMethod):
     """Task arithmetic with coefficients learnt by entropy minimisation."""
@@ -60,10 +66,14 @@ class AdaMerging(WholeModelMethod):
         for source in inputs.models:
             model = load_state_dict(source, ctx.device)
             task_vectors.append({k: model[k] - v for k, v in base.items() if v.is_floating_point()})
-        learnt = learn_coefficients(
-            ctx.objective, base, task_vectors, granularity=params.granularity,
-            init=params.init, steps=params.steps, lr=params.lr, max_seconds=params.max_seconds,
-        )  # fmt: skip
+        with tqdm(total=params.steps, desc="adamerging: learning coefficients", unit="step",
+                  leave=False, disable=None) as bar:  # fmt: skip
+            learnt = learn_coefficients(
+                ctx.objective, base, task_vectors, granularity=params.granularity,
+                init=params.init, steps=params.steps, lr=params.lr,
+                max_seconds=params.max_seconds,
+                on_step=lambda _, loss: _tick(bar, loss),
+            )  # fmt: skip
         ctx.scratch["adamerging_losses"] = learnt.losses
         ctx.scratch["adamerging_lambdas"] = learnt.lambdas.cpu().tolist()
         with torch.no_grad():
