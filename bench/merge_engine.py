@@ -2,6 +2,7 @@
 
     python -m bench.merge_engine [--sizes 270m,100m] [--methods ties,task_arithmetic,linear|mergekit]
                                  [--mergekit PATH|none] [--work DIR] [--keep] [--prefetch-compare]
+    python -m bench.merge_engine --floor [--sizes 100m] [--repeats 3]
     python -m bench.merge_engine --device cuda [--sizes 270m]
                                  [--methods ties,task_arithmetic,ota_ffg,opcm]
 
@@ -13,6 +14,11 @@ next to a plain in-RAM tensor copy of the same bytes timed just before. With CUD
 ckreg ``--device cuda`` rows and their ratio to pinned host-to-device bandwidth. The output
 comparison lives in ``bench.merge_parity``. ``--prefetch-compare`` adds, per method, the
 in-process merge time with input prefetch off and on.
+
+Every CPU row has the floor of the same files in the same run (``bench.merge_floor``: read
+each input once, write one output of the output's size) and the time as a multiple of it;
+``--floor`` prints only the floor. Each method runs ``--repeats`` times (ckreg and mergekit in
+alternating order, after ``os.sync()`` of the generated inputs) and the median run is shown.
 
 ``--methods mergekit`` gives a row per registered method that mergekit 0.1.5 also has (its
 parameters in ``MERGEKIT_SETUPS``), both engines on the same files in one run.
@@ -39,6 +45,7 @@ import yaml
 
 from bench._common import MIB
 from bench._synth import SHAPES, write_family
+from bench.merge_floor import Floor, format_floor, measure_floor, median_floor
 from bench.merge_parity import Parity, compare, format_parity
 from bench.merge_pipeline import cuda_main, h2d_bandwidth, prefetch_compare
 from bench.merge_setups import MERGEKIT_SETUPS, Setup, mergekit_methods
@@ -178,36 +185,58 @@ class Row:
     parity: Parity | None = None
     versus: Run | None = None
     prefetch: tuple[float, float] | None = None
+    floor: float | None = None
+
+
+def _median_run(runs: list[Run]) -> Run:
+    """The run with the median wall time (a failed run counts as the slowest)."""
+    ordered = sorted(runs, key=lambda r: (not r.ok, r.wall_s))
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def bench_method(
     size: str, method: str, folders: list[Path], args: argparse.Namespace
 ) -> list[Row]:
-    """ckreg (CPU, and CUDA when present) and mergekit on one size and method."""
+    """ckreg (CPU, and CUDA when present), mergekit and the floor on one size and method,
+    ``args.repeats`` times with the engines' order alternating; medians are reported."""
     work: Path = args.work / size
     cfg = write_config(work / f"{method}.yml", method, folders, args.density)
     setup = MERGEKIT_SETUPS.get(method, Setup())
     inputs = ([folders[0]] if setup.base else []) + folders[1 : 1 + setup.models]
     in_bytes = sum(folder_bytes(f) for f in inputs)
     outs = {e: work / f"out-{method}-{e}" for e in ("ckreg", "mergekit", "ckreg-cuda")}
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
     memcpy = copy_bandwidth(in_bytes + 2 * folder_bytes(folders[0]))  # fp32 output
     shard = ["--max-shard-size", args.shard_size, "--no-progress"]
-    ck = measure([*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg"]),
-                  "--device", "cpu", *shard], engine="ckreg", device="cpu",
-                 log=work / f"{method}-ckreg.log")  # fmt: skip
-    rows = [Row(size, method, ck, in_bytes + folder_bytes(outs["ckreg"]), memcpy)]
-    if args.mergekit:
-        mk_cmd = [args.mergekit, str(cfg), str(outs["mergekit"]), "--out-shard-size",
-                  args.shard_size.removesuffix("B"), *MERGEKIT_FLAGS]  # fmt: skip
-        mk = measure(mk_cmd, engine="mergekit", device="cpu", log=work / f"{method}-mk.log")
-        rows.append(Row(size, method, mk, in_bytes + folder_bytes(outs["mergekit"]), memcpy))
-        if ck.ok and mk.ok:
+    ck_cmd = [*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg"]),
+              "--device", "cpu", *shard]  # fmt: skip
+    mk_cmd = [str(args.mergekit), str(cfg), str(outs["mergekit"]), "--out-shard-size",
+              args.shard_size.removesuffix("B"), *MERGEKIT_FLAGS]  # fmt: skip
+    runs: dict[str, list[Run]] = {"ckreg": [], "mergekit": []}
+    floors: list[Floor] = []
+    parity = None
+    for repeat in range(args.repeats):
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+        floors.append(measure_floor(inputs, 2 * folder_bytes(folders[0]), work / "floor.bin"))
+        order = ["ckreg", "mergekit"] if repeat % 2 == 0 else ["mergekit", "ckreg"]
+        for engine in order:
+            if engine == "mergekit" and not args.mergekit:
+                continue
+            cmd, tag = (ck_cmd, "ckreg") if engine == "ckreg" else (mk_cmd, "mk")
+            log = work / f"{method}-{tag}-{repeat}.log"
+            runs[engine].append(measure(cmd, engine=engine, device="cpu", log=log))
+        if repeat == 0 and args.mergekit and runs["ckreg"][0].ok and runs["mergekit"][0].ok:
             ties_inputs = folders[: 1 + setup.models] if method == "ties" else None
-            rows[0].parity = compare(
+            parity = compare(
                 outs["ckreg"], outs["mergekit"], ties_inputs=ties_inputs, density=args.density
             )
+    floor = median_floor(floors).seconds
+    ck = _median_run(runs["ckreg"])
+    out_bytes = 2 * folder_bytes(folders[0])
+    rows = [Row(size, method, ck, in_bytes + out_bytes, memcpy, parity, floor=floor)]
+    if runs["mergekit"]:
+        mk = _median_run(runs["mergekit"])
+        rows.append(Row(size, method, mk, in_bytes + out_bytes, memcpy, floor=floor))
         rows[0].versus = mk
     if torch.cuda.is_available():
         gpu = measure([*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg-cuda"]),
@@ -225,18 +254,21 @@ def format_table(rows: list[Row]) -> str:
     """The results table: one line per engine run."""
     head = (f"{'size':>5} {'method':<16}{'engine':<9}{'dev':<5}{'wall s':>8}{'cpu s':>7}{'peak RSS':>10}"
             f"{'RssAnon':>9}{'GB/s':>7}{'memcpy':>8}{'+alloc':>7}{'%cpy':>6}{'speedup':>8}{'RSS/mk':>7}"
-            "  ckreg vs mergekit output")  # fmt: skip
+            f"{'floor':>7}{'xfloor':>7}  ckreg vs mergekit output")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         gbs = r.moved / r.run.wall_s / 1e9
         speed = f"{r.versus.wall_s / r.run.wall_s:.2f}x" if r.versus and r.versus.ok else "-"
         ratio = f"{r.run.peak_rss / r.versus.peak_rss:.2f}" if r.versus and r.versus.ok else "-"
         state = "" if r.run.ok else f"  FAILED, see {r.run.log}"
+        floor = (
+            f"{r.floor:>7.2f}{r.run.wall_s / r.floor:>6.1f}x" if r.floor else f"{'-':>7}{'-':>7}"
+        )
         lines.append(
             f"{r.size:>5} {r.method:<16}{r.run.engine:<9}{r.run.device:<5}{r.run.wall_s:>8.1f}{r.run.cpu_s:>7.1f}"
             f"{r.run.peak_rss / MIB:>7.0f}MiB{r.run.peak_anon / MIB:>6.0f}MiB{gbs:>7.2f}"
             f"{r.memcpy_gbs[0]:>8.2f}{r.memcpy_gbs[1]:>7.2f}{100 * gbs / r.memcpy_gbs[0]:>5.1f}%"
-            f"{speed:>8}{ratio:>7}"
+            f"{speed:>8}{ratio:>7}{floor}"
             f"  {format_parity(r.parity)}{state}"
         )
     return "\n".join(lines)
@@ -255,6 +287,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--shard-size", default="256MB", help="output shard size, both engines")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per method (engine order alternating), medians shown; "
+                             "default 3, 1 when every size is 'tiny' (the smoke-test size)")  # fmt: skip
+    parser.add_argument("--floor", action="store_true",
+                        help="only time the floor: read the base and 4 fine-tunes once and "
+                             "write one float32 output of the base's size")  # fmt: skip
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -275,6 +313,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.methods == "mergekit":
         args.methods = ",".join(mergekit_methods())
     args.mergekit = None if args.mergekit in ("", "none") else args.mergekit
+    if args.repeats is None:
+        tiny = {s.strip() for s in args.sizes.split(",") if s.strip()} == {"tiny"}
+        args.repeats = 1 if tiny else 3
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -303,12 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         shape = SHAPES[size]
         start = time.perf_counter()
         folders = write_family(args.work / size / "models", shape=shape)
+        os.sync()  # no write-back of the generated inputs during the timed runs
         print(f"{size}: {shape.parameters / 1e6:.0f}M params x 5 bf16 models "
               f"({time.perf_counter() - start:.0f} s to generate), load {os.getloadavg()[0]:.1f}")  # fmt: skip
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if args.floor:
+            scratch = args.work / size / "floor.bin"
+            out_bytes = 2 * folder_bytes(folders[0])
+            floors = [measure_floor(folders, out_bytes, scratch) for _ in range(args.repeats)]
+            print(format_floor(size, floors))
+        for method in (
+            [] if args.floor else [m.strip() for m in args.methods.split(",") if m.strip()]
+        ):
             rows.extend(bench_method(size, method, folders, args))
         if not args.keep:
             shutil.rmtree(args.work / size / "models")
+    if args.floor:
+        return 0
     print(format_table(rows))
     _print_notes(rows, args)
     return 0 if all(r.run.ok for r in rows) else 1
@@ -318,6 +371,9 @@ def _print_notes(rows: list[Row], args: argparse.Namespace) -> None:
     print("GB/s = (input + output safetensors bytes) / wall; memcpy = torch copy_ in RAM "
           "(read + written), +alloc = the same into fresh memory (clone); cpu s = user + sys; speedup and RSS/mk: ckreg vs mergekit; rel = max|a-b| / max|b| "
           "per tensor; off-ties: ties max diff away from threshold ties")  # fmt: skip
+    print(f"floor = read every input file once + write one output of the output's size "
+          f"(bench.merge_floor), median of {args.repeats}; xfloor = wall / floor; "
+          "wall, RSS: median run of the repeats, ckreg/mergekit order alternating")  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
     for r in rows:
         if r.prefetch is not None:
