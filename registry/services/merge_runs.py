@@ -58,7 +58,12 @@ class MergeRequest(BaseModel):
     evaluator: str | None = None
     # A mergekit YAML (text, or the same as a mapping) instead of method/params/base_id/inputs:
     # checkpoint ids or names where mergekit takes paths (``registry.services.mergekit_runs``).
-    mergekit: str | dict[str, Any] | None = None
+    mergekit: str | dict[str, Any] | None = Field(
+        default=None,
+        description="A mergekit YAML (text, or the config as a mapping) instead of method, "
+        "params, base_id and inputs; models are checkpoint ids (12, ckreg/12) or names "
+        "(ckreg/my-ft: the newest ready one). See docs/mergekit.md, 'In the registry'.",
+    )
 
     @field_validator("params")
     @classmethod

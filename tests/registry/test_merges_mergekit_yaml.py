@@ -81,28 +81,26 @@ def test_yaml_by_names_and_ids_is_resolved_stored_and_idempotent(
     assert shown["mergekit_config"] == config
 
 
-@pytest.mark.parametrize(
-    ("edit", "words"),
-    [
-        (lambda t: t.replace("ckreg/ft", "ckreg/nope"), ["models[0].model", "'nope'"]),
-        (lambda t: t.replace("ckreg/base", "ckreg/99999"), ["base_model", "99999"]),
-        (lambda t: t.replace("merge_method: ties", "merge_method: tiez"), ["tiez"]),
-        (lambda t: t.replace("dtype: float32", "dtyp: float32"), ["dtyp", "unknown key"]),
-        (lambda t: t.replace("normalize: true", "normalise: true"), ["parameters.normalise"]),
-        (lambda t: t.replace("{weight: 0.5}", "{wieght: 0.5}"), ["models[1].parameters.wieght"]),
-        (lambda t: t + "state: /etc\n", ["state", "not accepted"]),
-        (lambda t: t + "objective: os:system\n", ["objective", "not accepted"]),
-        (lambda t: t.replace("models:", "models: [\n"), ["not valid YAML"]),
-        (lambda t: "- just a list\n", ["mapping"]),
-        (lambda t: t.replace("ckreg/ft", "/etc/passwd"), ["models[0].model", "/etc/passwd"]),
-        (lambda t: t.replace("ckreg/ft", '"ft\\0"'), ["models[0].model", "control character"]),
-        (lambda t: "a: &x [1, 1]\nb: [*x, *x]\n" + t, ["aliases"]),
-    ],
-)
-def test_bad_yaml_is_a_422_naming_the_key(
-    api: Api, zoo: dict[str, int], edit: Any, words: list[str]
-) -> None:
-    _error(_post(api, {"mergekit": edit(TIES.format(other=zoo["other"]))}), *words)
+BAD_YAML = [
+    (lambda t: t.replace("ckreg/ft", "ckreg/nope"), ["models[0].model", "'nope'"]),
+    (lambda t: t.replace("ckreg/base", "ckreg/99999"), ["base_model", "99999"]),
+    (lambda t: t.replace("merge_method: ties", "merge_method: tiez"), ["tiez"]),
+    (lambda t: t.replace("dtype: float32", "dtyp: float32"), ["dtyp", "unknown key"]),
+    (lambda t: t.replace("normalize: true", "normalise: true"), ["parameters.normalise"]),
+    (lambda t: t.replace("{weight: 0.5}", "{wieght: 0.5}"), ["models[1].parameters.wieght"]),
+    (lambda t: t + "state: /etc\n", ["state", "not accepted"]),
+    (lambda t: t + "objective: os:system\n", ["objective", "not accepted"]),
+    (lambda t: t.replace("models:", "models: [\n"), ["not valid YAML"]),
+    (lambda t: "- just a list\n", ["mapping"]),
+    (lambda t: t.replace("ckreg/ft", "/etc/passwd"), ["models[0].model", "/etc/passwd"]),
+    (lambda t: t.replace("ckreg/ft", '"ft\\0"'), ["models[0].model", "control character"]),
+    (lambda t: "a: &x [1, 1]\nb: [*x, *x]\n" + t, ["aliases"]),
+]
+
+
+def test_bad_yaml_is_a_422_naming_the_key(api: Api, zoo: dict[str, int]) -> None:
+    for edit, words in BAD_YAML:
+        _error(_post(api, {"mergekit": edit(TIES.format(other=zoo["other"]))}), *words)
     with api.env.session() as session:
         assert session.exec(select(MergeRun)).all() == []
     assert api.env.launcher.merges == []
@@ -167,20 +165,26 @@ def test_a_policy_template_takes_the_selectors_matches(api: Api, zoo: dict[str, 
     assert run["policy_id"] == policy["id"] and api.env.launcher.merges == [run["id"]]
 
 
-@pytest.mark.parametrize(
-    ("fields", "words"),
-    [
-        ({"mergekit": TEMPLATE.replace("density", "densty")}, ["parameters.densty"]),
-        ({"mergekit": TEMPLATE + "models: [ckreg/nope, ckreg/ft]\n"}, ["models[0].model"]),
-        ({"mergekit": TEMPLATE + "state: /tmp/x\n"}, ["state", "not accepted"]),
-        ({"mergekit": TEMPLATE, "params": {"density": 0.3}}, ["'params'"]),
-        ({"mergekit": TEMPLATE, "method": "linear"}, ["'linear'", "merge_method 'ties'"]),
-        ({"mergekit": "merge_method: [\n"}, ["not valid YAML"]),
-    ],
-)
-def test_a_bad_policy_template_is_a_422(
-    api: Api, zoo: dict[str, int], fields: dict[str, Any], words: list[str]
-) -> None:
-    _error(_policy(api, selector={"base_id": zoo["base"]}, **fields), *words)
+BAD_TEMPLATES = [
+    ({"mergekit": TEMPLATE.replace("density", "densty")}, ["parameters.densty"]),
+    ({"mergekit": TEMPLATE + "models: [ckreg/nope, ckreg/ft]\n"}, ["models[0].model"]),
+    ({"mergekit": TEMPLATE + "state: /tmp/x\n"}, ["state", "not accepted"]),
+    ({"mergekit": TEMPLATE, "params": {"density": 0.3}}, ["'params'"]),
+    ({"mergekit": TEMPLATE, "method": "linear"}, ["'linear'", "merge_method 'ties'"]),
+    ({"mergekit": "merge_method: [\n"}, ["not valid YAML"]),
+]
+
+
+def test_a_bad_policy_template_is_a_422(api: Api, zoo: dict[str, int]) -> None:
+    for fields, words in BAD_TEMPLATES:
+        _error(_policy(api, selector={"base_id": zoo["base"]}, **fields), *words)
     listed = api.client.get("/api/v1/policies", headers=api.headers).json()
     assert listed == [] or listed.get("items", listed) == []
+
+
+def test_a_lora_reference_names_both_checkpoints(api: Api, zoo: dict[str, int]) -> None:
+    text = TIES.format(other=zoo["other"]).replace("ckreg/ft", "ckreg/ft+ckreg/base")
+    run = _post(api, {"mergekit": text}).json()
+    assert run["mergekit_config"]["models"][0]["model"] == f"ckreg/{zoo['ft']}+ckreg/{zoo['base']}"
+    assert [i["checkpoint_id"] for i in run["inputs"]] == [zoo["ft"], zoo["other"]]
+    _error(_post(api, {"mergekit": text.replace("+ckreg/base", "+ckreg/x+ckreg/y")}), "'+lora'")
