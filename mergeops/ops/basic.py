@@ -16,6 +16,17 @@ def _weights_like(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return w.reshape((-1,) + (1,) * like.dim())
 
 
+BLOCK = 64 * 1024
+"""Elements per block of the in-place weighted sum (256 KiB of float32: the accumulator and
+one product stay in L2 while every input streams through once)."""
+_LANES = 64
+"""Blocked sums require a length that is a multiple of this (any SIMD width divides it), so
+the stacked reduction they replace also accumulates every element in model order."""
+_SEQUENTIAL_TERMS = 16
+"""Up to this many terms torch's stacked sum over dim 0 adds them one by one in order (more
+and it splits the terms over several accumulators); the blocked sum matches it up to here."""
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ w_t x_t.
 
@@ -25,11 +36,42 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     Returns:
         The weighted sum, shaped like each input.
     """
-    # A stacked product summed over dim 0, kept as is: its per-element rounding is the
-    # reference (an add_/FMA loop differs in the last bit for some shapes and signed zeros).
-    # The engine bounds its memory by merging large tensors in row chunks.
+    first = tensors[0]
+    blocked = (
+        first.dtype == torch.float32
+        and first.numel() % _LANES == 0
+        and len(tensors) <= _SEQUENTIAL_TERMS
+        and all(t.is_contiguous() and t.shape == first.shape for t in tensors)
+    )
+    if blocked:
+        return blocked_weighted_sum(tensors, weights)
+    # The reference rounding: a stacked product summed over dim 0 (0 + w_0 x_0 + w_1 x_1 ...,
+    # no FMA). The engine bounds its memory by merging large tensors in row chunks.
     stacked = torch.stack(list(tensors))
     return (stacked * _weights_like(weights, tensors[0])).sum(dim=0)
+
+
+def blocked_weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_t x_t of contiguous float32 tensors, one cache-sized block at a time, in place.
+
+    Every element is rounded as the stacked reference rounds it (+0, then each product w_t x_t
+    rounded, then added in model order), with no float32 temporary of the whole stack; each
+    op is elementwise, so the result does not depend on the number of threads.
+    """
+    first = tensors[0]
+    out = torch.empty_like(first)
+    flat_out = out.view(-1)
+    flats = [t.view(-1) for t in tensors]
+    coefficients = [torch.tensor(w, dtype=torch.float32, device=first.device) for w in weights]
+    product = torch.empty(min(BLOCK, first.numel()), dtype=torch.float32, device=first.device)
+    for start in range(0, first.numel(), BLOCK):
+        stop = min(start + BLOCK, first.numel())
+        acc, tmp = flat_out[start:stop], product[: stop - start]
+        acc.zero_()
+        for flat, coefficient in zip(flats, coefficients, strict=True):
+            torch.mul(flat[start:stop], coefficient, out=tmp)
+            acc.add_(tmp)
+    return out
 
 
 def weighted_average(
