@@ -144,3 +144,34 @@ def test_mergekit_yaml_by_names_runs_and_equals_ckreg_merge(flow_env: FlowEnv) -
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.config.num_hidden_layers == 2
     assert AutoTokenizer.from_pretrained(merged)("the cat sat")["input_ids"] == [3, 4, 5]
+
+
+def test_a_policy_template_merges_its_selectors_matches(flow_env: FlowEnv) -> None:
+    from registry.services.policies import plan_policy_run
+
+    folders = _zoo(flow_env)
+    ids = _register(flow_env, folders)
+    template = "merge_method: task_arithmetic\nparameters: {weight: 0.5}\ndtype: float32\n"
+    selector = {"base_id": ids["base"], "window": "all_since_last_fold"}
+    policy_id = flow_env.policy(name="kit", mergekit=template, selector=selector)
+    with flow_env.session() as session:
+        planned = plan_policy_run(session=session, policy_id=policy_id)
+    assert planned is not None
+    output_id = merge_checkpoints(planned[0].id)
+    assert output_id is not None
+    with flow_env.session() as session:
+        merged = checkpoint_dir(
+            session=session,
+            store=current_runtime().store,
+            checkpoint_id=output_id,
+            cache_dir=flow_env.tmp / "read",
+        )
+    local = flow_env.tmp / "local"
+    path = flow_env.tmp / "merge.yml"
+    models = "".join(f"  - model: {folders[n]}\n" for n in ("ft-a", "ft-b"))
+    path.write_text(f"{template}base_model: {folders['base']}\nmodels:\n{models}")
+    run_config(path, local, progress=False)
+    ours, theirs = _tensors(merged), _tensors(local)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert f"- ckreg/{ids['ft-b']}" in (merged / "README.md").read_text()
