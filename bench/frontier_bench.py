@@ -1,5 +1,5 @@
 """Cost of the activation-aware and learnt merges (issue 19, item 6):
-``python -m bench.frontier_bench [--shape 100m|270m|tiny] [--models 4] [--ada-steps 5]
+``python -m bench.frontier_bench [--shape 20m|100m|270m|tiny] [--models 4] [--ada-steps 5]
 [--work DIR] [--train-steps 60]``.
 
 1. Merges: on a generated bf16 Llama-shaped base + fine-tunes (``bench._synth``), with one
@@ -27,6 +27,11 @@ import torch
 
 from bench._synth import SHAPES, LlamaShape, write_family
 
+#: bench._synth's shapes plus a ~21M-parameter one that runs in about a minute on 2 cores.
+BENCH_SHAPES: dict[str, LlamaShape] = {
+    **SHAPES,
+    "20m": LlamaShape(vocab=8000, hidden=512, intermediate=1408, layers=4, heads=8),
+}
 GRAM_RANK = 256  # rows of the random X behind each synthetic Gram (XᵀX / n + 0.1·I)
 
 
@@ -78,7 +83,7 @@ def child(method: str, work: Path, shape_name: str, models: int, ada_steps: int)
     """One merge, in this process (the parent measures it)."""
     import mergeops
 
-    shape = SHAPES[shape_name]
+    shape = BENCH_SHAPES[shape_name]
     folders = [work / "base"] + [work / f"ft-{i}" for i in range(1, models + 1)]
     out = work / f"out-{method}"
     options: dict[str, object] = {}
@@ -100,7 +105,7 @@ def merge_rows(work: Path, shape_name: str, models: int, ada_steps: int) -> list
     """Each merge as its own process; wall time, CPU time and peak RSS."""
     from bench.merge_engine import measure
 
-    shape = SHAPES[shape_name]
+    shape = BENCH_SHAPES[shape_name]
     write_family(work, shape=shape, finetunes=models)
     write_grams(work, shape, models)  # outside the timed run
     rows = []
@@ -172,11 +177,11 @@ def _table(rows: Sequence[dict[str, object]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.frontier_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="100m",
-                        help="synthetic Llama size (default 100m; 270m is the issue's size)")  # fmt: skip
+    parser.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="20m",
+                        help="synthetic Llama size (default 20m; 270m is the issue's size)")  # fmt: skip
     parser.add_argument("--models", type=int, default=4, help="fine-tunes merged (default 4)")
     parser.add_argument("--ada-steps", type=int, default=5, help="adamerging Adam steps")
-    parser.add_argument("--train-steps", type=int, default=60, help="timed steps per setting")
+    parser.add_argument("--train-steps", type=int, default=30, help="timed steps per setting")
     parser.add_argument("--work", type=Path, default=Path("bench/out/frontier_bench"),
                         help="where models and outputs are written (reused)")  # fmt: skip
     parser.add_argument("--skip-merges", action="store_true", help="only the capture timing")
@@ -189,12 +194,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         child(args.child, work, args.shape, args.models, args.ada_steps)
         return
-    result: dict[str, object] = {"shape": args.shape, "parameters": SHAPES[args.shape].parameters}
+    result: dict[str, object] = {
+        "shape": args.shape,
+        "parameters": BENCH_SHAPES[args.shape].parameters,
+    }
     if not args.skip_merges:
         work.mkdir(parents=True, exist_ok=True)
         result["merges"] = merge_rows(work, args.shape, args.models, args.ada_steps)
         print(f"merges of {args.models} fine-tunes, {args.shape} "
-              f"({SHAPES[args.shape].parameters / 1e6:.0f}M parameters, bf16):")  # fmt: skip
+              f"({BENCH_SHAPES[args.shape].parameters / 1e6:.0f}M parameters, bf16):")  # fmt: skip
         print(_table(result["merges"]))  # type: ignore[arg-type]
     if not args.skip_capture:
         result["capture"] = capture_rows(args.train_steps)
