@@ -136,6 +136,11 @@ def upload_output(
     lineage.add_lineage_edges(
         session=session, edges=_edges(run=run, child_id=checkpoint_id, spec=spec)
     )
+    learnt = learnt_coefficients(out_dir, spec)
+    if learnt:
+        checkpoint.meta = {**checkpoint.meta, "learnt_coefficients": learnt}
+        session.add(checkpoint)
+        session.commit()
     if spec.state_path is not None and spec.state_path.is_file():
         store_state(
             session=session,
@@ -169,6 +174,24 @@ def adopt_output(
     )
     session.commit()
     return ready
+
+
+def learnt_coefficients(out_dir: Path, spec: OutputSpec) -> dict[str, Any] | None:
+    """The merging coefficients a method learnt (adamerging's ``coefficients`` stream), as
+    ``{"lambda": per input [λ] (task-wise) or [[λ per tensor]], "tensors": [...]}``, rounded
+    to 6 digits; None when the merge learnt none."""
+    import json
+
+    from mergeops.io import ShardedCheckpoint
+
+    folder = out_dir / "coefficients"
+    if not (folder / "model.safetensors.index.json").is_file():
+        return None
+    stream = ShardedCheckpoint(folder)
+    lambdas = stream.get("lambda").tolist()
+    tensors = json.loads(bytes(stream.get("lambda.keys").tolist()).decode())
+    rounded = [round(v, 6) if isinstance(v, float) else [round(x, 6) for x in v] for v in lambdas]
+    return {"inputs": list(spec.input_ids), "lambda": rounded, "tensors": tensors}
 
 
 def add_extras(out_dir: Path, spec: OutputSpec) -> None:

@@ -78,8 +78,17 @@ class NormEvaluator:
     def objective(self) -> Any:
         raise NotImplementedError("the norm evaluator has no objective")
 
+    def unlabeled_objective(self) -> Any:
+        """adamerging's objective here: the squared norm of the parameters (lower is better)."""
+        return _SquaredNorm()
+
     def fisher(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: torch.ones_like(v) for k, v in state_dict.items()}
+
+
+class _SquaredNorm:
+    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum((t.float() ** 2).sum() for t in params.values())  # type: ignore[return-value]
 
 
 class SlowNormEvaluator(NormEvaluator):

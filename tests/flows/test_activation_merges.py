@@ -74,3 +74,30 @@ def test_a_gram_of_the_wrong_shape_is_refused(flow_env: FlowEnv) -> None:
     _, ft_a, _ = _three(flow_env)
     with pytest.raises(RegistryError, match=r"layers\.0\.weight.*\(8, 8\).*\(in, in\)"):
         _gram(flow_env, ft_a, 1, width=8)
+
+
+def test_adamerging_learns_from_the_evaluators_unlabeled_objective(flow_env: FlowEnv) -> None:
+    base, ft_a, ft_b = _three(flow_env)
+    request = run_service.MergeRequest(
+        method="adamerging",
+        base_id=base,
+        inputs=[run_service.MergeInputSpec(checkpoint_id=i) for i in (ft_a, ft_b)],
+        params={"granularity": "task", "steps": 20, "lr": 0.05},
+        evaluator="ckreg-test-norm",  # its unlabeled objective is the squared norm
+    )
+    with flow_env.session() as session:
+        run, _ = run_service.create_merge_run(session=session, request=request)
+    output = merge_checkpoints(run.id)
+    with flow_env.session() as session:
+        from registry.models import Checkpoint
+
+        learnt = session.get(Checkpoint, output).meta["learnt_coefficients"]
+    lam_a, lam_b = learnt["lambda"]
+    assert learnt["inputs"] == [ft_a, ft_b] and (lam_a, lam_b) != (0.3, 0.3)
+    assert 0 <= lam_a <= 1 and 0 <= lam_b <= 1
+    merged = _weights(output)  # the stored λ are the ones the output was built with
+    for key, theta0 in tiny_state(0).items():
+        expected = (
+            theta0 + lam_a * (tiny_state(1)[key] - theta0) + lam_b * (tiny_state(2)[key] - theta0)
+        )
+        torch.testing.assert_close(merged[key], expected, atol=1e-4, rtol=0)
