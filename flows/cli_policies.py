@@ -97,6 +97,10 @@ def create(
     cron: Annotated[str | None, typer.Option(help="Cron expression for trigger cron.")] = None,
     evaluator: Annotated[str | None, typer.Option(help="Evaluator entry-point name.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Policy as YAML/JSON.")] = None,
+    mergekit: Annotated[
+        Path | None,
+        typer.Option(help="mergekit YAML template instead of --method/--params."),
+    ] = None,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -110,6 +114,7 @@ def create(
             "cron": cron,
             "evaluator": evaluator,
             "params": _parse_mapping(params, "--params") or None,
+            "mergekit": mergekit.read_text() if mergekit else None,
         },
         selector={
             "base_id": base,

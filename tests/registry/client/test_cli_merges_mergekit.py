@@ -44,3 +44,20 @@ def test_merges_create_from_a_yaml(live_registry: LiveRegistry, tmp_path: Path) 
     bad = runner.invoke(app, ["merges", "create", "--config", str(config), *auth])
     assert bad.exit_code != 0
     assert "models[0].parameters.wieght" in bad.output + str(bad.exception)
+
+
+def test_policy_create_with_a_mergekit_template(
+    live_registry: LiveRegistry, tmp_path: Path
+) -> None:
+    template = tmp_path / "template.yml"
+    template.write_text("merge_method: linear\nparameters: {weight: 0.5}\n")
+    auth = ["--url", live_registry.url, "--token", live_registry.token]
+    args = ["policy", "create", "--name", "kit-policy", "--mergekit", str(template)]
+    created = runner.invoke(app, [*args, "--trigger", "manual", *auth])
+    assert created.exit_code == 0, created.output
+    with Client(live_registry.url, token=live_registry.token) as client:
+        policy = next(p for p in client.policies() if p["name"] == "kit-policy")
+    assert policy["method"] == "linear" and policy["mergekit"] == template.read_text()
+    template.write_text("merge_method: linear\nparameters: {wait: 0.5}\n")
+    bad = runner.invoke(app, [*args[:3], "kit-2", "--mergekit", str(template), *auth])
+    assert bad.exit_code != 0 and "parameters.wait" in bad.output, bad.output
