@@ -123,6 +123,14 @@ def _finetune_all_tasks(rows: Sequence[Row]) -> float:
     return sum(values) / len(values)
 
 
+def why(outcomes: Sequence[Mapping[str, Any]]) -> str:
+    """Why a claim fails: on how many zoos it was reversed beyond the noise, and how many
+    differences stayed within twice the bootstrap std (more test prompts could settle them)."""
+    failed = [o for o in outcomes if not o["held"]]
+    reversed_ = sum(o["diff"] < -2 * o["std"] for o in failed)
+    return f"reversed beyond noise on {reversed_}, within noise on {len(failed) - reversed_}"
+
+
 def summarize(results: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per claim: held on k of n zoos, mean Δ, spread, verdict."""
     lines = []
@@ -132,6 +140,8 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[str]:
         held = sum(o["held"] for o in outcomes)
         noise = sum(o["std"] for o in outcomes) / len(outcomes)
         verdict = "HOLDS" if held * 2 > len(outcomes) else "does not hold"
+        if held * 2 <= len(outcomes):
+            verdict += f" ({why(outcomes)})"
         lines.append(
             f"  {claim:<46} {verdict:<13} {held}/{len(outcomes)}  mean Δ {sum(diffs) / len(diffs):+.3f}"
             f"  spread [{min(diffs):+.3f}, {max(diffs):+.3f}]  bootstrap std ~{noise:.3f}"
@@ -147,7 +157,12 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.lmzoo.claims", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--root", type=Path, required=True, help="where zoos are built/reused")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("bench/out/lmzoo-claims"),
+        help="where zoos are built or reused (default bench/out/lmzoo-claims)",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--tasks", action="append", default=[],
                         help="a comma-separated task list (repeat for several lists)")  # fmt: skip
