@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from flows import outputs
+from flows import outputs, processes
 from flows.runtime import Runtime
 from registry.services import leases
 from registry.services import merge_runs as run_service
@@ -144,3 +144,26 @@ def drop_attempt(runtime: Runtime, lease: leases.Lease, prepared: PreparedMerge 
                     )
     except Exception:  # the successor discards it as well
         log.exception("could not discard the output of merge run %s's lost attempt", lease.run_id)
+
+
+def attempt_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` ended the attempt, not the merge: the process was told to stop
+    (SIGTERM, SIGINT, Prefect's ``TerminationSignal``), its parent worker died, or its output
+    pipe broke with it. Such a run is given back (``release_attempt``), never marked failed:
+    the method or the inputs did not fail."""
+    if processes.parent_lost():
+        return True
+    return isinstance(exc, BrokenPipeError) or not isinstance(exc, Exception)
+
+
+def release_attempt(runtime: Runtime, lease: leases.Lease, exc: BaseException) -> None:
+    """Give the run of an interrupted attempt back for the recovery sweep to re-submit."""
+    reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    try:
+        with runtime.session() as session:
+            if leases.release_lease(session=session, lease=lease, reason=reason):
+                log.warning(
+                    "merge run %s: attempt %s lost (%s)", lease.run_id, lease.attempt, reason
+                )
+    except Exception:  # the lease then expires: the sweep re-submits the run a little later
+        log.exception("could not give back merge run %s", lease.run_id)

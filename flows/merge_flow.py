@@ -20,10 +20,19 @@ from prefect.cache_policies import NO_CACHE
 
 import mergeops
 from flows import outputs
-from flows.attempts import LeaseKeeper, attempt_root, attempt_roots, drop_attempt, not_lease_lost
+from flows.attempts import (
+    LeaseKeeper,
+    attempt_lost,
+    attempt_root,
+    attempt_roots,
+    drop_attempt,
+    not_lease_lost,
+    release_attempt,
+)
 from flows.evaluate_flow import store_metrics
 from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
+from flows.processes import watch_parent
 from flows.runtime import Runtime, current_runtime
 from mergeops.methods import base as mb
 from registry.models import MergeRunStatus
@@ -177,6 +186,8 @@ def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
     task runner (a ``DaskTaskRunner`` via ``merge_checkpoints.with_options(task_runner=...)``).
     """
     runtime = current_runtime()
+    if runtime.settings.prefect_mode == "server":  # a subprocess of `ckreg worker`
+        watch_parent((runtime.settings.work_dir or runtime.settings.home) / "orphaned-flows.log")
     with runtime.session() as session:
         lease = leases.claim_merge_run(
             session=session,
@@ -228,12 +239,22 @@ def _run_claimed(
             log.warning("merge run %s: %s; attempt %s dropped", lease.run_id, exc, lease.attempt)
             drop_attempt(runtime, lease, prepared)
             return None
-        _record_failure(lease, prepared, exc)
+        _fail_or_release(runtime, lease, prepared, exc)
         raise
     except BaseException as exc:
-        _record_failure(lease, prepared, exc)
+        _fail_or_release(runtime, lease, prepared, exc)
         raise
     return output_id, metrics, prepared
+
+
+def _fail_or_release(
+    runtime: Runtime, lease: leases.Lease, prepared: PreparedMerge | None, exc: BaseException
+) -> None:
+    """A lost attempt (stopped, its worker dead) gives the run back; anything else fails it."""
+    if attempt_lost(exc):
+        release_attempt(runtime, lease, exc)
+    else:
+        _record_failure(lease, prepared, exc)
 
 
 def _flow_run_id() -> str | None:

@@ -11,6 +11,12 @@
   running (the start time guards against a reused pid).
 
 Linux only (``/proc``); elsewhere only the signal handling applies.
+
+The other side, for a flow-run subprocess of ``ckreg worker`` (``watch_parent``): when the
+worker dies, the flow must not fail its run on a broken stdout pipe. A thread notices the
+parent's death (the process is re-parented), points stdout/stderr at a log file, and sends the
+process SIGTERM, so the flow unwinds as an interrupted attempt: its merge run's lease is given
+back (``flows.attempts.release_attempt``) and its GPU concurrency slot released.
 """
 
 from __future__ import annotations
@@ -168,3 +174,40 @@ def stop_children_on_exit(*, watchdog: bool = True) -> None:
     atexit.register(stop_descendants)
     if watchdog and _guard is None and PROC.is_dir():
         _guard = OrphanGuard()
+
+
+_parent_lost = threading.Event()
+_watching: list[int] = []
+
+
+def parent_lost() -> bool:
+    """Whether ``watch_parent`` saw this process's parent die."""
+    return _parent_lost.is_set()
+
+
+def watch_parent(log_path: Path, poll_s: float = POLL_S) -> bool:
+    """In a flow-run subprocess: on the parent's death, stdout/stderr go to ``log_path`` and
+    the process gets SIGTERM (``parent_lost()`` turns True first). Once per process; returns
+    whether a watch started (not when the parent is init already)."""
+    parent = os.getppid()
+    if _watching or parent <= 1:
+        return False
+    _watching.append(parent)
+    threading.Thread(
+        target=_watch_parent, args=(parent, log_path, poll_s), name="ckreg-parent", daemon=True
+    ).start()
+    return True
+
+
+def _watch_parent(parent: int, log_path: Path, poll_s: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    _parent_lost.set()
+    with contextlib.suppress(OSError):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    log.warning("parent %s died: stopping this flow run (pid %s)", parent, os.getpid())
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -241,7 +241,7 @@ def _stale(row: Any, now: datetime, claim_grace_s: float) -> bool:
     ``claim_grace_s`` seconds."""
     expires = _aware(row.lease_expires_at)
     if expires is not None:
-        return expires < now or owner_is_dead(row.lease_owner)
+        return expires <= now or owner_is_dead(row.lease_owner)
     if row.lease_owner is not None and owner_is_dead(row.lease_owner):
         return True
     created = _aware(row.created_at)
@@ -297,6 +297,29 @@ def _requeue(session: Session, row: Any, now: datetime, claim_grace_s: float) ->
             status=MergeRunStatus.queued,
             lease_owner=None,
             lease_expires_at=now + timedelta(seconds=claim_grace_s),
+        )
+    )
+    session.commit()
+    return getattr(result, "rowcount", 0) == 1
+
+
+def release_lease(*, session: Session, lease: Lease, reason: str) -> bool:
+    """Give an interrupted attempt's run back: queued, no owner, lease expired now.
+
+    For an attempt that was lost, not one that failed (its worker was killed or stopped, its
+    output pipe broke): the next recovery sweep re-submits the run at once instead of after the
+    lease. Returns whether ``lease`` still held the run (a successor's claim is left alone).
+    """
+    session.rollback()
+    now = utcnow()
+    result = session.execute(
+        update(MergeRun)
+        .where(*_held(lease))
+        .values(
+            status=MergeRunStatus.queued,
+            lease_owner=None,
+            lease_expires_at=now,
+            error=f"attempt {lease.attempt} lost: {reason}"[:4000],
         )
     )
     session.commit()
