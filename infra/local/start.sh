@@ -3,7 +3,7 @@
 #
 #   infra/local/start.sh [--workers N]                     # SQLite + file store under $CKREG_HOME
 #   infra/local/start.sh --postgres-s3 [--workers N]       # PostgreSQL + S3 on this machine
-#   infra/local/start.sh ... --mlflow-ui                   # also the MLflow UI on $MLFLOW_PORT
+#   infra/local/start.sh ... --mlflow-ui                   # also the MLflow UI on $MLFLOW_PORT (5001)
 #   infra/local/stop.sh                                    # stop all of it, waiting for each
 #
 # --postgres-s3 creates what it needs, idempotently:
@@ -84,7 +84,7 @@ for i in $(seq "$WORKERS"); do start "worker-$i" "${CKREG[@]}" worker; done
 start registry "${CKREG[@]}" serve
 wait_url "http://127.0.0.1:$CKREG_PORT/readyz" 120
 if [[ $MLFLOW_UI == 1 ]]; then
-  start mlflow-ui "$(dirname "$PY")/mlflow" ui --host 127.0.0.1 --port "${MLFLOW_PORT:-5000}" \
+  start mlflow-ui "$(dirname "$PY")/mlflow" ui --host 127.0.0.1 --port "${MLFLOW_PORT:-5001}" \
     --backend-store-uri "${CKREG_MLFLOW_TRACKING_URI:-sqlite:///$CKREG_HOME/mlflow.db}" \
     --default-artifact-root "$CKREG_HOME/mlartifacts"
 fi

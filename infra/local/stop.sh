@@ -33,22 +33,25 @@ names=(registry)
 for f in "$RUN"/worker-*.pid "$RUN"/worker.pid; do [[ -f $f ]] && names+=("$(basename "$f" .pid)"); done
 names+=(mlflow-ui prefect moto)
 for name in "${names[@]}"; do stop_group "$name"; done
+if [[ -f $RUN/postgres.datadir ]]; then
+  data=$(cat "$RUN/postgres.datadir")
+  pg_ctl=$(command -v pg_ctl || ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -1)
+  as=(); [[ $(id -u) == 0 ]] && as=(runuser -u postgres --)
+  "${as[@]}" "$pg_ctl" -D "$data" -w stop -m fast || echo "PostgreSQL in $data did not stop" >&2
+  rm -f "$RUN/postgres.datadir"
+fi
 # ckreg serve/worker each leave a watchdog in its own session (flows/processes.py) that exits
 # within seconds of its parent: wait for every process of this deployment (same CKREG_HOME).
 HOME_DIR=$(cd "$RUN/.." && pwd)
 MY_PGID=$(ps -o pgid= -p $$ | tr -d ' ')
-ours() {  # pids with our CKREG_HOME, but stop.sh's own process group
-  local pid
+ours() {  # Python processes (ckreg, Prefect, their watchdogs) with our CKREG_HOME, not stop.sh's
+  local pid exe
   for pid in $(grep -lzx "CKREG_HOME=$HOME_DIR" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
+    exe=$( { tr '\0' '\n' <"/proc/$pid/cmdline"; } 2>/dev/null | head -1)
+    [[ ${exe##*/} =~ ^(python|ckreg|prefect|mlflow|moto_server) ]] || continue
     [[ $(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') == "$MY_PGID" ]] || echo "$pid"
   done
 }
 for _ in $(seq $((GRACE * 4))); do [[ -z $(ours) ]] && break; sleep 0.25; done
 left=$(ours)
 [[ -z $left ]] || { echo "killing leftover processes: $left"; kill -KILL $left 2>/dev/null || true; }
-if [[ -f $RUN/postgres.datadir ]]; then
-  data=$(cat "$RUN/postgres.datadir")
-  if [[ $(id -u) == 0 ]]; then runuser -u postgres -- pg_ctl -D "$data" -w stop -m fast
-  else pg_ctl -D "$data" -w stop -m fast; fi
-  rm -f "$RUN/postgres.datadir"
-fi
