@@ -23,7 +23,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import get_external_mlflow_model_spec
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_RUN_NOTE
 
-from flows.tracking.model_card import render_run_description
+from flows.tracking.model_card import UI_WORKFLOW_QUERY, render_run_description
 from flows.tracking.model_views import log_merge_files
 from flows.tracking.records import CheckpointRecord, MergeInput, MergeRecord
 from flows.tracking.registration import register_merged_model
@@ -36,9 +36,8 @@ ATTEMPT_TAG = "ckreg.attempt"
 #: with no traces opens on the GenAI overview.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-#: MLflow 3.17's UI ignores that tag and picks GenAI vs model training from this URL query (or
-#: the reviewer's last choice, kept in the browser); GenAI is its default.
-UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+#: MLflow 3.17's UI ignores that tag and picks GenAI vs model training from a URL query
+#: (``UI_WORKFLOW_QUERY``) or the reviewer's last choice, kept in the browser; GenAI by default.
 _PARAM_LIMIT = 6000
 
 
@@ -183,7 +182,10 @@ class MlflowWriter:
         log_merge_files(self.client, record, run_id=run_id, model_id=output_id)
         description = render_run_description(record, experiment_id=exp_id, model_ids=model_ids)
         self.client.set_tag(run_id, MLFLOW_RUN_NOTE, description)
-        self.client.set_logged_model_tags(output_id, {MERGE_RUN_TAG: str(record.run_id)})
+        # The same text is the merged model's description on its page.
+        self.client.set_logged_model_tags(
+            output_id, {MERGE_RUN_TAG: str(record.run_id), MLFLOW_RUN_NOTE: description}
+        )
         self.client.set_terminated(run_id, "FINISHED")
         return str(run_id)
 

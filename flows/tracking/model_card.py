@@ -6,6 +6,9 @@ import yaml
 
 from flows.tracking.records import CheckpointRecord, MergeRecord
 
+#: Keeps the MLflow UI (3.17) on its model-training pages when a link is followed.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+
 
 def render_model_card(record: MergeRecord) -> str:
     """A Hugging Face style model card: YAML front matter naming the merged models, then a summary."""
@@ -47,7 +50,10 @@ def render_run_description(
         model_id = model_ids.get(checkpoint.id)
         if model_id is None:
             return f"`{checkpoint.name}`"
-        return f"[{checkpoint.name}](#/experiments/{experiment_id}/models/{model_id})"
+        return (
+            f"[{checkpoint.name}](#/experiments/{experiment_id}/models/{model_id}"
+            f"?{UI_WORKFLOW_QUERY})"
+        )
 
     lines = [
         f"**{record.method}** merge of {len(record.inputs)} checkpoints into "
@@ -59,7 +65,7 @@ def render_run_description(
     ]
     if record.base is not None:
         lines += ["", f"Base model: {link(record.base)}"]
-    lines += ["", "Artifacts: `merge.yml`, `model_card.md`, `lineage.png`."]
+    lines += ["", "Artifacts: `lineage.png`, `evaluation.json`, `model_card.md`, `merge.yml`."]
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,15 @@ def test_run_page_shows_input_models_and_metric(
                 "words => words.every(w => document.body.innerText.includes(w))",
                 arg=expected,
             )
+            # The run's description names the models too: wait for the models table itself.
+            page.wait_for_function(
+                """names => {
+                    const text = document.body.innerText;
+                    const table = text.split("Logged models").slice(1).join(" ");
+                    return !text.includes("Models loading") && names.every(n => table.includes(n));
+                }""",
+                arg=["tiny-math", "tiny-code", "tiny-base", "tiny-merged"],
+            )
             text = page.inner_text("body")
             page.screenshot(path=str(shot))
         finally:
@@ -90,8 +99,8 @@ def test_experiment_opens_on_runs_and_models_with_the_merged_model(
     assert tracker.log_merge(record) is not None
     url = experiment_ui_url(mlflow_server.url, tracker.writer.experiment_id())
     run_name = f"merge-{record.run_id}-{record.output.name}"
-    shots = {"runs": tmp_path / "mlflow-experiment-runs.png",
-             "models": tmp_path / "mlflow-experiment-models.png"}  # fmt: skip
+    shots = {view: tmp_path / f"mlflow-experiment-{view}.png"
+             for view in ("runs", "models", "model", "lineage")}  # fmt: skip
     texts: dict[str, str] = {}
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
@@ -103,10 +112,25 @@ def test_experiment_opens_on_runs_and_models_with_the_merged_model(
             texts["runs"] = page.inner_text("body")
             page.screenshot(path=str(shots["runs"]))
             page.get_by_role("link", name="Models", exact=True).first.click()
-            page.get_by_text("Source run").first.wait_for()
-            page.get_by_text(record.output.name).first.wait_for()
+            page.wait_for_function(
+                "words => words.every(w => document.body.innerText.includes(w))",
+                arg=["Source run", record.output.name, "tiny-base", run_name],
+            )
             texts["models"] = page.inner_text("body")
             page.screenshot(path=str(shots["models"]))
+            # The merged model's page: its metrics and description, then its lineage picture.
+            page.get_by_role("link", name=record.output.name, exact=True).first.click()
+            page.wait_for_function(
+                "words => words.every(w => document.body.innerText.includes(w))",
+                arg=["0.8765", "merge of 2 checkpoints", run_name],
+            )
+            texts["model"] = page.inner_text("body")
+            page.screenshot(path=str(shots["model"]))
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("lineage.png").first.click()
+            page.locator("img[src*='lineage.png'], img[src^='blob:']").first.wait_for()
+            texts["lineage"] = page.inner_text("body")
+            page.screenshot(path=str(shots["lineage"]))
         finally:
             browser.close()
 
@@ -118,4 +142,8 @@ def test_experiment_opens_on_runs_and_models_with_the_merged_model(
     for name in (record.output.name, "tiny-math", "tiny-code", "tiny-base"):
         assert name in models
     assert run_name in models  # the merged model's source run
+    model = texts["model"]
+    assert "accuracy" in model and "0.8765" in model and run_name in model
+    assert "No description" not in model and "merge of 2 checkpoints" in model
+    assert {"evaluation.json", "lineage.png", "model_card.md"} <= set(texts["lineage"].split())
     assert all(shot.stat().st_size > 10_000 for shot in shots.values())
