@@ -1,0 +1,120 @@
+"""A/B of the weighted-sum kernel on one synthetic Llama family, in this process.
+
+    python -m bench.merge_kernels [--size 100m] [--methods linear] [--repeats 3]
+
+Times ``mergeops.merge_files`` on the same files with the blocked in-place weighted sum
+(``mergeops.ops.basic.blocked_weighted_sum``, what the engine uses) and with the stacked
+reference it replaced (``torch.stack`` + product + ``sum(dim=0)``), alternating the two, and
+prints each run, the medians, the floor of the same files (``bench.merge_floor``) and whether
+the two outputs are byte-identical. Peak memory is measured by ``bench.merge_engine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import mergeops
+from bench._synth import SHAPES, write_family
+from bench.merge_floor import measure_floor, median_floor
+from mergeops.ops import basic
+
+WEIGHTS = (1.0, 0.8, 0.6, 0.4)
+
+
+def stacked_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The reference kernel: one stacked float32 temporary, its product, a sum over dim 0."""
+    stacked = torch.stack(list(tensors))
+    return (stacked * basic._weights_like(weights, tensors[0])).sum(dim=0)
+
+
+def _digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        sha.update(path.read_bytes())
+    return sha.hexdigest()
+
+
+def merge_inputs(method: str, folders: list[Path]) -> tuple[Path | None, list[Path]]:
+    """(base, models) of a merge: linear averages 4 checkpoints, the others use base + 4."""
+    if method == "linear":
+        return None, folders[:4]
+    return folders[0], folders[1:5]
+
+
+def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[float, str]:
+    shutil.rmtree(out, ignore_errors=True)
+    original = basic.weighted_sum
+    if kernel == "stacked":
+        basic.weighted_sum = stacked_sum  # the modules that imported it by name keep theirs
+        _patch_importers(stacked_sum)
+    try:
+        start = time.perf_counter()
+        base, models = merge_inputs(method, folders)
+        mergeops.merge_files(method, models, base=base, out_dir=out, progress=False,
+                             model_params=[{"weight": w} for w in WEIGHTS[: len(models)]],
+                             max_shard_size="256MB")  # fmt: skip
+        seconds = time.perf_counter() - start
+    finally:
+        basic.weighted_sum = original
+        _patch_importers(original)
+    digest = _digest(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, digest
+
+
+def _patch_importers(kernel: object) -> None:
+    import sys
+
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if name.startswith("mergeops.") and getattr(module, "weighted_sum", None) is not None:
+            module.weighted_sum = kernel  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="100m", choices=sorted(SHAPES))
+    parser.add_argument("--methods", default="linear")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("bench/out/merge_engine"))
+    args = parser.parse_args(argv)
+    folders = write_family(args.work / args.size / "models", shape=SHAPES[args.size])
+    os.sync()
+    print(f"{args.size}: torch threads {torch.get_num_threads()}, load {os.getloadavg()}")
+    for method in [m for m in args.methods.split(",") if m]:
+        times: dict[str, list[float]] = {"stacked": [], "blocked": []}
+        digests: set[str] = set()
+        floors = []
+        for repeat in range(args.repeats):
+            order = ["stacked", "blocked"] if repeat % 2 == 0 else ["blocked", "stacked"]
+            base, models = merge_inputs(method, folders)
+            inputs = [*models, *([base] if base is not None else [])]
+            floors.append(measure_floor(inputs, 2 * sum(
+                p.stat().st_size for p in folders[0].glob("*.safetensors")),
+                args.work / "floor.bin"))  # fmt: skip
+            for kernel in order:
+                seconds, digest = _merge(method, folders, args.work / "out-kernels", kernel)
+                times[kernel].append(seconds)
+                digests.add(digest)
+                print(f"  run {repeat}: {kernel} {seconds:.2f} s (floor {floors[-1].seconds:.2f} s)",
+                      flush=True)  # fmt: skip
+        floor = median_floor(floors).seconds
+        for kernel, runs in times.items():
+            med = statistics.median(runs)
+            print(f"{method:<16}{kernel:<9} median {med:6.2f} s = {med / floor:4.1f}x floor "
+                  f"({floor:.2f} s); runs {', '.join(f'{r:.2f}' for r in runs)}")  # fmt: skip
+        print(f"{method}: outputs byte-identical across kernels: {len(digests) == 1}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
