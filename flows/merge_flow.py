@@ -32,7 +32,7 @@ from flows.attempts import (
 from flows.evaluate_flow import store_metrics
 from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
-from flows.processes import watch_parent
+from flows.processes import started_by_runner, watch_parent
 from flows.runtime import Runtime, current_runtime
 from mergeops.methods import base as mb
 from registry.models import MergeRunStatus
@@ -186,7 +186,7 @@ def merge_checkpoints(run_id: int, tensor_ranges: int = 1) -> int | None:
     task runner (a ``DaskTaskRunner`` via ``merge_checkpoints.with_options(task_runner=...)``).
     """
     runtime = current_runtime()
-    if runtime.settings.prefect_mode == "server":  # a subprocess of `ckreg worker`
+    if started_by_runner():  # a flow-run subprocess of `ckreg worker`
         watch_parent((runtime.settings.work_dir or runtime.settings.home) / "orphaned-flows.log")
     with runtime.session() as session:
         lease = leases.claim_merge_run(

@@ -185,6 +185,12 @@ def parent_lost() -> bool:
     return _parent_lost.is_set()
 
 
+def started_by_runner() -> bool:
+    """Whether this process is a flow-run subprocess of a Prefect runner (``ckreg worker``),
+    which names the flow run in ``PREFECT__FLOW_RUN_ID``; embedded flows run in-process."""
+    return bool(os.environ.get("PREFECT__FLOW_RUN_ID"))
+
+
 def watch_parent(log_path: Path, poll_s: float = POLL_S) -> bool:
     """In a flow-run subprocess: on the parent's death, stdout/stderr go to ``log_path`` and
     the process gets SIGTERM (``parent_lost()`` turns True first). Once per process; returns

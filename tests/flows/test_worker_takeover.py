@@ -44,6 +44,7 @@ with runtime.session() as session:
 def bridge(signum, frame):  # as Prefect's flow engine turns SIGTERM into TerminationSignal
     raise TerminationSignal(signum)
 signal.signal(signal.SIGTERM, bridge)
+assert processes.started_by_runner()  # as merge_checkpoints checks before watching
 processes.watch_parent(home / "orphaned-flows.log", poll_s=0.1)
 print("claimed", lease.attempt, flush=True)
 try:
@@ -57,8 +58,11 @@ except BaseException as exc:
 """
 
 WORKER = r"""
-import subprocess, sys
-flow = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]], stdout=subprocess.PIPE, text=True)
+import os, subprocess, sys
+env = {**os.environ, "PREFECT__FLOW_RUN_ID": "5e1f0000-0000-0000-0000-000000000000"}
+flow = subprocess.Popen(
+    [sys.executable, "-c", *sys.argv[1:]], stdout=subprocess.PIPE, text=True, env=env
+)
 print(flow.pid, flush=True)
 for line in flow.stdout:
     sys.stdout.write(line)
