@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.services import require
 
 REPO = Path(__file__).resolve().parents[1]
 MKDOCS = Path(sys.executable).parent / "mkdocs"
@@ -47,7 +48,7 @@ def _nav_pages(nav: list[object]) -> list[str]:
 
 def test_site_builds_strictly_with_every_nav_page(tmp_path: Path) -> None:
     if not MKDOCS.exists():
-        pytest.skip("mkdocs is not installed (pip install -c constraints.txt -e '.[dev]')")
+        require("mkdocs", "not installed (pip install -c constraints.txt -e '.[dev]')")
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
     assert config["strict"] is True
     pages = _nav_pages(config["nav"])

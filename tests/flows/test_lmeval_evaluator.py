@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lm_eval  # noqa: F401 - a dev dependency: missing is an error, not a skip
 import pytest
 import torch
 
 from flows.evaluators_lmeval import CONFIG_NAME, LMEvalEvaluator, flatten_results, load_config
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import Embedded
-
-pytest.importorskip("lm_eval")
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "Q:", "A:", *"abcdefgh"]
 ROWS = [{"q": f"{a} {b}", "choices": ["c", "d", "e"], "gold": i % 3} for i, (a, b) in
