@@ -12,37 +12,26 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergeops.methods.base import (
-    MergeContext,
-    MethodParams,
-    Need,
-    StreamingMethod,
-    TensorInputs,
-    TensorResult,
-    register,
-)
+from mergeops.methods.base import MergeContext, register
+from mergeops.methods.task_vector._stacked import ScaledParams, StackedTaskVectorMerge
 from mergeops.ops.competition import pcb_merge
 
 
-class PcbParams(MethodParams):
+class PcbParams(ScaledParams):
     """``pcb_ratio``: share of each β_t kept (0.1); ``lambda`` scales the merged vector."""
 
     pcb_ratio: float = Field(0.1, gt=0, le=1)
-    lambda_: float = Field(1.0, alias="lambda")
 
 
 @register
-class Pcb(StreamingMethod):
+class Pcb(StackedTaskVectorMerge):
     """θ0 + λ·(β-weighted mean of the task vectors)."""
 
     name = "pcb"
     paper = "https://arxiv.org/abs/2410.02396"
     params_model = PcbParams
-    needs = frozenset({Need.BASE})
 
-    def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
-        assert inputs.base is not None
+    def combine(self, taus: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
         params = ctx.params
         assert isinstance(params, PcbParams)
-        merged = pcb_merge(torch.stack(inputs.task_vectors()), params.pcb_ratio)
-        return TensorResult(inputs.base + params.lambda_ * merged)
+        return pcb_merge(taus, params.pcb_ratio)
