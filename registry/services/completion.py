@@ -64,7 +64,7 @@ def _mark_ready(*, session: Session, checkpoint: Checkpoint, headers: Mapping) -
             artifact.tensor_index = tensor_index(headers[artifact.name])
             artifact.meta = dict(headers[artifact.name].metadata)
             session.add(artifact)
-    annotate_moe(checkpoint=checkpoint, headers=headers)
+    annotate_moe(checkpoint=checkpoint, headers=headers, files=files)
     checkpoint.status = CheckpointStatus.ready
     checkpoint.error = None
     checkpoint.total_bytes = sum(artifact.size for artifact in files)

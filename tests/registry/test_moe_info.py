@@ -20,6 +20,28 @@ def test_registered_mixtral_reports_experts(api: Api, tmp_path: Path) -> None:
     assert moe["layers_with_shared_experts"] == 2 and moe["routers_missing"] == []
 
 
+def test_tensor_index_knows_router_expert_and_shared_tensors(api: Api, tmp_path: Path) -> None:
+    from registry.services.moe_info import moe_tensor_roles
+
+    folder = moe_tiny.save(moe_tiny.qwen2_moe(experts=4), tmp_path / "qwen")
+    body = api.register(
+        {"model.safetensors": (folder / "model.safetensors").read_bytes()}, name="qwen-moe"
+    )
+    with api.env.session() as session:
+        roles = moe_tensor_roles(session, body["id"])
+    assert roles["model.layers.1.mlp.gate.weight"] == {"layer": 1, "role": "router"}
+    assert roles["model.layers.0.mlp.shared_expert_gate.weight"]["role"] == "shared"
+    experts = {n: r for n, r in roles.items() if r["role"] in ("expert", "experts")}
+    assert {r["layer"] for r in experts.values()} == {0, 1}
+    assert "model.embed_tokens.weight" not in roles
+    counts = body["metadata"]["moe"]["tensors_by_role"]
+    assert counts["router"] == 2 and counts["expert"] + counts.get("experts", 0) == len(experts)
+    # the range reader still accepts the index entries with the added role
+    (row,) = [a for a in api.env.artifact_rows(body["id"]) if a.name == "model.safetensors"]
+    entry = row.tensor_index["model.layers.1.mlp.gate.weight"]
+    assert set(entry) == {"dtype", "shape", "start", "end", "moe"}
+
+
 def test_dense_checkpoint_has_no_moe_metadata(api: Api, tmp_path: Path) -> None:
     folder = moe_tiny.save(moe_tiny.llama(), tmp_path / "llama")
     body = api.register(
