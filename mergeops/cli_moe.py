@@ -36,6 +36,9 @@ base_checkpoint_id: 1              # registry ids, for --register (lineage to ev
 gate_mode: hidden                  # hidden | cheap_embed | random
 experts_per_token: 2
 shared_weights: base               # attention/norms/embeddings: base | average
+shared_expert: none                # none | base | average (MLP of the base / of the fine-tunes):
+                                   # a shared expert makes it a Qwen2-MoE
+shared_expert_weight: 0.5          # block = (1-w) * routed + w * shared
 experts:
   - source_model: ./ft-math
     checkpoint_id: 7
@@ -45,6 +48,17 @@ experts:
     checkpoint_id: 8
     positive_token_ids: [[5, 9, 2]]  # instead of text, for models without a tokenizer
 """
+
+
+_SETTINGS = (
+    "gate_mode",
+    "experts_per_token",
+    "shared_weights",
+    "seed",
+    "architecture",
+    "shared_expert",
+    "shared_expert_weight",
+)
 
 
 def _fail(message: str) -> None:
@@ -89,6 +103,7 @@ def _load_build_config(path: Path) -> dict[str, Any]:
         "shared_weights",
         "seed",
         "experts",
+        *_SETTINGS,
     }
     if unknown:
         _fail(f"unknown key(s) in '{path}': {', '.join(sorted(unknown))}")
@@ -97,7 +112,8 @@ def _load_build_config(path: Path) -> dict[str, Any]:
 
 @moe_app.command(
     "build",
-    help="Build a Mixtral-style MoE: each fine-tune's MLP becomes one expert.\n\n"
+    help="Build a Mixtral (or, with a shared expert, a Qwen2-MoE): each fine-tune's MLP "
+    "becomes one expert.\n\n"
     "Config (YAML):\n\n" + BUILD_EXAMPLE.replace("\n", "\n\n"),
 )
 def build_command(
@@ -128,11 +144,7 @@ def build_command(
 
     spec = _load_build_config(config)
     expert_ids = _registry_ids(spec) if register else []
-    settings = {
-        k: spec[k]
-        for k in ("gate_mode", "experts_per_token", "shared_weights", "seed")
-        if k in spec
-    }
+    settings = {k: spec[k] for k in _SETTINGS if k in spec}
     try:
         base, experts = _expert_sources(spec, config.parent)
         result = build_moe(base, experts, out, BuildParams(**settings))

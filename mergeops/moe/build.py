@@ -3,7 +3,9 @@
 Attention, norms and embeddings come from the base (or the average of the fine-tunes), the router
 of every layer from prompts: ``hidden`` (mean input of that layer's MLP over each expert's positive
 prompts, minus the mean over its negative prompts, normalised), ``cheap_embed`` (mean token
-embedding of the prompts, the same at every layer) or ``random``. The idea and gate modes follow
+embedding of the prompts, the same at every layer) or ``random``. Optionally a shared expert (the
+base's MLP or the fine-tunes' average) makes it a Qwen2-MoE (see ``mergeops.moe.architectures``).
+The idea and gate modes follow
 mergekit-moe (https://github.com/arcee-ai/mergekit/blob/main/docs/moe.md); the output loads with
 ``AutoModelForCausalLM.from_pretrained``.
 """
@@ -20,6 +22,14 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mergeops.moe.architectures import (
+    Architecture,
+    SharedExpert,
+    add_shared_expert,
+    moe_config,
+    pick_architecture,
+    shared_mlp,
+)
 from mergeops.moe.experts import MoeError
 from mergeops.moe.stats import collect_layer_inputs
 
@@ -36,6 +46,10 @@ class BuildParams(BaseModel):
     experts_per_token: int = Field(default=2, ge=1)
     shared_weights: Literal["base", "average"] = "base"  # attention, norms, embeddings
     seed: int = 0
+    # None: mixtral, or qwen2_moe when there is a shared expert
+    architecture: Architecture | None = None
+    shared_expert: SharedExpert = "none"  # the base's MLP or the fine-tunes' average
+    shared_expert_weight: float = Field(default=0.5, gt=0.0, lt=1.0)
 
 
 @dataclass
@@ -66,37 +80,6 @@ def _check_dense(model: Any, folder: Path, base: Any | None) -> None:
                 raise MoeError(
                     f"expert '{folder}' does not match the base at '{name}': base {tuple(tensor.shape)}, expert {got}"
                 )
-
-
-def moe_config(dense: Any, num_experts: int, experts_per_token: int) -> Any:
-    """A MixtralConfig with the dense (Llama-style) config's sizes and ``num_experts`` experts."""
-    from transformers import MixtralConfig
-
-    if getattr(dense, "attention_bias", False) or getattr(dense, "mlp_bias", False):
-        raise MoeError(f"base '{dense.model_type}' uses biases; a Mixtral has none")
-    if experts_per_token > num_experts:
-        raise MoeError(f"experts_per_token={experts_per_token} exceeds the {num_experts} experts")
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "hidden_act",
-        "tie_word_embeddings",
-        "head_dim",
-        "rope_parameters",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-    )
-    values = {k: getattr(dense, k) for k in keys if getattr(dense, k, None) is not None}
-    return MixtralConfig(
-        **values, num_local_experts=num_experts, num_experts_per_tok=experts_per_token
-    )
 
 
 def _prompt_vectors(
@@ -159,7 +142,8 @@ def expert_states(
 def moe_state(
     mlps: Sequence[dict[str, torch.Tensor]], shared: dict[str, torch.Tensor], gates: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The Mixtral state dict (transformers 5 in-memory names: fused experts under ``mlp``)."""
+    """The routed part of the state dict (transformers 5 in-memory names: fused experts under
+    ``mlp``), the same for Mixtral and Qwen2-MoE."""
     out = dict(shared)
     for layer in range(gates.shape[0]):
         mlp = f"model.layers.{layer}.mlp"
@@ -185,7 +169,7 @@ def build_moe(
     params: BuildParams | None = None,
 ) -> BuildResult:
     """Assemble and write the MoE folder (atomically; nothing is written on a ``MoeError``)."""
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     params = params or BuildParams()
     base_path, out = Path(base_dir), Path(out_dir)
@@ -195,11 +179,17 @@ def build_moe(
         raise MoeError(f"an MoE needs at least 2 experts; got {len(experts)}")
     base = _load(base_path)
     _check_dense(base, base_path, None)
-    config = moe_config(base.config, len(experts), params.experts_per_token)
+    architecture = pick_architecture(params.architecture, params.shared_expert)
+    config = moe_config(base.config, architecture, len(experts), params.experts_per_token)
     mlps, shared = expert_states(base, experts, params.shared_weights == "average")
     gates = gate_weights(base, experts, params, config.num_hidden_layers)
-    moe = MixtralForCausalLM(config)
-    moe.load_state_dict(moe_state(mlps, shared, gates), strict=True)
+    state = moe_state(mlps, shared, gates)
+    if architecture == "qwen2_moe":
+        source = params.shared_expert
+        mlp = None if source == "none" else shared_mlp(base.state_dict(), mlps, source)
+        add_shared_expert(state, mlp, config.num_hidden_layers, params.shared_expert_weight)
+    moe = AutoModelForCausalLM.from_config(config)
+    moe.load_state_dict(state, strict=True)
     _write(moe, base_path, out)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return BuildResult(out, len(experts), size)

@@ -111,3 +111,59 @@ def test_shared_weights_average(dense_zoo: tuple[Path, list[Path]], tmp_path: Pa
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").state_dict()[name]
     tuned = [AutoModelForCausalLM.from_pretrained(t).state_dict()[name] for t in tunes[:2]]
     torch.testing.assert_close(got, (tuned[0] + tuned[1]) / 2)
+
+
+def test_shared_base_expert_with_identical_experts_equals_the_dense_model(
+    dense_zoo: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """Qwen2-MoE with the base's MLP as shared expert: (1-w)·E + w·E = E when every expert is it."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir, _ = dense_zoo
+    experts = [ExpertSource(base_dir, positive=moe_tiny.calibration(2, seed=s)) for s in (1, 2)]
+    params = BuildParams(experts_per_token=1, shared_expert="base", shared_expert_weight=0.3)
+    build_moe(base_dir, experts, tmp_path / "moe", params)
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert moe.config.model_type == "qwen2_moe" and moe.config.num_experts == 2
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    want = AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits
+    torch.testing.assert_close(moe(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_expert_is_the_finetunes_average_and_is_gated(
+    dense_zoo: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from mergeops.moe.layout import detect_moe
+    from mergeops.moe.stats import safetensors_shapes
+
+    base_dir, tunes = dense_zoo
+    params = BuildParams(shared_expert="average", shared_expert_weight=0.25)
+    build_moe(base_dir, _experts(tunes), tmp_path / "moe", params)
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").state_dict()
+    downs = [
+        AutoModelForCausalLM.from_pretrained(t).state_dict()["model.layers.1.mlp.down_proj.weight"]
+        for t in tunes
+    ]
+    mlp = "model.layers.1.mlp"
+    torch.testing.assert_close(
+        state[f"{mlp}.shared_expert.down_proj.weight"], 0.5 * torch.stack(downs).mean(dim=0)
+    )
+    torch.testing.assert_close(state[f"{mlp}.experts.down_proj"][1], 0.75 * downs[1])
+    assert state[f"{mlp}.shared_expert_gate.weight"].shape == (1, 16)
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    layout = detect_moe(safetensors_shapes(tmp_path / "moe"), config=config)
+    assert layout is not None and layout.summary()["layers_with_shared_experts"] == 2
+
+
+def test_a_mixtral_cannot_have_a_shared_expert(
+    dense_zoo: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base_dir, tunes = dense_zoo
+    params = BuildParams(architecture="mixtral", shared_expert="base")
+    with pytest.raises(MoeError, match="needs architecture 'qwen2_moe'"):
+        build_moe(base_dir, _experts(tunes), tmp_path / "moe", params)
+    assert not (tmp_path / "moe").exists()

@@ -25,6 +25,7 @@ def test_build_then_compress_from_the_command_line(tmp_path: Path) -> None:
         "base_model": "base",
         "gate_mode": "hidden",
         "experts_per_token": 2,
+        "shared_expert": "base",  # a Qwen2-MoE with the base's MLP always on
         "experts": [
             {"source_model": f"ft{s}", "positive_token_ids": [[s, s + 1, s + 2]]}
             for s in (1, 2, 3, 4)
@@ -43,7 +44,9 @@ def test_build_then_compress_from_the_command_line(tmp_path: Path) -> None:
     done = runner.invoke(moe_app, args)
     assert done.exit_code == 0, done.output
     assert "4 -> 2 experts per layer" in done.output
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "small").config.num_local_experts == 2
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert small.config.model_type == "qwen2_moe" and small.config.num_experts == 2
+    assert "model.layers.0.mlp.shared_expert.down_proj.weight" in small.state_dict()
     again = runner.invoke(moe_app, [*args[:2], "-o", str(tmp_path / "odd"), "-m", "3", *args[6:]])
     assert again.exit_code == 1 and "do not divide into num_experts=3" in again.output
     assert not (tmp_path / "odd").exists()
