@@ -69,6 +69,7 @@ def check_output(ctx: mb.MergeContext, key: str, tensor: torch.Tensor) -> None:
     """Raise ``MergeError`` naming ``key`` when the (output-dtype) tensor is not all finite."""
     if not tensor.is_floating_point() or not tensor.numel():
         return
+    if bool(input_flag(tensor)):  # one pass, no per-element temporary (the common case)
+        return
     count = int(nonfinite_count(tensor))
-    if count:
-        raise output_error(ctx, key, count, tensor.numel())
+    raise output_error(ctx, key, count, tensor.numel())

@@ -277,6 +277,8 @@ def _copy_donor_tokenizer(
             if (src / name).is_file():
                 shutil.copyfile(src / name, out_dir / name)
         return
+    if chat_template is None and not any((src / name).is_file() for name in TOKENIZER_FILES):
+        return  # no tokenizer to copy: skip importing transformers (seconds per merge)
     try:
         tokenizer = _auto_tokenizer(src)
     except Exception as exc:
