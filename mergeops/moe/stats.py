@@ -41,3 +41,21 @@ def collect_layer_inputs(
         for handle in handles:
             handle.remove()
     return {p: torch.cat(chunks) for p, chunks in seen.items()}
+
+
+@torch.no_grad()
+def calibration_nll(model: Any, calibration: Sequence[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over the calibration inputs (a cheap
+    before/after quality figure for an expert merge; inputs shorter than 2 tokens are skipped)."""
+    total, count = 0.0, 0
+    for ids in calibration:
+        row = ids.reshape(1, -1) if ids.dim() == 1 else ids
+        if row.shape[-1] < 2:
+            continue
+        logits = model(input_ids=row).logits[:, :-1].float()
+        target = row[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        total, count = total + float(loss), count + target.numel()
+    return total / count if count else float("nan")
