@@ -2,7 +2,10 @@
 normalisation, scaling by λ — in mergekit 0.1.5's operation order.
 
 Works in the dtype of the task vectors (weights are cast to it first, as mergekit does), so a
-bfloat16 merge rounds exactly like mergekit's; float32 is bit-identical to it.
+bfloat16 merge rounds exactly like mergekit's; float32 is bit-identical to it. On CPU the
+combine runs in cache-sized blocks (``ops.blocked_combine``, bit-identical to the stacked
+reference ``stacked_combine`` kept here); other inputs (CUDA, > 16 task vectors, odd lengths)
+use the reference.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from mergeops.ops.blocked_combine import blockable, blocked_combine
 
 
 def weighted_deltas(
@@ -53,6 +58,24 @@ def combine_task_vectors(
     Returns:
         The merged tensor in ``base``'s dtype.
     """
+    if blockable(base, task_vectors):
+        return blocked_combine(base, task_vectors, weights, consensus=consensus,
+                               normalize=normalize, scale=scale)  # fmt: skip
+    return stacked_combine(base, task_vectors, weights, consensus=consensus,
+                           normalize=normalize, scale=scale)  # fmt: skip
+
+
+def stacked_combine(
+    base: torch.Tensor,
+    task_vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """``combine_task_vectors`` on the stacked task vectors: the reference rounding (whole-
+    tensor temporaries; the blocked combine reproduces it bit for bit)."""
     deltas, w = weighted_deltas(task_vectors, weights)
     if consensus:
         agree = sign_agreement(deltas)
