@@ -178,7 +178,8 @@ def adopt_output(
 
 def learnt_coefficients(out_dir: Path, spec: OutputSpec) -> dict[str, Any] | None:
     """The merging coefficients a method learnt (adamerging's ``coefficients`` stream), as
-    ``{"lambda": per input [λ] (task-wise) or [[λ per tensor]], "tensors": [...]}``, rounded
+    ``{"lambda": per input [λ] (task-wise) or [[λ per tensor]], "tensors": [...], "loss": the
+    objective per learning step}``, rounded
     to 6 digits; None when the merge learnt none."""
     import json
 
@@ -191,7 +192,9 @@ def learnt_coefficients(out_dir: Path, spec: OutputSpec) -> dict[str, Any] | Non
     lambdas = stream.get("lambda").tolist()
     tensors = json.loads(bytes(stream.get("lambda.keys").tolist()).decode())
     rounded = [round(v, 6) if isinstance(v, float) else [round(x, 6) for x in v] for v in lambdas]
-    return {"inputs": list(spec.input_ids), "lambda": rounded, "tensors": tensors}
+    losses = stream.get("loss").tolist() if "loss" in stream.keys() else []  # noqa: SIM118
+    return {"inputs": list(spec.input_ids), "lambda": rounded, "tensors": tensors,
+            "loss": [round(v, 6) for v in losses]}  # fmt: skip
 
 
 def add_extras(out_dir: Path, spec: OutputSpec) -> None:

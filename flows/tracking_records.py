@@ -175,6 +175,9 @@ def merge_record(
         lineage_edges=ancestor_edges(session=session, checkpoint_id=output_id),
         evaluator_metric=metric,
         higher_is_better=higher_is_better,
+        learnt_coefficients=(load_checkpoint(session, output_id).meta or {}).get(
+            "learnt_coefficients"
+        ),
     )
 
 

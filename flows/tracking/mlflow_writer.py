@@ -23,6 +23,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import get_external_mlflow_model_spec
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_RUN_NOTE
 
+from flows.tracking.coefficients import log_learnt_coefficients
 from flows.tracking.model_card import UI_WORKFLOW_QUERY, render_run_description
 from flows.tracking.model_views import log_merge_files
 from flows.tracking.records import CheckpointRecord, MergeInput, MergeRecord
@@ -180,6 +181,7 @@ class MlflowWriter:
                 run_id, key, float(value), timestamp=now, step=0, model_id=output_id
             )
         log_merge_files(self.client, record, run_id=run_id, model_id=output_id)
+        log_learnt_coefficients(self.client, record, run_id=run_id)
         description = render_run_description(record, experiment_id=exp_id, model_ids=model_ids)
         self.client.set_tag(run_id, MLFLOW_RUN_NOTE, description)
         # The same text is the merged model's description on its page.

@@ -63,6 +63,8 @@ class MergeRecord(BaseModel):
     lineage_edges: list[LineageEdge] = Field(default_factory=list)
     evaluator_metric: str | None = None
     higher_is_better: bool = True
+    #: What the method learnt (AdaMerging): the output's ``learnt_coefficients`` metadata.
+    learnt_coefficients: dict[str, Any] | None = None
 
     @field_validator("inputs", mode="before")
     @classmethod

@@ -6,8 +6,8 @@ clamped to [0, 1], minimising the objective — the prediction entropy of the me
 unlabeled test inputs in the paper: an evaluator's ``unlabeled_objective()`` (flows pick it
 because ``objective_kind`` is ``"unlabeled"``), or any ``Objective`` passed directly.
 Outputs: the merged model and the stream ``coefficients`` (``lambda`` (T,) or (T, L) float32
-with ``lambda.keys`` listing the tensors' order as a uint8 UTF-8 blob); the loss per step is
-left in ``ctx.scratch['adamerging_losses']``.
+with ``lambda.keys`` listing the tensors' order as a uint8 UTF-8 blob, and ``loss``: the
+objective per step, float32); the loss per step is also left in ``ctx.scratch['adamerging_losses']``.
 """
 
 from __future__ import annotations
@@ -79,5 +79,6 @@ class AdaMerging(WholeModelMethod):
         with torch.no_grad():
             merged = merged_params(base, task_vectors, learnt.lambdas, learnt.keys)
         order = torch.frombuffer(bytearray(json.dumps(learnt.keys).encode()), dtype=torch.uint8)
-        coefficients = {"lambda": learnt.lambdas.float().cpu(), "lambda.keys": order.clone()}
+        coefficients = {"lambda": learnt.lambdas.float().cpu(), "lambda.keys": order.clone(),
+                        "loss": torch.tensor(learnt.losses, dtype=torch.float32)}  # fmt: skip
         return ModelResult(merged, {"coefficients": coefficients})
