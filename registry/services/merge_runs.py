@@ -129,29 +129,33 @@ def idempotency_key(*, request: MergeRequest, policy_id: int | None = None) -> s
     """sha256 over (method, params, base, ordered inputs with weights).
 
     ``policy_id`` is part of the key only for stateful (continual) methods, whose result also
-    depends on the policy's folded state. The evaluator is not part of the key: it scores the
-    output but does not change it, so the same merge asked for with another evaluator returns
-    the existing run (scored by the evaluator it was created with).
+    depends on the policy's folded state. The evaluator is part of it only for methods that
+    learn from its objective (``Need.OBJECTIVE``: fw, adamerging, regmean_plusplus, ...), whose
+    output it changes; for the others it only scores the output, so the same merge asked for
+    with another evaluator returns the existing run (scored by the evaluator it was created with).
     """
+    needs = _needs(request.method)
     canonical = {
         "method": request.method,
         "params": request.params,
         "base_id": request.base_id,
         "inputs": [i.model_dump(mode="json") for i in request.inputs],
-        "policy_id": policy_id if _is_stateful(request.method) else None,
+        "policy_id": policy_id if methods_base.Need.STATE in needs else None,
     }
+    if methods_base.Need.OBJECTIVE in needs:  # other methods' keys stay as they were
+        canonical["evaluator"] = request.evaluator
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _is_stateful(method_name: str) -> bool:
+def _needs(method_name: str) -> frozenset[methods_base.Need]:
     import mergeops.methods  # noqa: F401 - registers every method
 
     try:
         method = methods_base.get_method(method_name)
     except methods_base.MergeError as exc:
         raise InvalidInput(str(exc)) from None
-    return methods_base.Need.STATE in method.needs
+    return frozenset(method.needs)
 
 
 def create_merge_run(
@@ -160,7 +164,8 @@ def create_merge_run(
     """The run for ``request``: ``(run, True)`` if it must be launched, ``(run, False)`` if reused.
 
     An existing queued, running or succeeded run with the same key is returned as is (whatever
-    evaluator it was created with: the evaluator is not part of the key); a failed one is
+    evaluator it was created with, unless the method learns from the evaluator's objective: see
+    ``idempotency_key``); a failed one is
     re-queued (the error kept until it runs again). An ad-hoc request's evaluator must be
     installed (``InvalidInput`` listing the available ones); a policy's was checked when the
     policy was created.
