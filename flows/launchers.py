@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 READY_EVENT = "ckreg.checkpoint.ready"
 MERGE_DEPLOYMENT = "merge_checkpoints/ckreg-merge"
 POLICY_DEPLOYMENT = "sequential_merge/ckreg-policy"
+SEARCH_DEPLOYMENT = "merge_search/ckreg-search"
 
-Job = tuple[Literal["ready", "merge", "policy", "warmup", "sweep"], int]
+Job = tuple[Literal["ready", "merge", "policy", "warmup", "sweep", "search"], int]
 AT_START = 1  # the object id of the start-up sweep job (periodic sweeps: 0)
 EPHEMERAL_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 EPHEMERAL_TIMEOUT_S = 300
@@ -100,6 +101,9 @@ class EmbeddedLauncher:
 
     def merge_requested(self, run_id: int) -> None:
         self._jobs.put(("merge", run_id))
+
+    def search_requested(self, search_id: int) -> None:
+        self._jobs.put(("search", search_id))  # on the flow thread: merges wait behind it
 
     def policy_due(self, policy_id: int) -> None:
         """Run a cron or manual policy (used by the scheduler)."""
@@ -187,6 +191,8 @@ class EmbeddedLauncher:
             pipelines.merge_checkpoints(object_id)
         elif kind == "policy":
             pipelines.sequential_merge(object_id)
+        elif kind == "search":
+            pipelines.merge_search(object_id)
         elif kind == "sweep":
             for run_id in recovery_sweep(self.runtime, at_start=object_id == AT_START):
                 self._jobs.put(("merge", run_id))
@@ -220,6 +226,11 @@ class ServerLauncher:
 
     def merge_requested(self, run_id: int) -> None:
         submit_merge(run_id)
+
+    def search_requested(self, search_id: int) -> None:
+        from prefect.deployments import run_deployment
+
+        run_deployment(SEARCH_DEPLOYMENT, parameters={"search_id": search_id}, timeout=0)
 
     def policy_due(self, policy_id: int) -> None:
         from prefect.deployments import run_deployment

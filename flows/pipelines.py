@@ -7,8 +7,16 @@ from prefect import flow
 from flows.evaluate_flow import evaluate
 from flows.merge_flow import merge_checkpoints
 from flows.policy_flows import on_checkpoint_ready, sequential_merge
+from flows.search_flow import merge_search
 
-__all__ = ["evaluate", "merge_checkpoints", "on_checkpoint_ready", "sequential_merge", "warm_up"]
+__all__ = [
+    "evaluate",
+    "merge_checkpoints",
+    "merge_search",
+    "on_checkpoint_ready",
+    "sequential_merge",
+    "warm_up",
+]
 
 
 @flow(name="ckreg_warm_up", persist_result=False)

@@ -1,18 +1,21 @@
-"""``merge_search(policy_id)``: run a search policy's CMA-ES or M2N2 search as a Prefect flow.
+"""``merge_search(search_id)``: run one merge search (a ``mergesearch`` row of a search policy)
+as a Prefect flow.
 
-Candidates are merged in memory from the policy's selected inputs and scored by the policy's
-evaluator on its validation split (CMA-ES: one metric; M2N2: ``per_example`` scores). After
-every candidate the search state goes to the policy's ``search_state`` (one commit) and the
-candidate to MLflow as a child run; a killed search started again resumes from that state.
-The budget (evaluations, seconds summed over restarts) is respected; ``cancel_search`` stops
-it at the next candidate. The best merge is registered as a ``merged`` checkpoint with its
-recipe in the metadata and lineage edges to every input.
+The flow first claims the search under a lease (renewed while it runs), so exactly one worker
+runs it. Candidates are merged in memory from the policy's selected inputs and scored by the
+policy's evaluator on its validation split (CMA-ES: one metric; M2N2: ``per_example`` scores).
+After every candidate the search state goes to the search's row (one commit) and the candidate
+to MLflow as a child run; a killed search started again resumes from that state. The budget
+(evaluations, seconds summed over restarts) is respected; a cancel stops it at the next
+candidate. The best merge is registered as a ``merged`` checkpoint with its recipe in the
+metadata and lineage edges to every input. A failure marks the search failed with its cause.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +36,9 @@ from mergeops.io import open_source
 from mergeops.methods import base as mb
 from registry.errors import InvalidInput, InvalidState
 from registry.models import CheckpointCreate, CheckpointKind, LineageCreate, LineageRole
+from registry.search_models import SearchStatus
+from registry.services import leases, search_runs, searches
 from registry.services import policies as policy_service
-from registry.services import searches
 from registry.services.completion import register_directory
 from registry.services.lineage import add_lineage_edges
 from registry.services.policy_rules import parse_selector
@@ -60,7 +64,7 @@ class SearchInputs:
     state: dict[str, Any]
 
 
-def _inputs(policy_id: int) -> SearchInputs:
+def _inputs(policy_id: int, state: dict[str, Any]) -> SearchInputs:
     runtime = current_runtime()
     cache = (runtime.settings.work_dir or runtime.settings.home / "work") / "cache"
     with runtime.session() as session:
@@ -82,7 +86,7 @@ def _inputs(policy_id: int) -> SearchInputs:
                                          checkpoint_id=selector.base_id, cache_dir=cache)  # fmt: skip
         return SearchInputs(policy_id, policy.name, policy.method, dict(policy.params),
                             policy.evaluator, spec, ids, folders, selector.base_id, base_folder,
-                            dict(policy.search_state or {}))  # fmt: skip
+                            state)  # fmt: skip
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -129,28 +133,73 @@ def _make_search(inputs: SearchInputs) -> tuple[Search, Callable[[], dict[str, t
     return cma, lambda: merged(cma.recipe()["params"])
 
 
-def _save(policy_id: int, state: dict[str, Any]) -> bool:
-    """Store the state; returns True when a cancel was asked for meanwhile (kept in the state)."""
-    with current_runtime().session() as session:
-        current = searches.get_search_state(session=session, policy_id=policy_id) or {}
-        cancel = bool(current.get("cancel"))
-        searches.save_search_state(session=session, policy_id=policy_id,
-                                   state={**state, "cancel": cancel})  # fmt: skip
-    return cancel
+class _Lease:
+    """Keeps the search's lease while the flow runs (renewed every third of its length)."""
+
+    def __init__(self, search_id: int, owner: str, lease_s: float) -> None:
+        self.search_id, self.owner, self.lease_s = search_id, owner, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"ckreg-search-lease-{search_id}")  # fmt: skip
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                with current_runtime().session() as session:
+                    if not search_runs.renew_lease(session=session, search_id=self.search_id,
+                                                   owner=self.owner, lease_s=self.lease_s):  # fmt: skip
+                        return
+            except Exception:  # the database briefly away: the next beat retries
+                log.exception("could not renew the lease of search %s", self.search_id)
+
+    def save(self, progress: dict[str, Any]) -> bool:
+        """Store the progress; True when a cancel was asked for meanwhile."""
+        with current_runtime().session() as session:
+            return search_runs.save_progress(session=session, search_id=self.search_id,
+                                             owner=self.owner, lease_s=self.lease_s,
+                                             progress=progress)  # fmt: skip
+
+    def finish(self, status: SearchStatus, **fields: Any) -> None:
+        with current_runtime().session() as session:
+            search_runs.finish_search(session=session, search_id=self.search_id,
+                                      owner=self.owner, status=status, **fields)  # fmt: skip
 
 
 @flow(name="merge_search", persist_result=False, log_prints=True)
-def merge_search(policy_id: int) -> int | None:
-    """Run (or resume) the policy's search until its budget is spent or it is cancelled;
-    returns the registered best checkpoint's id (None when cancelled)."""
-    inputs = _inputs(policy_id)
-    state = inputs.state
-    if state.get("status") == "finished":
-        return state.get("checkpoint_id")
-    if state.get("cancel"):  # started again after a cancel: resume
-        state = {**state, "cancel": False}
-        with current_runtime().session() as session:
-            searches.save_search_state(session=session, policy_id=policy_id, state=state)
+def merge_search(search_id: int) -> int | None:
+    """Run (or resume) search ``search_id`` until its budget is spent or it is cancelled;
+    returns the registered best checkpoint's id (None when cancelled or not claimable:
+    finished already, or run by another live worker)."""
+    runtime = current_runtime()
+    owner, lease_s = leases.new_owner(), runtime.settings.merge_lease_s
+    with runtime.session() as session:
+        claimed = search_runs.claim_search(session=session, search_id=search_id, owner=owner,
+                                           lease_s=lease_s)  # fmt: skip
+        row = search_runs.get_search(session=session, search_id=search_id)
+    if not claimed:
+        print(f"search {search_id} is {row.status}; not run here")
+        return row.checkpoint_id
+    with _Lease(search_id, owner, lease_s) as lease:
+        try:
+            return _run(row.policy_id, dict(row.state or {}), lease)
+        except search_runs.SearchLeaseLost:
+            log.warning("search %s was taken over by another worker; stopping", search_id)
+            return None
+        except Exception as exc:
+            lease.finish(SearchStatus.failed, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+
+def _run(policy_id: int, state: dict[str, Any], lease: _Lease) -> int | None:
+    inputs = _inputs(policy_id, state)
     search, best_weights = _make_search(inputs)
     runtime = current_runtime()
     tracker = SearchTracker(runtime.settings.mlflow_tracking_uri, runtime.settings.mlflow_experiment,
@@ -158,38 +207,37 @@ def merge_search(policy_id: int) -> int | None:
     budget = inputs.spec.budget
     done, elapsed = int(state.get("evaluations", 0)), float(state.get("elapsed_s", 0.0))
     history: list[dict[str, Any]] = list(state.get("history", []))
-    status = "running"
+    cancelled = False
     while done < budget.evaluations:
         if budget.seconds is not None and elapsed >= budget.seconds:
             break
-        if _save(policy_id, _progress(search, done, elapsed, history, "running", tracker)):
-            status = "cancelled"
+        if lease.save(_progress(search, done, elapsed, history, tracker)):
+            cancelled = True
             break
         start = time.perf_counter()
         record = search.step()
         seconds = time.perf_counter() - start
         done, elapsed = done + 1, elapsed + seconds
         history.append({"n": done, "score": record["score"], "seconds": round(seconds, 4)})
-        _save(policy_id, _progress(search, done, elapsed, history, "running", tracker))
+        lease.save(_progress(search, done, elapsed, history, tracker))
         tracker.candidate(done, record, seconds)
         print(f"search '{inputs.name}': candidate {done}/{budget.evaluations} "
               f"score {record['score']:.4f} ({seconds:.2f} s)")  # fmt: skip
-    if status == "cancelled":
-        _save(policy_id, _progress(search, done, elapsed, history, "cancelled", tracker))
-        tracker.finish(search.recipe(), None, status)
+    if cancelled:
+        lease.finish(SearchStatus.cancelled)
+        tracker.finish(search.recipe() if done else {"score": float("nan")}, None, "cancelled")
         return None
     checkpoint_id = _register(inputs, search.recipe(), best_weights())
-    final = _progress(search, done, elapsed, history, "finished", tracker)
-    _save(policy_id, {**final, "checkpoint_id": checkpoint_id})
+    lease.finish(SearchStatus.finished, checkpoint_id=checkpoint_id)
     tracker.finish(search.recipe(), checkpoint_id, "finished")
     return checkpoint_id
 
 
 def _progress(
-    search: Search, done: int, elapsed: float, history: list[dict[str, Any]], status: str,
+    search: Search, done: int, elapsed: float, history: list[dict[str, Any]],
     tracker: SearchTracker,
 ) -> dict[str, Any]:  # fmt: skip
-    return {"status": status, "evaluations": done, "elapsed_s": elapsed, "history": history,
+    return {"evaluations": done, "elapsed_s": elapsed, "history": history,
             "search": search.state(), "mlflow_parent_run_id": tracker.parent_run_id}  # fmt: skip
 
 
@@ -223,9 +271,7 @@ def _register(
     return child
 
 
-def cancel_search(policy_id: int) -> None:
-    """Ask a running search to stop at its next candidate (a later start resumes it)."""
+def cancel_search(search_id: int) -> None:
+    """Ask search ``search_id`` to stop at its next candidate (a later start resumes it)."""
     with current_runtime().session() as session:
-        state = searches.get_search_state(session=session, policy_id=policy_id) or {}
-        searches.save_search_state(session=session, policy_id=policy_id,
-                                   state={**state, "cancel": True})  # fmt: skip
+        search_runs.cancel_search(session=session, search_id=search_id)

@@ -33,7 +33,13 @@ from flows.launchers import (
     submit_merge,
 )
 from flows.merge_flow import GPU_LIMIT
-from flows.pipelines import evaluate, merge_checkpoints, on_checkpoint_ready, sequential_merge
+from flows.pipelines import (
+    evaluate,
+    merge_checkpoints,
+    merge_search,
+    on_checkpoint_ready,
+    sequential_merge,
+)
 from flows.policy_flows import missed_policy_runs
 from flows.runtime import Runtime
 from registry.models import MergeTrigger
@@ -87,6 +93,7 @@ def build_deployments() -> list:
 
 def sync_cron_schedules(runtime: Runtime) -> list[str]:
     """Make the ``ckreg-policy`` deployment's schedules match the enabled cron policies.
+        merge_search.to_deployment("ckreg-search"),
 
     Returns the slugs of the schedules now in place.
     """

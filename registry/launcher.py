@@ -21,6 +21,10 @@ class Launcher(Protocol):
         """A merge run was queued and should be executed."""
         ...
 
+    def search_requested(self, search_id: int) -> None:
+        """A merge search was queued (or re-queued to resume) and should be run."""
+        ...
+
 
 class NullLauncher:
     """Starts nothing; the default when no flows are plugged in."""
@@ -29,4 +33,7 @@ class NullLauncher:
         return None
 
     def merge_requested(self, run_id: int) -> None:
+        return None
+
+    def search_requested(self, search_id: int) -> None:
         return None

@@ -382,3 +382,6 @@ class ApiToken(SQLModel, table=True):
     revoked: bool = False
     created_at: datetime = _when()
     last_used_at: datetime | None = _when(nullable=True)
+
+
+from registry.search_models import MergeSearch  # noqa: E402, F401 - in the metadata with the rest

@@ -22,6 +22,7 @@ from registry.api.routes import (
     merges,
     metrics,
     policies,
+    searches,
     task_vectors,
     uploads,
 )
@@ -86,7 +87,17 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None) -> FastA
     install_docs(app, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(health.router, prefix=API_PREFIX)
-    for module in (checkpoints, files, uploads, artifacts, metrics, task_vectors, policies, merges):
+    for module in (
+        checkpoints,
+        files,
+        uploads,
+        artifacts,
+        metrics,
+        task_vectors,
+        policies,
+        merges,
+        searches,
+    ):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(hub.router)  # Hugging Face Hub-compatible reads under /hub

@@ -19,6 +19,7 @@ from registry.client.layouts import plan_upload, sha256_file
 from registry.client.merges import MergesMixin
 from registry.client.presigned import UNSUPPORTED, upload_presigned
 from registry.client.pull import pull_checkpoint
+from registry.client.searches import SearchesMixin
 from registry.client.trainer_moments import side_artifacts
 from registry.client.transport import API_PREFIX, ClientError
 
@@ -26,7 +27,7 @@ __all__ = ["API_PREFIX", "Client", "ClientError"]
 log = logging.getLogger("registry.client")
 
 
-class Client(MergesMixin):
+class Client(MergesMixin, SearchesMixin):
     """A synchronous client for one registry server; use as a context manager or call ``close()``.
 
     Checkpoints, files, metrics and artifacts here; policies and merges in ``MergesMixin``.

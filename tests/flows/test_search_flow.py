@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,7 +17,8 @@ from flows import runtime as flow_runtime
 from flows.search_flow import cancel_search, merge_search
 from registry.errors import InvalidInput, InvalidState
 from registry.models import CheckpointKind
-from registry.services import searches
+from registry.search_models import MergeSearch
+from registry.services import search_runs
 from registry.services.lineage import get_lineage
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import FlowEnv, tiny_state
@@ -35,10 +37,12 @@ class TargetEvaluator:
     name = "ckreg-test-target"
     calls = 0
     crash_at: int | None = None
-    cancel_at: tuple[int, int] | None = None  # (call, policy id)
+    cancel_at: tuple[int, int] | None = None  # (call, search id)
+    delay_s = 0.0
 
     def _tick(self) -> None:
         TargetEvaluator.calls += 1
+        time.sleep(self.delay_s)
         if self.crash_at is not None and TargetEvaluator.calls == self.crash_at:
             raise RuntimeError("worker killed (test)")
         if self.cancel_at is not None and TargetEvaluator.calls == self.cancel_at[0]:
@@ -80,6 +84,7 @@ def target_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture
 def env(flow_env: FlowEnv, target_plugin: None) -> FlowEnv:
     TargetEvaluator.calls, TargetEvaluator.crash_at, TargetEvaluator.cancel_at = 0, None, None
+    TargetEvaluator.delay_s = 0.0
     return flow_env
 
 
@@ -97,22 +102,35 @@ def _cma_policy(env: FlowEnv, base: int, name: str = "search", evaluations: int 
                       evaluator="ckreg-test-target", search=search)  # fmt: skip
 
 
+def _start(env: FlowEnv, policy_id: int, resume: bool = True) -> int:
+    """Queue a search of the policy through the service (what POST /policies/{id}/searches does)."""
+    with env.session() as session:
+        row, _ = search_runs.start_search(session=session, policy_id=policy_id, resume=resume)
+    return row.id or 0
+
+
+def _search(env: FlowEnv, policy_id: int) -> int | None:
+    """Start (or resume) the policy's search and run it here; the registered checkpoint."""
+    return merge_search(_start(env, policy_id))
+
+
+def _row(env: FlowEnv, policy_id: int) -> MergeSearch:
+    with env.session() as session:
+        rows, _ = search_runs.list_searches(session=session, policy_id=policy_id)
+    assert rows
+    return rows[0]
+
+
 def _state(env: FlowEnv, policy_id: int) -> dict[str, Any]:
-    with env.session() as session:
-        state = searches.get_search_state(session=session, policy_id=policy_id)
-    assert state is not None
-    return state
-
-
-def _state_or_none(env: FlowEnv, policy_id: int) -> dict[str, Any] | None:
-    with env.session() as session:
-        return searches.get_search_state(session=session, policy_id=policy_id)
+    row = _row(env, policy_id)
+    assert row.state is not None
+    return {**row.state, "status": str(row.status), "checkpoint_id": row.checkpoint_id}
 
 
 def test_cma_es_search_registers_the_best_lambda_with_its_recipe(env: FlowEnv) -> None:
     base = _family(env)
     policy = _cma_policy(env, base, evaluations=16)
-    best = merge_search(policy)
+    best = _search(env, policy)
     state = _state(env, policy)
     assert state["status"] == "finished" and state["evaluations"] == 16
     assert len(state["history"]) == 16 and TargetEvaluator.calls == 16
@@ -127,20 +145,24 @@ def test_cma_es_search_registers_the_best_lambda_with_its_recipe(env: FlowEnv) -
     assert recipe["score"] == max(h["score"] for h in state["history"])
     parents = {(e.parent_id, str(e.role)) for e in lineage.ancestors if e.depth == 1}
     assert (base, "base") in parents and len(parents) == 3  # the base and both inputs
-    assert merge_search(policy) == best  # finished: running again changes nothing
+    search_id = _row(env, policy).id or 0
+    assert merge_search(search_id) == best  # finished: running it again changes nothing
 
 
 def test_a_killed_search_resumes_where_it_stopped(env: FlowEnv) -> None:
     base = _family(env)
     straight = _cma_policy(env, base, name="straight", evaluations=10)
-    merge_search(straight)
+    _search(env, straight)
     TargetEvaluator.calls, TargetEvaluator.crash_at = 0, 7
     killed = _cma_policy(env, base, name="killed", evaluations=10)
     with pytest.raises(RuntimeError, match="worker killed"):
-        merge_search(killed)
-    assert _state(env, killed)["evaluations"] == 6
+        _search(env, killed)
+    failed = _row(env, killed)
+    assert failed.status == "failed" and "worker killed" in (failed.error or "")
+    assert failed.evaluations == 6 and failed.active_policy_id is None
     TargetEvaluator.calls, TargetEvaluator.crash_at = 0, None
-    merge_search(killed)
+    assert _start(env, killed) == failed.id  # resumed: the same search
+    merge_search(failed.id or 0)
     assert TargetEvaluator.calls == 4  # only the 4 candidates left were scored
     resumed, uninterrupted = _state(env, killed), _state(env, straight)
     assert [h["score"] for h in resumed["history"]] == [
@@ -152,13 +174,14 @@ def test_a_killed_search_resumes_where_it_stopped(env: FlowEnv) -> None:
 def test_cancel_stops_at_the_next_candidate_and_a_restart_resumes(env: FlowEnv) -> None:
     base = _family(env)
     policy = _cma_policy(env, base, evaluations=8)
-    TargetEvaluator.cancel_at = (3, policy)
-    assert merge_search(policy) is None
+    search_id = _start(env, policy)
+    TargetEvaluator.cancel_at = (3, search_id)
+    assert merge_search(search_id) is None
     state = _state(env, policy)
     assert state["status"] == "cancelled" and state["evaluations"] == 3
     TargetEvaluator.cancel_at = None
-    assert merge_search(policy) is not None
-    assert _state(env, policy)["evaluations"] == 8
+    assert _search(env, policy) is not None
+    assert _state(env, policy)["evaluations"] == 8 and _row(env, policy).id == search_id
 
 
 def test_m2n2_search_evolves_an_archive_and_registers_its_best(env: FlowEnv) -> None:
@@ -167,7 +190,7 @@ def test_m2n2_search_evolves_an_archive_and_registers_its_best(env: FlowEnv) -> 
     search = {"algorithm": "m2n2", "budget": {"evaluations": 12}, "archive_size": 3, "seed": 1}
     policy = env.policy(name="m2n2", method="linear", selector={"base_id": base},
                         evaluator="ckreg-test-target", search=search)  # fmt: skip
-    best = merge_search(policy)
+    best = _search(env, policy)
     state = _state(env, policy)
     archive = state["search"]["archive"]
     assert len(archive["ids"]) == 3 and state["evaluations"] == 12
@@ -190,7 +213,7 @@ def test_candidates_are_mlflow_child_runs(env: FlowEnv, mlflow_server: Any) -> N
     flow_runtime.configure(settings)
     base = _family(env)
     policy = _cma_policy(env, base, evaluations=2)
-    merge_search(policy)
+    _search(env, policy)
     parent = _state(env, policy)["mlflow_parent_run_id"]
     client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name("search-test")
@@ -227,25 +250,9 @@ def test_bad_searches_are_refused_naming_the_field(env: FlowEnv) -> None:
             env.policy(**data)
     policy = _cma_policy(env, base)  # valid, but the selector finds one checkpoint
     with pytest.raises(InvalidState, match="at least 2"):
-        merge_search(policy)
-    assert _state_or_none(env, policy) is None  # nothing half-done
-
-
-def test_cli_starts_watches_and_cancels_a_search(env: FlowEnv) -> None:
-    from typer.testing import CliRunner
-
-    from flows.cli_search import search_app
-
-    base = _family(env)
-    policy = _cma_policy(env, base, evaluations=4)
-    runner = CliRunner()
-    assert "not started" in runner.invoke(search_app, ["watch", str(policy)]).output
-    result = runner.invoke(search_app, ["start", str(policy)])
-    assert result.exit_code == 0, result.output
-    assert "finished: 4 evaluations" in result.output and "registered checkpoint" in result.output
-    assert "finished: 4 evaluations" in runner.invoke(search_app, ["watch", str(policy)]).output
-    assert runner.invoke(search_app, ["cancel", str(policy)]).exit_code == 0
-    assert _state(env, policy)["cancel"] is True
+        _start(env, policy)
+    with env.session() as session:
+        assert search_runs.list_searches(session=session)[1] == 0  # nothing half-done
 
 
 def test_the_seconds_budget_stops_the_search_and_a_plain_policy_has_none(env: FlowEnv) -> None:
@@ -254,9 +261,9 @@ def test_the_seconds_budget_stops_the_search_and_a_plain_policy_has_none(env: Fl
               "space": {"lambda": [0.0, 2.0]}, "metric": "score"}  # fmt: skip
     policy = env.policy(name="timed", method="task_arithmetic", selector={"base_id": base},
                         evaluator="ckreg-test-target", search=search)  # fmt: skip
-    assert merge_search(policy) is not None
+    assert _search(env, policy) is not None
     state = _state(env, policy)
     assert state["status"] == "finished" and state["evaluations"] == 1
     plain = env.policy(name="plain", method="task_arithmetic", selector={"base_id": base})
     with pytest.raises(InvalidInput, match="has no 'search'"):
-        merge_search(plain)
+        _start(env, plain)
