@@ -6,6 +6,9 @@ model at a time; DARE keep masks), then each slice of at most ``CHUNK_BYTES`` fl
 is read on demand (``get_rows`` where the source has it), merged with the same per-element
 arithmetic as the whole-tensor path, and written into a preallocated output in the output
 dtype. Peak memory per tensor is a few slices, not a few whole float32 copies per input.
+Inputs the whole-tensor pass read are kept (raw, up to ``KEEP_BYTES`` per tensor) and sliced
+from memory, so they are read or fetched once. Plain plans and routed plans (``ChunkJob``: any
+source and tensor name per input) go through the same class.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +24,16 @@ import torch
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher, Read
-from mergeops.sources import TensorSource
+from mergeops.sources import TensorMeta, TensorSource
 
 CHUNK_BYTES = 2 * 1024 * 1024
 """Float32 bytes per input slice (small slices stay in cache: 2 MiB beat 16 MiB on CPU time
 and peak RSS in bench.merge_engine)."""
+
+KEEP_BYTES = 256 * 1024 * 1024
+"""Raw input bytes of one tensor a method's whole-tensor pass (TIES trims, DARE's L1 factors)
+may keep for the merge pass, so those inputs are read (or fetched from S3) once, not twice;
+inputs beyond it are read again slice by slice."""
 
 _ROW_ALIGN = 64
 """Row sizes must be a multiple of this: slices then start on the same vector-lane alignment
@@ -33,9 +42,13 @@ as the whole tensor, so reductions over models round every element exactly as un
 
 def chunk_rows(plan: MergePlan, key: str) -> int:
     """Rows per slice for ``key``, or 0 when it is merged whole."""
-    method = plan.method
-    shape = tuple(plan.metas[key].shape)
-    if not getattr(method, "chunkable", False) or plan.side or len(shape) < 2:
+    return rows_for(plan.method, tuple(plan.metas[key].shape), side=bool(plan.side))
+
+
+def rows_for(method: mb.MergeMethod, shape: tuple[int, ...], *, side: bool = False) -> int:
+    """Rows per slice of a tensor of ``shape`` merged by ``method``, or 0: merged whole (not
+    chunkable, side inputs, 1-D, rows not lane-aligned, or at most one slice)."""
+    if not getattr(method, "chunkable", False) or side or len(shape) < 2:
         return 0
     row = math.prod(shape[1:])
     if row == 0 or row % _ROW_ALIGN or row * shape[0] * 4 <= CHUNK_BYTES:
@@ -59,11 +72,13 @@ def read_rows(source: TensorSource, key: str, start: int, stop: int) -> torch.Te
 
 class _Rows:
     """Reads row slices of one tensor from one source; sources without ``get_rows`` are read
-    whole once and sliced."""
+    whole once and sliced. ``hold(raw)`` keeps a whole tensor already read, so its slices come
+    from memory (not counted as read)."""
 
     def __init__(self, source: TensorSource, key: str) -> None:
         self.source, self.key = source, key
         self._whole: torch.Tensor | None = None
+        self.held = False
         if getattr(source, "get_rows", None) is None:
             self._whole = source.get(key)
 
@@ -71,6 +86,13 @@ class _Rows:
         if self._whole is not None:
             return self._whole[start:stop]
         return read_rows(self.source, self.key, start, stop)
+
+    def hold(self, raw: torch.Tensor) -> None:
+        self._whole, self.held = raw, True
+
+    def release(self) -> None:
+        if self.held:
+            self._whole, self.held = None, False
 
 
 def _owned_float(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -88,60 +110,101 @@ def _check_finite(tensor: torch.Tensor, key: str, role: str) -> None:
         raise mb.MergeError(f"tensor '{key}' of {role} contains NaN or Inf")
 
 
+@dataclass(frozen=True)
+class ChunkJob:
+    """One output tensor to merge in slices: its inputs (source, tensor name, role for
+    errors), base (source, tensor name), method and context."""
+
+    key: str
+    meta: TensorMeta
+    models: list[tuple[TensorSource, str, str]]
+    base: tuple[TensorSource, str] | None
+    method: mb.MergeMethod
+    ctx: mb.MergeContext
+    base_role: str = "base"
+
+
+def plan_job(plan: MergePlan, key: str) -> ChunkJob:
+    """The chunk job of tensor ``key`` of a plain (unrouted) plan."""
+    models = [(m, key, f"model '{m.name}'") for m in plan.models]
+    base = (plan.base, key) if plan.base is not None else None
+    return ChunkJob(key, plan.metas[key], models, base, plan.method, plan.ctx)
+
+
 class ChunkedMerge:
     """Merges one tensor name in row slices; ``bytes_read`` counts the input bytes read.
 
     Slice k+1 of every input is read (in ``prefetcher``'s threads) while slice k is merged.
     """
 
-    def __init__(self, plan: MergePlan, key: str, rows: int, prefetcher: Prefetcher) -> None:
-        self.plan, self.key, self.rows = plan, key, rows
-        self.prefetcher = prefetcher
+    def __init__(self, job: ChunkJob, rows: int, prefetcher: Prefetcher) -> None:
+        self.key, self.rows, self.prefetcher = job.key, rows, prefetcher
+        self.method, self.ctx, self.meta = job.method, job.ctx, job.meta
         self.bytes_read = 0
-        self.roles = [f"model '{m.name}'" for m in plan.models]
-        self.sources: list[_Rows] = [_Rows(m, key) for m in plan.models]
-        self.base = _Rows(plan.base, key) if plan.base is not None else None
-        self._base_raw: torch.Tensor | None = None
+        self.roles = [role for _, _, role in job.models]
+        self.sources: list[_Rows] = [_Rows(source, name) for source, name, _ in job.models]
+        self.base = _Rows(*job.base) if job.base is not None else None
+        self.base_role = job.base_role
+        self._keep_left = KEEP_BYTES
+        self._base_over_budget = False  # then held through the stats pass only
 
-    def _read(self, rows: _Rows, start: int, stop: int, role: str) -> torch.Tensor:
-        return self._owned(rows.get(start, stop), role)
-
-    def _owned(self, raw: torch.Tensor, role: str) -> torch.Tensor:
-        self.bytes_read += raw.numel() * raw.element_size()
-        out = _owned_float(raw, self.plan.ctx.device)
+    def _owned(self, raw: torch.Tensor, role: str, *, counted: bool = True) -> torch.Tensor:
+        if counted:
+            self.bytes_read += raw.numel() * raw.element_size()
+        out = _owned_float(raw, self.ctx.device)
         _check_finite(out, self.key, role)
         return out
+
+    def _read_whole(self, rows: _Rows) -> torch.Tensor:
+        """One input's whole raw tensor, held for the merge pass while ``KEEP_BYTES`` lasts
+        (the base is held through the stats pass in any case)."""
+        if rows.held:
+            return rows.get(0, self.meta.shape[0])
+        raw = rows.get(0, self.meta.shape[0]).to(self.ctx.device)
+        nbytes = raw.numel() * raw.element_size()
+        self.bytes_read += nbytes
+        kept = nbytes <= self._keep_left
+        if kept:
+            self._keep_left -= nbytes
+        if kept or rows is self.base:
+            rows.hold(raw)
+        if rows is self.base:
+            self._base_over_budget = not kept
+        return raw
 
     def _task_vector(self, index: int) -> torch.Tensor:
         """The whole float32 τ_index (base read raw, in its own dtype: the cast is exact)."""
         assert self.base is not None
-        count = self.plan.metas[self.key].shape[0]
-        tau = self._read(self.sources[index], 0, count, self.roles[index])
-        if self._base_raw is None:
-            self._base_raw = self.base.get(0, count).to(self.plan.ctx.device)
-            self.bytes_read += self._base_raw.numel() * self._base_raw.element_size()
-        return tau.sub_(self._base_raw)
+        tau = self._owned(self._read_whole(self.sources[index]), self.roles[index], counted=False)
+        return tau.sub_(self._read_whole(self.base))
 
     def run(self, out_dtype: torch.dtype) -> torch.Tensor:
         """The merged tensor, in ``out_dtype``."""
-        plan, key = self.plan, self.key
-        method: Any = plan.method
-        shape = tuple(plan.metas[key].shape)
-        stats = method.tensor_stats(key, shape, self._task_vector, plan.ctx)
-        self._base_raw = None
-        out = torch.empty(shape, dtype=out_dtype, device=plan.ctx.device)
+        try:
+            return self._run(out_dtype)
+        finally:
+            for rows in [*self.sources, *([self.base] if self.base is not None else [])]:
+                rows.release()
+
+    def _run(self, out_dtype: torch.dtype) -> torch.Tensor:
+        key, method = self.key, self.method
+        assert isinstance(method, mb.StreamingMethod)
+        shape = tuple(self.meta.shape)
+        stats = method.tensor_stats(key, shape, self._task_vector, self.ctx)
+        if self.base is not None and self._base_over_budget:
+            self.base.release()
+        out = torch.empty(shape, dtype=out_dtype, device=self.ctx.device)
         row = math.prod(shape[1:])
         inputs_rows = [*self.sources, *([self.base] if self.base is not None else [])]
-        roles = [*self.roles, *(["base"] if self.base is not None else [])]
-        itemsize = plan.metas[key].dtype.itemsize
+        roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
+        itemsize = self.meta.dtype.itemsize
         ranges = list(row_ranges(shape[0], self.rows))
-        batches = (
-            [Read((stop - start) * row * itemsize, _slice(r, start, stop)) for r in inputs_rows]
-            for start, stop in ranges
-        )
+        batches = ([_read(r, start, stop, row * itemsize) for r in inputs_rows]
+                   for start, stop in ranges)  # fmt: skip
         with closing(self.prefetcher.stream(batches)) as stream:
             for (start, stop), pending in zip(ranges, stream, strict=True):
-                loaded = [self._owned(p.result(), r) for p, r in zip(pending, roles, strict=True)]
+                loaded = [self._owned(p.result(), role, counted=not rows.held)
+                          for p, role, rows in zip(pending, roles, inputs_rows, strict=True)]  # fmt: skip
                 self._merge_slice(method, loaded, stats, (start, stop), out)
                 del loaded, pending
         return out
@@ -156,11 +219,11 @@ class ChunkedMerge:
     ) -> None:
         """Merge one slice's owned float32 inputs (models then base) into ``out``."""
         key, (start, stop) = self.key, rows
-        shape = tuple(self.plan.metas[key].shape)
+        shape = tuple(self.meta.shape)
         count = len(self.sources)
         base = loaded[count] if self.base is not None else None
         inputs = mb.TensorInputs(name=key, models=loaded[:count], base=base)
-        merged = method.merge_rows(inputs, stats, start * math.prod(shape[1:]), self.plan.ctx)
+        merged = method.merge_rows(inputs, stats, start * math.prod(shape[1:]), self.ctx)
         if tuple(merged.shape) != (stop - start, *shape[1:]):
             raise mb.MergeError(
                 f"method '{method.name}' produced shape {tuple(merged.shape)} for rows "
@@ -169,5 +232,6 @@ class ChunkedMerge:
         out[start:stop].copy_(merged)
 
 
-def _slice(rows: _Rows, start: int, stop: int) -> Any:
-    return lambda: rows.get(start, stop)
+def _read(rows: _Rows, start: int, stop: int, row_bytes: int) -> Read:
+    """A slice's read; a held input is sliced from memory (no bytes in flight)."""
+    return Read(0 if rows.held else (stop - start) * row_bytes, lambda: rows.get(start, stop))

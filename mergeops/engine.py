@@ -12,17 +12,19 @@ before it reaches the writer (``mergeops.finite``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from tqdm import tqdm
 
-from mergeops import finite
-from mergeops.chunking import ChunkedMerge, chunk_rows
+from mergeops.chunking import ChunkedMerge, chunk_rows, plan_job
 from mergeops.device import dtype_name
+from mergeops.emit import TensorSink
+from mergeops.emit import emit as _emit
+from mergeops.emit import out_dtype as _out_dtype
+from mergeops.emit import progress_bar as _progress
 from mergeops.io.streamed import TensorSpec
 from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output, swap_into_place
 from mergeops.methods import base as mb
@@ -30,11 +32,7 @@ from mergeops.pipeline import Backend, SlicePipeline
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher
 from mergeops.reader import TensorReader
-from mergeops.routing import passthrough, stream_routes
-
-TensorSink = Callable[[str, str | None, torch.Tensor], None]
-"""Receives (stream, tensor name, tensor); stream None is the merged model."""
-_T = TypeVar("_T")
+from mergeops.routed_merge import run_routed
 
 
 @dataclass
@@ -55,10 +53,6 @@ def _float_keys(plan: MergePlan) -> list[str]:
     return [k for k in plan.keys if plan.metas[k].dtype.is_floating_point]
 
 
-def _out_dtype(plan: MergePlan, key: str) -> torch.dtype:
-    return plan.ctx.out_dtype or plan.metas[key].dtype
-
-
 def _fp32_compute(plan: MergePlan) -> bool:
     return plan.ctx.compute_dtype == torch.float32
 
@@ -73,10 +67,6 @@ def _to_compute(plan: MergePlan, key: str, inputs: mb.TensorInputs) -> mb.Tensor
     base = inputs.base.to(dtype) if inputs.base is not None else None
     side = {k: [t.to(dtype) for t in v] for k, v in inputs.side.items()}
     return mb.TensorInputs(name=inputs.name, models=cast, base=base, side=side)
-
-
-def _progress(items: Iterable[_T], total: int, desc: str, enabled: bool) -> Iterable[_T]:
-    return tqdm(items, total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
 
 
 def _load_state(plan: MergePlan) -> None:
@@ -122,29 +112,13 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
         if key not in floats:  # integer/bool buffers pass through from the reference
             sink(key, None, plan.reference.get(key))
         elif rows_of[key]:  # elementwise method, large tensor: merged slice by slice
-            chunked = ChunkedMerge(plan, key, rows_of[key], reader.prefetcher)
+            chunked = ChunkedMerge(plan_job(plan, key), rows_of[key], reader.prefetcher)
             _emit(plan, sink, key, chunked.run(_out_dtype(plan, key)), {})
             reader.bytes_read += chunked.bytes_read
         else:
             assert inputs is not None
             result = method.merge_tensor(_to_compute(plan, key, inputs), plan.ctx)
             _emit(plan, sink, key, result.merged, result.extras)
-
-
-def _routed(plan: MergePlan, sink: TensorSink, prefetcher: Prefetcher, progress: bool) -> int:
-    """Merge a routed plan: each output tensor with its own inputs and context."""
-    method = plan.method
-    assert isinstance(method, mb.StreamingMethod) and plan.routes is not None
-    counter = [0]
-    stream = stream_routes(plan.routes, prefetcher, counter)
-    for route, inputs in _progress(stream, len(plan.routes), f"{method.name}: merging", progress):
-        if inputs is None:
-            sink(route.key, None, passthrough(route))
-            continue
-        result = method.merge_tensor(inputs, route.ctx)
-        _emit(plan, sink, route.key, result.merged, result.extras)
-    method.finish(plan.ctx)
-    return counter[0]
 
 
 def pipeline_backend(plan: MergePlan) -> Backend | None:
@@ -202,30 +176,6 @@ def _whole(plan: MergePlan, sink: TensorSink) -> None:
     method.finish(plan.ctx)
 
 
-def _emit(
-    plan: MergePlan,
-    sink: TensorSink,
-    key: str | None,
-    merged: torch.Tensor | None,
-    extras: dict[str, dict[str, torch.Tensor]],
-) -> None:
-    """Cast, check (finite, on the tensor's device) and send one tensor and its extras."""
-    if merged is not None:
-        assert key is not None
-        if tuple(merged.shape) != tuple(plan.metas[key].shape):
-            raise mb.MergeError(
-                f"method '{plan.method.name}' produced shape {tuple(merged.shape)} for '{key}', "
-                f"expected {tuple(plan.metas[key].shape)}"
-            )
-        out = merged.to(_out_dtype(plan, key))
-        finite.check_output(plan.ctx, key, out)
-        sink(key, None, out)
-    for stream, tensors in extras.items():
-        for name, tensor in tensors.items():
-            finite.check_output(plan.ctx, f"{stream}/{name}", tensor)
-            sink(name, stream, tensor)
-
-
 def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     """Drive the method over all inputs, sending every output tensor to ``sink``.
 
@@ -236,7 +186,7 @@ def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     reader = TensorReader(plan, prefetcher)
     with prefetcher, torch.no_grad():
         if plan.routes is not None:
-            return _routed(plan, sink, prefetcher, progress)
+            return run_routed(plan, sink, prefetcher, progress)
         if plan.method.streaming:
             _stream(plan, sink, reader, progress)
         else:

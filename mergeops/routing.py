@@ -57,11 +57,15 @@ def _cast(tensor: torch.Tensor, route: TensorRoute) -> torch.Tensor:
 
 
 def stream_routes(
-    routes: list[TensorRoute], prefetcher: Prefetcher, counter: list[int]
+    routes: list[TensorRoute],
+    prefetcher: Prefetcher,
+    counter: list[int],
+    read: Callable[[TensorRoute], bool] = lambda route: True,
 ) -> Iterator[tuple[TensorRoute, mb.TensorInputs | None]]:
     """(route, method inputs) per route, later routes read ahead; inputs are None for a
-    non-floating output (copied from its base or first input by the caller)."""
-    floating = [r.meta.dtype.is_floating_point for r in routes]
+    non-floating output (copied from its base or first input by the caller) and for a route
+    ``read`` declines (the caller reads it itself)."""
+    floating = [r.meta.dtype.is_floating_point and read(r) for r in routes]
     batches = ([_read(s, k) for s, k in r.reads()] if f else []
                for r, f in zip(routes, floating, strict=True))  # fmt: skip
     with closing(prefetcher.stream(batches)) as stream:
