@@ -243,6 +243,22 @@ def compress_command(
     align: Annotated[
         bool, typer.Option(help="Permute neurons onto each group's leader first.")
     ] = True,
+    factored: Annotated[
+        bool,
+        typer.Option(
+            help="sub_moe with --rank: store each merged expert as its two SVD factors "
+            "(ckreg's own layout, fewer bytes; from_pretrained cannot load it: run "
+            "`ckreg moe materialize` to get dense experts back)."
+        ),
+    ] = False,
+    leaders: Annotated[
+        str,
+        typer.Option(
+            help="mc_smoe group leaders: frequency (the M most used, as in the paper) | diverse "
+            "(most used, then farthest-point on centred router-logit similarity; twins never "
+            "both lead)."
+        ),
+    ] = "frequency",
     source_id: Annotated[
         int | None,
         typer.Option(
@@ -266,7 +282,14 @@ def compress_command(
         _fail(f"unknown method '{method}'; available: mc_smoe, sub_moe, average")
     if source_id is not None and "compress" not in _register_hooks:
         _fail("--register is not available here (no registry client)")
-    options: dict[str, Any] = {"align": align, "rank": rank}
+    if leaders not in ("frequency", "diverse"):
+        _fail(f"unknown --leaders '{leaders}'; available: frequency, diverse")
+    options: dict[str, Any] = {
+        "align": align,
+        "rank": rank,
+        "leaders": leaders,
+        "factored": factored,
+    }
     if low_rank is not None:
         options["low_rank"] = low_rank
     try:
@@ -291,3 +314,25 @@ def compress_command(
         typer.echo(
             f"registered {checkpoint['id']} ({checkpoint['name']}), compressed from {source_id}"
         )
+
+
+@moe_app.command(
+    "materialize",
+    help="Multiply a factored MoE (compress --factored) out into dense experts: a folder "
+    "AutoModelForCausalLM.from_pretrained loads.",
+)
+def materialize_command(
+    model: Annotated[Path, typer.Argument(help="Factored MoE folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Model folder to write (must be empty).")
+    ],
+) -> None:
+    from mergeops.moe.experts import MoeError
+    from mergeops.moe.factored import materialize
+
+    try:
+        materialize(model, out)
+    except (MoeError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    typer.echo(f"wrote {out}: dense experts, {size} bytes")

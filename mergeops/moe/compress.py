@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from mergeops.moe import factored
 from mergeops.moe.experts import MoeError, read_experts, router_name, write_experts
 from mergeops.moe.layout import EXPERT_COUNT_KEYS, MoeLayout, detect_moe
 from mergeops.moe.stats import collect_layer_inputs, safetensors_shapes
@@ -40,9 +41,15 @@ class CompressParams(BaseModel):
     method: Method
     num_experts: int = Field(ge=1)
     align: bool = True  # permute neurons onto the group leader before merging
+    # mc_smoe leaders: the most used experts (the paper), or "diverse": the most used, then
+    # farthest-point on mean-centred router-logit similarity (twins never both lead)
+    leaders: Literal["frequency", "diverse"] = "frequency"
     rank: int | None = Field(default=None, ge=1)  # sub_moe: rank r of the shared basis
     low_rank: int | None = Field(default=None, ge=1)  # mc_smoe: low-rank + sparse compression
     sparse_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    # sub_moe: keep each merged expert as its two SVD factors (ckreg's own layout, see
+    # ``mergeops.moe.factored``; ``materialize`` makes it loadable)
+    factored: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,11 @@ def _check_groups(config: Any, num_experts: int) -> None:
 
 
 def _check_plan(layout: MoeLayout, params: CompressParams, top_k: int) -> None:
+    if params.factored and (params.method != "sub_moe" or params.rank is None):
+        raise MoeError(
+            f"factored=True needs method 'sub_moe' and a rank; got method '{params.method}', "
+            f"rank {params.rank}"
+        )
     for layer in layout.layers:
         router_name(layer)
         n, m = layer.num_experts, params.num_experts
@@ -96,19 +108,23 @@ def _groups(
     if params.method == "average":
         size = n // m
         return [list(range(g * size, (g + 1) * size)) for g in range(m)]
+    if params.method == "mc_smoe" and params.leaders == "diverse":
+        similarity = ops.centered_cosine_matrix(logits.T)
+        return ops.group_around(ops.farthest_leaders(frequency, similarity, m), similarity)
     if params.method == "mc_smoe":
         return ops.group_by_dominant(frequency, ops.cosine_matrix(logits.T), m)
     outputs = torch.stack([ops.expert_output(e, inputs, act).flatten() for e in experts])
     return ops.group_balanced(frequency, ops.centered_cosine_matrix(outputs), m)
 
 
-def _merge_group(
-    params: CompressParams, members: list[ops.Expert], frequency: torch.Tensor
-) -> ops.Expert:
+def _merge_group(params: CompressParams, members: list[ops.Expert], frequency: torch.Tensor) -> Any:
+    """The merged expert: ``{"gate", "up", "down"}`` tensors, or their factor pairs."""
     if params.method == "average":
         return ops.weighted_merge(members, torch.ones(len(members)))
     if params.align:
         members = [members[0]] + [ops.align_to(members[0], e) for e in members[1:]]
+    if params.factored:
+        return ops.sub_moe_factors(members, frequency, params.rank)
     if params.method == "sub_moe":
         return ops.sub_moe_merge(members, frequency, params.rank)
     merged = ops.weighted_merge(members, frequency)
@@ -151,8 +167,9 @@ def merge_layer(
     inputs: torch.Tensor,
     top_k: int,
     act: Any,
-) -> tuple[list[ops.Expert], dict[str, torch.Tensor], list[list[int]]]:
-    """One layer's merged experts, its router tensors cut to the groups, and the groups."""
+) -> tuple[list[Any], dict[str, torch.Tensor], list[list[int]]]:
+    """One layer's merged experts (dense, or factor pairs when ``factored``), its router tensors
+    cut to the groups, and the groups."""
     logits, choice = routing_scores(router, weight, inputs)
     frequency = ops.routing_frequency(choice, top_k)
     groups = _groups(params, experts, logits, inputs, frequency, act)
@@ -186,7 +203,8 @@ def compress_moe(
     """Merge each MoE layer's experts down to ``num_experts``; writes a loadable model folder.
 
     ``calibration`` is a list of token-id tensors (1-D or (batch, seq)). ``options``: ``align``,
-    ``rank`` (sub_moe), ``low_rank`` and ``sparse_fraction`` (mc_smoe). Raises ``MoeError`` for a
+    ``rank`` and ``factored`` (sub_moe; a factored folder is ckreg's own layout, see
+    ``mergeops.moe.factored``), ``leaders``, ``low_rank`` and ``sparse_fraction`` (mc_smoe). Raises ``MoeError`` for a
     dense model, a missing router or expert counts that do not fit; nothing is written then.
     """
     from transformers import AutoModelForCausalLM
@@ -196,6 +214,8 @@ def compress_moe(
     source, out = Path(model_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise MoeError(f"output folder '{out}' is not empty")
+    if factored.is_factored(source):
+        raise MoeError(f"'{source}' holds factored experts; materialize it first")
     disk = detect_moe(
         safetensors_shapes(source), config=json.loads((source / "config.json").read_text())
     )
@@ -225,9 +245,16 @@ def compress_moe(
             top_k,
             act,
         )
-        write_experts(state, layer, merged, new_router)
+        if params.factored:
+            factored.replace_with_factors(state, layer, merged, new_router)
+        else:
+            write_experts(state, layer, merged, new_router)
     setattr(model.config, _expert_count_key(model.config), params.num_experts)
-    _save(type(model)(model.config).to(model.dtype), state, out)
+    if params.factored:
+        manifest = {"method": method, "rank": params.rank, "source_experts": disk.num_experts}
+        factored.write_factored(state, model.config, out, manifest)
+    else:
+        _save(type(model)(model.config).to(model.dtype), state, out)
     return CompressResult(
         out, disk.layers[0].num_experts, params.num_experts, groups, _bytes(source), _bytes(out)
     )

@@ -6,7 +6,8 @@ on-disk layout of Mixtral (``model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.
 ``mlp.gate.weight``, ``mlp.shared_expert.*`` + ``mlp.shared_expert_gate.weight``), DeepSeek-style
 (``mlp.experts.E.*`` + ``mlp.shared_experts.*``), and transformers 5's in-memory layout where a
 layer's experts are fused into 3-D tensors (``mlp.experts.gate_up_proj`` of shape (E, 2I, H),
-``mlp.experts.down_proj`` of shape (E, H, I)).
+``mlp.experts.down_proj`` of shape (E, H, I)), and ckreg's factored experts
+(``…experts.E.gate_proj.factor_a`` / ``factor_b``, see ``mergeops.moe.factored``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ _MOE_BLOCK = (
     r"(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp|feed_forward|moe))"
 )
 _PER_EXPERT = re.compile(
-    _MOE_BLOCK + r"\.experts\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$"
+    _MOE_BLOCK
+    + r"\.experts\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?:weight|factor_a|factor_b)$"
 )
 _FUSED = re.compile(_MOE_BLOCK + r"\.experts\.(?P<proj>[A-Za-z_][A-Za-z0-9_]*)(?:\.weight)?$")
 _ROUTER = re.compile(_MOE_BLOCK + r"\.(?:gate|router)\.(?P<part>[A-Za-z0-9_.]+)$")

@@ -54,9 +54,14 @@ def group_by_dominant(
 ) -> list[list[int]]:
     """MC-SMoE grouping: the ``num_groups`` most used experts lead; each other joins the most
     similar leader. Returns groups, leader first, in leader order."""
-    leaders = _dominant(frequency, num_groups)
+    return group_around(_dominant(frequency, num_groups), similarity)
+
+
+def group_around(leaders: Sequence[int], similarity: torch.Tensor) -> list[list[int]]:
+    """Every non-leader joins its most similar leader (ties to the lower index); groups in
+    leader order, leader first."""
     groups = {leader: [leader] for leader in leaders}
-    for expert in range(len(frequency)):
+    for expert in range(similarity.shape[0]):
         if expert not in groups:
             best = max(leaders, key=lambda leader: (float(similarity[expert, leader]), -leader))
             groups[best].append(expert)
@@ -156,11 +161,12 @@ def low_rank_plus_sparse(weight: torch.Tensor, rank: int, sparse_fraction: float
     return low + residual * (residual.abs() >= threshold)
 
 
-def shared_basis_merge(
+def shared_basis_factors(
     weights: Sequence[torch.Tensor], frequency: torch.Tensor, rank: int | None
-) -> torch.Tensor:
-    """Sub-MoE for one projection: joint SVD of ``[W_1 … W_k]`` (shared U), rank ``rank``,
-    frequency-weighted average of the experts' V blocks, ``W_m = U_r S_r V_mᵀ``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-MoE for one projection, factored: joint SVD of ``[W_1 … W_k]`` (shared U), rank
+    ``rank``, frequency-weighted average of the experts' V blocks; returns ``(U_r S_r, V_mᵀ)``
+    of shapes (d_out, r) and (r, d_in), whose product is the merged weight."""
     stacked = torch.cat([w.float() for w in weights], dim=1)
     u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     r = len(s) if rank is None else min(rank, len(s))
@@ -168,7 +174,22 @@ def shared_basis_merge(
     f = frequency.float()
     f = torch.ones_like(f) if float(f.sum()) <= 0 else f
     v_merged = sum(fi * block for fi, block in zip(f / f.sum(), blocks, strict=True))
-    return (u[:, :r] * s[:r]) @ v_merged  # type: ignore[operator]
+    return u[:, :r] * s[:r], v_merged  # type: ignore[return-value]
+
+
+def shared_basis_merge(
+    weights: Sequence[torch.Tensor], frequency: torch.Tensor, rank: int | None
+) -> torch.Tensor:
+    """Sub-MoE for one projection: ``W_m = U_r S_r V_mᵀ`` (see ``shared_basis_factors``)."""
+    left, right = shared_basis_factors(weights, frequency, rank)
+    return left @ right
+
+
+def sub_moe_factors(
+    experts: Sequence[Expert], frequency: torch.Tensor, rank: int | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A group of experts merged by Sub-MoE, kept factored: projection -> (U_r S_r, V_mᵀ)."""
+    return {p: shared_basis_factors([e[p] for e in experts], frequency, rank) for p in PROJECTIONS}
 
 
 def sub_moe_merge(experts: Sequence[Expert], frequency: torch.Tensor, rank: int | None) -> Expert:

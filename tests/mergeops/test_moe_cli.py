@@ -47,6 +47,13 @@ def test_build_then_compress_from_the_command_line(tmp_path: Path) -> None:
     small = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
     assert small.config.model_type == "qwen2_moe" and small.config.num_experts == 2
     assert "model.layers.0.mlp.shared_expert.down_proj.weight" in small.state_dict()
+    factored = [*args[:2], "-o", str(tmp_path / "fac"), *args[4:], "--rank", "4", "--factored"]
+    assert runner.invoke(moe_app, factored).exit_code == 0
+    dense = runner.invoke(
+        moe_app, ["materialize", str(tmp_path / "fac"), "-o", str(tmp_path / "d")]
+    )
+    assert dense.exit_code == 0, dense.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.num_experts == 2
     again = runner.invoke(moe_app, [*args[:2], "-o", str(tmp_path / "odd"), "-m", "3", *args[6:]])
     assert again.exit_code == 1 and "do not divide into num_experts=3" in again.output
     assert not (tmp_path / "odd").exists()

@@ -23,7 +23,13 @@ def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("mc_smoe", {}), ("mc_smoe", {"low_rank": 4}), ("sub_moe", {"rank": 8}), ("average", {})],
+    [
+        ("mc_smoe", {}),
+        ("mc_smoe", {"low_rank": 4}),
+        ("mc_smoe", {"leaders": "diverse"}),
+        ("sub_moe", {"rank": 8}),
+        ("average", {}),
+    ],
 )
 def test_halving_experts_loads_with_transformers(
     mixtral_dir: Path, tmp_path: Path, method: str, options: dict

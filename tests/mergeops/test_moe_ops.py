@@ -91,3 +91,17 @@ def test_farthest_leaders_and_centered_similarity_find_twins() -> None:
     frequency = torch.tensor([0.4, 0.3, 0.2, 0.1])
     assert ops.farthest_leaders(frequency, similarity, 2) == [0, 1]
     assert ops.group_balanced(frequency, similarity, 2) == [[0, 2], [1, 3]]
+
+
+def test_diverse_leaders_keep_twins_apart_where_the_most_used_do_not() -> None:
+    """Twins 0/2 are used most: the paper's rule makes both leaders and merges 1 with 3's
+    unlike twin; farthest-point leaders on centred similarity pair the twins."""
+    shared = torch.full((6,), 5.0)
+    a, b = torch.tensor([1.0, -1, 0, 0, 0, 0]), torch.tensor([0, 0, 1.0, -1, 0, 0])
+    logits = torch.stack([shared + a, shared + b, shared + a * 1.1, shared + b * 0.9])
+    frequency = torch.tensor([0.4, 0.1, 0.4, 0.1])
+    assert ops.group_by_dominant(frequency, ops.cosine_matrix(logits), 2)[0][0] == 0
+    assert [g[0] for g in ops.group_by_dominant(frequency, ops.cosine_matrix(logits), 2)] == [0, 2]
+    similarity = ops.centered_cosine_matrix(logits)
+    leaders = ops.farthest_leaders(frequency, similarity, 2)
+    assert ops.group_around(leaders, similarity) == [[0, 2], [1, 3]]
