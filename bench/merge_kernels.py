@@ -2,9 +2,10 @@
 
     python -m bench.merge_kernels [--size 100m] [--methods linear] [--repeats 3]
 
-Times ``mergeops.merge_files`` on the same files with the blocked in-place weighted sum
-(``mergeops.ops.basic.blocked_weighted_sum``, what the engine uses) and with the stacked
-reference it replaced (``torch.stack`` + product + ``sum(dim=0)``), alternating the two, and
+Times ``mergeops.merge_files`` on the same files with the blocked in-place kernels (the
+weighted sum ``mergeops.ops.basic.blocked_weighted_sum`` and the task-vector combine
+``mergeops.ops.blocked_combine``, what the engine uses) and with the stacked references they
+replaced (``torch.stack`` + product + ``sum(dim=0)``), alternating the two, and
 prints each run, the medians, the floor of the same files (``bench.merge_floor``) and whether
 the two outputs are byte-identical. Peak memory is measured by ``bench.merge_engine``.
 """
@@ -25,7 +26,7 @@ import torch
 import mergeops
 from bench._synth import SHAPES, write_family
 from bench.merge_floor import measure_floor, median_floor
-from mergeops.ops import basic
+from mergeops.ops import basic, sign_consensus
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
 
@@ -52,10 +53,11 @@ def merge_inputs(method: str, folders: list[Path]) -> tuple[Path | None, list[Pa
 
 def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[float, str]:
     shutil.rmtree(out, ignore_errors=True)
-    original = basic.weighted_sum
+    original, blockable = basic.weighted_sum, sign_consensus.blockable
     if kernel == "stacked":
         basic.weighted_sum = stacked_sum  # the modules that imported it by name keep theirs
         _patch_importers(stacked_sum)
+        sign_consensus.blockable = lambda *_: False  # combine_task_vectors: the reference
     try:
         start = time.perf_counter()
         base, models = merge_inputs(method, folders)
@@ -64,7 +66,7 @@ def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[fl
                              max_shard_size="256MB")  # fmt: skip
         seconds = time.perf_counter() - start
     finally:
-        basic.weighted_sum = original
+        basic.weighted_sum, sign_consensus.blockable = original, blockable
         _patch_importers(original)
     digest = _digest(out)
     shutil.rmtree(out, ignore_errors=True)
