@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bench.lmzoo.grams import save_task_grams
 from bench.lmzoo.manifest import (
@@ -52,6 +53,34 @@ def zoo_key(seed: int, tasks: Sequence[str], config: LMTrainConfig) -> str:
     """Folder name of a build: seed, tasks and a digest of the training config."""
     blob = json.dumps([list(tasks), config.model_dump(), EVAL_SIZES], sort_keys=True)
     return f"lm-seed{seed}-{len(tasks)}t-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def base_key(seed: int, mix: Sequence[str], config: LMTrainConfig) -> str:
+    """Cache name of a pretrained base: seed, pretraining mix and the fields pretraining reads
+    (zoos of one seed with ``pretrain_mix="all"`` share it whatever their task lists)."""
+    fields = ("hidden", "layers", "heads", "pool", "batch_size", "pretrain_steps", "pretrain_lr")
+    blob = json.dumps([sorted(mix), {f: getattr(config, f) for f in fields}], sort_keys=True)
+    return f"base-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def pretrained_base(
+    seed: int, mix: Sequence[str], config: LMTrainConfig, cache: Path | None
+) -> torch.nn.Module:
+    """The base pretrained on ``mix``, from ``cache`` when it holds one (saved there after)."""
+    arch = lm_config(hidden=config.hidden, layers=config.layers, heads=config.heads)
+    model = new_model(arch, seed)
+    folder = cache / base_key(seed, mix, config) if cache is not None else None
+    if folder is not None and (folder / "config.json").is_file():
+        return load_weights(model, load_file(str(folder / "model.safetensors")))
+    base = pretrain(model, mix, seed=seed, config=config)
+    if folder is not None:
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache))
+        base.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another build saved it first
+            shutil.rmtree(staging)
+    return base
 
 
 def task_accuracy(model: torch.nn.Module, task: str, split: str, seed: int) -> float:
@@ -127,17 +156,21 @@ def build_lm_zoo(
     tasks: Sequence[str] = DEFAULT_TASKS,
     config: LMTrainConfig | None = None,
     log: Callable[[str], None] = print,
+    base_cache: Path | None = None,
 ) -> LMZooManifest:
-    """Pretrain, fine-tune and adapt every task, save everything; returns the manifest."""
+    """Pretrain, fine-tune and adapt every task, save everything; returns the manifest.
+
+    ``base_cache``: a folder keeping pretrained bases (``base_key``) across builds."""
     config = config or LMTrainConfig()
     for task in tasks:
         get_task(task)  # a bad name fails before any training
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with deterministic_torch(1):
-        arch = lm_config(hidden=config.hidden, layers=config.layers, heads=config.heads)
         mix = list(TASKS) if config.pretrain_mix == "all" else list(tasks)
-        base = pretrain(new_model(arch, seed), mix, seed=seed, config=config)
+        if base_cache is not None:
+            base_cache.mkdir(parents=True, exist_ok=True)
+        base = pretrained_base(seed, mix, config, base_cache)
         base.save_pretrained(out / "base")
         log(f"  pretrained base in {time.perf_counter() - started:.0f}s")
         entries = {}
@@ -187,7 +220,7 @@ def ensure_lm_zoo(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        build_lm_zoo(staging, seed=seed, tasks=tasks, config=config)
+        build_lm_zoo(staging, seed=seed, tasks=tasks, config=config, base_cache=root / "bases")
         try:
             staging.rename(path)
         except OSError:

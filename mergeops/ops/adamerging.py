@@ -2,7 +2,9 @@
 (the prediction entropy of the merged model on unlabeled inputs, in the paper).
 
 θ(λ) = θ0 + Σ_t λ_t τ_t (task-wise) or θ0 + Σ_t λ_{t,l} τ_{t,l} (layer-wise, one λ per task and
-floating tensor). Task vectors are held in memory: the method is for models that fit.
+floating tensor). Task vectors are held in memory (in their given dtype: bfloat16 halves it):
+the method is for models that fit. The gradient in λ is taken through the merged tensors
+(∂L/∂λ_t = Σ_k <∂L/∂θ_k, τ_{t,k}>), so no autograd graph spans the task vectors.
 """
 
 from __future__ import annotations
@@ -30,16 +32,56 @@ class LearntCoefficients:
 
 
 def merged_params(
-    base: Params, task_vectors: Sequence[Params], lambdas: torch.Tensor, keys: Sequence[str]
+    base: Params,
+    task_vectors: Sequence[Params],
+    lambdas: torch.Tensor,
+    keys: Sequence[str],
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """θ0 + Σ_t λ τ_t for ``keys`` (λ per task, or per task and key); other tensors are θ0's."""
+    """θ0 + Σ_t λ τ_t for ``keys`` (λ per task, or per task and key); other tensors are θ0's.
+
+    ``dtype``: compute each merged tensor in it (e.g. float32 from bfloat16-held inputs, one
+    tensor at a time); by default in the inputs' dtype."""
     out = dict(base)
     for index, key in enumerate(keys):
         column = lambdas if lambdas.dim() == 1 else lambdas[:, index]
-        out[key] = base[key] + sum(
-            (column[t] * tv[key] for t, tv in enumerate(task_vectors)), torch.zeros_like(base[key])
-        )
+        theta0 = base[key] if dtype is None else base[key].to(dtype)
+        out[key] = theta0 + sum(
+            (column[t] * (tv[key] if dtype is None else tv[key].to(dtype))
+             for t, tv in enumerate(task_vectors)),
+            torch.zeros_like(theta0),
+        )  # fmt: skip
     return out
+
+
+def loss_and_grad(
+    objective: Objective,
+    base: Params,
+    task_vectors: Sequence[Params],
+    lambdas: torch.Tensor,
+    keys: Sequence[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective at θ(λ) and its gradient in λ: ∂L/∂λ_t = Σ_k <∂L/∂θ_k, τ_{t,k}> (per
+    tensor k layer-wise). θ(λ) is built in float32 without a graph through λ, so the inputs
+    may be held in bfloat16 and no per-task product is kept for the backward pass."""
+    with torch.no_grad():
+        merged = merged_params(base, task_vectors, lambdas, keys, torch.float32)
+    leaves = [merged[k].requires_grad_() for k in keys]
+    with torch.enable_grad():
+        loss = objective.loss(merged)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grad = torch.zeros_like(lambdas)
+    with torch.no_grad():
+        for index, (key, g) in enumerate(zip(keys, grads, strict=True)):
+            if g is None:
+                continue
+            for t, tv in enumerate(task_vectors):
+                dot = (g * tv[key].to(g.dtype)).sum()
+                if lambdas.dim() == 1:
+                    grad[t] += dot
+                else:
+                    grad[t, index] = dot
+    return loss.detach(), grad
 
 
 def learn_coefficients(
@@ -70,9 +112,7 @@ def learn_coefficients(
             result.stopped_early = True
             break
         optimiser.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = objective.loss(merged_params(base, task_vectors, lambdas, keys))
-            loss.backward()
+        loss, lambdas.grad = loss_and_grad(objective, base, task_vectors, lambdas.detach(), keys)
         optimiser.step()
         if clamp is not None:
             with torch.no_grad():

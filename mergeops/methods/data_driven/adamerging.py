@@ -40,6 +40,10 @@ class AdaMergingParams(MethodParams):
     steps: int = Field(100, ge=0)
     lr: float = Field(1e-3, gt=0)
     max_seconds: float | None = Field(None, gt=0)
+    #: dtype the base and task vectors are held in while λ is learnt: bfloat16 halves their
+    #: memory (about 14 instead of 30 bytes per parameter with 4 fine-tunes); the output is
+    #: always rebuilt from them in float32.
+    hold_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 def _tick(bar: tqdm, loss: float) -> None:
@@ -61,11 +65,16 @@ class AdaMerging(WholeModelMethod):
         params = ctx.params
         assert isinstance(params, AdaMergingParams) and inputs.base is not None
         assert ctx.objective is not None
+        hold = getattr(torch, params.hold_dtype)
         base = load_state_dict(inputs.base, ctx.device)
         task_vectors = []
         for source in inputs.models:
             model = load_state_dict(source, ctx.device)
-            task_vectors.append({k: model[k] - v for k, v in base.items() if v.is_floating_point()})
+            task_vectors.append(
+                {k: (model[k] - v).to(hold) for k, v in base.items() if v.is_floating_point()}
+            )
+            del model
+        base = {k: v.to(hold) if v.is_floating_point() else v for k, v in base.items()}
         with tqdm(total=params.steps, desc="adamerging: learning coefficients", unit="step",
                   leave=False, disable=None) as bar:  # fmt: skip
             learnt = learn_coefficients(
@@ -77,7 +86,7 @@ class AdaMerging(WholeModelMethod):
         ctx.scratch["adamerging_losses"] = learnt.losses
         ctx.scratch["adamerging_lambdas"] = learnt.lambdas.cpu().tolist()
         with torch.no_grad():
-            merged = merged_params(base, task_vectors, learnt.lambdas, learnt.keys)
+            merged = merged_params(base, task_vectors, learnt.lambdas, learnt.keys, torch.float32)
         order = torch.frombuffer(bytearray(json.dumps(learnt.keys).encode()), dtype=torch.uint8)
         coefficients = {"lambda": learnt.lambdas.float().cpu(), "lambda.keys": order.clone(),
                         "loss": torch.tensor(learnt.losses, dtype=torch.float32)}  # fmt: skip
