@@ -34,6 +34,7 @@ from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
 from flows.processes import started_by_runner, watch_parent
 from flows.runtime import Runtime, current_runtime
+from flows.stored_features import merge_objective
 from mergeops.methods import base as mb
 from registry.models import MergeRunStatus
 from registry.services import leases
@@ -94,8 +95,8 @@ def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
         return run_mergekit(prepared, device=current_runtime().settings.device)
     objective = None
     method = mb.get_method(prepared.method)
-    if mb.Need.OBJECTIVE in method.needs and prepared.evaluator:
-        objective = evaluator_objective(prepared.evaluator, method)
+    if mb.Need.OBJECTIVE in method.needs:  # pleas/ot_fusion: stored features if no probe
+        objective = merge_objective(prepared, method)
     return mergeops.merge_files(
         **prepared.input_kwargs(),
         out_dir=prepared.out_dir,

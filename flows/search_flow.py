@@ -32,6 +32,7 @@ from flows.inputs import checkpoint_dir
 from flows.runtime import current_runtime
 from flows.search_steps import CmaSearch, M2n2Search
 from flows.search_tracking import SearchTracker
+from flows.stored_features import needs_stored_features, stored_probe
 from mergeops.io import open_source
 from mergeops.methods import base as mb
 from registry.errors import InvalidInput, InvalidState
@@ -39,6 +40,7 @@ from registry.models import CheckpointCreate, CheckpointKind, LineageCreate, Lin
 from registry.search_models import SearchStatus
 from registry.services import leases, search_runs, searches
 from registry.services import policies as policy_service
+from registry.services.common import load_checkpoint
 from registry.services.completion import register_directory
 from registry.services.lineage import add_lineage_edges
 from registry.services.policy_rules import parse_selector
@@ -110,11 +112,7 @@ def _make_search(inputs: SearchInputs) -> tuple[Search, Callable[[], dict[str, t
                           scores, saved)  # fmt: skip
         return m2n2, lambda: m2n2.weights(m2n2.best_member())
     method = mb.get_method(inputs.method)
-    objective = None
-    if mb.Need.OBJECTIVE in method.needs:
-        from flows.merge_flow import evaluator_objective
-
-        objective = evaluator_objective(inputs.evaluator, method)
+    objective = _objective(inputs, method, evaluator) if mb.Need.OBJECTIVE in method.needs else None
     models = [inputs.folders[i] for i in inputs.input_ids]
 
     def merged(params: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -131,6 +129,23 @@ def _make_search(inputs: SearchInputs) -> tuple[Search, Callable[[], dict[str, t
 
     cma = CmaSearch(inputs.spec, inputs.params, score, saved)
     return cma, lambda: merged(cma.recipe()["params"])
+
+
+def _objective(inputs: SearchInputs, method: mb.MergeMethod, evaluator: Any) -> Any:
+    """The evaluator's objective, or for pleas/ot_fusion without its feature_probe() a probe
+    over the inputs' stored ``features`` artifacts (``InvalidInput`` naming one without)."""
+    if not needs_stored_features(method, evaluator):
+        from flows.merge_flow import evaluator_objective
+
+        return evaluator_objective(inputs.evaluator, method)
+    runtime = current_runtime()
+    cache = (runtime.settings.work_dir or runtime.settings.home / "work") / "cache"
+    with runtime.session() as session:
+        checkpoints = [load_checkpoint(session, i) for i in inputs.input_ids]
+        return stored_probe(session=session, store=runtime.store, cache_dir=cache,
+                            checkpoints=checkpoints,
+                            models=[inputs.folders[i] for i in inputs.input_ids],
+                            method=inputs.method, params=inputs.params)  # fmt: skip
 
 
 class _Lease:

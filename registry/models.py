@@ -82,6 +82,7 @@ class ArtifactRole(StrEnum):
     mask = "mask"
     merge_state = "merge_state"
     gram = "gram"  # layer-input XᵀX per linear weight (activation-aware merges)
+    features = "features"  # per-layer activations on shared inputs (pleas, ot_fusion)
 
 
 FILE_ROLES = (ArtifactRole.weights, ArtifactRole.config)

@@ -122,6 +122,7 @@ class Client(MergesMixin, SearchesMixin):
         metrics: Mapping[str, float] | None = None,
         second_moment: Path | str | None = None,
         gram: Path | str | None = None,
+        features: Path | str | None = None,
         optimizer_param_names: Sequence[str] | None = None,
         include_training_state: bool = False,
         progress: bool = True,
@@ -135,7 +136,8 @@ class Client(MergesMixin, SearchesMixin):
         Trainer ``optimizer.pt`` converted (``registry.client.trainer_moments``; names in optimizer
         order from ``optimizer_param_names``, else from ``config.json``). Skipped files (training
         state unless ``include_training_state``) are logged. ``gram``: layer-input Gram matrices
-        (``registry.client.capture_gram``) stored as a ``gram`` artifact for regmean. Returns the
+        (``registry.client.capture_gram``) stored as a ``gram`` artifact for regmean; ``features``:
+        per-layer features (``registry.client.capture_features``) for pleas/ot_fusion. Returns the
         final ``CheckpointPublic``.
         """
         plan = plan_upload(Path(path), include_training_state=include_training_state)
@@ -172,6 +174,8 @@ class Client(MergesMixin, SearchesMixin):
                 self.upload_artifact(checkpoint_id, artifact, role, progress=progress)
             if gram is not None:
                 self.upload_artifact(checkpoint_id, Path(gram), "gram", progress=progress)
+            if features is not None:
+                self.upload_artifact(checkpoint_id, Path(features), "features", progress=progress)
         return self.get_checkpoint(checkpoint_id)
 
     def list_checkpoints(self, **filters: Any) -> dict[str, Any]:

@@ -131,6 +131,14 @@ def register(
             "(registry.client.capture_gram), for regmean merges.",
         ),
     ] = None,
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            "--features",
+            help="safetensors of per-layer features on shared inputs "
+            "(registry.client.capture_features), for pleas/ot_fusion merges.",
+        ),
+    ] = None,
     include_training_state: Annotated[
         bool,
         typer.Option(
@@ -206,6 +214,7 @@ def register(
             metrics=metrics,
             second_moment=second_moment,
             gram=gram,
+            features=features,
             include_training_state=include_training_state,
             progress=not quiet,
         )

@@ -21,6 +21,7 @@ from registry.models import FILE_ROLES, Artifact, ArtifactPublic, ArtifactRole, 
 from registry.safetensors_check import SafetensorsHeader
 from registry.services.common import check_file_name, check_sha256, load_checkpoint, release_blobs
 from registry.services.compatibility import tensor_shapes
+from registry.services.features import check_features
 from registry.services.validation import inspect_artifact, tensor_index
 from registry.settings import Settings
 from registry.storage import BlobInfo, ObjectStore, StorageIntegrityError
@@ -141,6 +142,8 @@ def add_artifact(
         header = inspect_artifact(store=store, settings=settings, artifact=probe)
         if role in SHAPED_ROLES:
             _check_against_weights(session, checkpoint_id, header, name, role)
+        elif role == ArtifactRole.features:
+            check_features(session, checkpoint_id, header, name)
     except RegistryError:
         release_blobs(session=session, store=store, keys=[info.key])
         raise

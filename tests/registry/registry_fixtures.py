@@ -69,12 +69,16 @@ class RecordingLauncher:
     def __init__(self) -> None:
         self.ready: list[int] = []
         self.merges: list[int] = []
+        self.searches: list[int] = []
 
     def checkpoint_ready(self, checkpoint_id: int) -> None:
         self.ready.append(checkpoint_id)
 
     def merge_requested(self, run_id: int) -> None:
         self.merges.append(run_id)
+
+    def search_requested(self, search_id: int) -> None:
+        self.searches.append(search_id)
 
 
 @dataclass
