@@ -149,7 +149,12 @@ def compress_task(
     rows = [torch.tensor(r, dtype=torch.long) for r in calibration]
     result = compress_moe(source, out, method, num_experts, rows, progress=False, **options)  # type: ignore[arg-type]
     before = calibration_nll(AutoModelForCausalLM.from_pretrained(source).eval(), rows)
-    after = calibration_nll(AutoModelForCausalLM.from_pretrained(out).eval(), rows)
+    scored = out
+    if options.get("factored"):  # ckreg's own layout: scored in its materialized form
+        from mergeops.moe.factored import materialize
+
+        scored = materialize(out, out.parent / "materialized")
+    after = calibration_nll(AutoModelForCausalLM.from_pretrained(scored).eval(), rows)
     saved = result.bytes_before - result.bytes_after
     return {
         "moe/experts_before": float(result.experts_before),

@@ -86,6 +86,16 @@ def test_build_then_compress_registers_lineage_and_metrics(flow_env: FlowEnv) ->
     assert loaded.config.num_experts == 2
     assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
 
+    options = {"rank": 4, "factored": True}
+    factored_id = moe_compress(moe_id, 2, calibration, "sub_moe", "moe-fac", options)
+    with flow_env.session() as session:
+        factored = session.get(Checkpoint, factored_id)
+        assert factored is not None and factored.status == CheckpointStatus.ready
+        assert factored.meta["moe"]["experts_per_layer"] == 2
+        assert factored.meta["params"] == {"num_experts": 2, **options}
+        saved = {m.name: m.value for m in list_metrics(session=session, checkpoint_id=factored_id)}
+    assert saved["moe/bytes_saved"] > values["moe/bytes_saved"]
+
 
 def test_unknown_expert_fails_and_registers_nothing(flow_env: FlowEnv) -> None:
     base_id = _register(flow_env, "base", moe_tiny.llama(0), CheckpointKind.base)
