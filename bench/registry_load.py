@@ -3,14 +3,23 @@
 ``python -m bench.registry_load --clients 30 --duration 30 --s3 --database-url postgresql+psycopg://...``
 starts ``ckreg serve`` (embedded mode, its own process; with ``--s3`` an S3 store on a
 ``moto_server`` this program starts; SQLite in a temp dir unless ``--database-url``), then runs
-``--clients`` asyncio clients (one API token each) for ``--duration`` seconds. Each client, in a
-loop, registers a tiny checkpoint (create -> PUT -> complete: three requests) with probability
-``--write-share``, else reads: a page of the listing, one checkpoint, or a file download
-(checked against the sha256 it was uploaded with). Afterwards every ready checkpoint's file is downloaded and verified.
+``--clients`` asyncio clients (one API token each). Each client, in a loop, registers a tiny
+checkpoint (create -> PUT -> complete: three requests) with probability ``--write-share``, else
+reads: a page of the listing, one checkpoint, or a file download (checked against the sha256 it
+was uploaded with). Phases, in one run:
 
-Reported: requests/s over the run, and count / errors / p50 / p95 / p99 (ms) per operation.
-Goal (issue 18, 2-core machine): >= 100 requests/s with 30 clients, p95 of reads < 250 ms,
-0 errors, 0 mismatches.
+1. wait until the server is idle (embedded mode imports Prefect and starts its API at start-up);
+2. ``--warmup`` seconds of the mix, not reported (connection pools, first-call imports);
+3. reference: ``--reference-duration`` seconds of the same clients calling ``GET /healthz``
+   (answered on the event loop: no database, no store), the ceiling of this client, uvicorn and
+   machine, printed side by side with the mix;
+4. ``--duration`` seconds of the mix, measured;
+5. every ready checkpoint's file downloaded and verified.
+
+Reported: requests/s, count / errors / p50 / p95 / p99 (ms) per operation, CPU seconds per
+component (registry, moto, PostgreSQL backends, this load generator, the rest of the machine)
+and the load average before and after. Goal (issue 18, 2-core machine): >= 100 requests/s with
+30 clients, p95 of reads < 250 ms, 0 errors, 0 mismatches.
 """
 
 from __future__ import annotations
@@ -18,12 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import os
 import random
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +45,13 @@ from bench._common import (
     create_token,
     free_port,
     load_average,
-    percentile,
-    print_table,
     start_moto,
     start_server,
 )
+from bench._load_report import report_run, wait_until_idle
+from bench._procstat import CpuMeter
 
 READS = ("list", "show", "download")
-TARGET_RPS, TARGET_READ_P95_MS = 100.0, 250.0
 
 
 @dataclass
@@ -52,12 +62,17 @@ class Stats:
     errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     uploaded: dict[int, str] = field(default_factory=dict)  # checkpoint id -> sha256 of its file
     mismatches: list[str] = field(default_factory=list)
+    seeds: Iterator[int] = field(default_factory=itertools.count)  # unique checkpoint names
 
     @property
     def requests(self) -> int:
         return sum(len(v) for v in self.latencies.values()) + sum(
             len(v) for v in self.errors.values()
         )
+
+    def next_phase(self) -> Stats:
+        """Fresh latencies and errors; the same checkpoints, seeds and mismatches."""
+        return Stats(uploaded=self.uploaded, mismatches=self.mismatches, seeds=self.seeds)
 
 
 def tiny_file(seed: int) -> bytes:
@@ -120,21 +135,27 @@ async def read(client: Any, stats: Stats, rng: random.Random) -> None:
         stats.mismatches.append(f"checkpoint {checkpoint_id} (during the run)")
 
 
-async def run_clients(url: str, tokens: list[str], args: argparse.Namespace, stats: Stats) -> float:
-    """Run the clients (one token each, as separate users would have) for ``args.duration``
-    seconds; returns the elapsed seconds."""
+async def run_clients(
+    url: str, tokens: list[str], args: argparse.Namespace, stats: Stats, *, phase: str
+) -> float:
+    """Run the clients (one token each, as separate users would have) for the phase's seconds:
+    the mix, or only ``GET /healthz`` in the reference phase. Returns the elapsed seconds."""
     import httpx
 
-    deadline = time.monotonic() + args.duration
-    counter = iter(range(10**9))
+    seconds = {"warmup": args.warmup, "reference": args.reference_duration}.get(
+        phase, args.duration
+    )
+    deadline = time.monotonic() + seconds
 
     async def one(index: int) -> None:
-        rng = random.Random(args.seed * 1000 + index)
+        rng = random.Random(f"{args.seed}-{phase}-{index}")
         headers = {"Authorization": f"Bearer {tokens[index]}"}
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
             while time.monotonic() < deadline:
-                if rng.random() < args.write_share:
-                    await register(client, stats, next(counter))
+                if phase == "reference":
+                    await _timed(stats, "healthz", client.get("/healthz"), 200)
+                elif rng.random() < args.write_share:
+                    await register(client, stats, next(stats.seeds))
                 else:
                     await read(client, stats, rng)
 
@@ -174,7 +195,8 @@ def start_serve(work: Path, args: argparse.Namespace, endpoint: str | None) -> S
         env |= {**S3_ENV, "CKREG_STORE_URL": "s3://ckreg-load/ckreg"}
         env["CKREG_S3_ENDPOINT_URL"] = endpoint
     command = [sys.executable, "-c", "from flows.cli import app; app()", "serve", "--port"]
-    return start_server([*command, str(port)], port=port, log_path=work / "serve.log", env=env)
+    command += [str(port), *args.serve_args]
+    return start_server(command, port=port, log_path=work / "serve.log", env=env)
 
 
 def _bucket(endpoint: str) -> None:
@@ -191,63 +213,74 @@ def _keys() -> dict[str, str]:
     }
 
 
-def report(stats: Stats, elapsed: float, verified: int, args: argparse.Namespace) -> bool:
-    """Print the tables; True when every goal is met."""
-    rows = []
-    for op in ("create", "put", "complete", *READS):
-        seconds = stats.latencies.get(op, [])
-        ms = [s * 1000 for s in seconds] or [float("nan")]
-        errors = len(stats.errors.get(op, []))
-        rows.append([op, len(seconds), errors, *(percentile(ms, q) for q in (50, 95, 99))])
-    print_table(
-        f"registry load: {args.clients} clients, {elapsed:.1f} s, write share {args.write_share}"
-        f" ({load_average()})",
-        ("operation", "ok", "errors", "p50 ms", "p95 ms", "p99 ms"),
-        rows,
-    )
-    rps = stats.requests / elapsed
-    read_ms = [s * 1000 for op in READS for s in stats.latencies.get(op, [])]
-    read_p95 = percentile(read_ms, 95) if read_ms else float("nan")
-    errors = sum(len(v) for v in stats.errors.values())
-    print(
-        f"\n{stats.requests} requests, {rps:.1f} requests/s; reads p95 {read_p95:.1f} ms; "
-        f"{errors} errors; {verified} checkpoints verified, {len(stats.mismatches)} mismatches"
-    )
-    for op, messages in stats.errors.items():
-        for message in messages[:3]:
-            print(f"  {op} error: {message}")
-    met = rps >= TARGET_RPS and read_p95 < TARGET_READ_P95_MS and not errors
-    return met and not stats.mismatches
+def cpu_groups(server: ServerProcess, moto: ServerProcess | None, database_url: str) -> CpuMeter:
+    """Components whose CPU is counted: each process goes to the first group that picks it."""
+    groups: dict[str, int | str] = {"registry (ckreg serve + children)": server.pid}
+    if moto is not None:
+        groups["moto_server (S3)"] = moto.pid
+    if database_url.startswith("postgresql"):
+        groups["PostgreSQL backends"] = f" {database_url.rsplit('/', 1)[-1].split('?')[0]} "
+    groups["load generator (this process)"] = os.getpid()
+    return CpuMeter(groups)
+
+
+def measure(server: ServerProcess, moto: ServerProcess | None, args: argparse.Namespace) -> bool:
+    """Phases 1-5 of the module docstring against a started server; True when the run had
+    neither errors nor mismatches. Prints the report."""
+    database_url = args.database_url or f"sqlite:///{args.work / 'home' / 'registry.db'}"
+    tokens = [create_token(database_url) for _ in range(args.clients)]
+    if args.idle_timeout > 0:
+        wait_until_idle(server.pid, timeout=args.idle_timeout)
+    stats = Stats()
+    asyncio.run(run_clients(server.url, tokens, args, stats, phase="warmup"))
+    runs = {}
+    for phase in ("reference", "mix"):
+        stats = stats.next_phase()
+        load_before = load_average()
+        meter = cpu_groups(server, moto, database_url).start()
+        elapsed = asyncio.run(run_clients(server.url, tokens, args, stats, phase=phase))
+        runs[phase] = (stats, elapsed, meter.stop(), meter.machine_s, load_before, load_average())
+    verified = verify_all(server.url, tokens[0], stats)
+    return report_run(runs, verified, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=30, help="Concurrent clients.")
-    parser.add_argument("--duration", type=float, default=30.0, help="Seconds of load.")
+    parser.add_argument("--duration", type=float, default=30.0, help="Seconds of measured mix.")
+    parser.add_argument("--warmup", type=float, default=5.0, help="Seconds of unreported mix.")
+    parser.add_argument(
+        "--reference-duration", type=float, default=5.0, help="Seconds of GET /healthz."
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=240.0,
+        help="Most seconds to wait for the started server to go idle (0: do not wait).",
+    )
     parser.add_argument("--write-share", type=float, default=0.2, help="Share of registrations.")
     parser.add_argument("--database-url", default="", help="Default: SQLite in a temp dir.")
     parser.add_argument("--s3", action="store_true", help="S3 store on a local moto_server.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--serve-args",
+        nargs="*",
+        default=[],
+        help="Extra `ckreg serve` options (e.g. --workers 2).",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ckreg-load-") as tmp:
-        work = Path(tmp)
-        moto = start_moto(work) if args.s3 else None
+        args.work = Path(tmp)
+        moto = start_moto(args.work) if args.s3 else None
         try:
-            endpoint = moto.url if moto is not None else None
-            if endpoint is not None:
-                _bucket(endpoint)
-            with start_serve(work, args, endpoint) as server:
-                database_url = args.database_url or f"sqlite:///{work / 'home' / 'registry.db'}"
-                tokens = [create_token(database_url) for _ in range(args.clients)]
-                stats = Stats()
-                elapsed = asyncio.run(run_clients(server.url, tokens, args, stats))
-                verified = verify_all(server.url, tokens[0], stats)
-                met = report(stats, elapsed, verified, args)
+            if moto is not None:
+                _bucket(moto.url)
+            with start_serve(args.work, args, moto.url if moto else None) as server:
+                clean = measure(server, moto, args)
         finally:
             if moto is not None:
                 moto.stop()
-    print("goals met" if met else "goals NOT met")
-    return 0 if not stats.mismatches and not sum(map(len, stats.errors.values())) else 1
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

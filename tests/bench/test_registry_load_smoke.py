@@ -11,9 +11,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_registry_load_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    code = registry_load.main(["--clients", "2", "--duration", "2", "--write-share", "0.5"])
+    short = ["--warmup", "0.5", "--reference-duration", "0.5", "--idle-timeout", "0"]
+    code = registry_load.main(["--clients", "2", "--duration", "2", "--write-share", "0.5", *short])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "0 errors" in out and " 0 mismatches" in out, out
-    for operation in ("create", "put", "complete", "list", "download"):
+    for operation in ("create", "put", "complete", "list", "download", "healthz (reference)"):
         assert f"\n{operation} " in out, out
+    assert "\nregistry (ckreg serve + children) " in out and "load average during mix" in out, out
