@@ -32,6 +32,7 @@ BENCH_SHAPES: dict[str, LlamaShape] = {
     **SHAPES,
     "20m": LlamaShape(vocab=8000, hidden=512, intermediate=1408, layers=4, heads=8),
 }
+METHODS = ("task_arithmetic", "regmean", "adamerging")
 GRAM_RANK = 256  # rows of the random X behind each synthetic Gram (XᵀX / n + 0.1·I)
 
 
@@ -79,7 +80,9 @@ class LlamaEntropy:
         return -(logp.exp() * logp).sum(-1).mean()
 
 
-def child(method: str, work: Path, shape_name: str, models: int, ada_steps: int) -> None:
+def child(
+    method: str, work: Path, shape_name: str, models: int, ada_steps: int, hold: str = "float32"
+) -> None:
     """One merge, in this process (the parent measures it)."""
     import mergeops
 
@@ -92,7 +95,7 @@ def child(method: str, work: Path, shape_name: str, models: int, ada_steps: int)
         params: dict[str, object] = {"alpha": 0.9}
     elif method == "adamerging":
         options = {"objective": LlamaEntropy(shape), "base": str(folders[0])}
-        params = {"granularity": "layer", "steps": ada_steps, "lr": 1e-3}
+        params = {"granularity": "layer", "steps": ada_steps, "lr": 1e-3, "hold_dtype": hold}
     else:
         options, params = {"base": str(folders[0])}, {"lambda": 0.3}
     started = time.perf_counter()
@@ -101,7 +104,14 @@ def child(method: str, work: Path, shape_name: str, models: int, ada_steps: int)
     print(json.dumps({"method": method, "merge_s": time.perf_counter() - started}))
 
 
-def merge_rows(work: Path, shape_name: str, models: int, ada_steps: int) -> list[dict[str, object]]:
+def merge_rows(
+    work: Path,
+    shape_name: str,
+    models: int,
+    ada_steps: int,
+    methods: Sequence[str] = METHODS,
+    hold: str = "float32",
+) -> list[dict[str, object]]:
     """Each merge as its own process; wall time, CPU time and peak RSS."""
     from bench.merge_engine import measure
 
@@ -109,20 +119,21 @@ def merge_rows(work: Path, shape_name: str, models: int, ada_steps: int) -> list
     write_family(work, shape=shape, finetunes=models)
     write_grams(work, shape, models)  # outside the timed run
     rows = []
-    for method in ("task_arithmetic", "regmean", "adamerging"):
+    for method in methods:
         cmd = [sys.executable, "-m", "bench.frontier_bench", "--child", method, "--work",
                str(work.parent), "--shape", shape_name, "--models", str(models),
-               "--ada-steps", str(ada_steps)]  # fmt: skip
+               "--ada-steps", str(ada_steps), "--ada-hold", hold]  # fmt: skip
         run = measure(cmd, engine="ckreg", device="cpu", log=work / f"{method}.log")
         if not run.ok:
             raise RuntimeError(f"{method} merge failed; see {run.log}")
-        rows.append({"method": method, "wall_s": run.wall_s, "cpu_s": run.cpu_s,
+        label = f"{method} ({hold})" if method == "adamerging" else method
+        rows.append({"method": label, "wall_s": run.wall_s, "cpu_s": run.cpu_s,
                      "peak_rss_mib": run.peak_rss / 2**20})  # fmt: skip
     return rows
 
 
-def train_step_seconds(every: int | None, steps: int, *, seed: int = 0) -> float:
-    """Mean seconds per AdamW step of a tiny Llama (hidden 256, 4 layers, batch 8 x 128 tokens)
+def train_step_seconds(every: int | None, steps: int, *, seed: int = 0) -> tuple[float, float]:
+    """Mean (wall, CPU) seconds per AdamW step of a tiny Llama (hidden 256, 4 layers, batch 8 x 128 tokens)
     with a ``GramRecorder(every=...)`` active (``None``: no recorder); first 5 steps untimed."""
     from contextlib import nullcontext
 
@@ -140,28 +151,31 @@ def train_step_seconds(every: int | None, steps: int, *, seed: int = 0) -> float
     with recorder:
         for step in range(steps + 5):
             if step == 5:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
             loss = model(input_ids=ids, labels=ids).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return (time.perf_counter() - started) / steps
+    return (time.perf_counter() - started) / steps, (time.process_time() - cpu) / steps
 
 
 def capture_rows(steps: int, repeats: int = 2) -> list[dict[str, object]]:
     """Seconds per step without a recorder, with every=10 and every=1 (best of ``repeats``,
-    interleaved so a busy neighbour hits every setting alike)."""
+    interleaved so a busy neighbour hits every setting alike): wall time and the process's CPU
+    time (steadier on a shared machine; the overhead is computed on both)."""
     settings: tuple[int | None, ...] = (None, 10, 1)
-    best: dict[int | None, float] = {}
+    wall: dict[int | None, float] = {}
+    cpu: dict[int | None, float] = {}
     for _ in range(repeats):
         for every in settings:
-            value = train_step_seconds(every, steps)
-            best[every] = min(best.get(every, value), value)
+            w, c = train_step_seconds(every, steps)
+            wall[every], cpu[every] = min(wall.get(every, w), w), min(cpu.get(every, c), c)
     rows = []
     for every in settings:
-        overhead = best[every] / best[None] - 1
         rows.append({"recorder": "none" if every is None else f"every={every}",
-                     "s_per_step": best[every], "overhead_pct": 100 * overhead})  # fmt: skip
+                     "s_per_step": wall[every], "overhead_pct": 100 * (wall[every] / wall[None] - 1),
+                     "cpu_s_per_step": cpu[every],
+                     "cpu_overhead_pct": 100 * (cpu[every] / cpu[None] - 1)})  # fmt: skip
     return rows
 
 
@@ -181,6 +195,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="synthetic Llama size (default 20m; 270m is the issue's size)")  # fmt: skip
     parser.add_argument("--models", type=int, default=4, help="fine-tunes merged (default 4)")
     parser.add_argument("--ada-steps", type=int, default=5, help="adamerging Adam steps")
+    parser.add_argument(
+        "--ada-hold",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="adamerging's hold_dtype (bfloat16 halves the held task vectors)",
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"merges to time (default {','.join(METHODS)})"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="capture: runs per setting")
     parser.add_argument("--train-steps", type=int, default=30, help="timed steps per setting")
     parser.add_argument("--work", type=Path, default=Path("bench/out/frontier_bench"),
                         help="where models and outputs are written (reused)")  # fmt: skip
@@ -192,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     work = args.work / args.shape
     if args.child:
-        child(args.child, work, args.shape, args.models, args.ada_steps)
+        child(args.child, work, args.shape, args.models, args.ada_steps, args.ada_hold)
         return
     result: dict[str, object] = {
         "shape": args.shape,
@@ -200,12 +224,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if not args.skip_merges:
         work.mkdir(parents=True, exist_ok=True)
-        result["merges"] = merge_rows(work, args.shape, args.models, args.ada_steps)
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            parser.error(f"unknown --methods {unknown}; known: {', '.join(METHODS)}")
+        result["merges"] = merge_rows(
+            work, args.shape, args.models, args.ada_steps, methods, args.ada_hold
+        )
         print(f"merges of {args.models} fine-tunes, {args.shape} "
               f"({BENCH_SHAPES[args.shape].parameters / 1e6:.0f}M parameters, bf16):")  # fmt: skip
         print(_table(result["merges"]))  # type: ignore[arg-type]
     if not args.skip_capture:
-        result["capture"] = capture_rows(args.train_steps)
+        result["capture"] = capture_rows(args.train_steps, args.repeats)
         print(f"gram capture during training ({args.train_steps} steps per setting):")
         print(_table(result["capture"]))  # type: ignore[arg-type]
     if args.json is not None:

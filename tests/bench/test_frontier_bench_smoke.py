@@ -49,3 +49,15 @@ def test_capture_rows_report_overhead() -> None:
     rows = capture_rows(steps=1, repeats=1)
     assert [r["recorder"] for r in rows] == ["none", "every=10", "every=1"]
     assert rows[0]["overhead_pct"] == 0.0 and all(r["s_per_step"] > 0 for r in rows)
+    assert rows[0]["cpu_overhead_pct"] == 0.0 and all(r["cpu_s_per_step"] > 0 for r in rows)
+
+
+def test_adamerging_holding_bfloat16_writes_the_model(tmp_path: Path) -> None:
+    shape = SHAPES["tiny"]
+    write_family(tmp_path / "tiny", shape=shape, finetunes=2)
+    child("adamerging", tmp_path / "tiny", "tiny", 2, 2, "bfloat16")
+    merged = {}
+    for part in (tmp_path / "tiny" / "out-adamerging").glob("*.safetensors"):
+        merged |= load_file(str(part))
+    assert set(merged) == {name for name, _ in shape.tensor_shapes()}
+    assert all(torch.isfinite(t.float()).all() for t in merged.values())
