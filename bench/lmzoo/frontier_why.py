@@ -1,0 +1,133 @@
+"""Why a frontier claim fails (or holds) on LM zoos, with numbers:
+``python -m bench.lmzoo.frontier_why --json claims.json [--root DIR]``.
+
+For each zoo of a ``bench.lmzoo.claims --json`` output:
+
+- headroom: the fine-tunes' own-task average minus task arithmetic's test average — a merge
+  can only win what task arithmetic leaves on the table;
+- each frontier method's gain over task arithmetic split in two: what its own weighting adds
+  over the plain average (``method - linear``) against what tuning λ adds (``TA - linear``);
+- the task vectors' geometry (from the zoo's files): mean and max pairwise cosine of the
+  flattened task vectors (interference) and their size against the base (``‖τ‖/‖θ0‖``);
+- AdaMerging (layer-wise, from λ = 0.3): the unlabeled entropy and validation accuracy before
+  and after learning λ with the entropy objective and with the labelled proxy loss — when lower
+  entropy is not higher accuracy, the paper's objective cannot find a better λ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mergeops
+from bench.lmzoo.evaluator import LMTasksEvaluator, StateDict
+from bench.lmzoo.quality import load_lm_zoo
+
+FRONTIER = ("regmean", "adamerging", "wudi", "iso_c")
+ADA_LEARN = {"granularity": "layer", "steps": 100, "lr": 0.005}
+
+
+def _test_avg(rows: Sequence[Mapping[str, Any]], method: str) -> float | None:
+    for row in rows:
+        if row["method"] == method:
+            return float(row["test"]["accuracy/avg"])
+    return None
+
+
+def row_lines(result: Mapping[str, Any]) -> list[str]:
+    """Headroom and each frontier method's gain over linear vs task arithmetic's (test)."""
+    rows = result["rows"]
+    ta, linear = _test_avg(rows, "task_arithmetic"), _test_avg(rows, "linear")
+    own = float(result["summary"]["finetuned_own"])
+    if ta is None or linear is None:
+        return ["  (no task_arithmetic / linear rows)"]
+    lines = [f"  headroom: fine-tunes {own:.3f} - task arithmetic {ta:.3f} = {own - ta:+.3f}; "
+             f"TA - linear {ta - linear:+.3f}"]  # fmt: skip
+    for method in FRONTIER:
+        value = _test_avg(rows, method)
+        if value is None:
+            continue
+        claim = next((c for name, c in result["claims"].items()
+                      if name.lower().startswith(_claim_prefix(method))), None)  # fmt: skip
+        noise = f" (Δ {claim['diff']:+.3f} ± {claim['std']:.3f})" if claim else ""
+        lines.append(f"  {method:<10} {value:.3f}: vs linear {value - linear:+.3f}, "
+                     f"vs TA {value - ta:+.3f}{noise}")  # fmt: skip
+    return lines
+
+
+def _claim_prefix(method: str) -> str:
+    return {"regmean": "regmean", "adamerging": "layer-wise adamerging", "wudi": "wudi",
+            "iso_c": "iso-c"}[method]  # fmt: skip
+
+
+def geometry(base: StateDict, tuned: Sequence[StateDict]) -> dict[str, float]:
+    """Mean / max pairwise cosine of the flattened task vectors and mean ‖τ‖/‖θ0‖."""
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    flat0 = torch.cat([base[k].flatten().double() for k in keys])
+    vectors = [torch.cat([(m[k] - base[k]).flatten().double() for k in keys]) for m in tuned]
+    cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+               for a, b in combinations(vectors, 2)]  # fmt: skip
+    sizes = [float(v.norm() / flat0.norm()) for v in vectors]
+    return {
+        "cos_mean": sum(cosines) / max(len(cosines), 1),
+        "cos_max": max(cosines, default=0.0),
+        "rel_norm": sum(sizes) / len(sizes),
+    }
+
+
+def adamerging_why(zoo_dir: Path) -> str:
+    """Entropy and validation accuracy from λ = 0.3, after entropy and after the labelled proxy."""
+    zoo = load_lm_zoo(zoo_dir)
+    val = LMTasksEvaluator(zoo_dir, split="validation")
+    entropy = val.unlabeled_objective()
+    models = list(zoo.tasks.values())
+    start = mergeops.merge("task_arithmetic", models, base=zoo.base, **{"lambda": 0.3})
+    parts = [f"λ=0.3: entropy {float(entropy.loss(start)):.3f}, "
+             f"val {val.evaluate(start)['accuracy/avg']:.3f}"]  # fmt: skip
+    for label, objective in (("entropy", entropy), ("proxy", val.objective())):
+        learnt = mergeops.merge("adamerging", models, base=zoo.base, objective=objective,
+                                **ADA_LEARN)  # fmt: skip
+        parts.append(f"after {label}: entropy {float(entropy.loss(learnt)):.3f}, "
+                     f"val {val.evaluate(learnt)['accuracy/avg']:.3f}")  # fmt: skip
+    return "; ".join(parts)
+
+
+def zoo_why(result: Mapping[str, Any], root: Path | None, *, ada: bool = True) -> list[str]:
+    """Every analysis line of one zoo (geometry and AdaMerging need its folder under ``root``)."""
+    lines = [f"{result['zoo']} (seed {result.get('seed')}, {','.join(result.get('tasks', []))})"]
+    lines += row_lines(result)
+    zoo_dir = root / result["zoo"] if root is not None else None
+    if zoo_dir is None or not zoo_dir.is_dir():
+        return lines
+    zoo = load_lm_zoo(zoo_dir)
+    g = geometry(zoo.base, list(zoo.tasks.values()))
+    lines.append(f"  task vectors: cosine mean {g['cos_mean']:+.3f} max {g['cos_max']:+.3f}, "
+                 f"‖τ‖/‖θ0‖ {g['rel_norm']:.3f}")  # fmt: skip
+    if ada:
+        lines.append(f"  adamerging (layer): {adamerging_why(zoo_dir)}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.lmzoo.frontier_why", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--json", type=Path, nargs="+", required=True,
+                        help="bench.lmzoo.claims --json outputs")  # fmt: skip
+    parser.add_argument("--root", type=Path, default=Path("bench/out/lmzoo-claims"),
+                        help="where the zoos are (geometry, AdaMerging); default bench/out/lmzoo-claims")  # fmt: skip
+    parser.add_argument("--no-adamerging", action="store_true", help="skip the AdaMerging runs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    for path in args.json:
+        for result in json.loads(path.read_text()):
+            print("\n".join(zoo_why(result, args.root, ada=not args.no_adamerging)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""bench.lmzoo.frontier_why: headroom and gains read from a claims result, task-vector geometry."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.lmzoo.frontier_why import geometry, row_lines, zoo_why
+
+
+def _result() -> dict:
+    rows = [{"method": m, "params": {}, "test": {"accuracy/avg": v}}
+            for m, v in (("linear", 0.50), ("task_arithmetic", 0.60), ("regmean", 0.58),
+                         ("wudi", 0.65))]  # fmt: skip
+    claims = {"RegMean beats task arithmetic": {"diff": -0.02, "std": 0.015, "held": False},
+              "WUDI beats task arithmetic": {"diff": 0.05, "std": 0.015, "held": True}}  # fmt: skip
+    return {"zoo": "lm-x", "seed": 0, "tasks": ["copy"], "rows": rows, "claims": claims,
+            "summary": {"finetuned_own": 0.8}}  # fmt: skip
+
+
+def test_row_lines_split_each_gain() -> None:
+    lines = row_lines(_result())
+    assert "fine-tunes 0.800 - task arithmetic 0.600 = +0.200" in lines[0]
+    assert "TA - linear +0.100" in lines[0]
+    regmean = next(line for line in lines if "regmean" in line)
+    assert "vs linear +0.080" in regmean and "vs TA -0.020" in regmean
+    assert "Δ -0.020 ± 0.015" in regmean
+    assert not any("iso_c" in line for line in lines)  # no row, no line
+
+
+def test_geometry_of_orthogonal_and_equal_task_vectors() -> None:
+    base = {"w": torch.ones(4), "step": torch.tensor(3)}
+    a = {"w": base["w"] + torch.tensor([1.0, 0, 0, 0]), "step": base["step"]}
+    b = {"w": base["w"] + torch.tensor([0, 1.0, 0, 0]), "step": base["step"]}
+    g = geometry(base, [a, b, a])
+    assert abs(g["cos_max"] - 1.0) < 1e-9  # a and a
+    assert abs(g["cos_mean"] - 1 / 3) < 1e-9  # (0 + 1 + 0) / 3
+    assert abs(g["rel_norm"] - 0.5) < 1e-9  # ‖τ‖ = 1, ‖θ0‖ = 2
+
+
+def test_zoo_why_without_the_folder_gives_the_row_lines() -> None:
+    lines = zoo_why(_result(), None)
+    assert lines[0].startswith("lm-x (seed 0, copy)") and len(lines) == 1 + len(
+        row_lines(_result())
+    )
