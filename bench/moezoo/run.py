@@ -6,7 +6,12 @@ test prompts (exact match, greedy). Claims checked (issue 22):
 
 1. the MoE of the task fine-tunes beats their task-arithmetic merge on the tasks;
 2. halving the experts with MC-SMoE or Sub-MoE keeps >= 90 % of the MoE's average accuracy, where
-   naive averaging of neighbouring expert pairs keeps less; and how many bytes halving saves.
+   naive averaging of neighbouring expert pairs keeps less; and how many bytes halving saves
+   (dense, and Sub-MoE's factored form at ranks 16 and 32).
+
+Also: the MoE with a shared expert (Qwen2-MoE; the base's MLP or the fine-tunes' average), and
+mc_smoe with ``leaders="diverse"``. Where a halving keeps less than 90 %, ``why`` says why from its
+expert groups (tasks merged into one expert, twin experts both leading, routing lost at M = top-k).
 
 Run: ``python -m bench.moezoo [--out results.json]`` (a few minutes on one core).
 """
@@ -135,6 +140,12 @@ def build_rows(root: Path, base_dir: Path, tunes: Sequence[Path]) -> list[dict[s
         out = root / f"moe-{mode}"
         build_moe(base_dir, _experts(tunes, 0), out, BuildParams(gate_mode=mode))  # type: ignore[arg-type]
         rows.append(_row(f"moe[{mode}] 4 experts", _load(out), out, "top-2"))
+    for shared in ("base", "average"):  # Qwen2-MoE: (1 - w) routed + w shared, w = 0.5
+        out = root / f"moe-shared-{shared}"
+        params = BuildParams(shared_expert=shared)  # type: ignore[arg-type]
+        build_moe(base_dir, _experts(tunes, 0), out, params)
+        note = f"qwen2_moe, top-2 + shared expert = {shared} MLP, w=0.5"
+        rows.append(_row(f"moe[hidden] 4 experts + shared {shared}", _load(out), out, note))
     return rows
 
 
@@ -149,16 +160,81 @@ def compress_rows(root: Path, source: Path, num_experts: int, tag: str) -> list[
         ("sub_moe", {}),
         ("average", {}),
         ("mc_smoe", {"align": False}),
+        ("mc_smoe", {"leaders": "diverse"}),
     ):
         label = method + ("" if options.get("align", True) else " (no align)")
+        label += " (diverse leaders)" if options.get("leaders") == "diverse" else ""
         out = root / f"{tag}-{label.replace(' ', '_')}"
         result = compress_moe(
             source, out, method, num_experts, calibration, progress=False, **options
         )  # type: ignore[arg-type]
         groups = "; ".join(str(g) for g in result.groups.values())
         name = f"{label} {result.experts_before}->{num_experts}"
-        rows.append({**_row(name, _load(out), out, f"groups {groups}"), "section": tag})
+        row = _row(name, _load(out), out, f"groups {groups}")
+        rows.append({**row, "section": tag, "groups": result.groups, "experts_after": num_experts})
     return rows
+
+
+def factored_rows(root: Path, source: Path, num_experts: int, tag: str) -> list[dict[str, Any]]:
+    """Sub-MoE kept factored (rank r of the shared basis; hidden 64, intermediate 128, so a
+    projection costs 192 r numbers instead of 8192): bytes of the factored folder, accuracy of
+    its materialized (dense) form."""
+    from mergeops.moe.compress import compress_moe
+    from mergeops.moe.factored import materialize
+
+    calibration = [p for task in TASKS for p in prompt_ids(task, 32, 99)]
+    rows = []
+    for rank in (16, 32):
+        out = root / f"{tag}-factored-{rank}"
+        result = compress_moe(
+            source,
+            out,
+            "sub_moe",
+            num_experts,
+            calibration,
+            progress=False,
+            rank=rank,
+            factored=True,
+        )
+        dense = materialize(out, root / f"{tag}-factored-{rank}-dense")
+        name = f"sub_moe factored r={rank} {result.experts_before}->{num_experts}"
+        row = _row(name, _load(dense), out, "bytes: factored folder; accuracy: materialized")
+        rows.append({**row, "section": tag, "groups": result.groups, "experts_after": num_experts})
+    return rows
+
+
+def why(row: dict[str, Any], top_k: int = 2) -> str:
+    """Why a halving lost accuracy, from its groups: expert e serves TASKS[e % 4] (the 8-expert
+    MoE holds each task twice, seed-major)."""
+    reasons = []
+    if row["experts_after"] <= top_k:
+        reasons.append(
+            f"{row['experts_after']} experts with top-{top_k} routing: every token uses every "
+            "expert, so the router no longer selects anything"
+        )
+    if row["experts_after"] < len(TASKS):
+        reasons.append(
+            f"{row['experts_after']} experts for {len(TASKS)} tasks: any grouping merges "
+            "experts of different tasks"
+        )
+    for layer, groups in row["groups"].items():
+        tasks = [sorted({TASKS[e % len(TASKS)] for e in g}) for g in groups]
+        leads = [TASKS[g[0] % len(TASKS)] for g in groups]
+        twins = sorted({t for t in leads if leads.count(t) > 1})
+        if twins and row.get("model", "").startswith("mc_smoe"):  # groups led by a leader
+            reasons.append(
+                f"layer {layer}: both experts of {', '.join(twins)} lead a group (leaders "
+                f"{[g[0] for g in groups]}), so other tasks' experts have to share"
+            )
+        mixed = [t for t in tasks if len(t) > 1]
+        own = {t[0] for t in tasks if len(t) == 1}
+        lost = [t for t in TASKS if t not in own]
+        if mixed:
+            reasons.append(
+                f"layer {layer}: {len(mixed)} of {len(groups)} merged experts mix tasks "
+                f"({'; '.join('+'.join(t) for t in mixed)}); no expert of its own for {', '.join(lost)}"
+            )
+    return "; ".join(reasons) or "groups keep tasks apart"
 
 
 def run(root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -175,12 +251,14 @@ def run(root: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
         rows += build_rows(root, base_dir, tunes)
         log("built the MoEs of 4 experts")
         rows += compress_rows(root, root / "moe-hidden", 2, "distinct")
+        rows += factored_rows(root, root / "moe-hidden", 2, "distinct")
         # 8 experts, two per task, in seed-major order: index neighbours serve different tasks
         eight = root / "moe-8"
         build_moe(base_dir, _experts([*tunes, *twins], 0), eight, BuildParams())
         rows.append(_row("moe[hidden] 8 experts", _load(eight), eight, "2 per task, top-2"))
         log("built the MoE of 8 experts")
         rows += compress_rows(root, eight, 4, "redundant")
+        rows += factored_rows(root, eight, 4, "redundant")
     return rows
 
 
@@ -221,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(
                 f"{row['model']}: keeps {kept:.1%} of {source}'s average accuracy, {saved:.1%} fewer bytes"
             )
+            if kept < 0.9:
+                print(f"    below 90 % because: {why(row)}")
     ta = by_name["task_arithmetic"]["avg"]
     print(
         f"moe[hidden] 4 experts avg {by_name['moe[hidden] 4 experts']['avg']:.3f} vs task_arithmetic {ta:.3f}"
