@@ -38,7 +38,7 @@ from mergeops.methods import base as mb
 from registry.errors import InvalidInput, InvalidState
 from registry.models import CheckpointCreate, CheckpointKind, LineageCreate, LineageRole
 from registry.search_models import SearchStatus
-from registry.services import leases, search_runs, searches
+from registry.services import leases, search_leases, search_runs, searches
 from registry.services import policies as policy_service
 from registry.services.common import load_checkpoint
 from registry.services.completion import register_directory
@@ -169,7 +169,7 @@ class _Lease:
         while not self._stop.wait(self.lease_s / 3):
             try:
                 with current_runtime().session() as session:
-                    if not search_runs.renew_lease(session=session, search_id=self.search_id,
+                    if not search_leases.renew_lease(session=session, search_id=self.search_id,
                                                    owner=self.owner, lease_s=self.lease_s):  # fmt: skip
                         return
             except Exception:  # the database briefly away: the next beat retries
@@ -178,13 +178,13 @@ class _Lease:
     def save(self, progress: dict[str, Any]) -> bool:
         """Store the progress; True when a cancel was asked for meanwhile."""
         with current_runtime().session() as session:
-            return search_runs.save_progress(session=session, search_id=self.search_id,
+            return search_leases.save_progress(session=session, search_id=self.search_id,
                                              owner=self.owner, lease_s=self.lease_s,
                                              progress=progress)  # fmt: skip
 
     def finish(self, status: SearchStatus, **fields: Any) -> None:
         with current_runtime().session() as session:
-            search_runs.finish_search(session=session, search_id=self.search_id,
+            search_leases.finish_search(session=session, search_id=self.search_id,
                                       owner=self.owner, status=status, **fields)  # fmt: skip
 
 
@@ -196,7 +196,7 @@ def merge_search(search_id: int) -> int | None:
     runtime = current_runtime()
     owner, lease_s = leases.new_owner(), runtime.settings.merge_lease_s
     with runtime.session() as session:
-        claimed = search_runs.claim_search(session=session, search_id=search_id, owner=owner,
+        claimed = search_leases.claim_search(session=session, search_id=search_id, owner=owner,
                                            lease_s=lease_s)  # fmt: skip
         row = search_runs.get_search(session=session, search_id=search_id)
     if not claimed:
@@ -205,7 +205,7 @@ def merge_search(search_id: int) -> int | None:
     with _Lease(search_id, owner, lease_s) as lease:
         try:
             return _run(row.policy_id, dict(row.state or {}), lease)
-        except search_runs.SearchLeaseLost:
+        except search_leases.SearchLeaseLost:
             log.warning("search %s was taken over by another worker; stopping", search_id)
             return None
         except Exception as exc:

@@ -10,7 +10,6 @@ process gone, or lease expired) is taken over by the next start.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, update
@@ -29,14 +28,10 @@ from registry.search_models import (
 from registry.services import policies as policy_service
 from registry.services import searches
 from registry.services.compatibility import tensor_shapes
-from registry.services.leases import _aware, owner_is_dead
 from registry.services.policy_rules import parse_selector
+from registry.services.search_leases import is_stale
 
 RESUMABLE = (SearchStatus.cancelled, SearchStatus.failed)
-
-
-class SearchLeaseLost(InvalidState):
-    """The worker no longer holds the search (another worker took it over)."""
 
 
 def get_search(*, session: Session, search_id: int) -> MergeSearch:
@@ -76,14 +71,6 @@ def _refuse_active(row: MergeSearch, name: str) -> InvalidState:
         f"({row.evaluations}/{row.budget_evaluations} evaluations); "
         f"cancel it first (POST /searches/{row.id}/cancel) or watch it (GET /searches/{row.id})"
     )
-
-
-def _is_stale(row: MergeSearch) -> bool:
-    """A running search whose worker died: its owner process is gone or its lease expired."""
-    if row.status != SearchStatus.running:
-        return False
-    expires = _aware(row.lease_expires_at)
-    return owner_is_dead(row.lease_owner) or expires is None or expires < utcnow()
 
 
 def check_search_inputs(*, session: Session, policy_id: int) -> list[int]:
@@ -128,7 +115,7 @@ def start_search(
     spec = searches.parse_search(policy.search or {}, owner=f"policy '{policy.name}'")
     active = _active(session, policy_id)
     if active is not None:
-        if _is_stale(active) and _requeue(session, active, (SearchStatus.running,)):
+        if is_stale(active) and _requeue(session, active, (SearchStatus.running,)):
             return get_search(session=session, search_id=active.id or 0), True
         raise _refuse_active(active, policy.name)
     if resume:
@@ -210,95 +197,6 @@ def cancel_search(*, session: Session, search_id: int) -> MergeSearch:
     return get_search(session=session, search_id=search_id)
 
 
-# ---- the worker side -------------------------------------------------------------------------
-
-
-def claim_search(*, session: Session, search_id: int, owner: str, lease_s: float) -> bool:
-    """Take a queued search (or a running one whose worker died) for ``owner``; False when
-    it is not claimable (finished, cancelled, or held by a live worker)."""
-    row = get_search(session=session, search_id=search_id)
-    if row.status != SearchStatus.queued and not _is_stale(row):
-        return False
-    now = utcnow()
-    result = session.execute(
-        update(MergeSearch)
-        .where(
-            col(MergeSearch.id) == search_id,
-            col(MergeSearch.attempts) == row.attempts,
-            col(MergeSearch.status).in_(ACTIVE),
-        )
-        .values(
-            status=SearchStatus.running,
-            lease_owner=owner,
-            attempts=row.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            updated_at=now,
-            started_at=row.started_at or now,
-        )
-    )
-    session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-
-def save_progress(
-    *, session: Session, search_id: int, owner: str, lease_s: float, progress: dict[str, Any]
-) -> bool:
-    """Store the search's progress and renew the lease (one commit); True when a cancel was
-    asked for. ``SearchLeaseLost`` when another worker took the search over."""
-    history = progress.get("history", [])
-    best = max((h["score"] for h in history), default=None)
-    now = utcnow()
-    result = session.execute(
-        update(MergeSearch)
-        .where(
-            col(MergeSearch.id) == search_id,
-            col(MergeSearch.lease_owner) == owner,
-            col(MergeSearch.status) == SearchStatus.running,
-        )
-        .values(
-            state=progress,
-            evaluations=progress.get("evaluations", 0),
-            best_score=best,
-            elapsed_s=progress.get("elapsed_s", 0.0),
-            updated_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-        )
-    )
-    session.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise SearchLeaseLost(f"search {search_id}: this worker no longer holds it")
-    session.expire_all()
-    return get_search(session=session, search_id=search_id).cancel_requested
-
-
-def finish_search(
-    *,
-    session: Session,
-    search_id: int,
-    owner: str,
-    status: SearchStatus,
-    checkpoint_id: int | None = None,
-    error: str | None = None,
-) -> None:
-    """End the search (finished, cancelled or failed) and free the policy for the next one."""
-    now = utcnow()
-    session.execute(
-        update(MergeSearch)
-        .where(col(MergeSearch.id) == search_id, col(MergeSearch.lease_owner) == owner)
-        .values(
-            status=status,
-            checkpoint_id=checkpoint_id,
-            error=error,
-            active_policy_id=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            finished_at=now,
-            updated_at=now,
-        )
-    )
-    session.commit()
-
-
 def to_public(*, session: Session, row: MergeSearch, resumed: bool = False) -> MergeSearchPublic:
     """The API form: status, progress and the scored candidates."""
     state = row.state or {}
@@ -330,16 +228,18 @@ def to_public(*, session: Session, row: MergeSearch, resumed: bool = False) -> M
     )
 
 
-def renew_lease(*, session: Session, search_id: int, owner: str, lease_s: float) -> bool:
-    """Extend ``owner``'s lease on a running search; False when it holds it no more."""
-    result = session.execute(
+def fail_queued(*, session: Session, search_id: int, error: str) -> None:
+    """Fail a search that is still queued (its launch failed), freeing its policy."""
+    now = utcnow()
+    session.execute(
         update(MergeSearch)
-        .where(
-            col(MergeSearch.id) == search_id,
-            col(MergeSearch.lease_owner) == owner,
-            col(MergeSearch.status) == SearchStatus.running,
+        .where(col(MergeSearch.id) == search_id, col(MergeSearch.status) == SearchStatus.queued)
+        .values(
+            status=SearchStatus.failed,
+            error=error,
+            active_policy_id=None,
+            finished_at=now,
+            updated_at=now,
         )
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
     )
     session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -17,12 +17,13 @@ from sqlmodel import Session
 
 from flows import runtime as flow_runtime
 from flows.search_flow import merge_search
+from registry.api.app import create_app
 from registry.db import make_engine, upgrade_database
 from registry.errors import InvalidState
 from registry.models import CheckpointKind, MergePolicyCreate
 from registry.search_models import MergeSearch
+from registry.services import create_token, search_leases, search_runs
 from registry.services import policies as policy_service
-from registry.services import search_runs
 from registry.settings import Settings
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import Embedded, FlowEnv, tiny_state
@@ -192,9 +193,9 @@ def test_a_search_whose_worker_died_is_taken_over(flow_env: FlowEnv, target_plug
     with flow_env.session() as session:
         row, _ = search_runs.start_search(session=session, policy_id=policy)
         sid = row.id or 0
-        assert search_runs.claim_search(session=session, search_id=sid, owner="h:1:x", lease_s=60)
+        assert search_leases.claim_search(session=session, search_id=sid, owner="h:1:x", lease_s=60)
         # a live owner: a second claim and a second start are refused
-        assert not search_runs.claim_search(session=session, search_id=sid, owner="h:2:y",
+        assert not search_leases.claim_search(session=session, search_id=sid, owner="h:2:y",
                                             lease_s=60)  # fmt: skip
         with pytest.raises(InvalidState, match=f"search {sid} running"):
             search_runs.start_search(session=session, policy_id=policy)
@@ -209,3 +210,32 @@ def test_a_search_whose_worker_died_is_taken_over(flow_env: FlowEnv, target_plug
     with flow_env.session() as session:
         done = search_runs.get_search(session=session, search_id=sid)
     assert done.status == "finished" and done.attempts == 2 and done.evaluations == 4
+
+
+class _BrokenLauncher:
+    def checkpoint_ready(self, checkpoint_id: int) -> None:
+        return None
+
+    def merge_requested(self, run_id: int) -> None:
+        return None
+
+    def search_requested(self, search_id: int) -> None:
+        raise ConnectionError("prefect server down (test)")
+
+
+def test_a_search_the_launcher_cannot_start_frees_its_policy(
+    flow_env: FlowEnv, target_plugin: None
+) -> None:
+    base = _family(flow_env)
+    policy = _cma_policy(flow_env, base, evaluations=2)
+    app = create_app(flow_env.settings, launcher=_BrokenLauncher())
+    with flow_env.session() as session:
+        _, secret = create_token(session=session, name="t", scopes=["write"])
+    headers = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        url = f"/api/v1/policies/{policy}/searches"
+        assert client.post(url, headers=headers).status_code == 500
+        failed = client.get("/api/v1/searches").json()["items"][0]
+        assert failed["status"] == "failed" and "prefect server down" in failed["error"]
+        again = client.post(url, headers=headers)  # not 409: the policy was freed
+        assert again.status_code == 500 and client.get("/api/v1/searches").json()["total"] == 1

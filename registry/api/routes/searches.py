@@ -56,7 +56,12 @@ def start_search(
     row, resumed = search_runs.start_search(
         session=session, policy_id=policy_id, resume=(body or SearchStart()).resume
     )
-    launcher.search_requested(row.id or 0)
+    try:
+        launcher.search_requested(row.id or 0)
+    except Exception as exc:  # no flow will run it: free the policy (a later start resumes)
+        search_runs.fail_queued(session=session, search_id=row.id or 0,
+                                error=f"could not be handed to the flows: {type(exc).__name__}: {exc}")  # fmt: skip
+        raise
     return search_runs.to_public(session=session, row=row, resumed=resumed)
 
 
