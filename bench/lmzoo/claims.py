@@ -68,7 +68,10 @@ def _hits_for(zoo_dir: Path, rows: Sequence[Row]) -> dict[str, dict[str, torch.T
     needed = {name for _, a, b, _ in CLAIMS for name in (a, b)}
     hits = {"pretrained": test.per_example(zoo.base)}
     for name in sorted(needed - {"pretrained"}):
-        if name == "adamerging_layer":  # the claim is about the layer-wise variant
+        table = chosen.get("adamerging", {})
+        if name == "adamerging_layer" and table.get("granularity") == "layer":
+            merged = lm_merge_fn("adamerging", zoo, objective, val)(table)  # best of all: reuse
+        elif name == "adamerging_layer":  # the claim is about the layer-wise variant
             grid = [p for p in GRIDS["adamerging"] if p["granularity"] == "layer"]
             fn = lm_merge_fn("adamerging", zoo, objective, val)
             _, merged, _ = select(fn, grid, lambda s: val.evaluate(s)["accuracy/avg"])
