@@ -76,6 +76,9 @@ def _mount_client_commands() -> None:
     app.command("merge")(merge_command)
     app.add_typer(moe_app, name="moe")
     set_register_hooks(build=register_moe, compress=register_compressed)  # ckreg moe ... --register
+    from flows.cli_moe_flows import moe_flow_app  # ckreg moe build-flow / compress-flow
+
+    moe_app.registered_commands.extend(moe_flow_app.registered_commands)
     app.command("extract-lora")(make_extract_lora_command(register_adapter))
     app.command("pull")(cli_pull.pull)
 

@@ -3,10 +3,15 @@ expert and the base), compress it (a child with its metrics), and bad ids leave 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from sqlmodel import select
+from typer.testing import CliRunner
 
+from flows.cli import app
 from flows.inputs import checkpoint_dir
 from flows.moe_flow import moe_build, moe_compress
 from flows.runtime import current_runtime
@@ -86,8 +91,14 @@ def test_build_then_compress_registers_lineage_and_metrics(flow_env: FlowEnv) ->
     assert loaded.config.num_experts == 2
     assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
 
-    options = {"rank": 4, "factored": True}
-    factored_id = moe_compress(moe_id, 2, calibration, "sub_moe", "moe-fac", options)
+    # through the server-side CLI: ckreg moe compress-flow
+    (flow_env.tmp / "calib.json").write_text(json.dumps(calibration))
+    args = ["moe", "compress-flow", str(moe_id), "-m", "2", "--method", "sub_moe"]
+    args += ["--calibration", str(flow_env.tmp / "calib.json"), "--name", "moe-fac"]
+    done = CliRunner().invoke(app, [*args, "--rank", "4", "--factored"])
+    assert done.exit_code == 0, done.output
+    factored_id = int(done.output.split("registered ")[1].split(",")[0])
+    options = {"leaders": "frequency", "factored": True, "rank": 4}
     with flow_env.session() as session:
         factored = session.get(Checkpoint, factored_id)
         assert factored is not None and factored.status == CheckpointStatus.ready
@@ -105,6 +116,10 @@ def test_unknown_expert_fails_and_registers_nothing(flow_env: FlowEnv) -> None:
     }
     with pytest.raises(Exception, match="999"):
         moe_build(spec, name="never")
+    (flow_env.tmp / "spec.yml").write_text(yaml.safe_dump(spec))
+    args = ["moe", "build-flow", "-c", str(flow_env.tmp / "spec.yml"), "--name", "never"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 1 and "checkpoint 999" in done.output
     with pytest.raises(ValueError, match="unknown key"):
         moe_build({**spec, "gates": "x"}, name="never")
     with flow_env.session() as session:
