@@ -177,7 +177,8 @@ def _requeue(session: Session, row: MergeSearch, statuses: tuple[SearchStatus, .
 
 
 def cancel_search(*, session: Session, search_id: int) -> MergeSearch:
-    """Stop a search: a queued one at once, a running one at its next candidate."""
+    """Stop a search: a queued one (or a running one whose worker died) at once, a running
+    one at its next candidate."""
     row = get_search(session=session, search_id=search_id)
     if row.status not in ACTIVE:
         raise InvalidState(
@@ -185,11 +186,21 @@ def cancel_search(*, session: Session, search_id: int) -> MergeSearch:
         )
     now = utcnow()
     values: dict[str, Any] = {"cancel_requested": True, "updated_at": now}
-    if row.status == SearchStatus.queued:
-        values.update(status=SearchStatus.cancelled, active_policy_id=None, finished_at=now)
+    if row.status == SearchStatus.queued or is_stale(row):
+        values.update(
+            status=SearchStatus.cancelled,
+            active_policy_id=None,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
     session.execute(
         update(MergeSearch)
-        .where(col(MergeSearch.id) == search_id, col(MergeSearch.status) == row.status)
+        .where(
+            col(MergeSearch.id) == search_id,
+            col(MergeSearch.status) == row.status,
+            col(MergeSearch.attempts) == row.attempts,
+        )
         .values(**values)
     )
     session.commit()

@@ -71,10 +71,13 @@ def test_start_watch_cancel_and_resume_over_rest(api: Embedded) -> None:
     assert 2 <= stopped["evaluations"] < 8 and stopped["checkpoint_id"] is None
     assert len(stopped["candidates"]) == stopped["evaluations"]
     TargetEvaluator.delay_s = 0.0
+    asked = time.monotonic()
     resumed = api.client.post(f"/api/v1/policies/{policy}/searches", headers=api.headers)
     assert resumed.status_code == 202 and resumed.json()["resumed"] is True
     assert resumed.json()["id"] == sid
     calls_before = TargetEvaluator.calls
+    _wait(api.client, sid, lambda s: s["evaluations"] > stopped["evaluations"])
+    resume_s = time.monotonic() - asked
     done = _wait(api.client, sid, lambda s: s["status"] == "finished")
     assert (
         done["evaluations"] == 8
@@ -93,7 +96,8 @@ def test_start_watch_cancel_and_resume_over_rest(api: Embedded) -> None:
         fresh.status_code == 202 and fresh.json()["id"] != sid
     )  # a finished search is not resumed
     _wait(api.client, fresh.json()["id"], lambda s: s["status"] == "finished")
-    print(f"cancel took {cancel_s:.2f} s (candidate 0.3 s)")
+    print(f"cancel took {cancel_s:.2f} s (candidate 0.3 s); resume to its next candidate "
+          f"{resume_s:.2f} s")  # fmt: skip
 
 
 def test_bad_starts_are_refused_and_leave_nothing(api: Embedded) -> None:
@@ -210,6 +214,15 @@ def test_a_search_whose_worker_died_is_taken_over(flow_env: FlowEnv, target_plug
     with flow_env.session() as session:
         done = search_runs.get_search(session=session, search_id=sid)
     assert done.status == "finished" and done.attempts == 2 and done.evaluations == 4
+    with flow_env.session() as session:  # cancelling a dead worker's search ends it at once
+        row, _ = search_runs.start_search(session=session, policy_id=policy)
+        claim = dict(session=session, search_id=row.id or 0, owner="h:3:z", lease_s=60)
+        assert search_leases.claim_search(**claim)  # type: ignore[arg-type]
+        expired = datetime(2000, 1, 1, tzinfo=UTC)
+        session.execute(update(MergeSearch).values(lease_expires_at=expired))
+        session.commit()
+        cancelled = search_runs.cancel_search(session=session, search_id=row.id or 0)
+    assert cancelled.status == "cancelled" and cancelled.active_policy_id is None
 
 
 class _BrokenLauncher:
