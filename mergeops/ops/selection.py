@@ -50,9 +50,10 @@ def topk_cut_by(magnitude: torch.Tensor, density: float, tie_break: TieBreak) ->
     equal = _indices(flat, threshold)
     if above + equal.numel() == k:  # the whole tie group survives: no choice to make
         return TrimCut(threshold=float(threshold), ties=equal)
-    order = torch.argsort(sort_keys(flat), descending=True)[:k]
-    kept = order[flat[order] == threshold]
-    return TrimCut(threshold=float(threshold), ties=kept.sort().values)
+    # mergekit keeps argsort(descending)[:k]; sorted descending, the entries equal to the
+    # threshold are exactly positions [above, k) of that order (no gather over the top k).
+    order = torch.sort(sort_keys(flat), descending=True).indices
+    return TrimCut(threshold=float(threshold), ties=order[above:k].sort().values)
 
 
 def topk_mask_by(values: torch.Tensor, density: float, tie_break: TieBreak) -> torch.Tensor:
