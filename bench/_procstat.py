@@ -49,7 +49,9 @@ def machine_busy_s() -> float:
 
 @dataclass
 class CpuMeter:
-    """CPU seconds per group between ``start()`` and ``stop()``.
+    """CPU seconds per group between ``start()`` and ``stop()``; a process counts in the first
+    group (in ``groups``' order) that picks it, so a process tree can be listed after its
+    children's groups.
 
     Processes that exit in between lose the CPU time they spent after the first snapshot (the
     kernel folds it into their parent only once reaped); the registry's pooled connections and
@@ -70,11 +72,13 @@ class CpuMeter:
             if parent >= 0:
                 cpu[pid], parents[pid] = seconds, parent
         taken: dict[str, dict[int, float]] = {}
+        left = set(cpu)  # each process counts in the first group that picks it
         for name, group in self.groups.items():
             if isinstance(group, int):
-                members = {pid for pid in cpu if _descends(pid, group, parents)}
+                members = {pid for pid in left if _descends(pid, group, parents)}
             else:
-                members = {pid for pid in cpu if group in _cmdline(pid)}
+                members = {pid for pid in left if group in _cmdline(pid)}
+            left -= members
             taken[name] = {pid: cpu[pid] for pid in members}
         return taken
 

@@ -42,12 +42,12 @@ from typing import Any
 from bench._common import (
     S3_ENV,
     ServerProcess,
-    create_token,
     free_port,
     load_average,
     start_moto,
     start_server,
 )
+from bench._load_client import Client, Reply
 from bench._load_report import report_run, wait_until_idle
 from bench._procstat import CpuMeter
 
@@ -61,6 +61,7 @@ class Stats:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     uploaded: dict[int, str] = field(default_factory=dict)  # checkpoint id -> sha256 of its file
+    ready: list[int] = field(default_factory=list)  # the same ids, to pick from
     mismatches: list[str] = field(default_factory=list)
     seeds: Iterator[int] = field(default_factory=itertools.count)  # unique checkpoint names
 
@@ -72,7 +73,9 @@ class Stats:
 
     def next_phase(self) -> Stats:
         """Fresh latencies and errors; the same checkpoints, seeds and mismatches."""
-        return Stats(uploaded=self.uploaded, mismatches=self.mismatches, seeds=self.seeds)
+        return Stats(
+            uploaded=self.uploaded, ready=self.ready, mismatches=self.mismatches, seeds=self.seeds
+        )
 
 
 def tiny_file(seed: int) -> bytes:
@@ -84,7 +87,7 @@ def tiny_file(seed: int) -> bytes:
     return save({"w": torch.randn(16, 16, generator=gen), "b": torch.randn(16, generator=gen)})
 
 
-async def _timed(stats: Stats, op: str, call: Any, expect: int) -> Any:
+async def _timed(stats: Stats, op: str, call: Any, expect: int) -> Reply | None:
     start = time.perf_counter()
     try:
         reply = await call
@@ -94,40 +97,43 @@ async def _timed(stats: Stats, op: str, call: Any, expect: int) -> Any:
     stats.latencies[op].append(time.perf_counter() - start)
     if reply.status_code != expect:
         stats.latencies[op].pop()
-        stats.errors[op].append(f"{reply.status_code}: {reply.text[:200]}")
+        stats.errors[op].append(f"{reply.status_code}: {reply.content[:200]!r}")
         return None
     return reply
 
 
-async def register(client: Any, stats: Stats, seed: int) -> None:
+async def register(client: Client, stats: Stats, seed: int) -> None:
     data = tiny_file(seed)
     body = {"name": f"load-{seed}", "kind": "base"}
-    created = await _timed(stats, "create", client.post("/api/v1/checkpoints", json=body), 201)
+    created = await _timed(
+        stats, "create", client.request("POST", "/api/v1/checkpoints", json=body), 201
+    )
     if created is None:
         return
     checkpoint_id = created.json()["id"]
     url = f"/api/v1/checkpoints/{checkpoint_id}/files/model.safetensors"
-    if await _timed(stats, "put", client.put(url, content=data), 200) is None:
+    if await _timed(stats, "put", client.request("PUT", url, data=data), 200) is None:
         return
-    done = client.post(f"/api/v1/checkpoints/{checkpoint_id}/complete", json={})
+    done = client.request("POST", f"/api/v1/checkpoints/{checkpoint_id}/complete", json={})
     if await _timed(stats, "complete", done, 200) is not None:
         stats.uploaded[checkpoint_id] = hashlib.sha256(data).hexdigest()
+        stats.ready.append(checkpoint_id)
 
 
-async def read(client: Any, stats: Stats, rng: random.Random) -> None:
+async def read(client: Client, stats: Stats, rng: random.Random) -> None:
     op = rng.choice(READS)
-    if op == "list" or not stats.uploaded:
-        offset = rng.randrange(0, max(1, len(stats.uploaded)))
-        await _timed(
-            stats, "list", client.get(f"/api/v1/checkpoints?limit=20&offset={offset}"), 200
-        )
+    if op == "list" or not stats.ready:
+        offset = rng.randrange(0, max(1, len(stats.ready)))
+        listing = client.request("GET", f"/api/v1/checkpoints?limit=20&offset={offset}")
+        await _timed(stats, "list", listing, 200)
         return
-    checkpoint_id = rng.choice(list(stats.uploaded))
+    checkpoint_id = rng.choice(stats.ready)
     if op == "show":
-        await _timed(stats, "show", client.get(f"/api/v1/checkpoints/{checkpoint_id}"), 200)
+        shown = client.request("GET", f"/api/v1/checkpoints/{checkpoint_id}")
+        await _timed(stats, "show", shown, 200)
         return
     url = f"/api/v1/checkpoints/{checkpoint_id}/files/model.safetensors"
-    reply = await _timed(stats, "download", client.get(url), 200)
+    reply = await _timed(stats, "download", client.request("GET", url), 200)
     if (
         reply is not None
         and hashlib.sha256(reply.content).hexdigest() != stats.uploaded[checkpoint_id]
@@ -140,8 +146,6 @@ async def run_clients(
 ) -> float:
     """Run the clients (one token each, as separate users would have) for the phase's seconds:
     the mix, or only ``GET /healthz`` in the reference phase. Returns the elapsed seconds."""
-    import httpx
-
     seconds = {"warmup": args.warmup, "reference": args.reference_duration}.get(
         phase, args.duration
     )
@@ -149,11 +153,10 @@ async def run_clients(
 
     async def one(index: int) -> None:
         rng = random.Random(f"{args.seed}-{phase}-{index}")
-        headers = {"Authorization": f"Bearer {tokens[index]}"}
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+        async with Client(url, tokens[index], args.client) as client:
             while time.monotonic() < deadline:
                 if phase == "reference":
-                    await _timed(stats, "healthz", client.get("/healthz"), 200)
+                    await _timed(stats, "healthz", client.request("GET", "/healthz"), 200)
                 elif rng.random() < args.write_share:
                     await register(client, stats, next(stats.seeds))
                 else:
@@ -194,8 +197,10 @@ def start_serve(work: Path, args: argparse.Namespace, endpoint: str | None) -> S
     if endpoint is not None:
         env |= {**S3_ENV, "CKREG_STORE_URL": "s3://ckreg-load/ckreg"}
         env["CKREG_S3_ENDPOINT_URL"] = endpoint
-    command = [sys.executable, "-c", "from flows.cli import app; app()", "serve", "--port"]
-    command += [str(port), *args.serve_args]
+    tree = str(Path(args.server_tree).resolve()) if args.server_tree else env["PYTHONPATH"]
+    env["PYTHONPATH"] = tree
+    code = f"import sys; sys.path.insert(0, {tree!r}); from flows.cli import app; app()"
+    command = [sys.executable, "-c", code, "serve", "--port", str(port), *args.serve_args]
     return start_server(command, port=port, log_path=work / "serve.log", env=env)
 
 
@@ -213,6 +218,22 @@ def _keys() -> dict[str, str]:
     }
 
 
+def create_tokens(database_url: str, count: int) -> list[str]:
+    """``count`` write tokens (one per client, as separate users would have), in one session."""
+    from registry.db import make_engine, session_scope
+    from registry.services import create_token
+
+    engine = make_engine(database_url)
+    try:
+        with session_scope(engine) as session:
+            return [
+                create_token(session=session, name=f"load-{i}", scopes=["write"])[1]
+                for i in range(count)
+            ]
+    finally:
+        engine.dispose()
+
+
 def cpu_groups(server: ServerProcess, moto: ServerProcess | None, database_url: str) -> CpuMeter:
     """Components whose CPU is counted: each process goes to the first group that picks it."""
     groups: dict[str, int | str] = {"registry (ckreg serve + children)": server.pid}
@@ -228,7 +249,7 @@ def measure(server: ServerProcess, moto: ServerProcess | None, args: argparse.Na
     """Phases 1-5 of the module docstring against a started server; True when the run had
     neither errors nor mismatches. Prints the report."""
     database_url = args.database_url or f"sqlite:///{args.work / 'home' / 'registry.db'}"
-    tokens = [create_token(database_url) for _ in range(args.clients)]
+    tokens = create_tokens(database_url, args.clients)
     if args.idle_timeout > 0:
         wait_until_idle(server.pid, timeout=args.idle_timeout)
     stats = Stats()
@@ -263,10 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3", action="store_true", help="S3 store on a local moto_server.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--client",
+        choices=("aiohttp", "httpx"),
+        default="aiohttp",
+        help="HTTP library of the load generator (httpx costs ~8x the CPU per request).",
+    )
+    parser.add_argument(
         "--serve-args",
         nargs="*",
         default=[],
         help="Extra `ckreg serve` options (e.g. --workers 2).",
+    )
+    parser.add_argument(
+        "--server-tree",
+        default="",
+        help="Run `ckreg serve` from this source tree (e.g. `git archive` of an older commit) "
+        "to compare code paths under the same load generator; default: this checkout.",
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ckreg-load-") as tmp:
