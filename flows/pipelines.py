@@ -7,7 +7,7 @@ from prefect import flow
 from flows.evaluate_flow import evaluate
 from flows.merge_flow import merge_checkpoints
 from flows.policy_flows import on_checkpoint_ready, sequential_merge
-from flows.search_flow import merge_search
+from flows.search_flow import merge_search, stale_searches
 
 __all__ = [
     "evaluate",
@@ -15,6 +15,7 @@ __all__ = [
     "merge_search",
     "on_checkpoint_ready",
     "sequential_merge",
+    "stale_searches",
     "warm_up",
 ]
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 import mergeops
 from flows.evaluators import load_evaluator
 from flows.inputs import checkpoint_dir
-from flows.runtime import current_runtime
+from flows.runtime import Runtime, current_runtime
 from flows.search_steps import CmaSearch, M2n2Search
 from flows.search_tracking import SearchTracker
 from flows.stored_features import needs_stored_features, stored_probe
@@ -290,3 +290,12 @@ def cancel_search(search_id: int) -> None:
     """Ask search ``search_id`` to stop at its next candidate (a later start resumes it)."""
     with current_runtime().session() as session:
         search_runs.cancel_search(session=session, search_id=search_id)
+
+
+def stale_searches(runtime: Runtime, *, at_start: bool) -> list[int]:
+    """Searches a recovery sweep launches again: their worker died, or (queued) nobody claimed
+    them within ``CKREG_MERGE_CLAIM_GRACE_S`` (any at start-up: the job queue died with the
+    last process). State is kept, so each resumes at its last candidate."""
+    settle_s = 0.0 if at_start else runtime.settings.merge_claim_grace_s
+    with runtime.session() as session:
+        return search_leases.reclaim_stale_searches(session=session, claim_grace_s=settle_s)

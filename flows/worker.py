@@ -33,6 +33,7 @@ from flows.launchers import (
     submit_merge,
 )
 from flows.merge_flow import GPU_LIMIT
+    ServerLauncher,
 from flows.pipelines import (
     evaluate,
     merge_checkpoints,
@@ -44,6 +45,7 @@ from flows.policy_flows import missed_policy_runs
 from flows.runtime import Runtime
 from registry.models import MergeTrigger
 from registry.services import leases
+    stale_searches,
 from registry.services import policies as policy_service
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,8 @@ def _waiting_submissions() -> set[str]:
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
+    for search_id in stale_searches(runtime, at_start=False):  # their worker died
+        ServerLauncher().search_requested(search_id)
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from registry.errors import InvalidState, NotFound
 from registry.models import utcnow
@@ -138,3 +138,41 @@ def renew_lease(*, session: Session, search_id: int, owner: str, lease_s: float)
     )
     session.commit()
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def unclaimed(row: MergeSearch, claim_grace_s: float) -> bool:
+    """A queued search nobody claimed within the grace (its launch was lost with a process)."""
+    if row.status != SearchStatus.queued:
+        return False
+    updated = _aware(row.updated_at)
+    return updated is not None and (utcnow() - updated).total_seconds() >= claim_grace_s
+
+
+def reclaim_stale_searches(*, session: Session, claim_grace_s: float) -> list[int]:
+    """Searches to launch again: running ones whose worker died, queued ones nobody claimed
+    within ``claim_grace_s``. Each is queued again (lease cleared, state kept) by exactly one
+    of many sweepers; returns their ids."""
+    rows = session.exec(select(MergeSearch).where(col(MergeSearch.status).in_(ACTIVE))).all()
+    found = []
+    for row in rows:
+        if not is_stale(row) and not unclaimed(row, claim_grace_s):
+            continue
+        result = session.execute(
+            update(MergeSearch)
+            .where(
+                col(MergeSearch.id) == row.id,
+                col(MergeSearch.attempts) == row.attempts,
+                col(MergeSearch.status) == row.status,
+                col(MergeSearch.updated_at) == row.updated_at,
+            )
+            .values(
+                status=SearchStatus.queued,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=utcnow(),
+            )
+        )
+        session.commit()
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            found.append(row.id or 0)
+    return found

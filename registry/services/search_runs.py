@@ -29,7 +29,7 @@ from registry.services import policies as policy_service
 from registry.services import searches
 from registry.services.compatibility import tensor_shapes
 from registry.services.policy_rules import parse_selector
-from registry.services.search_leases import is_stale
+from registry.services.search_leases import is_stale, unclaimed
 
 RESUMABLE = (SearchStatus.cancelled, SearchStatus.failed)
 
@@ -103,19 +103,22 @@ def check_search_inputs(*, session: Session, policy_id: int) -> list[int]:
 
 
 def start_search(
-    *, session: Session, policy_id: int, resume: bool = True
+    *, session: Session, policy_id: int, resume: bool = True, claim_grace_s: float | None = None
 ) -> tuple[MergeSearch, bool]:
     """Queue a search of the policy; returns ``(search, resumed)``.
 
     With ``resume`` a cancelled or failed latest search is queued again with its state. A
-    second active search of the policy is refused (``InvalidState`` naming it).
+    second active search of the policy is refused (``InvalidState`` naming it), unless its
+    worker died, or (given ``claim_grace_s``) it stayed queued that long unclaimed: then it is
+    launched again.
     """
     policy = policy_service.get_policy(session=session, policy_id=policy_id)
     check_search_inputs(session=session, policy_id=policy_id)
     spec = searches.parse_search(policy.search or {}, owner=f"policy '{policy.name}'")
     active = _active(session, policy_id)
     if active is not None:
-        if is_stale(active) and _requeue(session, active, (SearchStatus.running,)):
+        lost = is_stale(active) or (claim_grace_s is not None and unclaimed(active, claim_grace_s))
+        if lost and _requeue(session, active, (active.status,)):
             return get_search(session=session, search_id=active.id or 0), True
         raise _refuse_active(active, policy.name)
     if resume:

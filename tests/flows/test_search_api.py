@@ -4,6 +4,8 @@ SQLite and PostgreSQL); bad input refused with the documented error shape."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from flows import runtime as flow_runtime
+from flows.launchers import EmbeddedLauncher
 from flows.search_flow import merge_search
 from registry.api.app import create_app
 from registry.db import make_engine, upgrade_database
@@ -252,3 +255,34 @@ def test_a_search_the_launcher_cannot_start_frees_its_policy(
         assert failed["status"] == "failed" and "prefect server down" in failed["error"]
         again = client.post(url, headers=headers)  # not 409: the policy was freed
         assert again.status_code == 500 and client.get("/api/v1/searches").json()["total"] == 1
+
+
+def test_a_restarted_server_resumes_its_lost_searches(
+    flow_env: FlowEnv, target_plugin: None
+) -> None:
+    """A search running when its process died, and one queued whose launch died with it, both
+    run to the end after the embedded server's start-up sweep; the running one resumes."""
+    TargetEvaluator.calls = 0
+    base = _family(flow_env)
+    running = _cma_policy(flow_env, base, name="was-running", evaluations=4)
+    queued = _cma_policy(flow_env, base, name="was-queued", evaluations=2)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with flow_env.session() as session:
+        row, _ = search_runs.start_search(session=session, policy_id=running)
+        dead = f"{socket.gethostname()}:{gone.pid}:x"
+        assert search_leases.claim_search(session=session, search_id=row.id or 0, owner=dead,
+                                          lease_s=600)  # fmt: skip
+        search_leases.save_progress(session=session, search_id=row.id or 0, owner=dead,
+                                    lease_s=600, progress={"evaluations": 0})  # fmt: skip
+        other, _ = search_runs.start_search(session=session, policy_id=queued)
+    launcher = EmbeddedLauncher(flow_env.settings, cron=False).start()
+    try:
+        assert launcher.wait_idle(timeout=120), launcher.errors
+    finally:
+        launcher.stop()
+    with flow_env.session() as session:
+        for search_id, budget in ((row.id or 0, 4), (other.id or 0, 2)):
+            done = search_runs.get_search(session=session, search_id=search_id)
+            assert done.status == "finished" and done.evaluations == budget, done
+    assert TargetEvaluator.calls == 6

@@ -19,6 +19,7 @@ from registry.api.deps import (
     RowId,
     RowIdQuery,
     SessionDep,
+    SettingsDep,
     WriterDep,
 )
 from registry.search_models import MergeSearchPage, MergeSearchPublic, SearchStatus
@@ -41,6 +42,7 @@ def start_search(
     policy_id: RowId,
     session: SessionDep,
     launcher: LauncherDep,
+    settings: SettingsDep,
     _: WriterDep,
     body: SearchStart | None = None,
 ) -> MergeSearchPublic:
@@ -54,7 +56,10 @@ def start_search(
     ``error`` name the cause, and nothing is registered.
     """
     row, resumed = search_runs.start_search(
-        session=session, policy_id=policy_id, resume=(body or SearchStart()).resume
+        session=session,
+        policy_id=policy_id,
+        resume=(body or SearchStart()).resume,
+        claim_grace_s=settings.merge_claim_grace_s,
     )
     try:
         launcher.search_requested(row.id or 0)
