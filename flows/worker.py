@@ -28,24 +28,24 @@ from flows.launchers import (
     MERGE_DEPLOYMENT,
     POLICY_DEPLOYMENT,
     READY_EVENT,
+    ServerLauncher,
     recover_checkpoints,
     run_tag,
     submit_merge,
 )
 from flows.merge_flow import GPU_LIMIT
-    ServerLauncher,
 from flows.pipelines import (
     evaluate,
     merge_checkpoints,
     merge_search,
     on_checkpoint_ready,
     sequential_merge,
+    stale_searches,
 )
 from flows.policy_flows import missed_policy_runs
 from flows.runtime import Runtime
 from registry.models import MergeTrigger
 from registry.services import leases
-    stale_searches,
 from registry.services import policies as policy_service
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,12 @@ def build_deployments() -> list:
         on_checkpoint_ready.to_deployment("ckreg-on-ready", triggers=[ready_trigger()]),
         sequential_merge.to_deployment("ckreg-policy"),
         evaluate.to_deployment("ckreg-evaluate"),
+        merge_search.to_deployment("ckreg-search"),
     ]
 
 
 def sync_cron_schedules(runtime: Runtime) -> list[str]:
     """Make the ``ckreg-policy`` deployment's schedules match the enabled cron policies.
-        merge_search.to_deployment("ckreg-search"),
 
     Returns the slugs of the schedules now in place.
     """
@@ -152,6 +152,8 @@ def recover_runs(runtime: Runtime) -> list[int]:
     run_ids = [run_id for run_id in run_ids if run_tag(run_id) not in waiting]
     for run_id in run_ids:
         submit_merge(run_id)
+    for search_id in stale_searches(runtime, at_start=False):  # their worker died
+        ServerLauncher().search_requested(search_id)
     return run_ids
 
 
@@ -162,8 +164,6 @@ def _waiting_submissions() -> set[str]:
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
-    for search_id in stale_searches(runtime, at_start=False):  # their worker died
-        ServerLauncher().search_requested(search_id)
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
