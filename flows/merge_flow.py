@@ -171,9 +171,9 @@ def merge_slot() -> Iterator[None]:
     if not PREFECT_API_URL.value():
         yield
         return
-    from prefect.concurrency.sync import concurrency
+    from flows.gpu_slot import hold  # its lease is released at once should this flow die
 
-    with concurrency(GPU_LIMIT, occupy=1, strict=False, lease_duration=60):
+    with hold(GPU_LIMIT, _flow_run_id()):
         yield
 
 

@@ -3,7 +3,9 @@
 * SIGTERM raises ``SystemExit`` (as SIGINT raises ``KeyboardInterrupt``), so ``finally`` blocks
   and ``atexit`` handlers run: uvicorn re-raises the signal after its graceful shutdown, and
   Python's default SIGTERM action would end the process on the spot, leaving Prefect's API
-  subprocess behind.
+  subprocess behind. Unwinding has ``STOP_DEADLINE_S``: clean-up that retries an unreachable
+  Prefect API would otherwise hold the process for over a minute; past it the process stops
+  its children and exits (a second signal does so at once).
 * At exit, every descendant still running gets SIGTERM, then SIGKILL after a grace period.
 * For ``kill -9`` (nothing runs in the dying process) a small watchdog process, in its own
   session, holds a pipe from this process: a thread tells it each descendant (pid and start
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 POLL_S = 0.5
+#: After SIGTERM / SIGINT: seconds to unwind before the process stops its children and exits.
+STOP_DEADLINE_S = 5.0
+#: Seconds a child gets after SIGTERM before SIGKILL when stopping against the deadline.
+KILL_GRACE_S = 1.0
 
 _WATCHDOG = r"""
 import os, signal, sys, time
@@ -158,19 +164,47 @@ class OrphanGuard:
 
 
 _guard: OrphanGuard | None = None
+_stopping = threading.Event()
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
+def handle_stop_signal(signum: int, frame: Any = None) -> None:
+    """SIGTERM / SIGINT: unwind (``SystemExit`` / ``KeyboardInterrupt``), but within
+    ``STOP_DEADLINE_S``: a clean-up stuck retrying an unreachable API (Prefect's client backs
+    off for over a minute) must not keep the process alive. A second signal stops it at once."""
+    if _stopping.is_set():
+        _hard_exit(128 + signum, grace_s=KILL_GRACE_S)
+    _stopping.set()
+    threading.Thread(
+        target=_exit_after, args=(STOP_DEADLINE_S, 128 + signum), name="ckreg-stop", daemon=True
+    ).start()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
+def _exit_after(deadline_s: float, code: int) -> None:
+    time.sleep(deadline_s)
+    log.warning("still stopping after %.0f s: stopping children and exiting now", deadline_s)
+    _hard_exit(code, grace_s=KILL_GRACE_S)
+
+
+def _hard_exit(code: int, grace_s: float) -> None:
+    """Stop every descendant (SIGTERM, SIGKILL after ``grace_s``) and end this process now."""
+    try:
+        stop_descendants(grace_s=grace_s)
+    finally:
+        os._exit(code)
+
+
 def stop_children_on_exit(*, watchdog: bool = True) -> None:
-    """Make this process stop what it started on SIGTERM, SIGINT, exit and ``kill -9``.
+    """Make this process stop what it started on SIGTERM, SIGINT, exit and ``kill -9``; after
+    SIGTERM or SIGINT it exits within ``STOP_DEADLINE_S`` plus twice ``KILL_GRACE_S``.
 
     Call once from the main thread of a long-running command (``ckreg serve``, ``ckreg worker``).
     """
     global _guard
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handle_stop_signal)
     atexit.register(stop_descendants)
     if watchdog and _guard is None and PROC.is_dir():
         _guard = OrphanGuard()

@@ -17,13 +17,18 @@ past ``CKREG_PENDING_TTL_S`` (``flows.launchers.recover_checkpoints``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.runner import Runner
 
+from flows import gpu_slot, processes
 from flows.launchers import (
     MERGE_DEPLOYMENT,
     POLICY_DEPLOYMENT,
@@ -137,18 +142,23 @@ def recover_runs(runtime: Runtime) -> list[int]:
     """One recovery sweep: re-submit stale merge runs and missed on_register runs.
 
     Stale: queued or running, but the lease expired, its owner died, or nobody claimed it
-    within ``CKREG_MERGE_CLAIM_GRACE_S``. Of many sweeping workers exactly one re-submits each
-    run; not while an earlier submission still waits for a worker (busy workers would
-    otherwise pile up flow runs). Returns the re-submitted run ids.
+    within ``CKREG_MERGE_CLAIM_GRACE_S``. A dead owner's GPU slot is released and its Prefect
+    flow run marked CRASHED first (``flows.gpu_slot``). Of many sweeping workers exactly one
+    re-submits each run; not while an earlier submission still waits for a worker (busy
+    workers would otherwise pile up flow runs). Returns the re-submitted run ids.
     """
     waiting = _waiting_submissions()
     with runtime.session() as session:
+        dead = gpu_slot.dead_attempts(session)
         run_ids = leases.reclaim_stale_runs(
             session=session, claim_grace_s=runtime.settings.merge_claim_grace_s
         )
         run_ids += missed_policy_runs(
             session=session, settle_s=runtime.settings.merge_claim_grace_s
         )
+    # A flow killed with its worker's process group kept its GPU slot and shows RUNNING:
+    # free the slot before the run goes back, so its next attempt does not wait Prefect's 60 s.
+    gpu_slot.release_dead_attempts(dead, run_ids)
     run_ids = [run_id for run_id in run_ids if run_tag(run_id) not in waiting]
     for run_id in run_ids:
         submit_merge(run_id)
@@ -188,9 +198,9 @@ def serve_worker(
 
     Background threads keep the cron policies' schedules in step with the database (every
     ``sync_every_s``) and, with ``recover``, sweep for runs to recover (``recover_runs``).
+    SIGTERM and SIGINT stop it within seconds even while the Prefect API is unreachable
+    (``flows.processes.handle_stop_signal``).
     """
-    from prefect import serve
-
     ensure_concurrency_limit()
     stop = threading.Event()
     jobs = [(_sync_schedules, sync_every_s)]
@@ -203,12 +213,36 @@ def serve_worker(
             name=f"ckreg-worker{job.__name__}",
             daemon=True,
         ).start()
+    runner = build_runner(limit)
     try:
-        # Poll for new flow runs every second (Prefect's default is 10 s): merges triggered by
-        # events should start promptly.
-        serve(*build_deployments(), limit=limit, print_starting_message=True, query_seconds=1)
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        log.warning("interrupted: worker stopped")
     finally:
         stop.set()
+
+
+class WorkerRunner(Runner):
+    """Prefect's runner, but SIGTERM stops the worker the way ``ckreg`` stops (a deadline, its
+    children stopped) instead of Prefect's graceful stop, which waits on the API."""
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        processes.handle_stop_signal(signal.SIGTERM)
+
+
+def build_runner(limit: int | None = None) -> WorkerRunner:
+    """The runner serving ``build_deployments()``.
+
+    Its schedules stay active when it stops (other workers serve the same deployments: Prefect's
+    default pauses them for everyone); it polls for new flow runs every second (Prefect's
+    default is 10 s), so merges triggered by events start promptly.
+    """
+    runner = WorkerRunner(pause_on_shutdown=False, limit=limit, query_seconds=1)
+    deployments = build_deployments()
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    print(f"serving deployments {', '.join(d.name for d in deployments)}", flush=True)
+    return runner
 
 
 def _repeat(
