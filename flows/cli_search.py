@@ -15,7 +15,6 @@ from typing import Annotated, Any
 import typer
 
 from registry.client.cli import JsonOption, TokenOption, UrlOption, _client
-from registry.client.searches import SEARCH_ENDED
 
 search_app = typer.Typer(
     help="Start, watch, list and cancel merge searches (search policies).", no_args_is_help=True
@@ -40,12 +39,16 @@ def search_line(found: dict[str, Any]) -> str:
         line += f"; registered checkpoint {found['checkpoint_id']}"
     if found.get("error"):
         line += f": {found['error']}"
+    from registry.client.searches import SEARCH_ENDED  # the client loads torch: not at --help
+
     if found.get("cancel_requested") and found["status"] not in SEARCH_ENDED:
         line += " (cancel requested)"
     return line
 
 
 def _follow(client: Any, found: dict[str, Any], interval: float, as_json: bool) -> dict[str, Any]:
+    from registry.client.searches import SEARCH_ENDED
+
     last = None
     while True:
         line = search_line(found)

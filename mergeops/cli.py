@@ -6,20 +6,12 @@ The lead's ``flows/cli.py`` mounts this with ``app.command("merge")(merge_comman
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 merge_app = typer.Typer(help="Merge checkpoints with mergeops (no server needed).")
-
-
-def passive_openmp() -> None:
-    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless
-    the user chose a policy. OpenMP reads it once, when torch loads, so this runs before any
-    torch import; spinning threads made 2-thread merges up to 8x slower on a busy machine."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def merge_command(
@@ -71,7 +63,6 @@ def merge_command(
     The folder holds sharded safetensors, config.json, generation_config.json, the tokenizer
     and a model card. Example: ckreg merge --config merge.yml --out merged/
     """
-    passive_openmp()
     # Imported here, not with the module: they pull in torch, which ``ckreg --help`` never needs.
     from mergeops.config import run_config
     from mergeops.io.readers import SourceError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,39 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint |
     yield server
     if server is not None:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def evaluator_plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real (tiny) installed distribution declaring the test evaluator's entry point.
+
+    Returns the folder to put on ``sys.path`` / ``PYTHONPATH`` (subprocesses need it too).
+    """
+    root = tmp_path_factory.mktemp("plugins")
+    dist = root / "ckreg_test_plugins-0.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ckreg-test-plugins\nVersion: 0.0.0\n"
+    )
+    (dist / "entry_points.txt").write_text(
+        "[ckreg.evaluators]\n"
+        "ckreg-test-norm = tests.flows.fixtures_flows:NormEvaluator\n"
+        "ckreg-test-slow = tests.flows.fixtures_flows:SlowNormEvaluator\n"
+        "ckreg-test-flaky = tests.flows.fixtures_flows:FlakyEvaluator\n"
+    )
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness (a temporary API server), started once per session (defined here,
+    not in a module that tests star-import, so there is one FixtureDef and one server)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
 
 
 @pytest.fixture

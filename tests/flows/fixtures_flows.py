@@ -1,7 +1,9 @@
-"""Fixtures for the flow tests: one Prefect test harness per session, a ckreg home per test,
-tiny safetensors checkpoints, and an embedded registry app (REST + in-process flows).
+"""Fixtures for the flow tests: a ckreg home per test, tiny safetensors checkpoints, and an
+embedded registry app (REST + in-process flows).
 
-Test modules import these with ``from tests.flows.fixtures_flows import *``.
+Test modules import these with ``from tests.flows.fixtures_flows import *``. The session-wide
+``prefect_harness`` and ``evaluator_plugins`` live in ``tests/conftest.py``: a session fixture
+star-imported into many modules would be set up once per module (one Prefect server each).
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ __all__ = [
     "NormEvaluator",
     "Process",
     "embedded",
-    "evaluator_plugins",
     "flow_env",
-    "prefect_harness",
     "save_state",
     "tiny_state",
 ]
@@ -112,38 +112,6 @@ class FlakyEvaluator(NormEvaluator):
         if FlakyEvaluator.calls == 1:
             return {"score": float("nan")}
         return super().evaluate(state_dict)
-
-
-@pytest.fixture(scope="session")
-def evaluator_plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real (tiny) installed distribution declaring the test evaluator's entry point.
-
-    Returns the folder to put on ``sys.path`` / ``PYTHONPATH`` (subprocesses need it too).
-    """
-    root = tmp_path_factory.mktemp("plugins")
-    dist = root / "ckreg_test_plugins-0.0.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: ckreg-test-plugins\nVersion: 0.0.0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[ckreg.evaluators]\n"
-        "ckreg-test-norm = tests.flows.fixtures_flows:NormEvaluator\n"
-        "ckreg-test-slow = tests.flows.fixtures_flows:SlowNormEvaluator\n"
-        "ckreg-test-flaky = tests.flows.fixtures_flows:FlakyEvaluator\n"
-    )
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """Prefect's test harness (a temporary API server), started once per session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @dataclass

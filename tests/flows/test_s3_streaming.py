@@ -27,7 +27,6 @@ from registry.services.common import checkpoint_files
 from registry.services.completion import register_directory
 from registry.settings import Settings
 from registry.storage.range_source import BlobTensorSource, ShardedBlobTensorSource
-from tests.flows.fixtures_flows import prefect_harness  # noqa: F401 - fixture
 
 SHAPES = {
     "embed.weight": (1024, 640),  # 2.5 MiB of float32: merged in row slices
