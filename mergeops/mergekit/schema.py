@@ -23,6 +23,8 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
 def _check_parameters(value: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"a mapping of parameter names to values, got {value!r:.80}")
     for key, setting in (value or {}).items():
         check_setting(key, setting, where)
     return dict(value or {})

@@ -32,6 +32,7 @@ from registry.services.validation import check_text
 
 PREFIX = "ckreg/"
 MAX_YAML_CHARS = 256 * 1024
+MAX_DEPTH = 32  # nesting levels of a YAML config (a real one needs under 10)
 #: Config keys that name server-side files or code: refused in the registry.
 REFUSED = {
     "state": "a server-side state file",
@@ -57,14 +58,61 @@ def load_yaml(value: str | dict[str, Any]) -> dict[str, Any]:
         if len(value) > MAX_YAML_CHARS:
             raise InvalidInput(f"mergekit: the YAML is longer than {MAX_YAML_CHARS} characters")
         try:
-            if any(isinstance(t, yaml.AliasToken) for t in yaml.scan(value)):
-                raise InvalidInput("mergekit: YAML aliases (*name) are not accepted")
+            _check_tokens(value)
             value = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise InvalidInput(f"mergekit: not valid YAML: {exc}") from None
+        _check_plain(value)
     if not isinstance(value, dict):
         raise InvalidInput("mergekit: the config must be a mapping with 'merge_method'")
     return dict(value)
+
+
+_OPEN = (
+    yaml.BlockMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.FlowSequenceStartToken,
+)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _check_tokens(text: str) -> None:
+    """Refuse aliases, and nesting deeper than ``MAX_DEPTH`` (naming the key where it starts)
+    before the (recursive) YAML parser meets it."""
+    keys: list[str] = []  # the last key seen at each open level
+    after_key = False
+    for token in yaml.scan(text):
+        if isinstance(token, yaml.AliasToken):
+            raise InvalidInput("mergekit: YAML aliases (*name) are not accepted")
+        if isinstance(token, _OPEN):
+            keys.append("")
+            if len(keys) > MAX_DEPTH:
+                where = ".".join(k for k in keys if k)[:120] or "the config"
+                raise InvalidInput(f"mergekit: {where}: nested deeper than {MAX_DEPTH} levels")
+        elif isinstance(token, _CLOSE) and keys:
+            keys.pop()
+        elif isinstance(token, yaml.ScalarToken) and after_key and keys:
+            keys[-1] = str(token.value)
+        after_key = isinstance(token, yaml.KeyToken)
+
+
+def _check_plain(value: Any) -> None:
+    """Refuse what JSON cannot hold (``!!binary``, dates, sets, non-text keys), naming the key."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidInput(f"mergekit: {where or 'the config'}: key {key!r} is "
+                                       f"not text ({type(key).__name__})")  # fmt: skip
+                stack.append((child, f"{where}.{key}" if where else key))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+        elif item is not None and not isinstance(item, str | int | float):
+            raise InvalidInput(f"mergekit: {where}: {type(item).__name__} values are not "
+                               "accepted; use plain scalars, lists and mappings")  # fmt: skip
 
 
 def find_checkpoint(session: Session, ref: Any, *, key: str) -> Checkpoint:
@@ -199,9 +247,12 @@ def check_config(config: dict[str, Any]) -> None:
 
     try:
         parsed = parse_config(config)
-        method = mb.get_method(parsed.merge_method)
     except mb.MergeError as exc:
         raise InvalidInput(f"mergekit: {exc}") from None
+    try:
+        method = mb.get_method(parsed.merge_method)
+    except mb.MergeError as exc:
+        raise InvalidInput(f"mergekit: merge_method: {exc}") from None
     missing = UNSUPPORTED_NEEDS & set(method.needs)
     if missing:
         names = ", ".join(sorted(str(n.value) for n in missing))

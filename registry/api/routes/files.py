@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from registry import services
 from registry.api.deps import ReaderDep, RowId, SessionDep, SettingsDep, StoreDep, WriterDep
+from registry.api.errors import ErrorResponse
 from registry.api.uploading import body_chunks, declared_length, run_upload
 from registry.models import FilePublic
 from registry.services.checkpoints import files_public
@@ -107,7 +108,7 @@ _BYTES = {"content": {"application/octet-stream": {}}}
     responses={
         200: {**_BYTES, "description": "The whole file"},
         206: {**_BYTES, "description": "The requested byte range"},
-        416: {"description": "The range starts past the end of the file"},
+        416: {"model": ErrorResponse, "description": "The range starts past the end of the file"},
     },
 )
 def download_file(
@@ -126,9 +127,11 @@ def download_file(
     }
     try:
         span = parse_range(range_header, artifact.size)
-    except ValueError:
+    except ValueError as exc:  # in the documented error shape, like every other 4xx
         headers["Content-Range"] = f"bytes */{artifact.size}"
-        return Response(status_code=416, headers=headers)
+        message = f"file '{artifact.name}' of checkpoint {checkpoint_id}: {exc}"
+        detail = {"error": "range_not_satisfiable", "message": message}
+        return JSONResponse({"detail": detail}, status_code=416, headers=headers)
     start, end = span or (0, artifact.size)
     headers["Content-Length"] = str(end - start)
     if span is None:

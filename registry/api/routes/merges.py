@@ -20,7 +20,10 @@ from registry.services.merge_triggers import MergeTriggers, merge_triggers
 router = APIRouter(prefix="/merges", tags=["merges"])
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+REUSED = {"model": run_service.MergeRunPublic, "description": "An existing run (``reused``)"}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses={200: REUSED})
 def start_merge(
     request: run_service.MergeRequest,
     session: SessionDep,

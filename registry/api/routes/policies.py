@@ -67,7 +67,10 @@ def disable_policy(policy_id: RowId, session: SessionDep, _: WriterDep) -> Merge
     return MergePolicyPublic.model_validate(policy)
 
 
-@router.post("/{policy_id}/run")
+QUEUED = {"model": run_service.MergeRunPublic, "description": "A new run, queued"}
+
+
+@router.post("/{policy_id}/run", responses={202: QUEUED})
 def run_policy(
     policy_id: RowId, session: SessionDep, launcher: LauncherDep, _: WriterDep, response: Response
 ) -> run_service.MergeRunPublic | None:
