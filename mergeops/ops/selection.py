@@ -13,6 +13,8 @@ Two tie rules:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -80,29 +82,66 @@ def _tie_span(flat: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
     return below, int(torch.count_nonzero(flat == value))
 
 
-def rank_window_mask(
-    magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak
-) -> torch.Tensor:
-    """Bool mask of the entries whose ascending magnitude rank is in [lo, hi).
+@dataclass(frozen=True)
+class WindowCut:
+    """A rank window of one whole tensor, applicable to row slices of it: keep magnitudes
+    strictly between ``low`` and ``high`` plus the entries at the flat indices ``ties``
+    (ascending; the kept entries equal to ``low`` or ``high``)."""
+
+    low: float
+    high: float
+    ties: torch.Tensor
+
+    def mask_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """The keep mask of a slice whose first entry has flat index ``offset``."""
+        mask = (magnitude > self.low) & (magnitude < self.high)
+        first = int(torch.searchsorted(self.ties, offset))
+        last = int(torch.searchsorted(self.ties, offset + magnitude.numel()))
+        if last > first:
+            mask.view(-1)[self.ties[first:last] - offset] = True
+        return mask
+
+
+def window_cut(magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak) -> WindowCut | None:
+    """The cut keeping ascending magnitude ranks [lo, hi) (None: every entry is kept).
 
     ``position`` ranks equal magnitudes by flat index; ``mergekit`` as
-    ``torch.sort(magnitude).indices[lo:hi]`` does (run only when a tie group straddles a cut).
+    ``torch.sort(magnitude).indices[lo:hi]`` does (sorted only when a tie group straddles a cut).
     """
     flat = magnitude.reshape(-1)
     n = flat.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    empty = torch.empty(0, dtype=torch.int64, device=flat.device)
     if hi <= lo:
-        return mask.reshape(magnitude.shape)
+        return WindowCut(low=math.inf, high=-math.inf, ties=empty)
     if lo == 0 and hi >= n:
-        return mask.fill_(True).reshape(magnitude.shape)
+        return None
     low, high = kth_smallest(flat, lo + 1), kth_smallest(flat, hi)
     spans = {float(v): (v, *_tie_span(flat, v)) for v in (low, high)}
     straddles = any(r < cut < r + e for _, r, e in spans.values() for cut in (lo, hi))
     if tie_break == "mergekit" and straddles:
-        mask[torch.sort(sort_keys(flat)).indices[lo:hi]] = True
-        return mask.reshape(magnitude.shape)
-    mask |= (flat > low) & (flat < high)
-    for value, first_rank, _ in spans.values():
-        equal = _indices(flat, value)
-        mask[equal[max(0, lo - first_rank) : max(0, hi - first_rank)]] = True
-    return mask.reshape(magnitude.shape)
+        order = torch.sort(sort_keys(flat)).indices
+        # Sorted ascending, [lo, hi) holds the tail of low's tie group, everything strictly
+        # between, and the head of high's group: the kept ties are those two runs.
+        _, low_first, low_count = spans[float(low)]
+        _, high_first, _ = spans[float(high)]
+        if float(low) == float(high):
+            kept = order[lo:hi]
+        else:
+            kept = torch.cat([order[lo : low_first + low_count], order[high_first:hi]])
+        return WindowCut(low=float(low), high=float(high), ties=kept.sort().values)
+    runs = [
+        _indices(flat, value)[max(0, lo - first_rank) : max(0, hi - first_rank)]
+        for value, first_rank, _ in spans.values()
+    ]
+    return WindowCut(low=float(low), high=float(high), ties=torch.cat(runs).sort().values)
+
+
+def rank_window_mask(
+    magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak
+) -> torch.Tensor:
+    """Bool mask of the entries whose ascending magnitude rank is in [lo, hi) (see
+    ``window_cut``)."""
+    cut = window_cut(magnitude, lo, hi, tie_break)
+    if cut is None:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    return cut.mask_rows(magnitude, 0)

@@ -6,10 +6,15 @@ Rank window as mergekit 0.1.5 computes it (``ops.selection.window_bounds``); tie
 cut go by position (ckreg) or as mergekit's sort orders them (``tie_break: mergekit``, the
 default under a mergekit config). Defaults are mergekit's: density 1 (no pruning),
 gamma 0.01, normalize false.
+
+Elementwise once each τ_t's window is known: ``tensor_stats`` finds every model's cut from its
+whole τ_t (one model at a time) and the engine merges large tensors in row slices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -17,8 +22,8 @@ from pydantic import Field
 
 from mergeops.methods.base import MergeContext, ModelParams, register
 from mergeops.methods.task_vector.task_arithmetic import TaskArithmeticParams, TaskVectorMerge
-from mergeops.ops.prune import l1_rescale
-from mergeops.ops.selection import TieBreak, rank_window_mask, window_bounds
+from mergeops.ops.prune import l1_scale
+from mergeops.ops.selection import TieBreak, WindowCut, window_bounds, window_cut
 
 
 class BreadcrumbsParams(TaskArithmeticParams):
@@ -36,24 +41,64 @@ class BreadcrumbsModelParams(ModelParams):
     gamma: float = Field(0.01, ge=0, le=1)
 
 
+@dataclass(frozen=True)
+class WindowStat:
+    """One model's window of one whole tensor (None: all kept) and its L1 rescale factor."""
+
+    cut: WindowCut | None
+    scale: torch.Tensor | None
+
+    def apply(self, tau: torch.Tensor, offset: int) -> torch.Tensor:
+        """The windowed (and rescaled) slice of τ starting at flat index ``offset``."""
+        masked = tau if self.cut is None else tau * self.cut.mask_rows(tau.abs(), offset)
+        return masked if self.scale is None else masked * self.scale
+
+
 class _Breadcrumbs(TaskVectorMerge):
     paper = "https://arxiv.org/abs/2312.06795"
     params_model = BreadcrumbsParams
     model_params_model = BreadcrumbsModelParams
     sparsification = "outliers"
-    chunkable = False
     mergekit_defaults: ClassVar[dict[str, Any]] = {"tie_break": "mergekit"}
 
-    def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
+    def _window(self, tau: torch.Tensor, index: int, ctx: MergeContext) -> WindowStat:
+        """Model ``index``'s window of a whole τ and, with ``rescale``, its L1 factor."""
         params = ctx.params
         assert isinstance(params, BreadcrumbsParams)
         own = ctx.model_params[index]
         assert isinstance(own, BreadcrumbsModelParams)
         if own.density >= 1:
-            return tau
+            return WindowStat(None, None)
         lo, hi = window_bounds(tau.numel(), own.density, own.gamma)
-        masked = tau * rank_window_mask(tau.abs(), lo, hi, params.tie_break)
-        return l1_rescale(tau, masked) if params.rescale else masked
+        cut = window_cut(tau.abs(), lo, hi, params.tie_break)
+        if not params.rescale or cut is None:
+            return WindowStat(cut, None)
+        return WindowStat(cut, l1_scale(tau, tau * cut.mask_rows(tau.abs(), 0)))
+
+    def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
+        return self._window(tau, index, ctx).apply(tau, 0)
+
+    def tensor_stats(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        task_vector: Callable[[int], torch.Tensor],
+        ctx: MergeContext,
+    ) -> list[Any]:
+        """Each model's window of this tensor, from its whole τ_t (one model at a time)."""
+        stats: list[WindowStat] = []
+        for index, own in enumerate(ctx.model_params):
+            if own.density >= 1:  # type: ignore[attr-defined]
+                stats.append(WindowStat(None, None))
+                continue
+            stats.append(self._window(task_vector(index), index, ctx))
+        return stats
+
+    def sparsify_rows(
+        self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """Apply this tensor's precomputed window to a row slice of τ_t."""
+        return stat.apply(tau, offset)
 
 
 @register
