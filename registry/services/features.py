@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
-from registry.errors import InvalidState, ValidationFailed
-from registry.models import CheckpointStatus
+from registry.errors import InvalidInput, InvalidState, ValidationFailed
+from registry.models import ArtifactRole, CheckpointStatus
 from registry.safetensors_check import SafetensorsHeader
 from registry.services.common import load_checkpoint
 from registry.services.compatibility import tensor_shapes
@@ -110,3 +110,36 @@ def _check_layer(
                                f"other layers have {samples}", file=name,
                                tensor=layer.name)  # fmt: skip
     return int(shape[0])
+
+
+def check_feature_inputs(
+    *, session: Session, method: str, params: dict[str, Any], evaluator: str | None,
+    input_ids: list[int],
+) -> None:  # fmt: skip
+    """An ad-hoc pleas/ot_fusion merge without an evaluator runs on stored features: refuse
+    it up front (``InvalidInput``, 422) when an input has no ``features`` artifact, or when
+    pleas's least-squares step (which needs an evaluator probe) is asked for."""
+    from mergeops.methods import base as methods_base
+    from registry.services.artifacts import find_artifact
+
+    try:
+        kind = getattr(methods_base.get_method(method), "objective_kind", None)
+    except methods_base.MergeError:
+        return  # an unknown method is refused elsewhere
+    if kind != "feature_probe" or evaluator is not None:
+        return
+    if method == "pleas" and params.get("least_squares", True):
+        raise InvalidInput(
+            "method 'pleas' without an evaluator runs on stored features, and its "
+            "least-squares step needs an evaluator's feature_probe(): give an 'evaluator' or "
+            "set params.least_squares to false"
+        )
+    for checkpoint_id in input_ids:
+        if find_artifact(session=session, checkpoint_id=checkpoint_id,
+                         role=ArtifactRole.features) is None:  # fmt: skip
+            checkpoint = load_checkpoint(session, checkpoint_id)
+            raise InvalidInput(
+                f"method '{method}' needs features: checkpoint {checkpoint_id} "
+                f"'{checkpoint.name}' has no 'features' artifact (ckreg register --features) "
+                "and the merge names no evaluator with a feature_probe()"
+            )

@@ -27,6 +27,7 @@ from registry.models import (
     MergeRunStatus,
 )
 from registry.services.evaluators import check_evaluator
+from registry.services.features import check_feature_inputs
 from registry.services.validation import check_json_values
 
 
@@ -178,6 +179,10 @@ def create_merge_run(
         key = _mergekit_key(config)
     else:
         _check_inputs(session=session, request=request)
+        if policy_id is None:  # pleas/ot_fusion on stored features: each input has them
+            check_feature_inputs(session=session, method=request.method, params=request.params,
+                                 evaluator=request.evaluator,
+                                 input_ids=[i.checkpoint_id for i in request.inputs])  # fmt: skip
         key = idempotency_key(request=request, policy_id=policy_id)
     existing = session.exec(select(MergeRun).where(MergeRun.idempotency_key == key)).first()
     if existing is not None:

@@ -1,7 +1,8 @@
 """Alignment merges from stored ``features`` artifacts (no evaluator probe): captured on the
-client, checked on upload, handed to ot_fusion/pleas by the merge flow; a permuted copy of a
-model aligns back onto it exactly. Missing features, pleas's least-squares step, and inputs of
-different architectures fail the run naming the cause and register nothing."""
+client, checked on upload, handed to ot_fusion/pleas by the merge and search flows; a permuted
+copy of a model aligns back onto it exactly. Missing features and pleas's least-squares step
+are 422 at ``POST /merges`` (a failed search for a search), inputs of different architectures
+a failed run naming the tensor; nothing is registered."""
 
 from __future__ import annotations
 
@@ -106,28 +107,28 @@ def test_stored_features_align_a_permuted_copy_back(
     assert not torch.allclose(_merged(embedded, plain, tmp_path)["fc1.weight"], a.fc1.weight)
 
 
-def test_missing_features_and_least_squares_fail_naming_the_cause(
+def test_missing_features_and_least_squares_are_refused_naming_the_cause(
     embedded: Embedded, tmp_path: Path
 ) -> None:
     a, b = _models()
     ida = embedded.upload("mlp-a", _state(a))["id"]
     idb = embedded.upload("mlp-b", _state(b))["id"]
     assert _features(embedded, ida, a, tmp_path).status_code == 201
-    run = _run(embedded, "ot_fusion", [ida, idb])
-    assert run["status"] == "failed" and run["output_checkpoint_id"] is None
-    assert f"checkpoint {idb} 'mlp-b' has no 'features' artifact" in run["error"]
-    assert _merged_names(embedded) == []  # nothing half-registered
+    refused = embedded.post_merge("ot_fusion", [ida, idb])
+    assert refused.status_code == 422, refused.text
+    assert f"checkpoint {idb} 'mlp-b' has no 'features' artifact" in refused.text
     assert _features(embedded, idb, b, tmp_path).status_code == 201
-    solved = _run(embedded, "pleas", [ida, idb])
-    assert solved["status"] == "failed" and "least_squares: false" in solved["error"]
+    solved = embedded.post_merge("pleas", [ida, idb])
+    assert solved.status_code == 422 and "least_squares to false" in solved.text
+    assert embedded.client.get("/api/v1/merges").json()["total"] == 0  # nothing created
     wide = Mlp()
     wide.fc1, wide.fc2 = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
     idw = embedded.upload("mlp-narrow", _state(wide))["id"]
     assert _features(embedded, idw, wide, tmp_path).status_code == 201
     mixed = _run(embedded, "ot_fusion", [ida, idw])
-    assert mixed["status"] == "failed" and "fc1" in mixed["error"], mixed["error"]
-    for failed in (solved, mixed):
-        assert f"run{failed['id']}" not in " ".join(_merged_names(embedded))
+    assert mixed["status"] == "failed" and mixed["output_checkpoint_id"] is None
+    assert "shape mismatch for 'fc1" in mixed["error"], mixed["error"]
+    assert _merged_names(embedded) == []  # nothing half-registered
 
 
 def _merged_names(api: Embedded) -> list[str]:
