@@ -41,6 +41,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("ties", {"weight": [1.0, 0.8, 0.6], "density": 0.4, "normalize": False}),
     ("dare_linear", {"weight": [1.0, 0.8, 0.6], "density": [0.5, 0.9, 1.0]}),
     ("dare_ties", {"weight": [1.0, 0.8, 0.6], "density": 0.6}),
+    ("della", {"weight": [1.0, 0.8, 0.6], "density": [0.6, 0.8, 1.0], "epsilon": 0.1}),
+    ("della_linear", {"weight": [1.0, 0.8, 0.6], "density": 0.7, "rescale_by": "l1"}),
     ("breadcrumbs", {"weight": [1.0, 0.8, 0.6], "density": [0.7, 0.9, 1.0], "gamma": 0.05}),
     (
         "breadcrumbs_ties",

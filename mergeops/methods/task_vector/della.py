@@ -7,10 +7,15 @@ Drops are seeded per (seed, tensor, model). Survivors are rescaled by 1/p
 (``rescale_by: keep_probability``, the paper's and ckreg's default) or to τ_t's L1 norm
 (``rescale_by: l1``, mergekit's ``rescale``, the default under a mergekit config).
 Defaults otherwise mergekit's: density 1 (no pruning), epsilon 0.15, della normalize true.
+
+Ranks are taken within rows, so large tensors merge in row slices: ``tensor_stats`` draws each
+model's whole keep mask (the same random numbers as unchunked) and L1 factor, and each slice
+recomputes its rows' keep probabilities when survivors are rescaled by 1/p.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +24,7 @@ from pydantic import Field
 from mergeops.methods.base import MergeContext, MergeError, ModelParams, register
 from mergeops.methods.task_vector.dare import DareParams
 from mergeops.methods.task_vector.task_arithmetic import TaskVectorMerge
-from mergeops.ops.prune import check_della, della_prune
+from mergeops.ops.prune import check_della, della_keep_probability, della_prune, l1_scale
 
 
 class DellaParams(DareParams):
@@ -44,7 +49,6 @@ class _Della(TaskVectorMerge):
     paper = "https://arxiv.org/abs/2406.11617"
     model_params_model = DellaModelParams
     sparsification = "ranked"
-    chunkable = False
     mergekit_defaults: ClassVar[dict[str, Any]] = {"rescale_by": "l1"}
 
     def validate(self, ctx: MergeContext) -> None:
@@ -65,6 +69,53 @@ class _Della(TaskVectorMerge):
         self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
         by = params.rescale_by if params.rescale else None
         return della_prune(tau, own.density, own.epsilon, ctx.generator(key, index), by)
+
+    def tensor_stats(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        task_vector: Callable[[int], torch.Tensor],
+        ctx: MergeContext,
+    ) -> list[Any]:
+        """Each model's whole keep mask (bool) and, with ``rescale_by: l1``, its L1 factor."""
+        params = ctx.params
+        assert isinstance(params, DellaParams)
+        stats: list[Any] = []
+        for index, own in enumerate(ctx.model_params):
+            assert isinstance(own, DellaModelParams)
+            if own.density >= 1:
+                stats.append(None)
+                continue
+            self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
+            tau = task_vector(index)
+            probs = della_keep_probability(tau, own.density, own.epsilon)
+            keep = torch.bernoulli(probs, generator=ctx.generator(key, index))
+            del probs
+            scale = None
+            if params.rescale and params.rescale_by == "l1":
+                rows = tau.reshape(keep.shape)
+                scale = l1_scale(rows, rows * keep)
+            stats.append((keep.to(torch.bool).reshape(shape), scale))
+        return stats
+
+    def sparsify_rows(
+        self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """``della_prune`` of a row slice, with the slice of the whole keep mask."""
+        if stat is None:
+            return tau
+        params = ctx.params
+        assert isinstance(params, DellaParams)
+        keep, scale = stat
+        keep = keep.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
+        masked = tau * keep
+        if not params.rescale:
+            return masked
+        if params.rescale_by == "l1":
+            return masked if scale is None else masked * scale
+        own = ctx.model_params[index]
+        assert isinstance(own, DellaModelParams)
+        return masked / della_keep_probability(tau, own.density, own.epsilon)
 
 
 @register
