@@ -1,13 +1,14 @@
-"""A/B of the weighted-sum kernel on one synthetic Llama family, in this process.
+"""A/B of the blocked vs stacked merge kernels on one synthetic Llama family, in this process.
 
     python -m bench.merge_kernels [--size 100m] [--methods linear] [--repeats 3]
 
 Times ``mergeops.merge_files`` on the same files with the blocked in-place kernels (the
 weighted sum ``mergeops.ops.basic.blocked_weighted_sum`` and the task-vector combine
 ``mergeops.ops.blocked_combine``, what the engine uses) and with the stacked references they
-replaced (``torch.stack`` + product + ``sum(dim=0)``), alternating the two, and
-prints each run, the medians, the floor of the same files (``bench.merge_floor``) and whether
-the two outputs are byte-identical. Peak memory is measured by ``bench.merge_engine``.
+replaced (``torch.stack`` + product + ``sum(dim=0)``), alternating the two, and prints each run
+(wall and this process's CPU seconds), the medians, the floor of the same files
+(``bench.merge_floor``) and whether the two outputs are byte-identical. Peak memory is measured
+by ``bench.merge_engine``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def merge_inputs(method: str, folders: list[Path]) -> tuple[Path | None, list[Pa
     return folders[0], folders[1:5]
 
 
-def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[float, str]:
+def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[float, float, str]:
+    """(wall s, CPU s of this process, output digest) of one merge with ``kernel``."""
     shutil.rmtree(out, ignore_errors=True)
     original, blockable = basic.weighted_sum, sign_consensus.blockable
     if kernel == "stacked":
@@ -59,18 +61,18 @@ def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[fl
         _patch_importers(stacked_sum)
         sign_consensus.blockable = lambda *_: False  # combine_task_vectors: the reference
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         base, models = merge_inputs(method, folders)
         mergeops.merge_files(method, models, base=base, out_dir=out, progress=False,
                              model_params=[{"weight": w} for w in WEIGHTS[: len(models)]],
                              max_shard_size="256MB")  # fmt: skip
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         basic.weighted_sum, sign_consensus.blockable = original, blockable
         _patch_importers(original)
     digest = _digest(out)
     shutil.rmtree(out, ignore_errors=True)
-    return seconds, digest
+    return seconds, cpu, digest
 
 
 def _patch_importers(kernel: object) -> None:
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.size}: torch threads {torch.get_num_threads()}, load {os.getloadavg()}")
     for method in [m for m in args.methods.split(",") if m]:
         times: dict[str, list[float]] = {"stacked": [], "blocked": []}
+        cpus: dict[str, list[float]] = {"stacked": [], "blocked": []}
         digests: set[str] = set()
         floors = []
         for repeat in range(args.repeats):
@@ -104,16 +107,18 @@ def main(argv: list[str] | None = None) -> int:
                 p.stat().st_size for p in folders[0].glob("*.safetensors")),
                 args.work / "floor.bin"))  # fmt: skip
             for kernel in order:
-                seconds, digest = _merge(method, folders, args.work / "out-kernels", kernel)
+                seconds, cpu, digest = _merge(method, folders, args.work / "out-kernels", kernel)
                 times[kernel].append(seconds)
+                cpus[kernel].append(cpu)
                 digests.add(digest)
-                print(f"  run {repeat}: {kernel} {seconds:.2f} s (floor {floors[-1].seconds:.2f} s)",
-                      flush=True)  # fmt: skip
+                print(f"  run {repeat}: {kernel} {seconds:.2f} s, {cpu:.2f} CPU s "
+                      f"(floor {floors[-1].seconds:.2f} s)", flush=True)  # fmt: skip
         floor = median_floor(floors).seconds
         for kernel, runs in times.items():
             med = statistics.median(runs)
             print(f"{method:<16}{kernel:<9} median {med:6.2f} s = {med / floor:4.1f}x floor "
-                  f"({floor:.2f} s); runs {', '.join(f'{r:.2f}' for r in runs)}")  # fmt: skip
+                  f"({floor:.2f} s), {statistics.median(cpus[kernel]):.2f} CPU s; "
+                  f"runs {', '.join(f'{r:.2f}' for r in runs)}")  # fmt: skip
         print(f"{method}: outputs byte-identical across kernels: {len(digests) == 1}")
     return 0
 
