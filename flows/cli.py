@@ -34,7 +34,7 @@ token_app.registered_commands.extend(token_commands.registered_commands)  # list
 app.add_typer(policy_app, name="policy")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(family_app, name="family")
-app.add_typer(search_app, name="search")  # server-side: start | watch | cancel a search policy
+app.add_typer(search_app, name="search")  # client-side (REST): start | watch | ls | cancel
 app.registered_commands.extend(admin_app.registered_commands)  # gc, delete
 
 
