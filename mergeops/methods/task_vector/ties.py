@@ -12,6 +12,7 @@ tie_break mergekit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -24,6 +25,7 @@ from mergeops.methods.base import (
     TensorInputs,
     register,
 )
+from mergeops.methods.task_vector._per_model import per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
@@ -125,16 +127,21 @@ class Ties(TaskVectorMerge):
         """Each model's trim of this tensor, from its whole τ_t (one model at a time)."""
         params = ctx.params
         assert isinstance(params, TiesParams)
-        stats: list[TrimStat] = []
-        for index, model_params in enumerate(ctx.model_params):
-            density = model_params.density  # type: ignore[attr-defined]
-            if (params.trim_scope == "tensor" and density >= 1) or (
-                params.trim_scope == "model" and ctx.stats[index] is None
-            ):
-                stats.append(TrimStat(None, None))
-                continue
-            stats.append(self._trim(key, task_vector(index), index, ctx))
-        return stats
+
+        def trimmed(index: int) -> bool:
+            density = ctx.model_params[index].density  # type: ignore[attr-defined]
+            if params.trim_scope == "tensor":
+                return density < 1
+            return ctx.stats[index] is not None
+
+        return per_model_stats(
+            [trimmed(i) for i in range(len(ctx.model_params))],
+            task_vector,
+            lambda index, tau: self._trim(key, tau, index, ctx),
+            TrimStat(None, None),
+            numel=math.prod(shape),
+            device=ctx.device,
+        )
 
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext

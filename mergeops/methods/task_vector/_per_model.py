@@ -1,0 +1,54 @@
+"""Per-model whole-tensor statistics (TIES cuts, breadcrumbs windows) computed two at a time.
+
+A cut needs the whole τ_t and, under mergekit's tie rule, a full sort of its magnitudes: one
+single-threaded sort per model, which dominates a TIES merge on CPU. The τ_t are still read
+one after another (the caller's reader is not thread-safe), but each one's statistic runs in
+a worker thread while the next is read, so two sorts run at once on two cores. Results do not
+depend on the order: each statistic is a pure function of one τ_t.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+PARALLEL_MAX_NUMEL = 8 * 1024 * 1024
+"""Larger tensors are done one model at a time: a worker holds τ_t, its float32 sort keys and
+the sort's values and indices (about 24 bytes per entry), so two at once would raise the
+merge's peak memory on the largest tensors (embeddings) for little gain."""
+
+
+def per_model_stats(
+    wanted: list[bool],
+    task_vector: Callable[[int], torch.Tensor],
+    compute: Callable[[int, torch.Tensor], T],
+    skipped: T,
+    *,
+    numel: int,
+    device: torch.device,
+) -> list[T]:
+    """``compute(i, task_vector(i))`` for every model ``i`` with ``wanted[i]``, else
+    ``skipped``; up to ``torch.get_num_threads()`` at once on CPU for tensors up to
+    ``PARALLEL_MAX_NUMEL`` entries, in model order otherwise."""
+    workers = min(torch.get_num_threads(), sum(wanted))
+    if device.type != "cpu" or numel > PARALLEL_MAX_NUMEL or workers < 2:
+        return [compute(i, task_vector(i)) if want else skipped for i, want in enumerate(wanted)]
+    results: list[T] = [skipped] * len(wanted)
+    pending: deque[tuple[int, Future[T]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckreg-stats") as pool:
+        for index, want in enumerate(wanted):
+            if not want:
+                continue
+            while len(pending) >= workers:  # bound the τ_t held at once
+                done, future = pending.popleft()
+                results[done] = future.result()
+            pending.append((index, pool.submit(compute, index, task_vector(index))))
+        for done, future in pending:
+            results[done] = future.result()
+    return results
