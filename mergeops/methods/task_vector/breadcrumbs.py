@@ -13,6 +13,7 @@ whole τ_t (one model at a time) and the engine merges large tensors in row slic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ import torch
 from pydantic import Field
 
 from mergeops.methods.base import MergeContext, ModelParams, register
+from mergeops.methods.task_vector._per_model import per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import TaskArithmeticParams, TaskVectorMerge
 from mergeops.ops.prune import l1_scale
 from mergeops.ops.selection import TieBreak, WindowCut, window_bounds, window_cut
@@ -85,14 +87,15 @@ class _Breadcrumbs(TaskVectorMerge):
         task_vector: Callable[[int], torch.Tensor],
         ctx: MergeContext,
     ) -> list[Any]:
-        """Each model's window of this tensor, from its whole τ_t (one model at a time)."""
-        stats: list[WindowStat] = []
-        for index, own in enumerate(ctx.model_params):
-            if own.density >= 1:  # type: ignore[attr-defined]
-                stats.append(WindowStat(None, None))
-                continue
-            stats.append(self._window(task_vector(index), index, ctx))
-        return stats
+        """Each model's window of this tensor, from its whole τ_t (two models at a time)."""
+        return per_model_stats(
+            [own.density < 1 for own in ctx.model_params],  # type: ignore[attr-defined]
+            task_vector,
+            lambda index, tau: self._window(tau, index, ctx),
+            WindowStat(None, None),
+            numel=math.prod(shape),
+            device=ctx.device,
+        )
 
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
