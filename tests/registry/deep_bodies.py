@@ -88,12 +88,9 @@ def pin_json_body(case: Any, draw: Draw, world: World, pins: dict[str, Any]) -> 
     if path == "/api/v1/merges" and isinstance(body, dict):
         _pin_merge(body, draw, world)
     elif path.endswith("/uploads/{upload_id}/complete"):
-        sent = world.parts.get(pins.get("upload_id", ""))
-        if sent:
-            wrong = [{**sent[0], "etag": '"0"'}]
-            case.body = draw(
-                st.sampled_from([body, {"parts": sent}, {"parts": wrong}]), label="parts"
-            )
+        sent = world.parts.get(pins.get("upload_id", "")) or [{"part_number": 1, "etag": '"1"'}]
+        wrong = [{**sent[0], "etag": '"0"'}]
+        case.body = draw(st.sampled_from([body, {"parts": sent}, {"parts": wrong}]), label="parts")
     elif path.endswith("/uploads"):
         digest = hashlib.sha256(b"0123456789").hexdigest()
         plan = {"name": "more.bin", "size": 10, "sha256": digest}
@@ -125,7 +122,9 @@ def _pin_merge(body: dict[str, Any], draw: Draw, world: World) -> None:
             key = draw(st.sampled_from(sorted(generated)), label="generated field")
             body[key] = generated[key]
         return
-    ids = st.sampled_from(world.pool("checkpoint_id", {}))
+    ids = st.integers(0, 63).map(
+        lambda i, pool=world.pool("checkpoint_id", {}): pool[i % len(pool)]
+    )
     if isinstance(body.get("base_id"), int) and not isinstance(body["base_id"], bool):
         body["base_id"] = draw(ids, label="base_id")
     inputs = body.get("inputs")

@@ -21,10 +21,17 @@ from typing import Any
 
 import httpx
 import uvicorn
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from registry.api.app import create_app
-from registry.models import Artifact, Checkpoint, CheckpointStatus, MergeRun, MergeRunStatus
+from registry.models import (
+    Artifact,
+    ArtifactRole,
+    Checkpoint,
+    CheckpointStatus,
+    MergeRun,
+    MergeRunStatus,
+)
 from registry.services.blobs import stored_blob
 from registry.storage.codecs import iter_original
 from registry.storage.s3_presign import temp_key
@@ -216,9 +223,17 @@ class World:
         if parameter == "merge":  # a whole valid merge body, to be varied
             inputs = [{"checkpoint_id": ids[r], "weight": 0.5} for r in ("ft", "merged")]
             return [{"method": "task_arithmetic", "base_id": ids["base"], "inputs": inputs}]
-        if parameter == "name":
-            return ["model.safetensors", "config.json", "m.safetensors", "nope.bin"]
+        if parameter == "name":  # the checkpoint's own files, an artifact's name, none
+            return [*self._file_names(pins.get("checkpoint_id")), "m.safetensors", "nope.bin"]
         raise KeyError(parameter)
+
+    def _file_names(self, checkpoint_id: int | None) -> list[str]:
+        with self.env.session() as session:
+            query = select(Artifact.name).where(
+                Artifact.checkpoint_id == checkpoint_id,
+                col(Artifact.role).in_([ArtifactRole.weights, ArtifactRole.config]),
+            )
+            return sorted(session.exec(query).all()) or ["model.safetensors"]
 
     def _artifact_ids(self, checkpoint_id: int | None) -> list[int]:
         """The checkpoint's own artifacts, then one of another checkpoint."""

@@ -4,14 +4,18 @@ not document, and a mergekit ``parameters`` list that crashed the config parser.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import httpx
 import pytest
 
 from mergeops.mergekit.schema import parse
 from mergeops.methods.base import MergeError
 from tests.registry.registry_fixtures import *  # noqa: F403
 from tests.registry.registry_fixtures import Api, st_bytes, tiny_state
+
+PART = b"presigned!"
 
 
 def test_an_unsatisfiable_range_is_a_416_in_the_error_shape(api: Api) -> None:
@@ -55,3 +59,24 @@ def test_mergekit_parameters_that_are_not_a_mapping_are_a_merge_error(parameters
     config = {"merge_method": "linear", "models": [{"model": "a", "parameters": parameters}]}
     with pytest.raises(MergeError, match=r"models\.0\.parameters.*mapping"):
         parse(config)
+
+
+def test_a_part_etag_with_a_control_character_is_a_422_and_the_upload_stays_open(
+    s3_api: Api,
+) -> None:
+    """moto answered CompleteMultipartUpload with such an ETag with a 500 (after 5 retries),
+    which the registry passed on as its own 500."""
+    checkpoint = s3_api.register({"model.safetensors": st_bytes(tiny_state(0))}, complete=False)
+    uploads = f"/api/v1/checkpoints/{checkpoint['id']}/uploads"
+    body = {"name": "extra.bin", "size": len(PART), "sha256": hashlib.sha256(PART).hexdigest()}
+    plan = s3_api.client.post(uploads, json=body, headers=s3_api.headers).json()
+    sent = httpx.put(plan["parts"][0]["url"], content=PART, timeout=30)
+    complete = f"{uploads}/{plan['upload_id']}/complete"
+    for etag in ("\x01", '"abc"\x7f', "a<b&c", "é", ""):
+        parts = {"parts": [{"part_number": 1, "etag": etag}]}
+        refused = s3_api.client.post(complete, json=parts, headers=s3_api.headers)
+        assert refused.status_code == 422, (etag, refused.text)
+        assert "parts.0.etag" in refused.json()["detail"]["message"]
+    parts = {"parts": [{"part_number": 1, "etag": sent.headers["ETag"]}]}
+    done = s3_api.client.post(complete, json=parts, headers=s3_api.headers)
+    assert done.status_code == 200, done.text

@@ -43,7 +43,9 @@ class UploadPlan(BaseModel):
 
 class PartDone(BaseModel):
     part_number: int = Field(ge=1, le=10_000)  # S3's part numbers are 1..10000
-    etag: str
+    # As S3 answered the part's PUT: quoted hex (``"<md5>"``). Anything else (control
+    # characters above all) never names a part, and some endpoints answer it with a 500.
+    etag: str = Field(min_length=1, max_length=128, pattern=r'^"?[0-9A-Za-z-]+"?$')
 
 
 class UploadComplete(BaseModel):
