@@ -85,6 +85,13 @@ def report_run(runs: dict[str, Any], verified: int, args: argparse.Namespace) ->
     ref, ref_elapsed = runs["reference"][:2]
     for phase in ("reference", "mix"):
         print(f"load average during {phase}: before {runs[phase][4]}; after {runs[phase][5]}")
+    waited, drained = runs.get("drain", (0.0, 0.0))
+    own = runs["mix"][2][next(iter(runs["mix"][2]))]
+    print(
+        f"after the mix the registry worked {waited:.0f} s more on queued background work "
+        f"({drained:.2f} CPU s): with it, {(own + drained) * 1000 / max(1, stats.requests):.2f}"
+        " registry CPU ms per request of the mix"
+    )
     rps = stats.requests / elapsed
     read_ms = [s * 1000 for op in READS for s in stats.latencies.get(op, [])]
     read_p95 = percentile(read_ms, 95) if read_ms else float("nan")

@@ -261,6 +261,9 @@ def measure(server: ServerProcess, moto: ServerProcess | None, args: argparse.Na
         meter = cpu_groups(server, moto, database_url).start()
         elapsed = asyncio.run(run_clients(server.url, tokens, args, stats, phase=phase))
         runs[phase] = (stats, elapsed, meter.stop(), meter.machine_s, load_before, load_average())
+    backlog = CpuMeter({"server": server.pid}).start()
+    waited = wait_until_idle(server.pid, timeout=args.idle_timeout) if args.idle_timeout else 0.0
+    runs["drain"] = (waited, backlog.stop()["server"])
     verified = verify_all(server.url, tokens[0], stats)
     return report_run(runs, verified, args)
 
