@@ -254,7 +254,7 @@ def measure(server: ServerProcess, moto: ServerProcess | None, args: argparse.Na
         wait_until_idle(server.pid, timeout=args.idle_timeout)
     stats = Stats()
     asyncio.run(run_clients(server.url, tokens, args, stats, phase="warmup"))
-    runs = {}
+    runs: dict[str, Any] = {}
     for phase in ("reference", "mix"):
         stats = stats.next_phase()
         load_before = load_average()
