@@ -101,20 +101,35 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.T @ y) / len(x)
 
 
+def linear_r2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Held-out R² of ``y`` from an affine map of ``x`` (fit on even rows, scored on odd rows),
+    the mean over ``y``'s columns: how much of b's features any linear map (not only a
+    permutation) recovers from a's."""
+    x1 = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    fit = torch.linalg.lstsq(x1[0::2], y[0::2].double()).solution
+    test, pred = y[1::2].double(), x1[1::2] @ fit
+    sst = ((test - test.mean(0)) ** 2).sum(0).clamp_min(1e-12)
+    return float((1 - ((test - pred) ** 2).sum(0) / sst).mean())
+
+
 def alignment_lines(a: StateDict, b: StateDict, probe: LlamaFeatureProbe) -> list[str]:
-    """Per layer: mean correlation of identity-matched and Hungarian-matched neurons."""
+    """Per layer: mean correlation of identity-matched and Hungarian-matched neurons, and the
+    held-out R² of b's features from a linear map of a's."""
     from scipy.optimize import linear_sum_assignment
 
-    lines = ["alignment: mean feature correlation of the parents' neurons (identity / matched)"]
+    lines = ["alignment: mean feature correlation of the parents' neurons (identity / matched), "
+             "held-out R² of b's features from a linear map of a's"]  # fmt: skip
     for layer in probe.layer_order():
         fa, fb = probe.features(a, layer.name), probe.features(b, layer.name)
+        r2 = linear_r2(fa, fb)
         if layer.group > 1:  # heads: one feature per head, the mean over its dims
             fa = fa.reshape(len(fa), -1, layer.group).mean(-1)
             fb = fb.reshape(len(fb), -1, layer.group).mean(-1)
         c = _corr(fa, fb)
         rows, cols = linear_sum_assignment(c.numpy(), maximize=True)
         lines.append(f"  {layer.name:<10} identity {float(c.diagonal().mean()):+.3f}  "
-                     f"matched {float(c[rows, cols].mean()):+.3f}  ({c.shape[0]} neurons)")  # fmt: skip
+                     f"matched {float(c[rows, cols].mean()):+.3f}  linear R² {r2:+.3f}  "
+                     f"({c.shape[0]} neurons)")  # fmt: skip
     return lines
 
 

@@ -26,7 +26,7 @@ def test_two_seed_bases_are_merged_scored_and_judged(tmp_path):
         "ot_fusion (sinkhorn)",
     ):
         assert set(scores[row]) and all(len(h) == 8 for h in scores[row].values()), row
-    assert text.count("claim for ") == 4 and "mean feature correlation" in text
+    assert text.count("claim for ") == 4 and "linear R²" in text
     saved = sorted(p.name.split("-")[1] for p in tmp_path.iterdir() if p.name.startswith("base-"))
     assert saved == ["seed0", "seed1"]  # both bases trained once and cached
 
