@@ -135,19 +135,22 @@ def why(outcomes: Sequence[Mapping[str, Any]]) -> str:
 
 
 def summarize(results: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per claim: held on k of n zoos, mean Δ, spread, verdict."""
+    """One line per claim: held on k of n zoos, mean Δ, spread, verdict, and the std of the mean
+    Δ over zoos (independent zoos: sqrt(Σ std²) / n), to judge the mean against the noise."""
     lines = []
     for claim, *_ in CLAIMS:
         outcomes = [r["claims"][claim] for r in results]
         diffs = [o["diff"] for o in outcomes]
         held = sum(o["held"] for o in outcomes)
         noise = sum(o["std"] for o in outcomes) / len(outcomes)
+        pooled = sum(o["std"] ** 2 for o in outcomes) ** 0.5 / len(outcomes)  # std of mean Δ
         verdict = "HOLDS" if held * 2 > len(outcomes) else "does not hold"
         if held * 2 <= len(outcomes):
             verdict += f" ({why(outcomes)})"
         lines.append(
             f"  {claim:<46} {verdict:<13} {held}/{len(outcomes)}  mean Δ {sum(diffs) / len(diffs):+.3f}"
             f"  spread [{min(diffs):+.3f}, {max(diffs):+.3f}]  bootstrap std ~{noise:.3f}"
+            f"  pooled ±{pooled:.3f}"
         )
     for key in ("pretrained", "finetuned_own", "finetune_all_tasks_avg", "best_normalized"):
         values = [r["summary"][key] for r in results]

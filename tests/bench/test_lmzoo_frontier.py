@@ -99,4 +99,5 @@ def test_claims_summary_counts_zoos_and_spread() -> None:
     first = lines[0]
     assert CLAIMS[0][0] in first and "HOLDS" in first and "2/3" in first
     assert "[-0.010, +0.050]" in first and "+0.023" in first
+    assert "pooled ±0.006" in first  # sqrt(3 · 0.01²) / 3
     assert "does not hold" in summarize([zoo(0.05, True), zoo(-0.01, False)])[0]
