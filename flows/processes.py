@@ -90,11 +90,29 @@ def is_running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-def descendants(pid: int | None = None) -> list[int]:
-    """Every live descendant of ``pid`` (default: this process), parents before children."""
-    if not PROC.is_dir():
-        return []
-    root = os.getpid() if pid is None else pid
+def _children(pid: int) -> list[int] | None:
+    """Live children of ``pid`` from ``/proc/<pid>/task/*/children`` (a few small reads), or
+    None where the kernel does not offer those files."""
+    tasks = PROC / str(pid) / "task"
+    try:
+        files = [task / "children" for task in tasks.iterdir()]
+    except OSError:
+        return [] if not (PROC / str(pid)).exists() else None
+    found: list[int] = []
+    for path in files:
+        try:
+            found.extend(int(child) for child in path.read_text().split())
+        except FileNotFoundError:
+            if not path.parent.exists():  # a thread that just ended
+                continue
+            return None
+        except OSError:
+            continue
+    return [child for child in found if is_running(child)]
+
+
+def _scan_descendants(root: int) -> list[int]:
+    """Descendants of ``root`` by reading every ``/proc/<pid>/stat`` (the slow fallback)."""
     parents: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit():
@@ -105,6 +123,25 @@ def descendants(pid: int | None = None) -> list[int]:
     frontier = [root]
     while frontier:
         children = parents.get(frontier.pop(), [])
+        found.extend(children)
+        frontier.extend(children)
+    return found
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every live descendant of ``pid`` (default: this process), parents before children.
+
+    Walks the children files of the process tree (a handful of reads, so the orphan guard's
+    poll stays cheap); falls back to scanning all of ``/proc`` without them."""
+    if not PROC.is_dir():
+        return []
+    root = os.getpid() if pid is None else pid
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        children = _children(frontier.pop())
+        if children is None:
+            return _scan_descendants(root)
         found.extend(children)
         frontier.extend(children)
     return found
