@@ -32,8 +32,9 @@ and peak RSS in bench.merge_engine)."""
 
 KEEP_BYTES = 256 * 1024 * 1024
 """Raw input bytes of one tensor a method's whole-tensor pass (TIES trims, DARE's L1 factors)
-may keep for the merge pass, so those inputs are read (or fetched from S3) once, not twice;
-inputs beyond it are read again slice by slice."""
+may keep for the merge pass, so remote inputs (S3) are fetched once, not twice; inputs beyond
+it, and local files (``rereads_cheaply``: a second read comes from the page cache, cheaper
+than holding the tensor), are read again slice by slice."""
 
 _ROW_ALIGN = 64
 """Row sizes must be a multiple of this: slices then start on the same vector-lane alignment
@@ -163,7 +164,8 @@ class ChunkedMerge:
         raw = rows.get(0, self.meta.shape[0]).to(self.ctx.device)
         nbytes = raw.numel() * raw.element_size()
         self.bytes_read += nbytes
-        kept = nbytes <= self._keep_left
+        cheap = bool(getattr(rows.source, "rereads_cheaply", False))  # local: page cache
+        kept = not cheap and nbytes <= self._keep_left
         if kept:
             self._keep_left -= nbytes
         if kept or rows is self.base:

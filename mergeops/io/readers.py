@@ -43,6 +43,11 @@ class SafetensorsFile:
     file mapping stays in the process's resident set between tensors.
     """
 
+    rereads_cheaply = True
+    """A second read of a tensor comes from the page cache: the chunked merge reads again
+    rather than keeping a whole tensor in memory (``chunking.KEEP_BYTES`` is for remote
+    sources, where a second read is a second fetch)."""
+
     def __init__(self, path: str | Path, name: str | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -130,6 +135,8 @@ def _pread_into(fd: int, buffer: bytearray, offset: int) -> int:
 class ShardedCheckpoint:
     """A folder holding ``model.safetensors.index.json`` and its shards, or plain
     ``*.safetensors`` files (each tensor name must appear in exactly one file)."""
+
+    rereads_cheaply = True  # local files, as SafetensorsFile
 
     def __init__(self, path: str | Path, name: str | None = None) -> None:
         self.path = Path(path)
