@@ -1,4 +1,5 @@
-"""Per-model whole-tensor statistics (TIES cuts, breadcrumbs windows) computed two at a time.
+"""Per-model whole-tensor statistics (TIES cuts, breadcrumbs windows) computed two at a time,
+and ``CutStat``, the statistic both apply to row slices.
 
 A cut needs the whole τ_t and, under mergekit's tie rule, a full sort of its magnitudes: one
 single-threaded sort per model, which dominates a TIES merge on CPU. The τ_t are still read
@@ -12,11 +13,33 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+
+class RowCut(Protocol):
+    """A selection over one whole tensor that row slices can apply (``ops.sparsify.TrimCut``,
+    ``ops.selection.WindowCut``)."""
+
+    def mask_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class CutStat:
+    """One model's cut of one whole tensor (None: all kept) and its L1 rescale factor."""
+
+    cut: RowCut | None
+    scale: torch.Tensor | None
+
+    def apply(self, tau: torch.Tensor, offset: int) -> torch.Tensor:
+        """The selected (and rescaled) slice of τ starting at flat index ``offset``."""
+        masked = tau if self.cut is None else tau * self.cut.mask_rows(tau.abs(), offset)
+        return masked if self.scale is None else masked * self.scale
+
 
 PARALLEL_MAX_NUMEL = 8 * 1024 * 1024
 """Larger tensors are done one model at a time: a worker holds τ_t, its float32 sort keys and

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
 from mergeops.methods.base import MergeContext, ModelParams, register
-from mergeops.methods.task_vector._per_model import per_model_stats
+from mergeops.methods.task_vector._per_model import CutStat, per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import TaskArithmeticParams, TaskVectorMerge
 from mergeops.ops.prune import l1_scale
-from mergeops.ops.selection import TieBreak, WindowCut, window_bounds, window_cut
+from mergeops.ops.selection import TieBreak, window_bounds, window_cut
 
 
 class BreadcrumbsParams(TaskArithmeticParams):
@@ -43,19 +42,6 @@ class BreadcrumbsModelParams(ModelParams):
     gamma: float = Field(0.01, ge=0, le=1)
 
 
-@dataclass(frozen=True)
-class WindowStat:
-    """One model's window of one whole tensor (None: all kept) and its L1 rescale factor."""
-
-    cut: WindowCut | None
-    scale: torch.Tensor | None
-
-    def apply(self, tau: torch.Tensor, offset: int) -> torch.Tensor:
-        """The windowed (and rescaled) slice of τ starting at flat index ``offset``."""
-        masked = tau if self.cut is None else tau * self.cut.mask_rows(tau.abs(), offset)
-        return masked if self.scale is None else masked * self.scale
-
-
 class _Breadcrumbs(TaskVectorMerge):
     paper = "https://arxiv.org/abs/2312.06795"
     params_model = BreadcrumbsParams
@@ -63,19 +49,19 @@ class _Breadcrumbs(TaskVectorMerge):
     sparsification = "outliers"
     mergekit_defaults: ClassVar[dict[str, Any]] = {"tie_break": "mergekit"}
 
-    def _window(self, tau: torch.Tensor, index: int, ctx: MergeContext) -> WindowStat:
+    def _window(self, tau: torch.Tensor, index: int, ctx: MergeContext) -> CutStat:
         """Model ``index``'s window of a whole τ and, with ``rescale``, its L1 factor."""
         params = ctx.params
         assert isinstance(params, BreadcrumbsParams)
         own = ctx.model_params[index]
         assert isinstance(own, BreadcrumbsModelParams)
         if own.density >= 1:
-            return WindowStat(None, None)
+            return CutStat(None, None)
         lo, hi = window_bounds(tau.numel(), own.density, own.gamma)
         cut = window_cut(tau.abs(), lo, hi, params.tie_break)
         if not params.rescale or cut is None:
-            return WindowStat(cut, None)
-        return WindowStat(cut, l1_scale(tau, tau * cut.mask_rows(tau.abs(), 0)))
+            return CutStat(cut, None)
+        return CutStat(cut, l1_scale(tau, tau * cut.mask_rows(tau.abs(), 0)))
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._window(tau, index, ctx).apply(tau, 0)
@@ -92,7 +78,7 @@ class _Breadcrumbs(TaskVectorMerge):
             [own.density < 1 for own in ctx.model_params],  # type: ignore[attr-defined]
             task_vector,
             lambda index, tau: self._window(tau, index, ctx),
-            WindowStat(None, None),
+            CutStat(None, None),
             numel=math.prod(shape),
             device=ctx.device,
         )

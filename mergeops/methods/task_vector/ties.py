@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -25,7 +24,7 @@ from mergeops.methods.base import (
     TensorInputs,
     register,
 )
-from mergeops.methods.task_vector._per_model import per_model_stats
+from mergeops.methods.task_vector._per_model import CutStat, per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
@@ -33,7 +32,7 @@ from mergeops.methods.task_vector.task_arithmetic import (
 )
 from mergeops.ops.prune import l1_scale
 from mergeops.ops.selection import TieBreak, topk_cut_by
-from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, TrimCut, tie_cut
+from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, tie_cut
 
 
 class TiesParams(TaskArithmeticParams):
@@ -42,19 +41,6 @@ class TiesParams(TaskArithmeticParams):
     normalize: bool = True
     trim_scope: Literal["tensor", "model"] = "tensor"
     tie_break: TieBreak = "position"
-
-
-@dataclass(frozen=True)
-class TrimStat:
-    """One model's trim of one whole tensor: its cut (None: all kept) and L1 rescale factor."""
-
-    cut: TrimCut | None
-    scale: torch.Tensor | None
-
-    def apply(self, tau: torch.Tensor, offset: int) -> torch.Tensor:
-        """The trimmed (and rescaled) slice of τ starting at flat index ``offset``."""
-        masked = tau if self.cut is None else tau * self.cut.mask_rows(tau.abs(), offset)
-        return masked if self.scale is None else masked * self.scale
 
 
 class ModelTopK(StatsCollector):
@@ -97,25 +83,25 @@ class Ties(TaskVectorMerge):
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._trim(key, tau, index, ctx).apply(tau, 0)
 
-    def _trim(self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext) -> TrimStat:
+    def _trim(self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext) -> CutStat:
         """The cut and rescale factor of model ``index``'s whole τ for tensor ``key``."""
         params = ctx.params
         assert isinstance(params, TiesParams)
         density = ctx.model_params[index].density  # type: ignore[attr-defined]
         if params.trim_scope == "tensor":
             if density >= 1:
-                return TrimStat(None, None)
+                return CutStat(None, None)
             cut = topk_cut_by(tau.abs(), density, params.tie_break)
         else:
             model_cut = ctx.stats[index]
             if model_cut is None:
-                return TrimStat(None, None)
+                return CutStat(None, None)
             magnitude = tau.abs()
             cut = tie_cut(magnitude, model_cut.threshold, model_cut.tie_quota.get(key, 0))
         if not params.rescale or cut is None:
-            return TrimStat(cut, None)
+            return CutStat(cut, None)
         masked = tau * cut.mask_rows(tau.abs(), 0)
-        return TrimStat(cut, l1_scale(tau, masked))
+        return CutStat(cut, l1_scale(tau, masked))
 
     def tensor_stats(
         self,
@@ -138,7 +124,7 @@ class Ties(TaskVectorMerge):
             [trimmed(i) for i in range(len(ctx.model_params))],
             task_vector,
             lambda index, tau: self._trim(key, tau, index, ctx),
-            TrimStat(None, None),
+            CutStat(None, None),
             numel=math.prod(shape),
             device=ctx.device,
         )
