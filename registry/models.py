@@ -198,7 +198,7 @@ class Artifact(ArtifactBase, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     checkpoint_id: int = Field(foreign_key="checkpoint.id", index=True)
-    blob_key: str = Field(max_length=512)
+    blob_key: str = Field(max_length=512, index=True)  # "is this blob shared" lookups
     # How the blob is stored at rest: "raw" (the file's own bytes) or a lossless codec; the
     # sha256 and ``size`` are always the original file's. ``codec_base_sha256`` names the blob a
     # delta codec was taken against (a fine-tune's base file).
