@@ -26,6 +26,16 @@ def l1_scale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
     return before / after
 
 
+def l1_scale_of_magnitude(magnitude: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """``l1_scale(tensor, tensor * kept)`` from ``magnitude = |tensor|`` alone (bit for bit:
+    |τ ⊙ kept| = |τ| ⊙ kept), so a caller may take the magnitude in place."""
+    before = magnitude.sum()
+    after = (magnitude * kept).sum()
+    if before < L1_EPS or after < L1_EPS:
+        return None
+    return before / after
+
+
 def l1_rescale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """``masked`` scaled so its L1 norm equals that of ``tensor`` (mergekit's ``rescale``)."""
     scale = l1_scale(tensor, masked)

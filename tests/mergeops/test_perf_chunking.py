@@ -39,6 +39,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("ties", {"weight": [1.0, 0.8, 0.6], "density": [0.5, 0.2, 1.0]}),
     ("ties", {"weight": [1.0, 0.8, 0.6], "density": 0.3, "trim_scope": "model"}),
     ("ties", {"weight": [1.0, 0.8, 0.6], "density": 0.4, "normalize": False}),
+    ("ties", {"weight": [1.0, 0.8, 0.6], "density": 0.5, "rescale": True, "tie_break": "mergekit"}),
     ("dare_linear", {"weight": [1.0, 0.8, 0.6], "density": [0.5, 0.9, 1.0]}),
     ("dare_ties", {"weight": [1.0, 0.8, 0.6], "density": 0.6}),
     ("della", {"weight": [1.0, 0.8, 0.6], "density": [0.6, 0.8, 1.0], "epsilon": 0.1}),

@@ -23,7 +23,7 @@ from pydantic import Field
 from mergeops.methods.base import MergeContext, ModelParams, register
 from mergeops.methods.task_vector._per_model import CutStat, per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import TaskArithmeticParams, TaskVectorMerge
-from mergeops.ops.prune import l1_scale
+from mergeops.ops.prune import l1_scale_of_magnitude
 from mergeops.ops.selection import TieBreak, window_bounds, window_cut
 
 
@@ -49,8 +49,11 @@ class _Breadcrumbs(TaskVectorMerge):
     sparsification = "outliers"
     mergekit_defaults: ClassVar[dict[str, Any]] = {"tie_break": "mergekit"}
 
-    def _window(self, tau: torch.Tensor, index: int, ctx: MergeContext) -> CutStat:
-        """Model ``index``'s window of a whole τ and, with ``rescale``, its L1 factor."""
+    def _window(
+        self, tau: torch.Tensor, index: int, ctx: MergeContext, *, owned: bool = False
+    ) -> CutStat:
+        """Model ``index``'s window of a whole τ and, with ``rescale``, its L1 factor
+        (``owned``: τ may be overwritten, its magnitude is then taken in place)."""
         params = ctx.params
         assert isinstance(params, BreadcrumbsParams)
         own = ctx.model_params[index]
@@ -58,10 +61,11 @@ class _Breadcrumbs(TaskVectorMerge):
         if own.density >= 1:
             return CutStat(None, None)
         lo, hi = window_bounds(tau.numel(), own.density, own.gamma)
-        cut = window_cut(tau.abs(), lo, hi, params.tie_break)
+        magnitude = tau.abs_() if owned else tau.abs()
+        cut = window_cut(magnitude, lo, hi, params.tie_break)
         if not params.rescale or cut is None:
             return CutStat(cut, None)
-        return CutStat(cut, l1_scale(tau, tau * cut.mask_rows(tau.abs(), 0)))
+        return CutStat(cut, l1_scale_of_magnitude(magnitude, cut.mask_rows(magnitude, 0)))
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._window(tau, index, ctx).apply(tau, 0)
@@ -77,7 +81,7 @@ class _Breadcrumbs(TaskVectorMerge):
         return per_model_stats(
             [own.density < 1 for own in ctx.model_params],  # type: ignore[attr-defined]
             task_vector,
-            lambda index, tau: self._window(tau, index, ctx),
+            lambda index, tau: self._window(tau, index, ctx, owned=True),
             CutStat(None, None),
             numel=math.prod(shape),
             device=ctx.device,

@@ -30,7 +30,7 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskArithmeticParams,
     TaskVectorMerge,
 )
-from mergeops.ops.prune import l1_scale
+from mergeops.ops.prune import l1_scale_of_magnitude
 from mergeops.ops.selection import TieBreak, topk_cut_by
 from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, tie_cut
 
@@ -83,25 +83,27 @@ class Ties(TaskVectorMerge):
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._trim(key, tau, index, ctx).apply(tau, 0)
 
-    def _trim(self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext) -> CutStat:
-        """The cut and rescale factor of model ``index``'s whole τ for tensor ``key``."""
+    def _trim(
+        self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext, *, owned: bool = False
+    ) -> CutStat:
+        """The cut and rescale factor of model ``index``'s whole τ for tensor ``key``
+        (``owned``: τ may be overwritten, its magnitude is then taken in place)."""
         params = ctx.params
         assert isinstance(params, TiesParams)
         density = ctx.model_params[index].density  # type: ignore[attr-defined]
-        if params.trim_scope == "tensor":
-            if density >= 1:
-                return CutStat(None, None)
-            cut = topk_cut_by(tau.abs(), density, params.tie_break)
+        model_cut = None if params.trim_scope == "tensor" else ctx.stats[index]
+        if (params.trim_scope == "tensor" and density >= 1) or (
+            params.trim_scope == "model" and model_cut is None
+        ):
+            return CutStat(None, None)
+        magnitude = tau.abs_() if owned else tau.abs()
+        if model_cut is None:
+            cut = topk_cut_by(magnitude, density, params.tie_break)
         else:
-            model_cut = ctx.stats[index]
-            if model_cut is None:
-                return CutStat(None, None)
-            magnitude = tau.abs()
             cut = tie_cut(magnitude, model_cut.threshold, model_cut.tie_quota.get(key, 0))
         if not params.rescale or cut is None:
             return CutStat(cut, None)
-        masked = tau * cut.mask_rows(tau.abs(), 0)
-        return CutStat(cut, l1_scale(tau, masked))
+        return CutStat(cut, l1_scale_of_magnitude(magnitude, cut.mask_rows(magnitude, 0)))
 
     def tensor_stats(
         self,
@@ -123,7 +125,7 @@ class Ties(TaskVectorMerge):
         return per_model_stats(
             [trimmed(i) for i in range(len(ctx.model_params))],
             task_vector,
-            lambda index, tau: self._trim(key, tau, index, ctx),
+            lambda index, tau: self._trim(key, tau, index, ctx, owned=True),
             CutStat(None, None),
             numel=math.prod(shape),
             device=ctx.device,
