@@ -12,6 +12,7 @@ import torch
 import mergeops
 from mergeops import chunking
 from mergeops.io import SafetensorsFile, ShardedCheckpoint, write_safetensors
+from mergeops.methods.base import get_method
 from mergeops.ops.sparsify import kth_smallest, threshold_mask, topk_cut
 from mergeops.plan import PlanRequest, build_plan
 
@@ -162,3 +163,19 @@ def test_kth_smallest_and_cut_exact(n: int) -> None:
     assert int(reference.sum()) == k
     pieces = [cut.mask_rows(flat[a : a + 777], a) for a in range(0, n, 777)]
     assert torch.equal(torch.cat(pieces), reference)
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_passthrough_chunked_matches_whole(
+    monkeypatch: pytest.MonkeyPatch, scale: float | None
+) -> None:
+    family = _family(torch.bfloat16, True)
+    params = {} if scale is None else {"scale": [scale]}
+
+    def run(chunk: int) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(chunking, "CHUNK_BYTES", chunk)
+        return mergeops.merge("passthrough", family[1:2], device="cpu", dtype="float32", **params)
+
+    whole, chunked = run(1 << 40), run(4096)
+    assert chunking.rows_for(get_method("passthrough"), (4096, 128)) > 0  # it does chunk
+    _bits_equal(whole, chunked)
