@@ -284,6 +284,31 @@ class StreamingMethod(MergeMethod):
         raise NotImplementedError(f"method '{self.name}' is not chunkable")
 
 
+class ElementwiseMethod(StreamingMethod):
+    """A streaming method whose ``merge_tensor`` is elementwise with no whole-tensor
+    statistics: a row slice merges exactly like the whole tensor, so it is chunkable as is."""
+
+    chunkable: ClassVar[bool] = True
+
+    def tensor_stats(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        task_vector: Callable[[int], torch.Tensor],
+        ctx: MergeContext,
+    ) -> list[Any]:
+        """No whole-tensor statistics."""
+        return [None] * len(ctx.model_params)
+
+    def merge_rows(
+        self, inputs: TensorInputs, stats: list[Any], offset: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """The merged rows of one slice: ``merge_tensor`` of the slice."""
+        merged = self.merge_tensor(inputs, ctx).merged
+        assert merged is not None
+        return merged
+
+
 class WholeModelMethod(MergeMethod):
     """A method that needs all tensors at once (e.g. fw's gradient steps)."""
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from mergeops.methods._arity import require_model_count
 from mergeops.methods.base import (
+    ElementwiseMethod,
     MergeContext,
     MethodParams,
     ModelParams,
-    StreamingMethod,
     TensorInputs,
     TensorResult,
     register,
@@ -32,7 +30,7 @@ class PassthroughScale(ModelParams):
 
 
 @register
-class Passthrough(StreamingMethod):
+class Passthrough(ElementwiseMethod):
     """θ = θ1 (· scale)."""
 
     name = "passthrough"
@@ -40,7 +38,6 @@ class Passthrough(StreamingMethod):
     params_model = PassthroughParams
     model_params_model = PassthroughScale
     mergekit_defaults: ClassVar[dict[str, Any]] = {}
-    chunkable: ClassVar[bool] = True
 
     def validate(self, ctx: MergeContext) -> None:
         require_model_count(ctx, exactly=1)
@@ -49,17 +46,3 @@ class Passthrough(StreamingMethod):
         scale = ctx.model_params[0].scale  # type: ignore[attr-defined]
         tensor = inputs.models[0]
         return TensorResult(tensor if scale is None else tensor * scale)
-
-    def tensor_stats(
-        self, key: str, shape: tuple[int, ...], task_vector: Any, ctx: MergeContext
-    ) -> list[Any]:
-        """No whole-tensor statistics (a copy, possibly scaled, is elementwise)."""
-        return [None] * len(ctx.model_params)
-
-    def merge_rows(
-        self, inputs: TensorInputs, stats: list[Any], offset: int, ctx: MergeContext
-    ) -> torch.Tensor:
-        """The rows of one slice, as ``merge_tensor`` gives them."""
-        merged = self.merge_tensor(inputs, ctx).merged
-        assert merged is not None
-        return merged
