@@ -43,13 +43,23 @@ as the whole tensor, so reductions over models round every element exactly as un
 
 def chunk_rows(plan: MergePlan, key: str) -> int:
     """Rows per slice for ``key``, or 0 when it is merged whole."""
-    return rows_for(plan.method, tuple(plan.metas[key].shape), side=bool(plan.side))
+    shape = tuple(plan.metas[key].shape)
+    return rows_for(plan.method, shape, side=bool(plan.side), ctx=plan.ctx)
 
 
-def rows_for(method: mb.MergeMethod, shape: tuple[int, ...], *, side: bool = False) -> int:
+def rows_for(
+    method: mb.MergeMethod,
+    shape: tuple[int, ...],
+    *,
+    side: bool = False,
+    ctx: mb.MergeContext | None = None,
+) -> int:
     """Rows per slice of a tensor of ``shape`` merged by ``method``, or 0: merged whole (not
-    chunkable, side inputs, 1-D, rows not lane-aligned, or at most one slice)."""
+    chunkable or not for ``ctx``'s params, side inputs, 1-D, rows not lane-aligned, or at
+    most one slice)."""
     if not getattr(method, "chunkable", False) or side or len(shape) < 2:
+        return 0
+    if isinstance(method, mb.SliceStatsMethod) and ctx is not None and not method.can_chunk(ctx):
         return 0
     row = math.prod(shape[1:])
     if row == 0 or row % _ROW_ALIGN or row * shape[0] * 4 <= CHUNK_BYTES:
@@ -192,10 +202,21 @@ class ChunkedMerge:
         key, method = self.key, self.method
         assert isinstance(method, mb.StreamingMethod)
         shape = tuple(self.meta.shape)
-        stats = method.tensor_stats(key, shape, self._task_vector, self.ctx)
+        if isinstance(method, mb.SliceStatsMethod):
+            stats = mb.sweep_stats(method.stats_pass(key, shape, self.ctx), self._slices)
+        else:
+            stats = method.tensor_stats(key, shape, self._task_vector, self.ctx)
         if self.base is not None and self._base_over_budget:
             self.base.release()
         out = torch.empty(shape, dtype=out_dtype, device=self.ctx.device)
+        for (start, stop), loaded in self._loaded_slices():
+            self._merge_slice(method, loaded, stats, (start, stop), out)
+            del loaded
+        return out
+
+    def _loaded_slices(self) -> Iterator[tuple[tuple[int, int], list[torch.Tensor]]]:
+        """Every slice's owned float32 inputs (models then base), slice k+1 read ahead."""
+        shape = tuple(self.meta.shape)
         row = math.prod(shape[1:])
         inputs_rows = [*self.sources, *([self.base] if self.base is not None else [])]
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
@@ -207,9 +228,15 @@ class ChunkedMerge:
             for (start, stop), pending in zip(ranges, stream, strict=True):
                 loaded = [self._owned(p.result(), role, counted=not rows.held)
                           for p, role, rows in zip(pending, roles, inputs_rows, strict=True)]  # fmt: skip
-                self._merge_slice(method, loaded, stats, (start, stop), out)
-                del loaded, pending
-        return out
+                del pending
+                yield (start, stop), loaded
+
+    def _slices(self) -> Iterator[tuple[int, mb.TensorInputs]]:
+        """One statistics sweep: (flat offset, inputs) of every slice."""
+        row, count = math.prod(tuple(self.meta.shape)[1:]), len(self.sources)
+        for (start, _), loaded in self._loaded_slices():
+            base = loaded[count] if self.base is not None else None
+            yield start * row, mb.TensorInputs(name=self.key, models=loaded[:count], base=base)
 
     def _merge_slice(
         self,

@@ -125,6 +125,8 @@ def pipeline_backend(plan: MergePlan) -> Backend | None:
     """The overlapped pipeline's backend for CUDA and an elementwise method without side
     inputs, else None (the tests swap in a fake backend here to run the pipeline on CPU)."""
     chunkable = bool(getattr(plan.method, "chunkable", False))
+    if isinstance(plan.method, mb.SliceStatsMethod):  # statistics sweeps run on the host path
+        return None
     if plan.ctx.device.type != "cuda" or not chunkable or plan.side or not _fp32_compute(plan):
         return None
     from mergeops.cuda_stream import CudaBackend

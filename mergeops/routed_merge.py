@@ -25,7 +25,7 @@ def route_rows(method: mb.MergeMethod, route: TensorRoute) -> int:
         return 0
     if not route.meta.dtype.is_floating_point:
         return 0
-    return rows_for(method, tuple(route.meta.shape))
+    return rows_for(method, tuple(route.meta.shape), ctx=route.ctx)
 
 
 def route_job(method: mb.MergeMethod, route: TensorRoute) -> ChunkJob:

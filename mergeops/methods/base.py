@@ -19,6 +19,11 @@ Streaming methods (``StreamingMethod``), per tensor name, in a stable order:
    extras are written with the dtype they are emitted in (pack bool masks to uint8 first).
 4. ``finish(ctx)`` once after the last tensor (stateful methods update ``ctx.state`` here).
 
+Large tensors of elementwise methods are merged in row slices (``mergeops.chunking``):
+``ElementwiseMethod`` needs nothing else, ``tensor_stats`` gives TIES-like methods whole task
+vectors one model at a time, and ``SliceStatsMethod`` (slerp, model_stock, ...) sweeps the
+slices through a ``TensorStatsPass`` for per-tensor reductions (norms, angles, counts).
+
 Whole-model methods (``WholeModelMethod``, e.g. fw) get the sources themselves in
 ``merge_model(inputs, ctx)`` and return whole dicts; ``load_state_dict`` helps load one
 source at a time, so a method can keep memory constant in the pool size.
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -307,6 +312,80 @@ class ElementwiseMethod(StreamingMethod):
         merged = self.merge_tensor(inputs, ctx).merged
         assert merged is not None
         return merged
+
+
+class TensorStatsPass(ABC):
+    """Statistics of one tensor gathered over its row slices, in order (``SliceStatsMethod``).
+
+    The engine calls ``observe`` for every slice of the tensor (``offset``: the slice's first
+    flat index), then ``next_pass``: True asks for another sweep over the same slices (e.g. a
+    dot product of directions needs the norms of a first sweep). After the last sweep,
+    ``result()`` is what ``merge_rows`` receives as ``stats``.
+    """
+
+    @abstractmethod
+    def observe(self, inputs: TensorInputs, offset: int) -> None:
+        """Take one slice into account."""
+
+    def next_pass(self) -> bool:
+        """Called after each sweep; True requests another one."""
+        return False
+
+    @abstractmethod
+    def result(self) -> Any:
+        """The statistics handed to ``merge_rows``."""
+
+
+class SliceStatsMethod(StreamingMethod):
+    """A method whose per-tensor statistics are reductions over the tensor's elements (norms,
+    angles, counts, energies) and whose merge is elementwise once they are known.
+
+    ``stats_pass`` returns a ``TensorStatsPass`` (or None when the method needs none for these
+    params); the engine sweeps a large tensor's row slices through it, once per pass, then
+    merges slice by slice with ``merge_rows``. ``merge_tensor`` runs the same two steps on the
+    whole tensor as one slice, so both paths agree bit for bit provided the pass reduces in
+    fixed blocks (``mergeops.ops.blocks``) rather than over whatever slice it is given.
+    ``can_chunk(ctx)`` may refuse slicing for params whose statistics are not reductions.
+    """
+
+    chunkable: ClassVar[bool] = True
+    slice_stats: ClassVar[bool] = True
+
+    @abstractmethod
+    def stats_pass(
+        self, key: str, shape: tuple[int, ...], ctx: MergeContext
+    ) -> TensorStatsPass | None:
+        """A fresh statistics pass for tensor ``key`` of ``shape``, or None."""
+
+    @abstractmethod
+    def merge_rows(
+        self, inputs: TensorInputs, stats: Any, offset: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """The merged rows of one slice given the finished statistics."""
+
+    def can_chunk(self, ctx: MergeContext) -> bool:
+        """Whether these params allow merging in row slices."""
+        return True
+
+    def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
+        """The whole tensor: its statistics from one slice, then ``merge_rows``."""
+        shape = tuple(inputs.models[0].shape)
+        stats = sweep_stats(self.stats_pass(inputs.name, shape, ctx), lambda: [(0, inputs)])
+        return TensorResult(self.merge_rows(inputs, stats, 0, ctx))
+
+
+def sweep_stats(
+    stats_pass: TensorStatsPass | None,
+    slices: Callable[[], Iterable[tuple[int, TensorInputs]]],
+) -> Any:
+    """Run ``stats_pass`` over ``slices()`` (offset, inputs) as many times as it asks."""
+    if stats_pass is None:
+        return None
+    while True:
+        for offset, inputs in slices():
+            stats_pass.observe(inputs, offset)
+        if not stats_pass.next_pass():
+            return stats_pass.result()
 
 
 class WholeModelMethod(MergeMethod):

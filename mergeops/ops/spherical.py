@@ -11,22 +11,51 @@ from collections.abc import Sequence
 
 import torch
 
-_SLERP_CHUNK = 1024 * 1024
-"""Elements per chunk of slerp's float32 scratch; the chunking also fixes its summation order."""
+from mergeops.ops.blocks import blocks_of, combine_norms, combine_sums
 
 
-def _chunks(flat: torch.Tensor, work: torch.dtype) -> list[torch.Tensor]:
-    return [
-        flat[:, start : start + _SLERP_CHUNK].to(work)
-        for start in range(0, flat.shape[1], _SLERP_CHUNK)
-    ]
+def slerp_work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """slerp's working dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunked_norm(parts: list[torch.Tensor], eps: float) -> torch.Tensor:
-    """The L2 norm (a [1, 1] tensor) as a norm of per-chunk norms; 1 where it is <= eps."""
-    norms = [torch.linalg.vector_norm(part, dim=1, keepdim=True) for part in parts]
-    norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
+def safe_norm(norm: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """A whole tensor's norm for normalising: 1 where it is <= ``eps``."""
     return torch.where(norm > eps, norm, 1)
+
+
+def slerp_coefficients(
+    t: float, dot: torch.Tensor, *, dot_threshold: float = 0.9995
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with slerp = a·v0 + b·v1 for cos Ω = ``dot`` (a ``(1, 1)`` tensor): sin((1-t)Ω)
+    / sin Ω and sin(tΩ) / sin Ω, or 1-t and t where |cos Ω| > ``dot_threshold``."""
+    dot = dot.clamp(-1, 1)
+    coef_t = torch.tensor([t], dtype=dot.dtype, device=dot.device).reshape(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - coef_t, torch.sin((1 - coef_t) * theta) / sin_theta)
+    coef_b = torch.where(linear, coef_t, torch.sin(coef_t * theta) / sin_theta)
+    return coef_a, coef_b
+
+
+def slerp_apply(
+    coef_a: torch.Tensor, coef_b: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor
+) -> torch.Tensor:
+    """a·v0 + b·v1 in slerp's working dtype, returned in ``v0``'s shape and dtype."""
+    work = coef_a.dtype
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    result = torch.empty_like(a)
+    for start in range(0, a.shape[1], _APPLY_CHUNK):
+        stop = start + _APPLY_CHUNK
+        result[:, start:stop] = coef_a * a[:, start:stop].to(work) + coef_b * b[:, start:stop].to(
+            work
+        )
+    return result.reshape(v0.shape)
+
+
+_APPLY_CHUNK = 1024 * 1024
+"""Elements per step of ``slerp_apply``: bounds its working-dtype scratch."""
 
 
 def slerp(
@@ -40,32 +69,31 @@ def slerp(
     """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1) of the flattened tensors.
 
     θ = [sin((1-t)Ω)·v0 + sin(tΩ)·v1] / sin Ω with Ω the angle between them; linear
-    interpolation where |cos Ω| > ``dot_threshold``. Returns a tensor of ``v0``'s shape and dtype.
+    interpolation where |cos Ω| > ``dot_threshold``. Norms and the dot product are reduced in
+    fixed blocks (``ops.blocks``), as the row-sliced merge does. Returns a tensor of ``v0``'s
+    shape and dtype.
     """
-    work = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    if a.shape[1] == 0:
+    if v0.numel() == 0:
         return v0.clone()
-    coef_t = torch.tensor([t], dtype=work, device=v0.device).reshape(-1, 1)
-    norm_a = _chunked_norm(_chunks(a, work), eps)
-    norm_b = _chunked_norm(_chunks(b, work), eps)
-    dots = [
-        ((x / norm_a) * (y / norm_b)).sum(dim=1, keepdim=True)
-        for x, y in zip(_chunks(a, work), _chunks(b, work), strict=True)
-    ]
-    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
-    linear = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(linear, 0, dot))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1 - coef_t, torch.sin((1 - coef_t) * theta) / sin_theta)
-    coef_b = torch.where(linear, coef_t, torch.sin(coef_t * theta) / sin_theta)
-    result = torch.empty_like(a)
-    for start in range(0, a.shape[1], _SLERP_CHUNK):
-        stop = start + _SLERP_CHUNK
-        result[:, start:stop] = coef_a * a[:, start:stop].to(work) + coef_b * b[:, start:stop].to(
-            work
-        )
-    return result.reshape(v0.shape)
+    work = slerp_work_dtype(v0.dtype)
+    pairs = list(blocks_of([v0, v1]))
+    norm_a = safe_norm(
+        combine_norms(
+            [torch.linalg.vector_norm(a.to(work), dim=1, keepdim=True) for a, _ in pairs]
+        ),
+        eps,
+    )
+    norm_b = safe_norm(
+        combine_norms(
+            [torch.linalg.vector_norm(b.to(work), dim=1, keepdim=True) for _, b in pairs]
+        ),
+        eps,
+    )
+    dot = combine_sums(
+        [((a.to(work) / norm_a) * (b.to(work) / norm_b)).sum(dim=1, keepdim=True) for a, b in pairs]
+    )
+    coef_a, coef_b = slerp_coefficients(t, dot, dot_threshold=dot_threshold)
+    return slerp_apply(coef_a, coef_b, v0, v1)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

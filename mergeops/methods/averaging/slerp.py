@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
+
 from mergeops.methods._arity import require_model_count
 from mergeops.methods.base import (
     MergeContext,
     MethodParams,
     Need,
-    StreamingMethod,
+    SliceStatsMethod,
     TensorInputs,
-    TensorResult,
+    TensorStatsPass,
     register,
 )
-from mergeops.ops.spherical import slerp
+from mergeops.ops.blocks import FlatBlocks, combine_norms, combine_sums
+from mergeops.ops.spherical import safe_norm, slerp_apply, slerp_coefficients, slerp_work_dtype
 
 
 class SlerpParams(MethodParams):
@@ -29,8 +32,51 @@ class SlerpParams(MethodParams):
     t: float
 
 
+class SlerpStats(TensorStatsPass):
+    """Sweep 1: the norms of base and model; sweep 2: the dot product of their directions.
+    Result: slerp's two coefficients (a, b), the merge being a·θ0 + b·θ1."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+        self.sweep = 0
+        self.blocks = FlatBlocks()
+        self.norms: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.unit: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dots: list[torch.Tensor] = []
+
+    def observe(self, inputs: TensorInputs, offset: int) -> None:
+        assert inputs.base is not None
+        for block in self.blocks.feed([inputs.base, inputs.models[0]]):
+            self._block(block)
+
+    def _block(self, block: list[torch.Tensor]) -> None:
+        work = slerp_work_dtype(block[0].dtype)
+        a, b = block[0].to(work), block[1].to(work)
+        if self.unit is None:
+            self.norms[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+            self.norms[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+        else:
+            self.dots.append(((a / self.unit[0]) * (b / self.unit[1])).sum(dim=1, keepdim=True))
+
+    def next_pass(self) -> bool:
+        for block in self.blocks.flush():
+            self._block(block)
+        if self.unit is None and self.norms[0]:
+            self.unit = (
+                safe_norm(combine_norms(self.norms[0])),
+                safe_norm(combine_norms(self.norms[1])),
+            )
+            return True
+        return False
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.dots:  # an empty tensor
+            return torch.ones(1, 1), torch.zeros(1, 1)
+        return slerp_coefficients(self.t, combine_sums(self.dots))
+
+
 @register
-class Slerp(StreamingMethod):
+class Slerp(SliceStatsMethod):
     """θ = [sin((1-t)Ω)·θ0 + sin(tΩ)·θ1] / sin Ω, Ω the angle between θ0 and θ1."""
 
     name = "slerp"
@@ -42,7 +88,19 @@ class Slerp(StreamingMethod):
     def validate(self, ctx: MergeContext) -> None:
         require_model_count(ctx, exactly=1)
 
-    def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
+    def stats_pass(self, key: str, shape: tuple[int, ...], ctx: MergeContext) -> SlerpStats:
         params = ctx.params
-        assert isinstance(params, SlerpParams) and inputs.base is not None
-        return TensorResult(slerp(params.t, inputs.base, inputs.models[0]))
+        assert isinstance(params, SlerpParams)
+        return SlerpStats(params.t)
+
+    def merge_rows(
+        self, inputs: TensorInputs, stats: Any, offset: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        assert inputs.base is not None
+        coef_a, coef_b = stats
+        return slerp_apply(
+            coef_a.to(inputs.base.device),
+            coef_b.to(inputs.base.device),
+            inputs.base,
+            inputs.models[0],
+        )

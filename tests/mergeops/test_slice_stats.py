@@ -1,0 +1,98 @@
+"""Methods with whole-tensor statistics (``SliceStatsMethod``: norms, angles, counts) merge
+large tensors in row slices with statistics swept over the slices: the result is bit-identical
+to the whole-tensor merge, whatever the slice and block sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import mergeops
+from mergeops import chunking
+from mergeops.methods.base import SliceStatsMethod, get_method
+from mergeops.ops import blocks
+from mergeops.ops.blocks import FlatBlocks, blocks_of
+
+SHAPES = {"embed": (96, 128), "mlp": (40, 192), "norm": (128,), "odd": (50, 30)}
+
+CASES: list[tuple[str, int, dict[str, Any]]] = [
+    ("slerp", 1, {"t": 0.3}),
+    ("slerp", 1, {"t": 0.8}),
+]
+
+
+def _family(dtype: torch.dtype, count: int, seed: int = 11) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+    models = [base]
+    for _ in range(count):
+        models.append({k: base[k] + torch.randn(s, generator=gen) * 0.3 for k, s in SHAPES.items()})
+    return [{k: v.to(dtype) for k, v in m.items()} for m in models]
+
+
+def _merge(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, method: str, family: list[Any], **kw: Any
+) -> dict[str, torch.Tensor]:
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", chunk)
+    return mergeops.merge(method, family[1:], base=family[0], device="cpu", **kw)
+
+
+def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), key
+
+
+@pytest.mark.parametrize(("method", "count", "params"), CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sliced_statistics_match_whole(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    count: int,
+    params: dict[str, Any],
+    dtype: torch.dtype,
+) -> None:
+    monkeypatch.setattr(blocks, "BLOCK", 1000)  # blocks straddle slices and rows
+    family = _family(dtype, count)
+    assert isinstance(get_method(method), SliceStatsMethod)
+    assert chunking.rows_for(get_method(method), (96, 128)) == 0  # small: merged whole ...
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    assert chunking.rows_for(get_method(method), (96, 128)) == 8  # ... unless slices are tiny
+    whole = _merge(monkeypatch, 1 << 40, method, family, **params)
+    chunked = _merge(monkeypatch, 4096, method, family, **params)
+    _bits_equal(whole, chunked)
+    odd = _merge(monkeypatch, 3 * 4096, method, family, **params)  # 24-row slices
+    _bits_equal(whole, odd)
+
+
+def test_flat_blocks_are_independent_of_slicing() -> None:
+    tensor = torch.arange(5000, dtype=torch.float32).reshape(50, 100)
+    expected = [b[0].clone() for b in blocks_of([tensor], 700)]
+    assert [b.shape[1] for b in expected] == [700] * 7 + [100]
+    for rows in (1, 3, 7, 50):
+        cutter, got = FlatBlocks(700), []
+        for start in range(0, 50, rows):
+            got += [b[0] for b in cutter.feed([tensor[start : start + rows]])]
+        got += [b[0] for b in cutter.flush()]
+        assert len(got) == len(expected)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(ValueError, match="positive"):
+        FlatBlocks(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_slerp_of_a_large_tensor_matches_mergekit(dtype: torch.dtype) -> None:
+    """Over 1M entries and in row slices (default slice size): still mergekit's numbers."""
+    from mergekit.merge_methods.api import merge_tensors
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(1100, 1024, generator=gen)
+    other = (base + 0.5 * torch.randn(1100, 1024, generator=gen)).to(dtype)
+    base = base.to(dtype)
+    assert chunking.rows_for(get_method("slerp"), (1100, 1024)) == 512
+    theirs = merge_tensors([base, other], "slerp", parameters={"t": 0.4}, base_index=0)
+    ours = mergeops.merge("slerp", [{"w": other}], base={"w": base}, t=0.4, device="cpu")
+    assert torch.equal(ours["w"], theirs)
