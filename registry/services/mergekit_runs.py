@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from mergeops.methods import base as mb
@@ -266,11 +267,38 @@ def check_config(config: dict[str, Any]) -> None:
         scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters)
                    for j, s in enumerate(piece.sources)]  # fmt: skip
     for where, params in scopes:
-        for key in params:
+        for key, value in params.items():
             if key not in accepted and key not in IGNORABLE:
                 known = ", ".join(sorted(accepted)) or "none"
                 raise InvalidInput(f"mergekit: {where}.{key}: unknown parameter of "
                                    f"'{method.name}' (accepted: {known})")  # fmt: skip
+            if key not in IGNORABLE:
+                _check_value(method, f"{where}.{key}", key, value)
+
+
+def _check_value(method: mb.MergeMethod, where: str, key: str, value: Any) -> None:
+    """Each value a parameter may take (a scalar, a gradient's points, a filter's values)
+    validates against the method's field for ``key``; else a 422 naming the key."""
+    models = [m for m in (method.params_model, method.model_params_model)
+              if key in mb._field_names(m)]  # fmt: skip
+    for scalar in _scalars(value):
+        try:
+            models[0].model_validate({key: scalar})
+        except ValidationError as exc:
+            # errors on other fields are required fields left out of this one-key probe
+            problems = [e["msg"] for e in exc.errors() if tuple(e["loc"]) == (key,)]
+            if problems:
+                raise InvalidInput(f"mergekit: {where}: {problems[0]} (got {scalar!r})") from None
+
+
+def _scalars(value: Any) -> list[Any]:
+    """The scalar values in a mergekit parameter: itself, a gradient's points, or the values
+    of a filter list (``[{filter: ..., value: ...}, ...]``), recursively."""
+    if isinstance(value, dict):
+        return _scalars(value["value"]) if "value" in value else [value]
+    if isinstance(value, list):
+        return [s for item in value for s in _scalars(item)]
+    return [value]
 
 
 def base_id_of(config: dict[str, Any]) -> int | None:

@@ -95,6 +95,19 @@ BAD_YAML = [
     (lambda t: t.replace("ckreg/ft", "/etc/passwd"), ["models[0].model", "/etc/passwd"]),
     (lambda t: t.replace("ckreg/ft", '"ft\\0"'), ["models[0].model", "control character"]),
     (lambda t: "a: &x [1, 1]\nb: [*x, *x]\n" + t, ["aliases"]),
+    # values of the wrong type, in a scalar, a gradient point or a filter's value
+    (
+        lambda t: t.replace("{weight: 0.5}", "{weight: heavy}"),
+        ["models[1].parameters.weight", "'heavy'"],
+    ),
+    (
+        lambda t: t.replace("density: [1, 0.5]", "density: [1, half]"),
+        ["models[0].parameters.density", "'half'"],
+    ),
+    (
+        lambda t: t.replace("normalize: true", "normalize: [{filter: mlp, value: maybe}]"),
+        ["parameters.normalize", "'maybe'"],
+    ),
 ]
 
 
