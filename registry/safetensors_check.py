@@ -11,12 +11,14 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from registry.text import shown, text_problem
+
+if TYPE_CHECKING:
+    import torch
 
 ReadRange = Callable[[int, int], bytes]
 """``read_range(offset, length)`` returns exactly ``length`` bytes starting at ``offset``."""
@@ -24,28 +26,43 @@ ReadRange = Callable[[int, int], bytes]
 DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_FILE_NAME = "model.safetensors.index.json"
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-"""Every safetensors dtype name and its torch dtype: the one table the registry reads dtypes from."""
-DTYPE_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
-FLOAT_TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: dtype for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point
-}
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+"""Every safetensors dtype name and its item size in bytes."""
+FLOAT_DTYPE_NAMES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+if TYPE_CHECKING:
+    #: Every safetensors dtype name and its torch dtype (built on first use, so that clients
+    #: checking headers do not load torch): the one table the registry reads dtypes from.
+    TORCH_DTYPES: dict[str, torch.dtype]
+    FLOAT_TORCH_DTYPES: dict[str, torch.dtype]
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    table = {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items()}
+    assert all(table[n].itemsize == size for n, size in DTYPE_SIZES.items())
+    return table
+
+
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TORCH_DTYPES":
+        return _torch_dtypes()
+    if name == "FLOAT_TORCH_DTYPES":
+        return {n: d for n, d in _torch_dtypes().items() if n in FLOAT_DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HeaderError(ValueError):
@@ -286,11 +303,13 @@ def scan_nonfinite(
     chunk_bytes: int = 16 * 1024 * 1024,
 ) -> None:
     """Raise ``HeaderError`` naming the first floating-point tensor (by offset) holding NaN or Inf."""
+    import torch
+
     ordered = sorted(header.tensors.items(), key=lambda item: item[1].start)
     for tensor, entry in ordered:
-        dtype = FLOAT_TORCH_DTYPES.get(entry.dtype)
-        if dtype is None:
+        if entry.dtype not in FLOAT_DTYPE_NAMES:
             continue
+        dtype = _torch_dtypes()[entry.dtype]
         itemsize = DTYPE_SIZES[entry.dtype]
         step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
         for offset in range(entry.start, entry.end, step):
