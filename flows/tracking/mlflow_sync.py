@@ -186,7 +186,7 @@ class Tracker:
     def _flush(self) -> tuple[int, BaseException | None]:
         """Send queued events oldest first; stop at an outage. Caller holds the outbox lock."""
         sent = 0
-        for event in self.outbox.pending():
+        for event in self.outbox.iter_pending():
             try:
                 mlflow_id = self._apply(event.kind, event.payload)
             except Exception as exc:

@@ -62,13 +62,19 @@ class Outbox:
 
     def pending(self) -> list[QueuedEvent]:
         """Queued events, oldest first."""
+        return list(self.iter_pending())
+
+    def iter_pending(self) -> Iterator[QueuedEvent]:
+        """Queued events, oldest first, each file read only when it is reached (a flush that
+        stops at an outage reads one event, not the whole backlog)."""
         if not self.directory.is_dir():
-            return []
-        events = []
+            return
         for path in sorted(self.directory.glob("[0-9]*.json")):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            events.append(QueuedEvent(path=path, kind=data["kind"], payload=data["payload"]))
-        return events
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:  # sent meanwhile by a process not holding the lock
+                continue
+            yield QueuedEvent(path=path, kind=data["kind"], payload=data["payload"])
 
     def __len__(self) -> int:
         if not self.directory.is_dir():

@@ -112,3 +112,20 @@ def test_logged_model_names_are_made_acceptable_to_mlflow() -> None:
 
     assert mlflow_model_name("mwa:rot90/run.1%'x\"") == "mwa-rot90-run-1--x-"
     assert mlflow_model_name("plain-name_2") == "plain-name_2"
+
+
+def test_a_sync_during_an_outage_reads_one_queued_event_not_the_backlog(
+    tmp_path: Path, tracking_checkpoints
+) -> None:
+    from tests.services import free_port
+
+    down = Tracker(f"http://127.0.0.1:{free_port()}", outbox_dir=tmp_path / "outbox")
+    for name in ("math", "code", "math"):
+        assert down.log_checkpoint(tracking_checkpoints[name]) is None
+    queued = sorted((tmp_path / "outbox").glob("[0-9]*.json"))
+    assert len(queued) == 3
+    for later in queued[1:]:  # a sync that stops at the first event never opens these
+        later.write_text("not json", encoding="utf-8")
+    assert down.sync() == 0 and down.pending == 3
+    first = next(Outbox(tmp_path / "outbox").iter_pending())
+    assert first.kind == "checkpoint" and first.path == queued[0]
