@@ -4,6 +4,10 @@ computes them, per tensor.
 An entry of τ_t counts as moved when |τ_t| > ε. Entries only one model moved are kept as they
 are; entries several moved are averaged over the movers. RAM+ (tensor-local) scales each
 model's unique entries by λ_t = 1 + r·clip(shared_t / unique_t, 0, alpha).
+
+Everything but λ_t is elementwise across models, so any row slice merges like the whole
+tensor. λ_t needs each model's shared and unique mover counts over the whole tensor: integer
+sums (``mover_counts`` per slice, added up exactly), so slices give the same λ_t bit for bit.
 """
 
 from __future__ import annotations
@@ -49,23 +53,42 @@ def ram_merge(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float
     return base + merged.reshape_as(base)
 
 
-def ramplus_scale(o: Overlap, r: float, alpha: float, epsilon: float) -> torch.Tensor:
-    """λ_t = 1 + r·clip(shared_t / max(unique_t, ε), 0, alpha) per model (float32), shape (T,)."""
-    shared = (o.moved & o.shared).sum(dim=1)
-    unique = (o.moved & o.unique).sum(dim=1)
+def mover_counts(
+    base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per model (int64, shape (T,)): how many entries it moved together with another model
+    (shared) and alone (unique). Integer counts: sums over slices equal the whole tensor's."""
+    o = overlap(base, models, epsilon)
+    return (o.moved & o.shared).sum(dim=1), (o.moved & o.unique).sum(dim=1)
+
+
+def ramplus_scale(
+    shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float, epsilon: float
+) -> torch.Tensor:
+    """λ_t = 1 + r·clip(shared_t / max(unique_t, ε), 0, alpha) per model (float32), shape (T,),
+    from the whole tensor's mover counts (``mover_counts``)."""
     ratio = shared / unique.clamp(min=epsilon)
     return 1 + r * ratio.clamp(min=0, max=alpha)
 
 
-def ramplus_merge(
-    base: torch.Tensor, models: Sequence[torch.Tensor], r: float, alpha: float, epsilon: float
+def ramplus_combine(
+    base: torch.Tensor, models: Sequence[torch.Tensor], scale: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
-    """θ0 + Σ_t [λ_t·unique τ_t + shared τ_t / movers] (float32 when inputs are 16-bit, as in
-    mergekit, where λ_t's float32 promotes the sum)."""
+    """θ0 + Σ_t [λ_t·unique τ_t + shared τ_t / movers] for any rows of the tensor, given the
+    whole tensor's λ_t (``scale``; float32, so 16-bit inputs give a float32 sum, as in
+    mergekit)."""
     o = overlap(base, models, epsilon)
-    scale = ramplus_scale(o, r, alpha, epsilon)
     kept = o.task_vectors * o.moved
     merged = (
         (kept * o.unique * scale.unsqueeze(-1)) + (kept * o.shared / o.movers.clamp(min=1))
     ).sum(dim=0, keepdim=True)
     return base + merged.reshape(base.shape)
+
+
+def ramplus_merge(
+    base: torch.Tensor, models: Sequence[torch.Tensor], r: float, alpha: float, epsilon: float
+) -> torch.Tensor:
+    """θ0 + Σ_t [λ_t·unique τ_t + shared τ_t / movers] of a whole tensor."""
+    shared, unique = mover_counts(base, models, epsilon)
+    scale = ramplus_scale(shared, unique, r, alpha, epsilon)
+    return ramplus_combine(base, models, scale, epsilon)

@@ -1,0 +1,99 @@
+"""ram, ramplus_tl and sce merge large tensors in row slices: sliced == whole bit for bit
+(every parameter variant, bfloat16 and float32 inputs, blocks straddling slices), and a
+sliced tensor of over 1M entries still gives mergekit 0.1.5's numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import mergeops
+from mergeops import chunking
+from mergeops.methods.base import ElementwiseMethod, SliceStatsMethod, get_method
+from mergeops.ops import blocks
+from mergeops.ops.sce import top_variance
+from tests.mergeops.mergekit.harness import assert_close
+from tests.mergeops.test_slice_stats import _bits_equal, _family, _merge
+
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("ram", {}),
+    ("ram", {"epsilon": 0.3}),
+    ("ramplus_tl", {}),
+    ("ramplus_tl", {"r": 0.3, "alpha": 0.5, "epsilon": 0.3}),
+    ("ramplus_tl", {"r": 0.5, "alpha": 2.0, "epsilon": 0.0}),
+    ("sce", {}),
+    ("sce", {"select_topk": 0.5}),
+    ("sce", {"select_topk": 0.013}),
+    ("sce", {"select_topk": 0.0}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sliced_merge_matches_whole(
+    monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(blocks, "BLOCK", 1000)  # blocks straddle slices and rows
+    family = _family(dtype, 3)
+    assert isinstance(get_method(method), (SliceStatsMethod, ElementwiseMethod))
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    assert chunking.rows_for(get_method(method), (96, 128)) == 8
+    whole = _merge(monkeypatch, 1 << 40, method, family, **params)
+    chunked = _merge(monkeypatch, 4096, method, family, **params)
+    _bits_equal(whole, chunked)
+    odd = _merge(monkeypatch, 3 * 4096, method, family, **params)  # 24-row slices
+    _bits_equal(whole, odd)
+
+
+@pytest.mark.parametrize(("n", "k_frac"), [(40_000, 0.5), (40_000, 0.01)])
+def test_top_variance_breaks_ties_as_mergekit(n: int, k_frac: float) -> None:
+    """Variances with many equal values straddling the cut (both of topk's CPU paths: a
+    partial sort for small k, nth_element otherwise): the same positions as mergekit."""
+    from mergekit.merge_methods.sce import sce_mask
+
+    gen = torch.Generator().manual_seed(3)
+    taus = torch.randint(-3, 4, (3, n), generator=gen).float()
+    theirs = sce_mask(taus, k_frac, torch.float32)
+    ours = top_variance(torch.var(taus, dim=0, unbiased=False), k_frac)
+    assert ours.dtype == torch.bool
+    assert 0 < int(ours.sum()) < n
+    assert torch.equal(ours.float(), theirs)
+
+
+def _large(dtype: torch.dtype, count: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(1100, 1024, generator=gen)
+    models = []
+    for i in range(count):
+        tau = torch.randn(1100, 1024, generator=gen) * 0.01
+        tau[torch.rand(1100, 1024, generator=gen) < 0.3 + 0.1 * i] = 0  # unmoved entries
+        models.append((base + tau).to(dtype))
+    return base.to(dtype), models
+
+
+CASES_LARGE = [("ram", {}), ("ramplus_tl", {"r": 0.3, "alpha": 0.5}), ("sce", {}),
+               ("sce", {"select_topk": 0.5})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "params"), CASES_LARGE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_large_tensor_matches_mergekit(
+    method: str, params: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """Over 1M entries in row slices (default slice and block sizes) against mergekit computing
+    in float32 (``dtype: float32``): ram and ramplus_tl exactly; sce's energies are block sums
+    (mergekit: one mean), so within 1e-6 relative, or 1 bf16 ulp after the cast."""
+    from mergekit.merge_methods.api import merge_tensors
+
+    base, models = _large(dtype)
+    assert chunking.rows_for(get_method(method), (1100, 1024)) == 512
+    theirs = merge_tensors([base, *models], method, parameters=params, base_index=0,
+                           dtype=torch.float32, out_dtype=dtype)  # fmt: skip
+    ours = mergeops.merge(method, [{"w": m} for m in models], base={"w": base}, device="cpu",
+                          **params)  # fmt: skip
+    if method == "sce":
+        assert_close(ours, {"w": theirs}, dtype)
+    else:
+        assert torch.equal(ours["w"], theirs)
