@@ -1,5 +1,11 @@
 """Two-model fusions of mergekit 0.1.5, in the inputs' dtype: nearswap (interpolate only where
 the models are close) and arcee_fusion (keep the fine-tune's changes of outlying importance).
+
+arcee_fusion's importance I = |θ1 - θ0| ⊙ KL(softmax θ1 ‖ softmax θ0) is per row (softmax over
+the last dimension), its threshold median(I) + 1.5·IQR(I) an order statistic of the whole
+tensor. For row slices: ``row_kl`` per slice, the importances gathered into one buffer whose
+quartiles ``quartiles_in_place`` selects without sorting a copy, then ``fusion_apply`` per slice
+with the stored row KLs (the same products, bit for bit).
 """
 
 from __future__ import annotations
@@ -14,35 +20,65 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     return weight * other + (1 - weight) * base
 
 
-def fusion_importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|θ1 - θ0| times the row's KL(softmax θ1 ‖ softmax θ0) (softmax over the last dim)."""
-    diff = (model - base).abs()
+def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax θ1 ‖ softmax θ0) of every row (softmax over the last dim, 1e-8 added to both
+    distributions), with a trailing singleton dimension."""
     eps = 1e-8
     p = F.softmax(model, dim=-1) + eps
     q = F.softmax(base, dim=-1) + eps
-    return diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
-def quartiles(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sorted values at flat indices ⌊q·(n-1)⌋ for q = 1/4, 1/2, 3/4 (no interpolation).
+def fusion_importance(
+    model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None = None
+) -> torch.Tensor:
+    """|θ1 - θ0| times the row's KL (``row_kl``, computed when not given)."""
+    diff = (model - base).abs()
+    return diff * (row_kl(model, base) if kl is None else kl)
 
-    Exact order statistics by ``kthvalue``; mergekit takes the same indices of a full sort
-    (of a random sample of 1M values when there are more).
+
+def quartile_indices(count: int) -> tuple[int, int, int]:
+    """Flat indices ⌊q·(n-1)⌋ of the sorted values for q = 1/4, 1/2, 3/4 (no interpolation):
+    mergekit's, which computes them in float32, exactly so for n up to its 1M sample."""
+    last = count - 1
+    return last // 4, last // 2, (3 * last) // 4
+
+
+def quartiles_in_place(values: torch.Tensor) -> torch.Tensor:
+    """The three quartiles (``quartile_indices``) of a flat tensor as a ``(3,)`` tensor.
+
+    Exact order statistics. On the CPU ``values`` is partially sorted in place (numpy's
+    introselect: no sorted copy, no int64 indices), so the caller must own it; elsewhere
+    ``kthvalue`` selects (on a scratch copy, leaving ``values`` as it is). mergekit takes the
+    same indices of a full sort (of a random sample of 1M values when there are more).
     """
-    flat = values.reshape(-1)
-    last = flat.numel() - 1
-    picks = [last // 4, last // 2, (3 * last) // 4]
-    q1, median, q3 = (torch.kthvalue(flat, index + 1).values for index in picks)
-    return q1, median, q3
+    picks = quartile_indices(values.numel())
+    if values.device.type == "cpu":
+        array = values.numpy()
+        array.partition(picks)
+        return values[list(picks)].clone()
+    return torch.stack([torch.kthvalue(values, index + 1).values for index in picks])
 
 
-def fusion_mask(importance: torch.Tensor) -> torch.Tensor:
-    """1.0 (float32) where importance >= median + 1.5·IQR, else 0."""
-    q1, median, q3 = quartiles(importance)
-    return (importance >= median + 1.5 * (q3 - q1)).float()
+def fusion_threshold(quartiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """median + 1.5·(q3 - q1), in the importance's ``dtype`` as mergekit computes it."""
+    q1, median, q3 = quartiles.to(dtype)
+    return median + 1.5 * (q3 - q1)
+
+
+def fusion_apply(
+    base: torch.Tensor, model: torch.Tensor, kl: torch.Tensor, threshold: torch.Tensor
+) -> torch.Tensor:
+    """θ0 + (θ1 - θ0)·[I ≥ threshold] with I from the rows' ``kl``; the float32 mask promotes a
+    lower-precision result to float32, as in mergekit (the caller casts to the output dtype)."""
+    mask = (fusion_importance(model, base, kl) >= threshold).float()
+    return base + (model - base) * mask
 
 
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-    """θ0 + (θ1 - θ0)·mask; the float32 mask promotes a lower-precision result to float32, as
-    in mergekit (the caller casts to the output dtype)."""
-    return base + (model - base) * fusion_mask(fusion_importance(model, base))
+    """The whole tensor's fusion: importance, its quartiles' threshold, ``fusion_apply``."""
+    kl = row_kl(model, base)
+    importance = fusion_importance(model, base, kl)
+    work = torch.float64 if importance.dtype == torch.float64 else torch.float32
+    threshold = fusion_threshold(quartiles_in_place(importance.reshape(-1).to(work)), kl.dtype)
+    return fusion_apply(base, model, kl, threshold)

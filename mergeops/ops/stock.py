@@ -1,6 +1,11 @@
 """Model Stock (Jang et al. 2024, arXiv 2403.19522): interpolate between the fine-tunes' average
 and the base by a ratio from the angle between their task vectors, as mergekit 0.1.5 computes
 it (in the inputs' dtype).
+
+``model_stock`` is mergekit's whole-tensor formula. For row slices, the whole-tensor ratio comes
+from reductions: ``stock_partials`` gives one flat block's task-vector norms and pairwise dot
+products, ``stock_ratio_of`` combines the blocks' partials in order (``ops.blocks``) and applies
+mergekit's cos = dot / max(|δ_i|·|δ_j|, 1e-6); ``stock_apply`` is then elementwise.
 """
 
 from __future__ import annotations
@@ -9,6 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
+from mergeops.ops.blocks import combine_norms, combine_sums
+
+
+def _pair_cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """mergekit's cosine: dot / max(|a|·|b|, 1e-6), clamped to [-1, 1]."""
+    return (dot / (norm_a * norm_b).clamp(min=1e-6)).clamp(-1, 1)
+
 
 def mean_pairwise_cosine(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean over model pairs of cos(δ_i, δ_j) along the last dimension, with a trailing
@@ -16,8 +28,8 @@ def mean_pairwise_cosine(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
     cosines = []
     for index, first in enumerate(offsets):
         for second in offsets[index + 1 :]:
-            norms = torch.norm(first, dim=-1) * torch.norm(second, dim=-1)
-            cosines.append(((first * second).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            norms = torch.norm(first, dim=-1), torch.norm(second, dim=-1)
+            cosines.append(_pair_cosine((first * second).sum(dim=-1), *norms))
     return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
 
 
@@ -27,6 +39,14 @@ def stock_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+
+
+def stock_apply(
+    ratio: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """t·mean(θ_i) + (1 - t)·θ0, elementwise (``ratio`` broadcasts against ``base``)."""
+    average = sum(models[1:], models[0]) / len(models)
+    return ratio * average + (1 - ratio) * base
 
 
 def model_stock(
@@ -44,5 +64,35 @@ def model_stock(
     else:
         base, models = base.reshape(-1), [m.reshape(-1) for m in models]
     ratio = stock_ratio(mean_pairwise_cosine([m - base for m in models]), len(models))
-    average = sum(models[1:], models[0]) / len(models)
-    return (ratio * average + (1 - ratio) * base).reshape(shape)
+    return stock_apply(ratio, base, models).reshape(shape)
+
+
+def stock_partials(
+    base: torch.Tensor, models: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One ``(1, n)`` block's partials: the norm of every δ_i = θ_i - θ0 and the dot product of
+    every pair i < j (in ``itertools.combinations`` order), each a ``(1, 1)`` tensor."""
+    offsets = [model - base for model in models]
+    norms = [torch.linalg.vector_norm(offset, dim=1, keepdim=True) for offset in offsets]
+    dots = [
+        (first * second).sum(dim=1, keepdim=True)
+        for index, first in enumerate(offsets)
+        for second in offsets[index + 1 :]
+    ]
+    return norms, dots
+
+
+def stock_ratio_of(
+    norms: Sequence[Sequence[torch.Tensor]], dots: Sequence[Sequence[torch.Tensor]]
+) -> torch.Tensor:
+    """The whole tensor's t (shape ``(1,)``) from its blocks' partials: ``norms[i]`` the blocks'
+    norms of δ_i, ``dots[p]`` the blocks' dot products of pair p, both in block order."""
+    whole_norms = [combine_norms(parts).reshape(()) for parts in norms]
+    whole_dots = iter([combine_sums(parts).reshape(()) for parts in dots])
+    count = len(whole_norms)
+    cosines = [
+        _pair_cosine(next(whole_dots), whole_norms[first], whole_norms[second])
+        for first in range(count)
+        for second in range(first + 1, count)
+    ]
+    return stock_ratio(torch.stack(cosines).mean(dim=0).unsqueeze(-1), count)
