@@ -53,7 +53,8 @@ def _latency_table(runs: dict[str, Any], args: argparse.Namespace) -> None:
     healthz = ref.latencies.get("healthz", [])
     rows.append(_row("healthz (reference)", healthz, len(ref.errors["healthz"]), ref_elapsed))
     print_table(
-        f"registry load: {args.clients} clients, mix {elapsed:.1f} s (write share "
+        f"registry load: {args.clients} clients, {args.workers} API process(es), mix "
+        f"{elapsed:.1f} s (write share "
         f"{args.write_share}), reference GET /healthz {ref_elapsed:.1f} s",
         ("operation", "ok", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms"),
         rows,

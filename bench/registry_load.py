@@ -1,7 +1,7 @@
 """Load benchmark: N concurrent clients mixing registrations and reads against one ``ckreg serve``.
 
-``python -m bench.registry_load --clients 30 --duration 30 --s3 --database-url postgresql+psycopg://...``
-starts ``ckreg serve`` (embedded mode, its own process; with ``--s3`` an S3 store on a
+``python -m bench.registry_load --clients 30 --duration 30 --s3 --workers 2 --database-url postgresql+psycopg://...``
+starts ``ckreg serve`` (embedded mode, its own process, ``--workers`` API processes; with ``--s3`` an S3 store on a
 ``moto_server`` this program starts; SQLite in a temp dir unless ``--database-url``), then runs
 ``--clients`` asyncio clients (one API token each). Each client, in a loop, registers a tiny
 checkpoint (create -> PUT -> complete: three requests) with probability ``--write-share``, else
@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import os
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -200,7 +201,10 @@ def start_serve(work: Path, args: argparse.Namespace, endpoint: str | None) -> S
     tree = str(Path(args.server_tree).resolve()) if args.server_tree else env["PYTHONPATH"]
     env["PYTHONPATH"] = tree
     code = f"import sys; sys.path.insert(0, {tree!r}); from flows.cli import app; app()"
-    command = [sys.executable, "-c", code, "serve", "--port", str(port), *args.serve_args]
+    extra = shlex.split(args.serve_args)
+    if args.workers > 1:  # only then: a --server-tree from before --workers still runs
+        extra += ["--workers", str(args.workers)]
+    command = [sys.executable, "-c", code, "serve", "--port", str(port), *extra]
     return start_server(command, port=port, log_path=work / "serve.log", env=env)
 
 
@@ -293,10 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         help="HTTP library of the load generator (httpx costs ~8x the CPU per request).",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes of `ckreg serve` (its --workers; embedded flows run once).",
+    )
+    parser.add_argument(
         "--serve-args",
-        nargs="*",
-        default=[],
-        help="Extra `ckreg serve` options (e.g. --workers 2).",
+        default="",
+        help="Extra `ckreg serve` options, one string (e.g. --serve-args='--mode server').",
     )
     parser.add_argument(
         "--server-tree",

@@ -100,12 +100,23 @@ def serve(
         str | None, typer.Option(help="embedded | server (default: CKREG_PREFECT_MODE).")
     ] = None,
     cron_tick: Annotated[float, typer.Option(help="Seconds between cron checks (embedded).")] = 5.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port (one uses about one core). With more than "
+            "one, this process serves no HTTP: it runs the embedded flows once and the API "
+            "processes hand it their work.",
+        ),
+    ] = 1,
 ) -> None:
     """Upgrade the database and run the registry; embedded mode runs the flows in-process."""
     import uvicorn
 
     from flows.launchers import EmbeddedLauncher, ServerLauncher
     from flows.processes import stop_children_on_exit
+    from flows.serving import serve_workers
     from registry.api.app import create_app, server_options
     from registry.db import upgrade_database
 
@@ -124,6 +135,15 @@ def serve(
         else ServerLauncher()
     )
     try:
+        if workers > 1:
+            serve_workers(
+                workers=workers,
+                host=host or settings.host,
+                port=port or settings.port,
+                options=server_options(settings),
+                launcher=launcher if isinstance(launcher, EmbeddedLauncher) else None,
+            )
+            return
         uvicorn.run(
             create_app(settings, launcher=launcher),
             host=host or settings.host,
