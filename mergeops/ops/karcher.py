@@ -4,6 +4,7 @@ computes it: norms in float32 (float64 for float64 inputs), directions in the in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -83,3 +84,72 @@ def karcher_mean(
     for alpha, norm in zip(alphas[1:], norms[1:], strict=True):
         scale = scale + alpha * norm
     return scale * mean
+
+
+def karcher_coefficients(
+    gram: torch.Tensor,
+    alphas: Sequence[float],
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> torch.Tensor:
+    """(N,) float64 b with ``karcher_mean(x, alphas) ≈ Σ b_i·x_i``, from the inputs' float64
+    Gram matrix (``ops.gram``) alone, on the CPU.
+
+    Every iterate of ``karcher_mean`` is a combination Σ c_i·u_i of the unit inputs u_i, so the
+    iteration runs on c: dots <mean, u_i> = (G·c)_i and norms √(cᵀGc) with G the Gram of the
+    units. Same rules: inputs with norm <= ``tol`` left out of the direction (their norms still
+    in the scale), units closer than ``tol`` to the mean skipped, stop after ``max_iter`` steps
+    or when the tangent norm < ``tol``. The scalars are float64 where mergekit rounds whole
+    float32 tensors every step, so results agree within float32 rounding, not bit for bit.
+    """
+    gram = gram.detach().to("cpu", torch.float64)
+    norms = torch.diagonal(gram).clamp_min(0).sqrt()
+    coefficients = torch.zeros(len(alphas), dtype=torch.float64)
+    valid = [i for i, norm in enumerate(norms.tolist()) if norm > tol]
+    if not valid:
+        return coefficients
+    inverse = torch.where(norms > 0, 1 / norms, 0)
+    units = gram * inverse[:, None] * inverse[None, :]
+    index = torch.tensor(valid)
+    g = units[index][:, index]
+    total = sum(alphas[i] for i in valid)
+    a = torch.tensor([alphas[i] / total for i in valid], dtype=torch.float64)
+    c = _initial_coefficients(g, a, tol)
+    for _ in range(max_iter):
+        step = _tangent_coefficients(g, c, a, tol)
+        tangent_norm = _length(g, step)
+        if tangent_norm < tol:
+            break
+        c = math.cos(tangent_norm) * c + math.sin(tangent_norm) * (step / tangent_norm)
+        unit_norm = _length(g, c)
+        if unit_norm > tol:
+            c = c / unit_norm
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms.tolist(), strict=True))
+    coefficients[index] = scale * c * inverse[index]
+    return coefficients
+
+
+def _length(gram: torch.Tensor, c: torch.Tensor) -> float:
+    """‖Σ c_i·u_i‖ for the units' Gram matrix."""
+    return math.sqrt(max(float(c @ gram @ c), 0.0))
+
+
+def _initial_coefficients(gram: torch.Tensor, alphas: torch.Tensor, tol: float) -> torch.Tensor:
+    """The normalised weighted mean Σ a_i·u_i (the first unit when it is ~0), as coefficients."""
+    norm = _length(gram, alphas)
+    if norm < tol:
+        first = torch.zeros_like(alphas)
+        first[0] = 1.0
+        return first
+    return alphas / norm
+
+
+def _tangent_coefficients(
+    gram: torch.Tensor, c: torch.Tensor, alphas: torch.Tensor, tol: float
+) -> torch.Tensor:
+    """Σ a_i·θ_i/sin θ_i·(u_i - cos θ_i·mean) over units with θ_i >= ``tol``, as coefficients."""
+    dots = (gram @ c).clamp(-1.0, 1.0)
+    theta = torch.arccos(dots)
+    weight = torch.where(theta < tol, 0.0, alphas * theta / torch.sin(theta))
+    return weight - (weight * dots).sum() * c

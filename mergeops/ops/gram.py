@@ -1,0 +1,66 @@
+"""Gram matrices of whole tensors (all pairwise dot products, norms on the diagonal) in
+float64, reduced in fixed flat blocks (``ops.blocks``) so a tensor swept in row slices gives
+the same bits as the whole tensor.
+
+Spherical merges (nuslerp, multislerp, karcher) only need the inputs' norms and pairwise
+angles: their result is a linear combination Σ b_i·x_i whose coefficients follow from the
+Gram matrix alone. Products of float32 values are exact in float64, and float64 sums over
+one block lose nothing a float32 result could show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergeops.ops.blocks import combine_sums
+
+
+def _stacked(block: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+    """The block's pieces copied into one fresh float64 tensor of shape (N, rows, -1)."""
+    first = block[0]
+    out = torch.empty((len(block), first.numel()), dtype=torch.float64, device=first.device)
+    for target, piece in zip(out, block, strict=True):
+        target.copy_(piece.reshape(-1))
+    return out.reshape(len(block), rows, -1)
+
+
+def block_gram(block: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, N) float64 dot products of one block's N pieces (each flattened)."""
+    stacked = _stacked(block, 1).reshape(len(block), -1)
+    return stacked @ stacked.T
+
+
+def block_column_gram(block: Sequence[torch.Tensor], columns: int) -> torch.Tensor:
+    """(N, N, columns) float64 dot products per column of one block of whole rows of
+    ``columns`` entries each (the products summed over the block's rows)."""
+    count = len(block)
+    pieces = _stacked(block, block[0].numel() // columns)
+    out = torch.empty((count, count, columns), dtype=torch.float64, device=pieces.device)
+    for i in range(count):
+        for j in range(i, count):
+            out[i, j] = (pieces[i] * pieces[j]).sum(dim=0)
+            out[j, i] = out[i, j]
+    return out
+
+
+def combine_grams(partials: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole tensor's Gram from its blocks' partial Grams, added in block order (float64
+    zeros of ``shape`` for an empty tensor)."""
+    if not partials:
+        return torch.zeros(shape, dtype=torch.float64)
+    return combine_sums(partials)
+
+
+def norms_of(gram: torch.Tensor) -> torch.Tensor:
+    """The inputs' L2 norms: square roots of the Gram's diagonal (float64)."""
+    return torch.diagonal(gram, dim1=0, dim2=1).clamp_min(0).sqrt().movedim(-1, 0)
+
+
+def linear_combination(coefficients: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ c_i·x_i, added in input order (elementwise: a row slice gives the whole tensor's bits)."""
+    result = tensors[0] * coefficients[0]
+    for coefficient, tensor in zip(coefficients[1:], tensors[1:], strict=True):
+        result = result + tensor * coefficient
+    return result
