@@ -40,18 +40,32 @@ from bench.lmzoo.manifest import (
     write_manifest,
 )
 from bench.lmzoo.model import batch, exact_match, lm_config, load_weights, new_model
-from bench.lmzoo.tasks import DEFAULT_TASKS, TASKS, examples, get_task
-from bench.lmzoo.train import LMTrainConfig, diagonal_fisher, finetune, pretrain, train_lora
+from bench.lmzoo.tasks import DEFAULT_TASKS, examples, get_task
+from bench.lmzoo.train import (
+    LMTrainConfig,
+    diagonal_fisher,
+    digest_fields,
+    finetune,
+    pretrain,
+    pretrain_mix,
+    train_lora,
+)
 from bench.zoo.build import deterministic_torch
 from bench.zoo.manifest import save_tensors
 from registry.client.capture import capture_second_moments
 
+#: Prompts per task and split of the zoos built before ``LMTrainConfig.test_size``.
 EVAL_SIZES = {"validation": 64, "test": 112}
+
+
+def eval_sizes(config: LMTrainConfig) -> dict[str, int]:
+    """Validation and test prompts per task (a task with fewer distinct inputs gives all)."""
+    return {"validation": EVAL_SIZES["validation"], "test": config.test_size}
 
 
 def zoo_key(seed: int, tasks: Sequence[str], config: LMTrainConfig) -> str:
     """Folder name of a build: seed, tasks and a digest of the training config."""
-    blob = json.dumps([list(tasks), config.model_dump(), EVAL_SIZES], sort_keys=True)
+    blob = json.dumps([list(tasks), digest_fields(config), eval_sizes(config)], sort_keys=True)
     return f"lm-seed{seed}-{len(tasks)}t-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -83,13 +97,20 @@ def pretrained_base(
     return base
 
 
-def task_accuracy(model: torch.nn.Module, task: str, split: str, seed: int) -> float:
-    data = batch(examples(task, split, n=EVAL_SIZES[split], seed=seed))
+def task_accuracy(
+    model: torch.nn.Module, task: str, split: str, seed: int, n: int | None = None
+) -> float:
+    """Exact match on ``n`` prompts of the split (default ``EVAL_SIZES``; capped at the
+    task's distinct inputs there, as the evaluator does)."""
+    size = n if n is not None else EVAL_SIZES[split]
+    data = batch(examples(task, split, n=size, seed=seed, at_most=True))
     return round(float(exact_match(model, data).mean()), 6)
 
 
-def _accuracies(model: torch.nn.Module, task: str, seed: int, label: str) -> dict[str, float]:
-    return {f"{label}/{s}": task_accuracy(model, task, s, seed) for s in EVAL_SIZES}
+def _accuracies(
+    model: torch.nn.Module, task: str, seed: int, label: str, sizes: dict[str, int]
+) -> dict[str, float]:
+    return {f"{label}/{s}": task_accuracy(model, task, s, seed, n) for s, n in sizes.items()}
 
 
 def _save_state(state: dict[str, torch.Tensor], folder: Path, scratch: torch.nn.Module) -> None:
@@ -97,9 +118,16 @@ def _save_state(state: dict[str, torch.Tensor], folder: Path, scratch: torch.nn.
 
 
 def _build_task(
-    out: Path, task: str, base: torch.nn.Module, *, seed: int, config: LMTrainConfig, shard: bool
+    out: Path,
+    task: str,
+    base: torch.nn.Module,
+    *,
+    seed: int,
+    config: LMTrainConfig,
+    shard: bool,
+    mix: Sequence[str],
 ) -> LMTaskEntry:
-    run = finetune(base, task, seed=seed, config=config)
+    run = finetune(base, task, seed=seed, config=config, mix=mix)
     model_dir = f"tasks/{task}/model"
     run.model.save_pretrained(
         out / model_dir, **({"max_shard_size": config.shard_size} if shard else {})
@@ -120,10 +148,11 @@ def _build_task(
     adapter = train_lora(base, task, seed=seed, config=config)
     adapter_dir = f"adapters/{task}"
     adapter.save_pretrained(out / adapter_dir)
+    sizes = eval_sizes(config)
     accuracy = (
-        _accuracies(run.model, task, seed, "finetune")
-        | _accuracies(adapter, task, seed, "adapter")
-        | _accuracies(base, task, seed, "base")
+        _accuracies(run.model, task, seed, "finetune", sizes)
+        | _accuracies(adapter, task, seed, "adapter", sizes)
+        | _accuracies(base, task, seed, "base", sizes)
     )
     return LMTaskEntry(
         name=task,
@@ -139,9 +168,18 @@ def _build_task(
 
 
 def _build_irrelevant(
-    out: Path, index: int, task: str, base: torch.nn.Module, *, seed: int, config: LMTrainConfig
+    out: Path,
+    index: int,
+    task: str,
+    base: torch.nn.Module,
+    *,
+    seed: int,
+    config: LMTrainConfig,
+    mix: Sequence[str],
 ) -> LMIrrelevantEntry:
-    run = finetune(base, task, seed=seed + 100 + index, config=config, shuffle_answers=True)
+    run = finetune(
+        base, task, seed=seed + 100 + index, config=config, shuffle_answers=True, mix=mix
+    )
     model_dir = f"irrelevant/{index}/model"
     run.model.save_pretrained(out / model_dir)
     moments = f"irrelevant/{index}/second_moment.safetensors"
@@ -167,7 +205,7 @@ def build_lm_zoo(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with deterministic_torch(1):
-        mix = list(TASKS) if config.pretrain_mix == "all" else list(tasks)
+        mix = pretrain_mix(tasks, config)
         if base_cache is not None:
             base_cache.mkdir(parents=True, exist_ok=True)
         base = pretrained_base(seed, mix, config, base_cache)
@@ -176,8 +214,9 @@ def build_lm_zoo(
         entries = {}
         for i, task in enumerate(tasks):
             entries[task] = _build_task(
-                out, task, base, seed=seed, config=config, shard=(i == min(1, len(tasks) - 1))
-            )
+                out, task, base, seed=seed, config=config, shard=(i == min(1, len(tasks) - 1)),
+                mix=mix,
+            )  # fmt: skip
             acc = entries[task].accuracy
             log(
                 f"  {task:<9} base {acc['base/validation']:.2f} finetune "
@@ -185,16 +224,19 @@ def build_lm_zoo(
                 f"[{time.perf_counter() - started:.0f}s]"
             )
         distractors = [
-            _build_irrelevant(out, i, tasks[i % len(tasks)], base, seed=seed, config=config)
+            _build_irrelevant(
+                out, i, tasks[i % len(tasks)], base, seed=seed, config=config, mix=mix
+            )
             for i in range(config.irrelevant)
         ]
+        sizes = eval_sizes(config)
         base_accuracy = {
-            f"{t}/{s}": task_accuracy(base, t, s, seed) for t in tasks for s in EVAL_SIZES
+            f"{t}/{s}": task_accuracy(base, t, s, seed, n) for t in tasks for s, n in sizes.items()
         }
     manifest = LMZooManifest(
         seed=seed,
         config=config.model_dump(),
-        eval_sizes=EVAL_SIZES,
+        eval_sizes=sizes,
         lora={"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank},
         base="base",
         base_accuracy=base_accuracy,

@@ -26,7 +26,7 @@ from bench.lmzoo.analysis import paired_bootstrap
 from bench.lmzoo.build import ensure_lm_zoo
 from bench.lmzoo.evaluator import LMTasksEvaluator
 from bench.lmzoo.quality import lm_merge_fn, lm_multitask_rows, load_lm_zoo
-from bench.lmzoo.train import LEGACY_CONFIG, LMTrainConfig
+from bench.lmzoo.train import LEGACY_CONFIG, NEAR_CONFIG, LMTrainConfig
 from bench.zoo.loaded import Row
 from bench.zoo.quality import GRIDS, _fw_pool_fn, format_table, select
 
@@ -172,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--tasks", action="append", default=[],
                         help="a comma-separated task list (repeat for several lists)")  # fmt: skip
-    parser.add_argument("--legacy", action="store_true", help="the pre-issue-19 zoo config")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--legacy", action="store_true", help="the pre-issue-19 zoo config")
+    kind.add_argument("--near", action="store_true",
+                      help="round 3: low-rank folded fine-tunes with replay, 512 test prompts")  # fmt: skip
     parser.add_argument("--config", default="{}", help="JSON LMTrainConfig overrides")
     parser.add_argument("--summarize", type=Path, nargs="+", default=None,
                         help="only summarise earlier --json outputs (no builds)")  # fmt: skip
@@ -188,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not args.tasks:
         parser.error("give at least one --tasks list (or --summarize FILES)")
-    base = LEGACY_CONFIG if args.legacy else LMTrainConfig()
+    base = LEGACY_CONFIG if args.legacy else NEAR_CONFIG if args.near else LMTrainConfig()
     config = base.model_copy(update=json.loads(args.config))
     LMTrainConfig.model_validate(config.model_dump())  # unknown or bad overrides fail here
     results = []

@@ -163,7 +163,10 @@ class LMTasksEvaluator:
         self.model = new_model(AutoConfig.from_pretrained(self.zoo_dir / self.manifest.base), 0)
         self.lora_scale = float(self.manifest.lora["lora_alpha"]) / float(self.manifest.lora["r"])
         n, seed = self.manifest.eval_sizes[split], self.manifest.seed
-        self._data = {t: batch(examples(t, split, n=n, seed=seed)) for t in self.tasks}
+        # at_most: a task with fewer distinct inputs in the split gives them all (count)
+        self._data = {
+            t: batch(examples(t, split, n=n, seed=seed, at_most=True)) for t in self.tasks
+        }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LMTasksEvaluator:

@@ -25,19 +25,24 @@ from bench.zoo.build import deterministic_torch
 
 
 def probe(seed: int, tasks: Sequence[str], config: LMTrainConfig, cache: Path) -> dict:
-    """``{task: (base accuracy, fine-tune accuracy)}`` on validation for one seed."""
+    """``{task: (base accuracy, fine-tune accuracy, fine-tune's average over all tasks)}`` on
+    validation for one seed; the last against the base's average over the same tasks shows
+    how much a fine-tune forgets of the other tasks."""
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     with deterministic_torch(1):
         base = pretrained_base(seed, list(TASKS), config, cache)
+        base_acc = {t: task_accuracy(base, t, "validation", seed) for t in tasks}
         for task in tasks:
             tuned = finetune(base, task, seed=seed, config=config).model
-            out[task] = (
-                task_accuracy(base, task, "validation", seed),
-                task_accuracy(tuned, task, "validation", seed),
-            )
-            print(f"  seed {seed} {task:<9} base {out[task][0]:.2f} fine-tune {out[task][1]:.2f}",
-                  flush=True)  # fmt: skip
+            every = [task_accuracy(tuned, t, "validation", seed) for t in tasks]
+            out[task] = (base_acc[task], every[list(tasks).index(task)], sum(every) / len(every))
+            print(f"  seed {seed} {task:<9} base {out[task][0]:.2f} fine-tune {out[task][1]:.2f}"
+                  f"  all tasks {out[task][2]:.3f}", flush=True)  # fmt: skip
+    base_avg = sum(base_acc.values()) / len(base_acc)
+    tuned_avg = sum(v[2] for v in out.values()) / len(out)
+    print(f"  seed {seed}: base all-task average {base_avg:.3f}, fine-tunes' {tuned_avg:.3f}"
+          f" ({tuned_avg - base_avg:+.3f})", flush=True)  # fmt: skip
     return out
 
 

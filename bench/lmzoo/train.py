@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from bench.lmzoo.model import Batch, answer_loss, batch
-from bench.lmzoo.tasks import examples
+from bench.lmzoo.tasks import TASKS, examples
 
 StateDict = dict[str, torch.Tensor]
 
@@ -53,10 +53,37 @@ class LMTrainConfig(BaseModel):
     loss_examples: int = 128
     irrelevant: int = 2
     shard_size: str = "400KB"  # max_shard_size of the sharded fine-tune (the model is ~1.3 MB)
+    # Round 3 (fine-tunes that stay near the base). At their defaults these fields are left
+    # out of a zoo's digest (``digest_fields``), so zoos built before them keep their names.
+    finetune_mode: Literal["full", "lowrank"] = "full"  # lowrank: LoRA factors, folded
+    finetune_rank: int = Field(8, ge=1)  # rank of the low-rank fine-tune's factors
+    replay: float = Field(0.0, ge=0.0, lt=1.0)  # share of each batch from the pretraining mix
+    moment_steps: int = Field(20, ge=1)  # lowrank: lr-0 Adam steps giving second moments
+    test_size: int = Field(112, ge=1)  # test prompts per task (capped at distinct inputs)
+
+
+#: Fields added after zoos were first built, with the defaults that reproduce those zoos.
+ADDED_DEFAULTS: dict[str, object] = {
+    "finetune_mode": "full", "finetune_rank": 8, "replay": 0.0, "moment_steps": 20,
+    "test_size": 112,
+}  # fmt: skip
+
+
+def digest_fields(config: LMTrainConfig) -> dict[str, object]:
+    """The config as a zoo's digest reads it: added fields at their old default left out."""
+    dump = config.model_dump()
+    return {k: v for k, v in dump.items() if k not in ADDED_DEFAULTS or v != ADDED_DEFAULTS[k]}
 
 
 #: The zoo before issue 19: narrow pretraining, long and strong fine-tunes.
 LEGACY_CONFIG = LMTrainConfig(pretrain_mix="tasks", finetune_steps=200, finetune_lr=1e-3)
+#: Round 3 (issue 19): fine-tunes that learn their task and stay near the base: rank-8 LoRA
+#: factors on the projections, folded into full weights, 150 steps at lr 3e-3 with 10 % of each
+#: batch replayed from the pretraining mix; 512 test prompts per task. No adapters (unread).
+NEAR_CONFIG = LMTrainConfig(
+    finetune_mode="lowrank", finetune_rank=8, finetune_lr=3e-3, finetune_steps=150, replay=0.1,
+    test_size=512, lora_steps=0,
+)  # fmt: skip
 
 
 @dataclass
@@ -72,22 +99,39 @@ class Sampler:
     """Random training batches over a few tasks from fixed pools of distinct train examples."""
 
     def __init__(
-        self, tasks: Sequence[str], *, seed: int, pool: int, shuffle_answers: bool = False
+        self,
+        tasks: Sequence[str],
+        *,
+        seed: int,
+        pool: int,
+        shuffle_answers: bool = False,
+        replay: float = 0.0,
+        replay_tasks: Sequence[str] = (),
     ) -> None:
-        self.pairs = [
-            p for t in tasks for p in examples(t, "train", n=pool, seed=seed, at_most=True)
-        ]
+        self.pairs = _pool(tasks, seed, pool)
         if shuffle_answers:  # an "irrelevant" task: every prompt gets another prompt's answer
             answers = [a for _, a in self.pairs]
             random.Random(f"shuffle:{seed}:{tasks}").shuffle(answers)
             self.pairs = [(p, a) for (p, _), a in zip(self.pairs, answers, strict=True)]
         self.rng = random.Random(f"sampler:{seed}:{','.join(tasks)}:{shuffle_answers}")
+        # replay: the pretraining examples themselves (same seed and pool as ``pretrain``)
+        self.replay = replay
+        self.replay_pairs = _pool(replay_tasks, seed, pool) if replay > 0 else []
+        if replay > 0 and not self.replay_pairs:
+            raise ValueError(f"replay {replay} needs replay_tasks (got {list(replay_tasks)})")
 
     def next(self, size: int) -> Batch:
-        return batch(self.rng.sample(self.pairs, size))
+        """``size`` examples: a ``replay`` share from the pretraining mix, the rest the task's."""
+        k = round(self.replay * size)
+        picked = self.rng.sample(self.pairs, size - k)
+        return batch(picked + self.rng.sample(self.replay_pairs, k) if k else picked)
 
     def fixed(self, size: int) -> Batch:
         return batch(random.Random(0).sample(self.pairs, min(size, len(self.pairs))))
+
+
+def _pool(tasks: Sequence[str], seed: int, pool: int) -> list[tuple[str, str]]:
+    return [p for t in tasks for p in examples(t, "train", n=pool, seed=seed, at_most=True)]
 
 
 def _fit(
@@ -98,6 +142,7 @@ def _fit(
     steps: int,
     batch_size: int,
     save_at: Sequence[int] = (),
+    snapshot: Callable[[torch.nn.Module], StateDict] | None = None,
 ) -> list[tuple[int, float, StateDict]]:
     """Adam steps with a linear warm-up of 10 steps; weights saved after each step in ``save_at``."""
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -116,7 +161,7 @@ def _fit(
             model.eval()
             with torch.no_grad():
                 probe_loss = float(answer_loss(model, probe))
-            saved.append((step, probe_loss, saved_state(model)))
+            saved.append((step, probe_loss, (snapshot or saved_state)(model)))
             model.train()
     model.eval()
     return saved
@@ -149,6 +194,11 @@ def trajectory_steps(config: LMTrainConfig) -> list[int]:
     return sorted({total - (total // 2) * i // (n - 1) for i in range(n)})
 
 
+def pretrain_mix(tasks: Sequence[str], config: LMTrainConfig) -> list[str]:
+    """The tasks the base is pretrained on (and fine-tunes replay): all known, or the zoo's."""
+    return list(TASKS) if config.pretrain_mix == "all" else list(tasks)
+
+
 def finetune(
     base: torch.nn.Module,
     task: str,
@@ -156,11 +206,25 @@ def finetune(
     seed: int,
     config: LMTrainConfig,
     shuffle_answers: bool = False,
+    mix: Sequence[str] | None = None,
 ) -> TrainedRun:
-    """Full fine-tune of a copy of ``base`` on one task, with its trajectory."""
+    """Fine-tune of a copy of ``base`` on one task, with its trajectory: full, or low-rank and
+    folded (``config.finetune_mode``); ``config.replay`` of each batch from ``mix`` (the
+    pretraining tasks, default every known task)."""
+    sampler = Sampler(
+        [task], seed=seed, pool=config.pool, shuffle_answers=shuffle_answers,
+        replay=config.replay, replay_tasks=list(mix) if mix is not None else list(TASKS),
+    )  # fmt: skip
+    if config.finetune_mode == "lowrank":
+        from bench.lmzoo.lowrank import lowrank_finetune
+
+        torch.manual_seed(seed)
+        model, optimizer, saved = lowrank_finetune(
+            base, sampler, config, save_at=trajectory_steps(config), fit=_fit
+        )
+        return TrainedRun(model=model, optimizer=optimizer, trajectory=saved)
     model = copy.deepcopy(base)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.finetune_lr)
-    sampler = Sampler([task], seed=seed, pool=config.pool, shuffle_answers=shuffle_answers)
     saved = _fit(
         model,
         optimizer,
@@ -176,25 +240,10 @@ def train_lora(
     base: torch.nn.Module, task: str, *, seed: int, config: LMTrainConfig
 ) -> torch.nn.Module:
     """A PEFT LoRA adapter (attention and MLP projections) on a copy of ``base``."""
-    from peft import LoraConfig, get_peft_model
+    from bench.lmzoo.lowrank import lora_model
 
     torch.manual_seed(seed)
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=2 * config.lora_rank,
-        lora_dropout=0.0,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(copy.deepcopy(base), lora)
+    model = lora_model(base, config.lora_rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lora_lr)
     sampler = Sampler([task], seed=seed, pool=config.pool)
