@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from registry import services
 from registry.launcher import Launcher
@@ -14,21 +15,32 @@ from registry.models import ApiToken, TokenScope
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency on a
+# worker thread, and each such hop cost ~0.1-0.3 ms of CPU per request under load.
 
-def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine, expire_on_commit=False) as session:
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's session. Creating one does no I/O; closing one that still holds a
+    connection (a read's open transaction: ROLLBACK, back to the pool) runs on a thread."""
+    session = Session(request.app.state.engine, expire_on_commit=False)
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_launcher(request: Request) -> Launcher:
+async def get_launcher(request: Request) -> Launcher:
     return request.app.state.launcher  # type: ignore[no-any-return]
 
 
@@ -51,11 +63,11 @@ def _require(scope: TokenScope) -> Callable[..., ApiToken]:
     return dependency
 
 
-def _reader(request: Request, session: SessionDep, settings: SettingsDep) -> ApiToken | None:
-    if not settings.auth_reads:
+async def _reader(request: Request, session: SessionDep, settings: SettingsDep) -> ApiToken | None:
+    if not settings.auth_reads:  # open reads: no thread hop, no query
         return None
-    return services.authenticate(
-        session=session, plaintext=_bearer(request), required=TokenScope.read
+    return await run_in_threadpool(
+        services.authenticate, session=session, plaintext=_bearer(request), required=TokenScope.read
     )
 
 

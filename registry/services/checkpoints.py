@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import func
+from sqlalchemy import func, literal
 from sqlalchemy import select as sa_select
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from registry.errors import InvalidInput, InvalidState
@@ -195,7 +196,34 @@ def _files_by_checkpoint(session: Session, ids: list[int]) -> dict[int, list[dic
     files: dict[int, list[dict[str, Any]]] = defaultdict(list)
     if not ids:
         return files
-    query = (
+    rows = session.connection().execute(_files_query(ids)).all()
+    for checkpoint_id, name, sha256, size, role, codec, stored, shared in rows:
+        files[checkpoint_id].append(
+            {
+                "name": name,
+                "sha256": sha256,
+                "size": size,
+                "role": role,
+                "deduplicated": bool(shared),
+                "codec": codec,
+                "stored_size": size if stored is None else stored,
+            }
+        )
+    return files
+
+
+_OTHER = aliased(Artifact)
+_SHARED = (
+    sa_select(literal(1))
+    .where(col(_OTHER.blob_key) == col(Artifact.blob_key), col(_OTHER.id) != col(Artifact.id))
+    .exists()
+)
+
+
+def _files_query(ids: list[int]) -> Any:
+    """The file columns of checkpoints ``ids`` and whether another row shares each file's blob
+    (``shared_blob_keys``, as a correlated ``EXISTS`` on the blob_key index: one query)."""
+    return (
         sa_select(
             col(Artifact.checkpoint_id),
             col(Artifact.name),
@@ -204,25 +232,11 @@ def _files_by_checkpoint(session: Session, ids: list[int]) -> dict[int, list[dic
             col(Artifact.role),
             col(Artifact.codec),
             col(Artifact.stored_size),
+            _SHARED,
         )
         .where(col(Artifact.checkpoint_id).in_(ids), col(Artifact.role).in_(FILE_ROLES))
         .order_by(col(Artifact.name))
     )
-    rows = session.connection().execute(query.add_columns(col(Artifact.blob_key))).all()
-    shared = shared_blob_keys(session, [row[-1] for row in rows])
-    for checkpoint_id, name, sha256, size, role, codec, stored, key in rows:
-        files[checkpoint_id].append(
-            {
-                "name": name,
-                "sha256": sha256,
-                "size": size,
-                "role": role,
-                "deduplicated": key in shared,
-                "codec": codec,
-                "stored_size": size if stored is None else stored,
-            }
-        )
-    return files
 
 
 def _public_fields(checkpoint: Checkpoint, files: list[dict[str, Any]]) -> dict[str, Any]:
