@@ -45,11 +45,13 @@ def block_column_gram(block: Sequence[torch.Tensor], columns: int) -> torch.Tens
     return out
 
 
-def combine_grams(partials: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+def combine_grams(
+    partials: Sequence[torch.Tensor], shape: tuple[int, ...], device: torch.device | None = None
+) -> torch.Tensor:
     """The whole tensor's Gram from its blocks' partial Grams, added in block order (float64
-    zeros of ``shape`` for an empty tensor)."""
+    zeros of ``shape`` on ``device`` for an empty tensor)."""
     if not partials:
-        return torch.zeros(shape, dtype=torch.float64)
+        return torch.zeros(shape, dtype=torch.float64, device=device)
     return combine_sums(partials)
 
 

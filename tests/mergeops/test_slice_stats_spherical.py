@@ -98,11 +98,18 @@ def _inputs(count: int, shape: tuple[int, ...] = (40, 24), seed: int = 3) -> lis
 
 
 @pytest.mark.parametrize(
-    ("options", "columns"),
-    [({"flatten": True}, 0), ({"flatten": False, "row_wise": True}, 24)],
+    ("options", "shape", "columns"),
+    [
+        ({"flatten": True}, (40, 24), 0),
+        ({"flatten": False, "row_wise": True}, (40, 24), 24),
+        ({"flatten": False, "row_wise": True}, (10, 4, 6), 24),  # vectors along dim 0
+        ({"flatten": False, "row_wise": True}, (96,), 1),
+    ],
 )
-def test_nuslerp_from_the_gram_is_nuslerp(options: dict[str, bool], columns: int) -> None:
-    a, b = _inputs(2)
+def test_nuslerp_from_the_gram_is_nuslerp(
+    options: dict[str, bool], shape: tuple[int, ...], columns: int
+) -> None:
+    a, b = _inputs(2, shape)
     coefficients = nuslerp_coefficients(0.3, nuslerp_cosine(_gram([a, b], columns)).double())
     ours = nuslerp_apply(0.3, coefficients, a, b)
     assert torch.allclose(ours, nuslerp(0.3, a, b, **options), rtol=1e-6, atol=1e-7)
@@ -214,3 +221,15 @@ def test_sliced_multislerp_of_antipodal_inputs_names_the_tensor(
     models = [{"w": x}, {"w": -x}, {"w": x}, {"w": -x}]
     with pytest.raises(MergeError, match="tensor 'w': the weighted mean direction"):
         mergeops.merge("multislerp", models, device="cpu", weight=1.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("nuslerp", {"weight": 1.0}), ("multislerp", {"weight": 1.0}), ("karcher", {}),
+     ("nuslerp", {"weight": 1.0, "nuslerp_flatten": False, "nuslerp_row_wise": True})],
+)  # fmt: skip
+def test_empty_and_scalar_tensors(method: str, params: dict[str, Any]) -> None:
+    models = [{"w": torch.zeros(0, 8), "s": torch.tensor(v)} for v in (2.0, 3.0)]
+    out = mergeops.merge(method, models, device="cpu", **params)
+    assert out["w"].shape == (0, 8)
+    assert out["s"].shape == () and float(out["s"]) == pytest.approx(2.5)

@@ -36,11 +36,13 @@ class GramStats(TensorStatsPass):
         # per column: blocks of whole rows, so every block holds whole columns' pieces
         self.cutter = FlatBlocks(columns * max(1, blocks.BLOCK // columns) if columns else None)
         self.partials: list[torch.Tensor] = []
+        self.device: torch.device | None = None
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         tensors = inputs.models
         if self.task_vectors and inputs.base is not None:
             tensors = inputs.task_vectors()
+        self.device = tensors[0].device
         for block in self.cutter.feed(tensors):
             self.partials.append(self._gram(block))
 
@@ -56,4 +58,4 @@ class GramStats(TensorStatsPass):
 
     def result(self) -> Any:
         shape = (self.count, self.count, *((self.columns,) if self.columns else ()))
-        return self.finish(combine_grams(self.partials, shape))
+        return self.finish(combine_grams(self.partials, shape, self.device))
