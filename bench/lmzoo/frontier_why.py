@@ -5,6 +5,8 @@ For each zoo of a ``bench.lmzoo.claims --json`` output:
 
 - headroom: the fine-tunes' own-task average minus task arithmetic's test average — a merge
   can only win what task arithmetic leaves on the table;
+- forgetting: each fine-tune's average over all the zoo's tasks against the base's (a
+  fine-tune of a real pretrained model keeps the base's other skills);
 - each frontier method's gain over task arithmetic split in two: what its own weighting adds
   over the plain average (``method - linear``) against what tuning λ adds (``TA - linear``);
 - the task vectors' geometry (from the zoo's files): mean and max pairwise cosine of the
@@ -49,6 +51,7 @@ def row_lines(result: Mapping[str, Any]) -> list[str]:
         return ["  (no task_arithmetic / linear rows)"]
     lines = [f"  headroom: fine-tunes {own:.3f} - task arithmetic {ta:.3f} = {own - ta:+.3f}; "
              f"TA - linear {ta - linear:+.3f}"]  # fmt: skip
+    lines += forgetting_lines(result)
     for method in FRONTIER:
         value = _test_avg(rows, method)
         if value is None:
@@ -59,6 +62,21 @@ def row_lines(result: Mapping[str, Any]) -> list[str]:
         lines.append(f"  {method:<10} {value:.3f}: vs linear {value - linear:+.3f}, "
                      f"vs TA {value - ta:+.3f}{noise}")  # fmt: skip
     return lines
+
+
+def forgetting_lines(result: Mapping[str, Any]) -> list[str]:
+    """Each fine-tune's test average over ALL the zoo's tasks against the base's: below it,
+    the fine-tune forgot more of the other tasks than it gained on its own."""
+    base = _test_avg(result["rows"], "pretrained")
+    tuned = {r["method"].removeprefix("finetune:"): float(r["test"]["accuracy/avg"])
+             for r in result["rows"] if r["method"].startswith("finetune:")}  # fmt: skip
+    if base is None or not tuned:
+        return []
+    below = [t for t, v in tuned.items() if v < base]
+    each = ", ".join(f"{t} {v:.3f}" for t, v in tuned.items())
+    mean = sum(tuned.values()) / len(tuned)
+    return [f"  forgetting: base {base:.3f}, fine-tunes on all tasks {mean:.3f} ({each}); "
+            f"below the base: {', '.join(below) or 'none'}"]  # fmt: skip
 
 
 def _claim_prefix(method: str) -> str:

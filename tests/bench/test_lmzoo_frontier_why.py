@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.lmzoo.frontier_why import geometry, row_lines, zoo_why
+from bench.lmzoo.frontier_why import forgetting_lines, geometry, row_lines, zoo_why
 
 
 def _result() -> dict:
@@ -42,3 +42,14 @@ def test_zoo_why_without_the_folder_gives_the_row_lines() -> None:
     assert lines[0].startswith("lm-x (seed 0, copy)") and len(lines) == 1 + len(
         row_lines(_result())
     )
+
+
+def test_forgetting_names_the_fine_tunes_below_the_base() -> None:
+    result = _result()
+    result["rows"] += [{"method": m, "params": {}, "test": {"accuracy/avg": v}}
+                       for m, v in (("pretrained", 0.40), ("finetune:copy", 0.45),
+                                    ("finetune:sort", 0.35))]  # fmt: skip
+    [line] = forgetting_lines(result)
+    assert "base 0.400, fine-tunes on all tasks 0.400 (copy 0.450, sort 0.350)" in line
+    assert line.endswith("below the base: sort")
+    assert forgetting_lines(_result()) == []  # no pretrained / fine-tune rows
