@@ -16,32 +16,45 @@ import torch
 
 from mergeops.ops.blocks import combine_sums
 
+PIECE = 1 << 16
+"""Entries per input converted to float64 at a time (512 KiB each): bounds the scratch and
+keeps it in cache; the pieces of a block are fixed, so their sums are too."""
 
-def _stacked(block: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-    """The block's pieces copied into one fresh float64 tensor of shape (N, rows, -1)."""
+
+def _stacked(block: Sequence[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Entries ``start:stop`` of the block's flattened pieces, copied into one fresh float64
+    tensor of shape (N, stop - start)."""
     first = block[0]
-    out = torch.empty((len(block), first.numel()), dtype=torch.float64, device=first.device)
+    out = torch.empty((len(block), stop - start), dtype=torch.float64, device=first.device)
     for target, piece in zip(out, block, strict=True):
-        target.copy_(piece.reshape(-1))
-    return out.reshape(len(block), rows, -1)
+        target.copy_(piece.reshape(-1)[start:stop])
+    return out
 
 
 def block_gram(block: Sequence[torch.Tensor]) -> torch.Tensor:
     """(N, N) float64 dot products of one block's N pieces (each flattened)."""
-    stacked = _stacked(block, 1).reshape(len(block), -1)
-    return stacked @ stacked.T
+    count, length = len(block), block[0].numel()
+    total = torch.zeros((count, count), dtype=torch.float64, device=block[0].device)
+    for start in range(0, length, PIECE):
+        stacked = _stacked(block, start, min(length, start + PIECE))
+        total += stacked @ stacked.T
+    return total
 
 
 def block_column_gram(block: Sequence[torch.Tensor], columns: int) -> torch.Tensor:
     """(N, N, columns) float64 dot products per column of one block of whole rows of
     ``columns`` entries each (the products summed over the block's rows)."""
-    count = len(block)
-    pieces = _stacked(block, block[0].numel() // columns)
-    out = torch.empty((count, count, columns), dtype=torch.float64, device=pieces.device)
+    count, length = len(block), block[0].numel()
+    step = columns * max(1, PIECE // columns)
+    out = torch.zeros((count, count, columns), dtype=torch.float64, device=block[0].device)
+    for start in range(0, length, step):
+        pieces = _stacked(block, start, min(length, start + step)).reshape(count, -1, columns)
+        for i in range(count):
+            for j in range(i, count):
+                out[i, j] += (pieces[i] * pieces[j]).sum(dim=0)
     for i in range(count):
-        for j in range(i, count):
-            out[i, j] = (pieces[i] * pieces[j]).sum(dim=0)
-            out[j, i] = out[i, j]
+        for j in range(i):
+            out[i, j] = out[j, i]
     return out
 
 
