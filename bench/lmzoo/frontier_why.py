@@ -10,7 +10,8 @@ For each zoo of a ``bench.lmzoo.claims --json`` output:
 - each frontier method's gain over task arithmetic split in two: what its own weighting adds
   over the plain average (``method - linear``) against what tuning λ adds (``TA - linear``);
 - the task vectors' geometry (from the zoo's files): mean and max pairwise cosine of the
-  flattened task vectors (interference) and their size against the base (``‖τ‖/‖θ0‖``);
+  flattened task vectors (interference), their size against the base (``‖τ‖/‖θ0‖``), and per
+  weight matrix the overlap of their top singular subspaces and the energy there;
 - AdaMerging (layer-wise, from λ = 0.3): the unlabeled entropy and validation accuracy before
   and after learning λ with the entropy objective and with the labelled proxy loss — when lower
   entropy is not higher accuracy, the paper's objective cannot find a better λ.
@@ -99,6 +100,29 @@ def geometry(base: StateDict, tuned: Sequence[StateDict]) -> dict[str, float]:
     }
 
 
+def subspace_overlap(base: StateDict, tuned: Sequence[StateDict], k: int = 8) -> dict[str, float]:
+    """Over the 2-D weights (embedding left out), the mean pairwise overlap ``‖U_iᵀU_j‖²_F / k``
+    of the task vectors' top-``k`` left singular subspaces (0: disjoint, 1: the same; random
+    subspaces give about k / rows) and the share of each task vector's energy in its top ``k``
+    singular values. ISO-C, TSV and WUDI act on these subspaces: with little overlap there is
+    little interference for them to remove."""
+    keys = [key for key, v in base.items() if v.ndim == 2 and "embed" not in key]
+    overlaps, energies, chance = [], [], []
+    for key in keys:
+        bases = []
+        for model in tuned:
+            u, sv, _ = torch.linalg.svd((model[key] - base[key]).double(), full_matrices=False)
+            bases.append(u[:, :k])
+            energies.append(float((sv[:k] ** 2).sum() / (sv**2).sum().clamp_min(1e-30)))
+        overlaps += [float((a.T @ b).pow(2).sum() / k) for a, b in combinations(bases, 2)]
+        chance.append(k / base[key].shape[0])
+    return {
+        "overlap": sum(overlaps) / max(len(overlaps), 1),
+        "chance": sum(chance) / max(len(chance), 1),
+        "energy_top_k": sum(energies) / max(len(energies), 1),
+    }
+
+
 def adamerging_why(zoo_dir: Path) -> str:
     """Entropy and validation accuracy from λ = 0.3, after entropy and after the labelled proxy."""
     zoo = load_lm_zoo(zoo_dir)
@@ -127,6 +151,9 @@ def zoo_why(result: Mapping[str, Any], root: Path | None, *, ada: bool = True) -
     g = geometry(zoo.base, list(zoo.tasks.values()))
     lines.append(f"  task vectors: cosine mean {g['cos_mean']:+.3f} max {g['cos_max']:+.3f}, "
                  f"‖τ‖/‖θ0‖ {g['rel_norm']:.3f}")  # fmt: skip
+    sub = subspace_overlap(zoo.base, list(zoo.tasks.values()))
+    lines.append(f"  subspaces (top 8 per weight): pairwise overlap {sub['overlap']:.3f} "
+                 f"(random {sub['chance']:.3f}), energy in top 8 {sub['energy_top_k']:.3f}")  # fmt: skip
     if ada:
         lines.append(f"  adamerging (layer): {adamerging_why(zoo_dir)}")
     return lines

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from bench.lmzoo.frontier_why import forgetting_lines, geometry, row_lines, zoo_why
+from bench.lmzoo.frontier_why import (
+    forgetting_lines,
+    geometry,
+    row_lines,
+    subspace_overlap,
+    zoo_why,
+)
 
 
 def _result() -> dict:
@@ -53,3 +59,13 @@ def test_forgetting_names_the_fine_tunes_below_the_base() -> None:
     assert "base 0.400, fine-tunes on all tasks 0.400 (copy 0.450, sort 0.350)" in line
     assert line.endswith("below the base: sort")
     assert forgetting_lines(_result()) == []  # no pretrained / fine-tune rows
+
+
+def test_subspace_overlap_of_shared_and_disjoint_directions() -> None:
+    base = {"w": torch.zeros(4, 3), "embed.weight": torch.zeros(5, 2)}
+    e = torch.eye(4)
+    one = {"w": torch.outer(e[0], torch.ones(3)), "embed.weight": torch.ones(5, 2)}
+    two = {"w": torch.outer(e[1], torch.ones(3)), "embed.weight": torch.ones(5, 2)}
+    assert subspace_overlap(base, [one, one], k=1)["overlap"] > 0.999
+    got = subspace_overlap(base, [one, two], k=1)
+    assert got["overlap"] < 1e-9 and got["chance"] == 0.25 and got["energy_top_k"] > 0.999
