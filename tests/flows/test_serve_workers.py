@@ -97,3 +97,38 @@ def test_serve_workers_relay_and_stop(tmp_path: Path, evaluator_plugins: Path, s
             assert server.proc.returncode in (0, 128 + signal.SIGTERM), server.output()
     finally:
         server.kill()
+
+
+def test_relay_passes_launcher_calls_and_drops_malformed_ones() -> None:
+    import socket
+
+    from flows.serving import RelayLauncher, launcher_relay
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def checkpoint_ready(self, checkpoint_id: int) -> None:
+            self.calls.append(("checkpoint_ready", checkpoint_id))
+
+        def merge_requested(self, run_id: int) -> None:
+            self.calls.append(("merge_requested", run_id))
+
+        def search_requested(self, search_id: int) -> None:
+            self.calls.append(("search_requested", search_id))
+
+    recorder = Recorder()
+    with launcher_relay(recorder) as path:
+        relay = RelayLauncher(path)
+        relay.checkpoint_ready(12)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as raw:
+            for junk in (b"stop 1", b"merge_requested x", b"__init__ 3", b"\xff\xfe"):
+                raw.sendto(junk, path)
+        relay.merge_requested(5)
+        relay.search_requested(7)
+        deadline = time.monotonic() + 10
+        while len(recorder.calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    expected = [("checkpoint_ready", 12), ("merge_requested", 5), ("search_requested", 7)]
+    assert recorder.calls == expected
+    assert not Path(path).exists()  # the socket and its private folder are removed
