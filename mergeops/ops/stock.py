@@ -68,14 +68,25 @@ def model_stock(
 
 
 def stock_partials(
-    base: torch.Tensor, models: Sequence[torch.Tensor]
+    base: torch.Tensor, models: Sequence[torch.Tensor], scratch: torch.Tensor | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One ``(1, n)`` block's partials: the norm of every δ_i = θ_i - θ0 and the dot product of
-    every pair i < j (in ``itertools.combinations`` order), each a ``(1, 1)`` tensor."""
-    offsets = [model - base for model in models]
+    every pair i < j (in ``itertools.combinations`` order), each a ``(1, 1)`` tensor.
+
+    ``scratch`` (at least ``(len(models) + 1, n)``, the inputs' dtype and device) holds the
+    task vectors and products instead of fresh allocations: sweeping thousands of blocks
+    otherwise fragments the host allocator's heap (peak RSS grows with the tensor).
+    """
+    count, width = len(models), base.shape[1]
+    if scratch is None:
+        scratch = torch.empty((count + 1, width), dtype=base.dtype, device=base.device)
+    offsets = [
+        torch.sub(model, base, out=scratch[i : i + 1, :width]) for i, model in enumerate(models)
+    ]
+    product = scratch[count : count + 1, :width]
     norms = [torch.linalg.vector_norm(offset, dim=1, keepdim=True) for offset in offsets]
     dots = [
-        (first * second).sum(dim=1, keepdim=True)
+        torch.mul(first, second, out=product).sum(dim=1, keepdim=True)
         for index, first in enumerate(offsets)
         for second in offsets[index + 1 :]
     ]

@@ -47,6 +47,7 @@ class StockStats(TensorStatsPass):
         self.blocks = FlatBlocks()
         self.norms: list[list[torch.Tensor]] = [[] for _ in range(count)]
         self.dots: list[list[torch.Tensor]] = [[] for _ in range(count * (count - 1) // 2)]
+        self.scratch: torch.Tensor | None = None
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         assert inputs.base is not None
@@ -54,13 +55,18 @@ class StockStats(TensorStatsPass):
             self._block(block)
 
     def _block(self, block: list[torch.Tensor]) -> None:
-        norms, dots = stock_partials(block[0], block[1:])
+        base = block[0]
+        if self.scratch is None:  # one (models + 1) x block buffer for the whole sweep
+            shape = (self.count + 1, self.blocks.block)
+            self.scratch = torch.empty(shape, dtype=base.dtype, device=base.device)
+        norms, dots = stock_partials(base, block[1:], self.scratch)
         for parts, value in zip([*self.norms, *self.dots], [*norms, *dots], strict=True):
             parts.append(value)
 
     def next_pass(self) -> bool:
         for block in self.blocks.flush():
             self._block(block)
+        self.scratch = None
         return False
 
     def result(self) -> torch.Tensor:
