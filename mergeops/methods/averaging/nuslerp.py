@@ -11,6 +11,7 @@ angle per row (neither option) needs no statistics. Other compute dtypes (a merg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -91,7 +92,7 @@ class Nuslerp(SliceStatsMethod):
         if not params.nuslerp_flatten and not params.nuslerp_row_wise:
             return None  # one angle per row: rows are independent
         t = self._t(ctx)
-        columns = 0 if params.nuslerp_flatten else max(1, _columns(shape))
+        columns = 0 if params.nuslerp_flatten else max(1, math.prod(shape[1:]))
         return GramStats(2, lambda gram: _angles(t, gram), columns=columns)
 
     def merge_rows(
@@ -122,10 +123,3 @@ class Nuslerp(SliceStatsMethod):
             return TensorResult(nuslerp(t, first, second, **options))
         base = inputs.base
         return TensorResult(base + nuslerp(t, first - base, second - base, **options))
-
-
-def _columns(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape[1:]:
-        count *= size
-    return count
