@@ -125,6 +125,15 @@ def worker_app() -> Any:
     return create_app(get_settings(), launcher=launcher)
 
 
+def _check_app() -> None:
+    """Build the app once here, so that bad settings (a malformed store URL) stop ``ckreg
+    serve`` with their error, as with one process, instead of a crash loop of workers."""
+    from registry.api.app import create_app
+    from registry.settings import get_settings
+
+    create_app(get_settings()).state.engine.dispose()
+
+
 def serve_workers(
     *,
     workers: int,
@@ -138,6 +147,7 @@ def serve_workers(
     the stop handlers of ``flows.processes`` while it runs: they are put back afterwards and
     the stop signal raised again, so the caller unwinds as a single-process server would."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     from flows.processes import STOP_DEADLINE_S, handle_stop_signal
@@ -153,6 +163,7 @@ def serve_workers(
         timeout_graceful_shutdown=int(STOP_DEADLINE_S),
         **options,
     )
+    _check_app()
     received: list[int] = []
     with contextlib.ExitStack() as stack:
         if launcher is not None:
@@ -176,6 +187,10 @@ def serve_workers(
         signal.signal(stop, handle_stop_signal)
     if received:
         signal.raise_signal(received[0])
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        # A worker could not start (bad settings, database down): the supervisor stopped all
+        # of them; exit non-zero, as a single-process ``ckreg serve`` does.
+        raise SystemExit(STARTUP_FAILURE)
 
 
 _STOPS = (signal.SIGTERM, signal.SIGINT)

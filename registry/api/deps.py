@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Path, Query, Request
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
@@ -21,13 +23,17 @@ from registry.storage import ObjectStore
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session. Creating one does no I/O; closing one that still holds a
-    connection (a read's open transaction: ROLLBACK, back to the pool) runs on a thread."""
+    connection (a read's open transaction: ROLLBACK, back to the pool) runs on a thread, as
+    FastAPI runs a dependency's exit: outside the shared thread limit (threads blocked waiting
+    for a pooled connection must not keep the one holding it from closing) and, here, shielded
+    from cancellation (a dropped client must not leak the connection)."""
     session = Session(request.app.state.engine, expire_on_commit=False)
     try:
         yield session
     finally:
         if session.in_transaction():
-            await run_in_threadpool(session.close)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
         else:
             session.close()
 
