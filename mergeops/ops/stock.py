@@ -44,9 +44,12 @@ def stock_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
 def stock_apply(
     ratio: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """t·mean(θ_i) + (1 - t)·θ0, elementwise (``ratio`` broadcasts against ``base``)."""
-    average = sum(models[1:], models[0]) / len(models)
-    return ratio * average + (1 - ratio) * base
+    """t·mean(θ_i) + (1 - t)·θ0, elementwise (``ratio`` broadcasts against ``base``); in place
+    on one fresh tensor, with mergekit's operations in its order."""
+    merged = models[0] + models[1] if len(models) > 1 else models[0].clone()
+    for model in models[2:]:
+        merged.add_(model)
+    return merged.div_(len(models)).mul_(ratio).add_((1 - ratio) * base)
 
 
 def model_stock(
@@ -68,23 +71,15 @@ def model_stock(
 
 
 def stock_partials(
-    base: torch.Tensor, models: Sequence[torch.Tensor], scratch: torch.Tensor | None = None
+    offsets: Sequence[torch.Tensor], product: torch.Tensor | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One ``(1, n)`` block's partials: the norm of every δ_i = θ_i - θ0 and the dot product of
-    every pair i < j (in ``itertools.combinations`` order), each a ``(1, 1)`` tensor.
-
-    ``scratch`` (at least ``(len(models) + 1, n)``, the inputs' dtype and device) holds the
-    task vectors and products instead of fresh allocations: sweeping thousands of blocks
-    otherwise fragments the host allocator's heap (peak RSS grows with the tensor).
-    """
-    count, width = len(models), base.shape[1]
-    if scratch is None:
-        scratch = torch.empty((count + 1, width), dtype=base.dtype, device=base.device)
-    offsets = [
-        torch.sub(model, base, out=scratch[i : i + 1, :width]) for i, model in enumerate(models)
-    ]
-    product = scratch[count : count + 1, :width]
+    """One ``(1, n)`` block's partials: the norm of every task vector δ_i in ``offsets`` and
+    the dot product of every pair i < j (in ``itertools.combinations`` order), each a
+    ``(1, 1)`` tensor. ``product`` (``(1, n)``) takes the pairs' products instead of fresh
+    tensors."""
     norms = [torch.linalg.vector_norm(offset, dim=1, keepdim=True) for offset in offsets]
+    if product is None:
+        product = torch.empty_like(offsets[0])
     dots = [
         torch.mul(first, second, out=product).sum(dim=1, keepdim=True)
         for index, first in enumerate(offsets)

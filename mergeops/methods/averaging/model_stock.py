@@ -30,7 +30,7 @@ from mergeops.methods.base import (
     TensorStatsPass,
     register,
 )
-from mergeops.ops.blocks import FlatBlocks
+from mergeops.ops import blocks
 from mergeops.ops.stock import model_stock, stock_apply, stock_partials, stock_ratio_of
 
 
@@ -41,34 +41,48 @@ class ModelStockParams(MethodParams):
 
 
 class StockStats(TensorStatsPass):
-    """One sweep: per flat block, the norms of the task vectors and their pairwise dot
-    products; result: the tensor's ratio t (shape ``(1,)``)."""
+    """One sweep: per flat block of ``ops.blocks.BLOCK`` entries, the norms of the task
+    vectors and their pairwise dot products; result: the tensor's ratio t (shape ``(1,)``).
+
+    The task vectors of each block are written straight into one staging buffer (a block
+    that straddles two slices is filled from both), so the sweep allocates nothing per block.
+    """
 
     def __init__(self, count: int) -> None:
-        self.count = count
-        self.blocks = FlatBlocks()
+        self.count, self.block, self.fill = count, blocks.BLOCK, 0
+        self.stage: torch.Tensor | None = None  # (count + 1, block): δ_i rows, then products
         self.norms: list[list[torch.Tensor]] = [[] for _ in range(count)]
         self.dots: list[list[torch.Tensor]] = [[] for _ in range(count * (count - 1) // 2)]
-        self.scratch: torch.Tensor | None = None
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         assert inputs.base is not None
-        for block in self.blocks.feed([inputs.base, *inputs.models]):
-            self._block(block)
+        base = inputs.base.reshape(1, -1)
+        models = [model.reshape(1, -1) for model in inputs.models]
+        start, length = 0, base.shape[1]
+        while start < length:
+            if self.stage is None:
+                shape = (self.count + 1, self.block)
+                self.stage = torch.empty(shape, dtype=base.dtype, device=base.device)
+            take = min(self.block - self.fill, length - start)
+            piece, into = slice(start, start + take), slice(self.fill, self.fill + take)
+            for index, model in enumerate(models):
+                torch.sub(model[:, piece], base[:, piece], out=self.stage[index : index + 1, into])
+            start, self.fill = start + take, self.fill + take
+            if self.fill == self.block:
+                self._reduce()
 
-    def _block(self, block: list[torch.Tensor]) -> None:
-        base = block[0]
-        if self.scratch is None:  # one (models + 1) x block buffer for the whole sweep
-            shape = (self.count + 1, self.blocks.block)
-            self.scratch = torch.empty(shape, dtype=base.dtype, device=base.device)
-        norms, dots = stock_partials(base, block[1:], self.scratch)
+    def _reduce(self) -> None:
+        assert self.stage is not None
+        rows = [self.stage[index : index + 1, : self.fill] for index in range(self.count + 1)]
+        norms, dots = stock_partials(rows[:-1], rows[-1])
         for parts, value in zip([*self.norms, *self.dots], [*norms, *dots], strict=True):
             parts.append(value)
+        self.fill = 0
 
     def next_pass(self) -> bool:
-        for block in self.blocks.flush():
-            self._block(block)
-        self.scratch = None
+        if self.fill:
+            self._reduce()
+        self.stage = None
         return False
 
     def result(self) -> torch.Tensor:
