@@ -22,19 +22,25 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
 
 def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """KL(softmax θ1 ‖ softmax θ0) of every row (softmax over the last dim, 1e-8 added to both
-    distributions), with a trailing singleton dimension."""
+    distributions), with a trailing singleton dimension (mergekit's operations, some in
+    place)."""
     eps = 1e-8
-    p = F.softmax(model, dim=-1) + eps
-    q = F.softmax(base, dim=-1) + eps
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    p = F.softmax(model, dim=-1).add_(eps)
+    q = F.softmax(base, dim=-1).add_(eps)
+    return torch.sum(p * torch.div(p, q, out=q).log_(), dim=-1, keepdim=True)
 
 
 def fusion_importance(
-    model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None = None
+    model: torch.Tensor,
+    base: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """|θ1 - θ0| times the row's KL (``row_kl``, computed when not given)."""
-    diff = (model - base).abs()
-    return diff * (row_kl(model, base) if kl is None else kl)
+    """|θ1 - θ0| times the row's KL (``row_kl``, computed when not given), into ``out`` (of the
+    same dtype) when given."""
+    kl = row_kl(model, base) if kl is None else kl
+    return torch.mul(torch.sub(model, base).abs_(), kl, out=out)
 
 
 def quartile_indices(count: int) -> tuple[int, int, int]:
@@ -71,8 +77,9 @@ def fusion_apply(
 ) -> torch.Tensor:
     """θ0 + (θ1 - θ0)·[I ≥ threshold] with I from the rows' ``kl``; the float32 mask promotes a
     lower-precision result to float32, as in mergekit (the caller casts to the output dtype)."""
-    mask = (fusion_importance(model, base, kl) >= threshold).float()
-    return base + (model - base) * mask
+    diff = model - base
+    mask = (diff.abs() * kl >= threshold).float()
+    return torch.mul(diff, mask).add_(base)
 
 
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

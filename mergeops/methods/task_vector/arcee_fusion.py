@@ -64,8 +64,11 @@ class FusionStats(TensorStatsPass):
             self.importance = torch.empty(self.numel, dtype=work, device=kl.device)
         rows = offset // self.row
         self.kl[rows : rows + kl.numel()] = kl.reshape(-1)
-        importance = fusion_importance(model, base, kl).reshape(-1)
-        self.importance[offset : offset + importance.numel()] = importance
+        into = self.importance[offset : offset + model.numel()].view(model.shape)
+        if into.dtype == kl.dtype:  # float32: straight into the buffer
+            fusion_importance(model, base, kl, out=into)
+        else:
+            into.copy_(fusion_importance(model, base, kl))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kl is None or self.importance is None or not self.numel:  # an empty tensor
