@@ -158,12 +158,14 @@ class ChunkedMerge:
         self.base_role = job.base_role
         self._keep_left = KEEP_BYTES
         self._base_over_budget = False  # then held through the stats pass only
+        self._swept = False  # True once a statistics sweep has checked every slice
 
     def _owned(self, raw: torch.Tensor, role: str, *, counted: bool = True) -> torch.Tensor:
         if counted:
             self.bytes_read += raw.numel() * raw.element_size()
         out = _owned_float(raw, self.ctx.device)
-        _check_finite(out, self.key, role)
+        if not self._swept:  # a later sweep reads the same values again
+            _check_finite(out, self.key, role)
         return out
 
     def _read_whole(self, rows: _Rows) -> torch.Tensor:
@@ -232,11 +234,13 @@ class ChunkedMerge:
                 yield (start, stop), loaded
 
     def _slices(self) -> Iterator[tuple[int, mb.TensorInputs]]:
-        """One statistics sweep: (flat offset, inputs) of every slice."""
+        """One statistics sweep: (flat offset, inputs) of every slice. The first sweep checks
+        every input slice for NaN/Inf; later sweeps and the merge pass do not repeat it."""
         row, count = math.prod(tuple(self.meta.shape)[1:]), len(self.sources)
         for (start, _), loaded in self._loaded_slices():
             base = loaded[count] if self.base is not None else None
             yield start * row, mb.TensorInputs(name=self.key, models=loaded[:count], base=base)
+        self._swept = True
 
     def _merge_slice(
         self,

@@ -96,3 +96,18 @@ def test_sliced_slerp_of_a_large_tensor_matches_mergekit(dtype: torch.dtype) -> 
     theirs = merge_tensors([base, other], "slerp", parameters={"t": 0.4}, base_index=0)
     ours = mergeops.merge("slerp", [{"w": other}], base={"w": base}, t=0.4, device="cpu")
     assert torch.equal(ours["w"], theirs)
+
+
+@pytest.mark.parametrize("where", ["base", "model"])
+def test_a_nan_in_a_late_slice_is_named_by_the_first_sweep(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from mergeops.methods.base import MergeError
+
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    family = _family(torch.float32, 1)
+    target = family[0] if where == "base" else family[1]
+    target["embed"][90, 5] = float("nan")  # in the last slice
+    role = "base" if where == "base" else "model"
+    with pytest.raises(MergeError, match=f"tensor 'embed' of {role}.*NaN or Inf"):
+        _merge(monkeypatch, 4096, "slerp", family, t=0.5)
