@@ -97,3 +97,45 @@ def test_sliced_large_tensor_matches_mergekit(
         assert_close(ours, {"w": theirs}, dtype)
     else:
         assert torch.equal(ours["w"], theirs)
+
+
+# ---- della / breadcrumbs: per-model selections held compactly ------------------------------
+DELLA_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("della", {"weight": [1.0, 0.8, 0.6], "density": [0.6, 0.8, 1.0], "epsilon": 0.1}),
+    ("della_linear", {"weight": [1.0, 0.8, 0.6], "density": 0.7, "rescale_by": "l1"}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2, "rescale_by": "keep_probability"}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), DELLA_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_della_keep_masks_drawn_in_row_blocks_match_whole(
+    monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """Keep probabilities and draws a few rows at a time (blocks of 1000 entries: 7 rows of
+    128, 33 of 30, part of the 1-D norm), masks held packed: the whole-tensor draw exactly."""
+    from mergeops.methods.task_vector import della
+
+    monkeypatch.setattr(della, "KEEP_ROWS_ELEMENTS", 1000)
+    family = _family(dtype, 3)
+    whole = _merge(monkeypatch, 1 << 40, method, family, seed=3, **params)
+    chunked = _merge(monkeypatch, 4096, method, family, seed=3, **params)
+    _bits_equal(whole, chunked)
+
+
+def test_packed_window_masks_equal_the_indexed_ones() -> None:
+    from mergeops.ops.packed_cut import PackedWindow, compact_window
+    from mergeops.ops.selection import window_cut
+
+    gen = torch.Generator().manual_seed(2)
+    magnitude = torch.randint(0, 6, (50, 30), generator=gen).float()  # large tie groups
+    cut = window_cut(magnitude, 300, 1300, "mergekit")
+    assert cut is not None and cut.ties.numel() > 1500 / 64
+    packed = compact_window(cut, 1500)
+    assert isinstance(packed, PackedWindow)
+    for rows in (1, 3, 7, 50):  # offsets of 30 entries: not byte-aligned
+        for start in range(0, 50, rows):
+            part = magnitude[start : start + rows]
+            assert torch.equal(packed.mask_rows(part, start * 30), cut.mask_rows(part, start * 30))
+    few = window_cut(torch.arange(1500.0), 300, 1300, "mergekit")
+    assert compact_window(few, 1500) is few  # no ties: the indices stay

@@ -10,7 +10,11 @@ Defaults otherwise mergekit's: density 1 (no pruning), epsilon 0.15, della norma
 
 Ranks are taken within rows, so large tensors merge in row slices: ``tensor_stats`` draws each
 model's whole keep mask (the same random numbers as unchunked) and L1 factor, and each slice
-recomputes its rows' keep probabilities when survivors are rescaled by 1/p.
+recomputes its rows' keep probabilities when survivors are rescaled by 1/p. On CPU the keep
+probabilities and draws go ``KEEP_ROWS_ELEMENTS`` at a time (``torch.bernoulli`` draws in
+element order there, so the mask is the one a single call gives), and the masks are held
+bit-packed (``ops.packed_cut``): the whole-tensor rank temporaries (int64 orders and ranks)
+are what set this method's peak memory otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from pydantic import Field
 from mergeops.methods.base import MergeContext, MergeError, ModelParams, register
 from mergeops.methods.task_vector.dare import DareParams
 from mergeops.methods.task_vector.task_arithmetic import TaskVectorMerge
+from mergeops.ops.packed_cut import PackedMask
 from mergeops.ops.prune import check_della, della_keep_probability, della_prune, l1_scale
+
+KEEP_ROWS_ELEMENTS = 1024 * 1024
+"""Entries per block of rows whose keep probabilities are computed and drawn at once (CPU)."""
 
 
 class DellaParams(DareParams):
@@ -88,14 +96,12 @@ class _Della(TaskVectorMerge):
                 continue
             self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
             tau = task_vector(index)
-            probs = della_keep_probability(tau, own.density, own.epsilon)
-            keep = torch.bernoulli(probs, generator=ctx.generator(key, index))
-            del probs
+            keep = _draw_keep(tau, own, ctx.generator(key, index))
             scale = None
             if params.rescale and params.rescale_by == "l1":
                 rows = tau.reshape(keep.shape)
                 scale = l1_scale(rows, rows * keep)
-            stats.append((keep.to(torch.bool).reshape(shape), scale))
+            stats.append((PackedMask.of(keep), scale))
         return stats
 
     def sparsify_rows(
@@ -106,9 +112,8 @@ class _Della(TaskVectorMerge):
             return tau
         params = ctx.params
         assert isinstance(params, DellaParams)
-        keep, scale = stat
-        keep = keep.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
-        masked = tau * keep
+        packed, scale = stat
+        masked = tau * packed.rows(offset, tau)
         if not params.rescale:
             return masked
         if params.rescale_by == "l1":
@@ -116,6 +121,24 @@ class _Della(TaskVectorMerge):
         own = ctx.model_params[index]
         assert isinstance(own, DellaModelParams)
         return masked / della_keep_probability(tau, own.density, own.epsilon)
+
+
+def _draw_keep(
+    tau: torch.Tensor, own: DellaModelParams, generator: torch.Generator
+) -> torch.Tensor:
+    """τ's bool keep mask (viewed with at least two dimensions), drawn as ``della_prune`` draws
+    it; on CPU a block of rows at a time (the same draws, in the same order)."""
+    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+    if tau.device.type != "cpu":
+        probs = della_keep_probability(tau, own.density, own.epsilon)
+        return torch.bernoulli(probs, generator=generator).to(torch.bool)
+    keep = torch.empty(rows.shape, dtype=torch.bool)
+    step = max(1, KEEP_ROWS_ELEMENTS // max(1, rows[0].numel()))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        probs = della_keep_probability(block, own.density, own.epsilon)
+        keep[start : start + step] = torch.bernoulli(probs, generator=generator)
+    return keep
 
 
 @register
