@@ -102,11 +102,14 @@ class WindowCut:
         return mask
 
 
-def window_cut(magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak) -> WindowCut | None:
+def window_cut(
+    magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak, *, consume: bool = False
+) -> WindowCut | None:
     """The cut keeping ascending magnitude ranks [lo, hi) (None: every entry is kept).
 
     ``position`` ranks equal magnitudes by flat index; ``mergekit`` as
     ``torch.sort(magnitude).indices[lo:hi]`` does (sorted only when a tie group straddles a cut).
+    ``consume``: ``magnitude`` may be sorted in place on CPU (the same order, one copy less).
     """
     flat = magnitude.reshape(-1)
     n = flat.numel()
@@ -119,7 +122,7 @@ def window_cut(magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak) -
     spans = {float(v): (v, *_tie_span(flat, v)) for v in (low, high)}
     straddles = any(r < cut < r + e for _, r, e in spans.values() for cut in (lo, hi))
     if tie_break == "mergekit" and straddles:
-        order = torch.sort(sort_keys(flat)).indices
+        order = _sort_order(sort_keys(flat), in_place=consume and flat.device.type == "cpu")
         # Sorted ascending, [lo, hi) holds the tail of low's tie group, everything strictly
         # between, and the head of high's group: the kept ties are those two runs.
         _, low_first, low_count = spans[float(low)]
@@ -134,6 +137,15 @@ def window_cut(magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak) -
         for value, first_rank, _ in spans.values()
     ]
     return WindowCut(low=float(low), high=float(high), ties=torch.cat(runs).sort().values)
+
+
+def _sort_order(keys: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    """``torch.sort(keys).indices``; ``in_place`` sorts ``keys`` itself (no values copy)."""
+    if not in_place:
+        return torch.sort(keys).indices
+    order = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
+    torch.sort(keys, out=(keys, order))
+    return order
 
 
 def rank_window_mask(

@@ -139,3 +139,42 @@ def test_packed_window_masks_equal_the_indexed_ones() -> None:
             assert torch.equal(packed.mask_rows(part, start * 30), cut.mask_rows(part, start * 30))
     few = window_cut(torch.arange(1500.0), 300, 1300, "mergekit")
     assert compact_window(few, 1500) is few  # no ties: the indices stay
+
+
+def _quantized_family(dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Deltas on a grid of 1/8: tie groups straddle the window's cuts (mergekit's sort)."""
+    family = _family(torch.float32, 3)
+    base = family[0]
+    out = [base] + [
+        {k: base[k] + ((m[k] - base[k]) * 8).round() / 8 for k in base} for m in family[1:]
+    ]
+    return [{k: v.to(dtype) for k, v in m.items()} for m in out]
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_breadcrumbs_mergekit_ties_sliced_match_whole(
+    monkeypatch: pytest.MonkeyPatch, rescale: bool, dtype: torch.dtype
+) -> None:
+    """The statistics pass sorts its own |τ| in place (without rescale): the same order as
+    the whole-tensor merge's sort of a copy."""
+    params = {"weight": [1.0, 0.8, 0.6], "density": 0.7, "gamma": 0.05,
+              "tie_break": "mergekit", "rescale": rescale}  # fmt: skip
+    family = _quantized_family(dtype)
+    whole = _merge(monkeypatch, 1 << 40, "breadcrumbs", family, **params)
+    chunked = _merge(monkeypatch, 4096, "breadcrumbs", family, **params)
+    _bits_equal(whole, chunked)
+
+
+def test_sliced_breadcrumbs_of_a_large_tensor_matches_mergekit() -> None:
+    """Over 1M entries with tie groups straddling both cuts, sliced: mergekit's numbers."""
+    from mergekit.merge_methods.api import merge_tensors
+
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(1100, 1024, generator=gen)
+    models = [base + (torch.randn(1100, 1024, generator=gen) * 4).round() / 256 for _ in range(2)]
+    params = {"weight": 1.0, "density": 0.6, "gamma": 0.05}
+    theirs = merge_tensors([base, *models], "breadcrumbs", parameters=params, base_index=0)
+    ours = mergeops.merge("breadcrumbs", [{"w": m} for m in models], base={"w": base},
+                          device="cpu", tie_break="mergekit", **params)  # fmt: skip
+    assert torch.equal(ours["w"], theirs)

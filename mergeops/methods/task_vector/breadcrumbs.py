@@ -65,7 +65,8 @@ class _Breadcrumbs(TaskVectorMerge):
             return CutStat(None, None)
         lo, hi = window_bounds(tau.numel(), own.density, own.gamma)
         magnitude = tau.abs_() if owned else tau.abs()
-        cut = window_cut(magnitude, lo, hi, params.tie_break)
+        consume = owned and not params.rescale  # else the L1 factor needs it unsorted
+        cut = window_cut(magnitude, lo, hi, params.tie_break, consume=consume)
         if not params.rescale or cut is None:
             return CutStat(cut, None)
         return CutStat(cut, l1_scale_of_magnitude(magnitude, cut.mask_rows(magnitude, 0)))
