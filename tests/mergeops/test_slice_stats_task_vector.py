@@ -27,6 +27,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("sce", {"select_topk": 0.5}),
     ("sce", {"select_topk": 0.013}),
     ("sce", {"select_topk": 0.0}),
+    ("sce", {"select_topk": 0.5, "int8_mask": True}),
 ]
 
 
