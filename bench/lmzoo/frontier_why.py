@@ -159,6 +159,37 @@ def zoo_why(result: Mapping[str, Any], root: Path | None, *, ada: bool = True) -
     return lines
 
 
+def verdict_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per frontier method over the zoos: on how many its claim holds, the mean Δ vs task
+    arithmetic against its pooled std, and on how many zoos it falls below the plain average
+    (then it removes signal, not interference); a claim that fails within the noise is said so."""
+    lines = []
+    for method in FRONTIER:
+        found = []
+        for result in results:
+            value, linear = _test_avg(result["rows"], method), _test_avg(result["rows"], "linear")
+            claim = next((c for name, c in result["claims"].items()
+                          if name.lower().startswith(_claim_prefix(method))), None)  # fmt: skip
+            if value is not None and linear is not None and claim is not None:
+                found.append((claim, value - linear))
+        if not found:
+            continue
+        n, held = len(found), sum(bool(c["held"]) for c, _ in found)
+        mean = sum(c["diff"] for c, _ in found) / n
+        pooled = sum(c["std"] ** 2 for c, _ in found) ** 0.5 / n
+        below = sum(gain < 0 for _, gain in found)
+        reversed_ = sum(c["diff"] < -2 * c["std"] for c, _ in found)
+        if held * 2 > n:
+            why = "holds"
+        elif reversed_ * 2 > n:
+            why = f"fails: reversed beyond noise on {reversed_}/{n}"
+        else:
+            why = f"fails within the noise on {n - held - reversed_}/{n}"
+        lines.append(f"  {method:<10} holds on {held}/{n}; mean Δ vs TA {mean:+.3f} ± {pooled:.3f}; "
+                     f"below linear on {below}/{n}: {why}")  # fmt: skip
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.lmzoo.frontier_why", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -169,9 +200,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-adamerging", action="store_true", help="skip the AdaMerging runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    for path in args.json:
-        for result in json.loads(path.read_text()):
-            print("\n".join(zoo_why(result, args.root, ada=not args.no_adamerging)), flush=True)
+    results = [r for path in args.json for r in json.loads(path.read_text())]
+    for result in results:
+        print("\n".join(zoo_why(result, args.root, ada=not args.no_adamerging)), flush=True)
+    print(f"over {len(results)} zoos:")
+    print("\n".join(verdict_lines(results)))
 
 
 if __name__ == "__main__":

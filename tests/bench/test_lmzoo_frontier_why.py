@@ -9,6 +9,7 @@ from bench.lmzoo.frontier_why import (
     geometry,
     row_lines,
     subspace_overlap,
+    verdict_lines,
     zoo_why,
 )
 
@@ -69,3 +70,14 @@ def test_subspace_overlap_of_shared_and_disjoint_directions() -> None:
     assert subspace_overlap(base, [one, one], k=1)["overlap"] > 0.999
     got = subspace_overlap(base, [one, two], k=1)
     assert got["overlap"] < 1e-9 and got["chance"] == 0.25 and got["energy_top_k"] > 0.999
+
+
+def test_verdicts_count_holds_reversals_and_falls_below_linear() -> None:
+    lines = verdict_lines([_result(), _result()])
+    regmean = next(line for line in lines if "regmean" in line)
+    assert "holds on 0/2" in regmean and "below linear on 0/2" in regmean
+    assert "mean Δ vs TA -0.020 ± 0.011" in regmean
+    assert regmean.endswith("fails within the noise on 2/2")
+    wudi = next(line for line in lines if "wudi" in line)
+    assert "holds on 2/2" in wudi and wudi.endswith("holds")
+    assert not any("iso_c" in line for line in lines)
