@@ -46,6 +46,27 @@ def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), key
 
 
+def assert_sliced_matches_whole(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    models: list[dict[str, torch.Tensor]],
+    base: dict[str, torch.Tensor] | None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge whole, in 8-row and in 24-row slices of 'embed', with 1000-entry statistics
+    blocks (straddling slices and rows): all three bit-identical. Returns the whole merge."""
+    monkeypatch.setattr(blocks, "BLOCK", 1000)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    assert chunking.rows_for(get_method(method), SHAPES["embed"]) == 8  # 12 slices
+    runs = []
+    for chunk in (1 << 40, 4096, 3 * 4096):
+        monkeypatch.setattr(chunking, "CHUNK_BYTES", chunk)
+        runs.append(mergeops.merge(method, models, base=base, device="cpu", **params))
+    for sliced in runs[1:]:
+        _bits_equal(runs[0], sliced)
+    return runs[0]
+
+
 @pytest.mark.parametrize(("method", "count", "params"), CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sliced_statistics_match_whole(
@@ -55,17 +76,10 @@ def test_sliced_statistics_match_whole(
     params: dict[str, Any],
     dtype: torch.dtype,
 ) -> None:
-    monkeypatch.setattr(blocks, "BLOCK", 1000)  # blocks straddle slices and rows
     family = _family(dtype, count)
     assert isinstance(get_method(method), SliceStatsMethod)
     assert chunking.rows_for(get_method(method), (96, 128)) == 0  # small: merged whole ...
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
-    assert chunking.rows_for(get_method(method), (96, 128)) == 8  # ... unless slices are tiny
-    whole = _merge(monkeypatch, 1 << 40, method, family, **params)
-    chunked = _merge(monkeypatch, 4096, method, family, **params)
-    _bits_equal(whole, chunked)
-    odd = _merge(monkeypatch, 3 * 4096, method, family, **params)  # 24-row slices
-    _bits_equal(whole, odd)
+    assert_sliced_matches_whole(monkeypatch, method, family[1:], family[0], **params)
 
 
 def test_flat_blocks_are_independent_of_slicing() -> None:

@@ -12,10 +12,12 @@ import torch
 import mergeops
 from mergeops import chunking
 from mergeops.methods.base import SliceStatsMethod, get_method
-from mergeops.ops import blocks
 from mergeops.ops.fusion import quartile_indices, quartiles_in_place
 from mergeops.ops.stock import model_stock
-from tests.mergeops.test_slice_stats import _bits_equal, _family, _merge
+from tests.mergeops.test_slice_stats import (
+    _family,
+    assert_sliced_matches_whole,
+)
 
 CASES: list[tuple[str, int, dict[str, Any]]] = [
     ("model_stock", 3, {}),
@@ -34,16 +36,9 @@ def test_sliced_merge_matches_whole(
     params: dict[str, Any],
     dtype: torch.dtype,
 ) -> None:
-    monkeypatch.setattr(blocks, "BLOCK", 1000)  # blocks straddle slices and rows
     family = _family(dtype, count)
     assert isinstance(get_method(method), SliceStatsMethod)
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
-    assert chunking.rows_for(get_method(method), (96, 128)) == 8  # 12 slices of 'embed'
-    whole = _merge(monkeypatch, 1 << 40, method, family, **params)
-    chunked = _merge(monkeypatch, 4096, method, family, **params)
-    _bits_equal(whole, chunked)
-    odd = _merge(monkeypatch, 3 * 4096, method, family, **params)  # 24-row slices
-    _bits_equal(whole, odd)
+    whole = assert_sliced_matches_whole(monkeypatch, method, family[1:], family[0], **params)
     base = family[0]["embed"].float()
     assert not torch.equal(whole["embed"].float(), base)  # the merge did move the tensor
 

@@ -13,7 +13,6 @@ import torch
 import mergeops
 from mergeops import chunking
 from mergeops.methods.base import MergeError, SliceStatsMethod, get_method
-from mergeops.ops import blocks
 from mergeops.ops.blocks import blocks_of
 from mergeops.ops.gram import block_column_gram, block_gram, combine_grams, linear_combination
 from mergeops.ops.karcher import karcher_coefficients, karcher_mean
@@ -26,7 +25,7 @@ from mergeops.ops.spherical import (
     nuslerp_coefficients,
     nuslerp_cosine,
 )
-from tests.mergeops.test_slice_stats import _bits_equal, _family
+from tests.mergeops.test_slice_stats import _family, assert_sliced_matches_whole
 
 NUSLERP = {"weight": [1.0, 2.5]}
 MULTI = {"weight": [1.0, 0.5, 2.0]}
@@ -71,15 +70,10 @@ def test_sliced_spherical_merges_match_whole(
     params: dict[str, Any],
     dtype: torch.dtype,
 ) -> None:
-    monkeypatch.setattr(blocks, "BLOCK", 1000)  # blocks straddle slices and rows
     family = _family(dtype, 3)
     assert isinstance(get_method(method), SliceStatsMethod)
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
-    assert chunking.rows_for(get_method(method), (96, 128)) == 8  # 12 slices of 'embed'
-    args = (method, family, count, with_base, params)
-    whole = _merge(monkeypatch, 1 << 40, *args)
-    _bits_equal(whole, _merge(monkeypatch, 4096, *args))
-    _bits_equal(whole, _merge(monkeypatch, 3 * 4096, *args))  # 24-row slices
+    base = family[0] if with_base else None
+    assert_sliced_matches_whole(monkeypatch, method, family[1 : 1 + count], base, **params)
 
 
 # ---- the Gram coefficients against the whole-tensor algorithms in float64 -----------------

@@ -12,10 +12,14 @@ import torch
 import mergeops
 from mergeops import chunking
 from mergeops.methods.base import ElementwiseMethod, SliceStatsMethod, get_method
-from mergeops.ops import blocks
 from mergeops.ops.sce import top_variance
 from tests.mergeops.mergekit.harness import assert_close
-from tests.mergeops.test_slice_stats import _bits_equal, _family, _merge
+from tests.mergeops.test_slice_stats import (
+    _bits_equal,
+    _family,
+    _merge,
+    assert_sliced_matches_whole,
+)
 
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("ram", {}),
@@ -36,16 +40,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 def test_sliced_merge_matches_whole(
     monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], dtype: torch.dtype
 ) -> None:
-    monkeypatch.setattr(blocks, "BLOCK", 1000)  # blocks straddle slices and rows
     family = _family(dtype, 3)
     assert isinstance(get_method(method), (SliceStatsMethod, ElementwiseMethod))
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
-    assert chunking.rows_for(get_method(method), (96, 128)) == 8
-    whole = _merge(monkeypatch, 1 << 40, method, family, **params)
-    chunked = _merge(monkeypatch, 4096, method, family, **params)
-    _bits_equal(whole, chunked)
-    odd = _merge(monkeypatch, 3 * 4096, method, family, **params)  # 24-row slices
-    _bits_equal(whole, odd)
+    assert_sliced_matches_whole(monkeypatch, method, family[1:], family[0], **params)
 
 
 @pytest.mark.parametrize(("n", "k_frac"), [(40_000, 0.5), (40_000, 0.01)])
