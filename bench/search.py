@@ -101,7 +101,7 @@ def _table(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--zoo", type=Path, default=Path(".ckreg-bench/zoo"),
+    parser.add_argument("--zoo", type=Path, default=Path("bench/out/zoo"),
                         help="digits zoo folder (built there when missing)")  # fmt: skip
     parser.add_argument("--evaluations", type=int, default=40, help="budget of each search")
     parser.add_argument("--seed", type=int, default=0)
