@@ -91,6 +91,7 @@ class Tracker:
         http_timeout_s: int = 10,
         http_max_retries: int = 0,
         database_url: str | None = None,
+        outage_backoff_s: float = 10.0,
     ) -> None:
         # MLflow reads these per request; keep outage detection fast unless the user chose otherwise.
         if not MLFLOW_HTTP_REQUEST_MAX_RETRIES.is_set():
@@ -102,6 +103,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.database_url = database_url
         self.outbox = Outbox(outbox_dir)
+        self.outage_backoff_s = outage_backoff_s
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.writer = MlflowWriter(
             client,
@@ -137,6 +139,10 @@ class Tracker:
             if retry_failed:
                 self.outbox.requeue_failed()
             sent, outage = self._flush()
+            if outage is None:
+                self.outbox.clear_down()
+            else:
+                self.outbox.mark_down(self.tracking_uri)
         if outage is not None and raise_on_outage:
             raise TrackingUnavailable(
                 f"MLflow at {self.tracking_uri} unreachable; {self.pending} events still queued: {outage}"
@@ -157,14 +163,24 @@ class Tracker:
 
     def _submit(self, kind: str, payload: dict[str, Any]) -> str | None:
         with self.outbox.locked():
+            if self.outbox.down_within(
+                self.outage_backoff_s, self.tracking_uri
+            ):  # no call to a server just seen down
+                self._queue(kind, payload, TrackingUnavailable(
+                    f"down at the last attempt; next try after {self.outage_backoff_s:g} s"))  # fmt: skip
+                return None
             _, outage = self._flush()
             if outage is not None:
+                self.outbox.mark_down(self.tracking_uri)
                 self._queue(kind, payload, outage)
                 return None
             try:
-                return self._apply(kind, payload)
+                recorded = self._apply(kind, payload)
+                self.outbox.clear_down()
+                return recorded
             except Exception as exc:
                 if is_outage(exc):
+                    self.outbox.mark_down(self.tracking_uri)
                     self._queue(kind, payload, exc)
                 else:
                     parked = self.outbox.fail(

@@ -108,6 +108,29 @@ class Outbox:
             moved += 1
         return moved
 
+    def mark_down(self, tracking_uri: str) -> None:
+        """Remember (across processes) that MLflow at ``tracking_uri`` was unreachable now."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"at": time.time(), "uri": tracking_uri})
+        (self.directory / ".down").write_text(body, encoding="utf-8")
+
+    def down_within(self, seconds: float, tracking_uri: str) -> bool:
+        """True while MLflow at ``tracking_uri`` was last seen down less than ``seconds`` ago
+        and events are still queued: new events then go straight to the queue instead of
+        calling a server that was just unreachable."""
+        if seconds <= 0:
+            return False
+        try:
+            mark = json.loads((self.directory / ".down").read_text(encoding="utf-8"))
+            since = time.time() - float(mark["at"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return False
+        return mark.get("uri") == tracking_uri and 0 <= since < seconds and len(self) > 0
+
+    def clear_down(self) -> None:
+        """Forget an outage (MLflow answered)."""
+        (self.directory / ".down").unlink(missing_ok=True)
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the outbox lock so two processes never flush the same events at once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,27 @@ def test_a_sync_during_an_outage_reads_one_queued_event_not_the_backlog(
     assert down.sync() == 0 and down.pending == 3
     first = next(Outbox(tmp_path / "outbox").iter_pending())
     assert first.kind == "checkpoint" and first.path == queued[0]
+
+
+def test_events_queue_without_calling_mlflow_while_it_was_just_down(
+    tmp_path: Path, tracking_checkpoints, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.services import free_port
+
+    outbox_dir = tmp_path / "outbox"
+    down = Tracker(f"http://127.0.0.1:{free_port()}", outbox_dir=outbox_dir, outage_backoff_s=0.5)
+    with caplog.at_level("WARNING", logger="flows.tracking.mlflow_sync"):
+        for name in ("math", "code", "math"):
+            assert down.log_checkpoint(tracking_checkpoints[name]) is None
+        reasons = [r.getMessage() for r in caplog.records]
+        assert "Connection refused" in reasons[0]  # the first event tried the server ...
+        assert all("down at the last attempt" in r for r in reasons[1:])  # ... the next did not
+        time.sleep(0.6)
+        caplog.clear()
+        assert down.log_checkpoint(tracking_checkpoints["code"]) is None
+        assert "Connection refused" in caplog.records[0].getMessage()  # backoff over: tried again
+    assert down.pending == 4
+    # another tracking URI (MLflow moved or came back elsewhere) is not held back by the mark
+    up = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", outbox_dir=outbox_dir, outage_backoff_s=60)
+    assert up.log_checkpoint(tracking_checkpoints["math"]) is not None
+    assert up.pending == 0
