@@ -33,7 +33,7 @@ from flows.evaluate_flow import store_metrics
 from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
 from flows.processes import started_by_runner, watch_parent
-from flows.runtime import Runtime, current_runtime
+from flows.runtime import Runtime, current_runtime, run_bound
 from flows.stored_features import merge_objective
 from mergeops.methods import base as mb
 from registry.models import MergeRunStatus
@@ -298,9 +298,9 @@ def _record_failure(
 
 def in_background(work: Callable[..., None], *args: Any) -> None:
     """Run side work (MLflow logging) on the runtime's background thread, else inline."""
-    background = current_runtime().background
-    if background is not None:
-        background.submit(work, *args)
+    runtime = current_runtime()
+    if runtime.background is not None:
+        runtime.background.submit(run_bound, runtime, work, *args)
     else:
         work(*args)
 

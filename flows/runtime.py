@@ -8,10 +8,11 @@ with the server's settings; a Prefect worker process builds it from ``CKREG_*`` 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session
@@ -54,6 +55,8 @@ class Runtime:
 
 _lock = threading.Lock()
 _current: Runtime | None = None
+#: The runtime side work was submitted from, for the background thread running it.
+_bound = threading.local()
 
 
 def configure(settings: Settings) -> Runtime:
@@ -62,23 +65,39 @@ def configure(settings: Settings) -> Runtime:
     with _lock:
         if _current is not None and _current.settings == settings:
             return _current
-        if _current is not None:
-            _current.close()
-        _current = Runtime(settings)
-        return _current
+        old, _current = _current, Runtime(settings)
+        new = _current
+    if old is not None:  # closed outside the lock: its background work may ask for a runtime
+        old.close()
+    return new
 
 
 def current_runtime() -> Runtime:
-    """The configured runtime, built from the environment's settings on first use."""
+    """The runtime of this thread's work: the one it was submitted from (``run_bound``), else
+    the configured one, built from the environment's settings on first use."""
+    bound: Runtime | None = getattr(_bound, "runtime", None)
+    if bound is not None:
+        return bound
     with _lock:
         runtime = _current
     return runtime if runtime is not None else configure(get_settings())
 
 
+def run_bound(runtime: Runtime, work: Callable[..., None], *args: Any) -> None:
+    """Run ``work(*args)`` with ``runtime`` as this thread's current runtime (background side
+    work keeps the runtime that submitted it, even while that runtime is being closed)."""
+    _bound.runtime = runtime
+    try:
+        work(*args)
+    finally:
+        _bound.runtime = None
+
+
 def reset() -> None:
-    """Forget the runtime (tests switch settings between cases)."""
+    """Forget the runtime (tests switch settings between cases). Its close waits for its
+    background work outside the lock, so that work never blocks on the lock."""
     global _current
     with _lock:
-        if _current is not None:
-            _current.close()
-        _current = None
+        old, _current = _current, None
+    if old is not None:
+        old.close()
