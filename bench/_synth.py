@@ -75,14 +75,21 @@ class LlamaShape:
             "torch_dtype": "bfloat16",
         }
 
+    def file_bytes(self) -> int:
+        """Tensor bytes of one bf16 checkpoint of this shape (headers not counted)."""
+        return 2 * self.parameters
 
-# Same tensor shapes for 100m and 270m (only the layer count differs), so peak memory of a
-# streaming merge should not change between them; "tiny" is for smoke tests.
+
+# Same tensor shapes for 100m, 270m and 1b (only the layer count differs), so peak memory of a
+# streaming merge should not change between them; 3b doubles the hidden size (Llama-3.2-3B-like
+# proportions: intermediate 2.75x hidden, head dim 128) for realistic ~3B tensors, 4x the
+# elements of the smaller sizes' matrices. "tiny" is for smoke tests.
 SHAPES: dict[str, LlamaShape] = {
     "tiny": LlamaShape(vocab=512, hidden=64, intermediate=176, layers=2, heads=4),
     "100m": LlamaShape(vocab=32000, hidden=1024, intermediate=2816, layers=3, heads=16),
     "270m": LlamaShape(vocab=32000, hidden=1024, intermediate=2816, layers=16, heads=16),
     "1b": LlamaShape(vocab=32000, hidden=1024, intermediate=2816, layers=73, heads=16),
+    "3b": LlamaShape(vocab=32000, hidden=2048, intermediate=5632, layers=56, heads=16),
 }
 
 
@@ -94,19 +101,26 @@ def synth_tensor(name: str, shape: tuple[int, ...], *, seed: int, finetune: int)
     """The bf16 tensor ``name`` of the base (``finetune`` 0) or of fine-tune ``finetune``."""
     is_norm = name.endswith("norm.weight")
     scale = 1.0 if is_norm else INIT_STD
-    values = torch.randn(shape, generator=_generator(seed, name, 0)) * (0.1 if is_norm else scale)
+    # In place (the same roundings as ``randn * s``, ``+= noise * c``): a 3b embedding is
+    # 262 MB in float32, so every temporary avoided counts.
+    values = torch.randn(shape, generator=_generator(seed, name, 0)).mul_(0.1 if is_norm else scale)
     if is_norm:
         values += 1.0
     if finetune:
         noise = torch.randn(shape, generator=_generator(seed, name, finetune))
-        values += noise * (FINETUNE_SCALE * scale)
+        values += noise.mul_(FINETUNE_SCALE * scale)
+        del noise
     return values.to(torch.bfloat16)
 
 
 def write_model(
     folder: Path, shape: LlamaShape, *, seed: int, finetune: int, shard_size: int | str
 ) -> int:
-    """Write one checkpoint folder (shards, index, config.json); returns tensor bytes."""
+    """Write one checkpoint folder (shards, index, config.json); returns tensor bytes.
+
+    Tensors are made one at a time and the writer flushes every full shard, so memory stays
+    at about one shard plus one tensor (in float32 while it is made) whatever the model size.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     with ShardedWriter(folder, max_shard_size=shard_size) as writer:
         for name, tensor_shape in shape.tensor_shapes():
