@@ -7,7 +7,7 @@ S3 range reader. mergeops never learns where the bytes live.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -71,7 +71,8 @@ class NeuronLayer(NamedTuple):
     """One layer of neurons to align (pleas, ot_fusion): ``weight``/``bias`` produce them
     (``weight`` None for a residual stream, which no single weight produces); ``rows`` are all
     tensors whose dim 0 indexes them, ``cols`` those whose dim 1 does. ``group`` > 1 moves
-    neurons only in blocks of that size (attention heads: ``group`` = head dim)."""
+    neurons only in blocks of that size (attention heads: ``group`` = head dim). ``widen``
+    False keeps the layer at its width in a wider pleas merge."""
 
     name: str
     weight: str | None
@@ -79,6 +80,7 @@ class NeuronLayer(NamedTuple):
     rows: tuple[str, ...]
     cols: tuple[str, ...]
     group: int = 1
+    widen: bool = True  # pleas width_factor > 1 may widen it (False: a residual stream, heads)
 
 
 @runtime_checkable
@@ -99,6 +101,35 @@ class FeatureProbe(Protocol):
 
     def layer_inputs(self, params: Mapping[str, torch.Tensor], layer: str) -> torch.Tensor:
         """Inputs of ``layer``'s weight under ``params``, shape (n, in)."""
+        ...
+
+
+class LinearUnit(NamedTuple):
+    """One linear weight that pleas's least squares re-solves where no single weight produces a
+    ``NeuronLayer`` (a transformer's q/k/v, o_proj, gate/up, down_proj): ``weight`` (out, in)
+    and ``bias``; ``layer`` is the neuron layer whose map moves its rows (outputs); units with
+    the same ``source`` see the same inputs (q, k and v), so one capture serves them all."""
+
+    weight: str
+    bias: str | None
+    layer: str
+    source: str
+
+
+@runtime_checkable
+class LinearUnitProbe(FeatureProbe, Protocol):
+    """A ``FeatureProbe`` that also gives the inputs of each ``LinearUnit`` (pleas step 3 for
+    transformers). ``linear_units()`` lists them in forward order; ``unit_inputs(params,
+    sources)`` runs ``params`` once and returns each named source's inputs (n, in)."""
+
+    def linear_units(self) -> list[LinearUnit]:
+        """The linear units to re-solve, in forward order."""
+        ...
+
+    def unit_inputs(
+        self, params: Mapping[str, torch.Tensor], sources: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Inputs (n, in) of every unit source in ``sources`` under ``params``."""
         ...
 
 

@@ -150,22 +150,55 @@ def fuse(
 
 
 def least_squares_layer(
-    inputs: torch.Tensor, targets: torch.Tensor, *, bias: bool, ridge: float
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: bool,
+    ridge: float,
+    prior: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W, b) minimising ‖inputs·Wᵀ + b - targets‖² + ridge·n·‖W‖² (PLeaS's per-layer step).
+    """(W, b) minimising ‖inputs·Wᵀ + b - targets‖² + ridge·n·‖(W, b) - prior‖² (PLeaS's
+    per-layer step; ``prior`` (W₀, b₀) defaults to zero, so the ridge pulls towards it:
+    directions the inputs never span keep the prior's weights).
 
     ``inputs`` (n, in), ``targets`` (n, out); solved in float64 through the normal
     equations (lstsq when they are singular)."""
     x = inputs.double()
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    gram = x.T @ x + ridge * x.shape[0] * torch.eye(x.shape[1], dtype=torch.float64)
+    strength = ridge * x.shape[0]
+    gram = x.T @ x + strength * torch.eye(x.shape[1], dtype=torch.float64)
     rhs = x.T @ targets.double()
+    if prior is not None and strength > 0:
+        w0, b0 = prior
+        rows = [w0.double().T] + ([_bias_row(b0, w0)] if bias else [])
+        rhs = rhs + strength * torch.cat(rows, dim=0)
     solution, info = torch.linalg.solve_ex(gram, rhs)
     if int(info) != 0 or not bool(torch.isfinite(solution).all()):
         solution = torch.linalg.lstsq(gram, rhs).solution
     weight = solution[: inputs.shape[1]].T.float()
     return (weight, solution[-1].float()) if bias else (weight, None)
+
+
+def _bias_row(b0: torch.Tensor | None, w0: torch.Tensor) -> torch.Tensor:
+    if b0 is None:
+        return torch.zeros(1, w0.shape[0], dtype=torch.float64)
+    return b0.double()[None, :]
+
+
+def linear_output(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """inputs·Wᵀ + b in float64: (n, out)."""
+    out = inputs.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+def relative_error(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """‖outputs - targets‖² / ‖targets - mean‖²: the unexplained share of the targets."""
+    targets = targets.double()
+    spread = (targets - targets.mean(dim=0)).pow(2).sum().clamp_min(1e-24)
+    return float((outputs.double() - targets).pow(2).sum() / spread)
 
 
 def preactivation(params: Params, layer: NeuronLayer, inputs: torch.Tensor) -> torch.Tensor:

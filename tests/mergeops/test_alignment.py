@@ -126,7 +126,7 @@ def test_bad_input_names_the_cause(pair):
     with pytest.raises(MergeError, match=r"shape mismatch for 'fc1\.weight'"):
         mergeops.merge("pleas", {"a": a, "w": wide}, objective=probe)
     with pytest.raises(MergeError, match="width_factor"):
-        mergeops.merge("pleas", {"a": a, "b": b}, objective=probe, width_factor=1.5)
+        mergeops.merge("pleas", {"a": a, "b": b, "c": a}, objective=probe, width_factor=1.5)
     headless = DigitsFeatureProbe(probe.inputs, ["other"])
     with pytest.raises(MergeError, match=r"heads\.other\.weight"):
         mergeops.merge("ot_fusion", {"a": a, "b": b}, objective=headless)

@@ -13,8 +13,12 @@ https://arxiv.org/abs/2407.02447), merging models that share no base.
 Features come from a ``FeatureProbe`` passed as the objective. The merge engine writes the
 input architecture, so through ``merge``/``merge_files`` the width stays the models' own;
 ``pleas_merge`` (in memory) returns wider models. Supported: MLP chains (all three steps);
-Llama-style transformers (residual stream, heads, MLP blocks) get steps 1-2 only: layers
-without a single producing ``weight`` are permuted and averaged, not solved.
+Llama-style transformers (residual stream, heads, MLP blocks) too: no single weight produces
+their layers, so a ``LinearUnitProbe`` lists the linear weights (q/k/v, o_proj, gate/up,
+down_proj) with the layer whose map moves their rows, and step 3 re-solves each on the merged
+model's own inputs, its ridge pulling towards the fused weight (embeddings, norms and the head
+stay permuted and averaged). A wider merge widens only layers with ``widen`` (a Llama's MLP
+blocks); ``pleas_output_widths`` gives the new widths (``intermediate_size``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mergeops.methods.alignment._common import (
     Params,
     check_layers,
     layer_features,
+    layer_width,
     load_models,
     require_probe,
 )
@@ -47,13 +52,15 @@ from mergeops.ops.alignment import (
     fuse,
     grouped,
     least_squares_layer,
+    linear_output,
     mapped_targets,
     match_neurons,
     partial_match_maps,
     permutation_map,
     preactivation,
+    relative_error,
 )
-from mergeops.sources import FeatureProbe, NeuronLayer
+from mergeops.sources import FeatureProbe, LinearUnitProbe, NeuronLayer
 
 
 class PleasParams(MethodParams):
@@ -102,29 +109,78 @@ def pleas_merge(
     *,
     names: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The PLeaS merge of in-memory ``models`` (any ``width_factor`` in [1, 2] for two)."""
+    """The PLeaS merge of in-memory ``models`` (any ``width_factor`` in [1, 2] for two;
+    layers with ``widen`` False keep their width)."""
     params = params or PleasParams.model_validate({})
+    layers = probe.layer_order()
+    maps = pleas_maps(models, probe, params, names=names)
+    merged = fuse(models, layers, maps)
+    if params.least_squares:
+        if isinstance(probe, LinearUnitProbe):
+            _solve_units(merged, models, maps, probe, params.ridge)
+        else:
+            _solve_layers(merged, models, layers, maps, probe, params.ridge)
+    return merged
+
+
+def pleas_maps(
+    models: list[Params],
+    probe: FeatureProbe,
+    params: PleasParams,
+    *,
+    names: list[str] | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """Steps 1's maps: per layer, each model's (merged width x width) map onto the merge."""
     names = names or [f"model-{k}" for k in range(len(models))]
     if params.width_factor != 1.0 and len(models) != 2:
         raise MergeError(f"pleas width_factor > 1 needs exactly 2 models, got {len(models)}")
     layers = probe.layer_order()
     check_layers(models, names, layers)
-    if params.width_factor != 1.0 and any(layer.group != 1 for layer in layers):
-        raise MergeError("pleas width_factor > 1 is for layers of single neurons, not groups")
-    maps = {
+    for layer in layers:
+        if params.width_factor != 1.0 and layer.widen and layer.group != 1:
+            raise MergeError(f"pleas width_factor > 1: layer '{layer.name}' moves in groups of "
+                             f"{layer.group}; only layers of single neurons can be widened")  # fmt: skip
+    return {
         layer.name: [
             expand_map(m, layer.group)
             for m in _layer_maps(
                 [grouped(f, layer.group) for f in layer_features(probe, models, names, layer)],
-                params.width_factor,
+                params.width_factor if layer.widen else 1.0,
             )
         ]
         for layer in layers
     }
-    merged = fuse(models, layers, maps)
-    if params.least_squares:
-        _solve_layers(merged, models, layers, maps, probe, params.ridge)
-    return merged
+
+
+def pleas_output_widths(
+    model: Params, layers: list[NeuronLayer], width_factor: float
+) -> dict[str, int]:
+    """Each layer's width in a pleas merge of two models like ``model`` at ``width_factor``
+    (a Llama's new ``intermediate_size`` is the width of ``mlp.0``)."""
+    return {
+        layer.name: round(layer_width(model, layer) * width_factor)
+        if layer.widen
+        else layer_width(model, layer)
+        for layer in layers
+    }
+
+
+def pleas_output_shapes(
+    model: Params, layers: list[NeuronLayer], width_factor: float
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in that merge (dim 0 of a layer's rows and its weight, dim 1 of its
+    cols follow the layer's new width; other tensors keep theirs)."""
+    widths = pleas_output_widths(model, layers, width_factor)
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.items()}
+    for layer in layers:
+        width = widths[layer.name]
+        for key in (*([layer.weight] if layer.weight else []), *layer.rows):
+            shapes[key] = (width, *shapes[key][1:])
+        if layer.bias:
+            shapes[layer.bias] = (width,)
+        for key in layer.cols:
+            shapes[key] = (shapes[key][0], width, *shapes[key][2:])
+    return shapes
 
 
 def _layer_maps(feats: list[torch.Tensor], width_factor: float) -> list[torch.Tensor]:
@@ -158,3 +214,68 @@ def _solve_layers(
         merged[layer.weight] = weight
         if layer.bias is not None and bias is not None:
             merged[layer.bias] = bias
+
+
+def _unit_targets(
+    models: list[Params],
+    maps: dict[str, list[torch.Tensor]],
+    probe: LinearUnitProbe,
+) -> dict[str, torch.Tensor]:
+    """Per unit weight, the mapped average of the models' outputs, each on its own inputs."""
+    units = probe.linear_units()
+    sources = list(dict.fromkeys(u.source for u in units))
+    own = [probe.unit_inputs(m, sources) for m in models]  # one forward per model
+    return {
+        u.weight: mapped_targets(
+            [
+                linear_output(x[u.source], m[u.weight], m[u.bias] if u.bias else None)
+                for m, x in zip(models, own, strict=True)
+            ],
+            maps[u.layer],
+        )
+        for u in units
+    }
+
+
+def _solve_units(
+    merged: dict[str, torch.Tensor],
+    models: list[Params],
+    maps: dict[str, list[torch.Tensor]],
+    probe: LinearUnitProbe,
+    ridge: float,
+) -> None:
+    """Step 3 for transformers, in forward order: each unit, on the merged model's inputs
+    (earlier units solved), reproduces the mapped average of the models' outputs; the ridge
+    pulls towards the fused weight. One forward of the merged model per input source."""
+    targets = _unit_targets(models, maps, probe)
+    units = probe.linear_units()
+    for source in dict.fromkeys(u.source for u in units):
+        inputs = probe.unit_inputs(merged, [source])[source]
+        for unit in (u for u in units if u.source == source):
+            prior = (merged[unit.weight], merged[unit.bias] if unit.bias else None)
+            weight, bias = least_squares_layer(
+                inputs, targets[unit.weight], bias=unit.bias is not None, ridge=ridge, prior=prior
+            )
+            merged[unit.weight] = weight
+            if unit.bias is not None and bias is not None:
+                merged[unit.bias] = bias
+
+
+def unit_errors(
+    merged: Params,
+    models: list[Params],
+    maps: dict[str, list[torch.Tensor]],
+    probe: LinearUnitProbe,
+) -> dict[str, float]:
+    """Per unit weight, the merged model's relative error (on its own inputs) against the
+    mapped average of the models' outputs: what step 3 minimises."""
+    targets = _unit_targets(models, maps, probe)
+    units = probe.linear_units()
+    inputs = probe.unit_inputs(merged, list(dict.fromkeys(u.source for u in units)))
+    return {
+        u.weight: relative_error(
+            linear_output(inputs[u.source], merged[u.weight], merged[u.bias] if u.bias else None),
+            targets[u.weight],
+        )
+        for u in units
+    }
