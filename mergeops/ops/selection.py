@@ -19,7 +19,8 @@ from typing import Literal
 
 import torch
 
-from mergeops.ops.sparsify import TrimCut, keep_count, kth_smallest, tie_cut
+from mergeops.ops.select import rank_stats
+from mergeops.ops.sparsify import TrimCut, keep_count, tie_cut, topk_stats
 
 TieBreak = Literal["position", "mergekit"]
 
@@ -45,17 +46,13 @@ def topk_cut_by(magnitude: torch.Tensor, density: float, tie_break: TieBreak) ->
     if k >= n:
         return None
     flat = magnitude.reshape(-1)
-    threshold = kth_smallest(flat, n - k + 1)
-    above = int(torch.count_nonzero(flat > threshold))
-    if tie_break == "position":
-        return tie_cut(magnitude, float(threshold), k - above)
-    equal = _indices(flat, threshold)
-    if above + equal.numel() == k:  # the whole tie group survives: no choice to make
-        return TrimCut(threshold=float(threshold), ties=equal)
+    threshold, above, equal = topk_stats(flat, k)
+    if tie_break == "position" or above + equal == k:  # mergekit: the whole group survives
+        return tie_cut(magnitude, threshold, k - above, equal)
     # mergekit keeps argsort(descending)[:k]; sorted descending, the entries equal to the
     # threshold are exactly positions [above, k) of that order (no gather over the top k).
     order = torch.sort(sort_keys(flat), descending=True).indices
-    return TrimCut(threshold=float(threshold), ties=order[above:k].sort().values)
+    return TrimCut(threshold=threshold, ties=order[above:k].sort().values)
 
 
 def topk_mask_by(values: torch.Tensor, density: float, tie_break: TieBreak) -> torch.Tensor:
@@ -74,12 +71,6 @@ def window_bounds(numel: int, density: float, gamma: float) -> tuple[int, int]:
     top = int(gamma * numel)
     lo = max(0, numel - target - top)
     return lo, lo + target
-
-
-def _tie_span(flat: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
-    """(first ascending rank, count) of the entries equal to ``value``."""
-    below = int(torch.count_nonzero(flat < value))
-    return below, int(torch.count_nonzero(flat == value))
 
 
 @dataclass(frozen=True)
@@ -118,8 +109,9 @@ def window_cut(
         return WindowCut(low=math.inf, high=-math.inf, ties=empty)
     if lo == 0 and hi >= n:
         return None
-    low, high = kth_smallest(flat, lo + 1), kth_smallest(flat, hi)
-    spans = {float(v): (v, *_tie_span(flat, v)) for v in (low, high)}
+    stats = rank_stats(flat, [lo + 1, hi])  # (value, first ascending rank, count) of each
+    spans = {s.value: (s.value, s.below, s.equal) for s in stats}
+    low, high = stats[0].value, stats[1].value
     straddles = any(r < cut < r + e for _, r, e in spans.values() for cut in (lo, hi))
     if tie_break == "mergekit" and straddles:
         order = _sort_order(sort_keys(flat), in_place=consume and flat.device.type == "cpu")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeops.ops.select import rank_stats
+
 _BINS = 1 << 16
 
 
@@ -88,9 +90,13 @@ class TrimCut:
 
     threshold: float
     ties: torch.Tensor
+    inclusive: bool = False
+    """Keep every entry equal to ``threshold`` too (the whole tie group survives)."""
 
     def mask_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
         """The keep mask of a slice whose first entry has flat index ``offset``."""
+        if self.inclusive:
+            return magnitude >= self.threshold
         above = magnitude > self.threshold
         lo = int(torch.searchsorted(self.ties, offset))
         hi = int(torch.searchsorted(self.ties, offset + magnitude.numel()))
@@ -99,15 +105,42 @@ class TrimCut:
         return above
 
 
-def tie_cut(magnitude: torch.Tensor, threshold: float, ties: int) -> TrimCut:
-    """The cut ``threshold_mask(magnitude, threshold, ties)`` makes, as a ``TrimCut``."""
-    first = magnitude.reshape(-1) == threshold if ties > 0 else None
-    index = (
-        first.nonzero().reshape(-1)[:ties]
-        if first is not None
-        else torch.empty(0, dtype=torch.int64, device=magnitude.device)
-    )
-    return TrimCut(threshold=threshold, ties=index.contiguous())
+def tie_cut(magnitude: torch.Tensor, threshold: float, ties: int, equal: int = -1) -> TrimCut:
+    """The cut ``threshold_mask(magnitude, threshold, ties)`` makes, as a ``TrimCut``.
+
+    ``equal``: how many entries equal ``threshold``, when known; if all of them are kept the
+    cut is ``inclusive`` and no pass looks for their indices.
+    """
+    if ties > 0 and ties == equal:
+        return TrimCut(threshold=threshold, ties=_NO_TIES, inclusive=True)
+    index = first_equal(magnitude.reshape(-1), threshold, ties)
+    return TrimCut(threshold=threshold, ties=index.to(magnitude.device))
+
+
+_NO_TIES = torch.empty(0, dtype=torch.int64)
+_TIE_BLOCK = 1 << 20
+
+
+def first_equal(flat: torch.Tensor, value: float, count: int) -> torch.Tensor:
+    """Ascending flat indices of the first ``count`` entries equal to ``value`` (fewer if there
+    are fewer), scanning in blocks and stopping once ``count`` are found."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
+    found: list[torch.Tensor] = []
+    left = count
+    for start in range(0, flat.numel(), _TIE_BLOCK):
+        hits = (flat[start : start + _TIE_BLOCK] == value).nonzero().reshape(-1)[:left]
+        found.append(hits + start)
+        left -= hits.numel()
+        if left == 0:
+            break
+    return torch.cat(found).contiguous()
+
+
+def topk_stats(flat: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """(k-th largest value, entries above it, entries equal to it) of magnitudes ``flat``."""
+    stat = rank_stats(flat, [flat.numel() - k + 1])[0]
+    return stat.value, flat.numel() - stat.below - stat.equal, stat.equal
 
 
 def topk_cut(magnitude: torch.Tensor, density: float) -> TrimCut | None:
@@ -116,8 +149,8 @@ def topk_cut(magnitude: torch.Tensor, density: float) -> TrimCut | None:
     k = keep_count(n, density)
     if k >= n:
         return None
-    threshold = float(kth_smallest(magnitude.reshape(-1), n - k + 1))
-    return tie_cut(magnitude, threshold, k - int(torch.count_nonzero(magnitude > threshold)))
+    threshold, above, equal = topk_stats(magnitude.reshape(-1), k)
+    return tie_cut(magnitude, threshold, k - above, equal)
 
 
 def magnitude_trim(values: torch.Tensor, density: float) -> torch.Tensor:
