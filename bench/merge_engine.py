@@ -2,6 +2,8 @@
 
     python -m bench.merge_engine [--sizes 270m,100m] [--methods ties,task_arithmetic,linear|mergekit]
                                  [--mergekit PATH|none] [--work DIR] [--keep] [--prefetch-compare]
+                                 [--engines ckreg[,mergekit]] [--ckreg-only ties@3b]
+                                 [--method-repeats ties@3b=1] [--shard-sizes 256MB,5GB]
     python -m bench.merge_engine --floor [--sizes 100m] [--repeats 3]
     python -m bench.merge_engine --device cuda [--sizes 270m]
                                  [--methods ties,task_arithmetic,ota_ffg,opcm]
@@ -20,6 +22,14 @@ each input once, write one output of the output's size) and the time as a multip
 ``--floor`` prints only the floor. Each method runs ``--repeats`` times (ckreg and mergekit in
 alternating order, after ``os.sync()`` of the generated inputs) and the median run is shown.
 
+At the end a markdown summary (``bench.merge_report``): per method and size the floor, ckreg
+and mergekit seconds, ckreg/floor, mergekit/ckreg, ckreg seconds per GB of input and both peak
+RSS, then issue 20's goals met or not, and with ``--shard-sizes`` ckreg's peak RSS at each
+output shard size. Sizes run one after another: generate, measure, delete (unless ``--keep``),
+so 3b needs about 42 GB free (5 x 6 GB inputs + a 12 GB float32 output; the parity check with
+mergekit needs a second output and is skipped when it does not fit). ``--engines``,
+``--ckreg-only`` and ``--method-repeats`` (``bench.merge_options``) keep long mergekit runs out.
+
 ``--methods mergekit`` gives a row per registered method that mergekit 0.1.5 also has (its
 parameters in ``MERGEKIT_SETUPS``), both engines on the same files in one run.
 
@@ -37,7 +47,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,8 +55,17 @@ import yaml
 from bench._common import MIB
 from bench._synth import SHAPES, write_family
 from bench.merge_floor import Floor, format_floor, measure_floor, median_floor
-from bench.merge_parity import Parity, compare, format_parity
+from bench.merge_options import (
+    add_options,
+    check_room,
+    finish,
+    free_bytes,
+    repeats_for,
+    runs_mergekit,
+)
+from bench.merge_parity import compare
 from bench.merge_pipeline import cuda_main, h2d_bandwidth, prefetch_compare
+from bench.merge_report import Row, Run, format_table, print_notes, print_summary
 from bench.merge_setups import MERGEKIT_SETUPS, Setup, mergekit_methods
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
@@ -55,20 +73,6 @@ DEFAULT_WORK = Path("bench/out/merge_engine")
 MERGEKIT_FLAGS = ("--no-copy-tokenizer", "--quiet")
 """Defaults otherwise (CPU, no lazy-unpickle, sync writes); the synthetic models have no
 tokenizer, so copying one would fail."""
-
-
-@dataclass
-class Run:
-    """One merge subprocess: its wall time and memory."""
-
-    engine: str
-    device: str
-    wall_s: float
-    cpu_s: float
-    peak_rss: int
-    peak_anon: int
-    ok: bool
-    log: Path
 
 
 # ru_maxrss survives execve, so a child exec'd straight from this (large) process would report
@@ -175,103 +179,91 @@ def copy_bandwidth(total_bytes: int, chunk: int = 256 * MIB) -> tuple[float, flo
     return rates[0], rates[1]
 
 
-@dataclass
-class Row:
-    size: str
-    method: str
-    run: Run
-    moved: int
-    memcpy_gbs: tuple[float, float]
-    parity: Parity | None = None
-    versus: Run | None = None
-    prefetch: tuple[float, float] | None = None
-    floor: float | None = None
-
-
 def _median_run(runs: list[Run]) -> Run:
     """The run with the median wall time (a failed run counts as the slowest)."""
     ordered = sorted(runs, key=lambda r: (not r.ok, r.wall_s))
     return ordered[(len(ordered) - 1) // 2]
 
 
+def _ckreg_cmd(cfg: Path, out: Path, shard_size: str, device: str = "cpu") -> list[str]:
+    return [*ckreg_command(), "--config", str(cfg), "--out", str(out), "--device", device,
+            "--max-shard-size", shard_size, "--no-progress"]  # fmt: skip
+
+
 def bench_method(
     size: str, method: str, folders: list[Path], args: argparse.Namespace
 ) -> list[Row]:
     """ckreg (CPU, and CUDA when present), mergekit and the floor on one size and method,
-    ``args.repeats`` times with the engines' order alternating; medians are reported."""
+    repeated with the engines' order alternating; medians are reported. Each output is removed
+    right after its run (both kept for the parity check of the first repeat when it fits)."""
     work: Path = args.work / size
     cfg = write_config(work / f"{method}.yml", method, folders, args.density)
     setup = MERGEKIT_SETUPS.get(method, Setup())
     inputs = ([folders[0]] if setup.base else []) + folders[1 : 1 + setup.models]
     in_bytes = sum(folder_bytes(f) for f in inputs)
+    out_bytes = 2 * folder_bytes(folders[0])  # fp32 output
     outs = {e: work / f"out-{method}-{e}" for e in ("ckreg", "mergekit", "ckreg-cuda")}
-    memcpy = copy_bandwidth(in_bytes + 2 * folder_bytes(folders[0]))  # fp32 output
-    shard = ["--max-shard-size", args.shard_size, "--no-progress"]
-    ck_cmd = [*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg"]),
-              "--device", "cpu", *shard]  # fmt: skip
-    mk_cmd = [str(args.mergekit), str(cfg), str(outs["mergekit"]), "--out-shard-size",
-              args.shard_size.removesuffix("B"), *MERGEKIT_FLAGS]  # fmt: skip
+    memcpy = copy_bandwidth(in_bytes + out_bytes)
+    cmds = {"ckreg": _ckreg_cmd(cfg, outs["ckreg"], args.shard_size),
+            "mergekit": [str(args.mergekit), str(cfg), str(outs["mergekit"]), "--out-shard-size",
+                         args.shard_size.removesuffix("B"), *MERGEKIT_FLAGS]}  # fmt: skip
+    engines = ["ckreg", "mergekit"] if runs_mergekit(args, method, size) else ["ckreg"]
+    parity_wanted = len(engines) == 2 and not args.no_parity
+    if parity_wanted and free_bytes(work) < 2 * out_bytes + 1e9:
+        print(f"{size} {method}: parity check skipped, no disk room for two outputs")
+        parity_wanted = False
     runs: dict[str, list[Run]] = {"ckreg": [], "mergekit": []}
     floors: list[Floor] = []
     parity = None
-    for repeat in range(args.repeats):
-        for out in outs.values():
-            shutil.rmtree(out, ignore_errors=True)
-        floors.append(measure_floor(inputs, 2 * folder_bytes(folders[0]), work / "floor.bin"))
-        order = ["ckreg", "mergekit"] if repeat % 2 == 0 else ["mergekit", "ckreg"]
-        for engine in order:
-            if engine == "mergekit" and not args.mergekit:
-                continue
-            cmd, tag = (ck_cmd, "ckreg") if engine == "ckreg" else (mk_cmd, "mk")
-            log = work / f"{method}-{tag}-{repeat}.log"
-            runs[engine].append(measure(cmd, engine=engine, device="cpu", log=log))
-        if repeat == 0 and args.mergekit and runs["ckreg"][0].ok and runs["mergekit"][0].ok:
+    for repeat in range(repeats_for(args, method, size)):
+        floors.append(measure_floor(inputs, out_bytes, work / "floor.bin"))
+        for engine in engines if repeat % 2 == 0 else engines[::-1]:
+            log = work / f"{method}-{'ckreg' if engine == 'ckreg' else 'mk'}-{repeat}.log"
+            runs[engine].append(measure(cmds[engine], engine=engine, device="cpu", log=log))
+            if not (repeat == 0 and parity_wanted):
+                shutil.rmtree(outs[engine], ignore_errors=True)
+        if repeat == 0 and parity_wanted and runs["ckreg"][0].ok and runs["mergekit"][0].ok:
             ties_inputs = folders[: 1 + setup.models] if method == "ties" else None
             parity = compare(
                 outs["ckreg"], outs["mergekit"], ties_inputs=ties_inputs, density=args.density
             )
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
     floor = median_floor(floors).seconds
     ck = _median_run(runs["ckreg"])
-    out_bytes = 2 * folder_bytes(folders[0])
-    rows = [Row(size, method, ck, in_bytes + out_bytes, memcpy, parity, floor=floor)]
+    rows = [Row(size, method, ck, in_bytes + out_bytes, memcpy, parity, floor=floor,
+                in_bytes=in_bytes)]  # fmt: skip
+    rows[0].shard_rss = _shard_rss(cfg, outs["ckreg"], work, method, ck, args)
     if runs["mergekit"]:
         mk = _median_run(runs["mergekit"])
-        rows.append(Row(size, method, mk, in_bytes + out_bytes, memcpy, floor=floor))
+        rows.append(Row(size, method, mk, in_bytes + out_bytes, memcpy, floor=floor,
+                        in_bytes=in_bytes))  # fmt: skip
         rows[0].versus = mk
     if torch.cuda.is_available():
-        gpu = measure([*ckreg_command(), "--config", str(cfg), "--out", str(outs["ckreg-cuda"]),
-                       "--device", "cuda", *shard], engine="ckreg", device="cuda",
-                      log=work / f"{method}-ckreg-cuda.log")  # fmt: skip
+        gpu = measure(_ckreg_cmd(cfg, outs["ckreg-cuda"], args.shard_size, "cuda"),
+                      engine="ckreg", device="cuda", log=work / f"{method}-ckreg-cuda.log")  # fmt: skip
         rows.append(Row(size, method, gpu, in_bytes + folder_bytes(outs["ckreg-cuda"]), memcpy))
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(outs["ckreg-cuda"], ignore_errors=True)
     if args.prefetch_compare:
         rows[0].prefetch = prefetch_compare(cfg, work, method, measure)
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    """The results table: one line per engine run."""
-    head = (f"{'size':>5} {'method':<16}{'engine':<9}{'dev':<5}{'wall s':>8}{'cpu s':>7}{'peak RSS':>10}"
-            f"{'RssAnon':>9}{'GB/s':>7}{'memcpy':>8}{'+alloc':>7}{'%cpy':>6}{'speedup':>8}{'RSS/mk':>7}"
-            f"{'floor':>7}{'xfloor':>7}  ckreg vs mergekit output")  # fmt: skip
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        gbs = r.moved / r.run.wall_s / 1e9
-        speed = f"{r.versus.wall_s / r.run.wall_s:.2f}x" if r.versus and r.versus.ok else "-"
-        ratio = f"{r.run.peak_rss / r.versus.peak_rss:.2f}" if r.versus and r.versus.ok else "-"
-        state = "" if r.run.ok else f"  FAILED, see {r.run.log}"
-        floor = (
-            f"{r.floor:>7.2f}{r.run.wall_s / r.floor:>6.1f}x" if r.floor else f"{'-':>7}{'-':>7}"
-        )
-        lines.append(
-            f"{r.size:>5} {r.method:<16}{r.run.engine:<9}{r.run.device:<5}{r.run.wall_s:>8.1f}{r.run.cpu_s:>7.1f}"
-            f"{r.run.peak_rss / MIB:>7.0f}MiB{r.run.peak_anon / MIB:>6.0f}MiB{gbs:>7.2f}"
-            f"{r.memcpy_gbs[0]:>8.2f}{r.memcpy_gbs[1]:>7.2f}{100 * gbs / r.memcpy_gbs[0]:>5.1f}%"
-            f"{speed:>8}{ratio:>7}{floor}"
-            f"  {format_parity(r.parity)}{state}"
-        )
-    return "\n".join(lines)
+def _shard_rss(
+    cfg: Path, out: Path, work: Path, method: str, main: Run, args: argparse.Namespace
+) -> dict[str, int]:
+    """ckreg's peak RSS at every ``--shard-sizes`` entry (one run each; the main shard size's
+    figure is the median run's); a failed run counts 0."""
+    found = {}
+    for shard in args.shard_sizes:
+        if shard == args.shard_size:
+            found[shard] = main.peak_rss if main.ok else 0
+            continue
+        log = work / f"{method}-ckreg-shard-{shard}.log"
+        run = measure(_ckreg_cmd(cfg, out, shard), engine="ckreg", device="cpu", log=log)
+        shutil.rmtree(out, ignore_errors=True)
+        found[shard] = run.peak_rss if run.ok else 0
+    return found
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -304,7 +296,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also time each CPU merge in-process with prefetch off and on",
     )
+    add_options(parser)
     args = parser.parse_args(argv)
+    unknown = [x for x in args.sizes.split(",") if x.strip() and x.strip() not in SHAPES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; available: {', '.join(SHAPES)}")
     if args.methods is None:
         cuda = args.device == "cuda"
         args.methods = (
@@ -318,6 +314,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.repeats = 1 if tiny else 3
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    finish(args, parser)
     return args
 
 
@@ -344,11 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for size in sizes:
         shape = SHAPES[size]
+        models = args.work / size / "models"
+        need = 5 * shape.file_bytes() - _bytes_under(models) + 2 * shape.file_bytes()
+        problem = check_room(args.work, size, need)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
         start = time.perf_counter()
-        folders = write_family(args.work / size / "models", shape=shape)
+        folders = write_family(models, shape=shape)
         os.sync()  # no write-back of the generated inputs during the timed runs
         print(f"{size}: {shape.parameters / 1e6:.0f}M params x 5 bf16 models "
-              f"({time.perf_counter() - start:.0f} s to generate), load {os.getloadavg()[0]:.1f}")  # fmt: skip
+              f"({time.perf_counter() - start:.0f} s to generate), load {os.getloadavg()[0]:.1f}",
+              flush=True)  # fmt: skip
         if args.floor:
             scratch = args.work / size / "floor.bin"
             out_bytes = 2 * folder_bytes(folders[0])
@@ -359,39 +363,23 @@ def main(argv: list[str] | None = None) -> int:
         ):
             rows.extend(bench_method(size, method, folders, args))
         if not args.keep:
-            shutil.rmtree(args.work / size / "models")
+            shutil.rmtree(models)
     if args.floor:
         return 0
     print(format_table(rows))
-    _print_notes(rows, args)
+    repeats = f"{args.repeats}" + (
+        f" (overrides {args.method_repeats})" if args.method_repeats else ""
+    )
+    print_notes(rows, repeats, h2d_bandwidth() if torch.cuda.is_available() else None)
+    startup = measure([sys.executable, "-c", "import torch, mergeops"], engine="python",
+                      device="cpu", log=args.work / "startup.log")  # fmt: skip
+    print_summary(rows, startup.wall_s)
     return 0 if all(r.run.ok for r in rows) else 1
 
 
-def _print_notes(rows: list[Row], args: argparse.Namespace) -> None:
-    print("GB/s = (input + output safetensors bytes) / wall; memcpy = torch copy_ in RAM "
-          "(read + written), +alloc = the same into fresh memory (clone); cpu s = user + sys; speedup and RSS/mk: ckreg vs mergekit; rel = max|a-b| / max|b| "
-          "per tensor; off-ties: ties max diff away from threshold ties")  # fmt: skip
-    print(f"floor = read every input file once + write one output of the output's size "
-          f"(bench.merge_floor), median of {args.repeats}; xfloor = wall / floor; "
-          "wall, RSS: median run of the repeats, ckreg/mergekit order alternating")  # fmt: skip
-    print(f"load average after: {os.getloadavg()}")
-    for r in rows:
-        if r.prefetch is not None:
-            off, on = r.prefetch
-            print(f"prefetch {r.size} {r.method}: merge {off:.2f} s off, {on:.2f} s on "
-                  f"({off / on:.2f}x), in-process, CPU")  # fmt: skip
-    cpu = [r for r in rows if r.run.engine == "ckreg" and r.run.device == "cpu"]
-    by_size = {r.size: max(x.run.peak_rss for x in cpu if x.size == r.size) for r in cpu}
-    if len(by_size) > 1:
-        print("ckreg peak RSS by size: "
-              + ", ".join(f"{s} {v / MIB:.0f}MiB" for s, v in by_size.items()))  # fmt: skip
-    if torch.cuda.is_available():
-        h2d = h2d_bandwidth()
-        print(f"CUDA: pinned host-to-device {h2d:.1f} GB/s; ckreg cuda rows / H2D: "
-              + ", ".join(f"{r.size} {r.method} {r.moved / r.run.wall_s / 1e9 / h2d:.2f}"
-                          for r in rows if r.run.device == "cuda"))  # fmt: skip
-    else:
-        print("CUDA: not available on this machine")
+def _bytes_under(folder: Path) -> int:
+    """Bytes of the files already in ``folder`` (a kept family is not written again)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 if __name__ == "__main__":
