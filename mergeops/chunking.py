@@ -5,7 +5,10 @@ slice by slice: ``tensor_stats`` first computes what needs the whole tensor (TIE
 model at a time; DARE keep masks), then each slice of at most ``CHUNK_BYTES`` float32 per input
 is read on demand (``get_rows`` where the source has it), merged with the same per-element
 arithmetic as the whole-tensor path, and written into a preallocated output in the output
-dtype. Peak memory per tensor is a few slices, not a few whole float32 copies per input.
+dtype, or cast and written straight into the output file (``mergeops.slice_io``: the whole
+output tensor is never held). Peak memory per tensor is a few slices, not a few whole float32
+copies per input; the raw read buffers, the float32 input slices and the output slices are
+reused from slice to slice (no fresh pages per slice).
 Inputs the whole-tensor pass read are kept (raw, up to ``KEEP_BYTES`` per tensor) and sliced
 from memory, so they are read or fetched once. Plain plans and routed plans (``ChunkJob``: any
 source and tensor name per input) go through the same class.
@@ -24,6 +27,7 @@ import torch
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher, Read
+from mergeops.slice_io import BufferPool, SliceOutput
 from mergeops.sources import TensorMeta, TensorSource
 
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -93,6 +97,10 @@ class _Rows:
         if getattr(source, "get_rows", None) is None:
             self._whole = source.get(key)
 
+    @property
+    def whole(self) -> torch.Tensor | None:
+        return self._whole
+
     def get(self, start: int, stop: int) -> torch.Tensor:
         if self._whole is not None:
             return self._whole[start:stop]
@@ -111,6 +119,25 @@ def _owned_float(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = torch.empty(raw.shape, dtype=torch.float32, device=device)
     out.copy_(raw)
     return out
+
+
+class _FloatSlots:
+    """One reused float32 buffer per input: slice k+1's owned copy overwrites slice k's
+    (the merge of slice k is done with them by then)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def owned(self, index: int, raw: torch.Tensor) -> torch.Tensor:
+        numel = raw.numel()
+        buffer = self._buffers.get(index)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+            self._buffers[index] = buffer
+        out = buffer[:numel].view(raw.shape)
+        out.copy_(raw)
+        return out
 
 
 def _check_finite(tensor: torch.Tensor, key: str, role: str) -> None:
@@ -148,8 +175,12 @@ class ChunkedMerge:
     Slice k+1 of every input is read (in ``prefetcher``'s threads) while slice k is merged.
     """
 
-    def __init__(self, job: ChunkJob, rows: int, prefetcher: Prefetcher) -> None:
+    def __init__(
+        self, job: ChunkJob, rows: int, prefetcher: Prefetcher, pool: BufferPool | None = None
+    ) -> None:
         self.key, self.rows, self.prefetcher = job.key, rows, prefetcher
+        self.pool = pool if pool is not None else BufferPool()
+        self._slots = _FloatSlots(job.ctx.device)
         self.method, self.ctx, self.meta = job.method, job.ctx, job.meta
         self.bytes_read = 0
         self.roles = [role for _, _, role in job.models]
@@ -160,10 +191,13 @@ class ChunkedMerge:
         self._base_over_budget = False  # then held through the stats pass only
         self._swept = False  # True once a statistics sweep has checked every slice
 
-    def _owned(self, raw: torch.Tensor, role: str, *, counted: bool = True) -> torch.Tensor:
+    def _owned(
+        self, raw: torch.Tensor, role: str, *, counted: bool = True, slot: int | None = None
+    ) -> torch.Tensor:
         if counted:
             self.bytes_read += raw.numel() * raw.element_size()
-        out = _owned_float(raw, self.ctx.device)
+        device = self.ctx.device
+        out = _owned_float(raw, device) if slot is None else self._slots.owned(slot, raw)
         if not self._swept:  # a later sweep reads the same values again
             _check_finite(out, self.key, role)
         return out
@@ -192,15 +226,16 @@ class ChunkedMerge:
         tau = self._owned(self._read_whole(self.sources[index]), self.roles[index], counted=False)
         return tau.sub_(self._read_whole(self.base))
 
-    def run(self, out_dtype: torch.dtype) -> torch.Tensor:
-        """The merged tensor, in ``out_dtype``."""
+    def run(self, out_dtype: torch.dtype, output: SliceOutput | None = None) -> torch.Tensor | None:
+        """The merged tensor in ``out_dtype``; or, with ``output``, each merged slice handed to
+        it (cast, checked and written there) and None."""
         try:
-            return self._run(out_dtype)
+            return self._run(out_dtype, output)
         finally:
             for rows in [*self.sources, *([self.base] if self.base is not None else [])]:
                 rows.release()
 
-    def _run(self, out_dtype: torch.dtype) -> torch.Tensor:
+    def _run(self, out_dtype: torch.dtype, output: SliceOutput | None) -> torch.Tensor | None:
         key, method = self.key, self.method
         assert isinstance(method, mb.StreamingMethod)
         shape = tuple(self.meta.shape)
@@ -210,10 +245,21 @@ class ChunkedMerge:
             stats = method.tensor_stats(key, shape, self._task_vector, self.ctx)
         if self.base is not None and self._base_over_budget:
             self.base.release()
-        out = torch.empty(shape, dtype=out_dtype, device=self.ctx.device)
+        out = (
+            None
+            if output is not None
+            else torch.empty(shape, dtype=out_dtype, device=self.ctx.device)
+        )
         for (start, stop), loaded in self._loaded_slices():
-            self._merge_slice(method, loaded, stats, (start, stop), out)
-            del loaded
+            merged = self._merge_slice(method, loaded, stats, (start, stop))
+            if output is not None:
+                output.put(start, merged)
+            else:
+                assert out is not None
+                out[start:stop].copy_(merged)
+            del loaded, merged
+        if output is not None:
+            output.finish()
         return out
 
     def _loaded_slices(self) -> Iterator[tuple[tuple[int, int], list[torch.Tensor]]]:
@@ -224,12 +270,18 @@ class ChunkedMerge:
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
         itemsize = self.meta.dtype.itemsize
         ranges = list(row_ranges(shape[0], self.rows))
-        batches = ([_read(r, start, stop, row * itemsize) for r in inputs_rows]
+        batches = ([_read(r, start, stop, row * itemsize, self.pool) for r in inputs_rows]
                    for start, stop in ranges)  # fmt: skip
         with closing(self.prefetcher.stream(batches)) as stream:
             for (start, stop), pending in zip(ranges, stream, strict=True):
-                loaded = [self._owned(p.result(), role, counted=not rows.held)
-                          for p, role, rows in zip(pending, roles, inputs_rows, strict=True)]  # fmt: skip
+                loaded = []
+                for slot, (p, role, rows) in enumerate(
+                    zip(pending, roles, inputs_rows, strict=True)
+                ):
+                    raw, buffer = p.result()
+                    loaded.append(self._owned(raw, role, counted=not rows.held, slot=slot))
+                    if buffer is not None:
+                        self.pool.give(buffer)
                 del pending
                 yield (start, stop), loaded
 
@@ -248,9 +300,8 @@ class ChunkedMerge:
         loaded: list[torch.Tensor],
         stats: list[Any],
         rows: tuple[int, int],
-        out: torch.Tensor,
-    ) -> None:
-        """Merge one slice's owned float32 inputs (models then base) into ``out``."""
+    ) -> torch.Tensor:
+        """The merged rows of one slice's owned float32 inputs (models then base)."""
         key, (start, stop) = self.key, rows
         shape = tuple(self.meta.shape)
         count = len(self.sources)
@@ -262,9 +313,26 @@ class ChunkedMerge:
                 f"method '{method.name}' produced shape {tuple(merged.shape)} for rows "
                 f"{start}:{stop} of '{key}', expected {(stop - start, *shape[1:])}"
             )
-        out[start:stop].copy_(merged)
+        return merged
 
 
-def _read(rows: _Rows, start: int, stop: int, row_bytes: int) -> Read:
-    """A slice's read; a held input is sliced from memory (no bytes in flight)."""
-    return Read(0 if rows.held else (stop - start) * row_bytes, lambda: rows.get(start, stop))
+def _read(rows: _Rows, start: int, stop: int, row_bytes: int, pool: BufferPool) -> Read:
+    """A slice's read: (raw rows, pooled buffer they live in or None). A held input is sliced
+    from memory (no bytes in flight); a source with ``get_rows_into`` reads into a pooled
+    buffer, which the merging thread gives back once it has its float32 copy."""
+    if rows.held or rows.whole is not None:
+        return Read(0 if rows.held else (stop - start) * row_bytes,
+                    lambda: (rows.get(start, stop), None))  # fmt: skip
+    into = getattr(rows.source, "get_rows_into", None)
+    if into is None:
+        return Read((stop - start) * row_bytes, lambda: (rows.get(start, stop), None))
+
+    def fetch() -> tuple[torch.Tensor, torch.Tensor]:
+        buffer = pool.take((stop - start) * row_bytes)
+        try:
+            return into(rows.key, start, stop, buffer), buffer
+        except BaseException:
+            pool.give(buffer)
+            raise
+
+    return Read((stop - start) * row_bytes, fetch)

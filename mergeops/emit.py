@@ -1,5 +1,7 @@
 """Handing merged tensors to the engine's sink: shape check, cast to the output dtype, finite
-check on the tensor's device (``mergeops.finite``); shared by the plain and routed merges."""
+check on the tensor's device (``mergeops.finite``); shared by the plain and routed merges.
+A row-chunked tensor goes to a sink that takes slices (``mergeops.slice_io.RowSink``: the
+sharded writer) slice by slice, never whole; other sinks get it whole."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import torch
 from tqdm import tqdm
 
 from mergeops import finite
+from mergeops.chunking import ChunkedMerge
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
+from mergeops.slice_io import SliceOutput, row_sink
 
 TensorSink = Callable[[str, str | None, torch.Tensor], None]
 """Receives (stream, tensor name, tensor); stream None is the merged model."""
@@ -49,3 +53,15 @@ def emit(
         for name, tensor in tensors.items():
             finite.check_output(plan.ctx, f"{stream}/{name}", tensor)
             sink(name, stream, tensor)
+
+
+def emit_chunked(plan: MergePlan, sink: TensorSink, chunked: ChunkedMerge) -> None:
+    """Run a row-chunked merge into ``sink``: slice by slice when it takes slices, else
+    assembled whole and sent as ``emit`` does."""
+    key, dtype = chunked.key, out_dtype(plan, chunked.key)
+    rows = row_sink(sink)
+    if rows is None:
+        emit(plan, sink, key, chunked.run(dtype), {})
+        return
+    shape = tuple(chunked.meta.shape)
+    chunked.run(dtype, SliceOutput(plan.ctx, key, shape, dtype, rows, chunked.pool))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mergeops.chunking import ChunkedMerge, chunk_rows, plan_job
 from mergeops.device import dtype_name
-from mergeops.emit import TensorSink
+from mergeops.emit import TensorSink, emit_chunked
 from mergeops.emit import emit as _emit
 from mergeops.emit import out_dtype as _out_dtype
 from mergeops.emit import progress_bar as _progress
@@ -32,6 +32,7 @@ from mergeops.pipeline import Backend, SlicePipeline
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher
 from mergeops.reader import TensorReader
+from mergeops.reshape import output_metas
 from mergeops.routed_merge import run_routed
 
 
@@ -112,8 +113,9 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
         if key not in floats:  # integer/bool buffers pass through from the reference
             sink(key, None, plan.reference.get(key))
         elif rows_of[key]:  # elementwise method, large tensor: merged slice by slice
-            chunked = ChunkedMerge(plan_job(plan, key), rows_of[key], reader.prefetcher)
-            _emit(plan, sink, key, chunked.run(_out_dtype(plan, key)), {})
+            job = plan_job(plan, key)
+            chunked = ChunkedMerge(job, rows_of[key], reader.prefetcher, reader.pool)
+            emit_chunked(plan, sink, chunked)  # straight into the shard when the sink can
             reader.bytes_read += chunked.bytes_read
         else:
             assert inputs is not None
@@ -168,12 +170,13 @@ def _pipeline(
 def _whole(plan: MergePlan, sink: TensorSink) -> None:
     method = plan.method
     assert isinstance(method, mb.WholeModelMethod)
+    shaped = replace(plan, metas=output_metas(plan))  # the shapes the method declares
     inputs = mb.ModelInputs(models=plan.models, base=plan.base, side=plan.side)
     result = method.merge_model(inputs, plan.ctx)
     for key in plan.keys:
         if key not in result.merged:
             raise mb.MergeError(f"method '{method.name}' returned no tensor '{key}'")
-        _emit(plan, sink, key, result.merged[key], {})
+        _emit(shaped, sink, key, result.merged[key], {})
     _emit(plan, sink, None, None, result.extras)
     method.finish(plan.ctx)
 
@@ -188,7 +191,7 @@ def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     reader = TensorReader(plan, prefetcher)
     with prefetcher, torch.no_grad():
         if plan.routes is not None:
-            return run_routed(plan, sink, prefetcher, progress)
+            return run_routed(plan, sink, prefetcher, progress, reader.pool)
         if plan.method.streaming:
             _stream(plan, sink, reader, progress)
         else:
@@ -245,6 +248,45 @@ def output_layout(plan: MergePlan) -> list[TensorSpec] | None:
     return [TensorSpec(key, tuple(plan.metas[key].shape), dtype(key)) for key in plan.keys]
 
 
+class _DirSink:
+    """The sink of ``merge_to_dir``: the merged model into one sharded writer (slices of
+    chunked tensors written in place by its background thread), each extra stream into a
+    sub-folder of its own."""
+
+    def __init__(
+        self,
+        staging: Path,
+        max_shard_size: int | str,
+        metadata: dict[str, str],
+        layout: list[TensorSpec] | None,
+    ) -> None:
+        self.staging, self.max_shard_size, self.metadata = staging, max_shard_size, metadata
+        main = ShardedWriter(staging, max_shard_size=max_shard_size, metadata=metadata,
+                             layout=layout, background=layout is not None)  # fmt: skip
+        self.writers: dict[str | None, ShardedWriter] = {None: main}
+        self.takes_rows = layout is not None
+
+    def __call__(self, name: str, stream: str | None, tensor: torch.Tensor) -> None:
+        if stream not in self.writers:
+            folder = self.staging / check_stream_name(str(stream))
+            self.writers[stream] = ShardedWriter(
+                folder, max_shard_size=self.max_shard_size, metadata=self.metadata
+            )
+        self.writers[stream].add(name, tensor)
+
+    def write_rows(
+        self,
+        name: str,
+        byte_offset: int,
+        data: torch.Tensor,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        self.writers[None].write_rows(name, byte_offset, data, release)
+
+    def rows_done(self, name: str) -> None:
+        self.writers[None].rows_done(name)
+
+
 def merge_to_dir(
     plan: MergePlan,
     out_dir: str | Path,
@@ -261,28 +303,18 @@ def merge_to_dir(
     """
     metadata = output_metadata(plan)
     with staged_output(out_dir, overwrite=overwrite) as staging:
-        writers: dict[str | None, ShardedWriter] = {
-            None: ShardedWriter(
-                staging,
-                max_shard_size=max_shard_size,
-                metadata=metadata,
-                layout=output_layout(plan),
-            )
-        }
-
-        def sink(name: str, stream: str | None, tensor: torch.Tensor) -> None:
-            if stream not in writers:
-                folder = staging / check_stream_name(str(stream))
-                writers[stream] = ShardedWriter(
-                    folder, max_shard_size=max_shard_size, metadata=metadata
-                )
-            writers[stream].add(name, tensor)
-
-        bytes_read = run(plan, sink, progress=progress)
-        files = writers[None].close()
-        for stream, writer in writers.items():
-            if stream is not None:
-                writer.close()
+        sink = _DirSink(staging, max_shard_size, metadata, output_layout(plan))
+        writers = sink.writers
+        try:
+            bytes_read = run(plan, sink, progress=progress)
+            files = writers[None].close()
+            for stream, writer in writers.items():
+                if stream is not None:
+                    writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.discard()  # joins the background writes before the folder goes
+            raise
         if finalize is not None:
             finalize(staging)
         staged_state = staging / ".state-staged"

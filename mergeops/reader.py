@@ -20,6 +20,7 @@ from mergeops import finite
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Pending, Prefetcher, Read
+from mergeops.slice_io import BufferPool
 from mergeops.sources import TensorSource
 
 
@@ -35,6 +36,8 @@ class TensorReader:
         self.plan = plan
         self.prefetcher = prefetcher
         self.bytes_read = 0
+        self.pool = BufferPool()
+        """Slice buffers reused by every row-chunked tensor of the merge."""
         self._pin = plan.ctx.device.type == "cuda"
 
     def _roles(self) -> list[str]:

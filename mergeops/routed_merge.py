@@ -4,7 +4,8 @@ each output tensor with its own inputs and context.
 A large tensor of an elementwise (``chunkable``) method, merged in float32 without a
 transform, goes through the same row-chunked merge as plain plans (``mergeops.chunking``), so
 peak memory stays a few slices per input; the rest is read whole (with read-ahead) and handed
-to ``merge_tensor``.
+to ``merge_tensor``. Chunked tensors reach a sink that takes slices slice by slice
+(``mergeops.emit.emit_chunked``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from mergeops.chunking import ChunkedMerge, ChunkJob, rows_for
-from mergeops.emit import TensorSink, emit, out_dtype, progress_bar
+from mergeops.emit import TensorSink, emit, emit_chunked, progress_bar
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Prefetcher
 from mergeops.routing import TensorRoute, passthrough, stream_routes
+from mergeops.slice_io import BufferPool
 
 
 def route_rows(method: mb.MergeMethod, route: TensorRoute) -> int:
@@ -38,8 +40,16 @@ def route_job(method: mb.MergeMethod, route: TensorRoute) -> ChunkJob:
     return ChunkJob(route.key, route.meta, models, route.base, method, route.ctx, base_role)
 
 
-def run_routed(plan: MergePlan, sink: TensorSink, prefetcher: Prefetcher, progress: bool) -> int:
-    """Merge a routed plan into ``sink``; returns the bytes read."""
+def run_routed(
+    plan: MergePlan,
+    sink: TensorSink,
+    prefetcher: Prefetcher,
+    progress: bool,
+    pool: BufferPool | None = None,
+) -> int:
+    """Merge a routed plan into ``sink``; returns the bytes read (``pool``: reused slice
+    buffers, shared with the rest of the merge)."""
+    pool = pool if pool is not None else BufferPool()
     method = plan.method
     assert isinstance(method, mb.StreamingMethod) and plan.routes is not None
     rows = {route.key: route_rows(method, route) for route in plan.routes}
@@ -50,8 +60,8 @@ def run_routed(plan: MergePlan, sink: TensorSink, prefetcher: Prefetcher, progre
         if not route.meta.dtype.is_floating_point:
             sink(route.key, None, passthrough(route))
         elif rows[route.key]:
-            chunked = ChunkedMerge(route_job(method, route), rows[route.key], prefetcher)
-            emit(plan, sink, route.key, chunked.run(out_dtype(plan, route.key)), {})
+            chunked = ChunkedMerge(route_job(method, route), rows[route.key], prefetcher, pool)
+            emit_chunked(plan, sink, chunked)
             counter[0] += chunked.bytes_read
         else:
             assert inputs is not None

@@ -85,21 +85,43 @@ class SafetensorsFile:
         row = math.prod(shape[1:])
         return self._read(key, start * row, stop * row, (stop - start, *shape[1:]))
 
+    def get_rows_into(self, key: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` read into ``buffer`` (uint8, exactly their byte size, e.g. a
+        reused one); returns them as a typed view of ``buffer``."""
+        meta = self.metadata(key)
+        if not meta.shape or not 0 <= start <= stop <= meta.shape[0]:
+            raise SourceError(f"rows {start}:{stop} are not in tensor '{key}' of '{self.name}'")
+        row = math.prod(meta.shape[1:])
+        shape = (stop - start, *meta.shape[1:])
+        if buffer.dtype != torch.uint8 or buffer.numel() != math.prod(shape) * meta.dtype.itemsize:
+            raise SourceError(f"buffer for rows {start}:{stop} of '{key}' has the wrong size")
+        if buffer.numel():
+            view = buffer.numpy().data
+            self._read_at(key, start * row, view)
+        return buffer.view(meta.dtype).view(shape)
+
     def _read(self, key: str, first: int, last: int, shape: tuple[int, ...]) -> torch.Tensor:
-        entry = self._entry(key)
         dtype = self.metadata(key).dtype
-        size = torch.empty((), dtype=dtype).element_size()
-        begin, end = entry["data_offsets"]
-        if end - begin != size * math.prod(self.metadata(key).shape):
-            raise SourceError(f"tensor '{key}' of '{self.name}' has a corrupt byte range")
-        buffer = bytearray((last - first) * size)
-        with self.path.open("rb", buffering=0) as file:
-            got = _pread_into(file.fileno(), buffer, self._data_start + begin + first * size)
-        if got != len(buffer):
-            raise SourceError(f"tensor '{key}' of '{self.name}' is truncated in '{self.path}'")
+        buffer = bytearray((last - first) * dtype.itemsize)
+        self._read_at(key, first, memoryview(buffer))
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def _read_at(self, key: str, first: int, view: memoryview) -> None:
+        """Fill ``view`` with the tensor's bytes from element ``first`` on."""
+        entry = self._entry(key)
+        meta = self.metadata(key)
+        size = meta.dtype.itemsize
+        begin, end = entry["data_offsets"]
+        if end - begin != size * math.prod(meta.shape):
+            raise SourceError(f"tensor '{key}' of '{self.name}' has a corrupt byte range")
+        if not len(view):
+            return
+        with self.path.open("rb", buffering=0) as file:
+            got = _pread_into(file.fileno(), view, self._data_start + begin + first * size)
+        if got != len(view):
+            raise SourceError(f"tensor '{key}' of '{self.name}' is truncated in '{self.path}'")
 
     def metadata(self, key: str) -> TensorMeta:
         entry = self._entry(key)
@@ -121,10 +143,10 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def _pread_into(fd: int, buffer: bytearray, offset: int) -> int:
-    """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (short at EOF)."""
-    view, done = memoryview(buffer), 0
-    while done < len(buffer):
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; returns the bytes read (short at EOF)."""
+    done = 0
+    while done < len(view):
         count = os.preadv(fd, [view[done:]], offset + done)
         if count <= 0:
             break
@@ -183,6 +205,12 @@ class ShardedCheckpoint:
         if key not in self._where:
             raise KeyError(f"'{self.name}' has no tensor '{key}'")
         return self._open(self._where[key]).get_rows(key, start, stop)
+
+    def get_rows_into(self, key: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor read into ``buffer`` (``SafetensorsFile``'s)."""
+        if key not in self._where:
+            raise KeyError(f"'{self.name}' has no tensor '{key}'")
+        return self._open(self._where[key]).get_rows_into(key, start, stop, buffer)
 
     def metadata(self, key: str) -> TensorMeta:
         if key not in self._where:

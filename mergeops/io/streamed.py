@@ -137,12 +137,24 @@ class StreamedShards:
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Write one declared tensor at its offset; returns its byte count."""
-        slot = self._slots[name]
-        fd = self._fd(slot.shard)
         # torch tensors are little-endian on every platform torch supports
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            pwrite_all(fd, flat.view(torch.uint8).numpy().data, slot.offset)
+        self.write_rows(name, 0, flat.view(torch.uint8))
+        return self.finish(name)
+
+    def write_rows(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Write ``data`` (contiguous uint8 on the CPU) at ``byte_offset`` into ``name``'s slot
+        (the caller checked it fits)."""
+        slot = self._slots[name]
+        fd = self._fd(slot.shard)
+        if data.numel():
+            pwrite_all(fd, data.numpy().data, slot.offset + byte_offset)
+
+    def finish(self, name: str) -> int:
+        """Mark ``name`` written (its shard's file is closed after its last tensor); returns
+        its byte count."""
+        slot = self._slots[name]
+        self._fd(slot.shard)  # an empty tensor still gets its shard's header
         slot.written = True
         self._left[slot.shard] -= 1
         if self._left[slot.shard] == 0:

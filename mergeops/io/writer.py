@@ -15,13 +15,14 @@ import json
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
+from mergeops.io.background import BackgroundWrites
 from mergeops.io.readers import INDEX_NAME
 from mergeops.io.streamed import HeaderEntry, StreamedShards, TensorSpec, header_bytes
 
@@ -183,7 +184,10 @@ class ShardedWriter:
 
     With ``layout`` (every tensor's name, shape and dtype in the order they will be added),
     shards are written in place as tensors arrive (``mergeops.io.streamed``) and nothing is
-    held; without it, each shard is held until full. Both give the same bytes.
+    held; without it, each shard is held until full. Both give the same bytes. A declared
+    tensor may also arrive in slices (``write_rows`` at byte offsets, then ``rows_done``);
+    with ``background``, slices are written by a background thread (bounded queue) while the
+    merge goes on, and a failed write surfaces at the next call, ``close`` or ``discard``.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class ShardedWriter:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
         layout: Sequence[TensorSpec] | None = None,
+        background: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -211,10 +216,15 @@ class ShardedWriter:
                 self.directory, entries, self.max_shard_size, self.metadata
             )
             self._shards = [[e.name for e in shard] for shard in self._streamed.shards]
+        self._done: set[str] = set()
+        self._row_bytes: dict[str, int] = {}
+        self._writes = BackgroundWrites() if background and layout is not None else None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write (declared layout) or queue one tensor; flushes a full shard when queued."""
         if self._streamed is not None:
+            if self._writes is not None:  # the caller may reuse ``tensor``: write it now
+                self._writes.drain()
             self._write_declared(name, tensor)
             return
         if name in self._pending or any(name in shard for shard in self._shards):
@@ -227,21 +237,79 @@ class ShardedWriter:
         self._pending_bytes += size
         self.tensor_count += 1
 
-    def _write_declared(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._streamed is not None
-        slot = self._streamed.slot(name)
+    def _declared(self, name: str) -> HeaderEntry:
+        """``name``'s declared entry, refusing undeclared and already written tensors."""
+        slot = self._streamed.slot(name) if self._streamed is not None else None
         where = f"'{self.directory.name}'"
         if slot is None:
             raise OutputError(f"tensor '{name}' is not in the declared layout of {where}")
-        if slot.written:
+        if name in self._done:
             raise OutputError(f"tensor '{name}' written twice to {where}")
+        return slot.entry
+
+    def _write_declared(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._streamed is not None
+        entry = self._declared(name)
         got = (safetensors_dtype(name, tensor), tuple(tensor.shape))
-        if got != (slot.entry.tag, slot.entry.shape):
+        if got != (entry.tag, entry.shape) or name in self._row_bytes:
             raise OutputError(
-                f"tensor '{name}' is {got[0]} {got[1]}, but the layout of {where} declared "
-                f"{slot.entry.tag} {slot.entry.shape}"
+                f"tensor '{name}' is {got[0]} {got[1]}, but the layout of "
+                f"'{self.directory.name}' declared {entry.tag} {entry.shape}"
+                + (" (and it was partly written in slices)" if name in self._row_bytes else "")
             )
+        self._done.add(name)
         self.bytes_written += self._streamed.write(name, tensor)
+        self.tensor_count += 1
+
+    def write_rows(
+        self,
+        name: str,
+        byte_offset: int,
+        data: torch.Tensor,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """Write ``data`` (contiguous uint8 on the CPU: bytes of the output dtype) at
+        ``byte_offset`` inside declared tensor ``name``; ``release`` runs once it is written
+        (on the background thread with ``background``), or at once if it is refused."""
+        try:
+            entry = self._declared(name)
+            end = byte_offset + data.numel()
+            if data.dtype != torch.uint8 or not data.is_contiguous() or data.device.type != "cpu":
+                raise OutputError(f"slice of tensor '{name}' must be contiguous CPU bytes")
+            if byte_offset < 0 or end > entry.nbytes:
+                raise OutputError(f"bytes {byte_offset}:{end} of tensor '{name}' are outside "
+                                  f"its {entry.nbytes} declared bytes")  # fmt: skip
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        self._row_bytes[name] = self._row_bytes.get(name, 0) + data.numel()
+        assert self._streamed is not None
+        streamed = self._streamed
+        if self._writes is not None:
+            job = lambda: streamed.write_rows(name, byte_offset, data)  # noqa: E731
+            self._writes.submit(job, data.numel(), release)
+            return
+        try:
+            streamed.write_rows(name, byte_offset, data)
+        finally:
+            if release is not None:
+                release()
+
+    def rows_done(self, name: str) -> None:
+        """Declared tensor ``name`` was sent whole by ``write_rows``."""
+        entry = self._declared(name)
+        sent = self._row_bytes.get(name, 0)
+        if sent != entry.nbytes:
+            raise OutputError(f"tensor '{name}' got {sent} of its {entry.nbytes} bytes in slices")
+        assert self._streamed is not None
+        streamed = self._streamed
+        self._done.add(name)
+        if self._writes is not None:
+            self._writes.submit(lambda: streamed.finish(name), 0)
+        else:
+            streamed.finish(name)
+        self.bytes_written += entry.nbytes
         self.tensor_count += 1
 
     def _flush(self) -> None:
@@ -255,6 +323,8 @@ class ShardedWriter:
 
     def close(self) -> list[Path]:
         """Flush, name the shards ``model-i-of-n`` and write the index; returns shard paths."""
+        if self._writes is not None:
+            self._writes.close()
         if self._streamed is not None and self._streamed.missing():
             missing = self._streamed.missing()
             raise OutputError(
@@ -293,6 +363,8 @@ class ShardedWriter:
 
     def discard(self) -> None:
         """Remove the shards written so far (after a failure) and drop what is queued."""
+        if self._writes is not None:
+            self._writes.stop()
         if self._streamed is not None:
             self._streamed.discard()
         for index in range(1, len(self._shards) + 1):

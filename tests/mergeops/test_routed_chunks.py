@@ -49,9 +49,9 @@ def test_routed_yaml_merges_chunked_match_whole(
     chunked_keys: list[str] = []
     original = chunking.ChunkedMerge.run
 
-    def spy(self: chunking.ChunkedMerge, out_dtype: torch.dtype) -> torch.Tensor:
+    def spy(self: chunking.ChunkedMerge, out_dtype: torch.dtype, *args: Any) -> Any:
         chunked_keys.append(self.key)
-        return original(self, out_dtype)
+        return original(self, out_dtype, *args)
 
     monkeypatch.setattr(chunking.ChunkedMerge, "run", spy)
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 64 * 4)  # 4 rows of 64 per slice
@@ -113,7 +113,15 @@ def test_routed_big_tensor_read_in_slices(
             reads.append(stop - start)
         return original(self, key, start, stop)
 
+    original_into = SafetensorsFile.get_rows_into
+
+    def spy_into(self: SafetensorsFile, key: str, start: int, stop: int, buf: Any) -> Any:
+        if key == "big":  # slices read into reused buffers
+            reads.append(stop - start)
+        return original_into(self, key, start, stop, buf)
+
     monkeypatch.setattr(SafetensorsFile, "get_rows", spy)
+    monkeypatch.setattr(SafetensorsFile, "get_rows_into", spy_into)
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 16 * 128 * 4)  # 16 rows per slice
     monkeypatch.setattr(chunking, "KEEP_BYTES", keep)
     got = _routed_merge(paths, method)
