@@ -22,7 +22,7 @@ import torch
 BLOCK = 128 * 1024
 """Elements per block (512 KiB of float32 per buffer; 64K-512K measured within noise, 16K
 slower: each op's per-call and thread fork cost is paid per block)."""
-_LANES = 64
+LANES = 64
 """Blocked combines require a length that is a multiple of this: the stacked sum over models
 then adds every element's terms one by one in model order (no tail with another order)."""
 _MAX_TERMS = 16
@@ -38,7 +38,7 @@ def blockable(base: torch.Tensor, task_vectors: Sequence[torch.Tensor]) -> bool:
         base.device.type == "cpu"
         and dtype in _DTYPES
         and base.is_contiguous()
-        and base.numel() % _LANES == 0
+        and base.numel() % LANES == 0
         and 0 < len(task_vectors) <= _MAX_TERMS
         and all(
             t.dtype == dtype
@@ -82,15 +82,17 @@ def blocked_combine(
     consensus: bool,
     normalize: bool,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """θ0 + λ·merged exactly as ``stacked_combine``; inputs must pass ``blockable``."""
+    """θ0 + λ·merged exactly as ``stacked_combine``; inputs must pass ``blockable``. Written
+    into ``out`` (contiguous, like ``base``) when given."""
     dtype, numel, count = base.dtype, base.numel(), len(task_vectors)
     w = torch.tensor(list(weights), dtype=dtype).reshape(-1, 1)
     coefficients = [w[t, 0] for t in range(count)]  # 0-dim, in the task vectors' dtype
     alphas = [float(c) for c in coefficients]
     divisor = w.sum(dim=0)  # non-consensus: one divisor, as the reference computes it
     divisor[divisor.abs() < 1e-8] = 1
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     flat_out, flat_base = out.view(-1), base.view(-1)
     flats = [t.view(-1) for t in task_vectors]
     buf = _Buffers.make(count, min(BLOCK, numel), dtype)

@@ -44,6 +44,7 @@ def combine_task_vectors(
     consensus: bool,
     normalize: bool,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """θ0 + λ·merged, merged = Σ w_t τ_t (or Σ of the sign-agreeing δ_t when ``consensus``).
 
@@ -55,14 +56,16 @@ def combine_task_vectors(
         normalize: divide by Σ w_t (consensus: by Σ w_t over agreeing entries); a zero
             divisor (non-consensus: |Σ w_t| < 1e-8) becomes 1.
         scale: λ.
+        out: where to write the result (shaped like ``base``, its dtype); a new tensor if None.
     Returns:
-        The merged tensor in ``base``'s dtype.
+        The merged tensor in ``base``'s dtype (``out`` when given).
     """
-    if blockable(base, task_vectors):
+    if blockable(base, task_vectors) and (out is None or out.is_contiguous()):
         return blocked_combine(base, task_vectors, weights, consensus=consensus,
-                               normalize=normalize, scale=scale)  # fmt: skip
-    return stacked_combine(base, task_vectors, weights, consensus=consensus,
-                           normalize=normalize, scale=scale)  # fmt: skip
+                               normalize=normalize, scale=scale, out=out)  # fmt: skip
+    merged = stacked_combine(base, task_vectors, weights, consensus=consensus,
+                             normalize=normalize, scale=scale)  # fmt: skip
+    return merged if out is None else out.copy_(merged)
 
 
 def stacked_combine(

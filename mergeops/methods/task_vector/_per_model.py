@@ -35,10 +35,15 @@ class CutStat:
     cut: RowCut | None
     scale: torch.Tensor | None
 
-    def apply(self, tau: torch.Tensor, offset: int) -> torch.Tensor:
-        """The selected (and rescaled) slice of τ starting at flat index ``offset``."""
-        masked = tau if self.cut is None else tau * self.cut.mask_rows(tau.abs(), offset)
-        return masked if self.scale is None else masked * self.scale
+    def apply(self, tau: torch.Tensor, offset: int, *, in_place: bool = False) -> torch.Tensor:
+        """The selected (and rescaled) slice of τ starting at flat index ``offset``
+        (``in_place``: τ itself, overwritten; the same products either way)."""
+        if self.cut is None and self.scale is None:
+            return tau
+        masked = tau if in_place else tau.clone()
+        if self.cut is not None:
+            masked.mul_(self.cut.mask_rows(tau.abs(), offset))
+        return masked if self.scale is None else masked.mul_(self.scale)
 
 
 PARALLEL_MAX_NUMEL = 8 * 1024 * 1024

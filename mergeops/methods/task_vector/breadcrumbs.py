@@ -104,7 +104,7 @@ class _Breadcrumbs(TaskVectorMerge):
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
     ) -> torch.Tensor:
         """Apply this tensor's precomputed window to a row slice of τ_t."""
-        return stat.apply(tau, offset)
+        return stat.apply(tau, offset, in_place=True)
 
 
 @register

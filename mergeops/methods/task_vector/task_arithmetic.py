@@ -8,6 +8,7 @@ combination follows mergekit 0.1.5's operation order in the dtype of the inputs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +25,7 @@ from mergeops.methods.base import (
     TensorResult,
     register,
 )
+from mergeops.ops.blocked_combine import BLOCK, LANES, blockable
 from mergeops.ops.sign_consensus import combine_task_vectors
 
 
@@ -104,14 +106,34 @@ class TaskVectorMerge(StreamingMethod):
         place) and ``offset`` is the slice's first flat index in the whole tensor."""
         base = inputs.base
         assert base is not None
-        taus = [
-            self.sparsify_rows(model.sub_(base), stats[i], offset, i, ctx)
-            for i, model in enumerate(inputs.models)
-        ]
-        return self._combine(base, taus, ctx)
+        row = math.prod(base.shape[1:])
+        if base.dim() < 2 or row % LANES or not blockable(base, inputs.models):
+            taus = [
+                self.sparsify_rows(model.sub_(base), stats[i], offset, i, ctx)
+                for i, model in enumerate(inputs.models)
+            ]
+            return self._combine(base, taus, ctx)
+        # Cache-sized blocks of whole rows: τ, its sparsification and the combine of one
+        # block run while it is in cache (per element the same operations, so the same bits).
+        out = torch.empty_like(base)
+        rows = max(1, BLOCK // row)
+        for start in range(0, base.shape[0], rows):
+            stop = min(base.shape[0], start + rows)
+            block = base[start:stop]
+            taus = [
+                self.sparsify_rows(model[start:stop].sub_(block), stats[i], offset + start * row,
+                                   i, ctx)
+                for i, model in enumerate(inputs.models)
+            ]  # fmt: skip
+            self._combine(block, taus, ctx, out=out[start:stop])
+        return out
 
     def _combine(
-        self, base: torch.Tensor, taus: list[torch.Tensor], ctx: MergeContext
+        self,
+        base: torch.Tensor,
+        taus: list[torch.Tensor],
+        ctx: MergeContext,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         params = ctx.params
         assert isinstance(params, TaskArithmeticParams)
@@ -123,6 +145,7 @@ class TaskVectorMerge(StreamingMethod):
             consensus=self.consensus,
             normalize=params.normalize,
             scale=params.lambda_,
+            out=out,
         )
 
 

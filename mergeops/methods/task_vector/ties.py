@@ -135,4 +135,4 @@ class Ties(TaskVectorMerge):
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
     ) -> torch.Tensor:
         """Apply this tensor's precomputed trim to a row slice of τ_t."""
-        return stat.apply(tau, offset)
+        return stat.apply(tau, offset, in_place=True)
