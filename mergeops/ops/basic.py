@@ -27,6 +27,16 @@ _SEQUENTIAL_TERMS = 16
 and it splits the terms over several accumulators); the blocked sum matches it up to here."""
 
 
+def _blockable(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return (
+        first.dtype == torch.float32
+        and first.numel() % _LANES == 0
+        and len(tensors) <= _SEQUENTIAL_TERMS
+        and all(t.is_contiguous() and t.shape == first.shape for t in tensors)
+    )
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ w_t x_t.
 
@@ -36,14 +46,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     Returns:
         The weighted sum, shaped like each input.
     """
-    first = tensors[0]
-    blocked = (
-        first.dtype == torch.float32
-        and first.numel() % _LANES == 0
-        and len(tensors) <= _SEQUENTIAL_TERMS
-        and all(t.is_contiguous() and t.shape == first.shape for t in tensors)
-    )
-    if blocked:
+    if _blockable(tensors):
         return blocked_weighted_sum(tensors, weights)
     # The reference rounding: a stacked product summed over dim 0 (0 + w_0 x_0 + w_1 x_1 ...,
     # no FMA). The engine bounds its memory by merging large tensors in row chunks.
@@ -51,12 +54,15 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return (stacked * _weights_like(weights, tensors[0])).sum(dim=0)
 
 
-def blocked_weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def blocked_weighted_sum(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None = None
+) -> torch.Tensor:
     """Σ w_t x_t of contiguous float32 tensors, one cache-sized block at a time, in place.
 
     Every element is rounded as the stacked reference rounds it (+0, then each product w_t x_t
     rounded, then added in model order), with no float32 temporary of the whole stack; each
-    op is elementwise, so the result does not depend on the number of threads.
+    op is elementwise, so the result does not depend on the number of threads. ``divisor``:
+    each block is then divided by it while in cache (the same op as ``total / divisor``).
     """
     first = tensors[0]
     out = torch.empty_like(first)
@@ -71,6 +77,8 @@ def blocked_weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[floa
         for flat, coefficient in zip(flats, coefficients, strict=True):
             torch.mul(flat[start:stop], coefficient, out=tmp)
             acc.add_(tmp)
+        if divisor is not None:
+            acc.div_(divisor)
     return out
 
 
@@ -78,13 +86,14 @@ def weighted_average(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
 ) -> torch.Tensor:
     """Linear merge: Σ w_t θ_t / Σ w_t (or the plain weighted sum when not normalizing)."""
-    total = weighted_sum(tensors, weights)
     if not normalize:
-        return total
+        return weighted_sum(tensors, weights)
     divisor = float(sum(weights))
     if abs(divisor) < 1e-8:
         raise ValueError(f"weights sum to {divisor}; cannot normalize a linear merge")
-    return total / divisor
+    if _blockable(tensors):  # divided block by block while each is in cache
+        return blocked_weighted_sum(tensors, weights, divisor)
+    return weighted_sum(tensors, weights) / divisor
 
 
 def task_arithmetic(
