@@ -200,7 +200,8 @@ def learnt_coefficients(out_dir: Path, spec: OutputSpec) -> dict[str, Any] | Non
 def add_extras(out_dir: Path, spec: OutputSpec) -> None:
     """Copy the pass-through files into ``out_dir`` (never over a file the merge wrote); an
     adapter output's single weights file becomes ``adapter_model.safetensors`` (and its index
-    goes), as PEFT loads it. A copied ``config.json`` gets the output's dtype."""
+    goes), as PEFT loads it. A copied ``config.json`` gets the output's dtype and widths (a
+    wider pleas merge: ``intermediate_size``)."""
     copied = set()
     for name, source in spec.extras:
         if not (out_dir / name).exists():
@@ -208,8 +209,10 @@ def add_extras(out_dir: Path, spec: OutputSpec) -> None:
             copied.add(name)
     if "config.json" in copied and not spec.adapter:
         from flows.pass_through import set_config_dtype
+        from mergeops.io.model_folder import update_config_widths
 
         set_config_dtype(out_dir)
+        update_config_widths(out_dir)
     if not spec.adapter:
         return
     shards = sorted(out_dir.glob("model-*-of-*.safetensors"))

@@ -13,7 +13,8 @@ Extensions:
         metric: 0.42                # mwa
         second_moment: ckpt/ft-1-v  # ota / ffg
         fisher: ckpt/ft-1-fisher    # fisher
-    objective: my_pkg.proxy:make_objective   # fw: module:attribute (called if callable)
+    objective: my_pkg.proxy:make_objective   # fw: module:attribute (called if callable);
+                                              # pleas/ot_fusion: a feature probe
     evaluator: digits                         # fw: a ``ckreg.evaluators`` entry point
     state: runs/opcm-state                    # opcm state, loaded and saved
     max_shard_size: 2GB
@@ -38,7 +39,7 @@ from mergeops.mergekit import schema
 from mergeops.mergekit.plan import IGNORABLE, uses_base
 from mergeops.mergekit.schema import InputModel, MergeConfig
 from mergeops.methods.base import MergeError, _field_names, get_method
-from mergeops.sources import Objective
+from mergeops.sources import FeatureProbe, Objective
 
 if TYPE_CHECKING:
     from mergeops.engine import MergeResult
@@ -74,7 +75,7 @@ def _resolve(root: Path, value: str) -> str:
     return str(path if path.is_absolute() else root / path)
 
 
-def load_objective(config: MergeConfig) -> Objective | None:
+def load_objective(config: MergeConfig) -> Objective | FeatureProbe | None:
     """The objective named by ``objective`` (module:attribute) or ``evaluator`` (entry point)."""
     if config.evaluator is not None:
         found = entry_points(group="ckreg.evaluators", name=config.evaluator)
@@ -94,8 +95,9 @@ def load_objective(config: MergeConfig) -> Objective | None:
         raise MergeError(f"cannot load objective '{config.objective}': {exc}") from None
     is_factory = isinstance(target, type) or (callable(target) and not hasattr(target, "loss"))
     objective = target() if is_factory else target
-    if not isinstance(objective, Objective):
-        raise MergeError(f"objective '{config.objective}' has no loss(params) method")
+    if not isinstance(objective, Objective | FeatureProbe):  # a feature probe: pleas, ot_fusion
+        raise MergeError(f"objective '{config.objective}' has no loss(params) method "
+                         "(nor layer_order/features/layer_inputs, a feature probe's)")  # fmt: skip
     return objective
 
 

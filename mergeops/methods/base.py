@@ -397,6 +397,14 @@ class WholeModelMethod(MergeMethod):
     def merge_model(self, inputs: ModelInputs, ctx: MergeContext) -> ModelResult:
         """Merge whole models; return float32 (or any) tensors, the engine casts ``merged``."""
 
+    def output_shapes(
+        self, metas: Mapping[str, TensorMeta], ctx: MergeContext
+    ) -> dict[str, tuple[int, ...]] | None:
+        """Shapes of the output tensors that differ from the inputs' ``metas`` (a wider
+        model), called after ``validate``; None (the default): the inputs' shapes. The engine
+        checks ``merge_model``'s tensors against them (``mergeops.reshape``)."""
+        return None
+
 
 def load_state_dict(source: TensorSource, device: torch.device) -> dict[str, torch.Tensor]:
     """Load every tensor of ``source`` as float32 on ``device`` (floating tensors only cast)."""

@@ -10,9 +10,9 @@ https://arxiv.org/abs/2407.02447), merging models that share no base.
    maps the merged model's own inputs to that layer (earlier layers already solved) onto the
    average of the matched models' pre-activations (``least_squares: false`` skips this).
 
-Features come from a ``FeatureProbe`` passed as the objective. The merge engine writes the
-input architecture, so through ``merge``/``merge_files`` the width stays the models' own;
-``pleas_merge`` (in memory) returns wider models. Supported: MLP chains (all three steps);
+Features come from a ``FeatureProbe`` passed as the objective. A wider merge goes through
+``merge``/``merge_files`` too: ``Pleas.output_shapes`` declares the wider tensors to the
+engine (``mergeops.reshape``). Supported: MLP chains (all three steps);
 Llama-style transformers (residual stream, heads, MLP blocks) too: no single weight produces
 their layers, so a ``LinearUnitProbe`` lists the linear weights (q/k/v, o_proj, gate/up,
 down_proj) with the layer whose map moves their rows, and step 3 re-solves each on the merged
@@ -23,6 +23,7 @@ blocks); ``pleas_output_widths`` gives the new widths (``intermediate_size``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -60,7 +61,8 @@ from mergeops.ops.alignment import (
     preactivation,
     relative_error,
 )
-from mergeops.sources import FeatureProbe, LinearUnitProbe, NeuronLayer
+from mergeops.reshape import neuron_layer_shapes
+from mergeops.sources import FeatureProbe, LinearUnitProbe, NeuronLayer, TensorMeta
 
 
 class PleasParams(MethodParams):
@@ -86,12 +88,25 @@ class Pleas(WholeModelMethod):
         require_probe(ctx)
         params = ctx.params
         assert isinstance(params, PleasParams)
-        if params.width_factor != 1.0:
-            raise MergeError(
-                f"pleas width_factor {params.width_factor}: the merge engine writes the "
-                "models' own architecture, so only 1.0 is accepted here; use "
-                "mergeops.methods.alignment.pleas.pleas_merge for a wider merge in memory"
-            )
+        if params.width_factor != 1.0 and len(ctx.model_names) != 2:
+            raise MergeError(f"pleas width_factor {params.width_factor}: a wider merge takes "
+                             f"exactly 2 models, got {len(ctx.model_names)}")  # fmt: skip
+
+    def output_shapes(
+        self, metas: Mapping[str, TensorMeta], ctx: MergeContext
+    ) -> dict[str, tuple[int, ...]] | None:
+        """At ``width_factor`` > 1 each widened layer of n neurons has round(n·factor)."""
+        params = ctx.params
+        assert isinstance(params, PleasParams)
+        if params.width_factor == 1.0:
+            return None
+        layers = require_probe(ctx).layer_order()
+        widths = {}
+        for layer in layers:
+            key = layer.weight or (layer.rows[0] if layer.rows else "")
+            if getattr(layer, "widen", True) and key in metas:  # unknown keys: merge_model's
+                widths[layer.name] = round(metas[key].shape[0] * params.width_factor)
+        return neuron_layer_shapes(metas, layers, widths)
 
     def merge_model(self, inputs: ModelInputs, ctx: MergeContext) -> ModelResult:
         params = ctx.params
