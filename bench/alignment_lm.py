@@ -3,11 +3,14 @@
 Issue 21's alignment claim on Llama-style transformers: the LM zoo's pretrained bases of two
 seeds (same data mix and config, different initialisation and data order; reused from the
 ``bench.lmzoo.build.pretrained_base`` cache, trained there when missing) are merged by the
-plain average of the unaligned weights, ``pleas`` and ``ot_fusion`` (exact and Sinkhorn).
-Features come from unlabeled VALIDATION prompts of every task (``bench.lmzoo.features``'s
-probe: residual stream, attention heads, MLP neurons; permutations only). Every parent and
-merge is scored by exact match on the TEST prompts of each task; differences are
-paired-bootstrapped over test prompts (``bench.lmzoo.analysis.paired_bootstrap``).
+plain average of the unaligned weights, ``pleas`` (with and without least squares, and wider
+MLP blocks in memory at x1.5 and x2.0) and ``ot_fusion`` (exact and Sinkhorn). Features come
+from unlabeled VALIDATION prompts of every task (``bench.lmzoo.features``'s probe: residual
+stream, attention heads, MLP neurons, and the inputs of every linear unit for pleas's least
+squares). Every parent and merge is scored by exact match on the TEST prompts of each task;
+differences are paired-bootstrapped over test prompts
+(``bench.lmzoo.analysis.paired_bootstrap``). The ``pleas unit error`` line gives what the
+least-squares step minimises, without and with it.
 
 To say why a claim fails, the ``alignment`` lines give, per neuron layer, the mean feature
 correlation of the two parents' neurons matched one-to-one (Hungarian on correlation) next to
@@ -34,6 +37,7 @@ from bench.lmzoo.features import LlamaFeatureProbe
 from bench.lmzoo.model import batch, exact_match, load_weights
 from bench.lmzoo.tasks import TASKS, examples
 from bench.lmzoo.train import LMTrainConfig, saved_state
+from mergeops.methods.alignment.pleas import PleasParams, pleas_maps, pleas_merge, unit_errors
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -73,6 +77,10 @@ def _rows(
     def aligned(method: str, **params: Any) -> Callable[[], StateDict]:
         return lambda: _tied(mergeops.merge(method, named, objective=probe, **params))
 
+    def wider(factor: float) -> Callable[[], StateDict]:
+        params = PleasParams(width_factor=factor)
+        return lambda: _tied(pleas_merge(list(named.values()), probe, params))
+
     return {
         "parent a": lambda: a,
         "parent b": lambda: b,
@@ -80,6 +88,8 @@ def _rows(
         "pleas (as saved, tied head)": lambda: mergeops.merge("pleas", saved, objective=probe),
         "pleas": aligned("pleas"),
         "pleas (permute only)": aligned("pleas", least_squares=False),
+        "pleas width x1.5 (in memory)": wider(1.5),
+        "pleas width x2.0 (in memory)": wider(2.0),
         "ot_fusion (exact)": aligned("ot_fusion"),
         "ot_fusion (sinkhorn)": aligned("ot_fusion", solver="sinkhorn"),
     }
@@ -133,10 +143,37 @@ def alignment_lines(a: StateDict, b: StateDict, probe: LlamaFeatureProbe) -> lis
     return lines
 
 
+def unit_error_lines(a: StateDict, b: StateDict, probe: LlamaFeatureProbe) -> list[str]:
+    """pleas's step-3 objective on these bases: the mean relative error of every linear unit
+    (q/k/v, o_proj, gate/up, down_proj) of the merge, on its own inputs, against the mapped
+    average of the parents' outputs, without and with least squares."""
+    models = [untie(a), untie(b)]
+    maps = pleas_maps(models, probe, PleasParams())
+    errors = []
+    for least_squares in (False, True):
+        merged = pleas_merge(models, probe, PleasParams(least_squares=least_squares))
+        found = unit_errors(merged, models, maps, probe)
+        errors.append(sum(found.values()) / len(found))
+    return [f"pleas unit error (mean relative, {len(found)} units): permute only "
+            f"{errors[0]:.3f}, with least squares {errors[1]:.3f}"]  # fmt: skip
+
+
+def _scorer(model: torch.nn.Module, state: StateDict) -> LlamaForCausalLM:
+    """``model``, or a fresh one whose ``intermediate_size`` fits a wider merge's MLPs."""
+    from transformers import LlamaForCausalLM
+
+    llama = cast("LlamaForCausalLM", model)
+    width = state["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    if width == llama.config.intermediate_size:
+        return llama
+    config = type(llama.config)(**{**llama.config.to_dict(), "intermediate_size": width})
+    return LlamaForCausalLM(config).eval()
+
+
 def _hits(
     model: torch.nn.Module, state: StateDict, tasks: Sequence[str], n: int, seed: int
 ) -> Hits:
-    scored = load_weights(cast("LlamaForCausalLM", model), state)
+    scored = load_weights(_scorer(model, state), state)
     return {t: exact_match(scored, batch(examples(t, "test", n=n, seed=seed))) for t in tasks}
 
 
@@ -165,12 +202,14 @@ def run(
             lines.append(f"  {name:<28} FAILED: {type(error).__name__}: {error}")
             log(lines[-1])
             continue
+        took = time.perf_counter() - start
         scores[name] = _hits(models[0], state, tasks, test_size, seeds[0])
         per_task = " ".join(f"{t} {float(v.mean()):.3f}" for t, v in scores[name].items())
         lines.append(f"  {name:<28} {_mean(scores[name]):.3f}  ({per_task}; "
-                     f"{time.perf_counter() - start:.1f} s)")  # fmt: skip
+                     f"merge {took:.1f} s)")  # fmt: skip
         log(lines[-1])
     lines += verdict_lines(scores)
+    lines += unit_error_lines(a, b, probe)
     lines += alignment_lines(a, b, probe)
     return lines, scores
 
