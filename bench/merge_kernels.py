@@ -1,6 +1,7 @@
 """A/B of the blocked vs stacked merge kernels on one synthetic Llama family, in this process.
 
     python -m bench.merge_kernels [--size 100m] [--methods linear] [--repeats 3]
+    python -m bench.merge_kernels --micro [--repeats 5]   # kernels before/after, side by side
 
 Times ``mergeops.merge_files`` on the same files with the blocked in-place kernels (the
 weighted sum ``mergeops.ops.basic.blocked_weighted_sum`` and the task-vector combine
@@ -90,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="linear")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("bench/out/merge_engine"))
+    parser.add_argument("--micro", action="store_true",
+                        help="time the selection/combine kernels before and after (bench._kernels_micro)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.micro:
+        from bench._kernels_micro import run
+
+        run(args.repeats)
+        return 0
     folders = write_family(args.work / args.size / "models", shape=SHAPES[args.size])
     os.sync()
     print(f"{args.size}: torch threads {torch.get_num_threads()}, load {os.getloadavg()}")

@@ -14,6 +14,7 @@ on the thread count. Paper (TIES): https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,24 @@ class _Buffers:
         )
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(count: int, length: int, dtype: torch.dtype) -> _Buffers:
+    """This thread's block buffers, reused across calls (merge_rows combines one block of
+    rows per call: a fresh ~2.5 MiB of buffers each time cost page faults)."""
+    cached: _Buffers | None = getattr(_SCRATCH, "buffers", None)
+    if (
+        cached is None
+        or cached.deltas.dtype != dtype
+        or cached.deltas.shape[0] < count
+        or cached.deltas.shape[1] < length
+    ):
+        cached = _Buffers.make(count, max(length, BLOCK), dtype)
+        _SCRATCH.buffers = cached
+    return cached
+
+
 def blocked_combine(
     base: torch.Tensor,
     task_vectors: Sequence[torch.Tensor],
@@ -95,10 +114,10 @@ def blocked_combine(
     out = torch.empty_like(base) if out is None else out
     flat_out, flat_base = out.view(-1), base.view(-1)
     flats = [t.view(-1) for t in task_vectors]
-    buf = _Buffers.make(count, min(BLOCK, numel), dtype)
+    buf = _scratch(count, min(BLOCK, numel), dtype)
     for start in range(0, numel, BLOCK):
         stop = min(start + BLOCK, numel)
-        deltas = buf.deltas[:, : stop - start]
+        deltas = buf.deltas[:count, : stop - start]
         total = buf.total[: stop - start]
         total.zero_()
         for t in range(count):
