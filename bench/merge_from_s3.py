@@ -1,18 +1,23 @@
 """Merges streamed straight from S3 (the registry's range sources) against the same merges read
-from local files, side by side in one run.
+from local files and against the S3 floor, side by side in one run.
 
     python -m bench.merge_from_s3 [--sizes 270m,100m] [--methods ties,task_arithmetic]
-                                  [--finetunes 4] [--input-shard-size 256MB] [--work DIR] [--keep]
+                                  [--repeats 3] [--finetunes 4] [--input-shard-size 256MB]
+                                  [--store-compression off|zipnn] [--floor-part 8MiB]
+                                  [--floor-workers 4] [--work DIR] [--keep]
 
 Writes a bf16 Llama-shaped base + fine-tunes per size (``bench._synth``, as ``bench.merge_engine``),
 registers them in a registry (SQLite) whose store is a bucket on a ``moto_server`` this program
-starts, then runs every merge as its own child process twice: from the local folders
-(``SafetensorsFile`` preads) and from S3 (``checkpoint_tensor_source``: row reads by HTTP Range,
-located by the tensor index stored at ``complete``, with the engine's prefetch). Printed per merge:
-merge wall time and the S3/local speed ratio (goal >= 0.7), peak RSS of each child (``wait4``;
-goal: S3 within 1.3x of local, flat across sizes), bytes fetched from S3 as the sources count them
-and as botocore saw them on the wire, against the input files' bytes (goal <= 1.05x) and against
-what the engine asked for, HTTP requests, and whether both outputs are byte-identical.
+starts, then, ``--repeats`` times, runs as its own child process: the S3 floor (``bench._s3_floor``:
+every stored input byte GET once from the same endpoint, ranged GETs on parallel threads), and
+every merge from the local folders (``SafetensorsFile`` preads) and from S3
+(``checkpoint_tensor_source``: row reads by HTTP Range, located by the tensor index stored at
+``complete``, with the engine's prefetch), local/S3 order alternating. Printed per method and size,
+medians of the runs (``bench._s3_report``): local, S3 and floor seconds; S3 / max(floor, local)
+(goal <= 1.2: reads and merge overlapped); against download-then-merge (floor + local; goal < 1);
+peak RSS of each child (``wait4``; goal: S3 within 1.3x of local, flat across sizes); bytes on the
+wire against the input files (goal <= 1.05x, ties included) and against what the engine asked for;
+HTTP requests; whether every output is byte-identical.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +42,11 @@ from bench._common import (
     start_moto,
     start_server,
 )
+from bench._s3_floor import count_wire, fetch_all, stored_objects
+from bench._s3_report import HEADERS, NOTES, Merge, floor_line, row
 from bench._synth import SHAPES, write_family
-from bench.merge_engine import Run, folder_bytes, measure
+from bench.merge_engine import folder_bytes, measure
+from mergeops.io.writer import parse_size
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
 DEFAULT_WORK = Path("bench/out/merge_from_s3")
@@ -56,14 +63,6 @@ class Registry:
     ids: list[int]
 
 
-@dataclass
-class Merge:
-    """One child merge: the process figures and what the child reported."""
-
-    run: Run
-    report: dict[str, Any]
-
-
 def _model_params(method: str, count: int, density: float) -> list[dict[str, float]]:
     params: list[dict[str, float]] = [{"weight": w} for w in WEIGHTS[:count]]
     if method == "ties":
@@ -71,7 +70,7 @@ def _model_params(method: str, count: int, density: float) -> list[dict[str, flo
     return params
 
 
-def register(work: Path, folders: list[Path], endpoint: str) -> Registry:
+def register(work: Path, folders: list[Path], endpoint: str, compression: str = "off") -> Registry:
     """A fresh bucket and registry database holding ``folders`` (base first) as checkpoints."""
     import boto3
     from sqlmodel import Session
@@ -89,6 +88,7 @@ def register(work: Path, folders: list[Path], endpoint: str) -> Registry:
     settings = Settings(
         home=work / "home", database_url=f"sqlite:///{database}", store_url=f"s3://{bucket}/ckreg",
         s3_endpoint_url=endpoint, task_vectors_on_complete=False,
+        store_compression=compression,
     )  # fmt: skip
     upgrade_database(settings.database_url)
     store = open_store(settings.store_url, endpoint_url=endpoint)
@@ -114,19 +114,7 @@ def _s3_sources(spec: dict[str, Any]) -> tuple[list[Any], Any, Any]:
     from registry.storage import open_store
 
     store = open_store(spec["store_url"], endpoint_url=spec["endpoint"])
-    wire = {"GetObject": 0, "HeadObject": 0, "other": 0, "bytes": 0}
-    lock = threading.Lock()  # the engine's prefetch threads make requests concurrently
-
-    def before(model: Any, **_: Any) -> None:
-        with lock:
-            wire[model.name if model.name in wire else "other"] += 1
-
-    def after(parsed: dict[str, Any], **_: Any) -> None:
-        with lock:
-            wire["bytes"] += int(parsed.get("ContentLength", 0))
-
-    store.client.meta.events.register("before-call.s3", before)  # type: ignore[attr-defined]
-    store.client.meta.events.register("after-call.s3.GetObject", after)  # type: ignore[attr-defined]
+    wire = count_wire(store)
     engine = make_engine(spec["database_url"])
     with Session(engine) as session:
         sources = [
@@ -142,6 +130,8 @@ def child(spec_path: Path) -> int:
     import mergeops
 
     spec = json.loads(spec_path.read_text())
+    if spec["mode"] == "floor":
+        return _floor_child(spec, spec_path)
     if spec["mode"] == "s3":  # imported before the clock starts, like mergeops itself
         import registry.services.tensors  # noqa: F401
     start = time.perf_counter()
@@ -169,6 +159,21 @@ def child(spec_path: Path) -> int:
     return 0
 
 
+def _floor_child(spec: dict[str, Any], spec_path: Path) -> int:
+    """The S3 floor in a child like the merges: every stored input byte GET once, timed."""
+    from registry.storage import open_store
+
+    store = open_store(spec["store_url"], endpoint_url=spec["endpoint"])
+    objects = stored_objects(spec["database_url"], store, spec["ids"])
+    wire = count_wire(store)  # after the size lookups: the timed GETs only
+    seconds = fetch_all(store, objects, part=spec["floor_part"], workers=spec["floor_workers"])
+    report = {"merge_s": seconds, "engine_bytes": sum(objects.values()),
+              "fetched": wire["bytes"], "requests": wire["GetObject"], "wire": wire,
+              "digest": ""}  # fmt: skip
+    spec_path.with_suffix(".report.json").write_text(json.dumps(report))
+    return 0
+
+
 def _digest(folder: Path) -> str:
     """One sha256 over every output file (name and bytes, in name order)."""
     digest = hashlib.sha256()
@@ -178,8 +183,9 @@ def _digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def run_merge(work: Path, mode: str, method: str, spec: dict[str, Any]) -> Merge:
-    """One merge in a child process (peak RSS is that process's own)."""
+def run_merge(work: Path, mode: str, method: str, spec: dict[str, Any], repeat: int = 0) -> Merge:
+    """One merge (or the S3 floor, ``mode`` "floor") in a child process (peak RSS is that
+    process's own)."""
     out = work / f"out-{method}-{mode}"
     shutil.rmtree(out, ignore_errors=True)
     spec_path = work / f"{method}-{mode}.json"
@@ -187,60 +193,45 @@ def run_merge(work: Path, mode: str, method: str, spec: dict[str, Any]) -> Merge
     report_path = spec_path.with_suffix(".report.json")
     report_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.merge_from_s3", "--child", str(spec_path)]
-    run = measure(cmd, engine=mode, device="cpu", log=work / f"{method}-{mode}.log")
+    run = measure(cmd, engine=mode, device="cpu", log=work / f"{method}-{mode}-{repeat}.log")
     report = json.loads(report_path.read_text()) if run.ok and report_path.is_file() else {}
     shutil.rmtree(out, ignore_errors=True)
     return Merge(run, report)
 
 
 def bench_size(size: str, args: argparse.Namespace, endpoint: str) -> list[list[object]]:
-    """Generate, register and merge one size; returns its table rows."""
+    """Generate, register, then ``args.repeats`` times: the S3 floor, and per method a local and
+    an S3 merge (their order alternating); returns the table rows (medians)."""
     work: Path = args.work / size
     start = time.perf_counter()
     folders = write_family(work / "models", shape=SHAPES[size], finetunes=args.finetunes,
                            shard_size=args.input_shard_size)  # fmt: skip
     generated = time.perf_counter() - start
-    registry = register(work, folders, endpoint)
+    registry = register(work, folders, endpoint, args.store_compression)
     print(f"{size}: {SHAPES[size].parameters / 1e6:.1f}M params x {len(folders)} bf16 models, "
           f"{generated:.0f} s to generate, {time.perf_counter() - start - generated:.0f} s to "
           f"register on S3; {load_average()}", flush=True)  # fmt: skip
+    base_spec = {
+        "folders": [str(f) for f in folders], "names": [f.name for f in folders[1:]],
+        "database_url": registry.database_url, "store_url": registry.store_url,
+        "endpoint": endpoint, "ids": registry.ids, "floor_part": args.floor_part,
+        "floor_workers": args.floor_workers,
+    }  # fmt: skip
+    floors: list[Merge] = []
+    merges: dict[str, dict[str, list[Merge]]] = {m: {"local": [], "s3": []} for m in args.methods}
+    for repeat in range(args.repeats):
+        floors.append(run_merge(work, "floor", "all", base_spec, repeat))
+        for method in args.methods:
+            params = _model_params(method, len(folders) - 1, args.density)
+            spec = base_spec | {"model_params": params}
+            for mode in ("local", "s3") if repeat % 2 == 0 else ("s3", "local"):
+                merges[method][mode].append(run_merge(work, mode, method, spec, repeat))
+    print(floor_line(size, floors, args.floor_part, args.floor_workers), flush=True)
     input_bytes = sum(folder_bytes(f) for f in folders)
-    rows = []
-    for method in args.methods:
-        spec = {
-            "folders": [str(f) for f in folders], "names": [f.name for f in folders[1:]],
-            "model_params": _model_params(method, len(folders) - 1, args.density),
-            "database_url": registry.database_url, "store_url": registry.store_url,
-            "endpoint": endpoint, "ids": registry.ids,
-        }  # fmt: skip
-        local = run_merge(work, "local", method, spec)
-        remote = run_merge(work, "s3", method, spec)
-        rows.append(_row(size, method, local, remote, input_bytes))
+    rows = [row(size, m, merges[m], floors, input_bytes) for m in args.methods]
     if not args.keep:
         shutil.rmtree(work / "models", ignore_errors=True)
     return rows
-
-
-def _row(size: str, method: str, local: Merge, remote: Merge, input_bytes: int) -> list[object]:
-    if not (local.report and remote.report):
-        failed = local if not local.report else remote
-        return [size, method, f"FAILED, see {failed.run.log}", *["-"] * 11]
-    lw, sw = local.report["merge_s"], remote.report["merge_s"]
-    fetched, wire = remote.report["fetched"], remote.report["wire"]
-    return [
-        size, method, lw, sw, lw / sw,
-        f"{local.run.peak_rss / MIB:.0f}", f"{remote.run.peak_rss / MIB:.0f}",
-        remote.run.peak_rss / local.run.peak_rss,
-        f"{input_bytes / MIB:.0f}", f"{fetched / MIB:.0f}", fetched / input_bytes,
-        fetched / remote.report["engine_bytes"],
-        f"{wire['GetObject']}/{wire['HeadObject']}",
-        "yes" if local.report["digest"] == remote.report["digest"] else "NO",
-    ]  # fmt: skip
-
-
-HEADERS = ["size", "method", "local s", "s3 s", "speed s3/local", "local RSS MiB",
-           "s3 RSS MiB", "RSS s3/local", "input MiB", "fetched MiB", "fetched/input",
-           "fetched/asked", "GET/HEAD", "identical"]  # fmt: skip
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -258,8 +249,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "object for every range")  # fmt: skip
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch folder")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of the floor and of each merge (local/S3 order alternating), "
+                             "medians shown; default 3, 1 when every size is 'tiny'")  # fmt: skip
+    parser.add_argument("--store-compression", choices=["off", "zipnn"], default="off",
+                        help="how the registry stores the inputs: off (raw safetensors, the "
+                             "default here) or zipnn (the registry's own default; the S3 side "
+                             "then decodes)")  # fmt: skip
+    parser.add_argument(
+        "--floor-part",
+        type=parse_size,
+        default=8 * MIB,
+        help="S3 floor: bytes per ranged GET (default 8MiB)",
+    )
+    parser.add_argument(
+        "--floor-workers",
+        type=int,
+        default=4,
+        help="S3 floor: GETs in flight (default 4, the engine's read threads)",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats is None:
+        tiny = {s.strip() for s in args.sizes.split(",") if s.strip()} == {"tiny"}
+        args.repeats = 1 if tiny else 3
+    if args.repeats < 1 or args.floor_workers < 1:
+        parser.error("--repeats and --floor-workers must be at least 1")
     if not 1 <= args.finetunes <= len(WEIGHTS):
         parser.error(f"--finetunes must be 1-{len(WEIGHTS)}, got {args.finetunes}")
     unknown = [s for s in args.sizes.split(",") if s.strip() and s.strip() not in SHAPES]
@@ -287,17 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"before: {load_average()}; {args.moto} moto_server on loopback, inputs sharded at "
-          f"{args.input_shard_size}, fp32 output, CPU", flush=True)  # fmt: skip
+          f"{args.input_shard_size}, store compression {args.store_compression}, fp32 output, "
+          f"CPU, {args.repeats} run(s)", flush=True)  # fmt: skip
     rows: list[list[object]] = []
     with _moto(args.moto, args.work) as moto:
         for size in args.sizes:
             rows.extend(bench_size(size, args, moto.url))
     print_table("S3-streamed merge vs local files (merge wall excludes interpreter start)",
                 HEADERS, rows)  # fmt: skip
-    print("speed s3/local = local s / s3 s (goal >= 0.70); RSS = child ru_maxrss (goal s3/local "
-          "<= 1.30, flat across sizes); fetched = bytes the S3 sources read (goal <= 1.05x the "
-          "input files); fetched/asked = against the bytes the engine asked for; GET/HEAD = S3 "
-          f"requests on the wire.\nafter: {load_average()}")  # fmt: skip
+    print(f"{NOTES}\nafter: {load_average()}")
     return 0 if all(row[-1] == "yes" for row in rows) else 1
 
 
