@@ -237,15 +237,16 @@ def output_metadata(plan: MergePlan) -> dict[str, str]:
 
 def output_layout(plan: MergePlan) -> list[TensorSpec] | None:
     """Every merged tensor's name, shape and dtype in the order the engine emits them, so
-    shards are written in place (bounded memory); None for whole-model methods."""
-    if plan.routes is None and not plan.method.streaming:
-        return None
+    shards are written in place (bounded memory); a whole-model method's tensors in the
+    shapes it declares (``mergeops.reshape``), every one cast to the output dtype."""
+    whole = plan.routes is None and not plan.method.streaming
+    metas = output_metas(plan) if whole else plan.metas
 
     def dtype(key: str) -> torch.dtype:
         meta = plan.metas[key]
-        return _out_dtype(plan, key) if meta.dtype.is_floating_point else meta.dtype
+        return _out_dtype(plan, key) if whole or meta.dtype.is_floating_point else meta.dtype
 
-    return [TensorSpec(key, tuple(plan.metas[key].shape), dtype(key)) for key in plan.keys]
+    return [TensorSpec(key, tuple(metas[key].shape), dtype(key)) for key in plan.keys]
 
 
 class _DirSink:

@@ -66,6 +66,19 @@ def test_merge_files_writes_the_wider_mlp_that_the_zoo_loads(pair, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
+def test_the_streamed_layout_declares_the_wider_shapes(pair):
+    from mergeops.engine import output_layout
+    from mergeops.plan import PlanRequest, build_plan
+
+    a, b, probe = pair
+    request = PlanRequest(method="pleas", models=[a, b], params={"width_factor": 1.5},
+                          objective=probe, dtype="bfloat16", device="cpu")  # fmt: skip
+    layout = {spec.name: spec for spec in output_layout(build_plan(request)) or []}
+    assert layout["fc1.weight"].shape == (24, 64) and layout["heads.t.weight"].shape == (3, 12)
+    assert layout["heads.t.bias"].shape == (3,)  # a tensor no layer moves keeps its shape
+    assert {spec.dtype for spec in layout.values()} == {torch.bfloat16}
+
+
 def test_ckreg_merge_config_writes_the_wider_mlp(pair, tmp_path):
     a, b, _ = pair
     save_file(a, str(tmp_path / "a.safetensors"))
