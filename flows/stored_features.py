@@ -120,8 +120,8 @@ def _read(path: Path, what: str) -> tuple[list[NeuronLayer], dict[str, torch.Ten
         metadata = handle.metadata() or {}
         specs = parse_layers(metadata, file=f"features of {what}")
         feats = {spec.name: handle.get_tensor(spec.name).float() for spec in specs}
-    layers = [NeuronLayer(s.name, s.weight, s.bias, tuple(s.rows), tuple(s.cols), s.group)
-              for s in specs]  # fmt: skip
+    layers = [NeuronLayer(s.name, s.weight, s.bias, tuple(s.rows), tuple(s.cols), s.group,
+                          s.widen) for s in specs]  # fmt: skip
     assert FEATURES_KEY in metadata
     return layers, feats
 

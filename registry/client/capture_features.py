@@ -26,7 +26,8 @@ FEATURES_KEY = "ckreg.features"
 @dataclass(frozen=True)
 class FeatureLayer:
     """A layer to align: ``module`` (its output = the features), ``weight``/``bias`` producing
-    them, ``rows`` (default: weight and bias) and ``cols`` (dim 1: the next layer's weight)."""
+    them, ``rows`` (default: weight and bias) and ``cols`` (dim 1: the next layer's weight);
+    ``widen`` False keeps its width in a wider pleas merge (a residual stream, heads)."""
 
     name: str
     module: str
@@ -35,11 +36,15 @@ class FeatureLayer:
     rows: tuple[str, ...] = ()
     cols: tuple[str, ...] = ()
     group: int = 1
+    widen: bool = True
 
     def spec(self) -> dict[str, Any]:
-        """The layer as stored in the file's metadata (without the module path)."""
+        """The layer as stored in the file's metadata (without the module path; ``widen`` only
+        when False)."""
         out = asdict(self)
         del out["module"]
+        if self.widen:
+            del out["widen"]
         rows = self.rows or tuple(t for t in (self.weight, self.bias) if t)
         return out | {"rows": list(rows), "cols": list(self.cols)}
 

@@ -3,7 +3,7 @@ the alignment methods (pleas, ot_fusion) when the evaluator gives no feature pro
 
 The safetensors file holds one (samples, width) tensor per layer, named by the layer, and in
 its metadata ``ckreg.features`` the layers in forward order as JSON:
-``[{"name", "weight", "bias", "rows", "cols", "group"}]`` (``registry.client.capture_features``
+``[{"name", "weight", "bias", "rows", "cols", "group", "widen"}]`` (``registry.client.capture_features``
 writes it). On upload every layer is checked against the checkpoint's weights: the tensors it
 names exist, and its features are 2-D with the layer's width and one sample count throughout.
 """
@@ -27,7 +27,8 @@ FEATURES_KEY = "ckreg.features"
 
 class FeatureLayerSpec(BaseModel):
     """One layer of neurons: ``weight``/``bias`` produce them, ``rows`` are the tensors whose
-    dim 0 indexes them, ``cols`` those whose dim 1 does; ``group``: neurons move in blocks."""
+    dim 0 indexes them, ``cols`` those whose dim 1 does; ``group``: neurons move in blocks;
+    ``widen`` False: a wider pleas merge keeps the layer's width."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -37,6 +38,7 @@ class FeatureLayerSpec(BaseModel):
     rows: tuple[str, ...] = ()
     cols: tuple[str, ...] = ()
     group: int = Field(default=1, ge=1)
+    widen: bool = True
 
     def tensors(self) -> list[str]:
         return [t for t in (self.weight, self.bias) if t] + [*self.rows, *self.cols]

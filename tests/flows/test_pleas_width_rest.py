@@ -12,9 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from flows.outputs import OutputSpec, add_extras
+from registry.client.capture_features import FeatureLayer, capture_features
 from tests.flows.fixtures_flows import *  # noqa: F403
 from tests.flows.fixtures_flows import Embedded
-from tests.flows.test_stored_features import Mlp, _features, _merged, _models, _run, _state
+from tests.flows.test_stored_features import (
+    Mlp,
+    _features,
+    _merged,
+    _models,
+    _post,
+    _run,
+    _state,
+)
 
 
 def test_wider_pleas_registers_the_wider_model_with_both_parents(
@@ -46,6 +55,28 @@ def test_wider_pleas_registers_the_wider_model_with_both_parents(
     three = _run(embedded, "pleas", ids, least_squares=False, width_factor=1.5)
     assert three["status"] == "failed" and three["output_checkpoint_id"] is None
     assert "width_factor 1.5: a wider merge takes exactly 2 models, got 3" in three["error"]
+
+
+def test_a_layer_stored_with_widen_false_keeps_its_width(
+    embedded: Embedded, tmp_path: Path
+) -> None:
+    a, b = _models()
+    kept = [FeatureLayer("hidden", module="act", weight="fc1.weight", bias="fc1.bias",
+                         cols=("fc2.weight",), widen=False)]  # fmt: skip
+    assert "widen" not in FeatureLayer("h", module="act", weight="w").spec()  # True: implied
+    ids = []
+    for name, model in (("a", a), ("b", b)):
+        checkpoint_id = embedded.upload(name, _state(model))["id"]
+        torch.manual_seed(1)
+        batches = [torch.randn(16, 4) for _ in range(4)]
+        path = capture_features(model, batches, kept, tmp_path / f"{name}.safetensors")
+        assert _post(embedded, checkpoint_id, path).status_code == 201
+        ids.append(checkpoint_id)
+    run = _run(embedded, "pleas", ids, least_squares=False, width_factor=1.5)
+    assert run["status"] == "succeeded", run.get("error")
+    merged = _merged(embedded, run, tmp_path)
+    assert merged["fc1.weight"].shape == (8, 4) and merged["fc2.weight"].shape == (3, 8)
+    assert torch.allclose(merged["fc1.weight"], a.fc1.weight, atol=1e-5)  # aligned back
 
 
 def test_a_copied_config_gets_the_written_widths(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ class Pleas(WholeModelMethod):
         widths = {}
         for layer in layers:
             key = layer.weight or (layer.rows[0] if layer.rows else "")
-            if getattr(layer, "widen", True) and key in metas:  # unknown keys: merge_model's
+            if layer.widen and key in metas:  # a key the models lack: merge_model says so
                 widths[layer.name] = round(metas[key].shape[0] * params.width_factor)
         return neuron_layer_shapes(metas, layers, widths)
 
