@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 
+from mergeops import finite
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
-from mergeops.prefetch import Prefetcher, Read
+from mergeops.prefetch import MAX_DEPTH, Prefetcher
 from mergeops.slice_io import BufferPool, SliceOutput
+from mergeops.slice_reads import SliceRead, slice_read
 from mergeops.sources import TensorMeta, TensorSource
 
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -39,6 +41,10 @@ KEEP_BYTES = 256 * 1024 * 1024
 may keep for the merge pass, so remote inputs (S3) are fetched once, not twice; inputs beyond
 it, and local files (``rereads_cheaply``: a second read comes from the page cache, cheaper
 than holding the tensor), are read again slice by slice."""
+
+LOCAL_DEPTH = 2
+"""Slices read ahead of the merge when every input is a local file (more only hold memory:
+the page cache answers at once); remote inputs get the prefetcher's full depth."""
 
 _ROW_ALIGN = 64
 """Row sizes must be a multiple of this: slices then start on the same vector-lane alignment
@@ -141,10 +147,7 @@ class _FloatSlots:
 
 
 def _check_finite(tensor: torch.Tensor, key: str, role: str) -> None:
-    if not tensor.numel():
-        return
-    low, high = torch.aminmax(tensor)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+    if not finite.all_finite(tensor):
         raise mb.MergeError(f"tensor '{key}' of {role} contains NaN or Inf")
 
 
@@ -270,20 +273,39 @@ class ChunkedMerge:
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
         itemsize = self.meta.dtype.itemsize
         ranges = list(row_ranges(shape[0], self.rows))
-        batches = ([_read(r, start, stop, row * itemsize, self.pool) for r in inputs_rows]
-                   for start, stop in ranges)  # fmt: skip
-        with closing(self.prefetcher.stream(batches)) as stream:
+        on_cpu, check = self.ctx.device.type == "cpu", not self._swept
+        batches = ([slice_read(r, span, (row, row * itemsize), self.pool, on_cpu=on_cpu,
+                               check=check) for r in inputs_rows]
+                   for span in ranges)  # fmt: skip
+        local = all(getattr(r.source, "rereads_cheaply", False) for r in inputs_rows)
+        depth = LOCAL_DEPTH if local else MAX_DEPTH  # local: a few slices ahead are enough
+        with closing(self.prefetcher.stream(batches, depth=depth)) as stream:
             for (start, stop), pending in zip(ranges, stream, strict=True):
-                loaded = []
-                for slot, (p, role, rows) in enumerate(
-                    zip(pending, roles, inputs_rows, strict=True)
-                ):
-                    raw, buffer = p.result()
-                    loaded.append(self._owned(raw, role, counted=not rows.held, slot=slot))
-                    if buffer is not None:
-                        self.pool.give(buffer)
+                loaded, buffers = [], []
+                for slot, (p, role, rows) in enumerate(zip(pending, roles, inputs_rows, strict=True)):  # fmt: skip
+                    got: SliceRead = p.result()
+                    loaded.append(self._take(got, role, rows, slot))
+                    if got.buffer is not None:
+                        buffers.append(got.buffer)
                 del pending
                 yield (start, stop), loaded
+                del loaded
+                for buffer in buffers:  # the slice is merged: its buffers are free again
+                    self.pool.give(buffer)
+
+    def _take(self, got: SliceRead, role: str, rows: _Rows, slot: int) -> torch.Tensor:
+        """One input's owned float32 slice (counted, checked) from its read."""
+        if not got.float32:
+            tensor = self._owned(got.tensor, role, counted=not rows.held, slot=slot)
+            if got.buffer is not None:
+                self.pool.give(got.buffer)
+                got.buffer = None
+            return tensor
+        if not rows.held:
+            self.bytes_read += got.nbytes
+        if got.finite is False:
+            raise mb.MergeError(f"tensor '{self.key}' of {role} contains NaN or Inf")
+        return got.tensor
 
     def _slices(self) -> Iterator[tuple[int, mb.TensorInputs]]:
         """One statistics sweep: (flat offset, inputs) of every slice. The first sweep checks
@@ -314,25 +336,3 @@ class ChunkedMerge:
                 f"{start}:{stop} of '{key}', expected {(stop - start, *shape[1:])}"
             )
         return merged
-
-
-def _read(rows: _Rows, start: int, stop: int, row_bytes: int, pool: BufferPool) -> Read:
-    """A slice's read: (raw rows, pooled buffer they live in or None). A held input is sliced
-    from memory (no bytes in flight); a source with ``get_rows_into`` reads into a pooled
-    buffer, which the merging thread gives back once it has its float32 copy."""
-    if rows.held or rows.whole is not None:
-        return Read(0 if rows.held else (stop - start) * row_bytes,
-                    lambda: (rows.get(start, stop), None))  # fmt: skip
-    into = getattr(rows.source, "get_rows_into", None)
-    if into is None:
-        return Read((stop - start) * row_bytes, lambda: (rows.get(start, stop), None))
-
-    def fetch() -> tuple[torch.Tensor, torch.Tensor]:
-        buffer = pool.take((stop - start) * row_bytes)
-        try:
-            return into(rows.key, start, stop, buffer), buffer
-        except BaseException:
-            pool.give(buffer)
-            raise
-
-    return Read((stop - start) * row_bytes, fetch)

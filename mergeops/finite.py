@@ -16,10 +16,28 @@ import torch
 from mergeops.methods import base as mb
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite (a host bool). On the CPU the sum decides first: NaN and
+    Inf survive any order of additions, so a finite sum proves every value finite (one
+    vectorised pass, several times faster than ``aminmax``); only a non-finite sum (a bad
+    value, or an overflow of the sum itself) is checked again exactly."""
+    if not tensor.numel():
+        return True
+    if tensor.device.type == "cpu" and bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(_minmax_flag(tensor))
+
+
 def input_flag(tensor: torch.Tensor) -> torch.Tensor:
     """A 0-d bool on the tensor's device: all values finite (no host sync)."""
     if not tensor.numel():
         return torch.ones((), dtype=torch.bool, device=tensor.device)
+    if tensor.device.type == "cpu":  # no sync to avoid: the faster check
+        return torch.tensor(all_finite(tensor))
+    return _minmax_flag(tensor)
+
+
+def _minmax_flag(tensor: torch.Tensor) -> torch.Tensor:
     # Two reductions (NaN propagates through min/max) instead of a bool tensor per element.
     low, high = torch.aminmax(tensor)
     return torch.isfinite(low) & torch.isfinite(high)
@@ -69,7 +87,7 @@ def check_output(ctx: mb.MergeContext, key: str, tensor: torch.Tensor) -> None:
     """Raise ``MergeError`` naming ``key`` when the (output-dtype) tensor is not all finite."""
     if not tensor.is_floating_point() or not tensor.numel():
         return
-    if bool(input_flag(tensor)):  # one pass, no per-element temporary (the common case)
+    if all_finite(tensor):  # one pass, no per-element temporary (the common case)
         return
     count = int(nonfinite_count(tensor))
     raise output_error(ctx, key, count, tensor.numel())

@@ -101,8 +101,10 @@ class Prefetcher:
         with self._lock:
             self._futures.discard(future)
 
-    def stream(self, batches: Iterable[Sequence[Read]]) -> Generator[list[Pending], None, None]:
-        """Each batch's pending reads, in order, with later batches read ahead.
+    def stream(
+        self, batches: Iterable[Sequence[Read]], *, depth: int = MAX_DEPTH
+    ) -> Generator[list[Pending], None, None]:
+        """Each batch's pending reads, in order, with up to ``depth`` later batches read ahead.
 
         Use it inside ``contextlib.closing`` so an early exit releases its budget at once.
         """
@@ -121,7 +123,7 @@ class Prefetcher:
                     if batch is _END:
                         return
                     ahead.append(self._submit(batch))
-                while len(ahead) <= MAX_DEPTH:
+                while len(ahead) <= max(1, min(depth, MAX_DEPTH)):
                     if waiting is _END:
                         waiting = next(source, _END)
                         if waiting is _END:

@@ -117,7 +117,7 @@ class SliceOutput:
             cast = out
         else:  # cast and check on the device, then one copy of output-dtype bytes
             cast = merged.to(self.dtype)
-        if not bool(finite.input_flag(cast)) or self.bad:
+        if self.bad or not finite.all_finite(cast):
             self.bad += int(finite.nonfinite_count(cast))
             self.pool.give(buffer)
             return
