@@ -213,6 +213,10 @@ class MergeMethod(ABC):
     def validate(self, ctx: MergeContext) -> None:  # noqa: B027 - optional hook
         """Check params against the inputs before anything is read; raise ``MergeError``."""
 
+    def check_model_count(self, params: MethodParams, count: int) -> None:  # noqa: B027
+        """Refuse params that do not fit ``count`` models (``MergeError``); needs no input,
+        so the registry checks it when a merge is requested (optional hook)."""
+
     # ---- side inputs -------------------------------------------------------------------
     def check_side_input(self, kind: str, source: TensorSource, key: str, meta: TensorMeta) -> None:
         """Up-front check that a side input holds ``key`` with the weights' shape."""

@@ -249,12 +249,13 @@ def _check_method(request: MergeRequest) -> None:
 
     try:
         method = methods_base.get_method(request.method)
-        methods_base.split_params(
+        params, _ = methods_base.split_params(
             method,
             request.params,
             [spec.params for spec in request.inputs],
             [f"checkpoint {spec.checkpoint_id}" for spec in request.inputs],
         )
+        method.check_model_count(params, len(request.inputs))
     except methods_base.MergeError as exc:
         raise InvalidInput(str(exc)) from None
     if methods_base.Need.BASE in method.needs and request.base_id is None:

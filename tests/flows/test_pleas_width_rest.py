@@ -1,6 +1,6 @@
 """pleas at ``width_factor`` > 1 over REST: ``POST /merges`` on stored features registers a
-wider merged checkpoint with both inputs as parents; a width out of range is a 422, a wider
-merge of three models a failed run naming ``width_factor``; a registered merge's copied
+wider merged checkpoint with both inputs as parents; a width out of range and a wider merge
+of three models are 422s naming ``width_factor``; a registered merge's copied
 ``config.json`` gets the widths of the written tensors."""
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def test_wider_pleas_registers_the_wider_model_with_both_parents(
     direct = {(e["parent_id"], e["role"]) for e in lineage["ancestors"] if e["depth"] == 1}
     assert direct == {(ids[0], "input"), (ids[1], "input")}
 
-    three = _run(embedded, "pleas", ids, least_squares=False, width_factor=1.5)
-    assert three["status"] == "failed" and three["output_checkpoint_id"] is None
-    assert "width_factor 1.5: a wider merge takes exactly 2 models, got 3" in three["error"]
+    three = embedded.post_merge("pleas", ids, params={"width_factor": 1.5,
+                                                      "least_squares": False})  # fmt: skip
+    assert three.status_code == 422, three.text
+    assert "width_factor 1.5: a wider merge takes exactly 2 models, got 3" in three.text
+    assert embedded.client.get("/api/v1/merges").json()["total"] == 1  # the one above only
 
 
 def test_a_layer_stored_with_widen_false_keeps_its_width(

@@ -86,11 +86,13 @@ class Pleas(WholeModelMethod):
 
     def validate(self, ctx: MergeContext) -> None:
         require_probe(ctx)
-        params = ctx.params
+        self.check_model_count(ctx.params, len(ctx.model_names))
+
+    def check_model_count(self, params: MethodParams, count: int) -> None:
         assert isinstance(params, PleasParams)
-        if params.width_factor != 1.0 and len(ctx.model_names) != 2:
+        if params.width_factor != 1.0 and count != 2:
             raise MergeError(f"pleas width_factor {params.width_factor}: a wider merge takes "
-                             f"exactly 2 models, got {len(ctx.model_names)}")  # fmt: skip
+                             f"exactly 2 models, got {count}")  # fmt: skip
 
     def output_shapes(
         self, metas: Mapping[str, TensorMeta], ctx: MergeContext
