@@ -26,7 +26,8 @@ slices through a ``TensorStatsPass`` for per-tensor reductions (norms, angles, c
 
 Whole-model methods (``WholeModelMethod``, e.g. fw) get the sources themselves in
 ``merge_model(inputs, ctx)`` and return whole dicts; ``load_state_dict`` helps load one
-source at a time, so a method can keep memory constant in the pool size.
+source at a time, so a method can keep memory constant in the pool size. ``output_shapes``
+declares output shapes other than the inputs' (pleas's wider layers, ``mergeops.reshape``).
 
 Stateful methods (``Need.STATE``) implement ``new_state``/``load_state``/``save_state``;
 the engine loads ``state_path`` when it exists (else ``new_state``), exposes the object as
