@@ -61,6 +61,16 @@ def row(
     ]  # fmt: skip
 
 
+def runs_line(size: str, method: str, runs: dict[str, list[Merge]]) -> str:
+    """Every run's merge seconds and peak RSS, local and S3, in run order."""
+    parts = []
+    for mode, merges in runs.items():
+        seconds = ", ".join(f"{m.report['merge_s']:.2f}" if m.report else "FAILED" for m in merges)
+        rss = ", ".join(f"{m.run.peak_rss / MIB:.0f}" for m in merges)
+        parts.append(f"{mode} {seconds} s (RSS {rss} MiB)")
+    return f"runs {size} {method}: " + "; ".join(parts)
+
+
 HEADERS = ["size", "method", "local s", "s3 s", "S3 floor s", "s3/max(floor,local)",
            "dl+merge s", "s3/(dl+merge)", "speed local/s3", "local RSS MiB", "s3 RSS MiB",
            "RSS s3/local", "input MiB", "wire MiB", "wire/input", "fetched/asked", "GET/HEAD",

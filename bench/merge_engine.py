@@ -276,7 +276,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--mergekit", default=_mergekit_yaml(),
                         help="mergekit-yaml executable, or 'none' to skip it")  # fmt: skip
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help="scratch folder for inputs and outputs (3b: ~42 GB free)")  # fmt: skip
     parser.add_argument("--shard-size", default="256MB", help="output shard size, both engines")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--repeats", type=int, default=None,

@@ -32,6 +32,7 @@ def test_tiny_run_prints_both_sides_and_identical_outputs(
     assert gets > 0 and heads == 0  # tensors located by the stored index: no header reads
     floor = next(line for line in printed.splitlines() if line.startswith("S3 floor tiny:"))
     assert "median of" in floor and floor.count(", ") >= 1
+    assert "runs tiny task_arithmetic: local " in printed and "; s3 " in printed
     assert len(list((tmp_path / "tiny").glob("task_arithmetic-s3-*.log"))) == 2
     assert not (tmp_path / "tiny" / "models").exists()  # cleaned up without --keep
 
