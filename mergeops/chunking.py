@@ -29,7 +29,7 @@ from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
 from mergeops.prefetch import MAX_DEPTH, Prefetcher
 from mergeops.slice_io import BufferPool, SliceOutput
-from mergeops.slice_reads import SliceRead, slice_read
+from mergeops.slice_reads import FloatSlots, SliceRead, owned_float, slice_read
 from mergeops.sources import TensorMeta, TensorSource
 
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -120,32 +120,6 @@ class _Rows:
             self._whole, self.held = None, False
 
 
-def _owned_float(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fresh float32 copy of ``raw`` on ``device`` (never a view of the source)."""
-    out = torch.empty(raw.shape, dtype=torch.float32, device=device)
-    out.copy_(raw)
-    return out
-
-
-class _FloatSlots:
-    """One reused float32 buffer per input: slice k+1's owned copy overwrites slice k's
-    (the merge of slice k is done with them by then)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._buffers: dict[int, torch.Tensor] = {}
-
-    def owned(self, index: int, raw: torch.Tensor) -> torch.Tensor:
-        numel = raw.numel()
-        buffer = self._buffers.get(index)
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
-            self._buffers[index] = buffer
-        out = buffer[:numel].view(raw.shape)
-        out.copy_(raw)
-        return out
-
-
 def _check_finite(tensor: torch.Tensor, key: str, role: str) -> None:
     if not finite.all_finite(tensor):
         raise mb.MergeError(f"tensor '{key}' of {role} contains NaN or Inf")
@@ -183,7 +157,7 @@ class ChunkedMerge:
     ) -> None:
         self.key, self.rows, self.prefetcher = job.key, rows, prefetcher
         self.pool = pool if pool is not None else BufferPool()
-        self._slots = _FloatSlots(job.ctx.device)
+        self._slots = FloatSlots(job.ctx.device)
         self.method, self.ctx, self.meta = job.method, job.ctx, job.meta
         self.bytes_read = 0
         self.roles = [role for _, _, role in job.models]
@@ -200,7 +174,7 @@ class ChunkedMerge:
         if counted:
             self.bytes_read += raw.numel() * raw.element_size()
         device = self.ctx.device
-        out = _owned_float(raw, device) if slot is None else self._slots.owned(slot, raw)
+        out = owned_float(raw, device) if slot is None else self._slots.owned(slot, raw)
         if not self._swept:  # a later sweep reads the same values again
             _check_finite(out, self.key, role)
         return out

@@ -25,8 +25,9 @@ from mergeops.emit import TensorSink, emit_chunked
 from mergeops.emit import emit as _emit
 from mergeops.emit import out_dtype as _out_dtype
 from mergeops.emit import progress_bar as _progress
+from mergeops.io.dir_sink import DirSink
 from mergeops.io.streamed import TensorSpec
-from mergeops.io.writer import ShardedWriter, check_stream_name, staged_output, swap_into_place
+from mergeops.io.writer import staged_output, swap_into_place
 from mergeops.methods import base as mb
 from mergeops.pipeline import Backend, SlicePipeline
 from mergeops.plan import MergePlan
@@ -249,45 +250,6 @@ def output_layout(plan: MergePlan) -> list[TensorSpec] | None:
     return [TensorSpec(key, tuple(metas[key].shape), dtype(key)) for key in plan.keys]
 
 
-class _DirSink:
-    """The sink of ``merge_to_dir``: the merged model into one sharded writer (slices of
-    chunked tensors written in place by its background thread), each extra stream into a
-    sub-folder of its own."""
-
-    def __init__(
-        self,
-        staging: Path,
-        max_shard_size: int | str,
-        metadata: dict[str, str],
-        layout: list[TensorSpec] | None,
-    ) -> None:
-        self.staging, self.max_shard_size, self.metadata = staging, max_shard_size, metadata
-        main = ShardedWriter(staging, max_shard_size=max_shard_size, metadata=metadata,
-                             layout=layout, background=layout is not None)  # fmt: skip
-        self.writers: dict[str | None, ShardedWriter] = {None: main}
-        self.takes_rows = layout is not None
-
-    def __call__(self, name: str, stream: str | None, tensor: torch.Tensor) -> None:
-        if stream not in self.writers:
-            folder = self.staging / check_stream_name(str(stream))
-            self.writers[stream] = ShardedWriter(
-                folder, max_shard_size=self.max_shard_size, metadata=self.metadata
-            )
-        self.writers[stream].add(name, tensor)
-
-    def write_rows(
-        self,
-        name: str,
-        byte_offset: int,
-        data: torch.Tensor,
-        release: Callable[[], None] | None = None,
-    ) -> None:
-        self.writers[None].write_rows(name, byte_offset, data, release)
-
-    def rows_done(self, name: str) -> None:
-        self.writers[None].rows_done(name)
-
-
 def merge_to_dir(
     plan: MergePlan,
     out_dir: str | Path,
@@ -304,7 +266,7 @@ def merge_to_dir(
     """
     metadata = output_metadata(plan)
     with staged_output(out_dir, overwrite=overwrite) as staging:
-        sink = _DirSink(staging, max_shard_size, metadata, output_layout(plan))
+        sink = DirSink(staging, max_shard_size, metadata, output_layout(plan))
         writers = sink.writers
         try:
             bytes_read = run(plan, sink, progress=progress)

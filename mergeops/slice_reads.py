@@ -5,7 +5,8 @@ pooled buffer (``get_rows_into``, no fresh pages), casts them into a pooled floa
 gives the raw buffer back and checks the float32 values finite. The merging thread then only
 merges: it raises the finite error in input order (as a sequential read would) and gives the
 float32 buffers back once the slice is merged. Elsewhere (CUDA) the thread reads the raw rows
-and the merging thread copies them to the device, as before.
+and the merging thread copies them to the device (``FloatSlots``: one reused float32
+buffer per input), as before.
 """
 
 from __future__ import annotations
@@ -95,3 +96,29 @@ def slice_read(
         return SliceRead(out, buffer, True, ok, raw.tensor.numel() * raw.tensor.element_size())
 
     return Read((stop - start) * row[0] * 4, fetch)
+
+
+def owned_float(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh float32 copy of ``raw`` on ``device`` (never a view of the source)."""
+    out = torch.empty(raw.shape, dtype=torch.float32, device=device)
+    out.copy_(raw)
+    return out
+
+
+class FloatSlots:
+    """One reused float32 buffer per input: slice k+1's owned copy overwrites slice k's
+    (the merge of slice k is done with them by then)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def owned(self, index: int, raw: torch.Tensor) -> torch.Tensor:
+        numel = raw.numel()
+        buffer = self._buffers.get(index)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+            self._buffers[index] = buffer
+        out = buffer[:numel].view(raw.shape)
+        out.copy_(raw)
+        return out

@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 
 
 class BackgroundWrites:

@@ -1,9 +1,8 @@
 """Sharded safetensors output with an index, staged so a failed merge leaves nothing behind.
 
-``staged_output(out_dir)`` yields a temporary folder next to ``out_dir`` and renames it into
-place only when the block succeeds; on any exception the temporary folder is removed.
-``ShardedWriter`` fills one folder with ``model-0000i-of-0000n.safetensors`` shards of at most
-``max_shard_size`` bytes (one tensor larger than that gets a shard of its own) and writes
+``staged_output(out_dir)`` (``mergeops.io.staging``, re-exported here) yields a temporary
+folder renamed into place only when the block succeeds. ``ShardedWriter`` fills one folder
+with ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_size`` bytes (one tensor larger than that gets a shard of its own) and writes
 ``model.safetensors.index.json``; every shard's ``__metadata__`` carries the given metadata.
 Shards are written by ``write_safetensors`` (not ``safetensors.torch.save_file``, whose header
 key order changes from write to write), so identical merges give byte-identical files.
@@ -13,10 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +20,7 @@ import torch
 
 from mergeops.io.background import BackgroundWrites
 from mergeops.io.readers import INDEX_NAME
+from mergeops.io.staging import OutputError, staged_output, swap_into_place
 from mergeops.io.streamed import HeaderEntry, StreamedShards, TensorSpec, header_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
@@ -56,10 +53,6 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-class OutputError(ValueError):
-    """The output location or a stream name is unusable."""
 
 
 def parse_size(size: int | str) -> int:
@@ -146,37 +139,6 @@ def write_safetensors(
         Path(path).unlink(missing_ok=True)
         raise
     return written
-
-
-@contextmanager
-def staged_output(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder renamed to ``out_dir`` on success and deleted on failure.
-
-    A non-empty ``out_dir`` is refused up front unless ``overwrite``; then it is replaced only
-    after success (moved aside, the new folder renamed in, the old one deleted).
-    """
-    target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"output '{target}' exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputError(
-            f"output folder '{target}' already exists and is not empty (use --overwrite)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardedWriter:
@@ -372,12 +334,16 @@ class ShardedWriter:
         self._pending, self._pending_bytes = {}, 0
 
 
-def swap_into_place(staged: Path, path: Path) -> Path:
-    """Replace ``path`` (file or folder) by ``staged``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    shutil.move(str(staged), str(path))
-    return path
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "SAFETENSORS_DTYPES",
+    "OutputError",
+    "ShardedWriter",
+    "check_stream_name",
+    "parse_size",
+    "safetensors_dtype",
+    "spec_entry",
+    "staged_output",
+    "swap_into_place",
+    "write_safetensors",
+]
