@@ -63,7 +63,7 @@ from bench.merge_options import (
     repeats_for,
     runs_mergekit,
 )
-from bench.merge_parity import compare
+from bench.merge_parity import Parity, compare
 from bench.merge_pipeline import cuda_main, h2d_bandwidth, prefetch_compare
 from bench.merge_report import Row, Run, format_table, print_notes, print_summary
 from bench.merge_setups import MERGEKIT_SETUPS, Setup, mergekit_methods
@@ -212,23 +212,10 @@ def bench_method(
     if parity_wanted and free_bytes(work) < 2 * out_bytes + 1e9:
         print(f"{size} {method}: parity check skipped, no disk room for two outputs")
         parity_wanted = False
-    runs: dict[str, list[Run]] = {"ckreg": [], "mergekit": []}
-    floors: list[Floor] = []
-    parity = None
-    for repeat in range(repeats_for(args, method, size)):
-        floors.append(measure_floor(inputs, out_bytes, work / "floor.bin"))
-        for engine in engines if repeat % 2 == 0 else engines[::-1]:
-            log = work / f"{method}-{'ckreg' if engine == 'ckreg' else 'mk'}-{repeat}.log"
-            runs[engine].append(measure(cmds[engine], engine=engine, device="cpu", log=log))
-            if not (repeat == 0 and parity_wanted):
-                shutil.rmtree(outs[engine], ignore_errors=True)
-        if repeat == 0 and parity_wanted and runs["ckreg"][0].ok and runs["mergekit"][0].ok:
-            ties_inputs = folders[: 1 + setup.models] if method == "ties" else None
-            parity = compare(
-                outs["ckreg"], outs["mergekit"], ties_inputs=ties_inputs, density=args.density
-            )
-        for out in outs.values():
-            shutil.rmtree(out, ignore_errors=True)
+    parity_inputs = folders[: 1 + setup.models] if parity_wanted else None
+    runs, floors, parity = _timed_runs(
+        method, engines, cmds, outs, inputs, out_bytes, parity_inputs, args, work
+    )
     floor = median_floor(floors).seconds
     ck = _median_run(runs["ckreg"])
     rows = [Row(size, method, ck, in_bytes + out_bytes, memcpy, parity, floor=floor,
@@ -247,6 +234,38 @@ def bench_method(
     if args.prefetch_compare:
         rows[0].prefetch = prefetch_compare(cfg, work, method, measure)
     return rows
+
+
+def _timed_runs(
+    method: str,
+    engines: list[str],
+    cmds: dict[str, list[str]],
+    outs: dict[str, Path],
+    inputs: list[Path],
+    out_bytes: int,
+    parity_inputs: list[Path] | None,
+    args: argparse.Namespace,
+    work: Path,
+) -> tuple[dict[str, list[Run]], list[Floor], Parity | None]:
+    """The floor and each engine per repeat (order alternating); the outputs of the first
+    repeat are compared when ``parity_inputs`` (base first) is given."""
+    runs: dict[str, list[Run]] = {"ckreg": [], "mergekit": []}
+    floors: list[Floor] = []
+    parity = None
+    for repeat in range(repeats_for(args, method, work.name)):
+        floors.append(measure_floor(inputs, out_bytes, work / "floor.bin"))
+        keep = repeat == 0 and parity_inputs is not None
+        for engine in engines if repeat % 2 == 0 else engines[::-1]:
+            log = work / f"{method}-{'ckreg' if engine == 'ckreg' else 'mk'}-{repeat}.log"
+            runs[engine].append(measure(cmds[engine], engine=engine, device="cpu", log=log))
+            if not keep:
+                shutil.rmtree(outs[engine], ignore_errors=True)
+        if keep and runs["ckreg"][0].ok and runs["mergekit"][0].ok:
+            parity = compare(outs["ckreg"], outs["mergekit"], density=args.density,
+                             ties_inputs=parity_inputs if method == "ties" else None)  # fmt: skip
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    return runs, floors, parity
 
 
 def _shard_rss(

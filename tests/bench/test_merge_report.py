@@ -56,6 +56,8 @@ def test_tiny_run_prints_summary_goals_and_rss_per_shard_size(tmp_path: Path, ca
     logs = sorted(p.name for p in (tmp_path / "tiny").glob("*.log"))
     assert logs == ["linear-ckreg-0.log", "linear-ckreg-shard-10MB.log", "linear-mk-0.log"]
     lines = printed.splitlines()
+    run_row = next(x for x in lines if x.strip().startswith("tiny linear") and " ckreg " in x)
+    assert " abs " in run_row and " rel " in run_row  # outputs compared with mergekit's
     linear = next(x for x in lines if x.startswith("| linear | tiny |"))
     assert all(c.strip() not in ("-", "FAILED") for c in linear.split("|")[3:12]), linear
     assert any(x.startswith("- linear: ckreg/floor tiny ") and "mergekit/ckreg" in x for x in lines)
