@@ -66,6 +66,33 @@ def _ta_blocked(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _consensus_inputs(seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    deltas = [_tau(128 * 1024, seed + t) * w for t, w in enumerate(WEIGHTS)]
+    total = torch.zeros(128 * 1024)
+    for delta in deltas:
+        total.add_(delta)
+    return deltas, total
+
+
+def _consensus(deltas: list[torch.Tensor], total: torch.Tensor, *, bool_mask: bool) -> torch.Tensor:
+    """One block of TIES's disjoint sum as ``ops.blocked_combine`` runs it: with a bool agree
+    mask multiplied in (before) or a float one fused by ``addcmul_`` (after)."""
+    kept, weight = torch.zeros_like(total), torch.zeros_like(total)
+    product = torch.empty_like(total)
+    agree = torch.empty(total.shape, dtype=torch.bool if bool_mask else torch.float32)
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    for delta, w in zip(deltas, WEIGHTS, strict=True):
+        torch.mul(delta, elected, out=product)
+        torch.gt(product, 0, out=agree)
+        if bool_mask:
+            torch.mul(delta, agree, out=product)
+            kept.add_(product)
+        else:
+            kept.addcmul_(delta, agree)
+        weight.add_(agree, alpha=w)
+    return kept.div_(weight.masked_fill_(weight == 0, 1))
+
+
 def _linear_before(models: list[torch.Tensor]) -> torch.Tensor:
     return basic.weighted_sum(models, WEIGHTS) / float(sum(WEIGHTS))
 
@@ -91,6 +118,7 @@ def run(repeats: int) -> None:
     big = _tau(32 * 1024 * 1024, 7).abs_()
     mid = _tau(3 * 1024 * 1024, 8).abs_()
     base, models = _slice_inputs(512, 1024)  # one 2 MiB float32 row slice per input
+    block = _consensus_inputs(20)
     cases: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
         ("top-k cut stats, 32M |tau|", lambda: _old_select(big, big.numel() // 2),
          lambda: _new_select(big, big.numel() // 2)),
@@ -98,6 +126,8 @@ def run(repeats: int) -> None:
          lambda: _new_select(mid, mid.numel() // 5)),
         ("ties combine, 2 MiB slice", lambda: _ta_unblocked(base, models),
          lambda: _ta_blocked(base, models)),
+        ("ties consensus, 128K block", lambda: _consensus(*block, bool_mask=True),
+         lambda: _consensus(*block, bool_mask=False)),
         ("linear average, 2 MiB slice", lambda: _linear_before(models),
          lambda: _linear_after(models)),
     ]  # fmt: skip

@@ -71,7 +71,7 @@ class _Buffers:
             kept=torch.empty(length, dtype=f32),
             weight=torch.empty(length, dtype=f32),
             product=torch.empty(length, dtype=dtype),
-            agree=torch.empty(length, dtype=torch.bool),
+            agree=torch.empty(length, dtype=f32),
         )
 
 
@@ -149,9 +149,8 @@ def _consensus_block(
     weight.zero_()
     for t in range(deltas.shape[0]):
         torch.mul(deltas[t], elected, out=product)
-        torch.gt(product, 0, out=agree)
-        torch.mul(deltas[t], agree, out=product)  # δ_t or ±0, as the reference's δ·agree
-        kept.add_(product)
+        torch.gt(product, 0, out=agree)  # 1.0 / 0.0 (float: products with a bool are slow)
+        kept.addcmul_(deltas[t], agree)  # + δ_t or ±0, exactly the reference's + δ·agree
         if normalize:
             weight.add_(agree, alpha=alphas[t])  # w_t or 0, exact
     merged = kept if dtype == torch.float32 else kept.to(dtype)
