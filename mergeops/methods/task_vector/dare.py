@@ -35,11 +35,12 @@ class DareParams(TaskArithmeticParams):
 def dare_rows(
     tau: torch.Tensor, keep: torch.Tensor, density: float, scale: torch.Tensor | None, by: str
 ) -> torch.Tensor:
-    """τ ⊙ keep rescaled: by 1/density, or by the precomputed L1 factor ``scale``."""
+    """τ ⊙ keep rescaled: by 1/density, or by the precomputed L1 factor ``scale``; in place
+    (``tau`` is an owned slice; the same products and quotient as out of place)."""
+    masked = tau.mul_(keep)
     if by == "keep_probability":
-        return tau * keep / density
-    masked = tau * keep
-    return masked if scale is None else masked * scale
+        return masked.div_(density)
+    return masked if scale is None else masked.mul_(scale)
 
 
 class _Dare(TaskVectorMerge):
