@@ -77,6 +77,16 @@ def rows_for(
     return max(1, CHUNK_BYTES // (row * 4))
 
 
+def any_dtype(method: mb.MergeMethod) -> bool:
+    """Whether ``method`` may merge slices in a compute dtype other than float32 (mergekit
+    configs compute in their ``dtype``): an elementwise method whose ``merge_rows`` is its
+    ``merge_tensor`` of the slice, so each element sees the same operations either way."""
+    return (
+        isinstance(method, mb.ElementwiseMethod)
+        and type(method).merge_rows is mb.ElementwiseMethod.merge_rows
+    )
+
+
 def row_ranges(count: int, rows: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of each slice of ``rows`` rows over ``count`` rows."""
     for start in range(0, count, rows):
@@ -157,7 +167,8 @@ class ChunkedMerge:
     ) -> None:
         self.key, self.rows, self.prefetcher = job.key, rows, prefetcher
         self.pool = pool if pool is not None else BufferPool()
-        self._slots = FloatSlots(job.ctx.device)
+        self.compute = job.ctx.compute_dtype or job.meta.dtype  # float32 but for any_dtype
+        self._slots = FloatSlots(job.ctx.device, self.compute)
         self.method, self.ctx, self.meta = job.method, job.ctx, job.meta
         self.bytes_read = 0
         self.roles = [role for _, _, role in job.models]
@@ -174,7 +185,9 @@ class ChunkedMerge:
         if counted:
             self.bytes_read += raw.numel() * raw.element_size()
         device = self.ctx.device
-        out = owned_float(raw, device) if slot is None else self._slots.owned(slot, raw)
+        out = (
+            owned_float(raw, device, self.compute) if slot is None else self._slots.owned(slot, raw)
+        )
         if not self._swept:  # a later sweep reads the same values again
             _check_finite(out, self.key, role)
         return out
@@ -249,7 +262,7 @@ class ChunkedMerge:
         ranges = list(row_ranges(shape[0], self.rows))
         on_cpu, check = self.ctx.device.type == "cpu", not self._swept
         batches = ([slice_read(r, span, (row, row * itemsize), self.pool, on_cpu=on_cpu,
-                               check=check) for r in inputs_rows]
+                               check=check, dtype=self.compute) for r in inputs_rows]
                    for span in ranges)  # fmt: skip
         local = all(getattr(r.source, "rereads_cheaply", False) for r in inputs_rows)
         depth = LOCAL_DEPTH if local else MAX_DEPTH  # local: a few slices ahead are enough

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mergeops.chunking import ChunkedMerge, chunk_rows, plan_job
+from mergeops.chunking import ChunkedMerge, any_dtype, chunk_rows, plan_job
 from mergeops.device import dtype_name
 from mergeops.emit import TensorSink, emit_chunked
 from mergeops.emit import emit as _emit
@@ -108,7 +108,8 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
     method = plan.method
     assert isinstance(method, mb.StreamingMethod)
     floats = set(_float_keys(plan))
-    rows_of = {key: chunk_rows(plan, key) if _fp32_compute(plan) else 0 for key in floats}
+    sliced = _fp32_compute(plan) or any_dtype(method)
+    rows_of = {key: chunk_rows(plan, key) if sliced else 0 for key in floats}
     stream = reader.stream(plan.keys, read=lambda key: key in floats and not rows_of[key])
     for key, inputs in _progress(stream, len(plan.keys), f"{method.name}: merging", progress):
         if key not in floats:  # integer/bool buffers pass through from the reference

@@ -70,9 +70,12 @@ def slice_read(
     *,
     on_cpu: bool,
     check: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> Read:
     """The read of rows ``span`` of one input whose rows have ``row`` = (elements, bytes);
-    ``on_cpu``: cast to float32 (and, with ``check``, checked finite) in the reader thread.
+    ``on_cpu``: cast to ``dtype`` (the compute dtype: float32 unless a mergekit config computes
+    an elementwise method in its own dtype) and, with ``check``, checked finite in the reader
+    thread.
     Its size counts what it keeps in memory until merged (nothing for a held raw slice read
     on the merging thread's device)."""
     start, stop = span
@@ -82,9 +85,9 @@ def slice_read(
 
     def fetch() -> SliceRead:
         raw = _raw(rows, start, stop, nbytes, pool)
-        buffer = pool.take(raw.tensor.numel() * 4)
+        buffer = pool.take(raw.tensor.numel() * dtype.itemsize)
         try:
-            out = typed(buffer, torch.float32, tuple(raw.tensor.shape))
+            out = typed(buffer, dtype, tuple(raw.tensor.shape))
             out.copy_(raw.tensor)
         except BaseException:
             pool.give(buffer)
@@ -95,12 +98,14 @@ def slice_read(
         ok = finite.all_finite(out) if check else None
         return SliceRead(out, buffer, True, ok, raw.tensor.numel() * raw.tensor.element_size())
 
-    return Read((stop - start) * row[0] * 4, fetch)
+    return Read((stop - start) * row[0] * dtype.itemsize, fetch)
 
 
-def owned_float(raw: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A fresh float32 copy of ``raw`` on ``device`` (never a view of the source)."""
-    out = torch.empty(raw.shape, dtype=torch.float32, device=device)
+def owned_float(
+    raw: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A fresh ``dtype`` (float32) copy of ``raw`` on ``device`` (never a view of the source)."""
+    out = torch.empty(raw.shape, dtype=dtype, device=device)
     out.copy_(raw)
     return out
 
@@ -109,15 +114,15 @@ class FloatSlots:
     """One reused float32 buffer per input: slice k+1's owned copy overwrites slice k's
     (the merge of slice k is done with them by then)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype = device, dtype
         self._buffers: dict[int, torch.Tensor] = {}
 
     def owned(self, index: int, raw: torch.Tensor) -> torch.Tensor:
         numel = raw.numel()
         buffer = self._buffers.get(index)
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+            buffer = torch.empty(numel, dtype=self.dtype, device=self.device)
             self._buffers[index] = buffer
         out = buffer[:numel].view(raw.shape)
         out.copy_(raw)

@@ -218,3 +218,39 @@ def test_get_rows_into_reads_into_the_given_buffer(tmp_path: Path) -> None:
     assert torch.equal(rows, source.get_rows("embed", 5, 8))
     with pytest.raises(SourceError, match="wrong size"):
         source.get_rows_into("embed", 5, 9, buffer)
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", None])
+@pytest.mark.parametrize("method", ["passthrough", "nearswap"])
+def test_elementwise_methods_slice_in_their_own_compute_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compute: str | None, method: str
+) -> None:
+    """mergekit configs compute in their dtype (here bf16, or None: as stored): an
+    elementwise method is sliced there too, with the whole tensor's bytes."""
+    paths = write_family(tmp_path / "in", family())
+    kwargs: dict[str, Any] = {"compute_dtype": compute, "device": "cpu", "progress": False}
+    if method == "passthrough":
+        kwargs |= {"model_params": [{"scale": 0.7}]}
+    else:
+        kwargs |= {"base": paths[0], "params": {"t": 0.05}}
+    outputs = {}
+    for label, chunk in (("whole", 1 << 40), ("sliced", SLICE)):
+        monkeypatch.setattr(chunking, "CHUNK_BYTES", chunk)
+        out = tmp_path / label
+        mergeops.merge_files(method, [paths[1]], out_dir=out, **kwargs)
+        outputs[label] = load_file(next(out.glob("*.safetensors")))
+    sliced: list[str] = []
+    original = chunking.ChunkedMerge.run
+
+    def spy(self: chunking.ChunkedMerge, *args: Any) -> Any:
+        sliced.append(self.key)
+        return original(self, *args)
+
+    monkeypatch.setattr(chunking.ChunkedMerge, "run", spy)
+    again = tmp_path / "again"
+    mergeops.merge_files(method, [paths[1]], out_dir=again, **kwargs)
+    assert sorted(sliced) == ["embed", "mlp"]
+    assert outputs["whole"]["embed"].dtype == torch.bfloat16
+    for key, tensor in outputs["whole"].items():
+        got = outputs["sliced"][key]
+        assert torch.equal(tensor.view(torch.uint8), got.view(torch.uint8)), key
