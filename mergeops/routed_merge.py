@@ -1,10 +1,11 @@
 """The merge pass of a routed plan (mergekit slices, gradients, filters, vocabulary remaps):
 each output tensor with its own inputs and context.
 
-A large tensor of an elementwise (``chunkable``) method, merged in float32 without a
-transform, goes through the same row-chunked merge as plain plans (``mergeops.chunking``), so
-peak memory stays a few slices per input; the rest is read whole (with read-ahead) and handed
-to ``merge_tensor``. Chunked tensors reach a sink that takes slices slice by slice
+A large tensor of an elementwise (``chunkable``) method, merged without a transform in
+float32 (or in another explicit compute dtype, for the methods ``chunking.any_dtype``
+allows), goes through the same row-chunked merge as plain plans (``mergeops.chunking``), so
+peak memory stays a few slices per input; the rest is read whole (with read-ahead) and
+handed to ``merge_tensor``. Chunked tensors reach a sink that takes slices slice by slice
 (``mergeops.emit.emit_chunked``).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.chunking import ChunkedMerge, ChunkJob, rows_for
+from mergeops.chunking import ChunkedMerge, ChunkJob, any_dtype, rows_for
 from mergeops.emit import TensorSink, emit, emit_chunked, progress_bar
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
@@ -23,7 +24,10 @@ from mergeops.slice_io import BufferPool
 
 def route_rows(method: mb.MergeMethod, route: TensorRoute) -> int:
     """Rows per slice for ``route``, or 0 when it is merged whole."""
-    if route.transform is not None or route.ctx.compute_dtype != torch.float32:
+    compute = route.ctx.compute_dtype
+    if route.transform is not None or compute is None:  # None: inputs as stored, maybe mixed
+        return 0
+    if compute != torch.float32 and not any_dtype(method):
         return 0
     if not route.meta.dtype.is_floating_point:
         return 0

@@ -130,3 +130,34 @@ def test_routed_big_tensor_read_in_slices(
     assert sliced_rows == (0 if keep and whole_reads and remote else 4 * 96)
     for key in expected:
         assert torch.equal(expected[key].view(torch.uint8), got[key].view(torch.uint8)), key
+
+
+def test_routed_bf16_passthrough_is_sliced_and_matches_whole(
+    monkeypatch: pytest.MonkeyPatch, zoo: Zoo, tmp_path: Path
+) -> None:
+    """A frankenmerge computing in bfloat16 (mergekit ``dtype``) slices its large tensors."""
+    sources = [("ft1", [0, 3], 0.7), ("ft2", [1, 4], 1.3)]
+    config: dict[str, Any] = {
+        "slices": [{"sources": [{"model": zoo.path("bfloat16", name), "layer_range": layers,
+                                 "parameters": {"scale": scale}}]}
+                   for name, layers, scale in sources],
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+    }  # fmt: skip
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 1 << 40)
+    whole = run_ckreg(config, tmp_path / "whole")
+    chunked_keys: list[str] = []
+    original = chunking.ChunkedMerge.run
+
+    def spy(self: chunking.ChunkedMerge, *args: Any) -> Any:
+        chunked_keys.append(self.key)
+        return original(self, *args)
+
+    monkeypatch.setattr(chunking.ChunkedMerge, "run", spy)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 64 * 4)
+    sliced = run_ckreg(config, tmp_path / "sliced")
+    assert any("down_proj" in key for key in chunked_keys), chunked_keys
+    assert whole.keys() == sliced.keys()
+    for key in whole:
+        assert whole[key].dtype == torch.bfloat16, key
+        assert torch.equal(whole[key].view(torch.uint8), sliced[key].view(torch.uint8)), key
