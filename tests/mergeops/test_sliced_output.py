@@ -129,6 +129,20 @@ def test_a_failed_background_write_fails_the_merge_and_leaves_nothing(
         _merge(paths, out)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+    assert not [t for t in threading.enumerate() if t.name == "mergeops-write"]  # joined
+
+
+def test_a_failed_merge_joins_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = family()
+    tensors[2]["mlp"].view(-1)[-1] = float("nan")  # after embed's slices were queued
+    paths = write_family(tmp_path / "in", tensors)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", SLICE)
+    with pytest.raises(MergeError, match="tensor 'mlp' of model 'ft-2' contains NaN or Inf"):
+        _merge(paths, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [t for t in threading.enumerate() if t.name == "mergeops-write"]
 
 
 def test_a_non_finite_slice_names_the_whole_tensors_count(
