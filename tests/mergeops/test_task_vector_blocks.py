@@ -57,3 +57,23 @@ def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: s
     assert torch.equal(merge(1), reference)
     assert len(calls) == 2 + 7  # 6 blocks + 1
     assert torch.equal(merge(2), reference)
+
+
+def test_merge_rows_of_rows_without_entries_and_odd_rows() -> None:
+    """Rows of 0 entries or not lane-aligned take the one-block path (no division by 0)."""
+    from mergeops.methods.base import MergeContext, TensorInputs
+    from mergeops.methods.task_vector.task_arithmetic import (
+        TaskArithmetic,
+        TaskArithmeticParams,
+        TaskWeightParams,
+    )
+
+    ctx = MergeContext(method="task_arithmetic", model_names=["a", "b"],
+                       params=TaskArithmeticParams(), device=torch.device("cpu"), has_base=True,
+                       model_params=[TaskWeightParams(weight=1.0), TaskWeightParams(weight=0.5)])  # fmt: skip
+    for shape in [(4, 0), (3, 5)]:
+        base = torch.ones(shape)
+        models = [torch.full(shape, 2.0), torch.full(shape, 3.0)]
+        inputs = TensorInputs(name="w", models=models, base=base)
+        merged = TaskArithmetic().merge_rows(inputs, [None, None], 0, ctx)
+        assert merged.shape == shape and bool((merged == 3.0).all())

@@ -107,7 +107,7 @@ class TaskVectorMerge(StreamingMethod):
         base = inputs.base
         assert base is not None
         row = math.prod(base.shape[1:])
-        if base.dim() < 2 or row % LANES or not blockable(base, inputs.models):
+        if base.dim() < 2 or row == 0 or row % LANES or not blockable(base, inputs.models):
             taus = [
                 self.sparsify_rows(model.sub_(base), stats[i], offset, i, ctx)
                 for i, model in enumerate(inputs.models)
