@@ -108,6 +108,7 @@ class _Rows:
 
     def __init__(self, source: TensorSource, key: str) -> None:
         self.source, self.key = source, key
+        self.itemsize = source.metadata(key).dtype.itemsize  # as stored: may differ per input
         self._whole: torch.Tensor | None = None
         self.held = False
         if getattr(source, "get_rows", None) is None:
@@ -258,10 +259,9 @@ class ChunkedMerge:
         row = math.prod(shape[1:])
         inputs_rows = [*self.sources, *([self.base] if self.base is not None else [])]
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
-        itemsize = self.meta.dtype.itemsize
         ranges = list(row_ranges(shape[0], self.rows))
         on_cpu, check = self.ctx.device.type == "cpu", not self._swept
-        batches = ([slice_read(r, span, (row, row * itemsize), self.pool, on_cpu=on_cpu,
+        batches = ([slice_read(r, span, row, self.pool, on_cpu=on_cpu,
                                check=check, dtype=self.compute) for r in inputs_rows]
                    for span in ranges)  # fmt: skip
         local = all(getattr(r.source, "rereads_cheaply", False) for r in inputs_rows)

@@ -28,6 +28,8 @@ class RowsInput(Protocol):
     source: TensorSource
     key: str
     held: bool
+    itemsize: int
+    """Bytes per element as stored in ``source``."""
 
     @property
     def whole(self) -> torch.Tensor | None: ...
@@ -65,21 +67,21 @@ def _raw(rows: RowsInput, start: int, stop: int, nbytes: int, pool: BufferPool) 
 def slice_read(
     rows: RowsInput,
     span: tuple[int, int],
-    row: tuple[int, int],
+    row: int,
     pool: BufferPool,
     *,
     on_cpu: bool,
     check: bool,
     dtype: torch.dtype = torch.float32,
 ) -> Read:
-    """The read of rows ``span`` of one input whose rows have ``row`` = (elements, bytes);
+    """The read of rows ``span`` of one input whose rows have ``row`` elements;
     ``on_cpu``: cast to ``dtype`` (the compute dtype: float32 unless a mergekit config computes
     an elementwise method in its own dtype) and, with ``check``, checked finite in the reader
     thread.
     Its size counts what it keeps in memory until merged (nothing for a held raw slice read
     on the merging thread's device)."""
     start, stop = span
-    nbytes = (stop - start) * row[1]
+    nbytes = (stop - start) * row * rows.itemsize
     if not on_cpu:
         return Read(0 if rows.held else nbytes, lambda: _raw(rows, start, stop, nbytes, pool))
 
@@ -98,7 +100,7 @@ def slice_read(
         ok = finite.all_finite(out) if check else None
         return SliceRead(out, buffer, True, ok, raw.tensor.numel() * raw.tensor.element_size())
 
-    return Read((stop - start) * row[0] * dtype.itemsize, fetch)
+    return Read((stop - start) * row * dtype.itemsize, fetch)
 
 
 def owned_float(

@@ -161,3 +161,20 @@ def test_routed_bf16_passthrough_is_sliced_and_matches_whole(
     for key in whole:
         assert whole[key].dtype == torch.bfloat16, key
         assert torch.equal(whole[key].view(torch.uint8), sliced[key].view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_routed_inputs_of_mixed_dtypes_slice_like_whole(
+    monkeypatch: pytest.MonkeyPatch, zoo: Zoo, tmp_path: Path, method: str
+) -> None:
+    """Inputs stored in different dtypes (float32 and bfloat16 checkpoints in one config) are
+    read slice by slice in their own dtypes."""
+    config = _filtered(zoo, method)
+    config["models"][1]["model"] = zoo.path("bfloat16", "ft2")
+    config["base_model"] = zoo.path("bfloat16", "base")
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 1 << 40)
+    whole = run_ckreg(config, tmp_path / "whole")
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 64 * 4)
+    sliced = run_ckreg(config, tmp_path / "sliced")
+    for key in whole:
+        assert torch.equal(whole[key].view(torch.uint8), sliced[key].view(torch.uint8)), key
