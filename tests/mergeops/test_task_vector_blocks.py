@@ -50,10 +50,10 @@ def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: s
     combine = task_arithmetic.TaskVectorMerge._combine
     monkeypatch.setattr(task_arithmetic.TaskVectorMerge, "_combine",
                         lambda *a, **k: calls.append(1) or combine(*a, **k))  # fmt: skip
-    monkeypatch.setattr(task_arithmetic, "BLOCK", 1 << 40)  # one block per slice
+    monkeypatch.setattr(task_arithmetic, "ROWS_BLOCK", 1 << 40)  # one block per slice
     reference = merge(1)
     assert len(calls) == 2  # two row slices: 512 + 18 rows
-    monkeypatch.setattr(task_arithmetic, "BLOCK", 100 * 1024)  # 100 rows per block
+    monkeypatch.setattr(task_arithmetic, "ROWS_BLOCK", 100 * 1024)  # 100 rows per block
     assert torch.equal(merge(1), reference)
     assert len(calls) == 2 + 7  # 6 blocks + 1
     assert torch.equal(merge(2), reference)
