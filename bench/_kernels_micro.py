@@ -124,7 +124,7 @@ def run(repeats: int) -> None:
          lambda: _new_select(big, big.numel() // 2)),
         ("top-k cut stats, 3M |tau|", lambda: _old_select(mid, mid.numel() // 5),
          lambda: _new_select(mid, mid.numel() // 5)),
-        ("ties combine, 2 MiB slice", lambda: _ta_unblocked(base, models),
+        ("ties combine, 2 MiB in 128K blocks", lambda: _ta_unblocked(base, models),
          lambda: _ta_blocked(base, models)),
         ("ties consensus, 128K block", lambda: _consensus(*block, bool_mask=True),
          lambda: _consensus(*block, bool_mask=False)),
