@@ -1,7 +1,8 @@
 """mergeops ``TensorSource`` adapters that read safetensors blobs from an object store by range.
 
-A merge streams a checkpoint straight from S3: ``get_rows(name, start, stop)`` fetches exactly
-the byte span of those rows with one range request, ``get(name)`` one tensor's bytes. Where the
+A merge streams a checkpoint straight from S3: ``get_rows(name, start, stop)`` fetches the byte
+span of those rows with one range request (small reads: through read-ahead windows of several
+slices, ``registry.storage.read_ahead``), ``get(name)`` one tensor's bytes. Where the
 tensors are comes from the TENSOR INDEX stored on the file row at ``complete`` (no request at
 all); without one, the file's header is read from the store once. Every byte goes through
 ``registry.storage.codecs`` (a blob stored compressed reads the same). Sources are safe to
@@ -22,6 +23,7 @@ import torch
 from mergeops.sources import TensorMeta
 from registry.storage.base import ObjectStore, StorageError
 from registry.storage.codecs import StoredBlob, iter_original
+from registry.storage.read_ahead import DEFAULT_WINDOW_BYTES, ReadAhead
 from registry.storage.tensor_index import (
     DEFAULT_MAX_HEADER_BYTES,
     DTYPES,
@@ -61,7 +63,9 @@ class BlobTensorSource:
     """One safetensors file in the store as a ``TensorSource`` with row reads.
 
     ``blob`` is the file's ``StoredBlob`` (a bare key is read raw, its size asked from the
-    store); ``index`` is the stored tensor index (then no header is read).
+    store); ``index`` is the stored tensor index (then no header is read). Row reads smaller
+    than ``read_ahead_bytes`` are served from read-ahead windows of that size
+    (``registry.storage.read_ahead``; 0: one range request per read).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class BlobTensorSource:
         index: Mapping[str, Any] | None = None,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         stats: FetchStats | None = None,
+        read_ahead_bytes: int = DEFAULT_WINDOW_BYTES,
     ) -> None:
         if sys.byteorder != "little":
             raise StorageError(
@@ -87,6 +92,10 @@ class BlobTensorSource:
         self.stats = stats if stats is not None else FetchStats()
         self._where = f"safetensors blob '{blob.key}' (source '{name}')"
         self.file_metadata: dict[str, str] = {}
+        self.read_ahead_bytes = read_ahead_bytes
+        self._ahead = (
+            ReadAhead(self._fetch_rows, window_bytes=read_ahead_bytes) if read_ahead_bytes else None
+        )
         if index is not None:
             self._entries = entries_from_index(self._where, index, blob.size)
         else:
@@ -123,14 +132,21 @@ class BlobTensorSource:
         return self._read(key, entry.begin, entry.end, entry.dtype, entry.shape)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (first dimension, clamped like a slice) of one tensor, fetched
-        as exactly their byte span with one range request."""
+        """Rows ``start:stop`` (first dimension, clamped like a slice) of one tensor: from a
+        read-ahead window, or fetched as exactly their byte span with one range request."""
         entry = self._entry(key)
         if not entry.shape:
             raise ValueError(f"tensor '{key}' of source '{self.name}' is a scalar; it has no rows")
         count = entry.shape[0]
         start, stop = max(0, min(start, count)), max(0, min(stop, count))
         stop = max(start, stop)
+        if self._ahead is not None:
+            return self._ahead.rows(key, start, stop, count, entry.row_bytes)
+        return self._fetch_rows(key, start, stop)
+
+    def _fetch_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (in range) fetched with one range request."""
+        entry = self._entry(key)
         first = entry.begin + start * entry.row_bytes
         last = entry.begin + stop * entry.row_bytes
         return self._read(key, first, last, entry.dtype, (stop - start, *entry.shape[1:]))
@@ -172,8 +188,10 @@ class ShardedBlobTensorSource:
         *,
         indexes: Mapping[str, Mapping[str, Any]] | None = None,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        read_ahead_bytes: int = DEFAULT_WINDOW_BYTES,
     ) -> None:
         self.name = name
+        self.read_ahead_bytes = read_ahead_bytes
         self.store = store
         self.stats = FetchStats()
         self._weight_map = dict(weight_map)
@@ -222,6 +240,7 @@ class ShardedBlobTensorSource:
                     index=self._indexes.get(_key(blob)),
                     max_header_bytes=self._max_header_bytes,
                     stats=self.stats,
+                    read_ahead_bytes=self.read_ahead_bytes,
                 )
                 self._shards[_key(blob)] = shard
         return shard
@@ -239,7 +258,7 @@ class ShardedBlobTensorSource:
         return self._shard_for(key).get(key)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of one tensor from the shard that holds it (one range request)."""
+        """Rows ``start:stop`` of one tensor from the shard that holds it."""
         return self._shard_for(key).get_rows(key, start, stop)
 
 

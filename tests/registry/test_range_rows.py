@@ -118,7 +118,7 @@ def test_rows_of_every_dtype_are_exact_and_fetch_only_their_span(
     tensors = _rows_tensors()
     blob, index = _stored(store, tensors)
     wire.reset()
-    source = BlobTensorSource(store, blob, "m", index=index)
+    source = BlobTensorSource(store, blob, "m", index=index, read_ahead_bytes=0)
     assert sum(wire.ops.values()) == 0  # the stored index replaces the header: no request
     for name, tensor in tensors.items():
         if tensor.dim() == 0:
@@ -190,7 +190,9 @@ def test_sharded_rows_share_one_fetch_count_and_check_the_map(
     weight_map = {n: blob_a for n in first} | {n: blob_b for n in second}
     indexes = {blob_a.key: index_a, blob_b.key: index_b}
     wire.reset()
-    source = ShardedBlobTensorSource(store, weight_map, "sharded", indexes=indexes)
+    source = ShardedBlobTensorSource(
+        store, weight_map, "sharded", indexes=indexes, read_ahead_bytes=0
+    )
     total = 0
     for name in names:
         want = tensors[name][1:3]
@@ -206,7 +208,7 @@ def test_concurrent_row_reads_from_threads(s3: tuple[ObjectStore, Wire]) -> None
     store, wire = s3
     big = _tensor(torch.bfloat16, (64, 256))
     blob, index = _stored(store, {"w": big, "v": big[:8].clone()})
-    source = BlobTensorSource(store, blob, "m", index=index)
+    source = BlobTensorSource(store, blob, "m", index=index, read_ahead_bytes=0)
     slices = [(start, start + 4) for start in range(0, 64, 4)] * 3
     wire.reset()
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -246,3 +248,45 @@ def test_sources_pickle_as_where_to_read(
         assert copy.store is not store and copy.store.url == store.url
         assert torch.equal(copy.get_rows("m.bfloat16", 1, 4), tensors["m.bfloat16"][1:4])
     assert pickle.loads(pickle.dumps(single)).store is copy.store  # one store per spec
+
+
+def test_slices_come_from_read_ahead_windows(s3: tuple[ObjectStore, Wire]) -> None:
+    """Equal slices in order: one request per window of 4 slices, every byte fetched once."""
+    store, wire = s3
+    big = _tensor(torch.bfloat16, (64, 256))  # 512 bytes a row
+    blob, index = _stored(store, {"w": big})
+    source = BlobTensorSource(store, blob, "m", index=index, read_ahead_bytes=8 * 1024)
+    wire.reset()
+    for start in range(0, 64, 4):
+        assert torch.equal(source.get_rows("w", start, start + 4), big[start : start + 4])
+    assert wire.ops["GetObject"] == source.stats.requests == 4
+    assert wire.body_bytes == source.stats.bytes == big.numel() * 2
+
+
+def test_read_ahead_windows_are_shared_between_threads(s3: tuple[ObjectStore, Wire]) -> None:
+    store, wire = s3
+    big = _tensor(torch.bfloat16, (64, 256))
+    blob, index = _stored(store, {"w": big})
+    source = BlobTensorSource(store, blob, "m", index=index, read_ahead_bytes=8 * 1024)
+    slices = [(start, start + 4) for start in range(0, 64, 4)]
+    wire.reset()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda span: source.get_rows("w", *span), slices))
+    for (start, stop), got in zip(slices, results, strict=True):
+        assert torch.equal(got, big[start:stop])
+    assert wire.body_bytes == big.numel() * 2  # no byte twice, whatever the thread order
+    assert wire.ops["GetObject"] <= 8
+
+
+def test_large_and_straddling_reads_bypass_the_windows(s3: tuple[ObjectStore, Wire]) -> None:
+    store, wire = s3
+    big = _tensor(torch.bfloat16, (64, 256))
+    blob, index = _stored(store, {"w": big})
+    source = BlobTensorSource(store, blob, "m", index=index, read_ahead_bytes=8 * 1024)
+    wire.reset()
+    assert torch.equal(source.get_rows("w", 0, 32), big[:32])  # 16 KiB > one window
+    assert wire.body_bytes == 32 * 512
+    assert torch.equal(source.get_rows("w", 32, 36), big[32:36])  # opens a window 32:48
+    assert torch.equal(source.get_rows("w", 30, 34), big[30:34])  # straddles its start
+    assert wire.ops["GetObject"] == 3
+    assert wire.body_bytes == 32 * 512 + 16 * 512 + 4 * 512
