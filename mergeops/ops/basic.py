@@ -16,9 +16,10 @@ def _weights_like(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return w.reshape((-1,) + (1,) * like.dim())
 
 
-BLOCK = 64 * 1024
-"""Elements per block of the in-place weighted sum (256 KiB of float32: the accumulator and
-one product stay in L2 while every input streams through once)."""
+BLOCK = 512 * 1024
+"""Elements per block of the in-place weighted sum: one 2 MiB float32 merge slice
+(``chunking.CHUNK_BYTES``) is one block. Per-op call and thread-fork costs dominate smaller
+blocks: a 5-input sum of one slice took 0.95 ms in 64K blocks, 0.73 in 128K, 0.40 in 512K."""
 _LANES = 64
 """Blocked sums require a length that is a multiple of this (any SIMD width divides it), so
 the stacked reduction they replace also accumulates every element in model order."""
