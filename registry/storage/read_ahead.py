@@ -34,6 +34,7 @@ Fetch = Callable[[str, int, int], torch.Tensor]
 
 @dataclass
 class _Window:
+    wid: int
     key: str
     start: int
     stop: int
@@ -80,13 +81,14 @@ class ReadAhead:
                 window.rows.set_result(self._fetch(key, window.start, window.stop))
             except BaseException as exc:
                 window.rows.set_exception(exc)
-                self._drop(window)
+                with self._lock:
+                    self._windows.pop(window.wid, None)
                 raise
         rows = window.rows.result()[start - window.start : stop - window.start].clone()
         with self._lock:
             window.handed_out += size
             if window.handed_out >= window.nbytes:
-                self._forget(window)
+                self._windows.pop(window.wid, None)
         return rows
 
     def _window_for(
@@ -102,18 +104,9 @@ class ReadAhead:
                     return None, False
             span = stop - start  # windows hold whole slices of this size: none straddles
             rows = max(span, self.window_bytes // max(1, row_bytes) // span * span)
-            window = _Window(key, start, min(count, start + rows), row_bytes)
-            self._windows[self._next_id] = window
+            window = _Window(self._next_id, key, start, min(count, start + rows), row_bytes)
+            self._windows[window.wid] = window
             self._next_id += 1
             while len(self._windows) > self.max_windows:
                 self._windows.popitem(last=False)
             return window, True
-
-    def _forget(self, window: _Window) -> None:
-        for wid, open_window in list(self._windows.items()):
-            if open_window is window:
-                del self._windows[wid]
-
-    def _drop(self, window: _Window) -> None:
-        with self._lock:
-            self._forget(window)

@@ -103,12 +103,8 @@ class Pleas(WholeModelMethod):
         if params.width_factor == 1.0:
             return None
         layers = require_probe(ctx).layer_order()
-        widths = {}
-        for layer in layers:
-            key = layer.weight or (layer.rows[0] if layer.rows else "")
-            if layer.widen and key in metas:  # a key the models lack: merge_model says so
-                widths[layer.name] = round(metas[key].shape[0] * params.width_factor)
-        return neuron_layer_shapes(metas, layers, widths)
+        shapes = {key: tuple(meta.shape) for key, meta in metas.items()}
+        return neuron_layer_shapes(metas, layers, _widened(shapes, layers, params.width_factor))
 
     def merge_model(self, inputs: ModelInputs, ctx: MergeContext) -> ModelResult:
         params = ctx.params
@@ -174,12 +170,22 @@ def pleas_output_widths(
 ) -> dict[str, int]:
     """Each layer's width in a pleas merge of two models like ``model`` at ``width_factor``
     (a Llama's new ``intermediate_size`` is the width of ``mlp.0``)."""
-    return {
-        layer.name: round(layer_width(model, layer) * width_factor)
-        if layer.widen
-        else layer_width(model, layer)
-        for layer in layers
-    }
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.items()}
+    own = {layer.name: layer_width(model, layer) for layer in layers}
+    return own | _widened(shapes, layers, width_factor)
+
+
+def _widened(
+    shapes: Mapping[str, tuple[int, ...]], layers: list[NeuronLayer], width_factor: float
+) -> dict[str, int]:
+    """The new width of every layer a wider merge widens (``widen``; a layer whose tensors the
+    models lack is left out: the merge itself names it)."""
+    widths = {}
+    for layer in layers:
+        key = layer.weight or (layer.rows[0] if layer.rows else "")
+        if layer.widen and key in shapes:
+            widths[layer.name] = round(shapes[key][0] * width_factor)
+    return widths
 
 
 def pleas_output_shapes(
@@ -187,17 +193,9 @@ def pleas_output_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in that merge (dim 0 of a layer's rows and its weight, dim 1 of its
     cols follow the layer's new width; other tensors keep theirs)."""
-    widths = pleas_output_widths(model, layers, width_factor)
     shapes = {key: tuple(tensor.shape) for key, tensor in model.items()}
-    for layer in layers:
-        width = widths[layer.name]
-        for key in (*([layer.weight] if layer.weight else []), *layer.rows):
-            shapes[key] = (width, *shapes[key][1:])
-        if layer.bias:
-            shapes[layer.bias] = (width,)
-        for key in layer.cols:
-            shapes[key] = (shapes[key][0], width, *shapes[key][2:])
-    return shapes
+    metas = {key: TensorMeta(tensor.dtype, tuple(tensor.shape)) for key, tensor in model.items()}
+    return shapes | neuron_layer_shapes(metas, layers, _widened(shapes, layers, width_factor))
 
 
 def _layer_maps(feats: list[torch.Tensor], width_factor: float) -> list[torch.Tensor]:
