@@ -35,6 +35,7 @@ from mergeops.prefetch import Prefetcher
 from mergeops.reader import TensorReader
 from mergeops.reshape import output_metas
 from mergeops.routed_merge import run_routed
+from mergeops.slice_io import row_sink
 
 
 @dataclass
@@ -161,7 +162,8 @@ def _pipeline(
         sink(key, None, tensor)  # checked finite on the device by the pipeline
         bar.update()
 
-    pipeline = SlicePipeline(plan, backend, reader.prefetcher, host_job=host_job, sink=finished)
+    pipeline = SlicePipeline(plan, backend, reader.prefetcher, host_job=host_job, sink=finished,
+                             rows=row_sink(sink), written=lambda key: bar.update())  # fmt: skip
     try:
         pipeline.run()
     finally:

@@ -10,15 +10,20 @@ a fake in the tests, which runs the same schedule on the CPU in adversarial orde
 2. compute (the ``compute`` stream): cast to float32, ``merge_rows``, cast to the output dtype
    on the device, and count non-finite outputs and inputs, still on the device;
 3. download (the ``d2h`` stream): device output and counts into pinned buffers;
-4. finish (host): copy into the host output tensor; after a tensor's last slice, check it is
-   finite and hand it to the sink.
+4. finish (host): hand the pinned output slice to the writer at its byte offset (a sink that
+   takes slices: ``write_rows``, written by the writer's thread while the device goes on), or
+   copy it into a host output tensor handed over whole after its last slice
+   (``mergeops.pipeline_output``); a tensor with NaN/Inf is refused after its last slice.
 
 Issued in the order upload(j), compute(j-1), download(j-1), finish(j-2), slice j's host-to-device
 copy overlaps slice j-1's compute and slice j-2's device-to-host copy. Buffers rotate over
 ``slots`` (>= 2) sets; before reusing set s: the host waits until its last upload finished
 (pinned input), the h2d stream waits for its last compute (device input), the compute stream
 waits for its last download (device output); the pinned output is free because its slice was
-finished an iteration earlier. Tensors that are not sliced (scalars, integer buffers) are
+finished an iteration earlier, and the host waits for the writer to release it (it wrote the
+slice) before issuing the download that refills it. Host memory is the slots' pinned buffers
+and the reads in flight, never a whole tensor (a method's whole-tensor statistics are
+uploaded slice by slice). Tensors that are not sliced (scalars, integer buffers) are
 host jobs run at their finish turn, so the sink sees tensors in the plan's order.
 """
 
@@ -27,16 +32,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from mergeops import finite
 from mergeops.chunking import _Rows, row_ranges
+from mergeops.device_stats import tensor_stats
 from mergeops.methods import base as mb
+from mergeops.pipeline_output import PinnedRelease, PipelineOutput
 from mergeops.plan import MergePlan
 from mergeops.prefetch import Pending, Prefetcher, Read
+from mergeops.slice_io import RowSink
 
 SLICE_BYTES = 32 * 1024 * 1024
 """Float32 bytes per input slice on the device (large: fewer, longer copies and kernels)."""
@@ -88,6 +96,7 @@ class _Slot:
     uploaded: Any = None
     computed: Any = None
     downloaded: Any = None
+    released: PinnedRelease = field(default_factory=PinnedRelease)  # pinned_out, by the writer
 
 
 def _view(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -105,25 +114,29 @@ class SlicePipeline:
         *,
         host_job: Callable[[str], Callable[[], None]],
         sink: Callable[[str, torch.Tensor], None],
+        rows: RowSink | None = None,
+        written: Callable[[str], None] | None = None,
         slots: int | None = None,
         slice_bytes: int | None = None,
     ) -> None:
+        """``sink`` gets whole merged tensors, unless ``rows`` takes them slice by slice
+        (then ``written(key)`` says a tensor's last slice was handed over)."""
         slots = SLOTS if slots is None else slots
         if slots < 2:
             raise ValueError(f"the pipeline needs at least 2 buffer slots, got {slots}")
-        self.plan, self.backend, self.prefetcher, self.sink = plan, backend, prefetcher, sink
+        self.plan, self.backend, self.prefetcher = plan, backend, prefetcher
+        self.output = PipelineOutput(plan.ctx, sink, rows, written)
         self.sources = [*plan.models, *([plan.base] if plan.base is not None else [])]
         self.roles = [f"model '{m.name}'" for m in plan.models] + (
             ["base"] * (plan.base is not None)
         )
-        self.jobs = list(self._jobs(host_job, slice_bytes or SLICE_BYTES))
+        self.slice_bytes = slice_bytes or SLICE_BYTES
+        self.jobs = list(self._jobs(host_job, self.slice_bytes))
         self.streams = {role: backend.stream(role) for role in STREAMS}
         self.slots = [self._slot() for _ in range(slots)]
         self.bytes_read = 0
         self.issued: list[tuple[str, int]] = []
         self._stats: dict[str, list[Any]] = {}
-        self._outputs: dict[str, torch.Tensor] = {}
-        self._bad: dict[str, int] = {}
 
     def _jobs(
         self, host_job: Callable[[str], Callable[[], None]], slice_bytes: int
@@ -212,7 +225,9 @@ class SlicePipeline:
         plan, key = self.plan, job.key
         shape = tuple(plan.metas[key].shape)
         if job.first:
-            self._stats[key] = self._tensor_stats(key, shape)
+            step = slice_rows(shape, self.slice_bytes)
+            stats, read = tensor_stats(plan, self.sources, self.roles, key, step)
+            self._stats[key], self.bytes_read = stats, self.bytes_read + read
         stats = self._stats[key]
         stream = self.streams["compute"]
         self.backend.wait(stream, slot.uploaded)
@@ -244,33 +259,13 @@ class SlicePipeline:
         slot.computed = self.backend.record(stream)
         self.issued.append(("compute", j))
 
-    def _tensor_stats(self, key: str, shape: tuple[int, ...]) -> list[Any]:
-        """The method's whole-tensor statistics (TIES cuts, DARE masks) on the device."""
-        device = self.plan.ctx.device
-        rows = [_Rows(s, key) for s in self.sources]
-        base: list[torch.Tensor] = []
-
-        def read(index: int) -> torch.Tensor:
-            raw = rows[index].get(0, shape[0])
-            self.bytes_read += raw.numel() * raw.element_size()
-            return raw.to(device, non_blocking=True)
-
-        def task_vector(index: int) -> torch.Tensor:
-            assert self.plan.base is not None
-            tau = read(index).to(torch.float32, copy=True)  # owned: the method may modify it
-            finite.check_inputs(key, [self.roles[index]], [finite.input_flag(tau)])
-            if not base:
-                base.append(read(len(rows) - 1))  # raw dtype: the cast in sub_ is exact
-            return tau.sub_(base[0])
-
-        return self.plan.method.tensor_stats(key, shape, task_vector, self.plan.ctx)  # type: ignore[attr-defined]
-
     def _download(self, j: int) -> None:
         job, slot = self.jobs[j], self.slots[j % len(self.slots)]
         if job.host is not None:
             return
         stream, numel, out_dtype = self.streams["d2h"], self._numel(job), self._out_dtype(job.key)
         self.backend.wait(stream, slot.computed)
+        slot.released.wait()  # the writer wrote the slice it was handed from pinned_out
 
         def copy() -> None:
             _view(slot.pinned_out, out_dtype, numel).copy_(
@@ -295,21 +290,11 @@ class SlicePipeline:
             if not good:
                 raise mb.MergeError(f"tensor '{key}' of {role} contains NaN or Inf")
         shape = tuple(self.plan.metas[key].shape)
-        if job.first:
-            self._outputs[key] = torch.empty(shape, dtype=out_dtype)
-            self._bad[key] = 0
-        out = self._outputs[key]
-        out.view(-1)[job.start * math.prod(shape[1:]) :][:numel].copy_(
-            _view(slot.pinned_out, out_dtype, numel)
-        )
-        self._bad[key] += counts[0]
+        data = slot.pinned_out[: numel * out_dtype.itemsize]
+        self.output.put(key, shape, out_dtype, job.start, data, bad=counts[0], first=job.first,
+                        last=job.last, release=slot.released)  # fmt: skip
         if job.last:
-            del self._outputs[key]
             self._stats.pop(key, None)
-            bad = self._bad.pop(key)
-            if bad:
-                raise finite.output_error(self.plan.ctx, key, bad, out.numel())
-            self.sink(key, out)
 
 
 def _rows_fetch(rows: _Rows, start: int, stop: int) -> Callable[[], torch.Tensor]:

@@ -32,12 +32,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def blockable(base: torch.Tensor, task_vectors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``blocked_combine`` reproduces the reference for these inputs (CPU, contiguous,
-    one floating dtype, same shape, ≤ 16 task vectors, length a multiple of 64)."""
+    """Whether ``blocked_combine`` reproduces the reference for these inputs (one device,
+    contiguous, one floating dtype, same shape, ≤ 16 task vectors, length a multiple of 64)."""
     dtype = base.dtype
     return (
-        base.device.type == "cpu"
-        and dtype in _DTYPES
+        dtype in _DTYPES
         and base.is_contiguous()
         and base.numel() % LANES == 0
         and 0 < len(task_vectors) <= _MAX_TERMS
@@ -45,7 +44,7 @@ def blockable(base: torch.Tensor, task_vectors: Sequence[torch.Tensor]) -> bool:
             t.dtype == dtype
             and t.shape == base.shape
             and t.is_contiguous()
-            and t.device.type == "cpu"
+            and t.device == base.device
             for t in task_vectors
         )
     )
@@ -63,32 +62,33 @@ class _Buffers:
     agree: torch.Tensor
 
     @classmethod
-    def make(cls, count: int, length: int, dtype: torch.dtype) -> _Buffers:
+    def make(cls, count: int, length: int, dtype: torch.dtype, device: torch.device) -> _Buffers:
         f32 = torch.float32
         return cls(
-            deltas=torch.empty((count, length), dtype=dtype),
-            total=torch.empty(length, dtype=f32),
-            kept=torch.empty(length, dtype=f32),
-            weight=torch.empty(length, dtype=f32),
-            product=torch.empty(length, dtype=dtype),
-            agree=torch.empty(length, dtype=f32),
+            deltas=torch.empty((count, length), dtype=dtype, device=device),
+            total=torch.empty(length, dtype=f32, device=device),
+            kept=torch.empty(length, dtype=f32, device=device),
+            weight=torch.empty(length, dtype=f32, device=device),
+            product=torch.empty(length, dtype=dtype, device=device),
+            agree=torch.empty(length, dtype=f32, device=device),
         )
 
 
 _SCRATCH = threading.local()
 
 
-def _scratch(count: int, length: int, dtype: torch.dtype) -> _Buffers:
+def _scratch(count: int, length: int, dtype: torch.dtype, device: torch.device) -> _Buffers:
     """This thread's block buffers, reused across calls (merge_rows combines one block of
     rows per call: a fresh ~2.5 MiB of buffers each time cost page faults)."""
     cached: _Buffers | None = getattr(_SCRATCH, "buffers", None)
     if (
         cached is None
         or cached.deltas.dtype != dtype
+        or cached.deltas.device != device
         or cached.deltas.shape[0] < count
         or cached.deltas.shape[1] < length
     ):
-        cached = _Buffers.make(count, max(length, BLOCK), dtype)
+        cached = _Buffers.make(count, max(length, BLOCK), dtype, device)
         _SCRATCH.buffers = cached
     return cached
 
@@ -107,16 +107,18 @@ def blocked_combine(
     into ``out`` (contiguous, like ``base``) when given."""
     dtype, numel, count = base.dtype, base.numel(), len(task_vectors)
     w = torch.tensor(list(weights), dtype=dtype).reshape(-1, 1)
-    coefficients = [w[t, 0] for t in range(count)]  # 0-dim, in the task vectors' dtype
-    alphas = [float(c) for c in coefficients]
+    alphas = [float(w[t, 0]) for t in range(count)]
     divisor = w.sum(dim=0)  # non-consensus: one divisor, as the reference computes it
     divisor[divisor.abs() < 1e-8] = 1
+    w, divisor = w.to(base.device), divisor.to(base.device)  # no-ops on the CPU
+    coefficients = [w[t, 0] for t in range(count)]  # 0-dim, in the task vectors' dtype
+    block = BLOCK if base.device.type == "cpu" else max(1, numel)  # GPU: fewer launches
     out = torch.empty_like(base) if out is None else out
     flat_out, flat_base = out.view(-1), base.view(-1)
     flats = [t.view(-1) for t in task_vectors]
-    buf = _scratch(count, min(BLOCK, numel), dtype)
-    for start in range(0, numel, BLOCK):
-        stop = min(start + BLOCK, numel)
+    buf = _scratch(count, min(block, numel), dtype, base.device)
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
         deltas = buf.deltas[:count, : stop - start]
         total = buf.total[: stop - start]
         total.zero_()
