@@ -16,8 +16,9 @@ source and tensor name per input) go through the same class.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from mergeops.prefetch import MAX_DEPTH, Prefetcher
 from mergeops.slice_io import BufferPool, SliceOutput
 from mergeops.slice_reads import FloatSlots, SliceRead, owned_float, slice_read
 from mergeops.sources import TensorMeta, TensorSource
+from mergeops.spill import Spill, SpillRegion
 
 CHUNK_BYTES = 2 * 1024 * 1024
 """Float32 bytes per input slice (small slices stay in cache: 2 MiB beat 16 MiB on CPU time
@@ -104,13 +106,18 @@ def read_rows(source: TensorSource, key: str, start: int, stop: int) -> torch.Te
 class _Rows:
     """Reads row slices of one tensor from one source; sources without ``get_rows`` are read
     whole once and sliced. ``hold(raw)`` keeps a whole tensor already read, so its slices come
-    from memory (not counted as read)."""
+    from memory; ``record(spill)`` writes what is read next into a spill file region, and
+    ``replay()`` then serves every later read from it (neither counted as read)."""
 
     def __init__(self, source: TensorSource, key: str) -> None:
         self.source, self.key = source, key
-        self.itemsize = source.metadata(key).dtype.itemsize  # as stored: may differ per input
+        self.meta = source.metadata(key)
+        self.itemsize = self.meta.dtype.itemsize  # as stored: may differ per input
+        self.cheap = bool(getattr(source, "rereads_cheaply", False))  # local: page cache
         self._whole: torch.Tensor | None = None
         self.held = False
+        self._region: SpillRegion | None = None
+        self.replayed = False  # reads come from the spill region
         if getattr(source, "get_rows", None) is None:
             self._whole = source.get(key)
 
@@ -118,10 +125,49 @@ class _Rows:
     def whole(self) -> torch.Tensor | None:
         return self._whole
 
+    @property
+    def local_copy(self) -> bool:
+        """Whether reads come from a copy (held in memory or spilled): not counted as read."""
+        return self.held or self.replayed
+
+    @property
+    def local(self) -> bool:
+        """Whether a read costs no fetch: held, whole in memory, spilled or a local file."""
+        return self.held or self._whole is not None or self.replayed or self.cheap
+
     def get(self, start: int, stop: int) -> torch.Tensor:
         if self._whole is not None:
             return self._whole[start:stop]
-        return read_rows(self.source, self.key, start, stop)
+        if self._region is not None and self.replayed:
+            return self._region.read(start, stop)
+        got = read_rows(self.source, self.key, start, stop)
+        return got if self._region is None else self._region.record(start, got)
+
+    def rows_into(self) -> Callable[[int, int, torch.Tensor], torch.Tensor] | None:
+        """A read of rows into a pooled uint8 buffer, or None (then ``get``)."""
+        if self.held or self._whole is not None:
+            return None
+        if self._region is not None and self.replayed:
+            return self._region.read_into
+        into = getattr(self.source, "get_rows_into", None)
+        if into is None:
+            return None
+        region = self._region
+        if region is None:
+            return functools.partial(into, self.key)
+        return lambda start, stop, buffer: region.record(start, into(self.key, start, stop, buffer))
+
+    def record(self, spill: Spill) -> None:
+        """Write the rows read from now on into ``spill`` (remote inputs not in memory)."""
+        if not self.local and self._region is None:
+            self._region = spill.region(self.key, tuple(self.meta.shape), self.meta.dtype)
+
+    def replay(self) -> None:
+        """Read from the spill from now on, if every row was recorded (else from the source)."""
+        if self._region is not None and not self.replayed:
+            self.replayed = self._region.complete
+            if not self.replayed:
+                self._region = None
 
     def hold(self, raw: torch.Tensor) -> None:
         self._whole, self.held = raw, True
@@ -179,6 +225,7 @@ class ChunkedMerge:
         self._keep_left = KEEP_BYTES
         self._base_over_budget = False  # then held through the stats pass only
         self._swept = False  # True once a statistics sweep has checked every slice
+        self._spill = Spill()  # remote inputs read twice: the first read lands here
 
     def _owned(
         self, raw: torch.Tensor, role: str, *, counted: bool = True, slot: int | None = None
@@ -194,15 +241,22 @@ class ChunkedMerge:
         return out
 
     def _read_whole(self, rows: _Rows) -> torch.Tensor:
-        """One input's whole raw tensor, held for the merge pass while ``KEEP_BYTES`` lasts
-        (the base is held through the stats pass in any case)."""
+        """One input's whole raw tensor, held for the merge pass while ``KEEP_BYTES`` lasts,
+        else (remote inputs) spilled to the scratch file; the base is held through the stats
+        pass in any case."""
+        count = self.meta.shape[0]
         if rows.held:
-            return rows.get(0, self.meta.shape[0])
-        raw = rows.get(0, self.meta.shape[0]).to(self.ctx.device)
-        nbytes = raw.numel() * raw.element_size()
-        self.bytes_read += nbytes
-        cheap = bool(getattr(rows.source, "rereads_cheaply", False))  # local: page cache
-        kept = not cheap and nbytes <= self._keep_left
+            return rows.get(0, count)
+        spilled = rows.replayed
+        nbytes = math.prod(self.meta.shape) * rows.itemsize
+        kept = not rows.cheap and not spilled and nbytes <= self._keep_left
+        if not kept:
+            rows.record(self._spill)  # no-op for local files and what is in memory already
+        raw = rows.get(0, count)
+        rows.replay()
+        if not spilled:
+            self.bytes_read += nbytes
+        raw = raw.to(self.ctx.device)
         if kept:
             self._keep_left -= nbytes
         if kept or rows is self.base:
@@ -223,8 +277,12 @@ class ChunkedMerge:
         try:
             return self._run(out_dtype, output)
         finally:
-            for rows in [*self.sources, *([self.base] if self.base is not None else [])]:
+            for rows in self._inputs():
                 rows.release()
+            self._spill.close()
+
+    def _inputs(self) -> list[_Rows]:
+        return [*self.sources, *([self.base] if self.base is not None else [])]
 
     def _run(self, out_dtype: torch.dtype, output: SliceOutput | None) -> torch.Tensor | None:
         key, method = self.key, self.method
@@ -264,7 +322,7 @@ class ChunkedMerge:
         batches = ([slice_read(r, span, row, self.pool, on_cpu=on_cpu,
                                check=check, dtype=self.compute) for r in inputs_rows]
                    for span in ranges)  # fmt: skip
-        local = all(getattr(r.source, "rereads_cheaply", False) for r in inputs_rows)
+        local = all(r.local for r in inputs_rows)
         depth = LOCAL_DEPTH if local else MAX_DEPTH  # local: a few slices ahead are enough
         with closing(self.prefetcher.stream(batches, depth=depth)) as stream:
             for (start, stop), pending in zip(ranges, stream, strict=True):
@@ -283,12 +341,12 @@ class ChunkedMerge:
     def _take(self, got: SliceRead, role: str, rows: _Rows, slot: int) -> torch.Tensor:
         """One input's owned float32 slice (counted, checked) from its read."""
         if not got.float32:
-            tensor = self._owned(got.tensor, role, counted=not rows.held, slot=slot)
+            tensor = self._owned(got.tensor, role, counted=not rows.local_copy, slot=slot)
             if got.buffer is not None:
                 self.pool.give(got.buffer)
                 got.buffer = None
             return tensor
-        if not rows.held:
+        if not rows.local_copy:
             self.bytes_read += got.nbytes
         if got.finite is False:
             raise mb.MergeError(f"tensor '{self.key}' of {role} contains NaN or Inf")
@@ -296,12 +354,18 @@ class ChunkedMerge:
 
     def _slices(self) -> Iterator[tuple[int, mb.TensorInputs]]:
         """One statistics sweep: (flat offset, inputs) of every slice. The first sweep checks
-        every input slice for NaN/Inf; later sweeps and the merge pass do not repeat it."""
+        every input slice for NaN/Inf, and spills what it fetched from remote inputs, so later
+        sweeps and the merge pass read it back locally."""
         row, count = math.prod(tuple(self.meta.shape)[1:]), len(self.sources)
+        if not self._swept:
+            for rows in self._inputs():
+                rows.record(self._spill)
         for (start, _), loaded in self._loaded_slices():
             base = loaded[count] if self.base is not None else None
             yield start * row, mb.TensorInputs(name=self.key, models=loaded[:count], base=base)
         self._swept = True
+        for rows in self._inputs():
+            rows.replay()
 
     def _merge_slice(
         self,

@@ -1,7 +1,7 @@
 """Reading one input's row slice for the row-chunked merge, in a prefetch thread.
 
 On the CPU the reader thread does all of a slice's input work: it reads the raw rows into a
-pooled buffer (``get_rows_into``, no fresh pages), casts them into a pooled float32 buffer,
+pooled buffer (``get_rows_into`` or a spill file's ``read_into``, no fresh pages), casts them into a pooled float32 buffer,
 gives the raw buffer back and checks the float32 values finite. The merging thread then only
 merges: it raises the finite error in input order (as a sequential read would) and gives the
 float32 buffers back once the slice is merged. Elsewhere (CUDA) the thread reads the raw rows
@@ -11,6 +11,7 @@ buffer per input), as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +37,10 @@ class RowsInput(Protocol):
 
     def get(self, start: int, stop: int) -> torch.Tensor: ...
 
+    def rows_into(self) -> Callable[[int, int, torch.Tensor], torch.Tensor] | None:
+        """A read of rows ``start:stop`` into a pooled uint8 buffer, or None (then ``get``)."""
+        ...
+
 
 @dataclass
 class SliceRead:
@@ -53,12 +58,12 @@ class SliceRead:
 
 
 def _raw(rows: RowsInput, start: int, stop: int, nbytes: int, pool: BufferPool) -> SliceRead:
-    into = getattr(rows.source, "get_rows_into", None)
-    if rows.held or rows.whole is not None or into is None:
+    into = rows.rows_into()
+    if into is None:
         return SliceRead(rows.get(start, stop), None)
     buffer = pool.take(nbytes)
     try:
-        return SliceRead(into(rows.key, start, stop, buffer), buffer)
+        return SliceRead(into(start, stop, buffer), buffer)
     except BaseException:
         pool.give(buffer)
         raise

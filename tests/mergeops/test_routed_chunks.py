@@ -1,7 +1,7 @@
 """Routed plans (``ckreg merge --config`` with slices, gradients, filters) merge large tensors
 of elementwise methods in row slices, bit-identical to merging them whole; TIES and DARE keep
-the inputs their whole-tensor pass read (within ``chunking.KEEP_BYTES``) instead of reading
-them again."""
+the inputs their whole-tensor pass read (within ``chunking.KEEP_BYTES``, beyond it in a spill
+file for remote inputs) instead of reading them again."""
 
 from __future__ import annotations
 
@@ -86,16 +86,20 @@ def _routed_merge(paths: list[Path], method: str, **params: Any) -> dict[str, to
     return engine.merge_to_dicts(dataclasses.replace(plan, routes=routes)).merged
 
 
-@pytest.mark.parametrize(("method", "keep", "whole_reads", "remote"), [
-    ("task_arithmetic", 1 << 30, 0, True),  # no whole-tensor pass: slices only
-    ("ties", 1 << 30, 4, True),  # base + 3 models read whole once, then sliced from memory
-    ("ties", 0, 4, True),  # nothing kept: each is read whole, then again slice by slice
-    ("ties", 1 << 30, 4, False),  # local files: read again (page cache), not held in memory
+MK = {"tie_break": "mergekit"}  # TIES cuts from whole task vectors (``tensor_stats``)
+
+
+@pytest.mark.parametrize(("method", "params", "keep", "whole_reads", "remote"), [
+    ("task_arithmetic", {}, 1 << 30, 0, True),  # no whole-tensor pass: slices only
+    ("ties", MK, 1 << 30, 4, True),  # base + 3 models read whole once, then sliced from memory
+    ("ties", MK, 0, 4, True),  # nothing kept: each read whole once, then sliced from the spill
+    ("ties", MK, 1 << 30, 4, False),  # local files: read again (page cache), not held in memory
 ])  # fmt: skip
 def test_routed_big_tensor_read_in_slices(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     method: str,
+    params: dict[str, Any],
     keep: int,
     whole_reads: int,
     remote: bool,
@@ -104,7 +108,7 @@ def test_routed_big_tensor_read_in_slices(
         monkeypatch.setattr(SafetensorsFile, "rereads_cheaply", False)
     paths = _files(tmp_path)
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 1 << 40)
-    expected = _routed_merge(paths, method)
+    expected = _routed_merge(paths, method, **params)
     reads: list[int] = []
     original = SafetensorsFile.get_rows
 
@@ -124,10 +128,10 @@ def test_routed_big_tensor_read_in_slices(
     monkeypatch.setattr(SafetensorsFile, "get_rows_into", spy_into)
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 16 * 128 * 4)  # 16 rows per slice
     monkeypatch.setattr(chunking, "KEEP_BYTES", keep)
-    got = _routed_merge(paths, method)
+    got = _routed_merge(paths, method, **params)
     assert reads.count(96) == whole_reads
     sliced_rows = sum(r for r in reads if r < 96)
-    assert sliced_rows == (0 if keep and whole_reads and remote else 4 * 96)
+    assert sliced_rows == (0 if whole_reads and remote else 4 * 96)
     for key in expected:
         assert torch.equal(expected[key].view(torch.uint8), got[key].view(torch.uint8)), key
 
