@@ -36,6 +36,7 @@ from mergeops.reader import TensorReader
 from mergeops.reshape import output_metas
 from mergeops.routed_merge import run_routed
 from mergeops.slice_io import row_sink
+from mergeops.spill import scratch_under
 
 
 @dataclass
@@ -268,7 +269,7 @@ def merge_to_dir(
     place; ``overwrite`` replaces a non-empty ``out_dir`` only once the merge succeeded.
     """
     metadata = output_metadata(plan)
-    with staged_output(out_dir, overwrite=overwrite) as staging:
+    with staged_output(out_dir, overwrite=overwrite) as staging, scratch_under(staging):
         sink = DirSink(staging, max_shard_size, metadata, output_layout(plan))
         writers = sink.writers
         try:

@@ -178,3 +178,27 @@ def test_spill_region_round_trip_and_errors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(spill.SpillError, match="closed"):
         region.read(0, 1)
+
+
+@pytest.mark.usefixtures("small")
+def test_merge_to_dir_spills_into_its_staging_folder(
+    s3: tuple[ObjectStore, Wire], models: list[dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    store, _ = s3
+    sources = [_remote(store, tensors, f"m{i}") for i, tensors in enumerate(models)]
+    plan = build_plan(PlanRequest(method="ties", models=sources[1:], base=sources[0],
+                                  device="cpu", params=MK, model_params=[OWN["ties"]] * 3))  # fmt: skip
+    paths: list[Path | None] = []
+    close = spill.Spill.close
+
+    def spy(self: spill.Spill) -> None:
+        paths.append(self.path)
+        close(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spill.Spill, "close", spy)
+        engine.merge_to_dir(plan, tmp_path / "out", max_shard_size="1GB", progress=False)
+    parents = {p.parent for p in paths if p is not None}  # one file per chunked tensor
+    assert len(paths) == 2 and len(parents) == 1
+    assert parents.pop().name.startswith(".out.partial-")  # the merge's staging folder
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".ckreg-spill")]
