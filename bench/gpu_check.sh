@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# GPU check of the merge engine (issue 13): CUDA tests, then the CUDA benchmark.
+# GPU check of the merge engine (issues 13, 20): CUDA tests, then the sliced CUDA path measured.
 #
 #   bash bench/gpu_check.sh            # from the repository root, on a machine with a GPU
 #
 # Results go to $OUT (or bench/out/gpu_check): env.txt (python, torch, nvidia-smi),
-# tests.log + tests.xml (pytest -m cuda), bench.log (bench.merge_engine --device cuda), summary.txt.
-# Budget: under 8 minutes (tests <= 4 min, benchmark <= 5 min incl. writing the 270M models).
+# tests.log + tests.xml (pytest -m cuda), sliced.log (bench.gpu_sliced: per method max |Δ| vs
+# the CPU, bit-identical tensors, throughput of the sliced path, host RSS, pinned H2D
+# bandwidth), summary.txt (all of it). Budget: under 5 minutes on an H100 (tests <= 2.5 min,
+# bench.gpu_sliced at 100m <= 2.5 min incl. writing the 5 synthetic models); none of it has
+# run on a GPU yet.
 # The GPU image has torch, safetensors, pyyaml, tqdm, typer and pytest but not pydantic, and no
 # network: fetch the wheels beforehand where pip works, into the git-ignored bench/out/wheels:
 #   for v in 3.11 3.12 3.13; do python3 -m pip download --no-deps --only-binary=:all: \
@@ -14,9 +17,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: -d bench/out/wheels pydantic==2.14.4 \
 #     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
 # and name bench/out/wheels in the device tool's carry.
-# Knobs: PYTHON (interpreter to use), GPU_CHECK_SIZES (default 270m; "100m" is quicker),
-# GPU_CHECK_SKIP_BENCH=1, GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (seconds);
-# GPU_CHECK_ALLOW_CPU=1 runs the plumbing without a GPU (CUDA tests skip, the bench fails).
+# Knobs: PYTHON (interpreter to use), GPU_CHECK_SIZE (default 100m; "tiny" for a smoke run),
+# GPU_CHECK_SKIP_BENCH=1, GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_ENGINE_TIMEOUT (seconds);
+# GPU_CHECK_ENGINE_BENCH=1 also runs the longer bench.merge_engine --device cuda (GPU_CHECK_SIZES,
+# default 270m; about 5 more minutes); GPU_CHECK_ALLOW_CPU=1 runs the plumbing without a GPU
+# (CUDA tests skip, the benchmarks merge on the CPU).
 # Exit codes: 0 all passed; 1 tests or benchmark failed; 3 no usable Python with CUDA torch;
 # 4 a project dependency is missing and could not be installed.
 set -euo pipefail
@@ -25,9 +30,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/bench/out/gpu_check}
 mkdir -p "$OUT"
+SIZE=${GPU_CHECK_SIZE:-100m}
 SIZES=${GPU_CHECK_SIZES:-270m}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-240}
-BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-300}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-150}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-150}
+ENGINE_TIMEOUT=${GPU_CHECK_ENGINE_TIMEOUT:-300}
 WORK=${TMPDIR:-/tmp}/ckreg-gpu-check
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
@@ -95,7 +102,7 @@ log "tests: pytest -m cuda (timeout ${TEST_TIMEOUT}s)"
 rc=0
 timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
     --junitxml="$OUT/tests.xml" tests/mergeops/test_cuda_parity.py tests/mergeops/test_cuda.py \
-    tests/mergeops/test_ota.py >"$OUT/tests.log" 2>&1 || rc=$?
+    tests/mergeops/test_cuda_sliced_output.py tests/mergeops/test_ota.py >"$OUT/tests.log" 2>&1 || rc=$?
 if [[ $rc -eq 0 ]]; then
     log "tests: passed ($(tail -n 1 "$OUT/tests.log"))"
 else
@@ -103,17 +110,35 @@ else
     log "tests: FAILED (rc $rc; 124 = timed out; last lines below, all in $OUT/tests.log)"
     tail -n 30 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 fi
-# The CPU-side ordering tests of the same pipeline (quick; they must pass here too).
-if ! timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/mergeops/test_cuda_pipeline.py >>"$OUT/tests.log" 2>&1; then
-    status=1; log "pipeline ordering tests (CPU): FAILED, see $OUT/tests.log"
+# The CPU-side ordering and sliced-output tests of the same pipeline (quick; they must pass here too).
+if ! timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m "not cuda" \
+    tests/mergeops/test_cuda_pipeline.py tests/mergeops/test_cuda_sliced_output.py \
+    >>"$OUT/tests.log" 2>&1; then
+    status=1; log "pipeline ordering / sliced output tests (CPU): FAILED, see $OUT/tests.log"
 fi
 
-# 4. Benchmark: ties / task_arithmetic / ota_ffg / opcm on the GPU vs pinned H2D bandwidth.
+# 4. The sliced CUDA path: parity with the CPU (max |Δ|), throughput, host RSS, pinned H2D.
 if [[ "${GPU_CHECK_SKIP_BENCH:-0}" != "1" ]]; then
-    log "bench: python -m bench.merge_engine --device cuda --sizes $SIZES (timeout ${BENCH_TIMEOUT}s)"
+    device=cuda
+    [[ "${GPU_CHECK_ALLOW_CPU:-0}" == "1" ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && device=cpu
+    log "sliced path: python -m bench.gpu_sliced --size $SIZE --device $device (timeout ${BENCH_TIMEOUT}s)"
     rc=0
-    timeout "$BENCH_TIMEOUT" "$PY" -m bench.merge_engine --device cuda --sizes "$SIZES" \
+    timeout "$BENCH_TIMEOUT" "$PY" -m bench.gpu_sliced --size "$SIZE" --device "$device" \
+        --work "$WORK-sliced" >"$OUT/sliced.log" 2>&1 || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        log "sliced path: done"
+    else
+        status=1; log "sliced path: FAILED (rc $rc; 124 = timed out), see $OUT/sliced.log"
+    fi
+    cat "$OUT/sliced.log" | tee -a "$OUT/summary.txt"
+    rm -rf "$WORK-sliced"
+fi
+
+# 5. Optional, longer: ties / task_arithmetic / ota_ffg / opcm on the GPU vs pinned H2D bandwidth.
+if [[ "${GPU_CHECK_ENGINE_BENCH:-0}" == "1" ]]; then
+    log "bench: python -m bench.merge_engine --device cuda --sizes $SIZES (timeout ${ENGINE_TIMEOUT}s)"
+    rc=0
+    timeout "$ENGINE_TIMEOUT" "$PY" -m bench.merge_engine --device cuda --sizes "$SIZES" \
         --work "$WORK" >"$OUT/bench.log" 2>&1 || rc=$?
     if [[ $rc -eq 0 ]]; then
         log "bench: done"

@@ -208,3 +208,25 @@ def test_the_blocked_kernels_run_on_a_device_other_than_the_cpu(dtype: torch.dty
         assert out.device.type == "meta" and out.dtype == dtype
     floats = [t.float() for t in taus]
     assert weighted_average(floats, [1.0, 2.0, 3.0]).device.type == "meta"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("method", "params"), CASES)
+@pytest.mark.parametrize("slice_bytes", [4096, 32 * 1024 * 1024])
+def test_on_cuda_the_sliced_output_is_byte_identical_to_the_cpu_merge(
+    paths: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    params: dict[str, Any],
+    slice_bytes: int,
+) -> None:
+    expected = _shard_bytes(_merge(paths, tmp_path / "cpu", method, params))
+    monkeypatch.setattr(pipeline, "SLICE_BYTES", slice_bytes)  # many slices, or one per tensor
+    spy = Spy(monkeypatch)
+    base = paths[0] if method != "linear" else None
+    mergeops.merge_files(method, paths[1:], base=base, out_dir=tmp_path / "cuda", device="cuda",
+                         progress=False, **params)  # fmt: skip
+    assert _shard_bytes(tmp_path / "cuda") == expected
+    assert spy.whole == ["ids"] and {row[0] for row in spy.rows} == set(SLICED)
