@@ -290,6 +290,8 @@ class ChunkedMerge:
         shape = tuple(self.meta.shape)
         if isinstance(method, mb.SliceStatsMethod):
             stats = mb.sweep_stats(method.stats_pass(key, shape, self.ctx), self._slices)
+        elif (sweep := method.stats_sweep(key, shape, self.ctx)) is not None:
+            stats = mb.sweep_stats(sweep, self._slices)
         else:
             stats = method.tensor_stats(key, shape, self._task_vector, self.ctx)
         if self.base is not None and self._base_over_budget:

@@ -286,6 +286,14 @@ class StreamingMethod(MergeMethod):
         """
         raise NotImplementedError(f"method '{self.name}' is not chunkable")
 
+    def stats_sweep(
+        self, key: str, shape: tuple[int, ...], ctx: MergeContext
+    ) -> TensorStatsPass | None:
+        """A sweep over the tensor's row slices whose ``result()`` is what ``tensor_stats``
+        would return, for params where the statistics need no whole tensor; None (the
+        default): the engine calls ``tensor_stats``."""
+        return None
+
     def merge_rows(
         self, inputs: TensorInputs, stats: list[Any], offset: int, ctx: MergeContext
     ) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeops.ops.scratch import scratch_like
 from mergeops.ops.select import rank_stats
 
 _BINS = 1 << 16
@@ -95,14 +96,25 @@ class TrimCut:
 
     def mask_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
         """The keep mask of a slice whose first entry has flat index ``offset``."""
-        if self.inclusive:
-            return magnitude >= self.threshold
-        above = magnitude > self.threshold
+        return self._mark_ties(
+            magnitude >= self.threshold if self.inclusive else magnitude > self.threshold,
+            offset,
+        )
+
+    def keep_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """``mask_rows`` as float32 1.0 / 0.0 (for floating ``magnitude``): a product with it
+        is exact and several times faster than with a bool mask. A per-thread scratch tensor,
+        valid until the next call."""
+        keep = scratch_like("keep", magnitude)
+        compare = torch.ge if self.inclusive else torch.gt
+        return self._mark_ties(compare(magnitude, self.threshold, out=keep), offset)
+
+    def _mark_ties(self, mask: torch.Tensor, offset: int) -> torch.Tensor:
         lo = int(torch.searchsorted(self.ties, offset))
-        hi = int(torch.searchsorted(self.ties, offset + magnitude.numel()))
+        hi = int(torch.searchsorted(self.ties, offset + mask.numel()))
         if hi > lo:
-            above.view(-1)[self.ties[lo:hi] - offset] = True
-        return above
+            mask.view(-1)[self.ties[lo:hi] - offset] = 1
+        return mask
 
 
 def tie_cut(magnitude: torch.Tensor, threshold: float, ties: int, equal: int = -1) -> TrimCut:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mergeops.ops import select
-from mergeops.ops.select import rank_stats
+from mergeops.ops.select import RankStat, rank_stats
 from mergeops.ops.selection import topk_cut_by, window_cut
 from mergeops.ops.sparsify import first_equal, keep_count
 
@@ -132,3 +132,61 @@ def test_rank_stats_same_with_one_and_two_threads() -> None:
     finally:
         torch.set_num_threads(before)
     assert one == two
+
+
+def _bf16_task_vector(n: int, seed: int) -> torch.Tensor:
+    """|θ_ft - θ_0| of bf16 weights in float32: mostly zero low bits, a few not."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    tuned = (base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16()
+    return (tuned.float() - base.float()).abs()
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 17])
+def test_rank_counter_over_slices_equals_rank_stats(pieces: int) -> None:
+    x = _bf16_task_vector(50_000, seed=pieces)
+    ranks = [1, 12_345, 25_000, 50_000]
+    counter = select.RankCounter(x.numel(), ranks, torch.float32)
+    sweeps = 0
+    while True:
+        sweeps += 1
+        for piece in x.tensor_split(pieces):
+            counter.observe(piece)
+        if not counter.next_pass():
+            break
+    assert counter.result() == rank_stats(x, ranks)
+    for rank, stat in zip(ranks, counter.result(), strict=True):
+        assert stat.value == float(x.kthvalue(rank).values)
+    assert sweeps <= 2
+
+
+def test_rank_counter_one_sweep_when_the_rank_is_an_exact_high_bin() -> None:
+    """Patterns with zero low bits (bf16-representable) resolve in one sweep; a rank among
+    entries with low bits set takes a second sweep, and both are exact."""
+    exact = torch.tensor([0.5, 0.25, 0.25, 0.75, 1.0]).repeat(100)
+    counter = select.RankCounter(exact.numel(), [250], torch.float32)
+    counter.observe(exact)
+    assert not counter.next_pass()
+    assert counter.result()[0] == RankStat(0.5, 200, 100)
+
+    near = exact.view(torch.int32) + torch.arange(exact.numel(), dtype=torch.int32) % 3
+    x = near.view(torch.float32)
+    counter = select.RankCounter(x.numel(), [250], torch.float32)
+    counter.observe(x)
+    assert counter.next_pass()  # rank 250 falls among 0.5's neighbours with low bits set
+    counter.observe(x)
+    assert not counter.next_pass()
+    stat = counter.result()[0]
+    assert stat.value == float(x.kthvalue(250).values)
+    assert stat.below == int((x < stat.value).sum()) and stat.equal == int((x == stat.value).sum())
+
+
+def test_rank_counter_checks_what_it_is_fed() -> None:
+    counter = select.RankCounter(10, [3], torch.float32)
+    with pytest.raises(TypeError, match="float32"):
+        counter.observe(torch.ones(10, dtype=torch.float64))
+    counter.observe(torch.ones(9))
+    with pytest.raises(ValueError, match="observed 9 values, expected 10"):
+        counter.next_pass()
+    with pytest.raises(RuntimeError, match="before its last sweep"):
+        counter.result()

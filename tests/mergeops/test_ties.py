@@ -119,3 +119,48 @@ def test_ties_tie_break_param_reaches_the_trim():
     assert out["w"].tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
     kept = mergeops.merge("ties", [model], base=base, density=0.4, tie_break="mergekit")
     assert int((kept["w"] != 0).sum()) == 2
+
+
+def test_position_ties_chunked_by_sweeps_without_whole_task_vectors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunked ties under the position rule gets its cuts from sweeps over the slices (never
+    the whole τ_t) and equals the whole-tensor merge bit for bit, ties at the cut included."""
+    from mergeops import chunking
+    from mergeops.methods.task_vector.ties import Ties
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": (torch.randn(64, 128, generator=g) * 0.02).bfloat16()}
+    models = [
+        {"w": (base["w"].float() + (torch.randn(64, 128, generator=g) * 16).round() / 4096)
+         .bfloat16()}
+        for _ in range(3)
+    ]  # fmt: skip
+    params = {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 1.0]}
+    whole = mergeops.merge("ties", models, base=base, device="cpu", **params)
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the position rule must not read whole task vectors")
+
+    monkeypatch.setattr(Ties, "tensor_stats", refuse)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)  # 8 slices of 8 rows
+    chunked = mergeops.merge("ties", models, base=base, device="cpu", **params)
+    assert torch.equal(whole["w"].view(torch.int32), chunked["w"].view(torch.int32))
+
+
+def test_ordered_tie_cut_keeps_first_ties_and_needs_slices_in_order() -> None:
+    from mergeops.ops.streamed_topk import OrderedTieCut, SliceTopK
+
+    magnitude = torch.tensor([1.0, 2.0, 2.0, 3.0, 2.0, 0.5, 2.0, 2.0])
+    selector = SliceTopK(magnitude.numel(), 0.5)  # k = 4: the 3 and the first three 2s
+    for piece in magnitude.split(3):
+        selector.observe(piece)
+    assert not selector.next_pass()
+    cut = selector.cut()
+    assert isinstance(cut, OrderedTieCut) and (cut.threshold, cut.quota) == (2.0, 3)
+    pieces = zip(magnitude.split(3), [0, 3, 6], strict=True)
+    masks = [cut.mask_rows(piece, offset) for piece, offset in pieces]
+    assert torch.cat(masks).tolist() == [False, True, True, True, True, False, False, False]
+    with pytest.raises(ValueError, match="expected offset 3, got 6"):
+        cut.mask_rows(magnitude[:3], 0)
+        cut.mask_rows(magnitude[6:], 6)

@@ -18,6 +18,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from mergeops.ops.scratch import scratch_like
+
 T = TypeVar("T")
 
 
@@ -42,7 +44,11 @@ class CutStat:
             return tau
         masked = tau if in_place else tau.clone()
         if self.cut is not None:
-            masked.mul_(self.cut.mask_rows(tau.abs(), offset))
+            # A float 1.0 / 0.0 mask where the cut has one: the same products, several times
+            # faster than with a bool mask.
+            rows = getattr(self.cut, "keep_rows", None) if tau.is_floating_point() else None
+            magnitude = torch.abs(tau, out=scratch_like("magnitude", tau))
+            masked.mul_((rows or self.cut.mask_rows)(magnitude, offset))
         return masked if self.scale is None else masked.mul_(self.scale)
 
 

@@ -22,6 +22,7 @@ from mergeops.methods.base import (
     MergeContext,
     StatsCollector,
     TensorInputs,
+    TensorStatsPass,
     register,
 )
 from mergeops.methods.task_vector._per_model import CutStat, per_model_stats
@@ -33,6 +34,7 @@ from mergeops.methods.task_vector.task_arithmetic import (
 from mergeops.ops.prune import l1_scale_of_magnitude
 from mergeops.ops.selection import TieBreak, topk_cut_by
 from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, tie_cut
+from mergeops.ops.streamed_topk import SliceTopK
 
 
 class TiesParams(TaskArithmeticParams):
@@ -61,6 +63,31 @@ class ModelTopK(StatsCollector):
         return [s.result() if s.density < 1 else None for s in self.selectors]
 
 
+class PositionTrimSweep(TensorStatsPass):
+    """Each model's per-tensor top-|τ_t| cut under the position tie rule, from row slices
+    (``ops.streamed_topk``): one or two sweeps, no whole τ_t held."""
+
+    def __init__(self, numel: int, densities: list[float]) -> None:
+        self.selectors = [SliceTopK(numel, d) if d < 1 else None for d in densities]
+        self._scratch = torch.empty(0)
+
+    def observe(self, inputs: TensorInputs, offset: int) -> None:
+        base = inputs.base
+        assert base is not None
+        if self._scratch.numel() < base.numel():
+            self._scratch = torch.empty(base.numel(), dtype=torch.float32)
+        scratch = self._scratch[: base.numel()].view(base.shape)
+        for selector, model in zip(self.selectors, inputs.models, strict=True):
+            if selector is not None and not selector.done:
+                selector.observe(torch.sub(model, base, out=scratch).abs_())
+
+    def next_pass(self) -> bool:
+        return any([s.next_pass() for s in self.selectors if s is not None])
+
+    def result(self) -> list[CutStat]:
+        return [CutStat(None if s is None else s.cut(), None) for s in self.selectors]
+
+
 @register
 class Ties(TaskVectorMerge):
     """θ = θ0 + λ·disjoint_merge(w_t·trim(τ_t))."""
@@ -79,6 +106,24 @@ class Ties(TaskVectorMerge):
         if params.trim_scope != "model":
             return None
         return ModelTopK([p.density for p in ctx.model_params])  # type: ignore[attr-defined]
+
+    def stats_sweep(
+        self, key: str, shape: tuple[int, ...], ctx: MergeContext
+    ) -> TensorStatsPass | None:
+        """Per-tensor cuts with ties kept by position, on the CPU and without rescale, come
+        from sweeps over the slices (``PositionTrimSweep``); the rest from whole τ_t."""
+        params = ctx.params
+        assert isinstance(params, TiesParams)
+        densities = [p.density for p in ctx.model_params]  # type: ignore[attr-defined]
+        if (
+            params.trim_scope != "tensor"
+            or params.tie_break != "position"
+            or params.rescale
+            or ctx.device.type != "cpu"
+            or all(d >= 1 for d in densities)
+        ):
+            return None
+        return PositionTrimSweep(math.prod(shape), densities)
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._trim(key, tau, index, ctx).apply(tau, 0)
