@@ -41,7 +41,13 @@ class PinnedRelease:
         self._free.clear()
         return self._free.set
 
+    @property
+    def held(self) -> bool:
+        """Whether a writer holds the buffer now."""
+        return not self._free.is_set()
+
     def wait(self) -> None:
+        """Block until the writer released the buffer (at once if it is not held)."""
         self._free.wait()
 
 

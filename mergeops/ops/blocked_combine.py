@@ -110,7 +110,7 @@ def blocked_combine(
     alphas = [float(w[t, 0]) for t in range(count)]
     divisor = w.sum(dim=0)  # non-consensus: one divisor, as the reference computes it
     divisor[divisor.abs() < 1e-8] = 1
-    w, divisor = w.to(base.device), divisor.to(base.device)  # no-ops on the CPU
+    w, divisor = (t.to(base.device, non_blocking=True) for t in (w, divisor))  # CPU: no-ops
     coefficients = [w[t, 0] for t in range(count)]  # 0-dim, in the task vectors' dtype
     block = BLOCK if base.device.type == "cpu" else max(1, numel)  # GPU: fewer launches
     out = torch.empty_like(base) if out is None else out

@@ -9,8 +9,8 @@ output."""
 from __future__ import annotations
 
 import itertools
+import math
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +116,35 @@ def test_sliced_output_is_byte_identical_to_the_cpu_merge(
     assert len(buffers) == pipeline.SLOTS  # the slots' pinned outputs, reused by every slice
 
 
-def _slow_first_write(monkeypatch: pytest.MonkeyPatch, delay: float = 0.05) -> None:
-    """The writer's first slice of 'embed' waits ``delay`` before it is written."""
-    original, seen = StreamedShards.write_rows, set()
+def _gated_first_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer writes the first slice of 'embed' (in slot 0) only once the pipeline either
+    blocks on a held buffer's release or has issued slice 2's download into that slot:
+    without the wait, the slot is refilled first, every time."""
+    gate, first = threading.Event(), [True]
+    write_rows, wait, download = StreamedShards.write_rows, PinnedRelease.wait, _DOWNLOAD[0]
 
-    def slow(shards: StreamedShards, name: str, offset: int, data: torch.Tensor) -> None:
-        if name == "embed" and name not in seen:
-            seen.add(name)
-            time.sleep(delay)
-        original(shards, name, offset, data)
+    def gated(shards: StreamedShards, name: str, offset: int, data: torch.Tensor) -> None:
+        if name == "embed" and first[0]:
+            first[0] = False
+            assert gate.wait(timeout=10)
+        write_rows(shards, name, offset, data)
 
-    monkeypatch.setattr(StreamedShards, "write_rows", slow)
+    def waiting(release: PinnedRelease) -> None:
+        if release.held:  # the pipeline blocks until the writer wrote: let it write
+            gate.set()
+        wait(release)
+
+    def issued(self: pipeline.SlicePipeline, j: int) -> None:
+        download(self, j)
+        if j == 2:  # embed's slice 2, in slot 0 again
+            gate.set()
+
+    monkeypatch.setattr(StreamedShards, "write_rows", gated)
+    monkeypatch.setattr(PinnedRelease, "wait", waiting)
+    monkeypatch.setattr(pipeline.SlicePipeline, "_download", issued)
+
+
+_DOWNLOAD = [pipeline.SlicePipeline._download]
 
 
 def test_a_slow_writer_keeps_its_buffer_until_it_wrote_it(
@@ -135,10 +153,13 @@ def test_a_slow_writer_keeps_its_buffer_until_it_wrote_it(
     params = CASES[1][1]
     expected = _shard_bytes(_merge(paths, tmp_path / "cpu", "task_arithmetic", params))
     _use_fake(monkeypatch)  # every copy runs as soon as it is issued
-    _slow_first_write(monkeypatch)
-    assert _shard_bytes(_merge(paths, tmp_path / "ok", "task_arithmetic", params)) == expected
-    monkeypatch.setattr(PinnedRelease, "wait", lambda self: None)  # the wait the test guards
-    got = _shard_bytes(_merge(paths, tmp_path / "bad", "task_arithmetic", params))
+    with monkeypatch.context() as patch:
+        _gated_first_write(patch)
+        assert _shard_bytes(_merge(paths, tmp_path / "ok", "task_arithmetic", params)) == expected
+    with monkeypatch.context() as patch:
+        _gated_first_write(patch)
+        patch.setattr(PinnedRelease, "wait", lambda self: None)  # the wait the test guards
+        got = _shard_bytes(_merge(paths, tmp_path / "bad", "task_arithmetic", params))
     assert got != expected  # slice 0's buffer was refilled by slice 2 before it was written
 
 
@@ -230,3 +251,33 @@ def test_on_cuda_the_sliced_output_is_byte_identical_to_the_cpu_merge(
                          progress=False, **params)  # fmt: skip
     assert _shard_bytes(tmp_path / "cuda") == expected
     assert spy.whole == ["ids"] and {row[0] for row in spy.rows} == set(SLICED)
+
+
+def test_each_slice_is_written_while_the_next_one_is_merged(
+    paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[pipeline.SlicePipeline] = []
+    run, write_rows = pipeline.SlicePipeline.run, DirSink.write_rows
+    writes: list[tuple[int, list[tuple[str, int]]]] = []
+
+    def spy_run(self: pipeline.SlicePipeline) -> None:
+        seen.append(self)
+        run(self)
+
+    def spy_rows(sink: DirSink, name: str, offset: int, data: torch.Tensor, *a: Any) -> None:
+        jobs = seen[0].jobs
+        start = offset // (math.prod(family()[0][name].shape[1:]) * 2)  # bf16 output
+        index = next(j for j, job in enumerate(jobs) if job.key == name and job.start == start)
+        writes.append((index, list(seen[0].issued)))
+        write_rows(sink, name, offset, data, *a)
+
+    monkeypatch.setattr(pipeline.SlicePipeline, "run", spy_run)
+    monkeypatch.setattr(DirSink, "write_rows", spy_rows)
+    _use_fake(monkeypatch, FakeBackend())
+    _merge(paths, tmp_path / "out", "ties", CASES[2][1])
+    assert len(writes) == sum(SLICED.values())
+    slices = {j for j, job in enumerate(seen[0].jobs) if job.host is None}
+    for index, issued in writes:
+        if index + 1 in slices:  # the next slice's merge is already issued when this one goes
+            assert ("compute", index + 1) in issued
+        assert ("download", index + 2) not in issued  # its buffer is not refilled yet
