@@ -23,6 +23,9 @@ import torch
 BLOCK = 128 * 1024
 """Elements per block (512 KiB of float32 per buffer; 64K-512K measured within noise, 16K
 slower: each op's per-call and thread fork cost is paid per block)."""
+DEVICE_BLOCK = 8 * 1024 * 1024
+"""Elements per block on other devices (GPU): kernel launches, not cache, are the cost there;
+still bounded, since the block buffers are kept for the next call."""
 LANES = 64
 """Blocked combines require a length that is a multiple of this: the stacked sum over models
 then adds every element's terms one by one in model order (no tail with another order)."""
@@ -112,7 +115,7 @@ def blocked_combine(
     divisor[divisor.abs() < 1e-8] = 1
     w, divisor = (t.to(base.device, non_blocking=True) for t in (w, divisor))  # CPU: no-ops
     coefficients = [w[t, 0] for t in range(count)]  # 0-dim, in the task vectors' dtype
-    block = BLOCK if base.device.type == "cpu" else max(1, numel)  # GPU: fewer launches
+    block = BLOCK if base.device.type == "cpu" else DEVICE_BLOCK
     out = torch.empty_like(base) if out is None else out
     flat_out, flat_base = out.view(-1), base.view(-1)
     flats = [t.view(-1) for t in task_vectors]

@@ -213,16 +213,19 @@ def test_whole_tensor_statistics_are_uploaded_a_slice_at_a_time(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_blocked_kernels_run_on_a_device_other_than_the_cpu(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows", [256, 3 * 64 * 1024])  # one block, or 1.5 device blocks
+def test_the_blocked_kernels_run_on_a_device_other_than_the_cpu(
+    dtype: torch.dtype, rows: int
+) -> None:
     """On CUDA the pipeline merges with the CPU's blocked kernels (the same elementwise ops in
     the same order, hence the same bits); 'meta' tensors stand in for a device here: any
     tensor left on the CPU would fail with a device mismatch."""
     from mergeops.ops.basic import weighted_average
     from mergeops.ops.blocked_combine import blockable, blocked_combine
 
-    base = torch.empty(256, 128, dtype=dtype, device="meta")
+    base = torch.empty(rows, 64, dtype=dtype, device="meta")
     taus = [torch.empty_like(base) for _ in range(3)]
-    assert blockable(base, taus) and not blockable(base, [torch.empty(256, 128, dtype=dtype)])
+    assert blockable(base, taus) and not blockable(base, [torch.empty(base.shape, dtype=dtype)])
     for consensus in (True, False):
         out = blocked_combine(base, taus, [1.0, 0.5, 0.3], consensus=consensus, normalize=True,
                               scale=0.7)  # fmt: skip
