@@ -22,8 +22,9 @@ import torch
 
 from mergeops.sources import TensorMeta
 from registry.storage.base import ObjectStore, StorageError
-from registry.storage.codecs import StoredBlob, iter_original
+from registry.storage.codecs import RAW, StoredBlob, iter_original
 from registry.storage.read_ahead import DEFAULT_WINDOW_BYTES, ReadAhead
+from registry.storage.recycled import SHARED, ReceiveBuffers
 from registry.storage.tensor_index import (
     DEFAULT_MAX_HEADER_BYTES,
     DTYPES,
@@ -65,7 +66,8 @@ class BlobTensorSource:
     ``blob`` is the file's ``StoredBlob`` (a bare key is read raw, its size asked from the
     store); ``index`` is the stored tensor index (then no header is read). Row reads smaller
     than ``read_ahead_bytes`` are served from read-ahead windows of that size
-    (``registry.storage.read_ahead``; 0: one range request per read).
+    (``registry.storage.read_ahead``; 0: one range request per read). Bytes are received into
+    ``buffers`` (default: the process's shared pool, ``registry.storage.recycled``).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class BlobTensorSource:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         stats: FetchStats | None = None,
         read_ahead_bytes: int = DEFAULT_WINDOW_BYTES,
+        buffers: ReceiveBuffers | None = None,
     ) -> None:
         if sys.byteorder != "little":
             raise StorageError(
@@ -93,6 +96,7 @@ class BlobTensorSource:
         self._where = f"safetensors blob '{blob.key}' (source '{name}')"
         self.file_metadata: dict[str, str] = {}
         self.read_ahead_bytes = read_ahead_bytes
+        self.buffers = buffers if buffers is not None else SHARED
         self._ahead = (
             ReadAhead(self._fetch_rows, window_bytes=read_ahead_bytes) if read_ahead_bytes else None
         )
@@ -154,12 +158,23 @@ class BlobTensorSource:
     def _read(
         self, key: str, first: int, last: int, dtype: torch.dtype, shape: tuple[int, ...]
     ) -> torch.Tensor:
-        """Bytes ``[first, last)`` of the original file as a tensor, filled into one buffer."""
+        """Bytes ``[first, last)`` of the original file as a tensor over one received buffer."""
         size = last - first
         if size == 0:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(size)
-        view, filled = memoryview(buffer), 0
+        tensor, view = self.buffers.take(size)  # pooled: no fresh pages per window
+        read_into = getattr(self.store, "read_into", None)
+        if self.blob.codec == RAW and read_into is not None:  # received in place (S3)
+            read_into(self.key, first, view)
+        else:
+            self._read_chunks(key, first, last, view)
+        del view
+        self.stats.add(size)
+        return tensor.view(dtype).reshape(shape)
+
+    def _read_chunks(self, key: str, first: int, last: int, view: memoryview) -> None:
+        """Bytes ``[first, last)`` of the original file streamed (decoded) into ``view``."""
+        filled, size = 0, len(view)
         for chunk in iter_original(self.store, self.blob, start=first, end=last):
             if filled + len(chunk) > size:
                 raise StorageError(f"long read of tensor '{key}' from {self._where}")
@@ -169,8 +184,6 @@ class BlobTensorSource:
             raise StorageError(
                 f"short read of tensor '{key}' from {self._where}: {filled} of {size} bytes"
             )
-        self.stats.add(size)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 class ShardedBlobTensorSource:
