@@ -65,7 +65,7 @@ from bench.merge_options import (
 from bench.merge_parity import Parity, compare
 from bench.merge_pipeline import cuda_main, h2d_bandwidth, prefetch_compare
 from bench.merge_report import Row, Run, format_table, print_notes, print_summary
-from bench.merge_setups import MERGEKIT_SETUPS, Setup, mergekit_methods
+from bench.merge_setups import CKREG_VARIANTS, mergekit_methods, setup_of
 
 WEIGHTS = (1.0, 0.8, 0.6, 0.4)
 DEFAULT_WORK = Path("bench/out/merge_engine")
@@ -76,7 +76,8 @@ tokenizer, so copying one would fail."""
 
 def write_config(path: Path, method: str, folders: list[Path], density: float) -> Path:
     """The mergekit YAML both engines run (fp32 compute and output, for parity)."""
-    setup = MERGEKIT_SETUPS.get(method, Setup(per_model={}))
+    setup = setup_of(method)
+    merge_method, extra = CKREG_VARIANTS.get(method, (method, {}))
     base, finetunes = folders[0], folders[1 : 1 + setup.models]
     models = []
     for folder, weight in zip(finetunes, WEIGHTS, strict=False):
@@ -85,11 +86,12 @@ def write_config(path: Path, method: str, folders: list[Path], density: float) -
             params = {k: density if v == -1 else v for k, v in setup.per_model.items()}
             entry["parameters"] = {"weight": weight, **params}
         models.append(entry)
-    config: dict[str, object] = {"merge_method": method, "models": models, "dtype": "float32"}
+    config: dict[str, object] = {"merge_method": merge_method, "models": models,
+                                 "dtype": "float32"}  # fmt: skip
     if setup.base:
         config["base_model"] = str(base.resolve())
-    if setup.shared:
-        config["parameters"] = dict(setup.shared)
+    if setup.shared or extra:
+        config["parameters"] = {**(setup.shared or {}), **extra}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -138,7 +140,7 @@ def bench_method(
     right after its run (both kept for the parity check of the first repeat when it fits)."""
     work: Path = args.work / size
     cfg = write_config(work / f"{method}.yml", method, folders, args.density)
-    setup = MERGEKIT_SETUPS.get(method, Setup())
+    setup = setup_of(method)
     inputs = ([folders[0]] if setup.base else []) + folders[1 : 1 + setup.models]
     in_bytes = sum(folder_bytes(f) for f in inputs)
     out_bytes = 2 * folder_bytes(folders[0])  # fp32 output
@@ -147,7 +149,8 @@ def bench_method(
     cmds = {"ckreg": _ckreg_cmd(cfg, outs["ckreg"], args.shard_size),
             "mergekit": [str(args.mergekit), str(cfg), str(outs["mergekit"]), "--out-shard-size",
                          args.shard_size.removesuffix("B"), *MERGEKIT_FLAGS]}  # fmt: skip
-    engines = ["ckreg", "mergekit"] if runs_mergekit(args, method, size) else ["ckreg"]
+    both = runs_mergekit(args, method, size) and method not in CKREG_VARIANTS
+    engines = ["ckreg", "mergekit"] if both else ["ckreg"]
     parity_wanted = len(engines) == 2 and not args.no_parity
     if parity_wanted and free_bytes(work) < 2 * out_bytes + 1e9:
         print(f"{size} {method}: parity check skipped, no disk room for two outputs")

@@ -18,7 +18,7 @@ import torch
 from bench._common import MIB
 from bench.merge_parity import Parity, format_parity
 
-FLOOR_GOALS = {"linear": 2.0, "task_arithmetic": 2.0, "ties": 4.0}
+FLOOR_GOALS = {"linear": 2.0, "task_arithmetic": 2.0, "ties": 4.0, "ties_position": 4.0}
 """Goal for ckreg wall / floor, per method (issue 20)."""
 SPEEDUP_GOAL = 3.0
 RSS_GOAL = 0.25
@@ -119,21 +119,25 @@ def _mk(r: Row) -> Run | None:
     return r.versus if r.versus is not None and r.versus.ok else None
 
 
-def format_summary(rows: list[Row]) -> str:
-    """Markdown: one line per method and size (methods in run order, then sizes)."""
+def format_summary(rows: list[Row], startup_s: float = 0.0) -> str:
+    """Markdown: one line per method and size (methods in run order, then sizes).
+    ``startup_s``: the process start-up measured beside, for the "(ckreg - start-up)/floor"
+    column (the floor is timed in-process, ckreg as a process)."""
     cpu = sorted(_ckreg_rows(rows), key=lambda r: _order(rows, r))
     lines = [
-        "| method | size | floor s | ckreg s | mergekit s | ckreg/floor | mergekit/ckreg "
-        "| ckreg s/GB in | RSS ckreg MiB | RSS mergekit MiB | RSS ckreg/mergekit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | size | floor s | ckreg s | mergekit s | ckreg/floor | (ckreg - start-up)/floor "
+        "| mergekit/ckreg | ckreg s/GB in | RSS ckreg MiB | RSS mergekit MiB | RSS ckreg/mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in cpu:
         mk, ok = _mk(r), r.run.ok
         wall = r.run.wall_s if ok else None
+        net = (wall - startup_s) / r.floor if wall and r.floor else None
         lines.append(
             f"| {r.method} | {r.size} | {_num(r.floor)} | {_num(wall, 1) if ok else 'FAILED'} "
             f"| {_num(mk.wall_s, 1) if mk else '-'} "
             f"| {_num(wall / r.floor if wall and r.floor else None, 2, 'x')} "
+            f"| {_num(net, 2, 'x')} "
             f"| {_num(mk.wall_s / wall if mk and wall else None, 2, 'x')} "
             f"| {_num(wall / (r.in_bytes / 1e9) if wall and r.in_bytes else None)} "
             f"| {r.run.peak_rss / MIB:.0f} | {f'{mk.peak_rss / MIB:.0f}' if mk else '-'} "
@@ -209,7 +213,7 @@ def print_summary(rows: list[Row], startup_s: float) -> None:
     print("\n## Summary (median runs; s/GB in = ckreg wall per GB of input files)\n")
     print(f"ckreg wall includes process start-up: {startup_s:.2f} s for "
           "`python -c 'import torch, mergeops'` here (the floor has none)\n")  # fmt: skip
-    print(format_summary(rows))
+    print(format_summary(rows, startup_s))
     print("\nGoals (issue 20):")
     for line in format_goals(rows):
         print(f"- {line}")

@@ -41,6 +41,19 @@ MERGEKIT_SETUPS: dict[str, Setup] = {
 """Every merge method mergekit 0.1.5 registers, with parameters valid in both engines."""
 
 
+CKREG_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "ties_position": ("ties", {"tie_break": "position"}),
+}
+"""ckreg-only rows: a name for the table -> (merge_method, extra global params). mergekit has
+no such option (its ties keeps whichever tied entries its unstable sort puts first), so these
+rows run ckreg alone on the same files; ``Setup`` is the method's."""
+
+
+def setup_of(method: str) -> Setup:
+    """The ``Setup`` of a method or of a ckreg variant's method."""
+    return MERGEKIT_SETUPS.get(CKREG_VARIANTS.get(method, (method, {}))[0], Setup(per_model={}))
+
+
 def mergekit_methods() -> list[str]:
     """The registered ckreg methods that mergekit also has, in ``MERGEKIT_SETUPS`` order."""
     from mergeops import available_methods

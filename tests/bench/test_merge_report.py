@@ -29,13 +29,15 @@ def test_summary_goals_and_shard_table_from_rows() -> None:
         _row("1b", "ties", 9.0, 20.0, 500),  # 4.5x floor, 2.2x faster
         _row("270m", "linear", 3.0, None, 400),
     ]
-    summary = format_summary(rows).splitlines()
+    summary = format_summary(rows, startup_s=1.0).splitlines()
     assert summary[0].startswith("| method | size | floor s | ckreg s | mergekit s |")
     assert (
         summary[2]
-        == "| ties | 270m | 2.00 | 7.0 | 30.0 | 3.50x | 4.29x | 7.00 | 500 | 2001 | 0.25 |"
+        == "| ties | 270m | 2.00 | 7.0 | 30.0 | 3.50x | 3.00x | 4.29x | 7.00 | 500 | 2001 | 0.25 |"
     )
-    assert summary[4].startswith("| linear | 270m | 2.00 | 3.0 | - | 1.50x | - | 3.00 | 400 | - |")
+    assert summary[4].startswith(
+        "| linear | 270m | 2.00 | 3.0 | - | 1.50x | 1.00x | - | 3.00 | 400 | - |"
+    )
     goals = format_goals(rows)
     assert "ckreg/floor 270m 3.50, 1b 4.50 (goal <= 4: NOT met)" in goals[0]
     assert "mergekit/ckreg 270m 4.29, 1b 2.22 (goal >= 3: NOT met)" in goals[0]

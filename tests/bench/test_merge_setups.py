@@ -22,3 +22,17 @@ def test_every_mergekit_method_has_a_setup_both_engines_parse(tmp_path: Path) ->
         MergeConfiguration.model_validate(data)
         parse_config(data)
         assert len(data["models"]) == MERGEKIT_SETUPS[method].models
+
+
+def test_ckreg_variant_rows_write_their_method_and_params(tmp_path: Path) -> None:
+    from bench.merge_setups import CKREG_VARIANTS
+
+    folders = [tmp_path / f"m{i}" for i in range(5)]
+    for name, (method, extra) in CKREG_VARIANTS.items():
+        data = yaml.safe_load(
+            write_config(tmp_path / f"{name}.yml", name, folders, 0.5).read_text()
+        )
+        assert data["merge_method"] == method
+        assert extra.items() <= data["parameters"].items()
+        assert [m["parameters"]["density"] for m in data["models"]] == [0.5] * 4
+        parse_config(data)
