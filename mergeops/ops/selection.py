@@ -35,11 +35,14 @@ def _indices(flat: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
     return (flat == value).nonzero().reshape(-1)
 
 
-def topk_cut_by(magnitude: torch.Tensor, density: float, tie_break: TieBreak) -> TrimCut | None:
+def topk_cut_by(
+    magnitude: torch.Tensor, density: float, tie_break: TieBreak, *, consume: bool = False
+) -> TrimCut | None:
     """The cut keeping the k = max(1, ⌊density·n⌋) largest magnitudes (None: keep all).
 
     Ties at the threshold go to lower flat indices (``position``) or to the entries
-    mergekit's ``argsort(descending=True)[:k]`` keeps (``mergekit``).
+    mergekit's ``argsort(descending=True)[:k]`` keeps (``mergekit``). ``consume``: a float32
+    ``magnitude`` on the CPU may be sorted in place (the same order, one whole copy less).
     """
     n = magnitude.numel()
     k = keep_count(n, density)
@@ -51,7 +54,8 @@ def topk_cut_by(magnitude: torch.Tensor, density: float, tie_break: TieBreak) ->
         return tie_cut(magnitude, threshold, k - above, equal)
     # mergekit keeps argsort(descending)[:k]; sorted descending, the entries equal to the
     # threshold are exactly positions [above, k) of that order (no gather over the top k).
-    order = torch.sort(sort_keys(flat), descending=True).indices
+    in_place = consume and flat.device.type == "cpu" and flat.dtype == torch.float32
+    order = _sort_order(sort_keys(flat), in_place=in_place, descending=True)
     return TrimCut(threshold=threshold, ties=order[above:k].sort().values)
 
 
@@ -131,12 +135,13 @@ def window_cut(
     return WindowCut(low=float(low), high=float(high), ties=torch.cat(runs).sort().values)
 
 
-def _sort_order(keys: torch.Tensor, *, in_place: bool) -> torch.Tensor:
-    """``torch.sort(keys).indices``; ``in_place`` sorts ``keys`` itself (no values copy)."""
+def _sort_order(keys: torch.Tensor, *, in_place: bool, descending: bool = False) -> torch.Tensor:
+    """``torch.sort(keys, descending=…).indices``; ``in_place`` sorts ``keys`` itself (no
+    values copy; the same permutation: the same sort runs on the same values)."""
     if not in_place:
-        return torch.sort(keys).indices
+        return torch.sort(keys, descending=descending).indices
     order = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
-    torch.sort(keys, out=(keys, order))
+    torch.sort(keys, descending=descending, out=(keys, order))
     return order
 
 

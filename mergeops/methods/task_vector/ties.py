@@ -143,7 +143,9 @@ class Ties(TaskVectorMerge):
             return CutStat(None, None)
         magnitude = tau.abs_() if owned else tau.abs()
         if model_cut is None:
-            cut = topk_cut_by(magnitude, density, params.tie_break)
+            # Without rescale nothing reads the magnitudes after the cut: sort them in place.
+            consume = owned and not params.rescale
+            cut = topk_cut_by(magnitude, density, params.tie_break, consume=consume)
         else:
             cut = tie_cut(magnitude, model_cut.threshold, model_cut.tie_quota.get(key, 0))
         if not params.rescale or cut is None:
