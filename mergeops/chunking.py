@@ -10,15 +10,16 @@ output tensor is never held). Peak memory per tensor is a few slices, not a few 
 copies per input; the raw read buffers, the float32 input slices and the output slices are
 reused from slice to slice (no fresh pages per slice).
 Inputs the whole-tensor pass read are kept (raw, up to ``KEEP_BYTES`` per tensor) and sliced
-from memory, so they are read or fetched once. Plain plans and routed plans (``ChunkJob``: any
+from memory; remote inputs beyond it, and what a statistics method's first sweep fetched, are
+spilled to a local scratch file (``mergeops.spill``) and read back from it: every input byte is
+read or fetched once. Plain plans and routed plans (``ChunkJob``: any
 source and tensor name per input) go through the same class.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,9 @@ from mergeops.plan import MergePlan
 from mergeops.prefetch import MAX_DEPTH, Prefetcher
 from mergeops.slice_io import BufferPool, SliceOutput
 from mergeops.slice_reads import FloatSlots, SliceRead, owned_float, slice_read
+from mergeops.slice_reads import InputRows as _Rows
 from mergeops.sources import TensorMeta, TensorSource
-from mergeops.spill import Spill, SpillRegion
+from mergeops.spill import Spill
 
 CHUNK_BYTES = 2 * 1024 * 1024
 """Float32 bytes per input slice (small slices stay in cache: 2 MiB beat 16 MiB on CPU time
@@ -40,9 +42,10 @@ and peak RSS in bench.merge_engine)."""
 
 KEEP_BYTES = 256 * 1024 * 1024
 """Raw input bytes of one tensor a method's whole-tensor pass (TIES trims, DARE's L1 factors)
-may keep for the merge pass, so remote inputs (S3) are fetched once, not twice; inputs beyond
-it, and local files (``rereads_cheaply``: a second read comes from the page cache, cheaper
-than holding the tensor), are read again slice by slice."""
+may keep for the merge pass, so remote inputs (S3) are fetched once, not twice; remote inputs
+beyond it are spilled to a scratch file (``mergeops.spill``) and sliced from there; local files
+(``rereads_cheaply``: a second read comes from the page cache, cheaper than holding the
+tensor) are read again slice by slice."""
 
 LOCAL_DEPTH = 2
 """Slices read ahead of the merge when every input is a local file (more only hold memory:
@@ -93,88 +96,6 @@ def row_ranges(count: int, rows: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of each slice of ``rows`` rows over ``count`` rows."""
     for start in range(0, count, rows):
         yield start, min(count, start + rows)
-
-
-def read_rows(source: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of one tensor, via ``get_rows`` when the source has it."""
-    get_rows = getattr(source, "get_rows", None)
-    if get_rows is not None:
-        return get_rows(key, start, stop)
-    return source.get(key)[start:stop]
-
-
-class _Rows:
-    """Reads row slices of one tensor from one source; sources without ``get_rows`` are read
-    whole once and sliced. ``hold(raw)`` keeps a whole tensor already read, so its slices come
-    from memory; ``record(spill)`` writes what is read next into a spill file region, and
-    ``replay()`` then serves every later read from it (neither counted as read)."""
-
-    def __init__(self, source: TensorSource, key: str) -> None:
-        self.source, self.key = source, key
-        self.meta = source.metadata(key)
-        self.itemsize = self.meta.dtype.itemsize  # as stored: may differ per input
-        self.cheap = bool(getattr(source, "rereads_cheaply", False))  # local: page cache
-        self._whole: torch.Tensor | None = None
-        self.held = False
-        self._region: SpillRegion | None = None
-        self.replayed = False  # reads come from the spill region
-        if getattr(source, "get_rows", None) is None:
-            self._whole = source.get(key)
-
-    @property
-    def whole(self) -> torch.Tensor | None:
-        return self._whole
-
-    @property
-    def local_copy(self) -> bool:
-        """Whether reads come from a copy (held in memory or spilled): not counted as read."""
-        return self.held or self.replayed
-
-    @property
-    def local(self) -> bool:
-        """Whether a read costs no fetch: held, whole in memory, spilled or a local file."""
-        return self.held or self._whole is not None or self.replayed or self.cheap
-
-    def get(self, start: int, stop: int) -> torch.Tensor:
-        if self._whole is not None:
-            return self._whole[start:stop]
-        if self._region is not None and self.replayed:
-            return self._region.read(start, stop)
-        got = read_rows(self.source, self.key, start, stop)
-        return got if self._region is None else self._region.record(start, got)
-
-    def rows_into(self) -> Callable[[int, int, torch.Tensor], torch.Tensor] | None:
-        """A read of rows into a pooled uint8 buffer, or None (then ``get``)."""
-        if self.held or self._whole is not None:
-            return None
-        if self._region is not None and self.replayed:
-            return self._region.read_into
-        into = getattr(self.source, "get_rows_into", None)
-        if into is None:
-            return None
-        region = self._region
-        if region is None:
-            return functools.partial(into, self.key)
-        return lambda start, stop, buffer: region.record(start, into(self.key, start, stop, buffer))
-
-    def record(self, spill: Spill) -> None:
-        """Write the rows read from now on into ``spill`` (remote inputs not in memory)."""
-        if not self.local and self._region is None:
-            self._region = spill.region(self.key, tuple(self.meta.shape), self.meta.dtype)
-
-    def replay(self) -> None:
-        """Read from the spill from now on, if every row was recorded (else from the source)."""
-        if self._region is not None and not self.replayed:
-            self.replayed = self._region.complete
-            if not self.replayed:
-                self._region = None
-
-    def hold(self, raw: torch.Tensor) -> None:
-        self._whole, self.held = raw, True
-
-    def release(self) -> None:
-        if self.held:
-            self._whole, self.held = None, False
 
 
 def _check_finite(tensor: torch.Tensor, key: str, role: str) -> None:

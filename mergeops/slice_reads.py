@@ -1,16 +1,21 @@
 """Reading one input's row slice for the row-chunked merge, in a prefetch thread.
 
 On the CPU the reader thread does all of a slice's input work: it reads the raw rows into a
-pooled buffer (``get_rows_into`` or a spill file's ``read_into``, no fresh pages), casts them into a pooled float32 buffer,
-gives the raw buffer back and checks the float32 values finite. The merging thread then only
+pooled buffer (``get_rows_into`` or a spill file's ``read_into``, no fresh pages), casts them
+into a pooled float32 buffer, gives the raw buffer back and checks the float32 values finite. The merging thread then only
 merges: it raises the finite error in input order (as a sequential read would) and gives the
 float32 buffers back once the slice is merged. Elsewhere (CUDA) the thread reads the raw rows
 and the merging thread copies them to the device (``FloatSlots``: one reused float32
 buffer per input), as before.
+
+``InputRows`` is one input of a chunked tensor: row reads from its source, from a whole tensor
+held in memory, or from a spill file region (``mergeops.spill``) once a first pass recorded
+every row of a remote input there.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,10 +26,11 @@ from mergeops import finite
 from mergeops.prefetch import Read
 from mergeops.slice_io import BufferPool, typed
 from mergeops.sources import TensorSource
+from mergeops.spill import Spill, SpillRegion
 
 
 class RowsInput(Protocol):
-    """One input of a chunked tensor (``chunking._Rows``)."""
+    """One input of a chunked tensor (``InputRows``)."""
 
     source: TensorSource
     key: str
@@ -134,3 +140,85 @@ class FloatSlots:
         out = buffer[:numel].view(raw.shape)
         out.copy_(raw)
         return out
+
+
+def read_rows(source: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of one tensor, via ``get_rows`` when the source has it."""
+    get_rows = getattr(source, "get_rows", None)
+    if get_rows is not None:
+        return get_rows(key, start, stop)
+    return source.get(key)[start:stop]
+
+
+class InputRows:
+    """Reads row slices of one tensor from one source; sources without ``get_rows`` are read
+    whole once and sliced. ``hold(raw)`` keeps a whole tensor already read, so its slices come
+    from memory; ``record(spill)`` writes what is read next into a spill file region, and
+    ``replay()`` then serves every later read from it (neither counted as read)."""
+
+    def __init__(self, source: TensorSource, key: str) -> None:
+        self.source, self.key = source, key
+        self.meta = source.metadata(key)
+        self.itemsize = self.meta.dtype.itemsize  # as stored: may differ per input
+        self.cheap = bool(getattr(source, "rereads_cheaply", False))  # local: page cache
+        self._whole: torch.Tensor | None = None
+        self.held = False
+        self._region: SpillRegion | None = None
+        self.replayed = False  # reads come from the spill region
+        if getattr(source, "get_rows", None) is None:
+            self._whole = source.get(key)
+
+    @property
+    def whole(self) -> torch.Tensor | None:
+        return self._whole
+
+    @property
+    def local_copy(self) -> bool:
+        """Whether reads come from a copy (held in memory or spilled): not counted as read."""
+        return self.held or self.replayed
+
+    @property
+    def local(self) -> bool:
+        """Whether a read costs no fetch: held, whole in memory, spilled or a local file."""
+        return self.held or self._whole is not None or self.replayed or self.cheap
+
+    def get(self, start: int, stop: int) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole[start:stop]
+        if self._region is not None and self.replayed:
+            return self._region.read(start, stop)
+        got = read_rows(self.source, self.key, start, stop)
+        return got if self._region is None else self._region.record(start, got)
+
+    def rows_into(self) -> Callable[[int, int, torch.Tensor], torch.Tensor] | None:
+        """A read of rows into a pooled uint8 buffer, or None (then ``get``)."""
+        if self.held or self._whole is not None:
+            return None
+        if self._region is not None and self.replayed:
+            return self._region.read_into
+        into = getattr(self.source, "get_rows_into", None)
+        if into is None:
+            return None
+        region = self._region
+        if region is None:
+            return functools.partial(into, self.key)
+        return lambda start, stop, buffer: region.record(start, into(self.key, start, stop, buffer))
+
+    def record(self, spill: Spill) -> None:
+        """Write the rows read from now on into ``spill`` (remote inputs not in memory)."""
+        if not self.local and self._region is None:
+            self._region = spill.region(self.key, tuple(self.meta.shape), self.meta.dtype)
+
+    def replay(self) -> None:
+        """Read from the spill from now on, if every row was recorded (else from the source)."""
+        if self._region is not None and not self.replayed:
+            self.replayed = self._region.complete
+            if not self.replayed:
+                self._region = None
+
+    def hold(self, raw: torch.Tensor) -> None:
+        self._whole, self.held = raw, True
+
+    def release(self) -> None:
+        if self.held:
+            self._whole, self.held = None, False
