@@ -34,7 +34,7 @@ from mergeops.methods.task_vector.task_arithmetic import (
 from mergeops.ops.prune import l1_scale_of_magnitude
 from mergeops.ops.selection import TieBreak, topk_cut_by
 from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, tie_cut
-from mergeops.ops.streamed_topk import SliceTopK
+from mergeops.ops.streamed_topk import OrderedTieCut, SliceTopK
 
 
 class TiesParams(TaskArithmeticParams):
@@ -159,9 +159,17 @@ class Ties(TaskVectorMerge):
         task_vector: Callable[[int], torch.Tensor],
         ctx: MergeContext,
     ) -> list[Any]:
-        """Each model's trim of this tensor, from its whole τ_t (one model at a time)."""
+        """Each model's trim of this tensor, from its whole τ_t (one model at a time); a
+        model-wide cut without rescale needs no τ_t: its threshold and this tensor's tie quota
+        are known, and the merge pass counts the ties in flat order (``OrderedTieCut``)."""
         params = ctx.params
         assert isinstance(params, TiesParams)
+        if params.trim_scope == "model" and not params.rescale:
+            return [
+                CutStat(None if cut is None else OrderedTieCut(cut.threshold,
+                                                               cut.tie_quota.get(key, 0)), None)
+                for cut in ctx.stats
+            ]  # fmt: skip
 
         def trimmed(index: int) -> bool:
             density = ctx.model_params[index].density  # type: ignore[attr-defined]
