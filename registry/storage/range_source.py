@@ -24,7 +24,6 @@ from mergeops.sources import TensorMeta
 from registry.storage.base import ObjectStore, StorageError
 from registry.storage.codecs import RAW, StoredBlob, iter_original
 from registry.storage.read_ahead import DEFAULT_WINDOW_BYTES, ReadAhead
-from registry.storage.recycled import SHARED, ReceiveBuffers
 from registry.storage.tensor_index import (
     DEFAULT_MAX_HEADER_BYTES,
     DTYPES,
@@ -66,8 +65,7 @@ class BlobTensorSource:
     ``blob`` is the file's ``StoredBlob`` (a bare key is read raw, its size asked from the
     store); ``index`` is the stored tensor index (then no header is read). Row reads smaller
     than ``read_ahead_bytes`` are served from read-ahead windows of that size
-    (``registry.storage.read_ahead``; 0: one range request per read). Bytes are received into
-    ``buffers`` (default: the process's shared pool, ``registry.storage.recycled``).
+    (``registry.storage.read_ahead``; 0: one range request per read).
     """
 
     def __init__(
@@ -80,7 +78,6 @@ class BlobTensorSource:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         stats: FetchStats | None = None,
         read_ahead_bytes: int = DEFAULT_WINDOW_BYTES,
-        buffers: ReceiveBuffers | None = None,
     ) -> None:
         if sys.byteorder != "little":
             raise StorageError(
@@ -96,7 +93,6 @@ class BlobTensorSource:
         self._where = f"safetensors blob '{blob.key}' (source '{name}')"
         self.file_metadata: dict[str, str] = {}
         self.read_ahead_bytes = read_ahead_bytes
-        self.buffers = buffers if buffers is not None else SHARED
         self._ahead = (
             ReadAhead(self._fetch_rows, window_bytes=read_ahead_bytes) if read_ahead_bytes else None
         )
@@ -162,7 +158,8 @@ class BlobTensorSource:
         size = last - first
         if size == 0:
             return torch.empty(shape, dtype=dtype)
-        tensor, view = self.buffers.take(size)  # pooled: no fresh pages per window
+        tensor = torch.empty(size, dtype=torch.uint8)  # not zero-filled: received over at once
+        view = tensor.numpy().data
         read_into = getattr(self.store, "read_into", None)
         if self.blob.codec == RAW and read_into is not None:  # received in place (S3)
             read_into(self.key, first, view)

@@ -1,45 +1,16 @@
-"""Receive buffers reused once their tensors are gone, and S3 ``read_into`` on moto_server."""
+"""``S3ObjectStore.read_into`` on moto_server: exact ranges received in place, clear errors."""
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
-import torch
 
 from registry.storage import open_store
 from registry.storage.base import BlobNotFound, InvalidRangeError
-from registry.storage.recycled import MIB, ReceiveBuffers, size_class
 from registry.storage.s3 import S3ObjectStore
 
-
-def test_a_buffer_returns_when_its_last_view_is_gone() -> None:
-    pool = ReceiveBuffers(keep=2, max_bytes=4 * MIB)
-    tensor, view = pool.take(3 * MIB)
-    view[:4] = b"abcd"
-    del view
-    address = tensor.data_ptr()
-    rows = tensor.view(torch.int16)[:10]  # a view outlives the tensor object
-    del tensor
-    gc.collect()
-    assert pool.pooled() == 0
-    assert bytes(rows.view(torch.uint8)[:4].tolist()) == b"abcd"
-    del rows
-    assert pool.pooled() == 1
-    again, _ = pool.take(4 * MIB)  # same size class: the same memory
-    assert again.data_ptr() == address and again.numel() == 4 * MIB and pool.allocated == 1
-    assert size_class(1) == MIB and size_class(MIB + 1) == 2 * MIB
-
-
-def test_the_pool_is_bounded_and_large_requests_are_not_pooled() -> None:
-    pool = ReceiveBuffers(keep=1, max_bytes=MIB)
-    first, second = pool.take(MIB)[0], pool.take(MIB)[0]
-    big, _ = pool.take(MIB + 1)
-    del first, second, big, _
-    assert pool.pooled() == 1 and pool.allocated == 2
-    with pytest.raises(ValueError, match="keep"):
-        ReceiveBuffers(keep=-1)
+MIB = 1024 * 1024
 
 
 @pytest.fixture
@@ -70,3 +41,17 @@ def test_read_into_receives_exact_ranges(s3: S3ObjectStore) -> None:
     again = bytearray(MIB)
     s3.read_into(key, 0, memoryview(again))
     assert bytes(again) == data[:MIB]
+
+
+def test_a_range_source_reads_rows_through_read_into(s3: S3ObjectStore) -> None:
+    import torch
+    from safetensors.torch import save
+
+    from registry.storage.range_source import BlobTensorSource
+
+    weight = torch.randn(300, 64).to(torch.bfloat16)
+    key = s3.put_bytes(save({"w": weight, "n": torch.ones(64)})).key
+    source = BlobTensorSource(s3, key, "m", read_ahead_bytes=64 * 2 * 100)  # 100-row windows
+    got = torch.cat([source.get_rows("w", start, start + 50) for start in range(0, 300, 50)])
+    assert torch.equal(got, weight) and torch.equal(source.get("n"), torch.ones(64))
+    assert source.stats.requests == 4 and source.stats.bytes == weight.numel() * 2 + 64 * 4
