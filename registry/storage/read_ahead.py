@@ -7,10 +7,8 @@ and the server's per-request work, so small ranges are slow (on moto: 124 MB/s a
 the first read of rows past the current windows fetches a window starting at its first row
 and holding a whole number of reads of its size (a merge reads equal slices, so none straddles);
 reads inside a window (already fetched or still in flight on another thread) wait for it and
-get their rows as a view of it (no copy: a slice is cast to float32 at once, and the window's
-memory goes when its last view does). A window is forgotten once every byte of it was handed
-out, or when more than ``max_windows`` are open (oldest first), so memory stays at a few windows
-per source.
+copy their rows out. A window is dropped once every byte of it was handed out, or when more
+than ``max_windows`` are open (oldest first), so memory stays at a few windows per source.
 Reads that straddle a window's end, or are larger than a window, are fetched directly.
 """
 
@@ -86,7 +84,7 @@ class ReadAhead:
                 with self._lock:
                     self._windows.pop(window.wid, None)
                 raise
-        rows = window.rows.result()[start - window.start : stop - window.start]
+        rows = window.rows.result()[start - window.start : stop - window.start].clone()
         with self._lock:
             window.handed_out += size
             if window.handed_out >= window.nbytes:
