@@ -12,7 +12,8 @@ before it reaches the writer (``mergeops.finite``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -186,6 +187,26 @@ def _whole(plan: MergePlan, sink: TensorSink) -> None:
     method.finish(plan.ctx)
 
 
+@contextmanager
+def compute_threads(plan: MergePlan) -> Iterator[None]:
+    """Leave one core to the reader and writer threads while a chunkable (elementwise) method
+    merges on the CPU: its per-slice ops are too small for OpenMP to pay, and a team on every
+    core competes with the threads that read and write. On 2 cores the merge thread then runs
+    single-threaded: 270M ties (position rule) 15.1 -> 12.3 s wall, task_arithmetic 4.65 ->
+    4.00 s, linear 4.22 -> 4.09 s. Elementwise results do not depend on the thread count."""
+    before = torch.get_num_threads()
+    wanted = max(1, before - 1)
+    if plan.ctx.device.type != "cpu" or not getattr(plan.method, "chunkable", False):
+        wanted = before
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
+
+
 def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     """Drive the method over all inputs, sending every output tensor to ``sink``.
 
@@ -194,7 +215,7 @@ def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     _load_state(plan)
     prefetcher = Prefetcher(enabled=plan.prefetch, max_bytes=plan.prefetch_bytes)
     reader = TensorReader(plan, prefetcher)
-    with prefetcher, torch.no_grad():
+    with prefetcher, torch.no_grad(), compute_threads(plan):
         if plan.routes is not None:
             return run_routed(plan, sink, prefetcher, progress, reader.pool)
         if plan.method.streaming:

@@ -78,3 +78,32 @@ def test_linear_merge_identical_with_one_and_two_threads() -> None:
     for key in results[0]:
         raw = [r[key].contiguous().view(-1).view(torch.uint8) for r in results]
         assert torch.equal(raw[0], raw[1]), key
+
+
+def test_chunkable_cpu_merges_leave_a_core_to_readers_and_restore_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An elementwise (chunkable) merge computes with one thread fewer than torch's setting
+    (the reader and writer threads run beside it); a non-chunkable method keeps them all; the
+    setting is back afterwards, also after a failed merge."""
+    from mergeops.methods.task_vector.task_arithmetic import TaskArithmetic
+
+    seen: list[int] = []
+    merge_tensor = TaskArithmetic.merge_tensor
+
+    def spy(self: TaskArithmetic, inputs, ctx):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return merge_tensor(self, inputs, ctx)
+
+    monkeypatch.setattr(TaskArithmetic, "merge_tensor", spy)
+    base = {"w": torch.zeros(4, 4)}
+    models = [{"w": torch.ones(4, 4)}, {"w": torch.full((4, 4), 2.0)}]
+    with _threads(2):
+        mergeops.merge("task_arithmetic", models, base=base, device="cpu")
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(mergeops.MergeError):
+            mergeops.merge("task_arithmetic", [{"w": torch.full((4, 4), float("nan"))}],
+                           base=base, device="cpu")  # fmt: skip
+        assert torch.get_num_threads() == 2
+        merged = mergeops.merge("karcher", models, device="cpu")  # not chunkable: unchanged
+        assert torch.get_num_threads() == 2 and merged["w"].shape == (4, 4)
