@@ -117,35 +117,34 @@ if ! timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m "not cu
     status=1; log "pipeline ordering / sliced output tests (CPU): FAILED, see $OUT/tests.log"
 fi
 
+# run_logged NAME LOGFILE LIMIT CMD...: CMD under a timeout into LOGFILE; its outcome logged,
+# the log appended to the summary; a failure sets status=1.
+run_logged() {
+    local name=$1 logfile=$2 limit=$3 rc=0
+    shift 3
+    log "$name: $* (timeout ${limit}s)"
+    timeout "$limit" "$@" >"$logfile" 2>&1 || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        log "$name: done"
+    else
+        status=1; log "$name: FAILED (rc $rc; 124 = timed out), see $logfile"
+    fi
+    tee -a "$OUT/summary.txt" <"$logfile"
+}
+
 # 4. The sliced CUDA path: parity with the CPU (max |Δ|), throughput, host RSS, pinned H2D.
 if [[ "${GPU_CHECK_SKIP_BENCH:-0}" != "1" ]]; then
     device=cuda
     [[ "${GPU_CHECK_ALLOW_CPU:-0}" == "1" ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && device=cpu
-    log "sliced path: python -m bench.gpu_sliced --size $SIZE --device $device (timeout ${BENCH_TIMEOUT}s)"
-    rc=0
-    timeout "$BENCH_TIMEOUT" "$PY" -m bench.gpu_sliced --size "$SIZE" --device "$device" \
-        --work "$WORK-sliced" >"$OUT/sliced.log" 2>&1 || rc=$?
-    if [[ $rc -eq 0 ]]; then
-        log "sliced path: done"
-    else
-        status=1; log "sliced path: FAILED (rc $rc; 124 = timed out), see $OUT/sliced.log"
-    fi
-    cat "$OUT/sliced.log" | tee -a "$OUT/summary.txt"
+    run_logged "sliced path" "$OUT/sliced.log" "$BENCH_TIMEOUT" \
+        "$PY" -m bench.gpu_sliced --size "$SIZE" --device "$device" --work "$WORK-sliced"
     rm -rf "$WORK-sliced"
 fi
 
 # 5. Optional, longer: ties / task_arithmetic / ota_ffg / opcm on the GPU vs pinned H2D bandwidth.
 if [[ "${GPU_CHECK_ENGINE_BENCH:-0}" == "1" ]]; then
-    log "bench: python -m bench.merge_engine --device cuda --sizes $SIZES (timeout ${ENGINE_TIMEOUT}s)"
-    rc=0
-    timeout "$ENGINE_TIMEOUT" "$PY" -m bench.merge_engine --device cuda --sizes "$SIZES" \
-        --work "$WORK" >"$OUT/bench.log" 2>&1 || rc=$?
-    if [[ $rc -eq 0 ]]; then
-        log "bench: done"
-    else
-        status=1; log "bench: FAILED (rc $rc; 124 = timed out), see $OUT/bench.log"
-    fi
-    cat "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+    run_logged "bench" "$OUT/bench.log" "$ENGINE_TIMEOUT" \
+        "$PY" -m bench.merge_engine --device cuda --sizes "$SIZES" --work "$WORK"
     cp "$WORK"/*/*-cuda.log "$OUT/" 2>/dev/null || true
     rm -rf "$WORK"
 fi
