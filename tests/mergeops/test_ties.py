@@ -164,3 +164,30 @@ def test_ordered_tie_cut_keeps_first_ties_and_needs_slices_in_order() -> None:
     with pytest.raises(ValueError, match="expected offset 3, got 6"):
         cut.mask_rows(magnitude[:3], 0)
         cut.mask_rows(magnitude[6:], 6)
+
+
+def test_per_model_stats_run_beside_each_other_whatever_torch_threads() -> None:
+    """Whole-tensor statistics (mergekit-rule sorts) of small tensors run in worker threads,
+    one per available core, even while the engine has lowered torch's intra-op threads."""
+    import threading
+
+    from mergeops.methods.task_vector._per_model import available_cores, per_model_stats
+
+    names: list[str] = []
+
+    def compute(index: int, tau: torch.Tensor) -> int:
+        names.append(threading.current_thread().name)
+        return index * 10
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = per_model_stats(
+            [True, False, True, True], lambda i: torch.ones(8) * i, compute, -1,
+            numel=8, device=torch.device("cpu"),
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert results == [0, -1, 20, 30]
+    if available_cores() >= 2:
+        assert all(name.startswith("ckreg-stats") for name in names)

@@ -10,6 +10,7 @@ depend on the order: each statistic is a pure function of one τ_t.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,15 @@ the sort's values and indices (about 24 bytes per entry), so two at once would r
 merge's peak memory on the largest tensors (embeddings) for little gain."""
 
 
+def available_cores() -> int:
+    """Cores this process may run on (not torch's intra-op setting, which the engine lowers
+    while an elementwise merge runs beside its reader threads)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def per_model_stats(
     wanted: list[bool],
     task_vector: Callable[[int], torch.Tensor],
@@ -68,9 +78,9 @@ def per_model_stats(
     device: torch.device,
 ) -> list[T]:
     """``compute(i, task_vector(i))`` for every model ``i`` with ``wanted[i]``, else
-    ``skipped``; up to ``torch.get_num_threads()`` at once on CPU for tensors up to
+    ``skipped``; up to one per core available to the process at once on CPU for tensors up to
     ``PARALLEL_MAX_NUMEL`` entries, in model order otherwise."""
-    workers = min(torch.get_num_threads(), sum(wanted))
+    workers = min(available_cores(), sum(wanted))
     if device.type != "cpu" or numel > PARALLEL_MAX_NUMEL or workers < 2:
         return [compute(i, task_vector(i)) if want else skipped for i, want in enumerate(wanted)]
     results: list[T] = [skipped] * len(wanted)
