@@ -75,6 +75,10 @@ class PackedWindow:
         mask = (magnitude > self.low) & (magnitude < self.high)
         return mask.logical_or_(self.ties.rows(offset, mask))
 
+    def keep_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """``mask_rows`` as 1.0 / 0.0 in ``magnitude``'s dtype."""
+        return self.mask_rows(magnitude, offset).to(magnitude.dtype)
+
 
 def compact_window(cut: WindowCut | None, numel: int) -> WindowCut | PackedWindow | None:
     """``cut`` with its ties packed into bits when that takes less memory than the indices."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeops.ops.scratch import scratch_like
+
 BLOCK = 1 << 18
 """Entries per histogram block (1 MiB of int32 temporaries: cache-sized, bounded memory)."""
 
@@ -93,7 +95,6 @@ class RankCounter:
         self._lows: dict[int, torch.Tensor] = {}  # high bin -> its low-bit counts (low > 0)
         self._sweep = 0
         self._seen = 0
-        self._scratch = torch.empty(0, dtype=self.bits)
         self._stats: list[RankStat | None] = [None] * len(self.ranks)
 
     def observe(self, values: torch.Tensor) -> None:
@@ -113,10 +114,7 @@ class RankCounter:
         if self.bits == torch.int16:
             self._keys += torch.bincount(block, minlength=_HALF_BINS)
             return
-        if self._scratch.numel() < 2 * block.numel():
-            self._scratch = torch.empty(2 * BLOCK, dtype=torch.int32)
-        m = block.numel()
-        ceil, key = self._scratch[:m], self._scratch[BLOCK : BLOCK + m]
+        ceil, key = scratch_like("rank-ceil", block), scratch_like("rank-key", block)
         if self._sweep == 0:  # key = high + ceil(pattern / 2^16) = 2·high + [low != 0]
             torch.add(block, _LOW - 1, out=ceil).bitwise_right_shift_(16)
             torch.bitwise_right_shift(block, 16, out=key).add_(ceil)

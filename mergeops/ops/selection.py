@@ -96,6 +96,10 @@ class WindowCut:
             mask.view(-1)[self.ties[first:last] - offset] = True
         return mask
 
+    def keep_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """``mask_rows`` as 1.0 / 0.0 in ``magnitude``'s dtype."""
+        return self.mask_rows(magnitude, offset).to(magnitude.dtype)
+
 
 def window_cut(
     magnitude: torch.Tensor, lo: int, hi: int, tie_break: TieBreak, *, consume: bool = False

@@ -32,6 +32,7 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskVectorMerge,
 )
 from mergeops.ops.prune import l1_scale_of_magnitude
+from mergeops.ops.scratch import scratch_like
 from mergeops.ops.selection import TieBreak, topk_cut_by
 from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, tie_cut
 from mergeops.ops.streamed_topk import OrderedTieCut, SliceTopK
@@ -69,14 +70,11 @@ class PositionTrimSweep(TensorStatsPass):
 
     def __init__(self, numel: int, densities: list[float]) -> None:
         self.selectors = [SliceTopK(numel, d) if d < 1 else None for d in densities]
-        self._scratch = torch.empty(0)
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         base = inputs.base
         assert base is not None
-        if self._scratch.numel() < base.numel():
-            self._scratch = torch.empty(base.numel(), dtype=torch.float32)
-        scratch = self._scratch[: base.numel()].view(base.shape)
+        scratch = scratch_like("trim-sweep", base)
         for selector, model in zip(self.selectors, inputs.models, strict=True):
             if selector is not None and not selector.done:
                 selector.observe(torch.sub(model, base, out=scratch).abs_())
