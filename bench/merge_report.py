@@ -212,7 +212,7 @@ def print_summary(rows: list[Row], startup_s: float) -> None:
     """The markdown summary, the goals and the shard-size RSS table (when measured)."""
     print("\n## Summary (median runs; s/GB in = ckreg wall per GB of input files)\n")
     print(f"ckreg wall includes process start-up: {startup_s:.2f} s for "
-          "`python -c 'import torch, mergeops'` here (the floor has none)\n")  # fmt: skip
+          "`python -c 'import gc, torch, mergeops; gc.freeze()'` here (the floor has none)\n")  # fmt: skip
     print(format_summary(rows, startup_s))
     print("\nGoals (issue 20):")
     for line in format_goals(rows):

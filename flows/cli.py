@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Idle OpenMP threads sleep instead of spinning unless the user chose a policy: spinning made
@@ -240,3 +241,14 @@ def mlflow_sync(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"sent {sent} events; {tracker.pending} still queued")
+
+
+def entry() -> None:
+    """The ``ckreg`` console script: ``app``, then a quick interpreter exit. The interpreter's
+    last garbage collections walk every object alive, and a merge imported torch (about 0.45 s
+    of walking at exit, a tenth of a 270M merge's wall time); frozen objects are skipped. Every
+    file was closed by then, and the operating system takes back the memory."""
+    try:
+        app()
+    finally:
+        gc.freeze()

@@ -6,6 +6,7 @@ The lead's ``flows/cli.py`` mounts this with ``app.command("merge")(merge_comman
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -91,3 +92,12 @@ def _group() -> None:
 
 
 merge_app.command("merge")(merge_command)
+
+
+def merge_entry() -> None:
+    """``merge_app`` as a script (``python -c 'from mergeops.cli import merge_entry;
+    merge_entry()' merge ...``), with the quick exit of ``ckreg`` (``flows.cli.entry``)."""
+    try:
+        merge_app()
+    finally:
+        gc.freeze()

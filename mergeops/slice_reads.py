@@ -29,6 +29,14 @@ from mergeops.sources import TensorSource
 from mergeops.spill import Spill, SpillRegion
 
 
+class Mapped(Protocol):
+    """Rows viewed in a file mapping (``mergeops.io.readers.MappedRows``)."""
+
+    tensor: torch.Tensor
+
+    def release(self) -> None: ...
+
+
 class RowsInput(Protocol):
     """One input of a chunked tensor (``InputRows``)."""
 
@@ -45,6 +53,10 @@ class RowsInput(Protocol):
 
     def rows_into(self) -> Callable[[int, int, torch.Tensor], torch.Tensor] | None:
         """A read of rows ``start:stop`` into a pooled uint8 buffer, or None (then ``get``)."""
+        ...
+
+    def rows_mapped(self) -> Callable[[int, int], Mapped] | None:
+        """Rows ``start:stop`` viewed in a local file's pages, or None."""
         ...
 
 
@@ -96,6 +108,11 @@ def slice_read(
     if not on_cpu:
         return Read(0 if rows.held else nbytes, lambda: _raw(rows, start, stop, nbytes, pool))
 
+    mapped = rows.rows_mapped()
+    if mapped is not None:
+        return Read((stop - start) * row * dtype.itemsize,
+                    lambda: _cast_mapped(mapped, span, pool, check, dtype))  # fmt: skip
+
     def fetch() -> SliceRead:
         raw = _raw(rows, start, stop, nbytes, pool)
         buffer = pool.take(raw.tensor.numel() * dtype.itemsize)
@@ -112,6 +129,27 @@ def slice_read(
         return SliceRead(out, buffer, True, ok, raw.tensor.numel() * raw.tensor.element_size())
 
     return Read((stop - start) * row * dtype.itemsize, fetch)
+
+
+def _cast_mapped(
+    mapped: Callable[[int, int], Mapped],
+    span: tuple[int, int],
+    pool: BufferPool,
+    check: bool,
+    dtype: torch.dtype,
+) -> SliceRead:
+    """A slice cast straight from the file's pages into a pooled ``dtype`` buffer (one pass
+    over the input bytes, no raw copy) and checked finite."""
+    rows = mapped(*span)
+    try:
+        raw = rows.tensor
+        buffer = pool.take(raw.numel() * dtype.itemsize)
+        out = typed(buffer, dtype, tuple(raw.shape))
+        out.copy_(raw)
+    finally:
+        rows.release()
+    ok = finite.all_finite(out) if check else None
+    return SliceRead(out, buffer, True, ok, raw.numel() * raw.element_size())
 
 
 def owned_float(
@@ -203,6 +241,14 @@ class InputRows:
         if region is None:
             return functools.partial(into, self.key)
         return lambda start, stop, buffer: region.record(start, into(self.key, start, stop, buffer))
+
+    def rows_mapped(self) -> Callable[[int, int], Mapped] | None:
+        """Rows viewed in a local file's pages (``map_rows``), or None: held or whole inputs,
+        spill replays and sources without file mappings."""
+        if self.held or self._whole is not None or self._region is not None or not self.cheap:
+            return None
+        mapped = getattr(self.source, "map_rows", None)
+        return None if mapped is None else functools.partial(mapped, self.key)
 
     def record(self, spill: Spill) -> None:
         """Write the rows read from now on into ``spill`` (remote inputs not in memory)."""

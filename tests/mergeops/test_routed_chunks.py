@@ -124,8 +124,16 @@ def test_routed_big_tensor_read_in_slices(
             reads.append(stop - start)
         return original_into(self, key, start, stop, buf)
 
+    original_map = SafetensorsFile.map_rows
+
+    def spy_map(self: SafetensorsFile, key: str, start: int, stop: int) -> Any:
+        if key == "big":  # local slices cast from the file's pages
+            reads.append(stop - start)
+        return original_map(self, key, start, stop)
+
     monkeypatch.setattr(SafetensorsFile, "get_rows", spy)
     monkeypatch.setattr(SafetensorsFile, "get_rows_into", spy_into)
+    monkeypatch.setattr(SafetensorsFile, "map_rows", spy_map)
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 16 * 128 * 4)  # 16 rows per slice
     monkeypatch.setattr(chunking, "KEEP_BYTES", keep)
     got = _routed_merge(paths, method, **params)
