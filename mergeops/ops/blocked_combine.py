@@ -63,6 +63,8 @@ class _Buffers:
     weight: torch.Tensor
     product: torch.Tensor
     agree: torch.Tensor
+    elected: torch.Tensor
+    ones: torch.Tensor
 
     @classmethod
     def make(cls, count: int, length: int, dtype: torch.dtype, device: torch.device) -> _Buffers:
@@ -74,6 +76,8 @@ class _Buffers:
             weight=torch.empty(length, dtype=f32, device=device),
             product=torch.empty(length, dtype=dtype, device=device),
             agree=torch.empty(length, dtype=f32, device=device),
+            elected=torch.empty(length, dtype=f32, device=device),
+            ones=torch.ones(length, dtype=f32, device=device),
         )
 
 
@@ -148,8 +152,11 @@ def _consensus_block(
     length, dtype = total.numel(), deltas.dtype
     kept, weight = buf.kept[:length], buf.weight[:length]
     product, agree = buf.product[:length], buf.agree[:length]
-    # sign(δ_t) == elected ⇔ δ_t·elected > 0, elected = ±1 (exact; a zero δ_t never agrees)
-    elected = torch.where(total >= 0, 1.0, -1.0).to(dtype)
+    # sign(δ_t) == elected ⇔ δ_t·elected > 0, elected = ±1 (exact; a zero δ_t never agrees).
+    # elected = +1 where total >= 0: copysign(1, total) is that, as total is never -0 (a sum
+    # from +0 only reaches -0 from -0); one op on reused buffers, not where()'s five.
+    elected = torch.copysign(buf.ones[:length], total, out=buf.elected[:length])
+    elected = elected if dtype == torch.float32 else elected.to(dtype)
     kept.zero_()
     weight.zero_()
     for t in range(deltas.shape[0]):
@@ -161,6 +168,7 @@ def _consensus_block(
     merged = kept if dtype == torch.float32 else kept.to(dtype)
     if normalize:
         divisor = weight if dtype == torch.float32 else weight.to(dtype)
-        divisor.masked_fill_(divisor == 0, 1)
+        zero = agree if dtype == torch.float32 else torch.empty_like(divisor)
+        divisor.add_(torch.eq(divisor, 0, out=zero))  # a zero divisor becomes 1, others stay
         merged.div_(divisor)
     return merged

@@ -52,10 +52,29 @@ class OrderedTieCut:
             if count <= self._left:
                 keep.add_(equal)  # disjoint from the entries above
             else:
-                first = equal.reshape(-1).nonzero().reshape(-1)[: self._left]
-                keep.view(-1)[first] = 1.0
+                _keep_first(keep.view(-1), equal.view(-1), self._left)
             self._left -= min(count, self._left)
         return keep
+
+
+_RUN = 16384
+"""Entries per run when looking for where a slice's tie quota runs out."""
+
+
+def _keep_first(keep: torch.Tensor, equal: torch.Tensor, quota: int) -> None:
+    """Mark the first ``quota`` entries of ``equal`` (1.0 / 0.0) in ``keep`` (flat views): the
+    runs before the one where the quota runs out whole, then the first ties of that run —
+    one count per run and ``nonzero`` of one run, not of the whole slice."""
+    whole = equal.numel() - equal.numel() % _RUN
+    counts = equal[:whole].view(-1, _RUN).sum(1)  # exact integers in float32
+    if whole < equal.numel():
+        counts = torch.cat([counts, equal[whole:].sum().reshape(1)])
+    run = int(torch.searchsorted(torch.cumsum(counts, 0), float(quota)))  # first cum >= quota
+    start = run * _RUN
+    keep[:start].add_(equal[:start])
+    left = quota - int(counts[:run].sum())
+    first = equal[start : start + _RUN].nonzero().reshape(-1)[:left]
+    keep[start + first] = 1.0
 
 
 class SliceTopK:

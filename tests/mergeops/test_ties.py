@@ -166,6 +166,29 @@ def test_ordered_tie_cut_keeps_first_ties_and_needs_slices_in_order() -> None:
         cut.mask_rows(magnitude[6:], 6)
 
 
+@pytest.mark.parametrize("slice_rows", [3, 40, 97])
+def test_ordered_tie_cut_on_long_slices_keeps_the_first_ties_by_position(slice_rows: int) -> None:
+    """Slices of 100K+ entries with ties everywhere: the quota runs out inside a slice, past
+    several 16K runs and in a ragged tail; the mask is the whole-tensor position-rule mask."""
+    from mergeops.ops.streamed_topk import OrderedTieCut, SliceTopK
+
+    gen = torch.Generator().manual_seed(4)
+    rows, row = 130, 4096
+    magnitude = torch.randint(0, 6, (rows, row), generator=gen).float()  # huge tie groups
+    expected = topk_mask(magnitude.reshape(-1), 0.45).reshape(rows, row)
+    selector = SliceTopK(magnitude.numel(), 0.45)
+    pieces = list(magnitude.split(slice_rows))
+    while True:
+        for piece in pieces:
+            selector.observe(piece)
+        if not selector.next_pass():
+            break
+    cut = selector.cut()
+    assert isinstance(cut, OrderedTieCut) and cut.quota > 0
+    masks = [cut.mask_rows(p, i * slice_rows * row) for i, p in enumerate(pieces)]
+    assert torch.equal(torch.cat(masks), expected)
+
+
 def test_per_model_stats_run_beside_each_other_whatever_torch_threads() -> None:
     """Whole-tensor statistics (mergekit-rule sorts) of small tensors run in worker threads,
     one per available core, even while the engine has lowered torch's intra-op threads."""
