@@ -20,7 +20,9 @@ in-process merge time with input prefetch off and on.
 Every CPU row has the floor of the same files in the same run (``bench.merge_floor``: read
 each input once, write one output of the output's size) and the time as a multiple of it;
 ``--floor`` prints only the floor. Each method runs ``--repeats`` times (ckreg and mergekit in
-alternating order, after ``os.sync()`` of the generated inputs) and the median run is shown.
+alternating order) and the median run is shown. Every timed run — floor, ckreg, mergekit —
+starts from the same state: the inputs read once untimed (when they fit in half the RAM) and
+``os.sync()``.
 
 At the end a markdown summary (``bench.merge_report``): per method and size the floor, ckreg
 and mergekit seconds, ckreg/floor, mergekit/ckreg, ckreg seconds per GB of input and both peak
@@ -53,7 +55,7 @@ import yaml
 from bench._common import MIB
 from bench._measure import folder_bytes, measure
 from bench._synth import SHAPES, write_family
-from bench.merge_floor import Floor, format_floor, measure_floor, median_floor
+from bench.merge_floor import Floor, format_floor, measure_floor, median_floor, warm_inputs
 from bench.merge_options import (
     add_options,
     check_room,
@@ -196,12 +198,12 @@ def _timed_runs(
     floors: list[Floor] = []
     parity = None
     for repeat in range(repeats_for(args, method, work.name)):
-        os.sync()  # each measurement starts with no write-back pending from the one before
+        _settle(inputs)
         floors.append(measure_floor(inputs, out_bytes, work / "floor.bin"))
         keep = repeat == 0 and parity_inputs is not None
         for engine in engines if repeat % 2 == 0 else engines[::-1]:
             log = work / f"{method}-{'ckreg' if engine == 'ckreg' else 'mk'}-{repeat}.log"
-            os.sync()
+            _settle(inputs)
             runs[engine].append(measure(cmds[engine], engine=engine, device="cpu", log=log))
             if not keep:
                 shutil.rmtree(outs[engine], ignore_errors=True)
@@ -211,6 +213,13 @@ def _timed_runs(
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     return runs, floors, parity
+
+
+def _settle(inputs: list[Path]) -> None:
+    """Before each timed run: the inputs in the page cache (when they fit) and no write-back
+    pending from the run before, so the floor and both engines start from the same state."""
+    warm_inputs(inputs)
+    os.sync()
 
 
 def _shard_rss(
@@ -321,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.floor:
             scratch = args.work / size / "floor.bin"
             out_bytes = 2 * folder_bytes(folders[0])
-            floors = [measure_floor(folders, out_bytes, scratch) for _ in range(args.repeats)]
+            floors = []
+            for _ in range(args.repeats):
+                _settle(folders)
+                floors.append(measure_floor(folders, out_bytes, scratch))
             print(format_floor(size, floors))
         for method in (
             [] if args.floor else [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -73,6 +73,20 @@ def write_size(path: Path, size: int, buffer: bytearray) -> None:
         os.close(fd)
 
 
+def warm_inputs(folders: Iterable[Path]) -> bool:
+    """Read every input file once, untimed, so the next measurement starts with the inputs in
+    the page cache (this machine's proactive reclaim evicts pages left idle during a long
+    run, so a measurement right after one would otherwise read part of them from disk while
+    the next one reads them from memory). False, reading nothing, when the inputs take more
+    than half the machine's memory: they cannot stay cached, every run reads from disk."""
+    files = input_files(folders)
+    total = sum(path.stat().st_size for path in files)
+    if total > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2:
+        return False
+    read_all(files, bytearray(BLOCK))
+    return True
+
+
 def measure_floor(folders: Iterable[Path], out_bytes: int, scratch: Path) -> Floor:
     """Time one read of every input file and one write of ``out_bytes`` into ``scratch``."""
     buffer = bytearray(os.urandom(1024)) * (BLOCK // 1024)
