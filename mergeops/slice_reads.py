@@ -1,9 +1,10 @@
 """Reading one input's row slice for the row-chunked merge, in a prefetch thread.
 
-On the CPU the reader thread does all of a slice's input work: it reads the raw rows into a
-pooled buffer (``get_rows_into`` or a spill file's ``read_into``, no fresh pages), casts them
-into a pooled float32 buffer, gives the raw buffer back and checks the float32 values finite. The merging thread then only
-merges: it raises the finite error in input order (as a sequential read would) and gives the
+On the CPU the reader thread does all of a slice's input work. A local file's rows are cast
+straight from the file's pages (``map_rows``: no raw copy) into a pooled float32 buffer;
+other sources' raw rows are read into a pooled buffer first (``get_rows_into`` or a spill
+file's ``read_into``, no fresh pages), cast, and the raw buffer given back. The float32 values
+are checked finite there too. The merging thread then only merges: it raises the finite error in input order (as a sequential read would) and gives the
 float32 buffers back once the slice is merged. Elsewhere (CUDA) the thread reads the raw rows
 and the merging thread copies them to the device (``FloatSlots``: one reused float32
 buffer per input), as before.
