@@ -11,7 +11,7 @@ import shutil
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flows import outputs, processes
 from flows.runtime import Runtime
@@ -88,17 +88,6 @@ class LeaseKeeper:
                 return leases.holds_lease(session=session, lease=self.lease)
         except Exception:  # cannot tell: treat as held, so the failure is recorded if possible
             return True
-
-
-def not_lease_lost(_task: Any, _run: Any, state: Any) -> bool:
-    """A task retry condition: retry I/O errors, not a lost lease (retrying cannot win it)."""
-    try:
-        state.result()
-    except leases.LeaseLost:
-        return False
-    except BaseException:
-        return True
-    return True
 
 
 def _work(runtime: Runtime) -> Path:

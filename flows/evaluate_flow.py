@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from flows.evaluators import load_evaluator
+from flows.retries import IO_TASK
 from flows.runtime import current_runtime
 from mergeops.methods.base import load_state_dict
 from registry.models import MetricCreate, MetricSource
@@ -14,7 +14,7 @@ from registry.services import metrics as metric_service
 from registry.services.tensors import checkpoint_tensor_source
 
 
-@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
+@task(**IO_TASK)
 def load_weights(checkpoint_id: int) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors as float32 on CPU, range-read from the store (I/O: retried)."""
     runtime = current_runtime()
@@ -25,7 +25,7 @@ def load_weights(checkpoint_id: int) -> dict[str, torch.Tensor]:
         return load_state_dict(source, torch.device("cpu"))
 
 
-@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
+@task(**IO_TASK)
 def store_metrics(checkpoint_id: int, values: dict[str, float], evaluator: str) -> None:
     """Record metrics with ``source = evaluation`` (I/O: retried)."""
     rows = [

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from flows.evaluators import load_evaluator
+from flows.retries import IO_TASK
 from flows.runtime import current_runtime
 from mergeops.sources import Evaluator
 from registry.models import MetricCreate, MetricSource
@@ -117,7 +118,7 @@ def choose_lambda(
     return result, masks
 
 
-@task(retries=2, retry_delay_seconds=1, **TASK_OPTIONS)
+@task(**IO_TASK)
 def record_metrics(result: MemberResult, evaluator: str, split: str | None) -> None:
     """The member's ``tall/*`` figures as evaluation metrics (I/O: retried)."""
     values = {

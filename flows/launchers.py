@@ -34,30 +34,33 @@ EPHEMERAL_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 EPHEMERAL_TIMEOUT_S = 300
 
 
-def recovery_sweep(runtime: Runtime, *, at_start: bool) -> list[int]:
+def recovery_sweep(runtime: Runtime, *, started_s_ago: float | None = None) -> list[int]:
     """Find work a crash lost; returns the merge runs to (re-)run.
 
     Merge runs whose owner died or whose lease expired; on_register runs whose ready event was
     lost (planned from the current selection, as the event would have); checkpoints pending past
     ``CKREG_PENDING_TTL_S`` (failed, blobs released to gc); files an interrupted ``complete``
-    never compressed. At start-up nothing of this process is in flight, so nothing needs to
-    settle; later sweeps leave runs and checkpoints younger than the claim grace alone.
+    never compressed. Periodic sweeps leave runs and checkpoints younger than the claim grace
+    alone. The start-up sweep passes ``started_s_ago``, how long ago this process started: what
+    is older was lost with the last process, what is younger is this process's own (a request
+    answered before the sweep ran queued its run behind it) and is left alone.
     """
     from flows.policy_flows import missed_policy_runs  # imports Prefect: only when sweeping
 
     settings = runtime.settings
-    settle_s = 0.0 if at_start else settings.merge_claim_grace_s
+    settle_s = settings.merge_claim_grace_s if started_s_ago is None else started_s_ago
     with runtime.session() as session:
         run_ids = leases.reclaim_stale_runs(session=session, claim_grace_s=settle_s)
         run_ids += missed_policy_runs(session=session, settle_s=settle_s)
-    recover_checkpoints(runtime, at_start=at_start)
+    recover_checkpoints(runtime, started_s_ago=started_s_ago)
     return run_ids
 
 
-def recover_checkpoints(runtime: Runtime, *, at_start: bool) -> None:
+def recover_checkpoints(runtime: Runtime, *, started_s_ago: float | None = None) -> None:
     """Fail checkpoints pending past ``CKREG_PENDING_TTL_S`` and compress what an interrupted
-    ``complete`` left raw. Later sweeps compress only checkpoints ready for longer than the TTL:
-    a large file may still be compressing in the request that completed it."""
+    ``complete`` left raw. Periodic sweeps compress only checkpoints ready for longer than the
+    TTL (a large file may still be compressing in the request that completed it); the start-up
+    sweep, those ready before this process started ``started_s_ago`` seconds ago."""
     settings = runtime.settings
     with runtime.session() as session:
         recovery.fail_stale_pending(
@@ -67,7 +70,7 @@ def recover_checkpoints(runtime: Runtime, *, at_start: bool) -> None:
             session=session,
             store=runtime.store,
             settings=settings,
-            settle_s=0.0 if at_start else settings.pending_ttl_s,
+            settle_s=settings.pending_ttl_s if started_s_ago is None else started_s_ago,
         )
 
 
@@ -94,6 +97,7 @@ class EmbeddedLauncher:
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_timer, name="ckreg-sweep", daemon=True)
         self.errors: list[str] = []
+        self._started = time.monotonic()
 
     # ---- Launcher protocol ---------------------------------------------------------------
     def checkpoint_ready(self, checkpoint_id: int) -> None:
@@ -117,6 +121,7 @@ class EmbeddedLauncher:
         it; one whose owner died (or whose lease expired) is taken over. With ``recover`` the
         start-up sweep runs first and the periodic one every ``CKREG_RECOVERY_SWEEP_S``.
         """
+        self._started = time.monotonic()
         self._jobs.put(("warmup", 0))
         if self._recover:  # first in the queue, off the caller's thread (it imports Prefect)
             self._jobs.put(("sweep", AT_START))
@@ -194,9 +199,10 @@ class EmbeddedLauncher:
         elif kind == "search":
             pipelines.merge_search(object_id)
         elif kind == "sweep":
-            for run_id in recovery_sweep(self.runtime, at_start=object_id == AT_START):
+            started_s_ago = time.monotonic() - self._started if object_id == AT_START else None
+            for run_id in recovery_sweep(self.runtime, started_s_ago=started_s_ago):
                 self._jobs.put(("merge", run_id))
-            for search_id in pipelines.stale_searches(self.runtime, at_start=object_id == AT_START):
+            for search_id in pipelines.stale_searches(self.runtime, settle_s=started_s_ago):
                 self._jobs.put(("search", search_id))
 
 

@@ -26,13 +26,13 @@ from flows.attempts import (
     attempt_root,
     attempt_roots,
     drop_attempt,
-    not_lease_lost,
     release_attempt,
 )
 from flows.evaluate_flow import store_metrics
 from flows.evaluators import load_evaluator
 from flows.preparation import PreparedMerge, prepare
 from flows.processes import started_by_runner, watch_parent
+from flows.retries import IO_TASK
 from flows.runtime import Runtime, current_runtime, run_bound
 from flows.stored_features import merge_objective
 from mergeops.methods import base as mb
@@ -44,10 +44,9 @@ from registry.services import merge_runs as run_service
 log = logging.getLogger(__name__)
 
 GPU_LIMIT = "ckreg-merge-gpu"
-IO_RETRIES = 2
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
+@task(**IO_TASK)
 def prepare_inputs(run_id: int, attempt: int) -> PreparedMerge:
     """Resolve the run's inputs into the attempt's staging folder (I/O: retried)."""
     runtime = current_runtime()
@@ -107,13 +106,7 @@ def run_merge(prepared: PreparedMerge) -> mergeops.MergeResult:
     )
 
 
-@task(
-    retries=IO_RETRIES,
-    retry_delay_seconds=1,
-    retry_condition_fn=not_lease_lost,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**IO_TASK)
 def publish_output(prepared: PreparedMerge, lease: leases.Lease, metrics: dict[str, float]) -> int:
     """Stage the merged checkpoint (files, lineage, state, metrics), then adopt it under the
     lease: ready and the run succeeded in one transaction (I/O: retried; a lost lease is not)."""

@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.inputs import checkpoint_dir
 from flows.merge_flow import in_background, track_checkpoint
+from flows.retries import IO_TASK
 from flows.runtime import current_runtime
 from registry.models import CheckpointCreate, CheckpointKind, MetricCreate, MetricSource
 from registry.services import completion, files, metrics
@@ -36,7 +37,6 @@ from registry.services.checkpoints import create_checkpoint
 
 log = logging.getLogger(__name__)
 
-IO_RETRIES = 2
 BUILD_SETTINGS = (
     "gate_mode",
     "experts_per_token",
@@ -84,7 +84,7 @@ def check_build_spec(spec: dict[str, Any]) -> tuple[int, list[int]]:
     return base, ids
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
+@task(**IO_TASK)
 def fetch_checkpoints(ids: list[int]) -> dict[int, Path]:
     """A local folder of each ready checkpoint's files (I/O: retried)."""
     runtime = current_runtime()
@@ -166,7 +166,7 @@ def compress_task(
     }
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
+@task(**IO_TASK)
 def register_output(
     folder: Path, name: str, metadata: dict[str, Any], values: dict[str, float]
 ) -> int:

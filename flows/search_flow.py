@@ -292,10 +292,12 @@ def cancel_search(search_id: int) -> None:
         search_runs.cancel_search(session=session, search_id=search_id)
 
 
-def stale_searches(runtime: Runtime, *, at_start: bool) -> list[int]:
+def stale_searches(runtime: Runtime, *, settle_s: float | None = None) -> list[int]:
     """Searches a recovery sweep launches again: their worker died, or (queued) nobody claimed
-    them within ``CKREG_MERGE_CLAIM_GRACE_S`` (any at start-up: the job queue died with the
-    last process). State is kept, so each resumes at its last candidate."""
-    settle_s = 0.0 if at_start else runtime.settings.merge_claim_grace_s
+    them within ``settle_s`` (default ``CKREG_MERGE_CLAIM_GRACE_S``; at start-up, the time since
+    the process started: older ones were in the job queue that died with the last process).
+    State is kept, so each resumes at its last candidate."""
+    if settle_s is None:
+        settle_s = runtime.settings.merge_claim_grace_s
     with runtime.session() as session:
         return search_leases.reclaim_stale_searches(session=session, claim_grace_s=settle_s)

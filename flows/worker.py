@@ -162,7 +162,7 @@ def recover_runs(runtime: Runtime) -> list[int]:
     run_ids = [run_id for run_id in run_ids if run_tag(run_id) not in waiting]
     for run_id in run_ids:
         submit_merge(run_id)
-    for search_id in stale_searches(runtime, at_start=False):  # their worker died
+    for search_id in stale_searches(runtime):  # their worker died
         ServerLauncher().search_requested(search_id)
     return run_ids
 
@@ -271,7 +271,7 @@ def _recover(runtime: Runtime) -> None:
     except Exception:
         log.exception("could not re-submit merge runs")
     try:  # as the embedded sweep: stale pending checkpoints, compression a crash skipped
-        recover_checkpoints(runtime, at_start=False)
+        recover_checkpoints(runtime)
     except Exception:
         log.exception("could not recover stale checkpoints")
 
