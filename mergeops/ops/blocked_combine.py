@@ -14,11 +14,14 @@ on the thread count. Paper (TIES): https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from mergeops import kernels
 
 BLOCK = 128 * 1024
 """Elements per block (512 KiB of float32 per buffer; 64K-512K measured within noise, 16K
@@ -113,14 +116,15 @@ def blocked_combine(
     """θ0 + λ·merged exactly as ``stacked_combine``; inputs must pass ``blockable``. Written
     into ``out`` (contiguous, like ``base``) when given."""
     dtype, numel, count = base.dtype, base.numel(), len(task_vectors)
-    w = torch.tensor(list(weights), dtype=dtype).reshape(-1, 1)
+    w, divisor = _weights(weights, dtype)
     alphas = [float(w[t, 0]) for t in range(count)]
-    divisor = w.sum(dim=0)  # non-consensus: one divisor, as the reference computes it
-    divisor[divisor.abs() < 1e-8] = 1
+    out = torch.empty_like(base) if out is None else out
+    if dtype == torch.float32 and _fused(base, task_vectors, w, divisor, consensus=consensus,
+                                         normalize=normalize, scale=scale, out=out):  # fmt: skip
+        return out
     w, divisor = (t.to(base.device, non_blocking=True) for t in (w, divisor))  # CPU: no-ops
     coefficients = [w[t, 0] for t in range(count)]  # 0-dim, in the task vectors' dtype
     block = BLOCK if base.device.type == "cpu" else DEVICE_BLOCK
-    out = torch.empty_like(base) if out is None else out
     flat_out, flat_base = out.view(-1), base.view(-1)
     flats = [t.view(-1) for t in task_vectors]
     buf = _scratch(count, min(block, numel), dtype, base.device)
@@ -142,6 +146,72 @@ def blocked_combine(
             merged.mul_(scale)
         torch.add(flat_base[start:stop], merged, out=flat_out[start:stop])
     return out
+
+
+def _weights(weights: Sequence[float], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights as a (T, 1) column in ``dtype`` and the non-consensus divisor, their sum
+    as the reference computes it (a sum under 1e-8 in magnitude becomes 1). Cached: a merge
+    asks for the same weights once per slice (read only; callers never write them)."""
+    return _weights_of(tuple(float(x) for x in weights), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_of(
+    weights: tuple[float, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.tensor(list(weights), dtype=dtype).reshape(-1, 1)
+    divisor = w.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return w, divisor
+
+
+def _fused(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    w: torch.Tensor,
+    divisor: torch.Tensor,
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    out: torch.Tensor,
+    models: bool = False,
+) -> bool:
+    """The same combine by the fused C kernels (``mergeops.kernels``; float32 on the CPU),
+    ``inputs`` task vectors or, with ``models``, the models (τ_t = θ_t - θ0 taken per element);
+    False when they are off or do not take the tensors."""
+    weights = w.reshape(-1).contiguous()
+    if consensus:
+        return kernels.consensus_sum(
+            base, inputs, weights, normalize=normalize, scale=scale, out=out
+        )
+    return kernels.weighted_sum(
+        base,
+        inputs,
+        weights,
+        models=models,
+        divisor=float(divisor) if normalize else None,
+        scale=scale,
+        out=out,
+    )
+
+
+def fused_task_arithmetic(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    scale: float,
+    out: torch.Tensor,
+) -> bool:
+    """``blocked_combine`` of τ_t = θ_t - θ0 without taking the τ_t first (one pass over the
+    models); float32 on the CPU and ``blockable`` inputs only, else False (nothing written)."""
+    if base.dtype != torch.float32 or not blockable(base, models):
+        return False
+    w, divisor = _weights(weights, base.dtype)
+    return _fused(base, models, w, divisor, consensus=False, normalize=normalize, scale=scale,
+                  out=out, models=True)  # fmt: skip
 
 
 def _consensus_block(

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mergeops
+from mergeops import kernels
 from mergeops.methods.task_vector import task_arithmetic
 
 _METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -46,6 +47,7 @@ def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: s
             torch.set_num_threads(before)
         return merged["big"].view(-1).view(torch.int32)
 
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")  # the torch path's blocks (fused: below)
     calls: list[int] = []
     combine = task_arithmetic.TaskVectorMerge._combine
     monkeypatch.setattr(task_arithmetic.TaskVectorMerge, "_combine",
@@ -57,6 +59,8 @@ def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: s
     assert torch.equal(merge(1), reference)
     assert len(calls) == 2 + 7  # 6 blocks + 1
     assert torch.equal(merge(2), reference)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")  # the fused kernels, where there is a compiler
+    assert torch.equal(merge(1), reference)
 
 
 def test_merge_rows_of_rows_without_entries_and_odd_rows() -> None:

@@ -25,7 +25,7 @@ from mergeops.methods.base import (
     TensorResult,
     register,
 )
-from mergeops.ops.blocked_combine import LANES, blockable
+from mergeops.ops.blocked_combine import LANES, blockable, fused_task_arithmetic
 from mergeops.ops.sign_consensus import combine_task_vectors
 
 ROWS_BLOCK = 512 * 1024
@@ -118,9 +118,11 @@ class TaskVectorMerge(StreamingMethod):
                 for i, model in enumerate(inputs.models)
             ]
             return self._combine(base, taus, ctx)
+        out = torch.empty_like(base)
+        if self._plain_sum() and self._fused_rows(base, inputs.models, ctx, out):
+            return out
         # Cache-sized blocks of whole rows: τ, its sparsification and the combine of one
         # block run while it is in cache (per element the same operations, so the same bits).
-        out = torch.empty_like(base)
         rows = max(1, ROWS_BLOCK // row)
         for start in range(0, base.shape[0], rows):
             stop = min(base.shape[0], start + rows)
@@ -132,6 +134,21 @@ class TaskVectorMerge(StreamingMethod):
             ]  # fmt: skip
             self._combine(block, taus, ctx, out=out[start:stop])
         return out
+
+    def _plain_sum(self) -> bool:
+        """Whether ``merge_rows`` is θ0 + λ Σ w_t (θ_t - θ0): no sparsification, no consensus."""
+        return not self.consensus and type(self).sparsify_rows is TaskVectorMerge.sparsify_rows
+
+    def _fused_rows(
+        self, base: torch.Tensor, models: list[torch.Tensor], ctx: MergeContext, out: torch.Tensor
+    ) -> bool:
+        """The plain sum by the fused kernel, τ_t taken per element (one pass over the models,
+        the bits of the blocked path); False when it is not available."""
+        params = ctx.params
+        assert isinstance(params, TaskArithmeticParams)
+        weights = [p.weight for p in ctx.model_params]  # type: ignore[attr-defined]
+        return fused_task_arithmetic(base, models, weights, normalize=params.normalize,
+                                     scale=params.lambda_, out=out)  # fmt: skip
 
     def _combine(
         self,

@@ -1,0 +1,199 @@
+"""The fused C combines (``mergeops.kernels``) give the torch path's bits, and a merge falls back
+to the torch path, with the same result, when they cannot be built or loaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeops import kernels
+from mergeops.ops.basic import blocked_weighted_sum
+from mergeops.ops.blocked_combine import blocked_combine, fused_task_arithmetic
+from mergeops.ops.sign_consensus import stacked_combine
+
+HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+if not HAVE_CC and os.environ.get("CI") != "true":
+    pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
+
+
+def _fresh_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget the loaded library, so the next use builds or loads it again."""
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_loaded", None)
+
+
+@pytest.fixture
+def kernel_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    folder = tmp_path / "kernels"
+    monkeypatch.setenv(kernels.ENV_DIR, str(folder))
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    _fresh_loader(monkeypatch)
+    yield folder
+    _fresh_loader(monkeypatch)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int32)
+
+
+def _case(seed: int, count: int, length: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A bf16-valued base and fine-tunes in float32 with the awkward values a merge meets: τ of
+    every magnitude, exact zeros (sparsified τ, equal weights), ±0 and subnormal products."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(length, generator=g) * 0.02).bfloat16().float()
+    models = []
+    for t in range(count):
+        scale = 10.0 ** float(torch.randint(-7, 1, (1,), generator=g))
+        model = (base + torch.randn(length, generator=g) * scale).bfloat16().float()
+        same = torch.rand(length, generator=g) < 0.3
+        model[same] = base[same]  # τ exactly 0
+        if t == 0:
+            model[:64] = base[:64]  # τ exactly 0
+            model[64:128] = 1e-38  # products below the normal range
+        models.append(model)
+    base[128:192] = -0.0
+    return base, models
+
+
+WEIGHTS = {
+    "ones": lambda n: [1.0] * n,
+    "mixed": lambda n: [0.9 - 0.35 * t for t in range(n)],  # some negative
+    "cancel": lambda n: [1.0 if t % 2 == 0 else -1.0 for t in range(n)],  # Σ w may be 0
+}
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 7, 16])
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_kernels_give_the_reference_bits(
+    kernel_dir: Path, count: int, weights: str, normalize: bool, scale: float
+) -> None:
+    base, models = _case(count * 7 + len(weights), count, 64 * 389)
+    w = WEIGHTS[weights](count)
+    taus = [m - base for m in models]
+    for t, tau in enumerate(taus):
+        tau[torch.rand(tau.numel(), generator=torch.Generator().manual_seed(t)) < 0.4] = 0
+    assert kernels.library() is not None  # built here, in CI too (gcc is installed)
+    for consensus in (False, True):
+        ref = stacked_combine(base, taus, w, consensus=consensus, normalize=normalize, scale=scale)
+        got = blocked_combine(base, taus, w, consensus=consensus, normalize=normalize, scale=scale)
+        assert torch.equal(_bits(got), _bits(ref)), (consensus, normalize, scale)
+    ref = stacked_combine(base, [m - base for m in models], w, consensus=False,
+                          normalize=normalize, scale=scale)  # fmt: skip
+    out = torch.empty_like(base)
+    assert fused_task_arithmetic(base, models, w, normalize=normalize, scale=scale, out=out)
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+@pytest.mark.parametrize("divisor", [None, 2.6, 3.0000001])
+def test_linear_sum_gives_the_torch_bits(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch, divisor: float | None
+) -> None:
+    _, models = _case(3, 5, 64 * 100)
+    w = [1.0, 0.8, 0.6, 0.4, 0.3]
+    fused = blocked_weighted_sum(models, w, divisor)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    plain = blocked_weighted_sum(models, w, divisor)
+    assert kernels.library() is None
+    assert torch.equal(_bits(fused), _bits(plain))
+
+
+def test_kernels_refuse_what_they_cannot_take(kernel_dir: Path) -> None:
+    base, models = _case(1, 2, 64 * 10)
+    w = torch.tensor([1.0, 0.5])
+    # The output may not overlap an input (the kernel's pointers are restrict).
+    assert not kernels.weighted_sum(base, models, w, models=True, divisor=None, scale=1.0,
+                                    out=models[0])  # fmt: skip
+    halves = torch.empty(2 * base.numel())
+    assert not kernels.weighted_sum(
+        base, models, w, models=True, divisor=None, scale=1.0, out=halves[::2]
+    )  # fmt: skip (not contiguous)
+    assert not kernels.weighted_sum(base.double(), [m.double() for m in models], w,
+                                    models=True, divisor=None, scale=1.0,
+                                    out=torch.empty_like(base.double()))  # fmt: skip
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.weighted_sum(base, models, w.double(), models=True, divisor=None, scale=1.0,
+                             out=torch.empty_like(base))  # fmt: skip
+
+
+def test_built_once_into_a_private_folder(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert kernels.library() is not None
+    built = list(kernel_dir.glob("combine-*.so"))
+    assert len(built) == 1 and kernel_dir.stat().st_mode & 0o077 == 0
+    stamp = built[0].stat().st_mtime_ns
+    _fresh_loader(monkeypatch)
+    assert kernels.library() is not None  # loaded from the cache, not rebuilt
+    assert [p.stat().st_mtime_ns for p in kernel_dir.glob("combine-*.so")] == [stamp]
+
+
+def test_a_shared_folder_or_a_failed_build_falls_back_to_torch(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, models = _case(5, 4, 64 * 50)
+    w = [1.0, 0.8, 0.6, 0.4]
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    expected = blocked_combine(base, [m - base for m in models], w, consensus=True,
+                               normalize=True, scale=1.0)  # fmt: skip
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    kernel_dir.mkdir(mode=0o700)
+    kernel_dir.chmod(0o777)  # others could plant code here: not loaded
+    assert kernels.library() is None
+    _fresh_loader(monkeypatch)
+    kernel_dir.chmod(0o700)
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    assert kernels.library() is None
+    got = blocked_combine(base, [m - base for m in models], w, consensus=True, normalize=True,
+                          scale=1.0)  # fmt: skip
+    assert torch.equal(_bits(got), _bits(expected))
+
+
+def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
+    kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import save_file
+
+    from mergeops import merge_files
+
+    base, models = _case(9, 3, 1024 * 1024)  # 4 MiB of float32: merged in row slices
+    calls = {"weighted_sum": 0, "consensus_sum": 0}
+    for name in calls:
+
+        def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> bool:
+            taken = _real(*args, **kw)
+            calls[_name] += taken
+            return taken
+
+        monkeypatch.setattr(kernels, name, counted)
+    folders = []
+    for name, tensor in [("base", base), *[(f"ft{i}", m) for i, m in enumerate(models)]]:
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"w": tensor.reshape(1024, 1024).bfloat16()}, str(folder / "model.safetensors"))
+        folders.append(folder)
+    outputs = {}
+    for method in ("task_arithmetic", "ties", "linear"):
+        for switch in ("1", "0"):
+            monkeypatch.setenv(kernels.ENV_SWITCH, switch)
+            out = tmp_path / f"out-{method}-{switch}"
+            merge_files(
+                method=method,
+                base=folders[0] if method != "linear" else None,
+                models=folders[1:],
+                out_dir=out,
+                device="cpu",
+                dtype="float32",
+                progress=False,
+            )
+            files = sorted(out.glob("*.safetensors"))
+            assert files, method
+            outputs[method, switch] = b"".join(f.read_bytes() for f in files)
+        assert outputs[method, "1"] == outputs[method, "0"], method
+    assert calls["weighted_sum"] >= 4 and calls["consensus_sum"] >= 2  # slices took the kernels
