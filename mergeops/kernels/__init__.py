@@ -41,6 +41,7 @@ FLAGS = [
     "-std=c99",
     "-fPIC",
     "-shared",
+    "-ffreestanding",  # the compiler's own stdint.h: no C library headers needed
     "-nostdlib",  # no libc calls: links without a C library's development files
     "-ffp-contract=off",  # a product is never fused into a sum (torch rounds both)
     "-fno-trapping-math",  # lets selects vectorise; changes no value
@@ -147,6 +148,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_weighted_sum.restype = None
         lib.ck_consensus_sum.argtypes = [_P, _P, _I32, _P, _I32, _I32, _F32, _P, _I64]
         lib.ck_consensus_sum.restype = None
+        lib.ck_key_counts.argtypes = [_P, _I64, _P]
+        lib.ck_key_counts.restype = _I32
         _loaded = lib
         return lib
 
@@ -237,6 +240,28 @@ def consensus_sum(
         out.data_ptr(),
         out.numel(),
     )
+    return True
+
+
+def key_counts(bits: torch.Tensor, counts: torch.Tensor) -> bool:
+    """``counts[k] +=`` how many of ``bits`` (the int32 patterns of non-negative float32
+    values) have key k = 2·(bits >> 16) + [bits & 0xFFFF ≠ 0], as the rank selection's first
+    sweep counts them (``ops.select.RankCounter``); False when not taken. ``ValueError`` for a
+    negative value (only magnitudes have these keys)."""
+    lib = library()
+    if (
+        lib is None
+        or bits.dtype != torch.int32
+        or counts.dtype != torch.int64
+        or counts.numel() < 1 << 16
+        or bits.device.type != "cpu"
+        or counts.device.type != "cpu"
+        or not bits.is_contiguous()
+        or not counts.is_contiguous()
+    ):
+        return False
+    if not lib.ck_key_counts(bits.data_ptr(), bits.numel(), counts.data_ptr()):
+        raise ValueError("key counts need non-negative values (magnitudes)")
     return True
 
 

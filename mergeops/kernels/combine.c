@@ -120,3 +120,21 @@ void ck_consensus_sum(const float *base, const float *const *tau, int32_t count,
         finish(out + start, base + start, kept, len);
     }
 }
+
+/* counts[k] += the number of values whose key is k, where a value's key is 2*high + (low != 0)
+ * for its bits = high * 2^16 + low (non-negative float32 magnitudes: keys below 2^16). The
+ * first sweep of the rank selection (mergeops.ops.select.RankCounter), in one pass instead of
+ * an add, two shifts, an add and a bincount. Returns 0 when a value is negative (its sign bit
+ * set; not counted), else 1. */
+int32_t ck_key_counts(const uint32_t *restrict bits, int64_t n, int64_t *restrict counts) {
+    int32_t ok = 1;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t u = bits[j];
+        if (u >> 31) {
+            ok = 0;
+            continue;
+        }
+        counts[(u >> 16) * 2 + ((u & 0xFFFFu) != 0)] += 1;
+    }
+    return ok;
+}

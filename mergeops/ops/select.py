@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeops import kernels
 from mergeops.ops.scratch import scratch_like
 
 BLOCK = 1 << 18
@@ -107,13 +108,15 @@ class RankCounter:
             block = bits[start : start + BLOCK]
             try:
                 self._count(block)
-            except RuntimeError as error:  # bincount refuses negative keys
+            except (RuntimeError, ValueError) as error:  # negative keys refused
                 raise ValueError("rank_stats needs non-negative values (magnitudes)") from error
 
     def _count(self, block: torch.Tensor) -> None:
         if self.bits == torch.int16:
             self._keys += torch.bincount(block, minlength=_HALF_BINS)
             return
+        if self._sweep == 0 and kernels.key_counts(block, self._keys):  # ValueError if < 0
+            return  # the same counts in one pass (mergeops.kernels)
         ceil, key = scratch_like("rank-ceil", block), scratch_like("rank-key", block)
         if self._sweep == 0:  # key = high + ceil(pattern / 2^16) = 2·high + [low != 0]
             torch.add(block, _LOW - 1, out=ceil).bitwise_right_shift_(16)

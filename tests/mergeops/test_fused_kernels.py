@@ -197,3 +197,26 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
             outputs[method, switch] = b"".join(f.read_bytes() for f in files)
         assert outputs[method, "1"] == outputs[method, "0"], method
     assert calls["weighted_sum"] >= 4 and calls["consensus_sum"] >= 2  # slices took the kernels
+
+
+def test_key_counts_are_the_bincount_of_the_torch_sweep(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergeops.ops.select import RankCounter, rank_stats
+
+    base, models = _case(4, 2, 64 * 4096)
+    tau = (models[1] - base).abs_()
+    tau[:4096] = torch.rand(4096) * 1e-3  # float32 values with low bits (a second sweep)
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    assert kernels.key_counts(tau.view(torch.int32), counts)
+    bits = tau.view(torch.int32)
+    keys = (bits >> 16) * 2 + (bits & 0xFFFF != 0).int()
+    assert torch.equal(counts, torch.bincount(keys, minlength=1 << 16))
+    ranks = [1, 7, tau.numel() // 5, tau.numel() // 2, tau.numel()]
+    fused = rank_stats(tau, ranks)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert rank_stats(tau, ranks) == fused
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    counter = RankCounter(8, [1], torch.float32)
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.observe(torch.tensor([1.0, -2.0, 3.0, 0.5, 0.0, 1.0, 2.0, 3.0]))
