@@ -59,7 +59,7 @@ def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[fl
     original, blockable = basic.weighted_sum, sign_consensus.blockable
     if kernel == "stacked":
         basic.weighted_sum = stacked_sum  # the modules that imported it by name keep theirs
-        _patch_importers(stacked_sum)
+        _patch_importers(stacked_sum, original)
         sign_consensus.blockable = lambda *_: False  # combine_task_vectors: the reference
     try:
         start, cpu = time.perf_counter(), time.process_time()
@@ -70,18 +70,20 @@ def _merge(method: str, folders: list[Path], out: Path, kernel: str) -> tuple[fl
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         basic.weighted_sum, sign_consensus.blockable = original, blockable
-        _patch_importers(original)
+        _patch_importers(original, stacked_sum)
     digest = _digest(out)
     shutil.rmtree(out, ignore_errors=True)
     return seconds, cpu, digest
 
 
-def _patch_importers(kernel: object) -> None:
+def _patch_importers(kernel: object, replacing: object) -> None:
+    """Point every mergeops module that imported ``replacing`` by name at ``kernel`` (only
+    those: ``mergeops.kernels`` has a ``weighted_sum`` of its own)."""
     import sys
 
     for module in list(sys.modules.values()):
         name = getattr(module, "__name__", "")
-        if name.startswith("mergeops.") and getattr(module, "weighted_sum", None) is not None:
+        if name.startswith("mergeops.") and getattr(module, "weighted_sum", None) is replacing:
             module.weighted_sum = kernel  # type: ignore[attr-defined]
 
 

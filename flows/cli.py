@@ -21,7 +21,10 @@ from flows.cli_policies import policy_app
 from flows.cli_search import search_app
 from flows.cli_settings import echo_database
 from flows.cli_tokens import token_commands
+from flows.kernel_env import configure_kernels
 from registry.settings import get_settings
+
+configure_kernels()  # CKREG_FUSED_KERNELS, CKREG_KERNEL_DIR, CC (mergeops reads no environment)
 
 app = typer.Typer(
     help="ckreg: a checkpoint registry with automated merge pipelines.", no_args_is_help=True

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from flows.kernel_env import configure_kernels
 from registry.db import make_engine, session_scope
 from registry.settings import Settings, get_settings
 from registry.storage import ObjectStore, open_store
@@ -33,6 +34,7 @@ class Runtime:
     background: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
+        configure_kernels()  # flow-run subprocesses do not start through the CLI
         self.engine = make_engine(self.settings.database_url)
         self.store = open_store(
             self.settings.store_url,

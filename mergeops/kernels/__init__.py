@@ -7,11 +7,12 @@ arithmetic per element in one pass (0.5 ns; TIES's consensus 1.0 ns against 3.7)
 bits: it is built with ``-ffp-contract=off`` and without fast-math, so each product and sum is
 rounded as torch rounds it, in the same order.
 
-The library is compiled once per machine into a private cache folder (``CKREG_KERNEL_DIR``,
-default ``$XDG_CACHE_HOME/ckreg/kernels``), named by the hash of the source, the compiler and
-its flags; later processes load it in milliseconds. Without a C compiler (``CC``, ``cc`` or
-``gcc``), or with ``CKREG_FUSED_KERNELS=0``, the callers keep the torch path; the results are
-the same either way. ctypes releases the GIL for the call, so reader and writer threads run
+The library is compiled once per machine into a private cache folder (``cache_dir`` of
+``mergeops.kernel_settings``; the ``ckreg`` CLI takes it from ``CKREG_KERNEL_DIR``, default
+``$XDG_CACHE_HOME/ckreg/kernels``), named by the hash of the source, the compiler and its
+flags; later processes load it in milliseconds. Without a C compiler (``cc`` or ``gcc``, or
+``CC`` for the CLI), or when disabled (``CKREG_FUSED_KERNELS=0``), the callers keep the torch
+path; the results are the same either way. ctypes releases the GIL for the call, so reader and writer threads run
 meanwhile.
 """
 
@@ -22,7 +23,6 @@ import hashlib
 import logging
 import os
 import platform
-import shlex
 import shutil
 import stat
 import subprocess
@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from mergeops import kernel_settings
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +50,23 @@ FLAGS = [
     "-fno-tree-loop-distribute-patterns",  # no memset calls
 ]
 COMPILE_TIMEOUT_S = 120
-ENV_SWITCH = "CKREG_FUSED_KERNELS"
-ENV_DIR = "CKREG_KERNEL_DIR"
 
 _P = ctypes.c_void_p
 _I32, _I64, _F32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
-_tried = False
+_tried = -1  # the settings generation the library was (tried to be) loaded under
 
 
 def enabled() -> bool:
-    """Whether fused kernels may be used (``CKREG_FUSED_KERNELS`` is not ``0``/``false``)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether fused kernels may be used (``kernel_settings``)."""
+    return kernel_settings.current()[0].enabled
 
 
 def _compiler() -> list[str] | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shlex.split(cc)
+    configured = kernel_settings.current()[0].compiler
+    if configured:
+        return list(configured)
     found = shutil.which("cc") or shutil.which("gcc")
     return [found] if found else None
 
@@ -85,11 +85,8 @@ def _cpu_flags() -> list[str]:
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept (private to the user)."""
-    configured = os.environ.get(ENV_DIR)
-    if configured:
-        return Path(configured)
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "ckreg" / "kernels"
+    configured = kernel_settings.current()[0].cache_dir
+    return configured if configured is not None else Path.home() / ".cache" / "ckreg" / "kernels"
 
 
 def _private(path: Path) -> bool:
@@ -130,13 +127,14 @@ def _build(compiler: list[str]) -> Path:
 
 def _load() -> ctypes.CDLL | None:
     global _loaded, _tried
+    generation = kernel_settings.current()[1]
     with _lock:
-        if _tried:
+        if _tried == generation:
             return _loaded
-        _tried = True
+        _tried, _loaded = generation, None
         compiler = _compiler()
         if compiler is None:
-            log.info("no C compiler (CC, cc, gcc): fused CPU kernels off, torch ops used")
+            log.info("no C compiler (cc, gcc): fused CPU kernels off, torch ops used")
             return None
         try:
             lib = ctypes.CDLL(str(_build(compiler)))

@@ -30,6 +30,7 @@ from registry.api.app import create_app
 from registry.db import upgrade_database
 from registry.models import CheckpointCreate, CheckpointKind, MergePolicyCreate
 from registry.services import create_token
+from registry.services import merge_runs as run_service
 from registry.services import policies as policy_service
 from registry.services.completion import register_directory
 from registry.settings import Settings
@@ -138,6 +139,18 @@ class FlowEnv:
                 directory=folder,
             )
             return checkpoint.id or 0
+
+    def queue_run(self, method: str, base: int, inputs: list[int]) -> tuple[int, bool]:
+        """Create (or find) the merge run of ``method`` over ``inputs`` through the service, as
+        a request would (no launcher); returns its id and whether it must be launched."""
+        request = run_service.MergeRequest(
+            method=method,
+            base_id=base,
+            inputs=[run_service.MergeInputSpec(checkpoint_id=i) for i in inputs],
+        )
+        with self.session() as session:
+            run, launch = run_service.create_merge_run(session=session, request=request)
+        return run.id or 0, launch
 
     def policy(self, **fields: Any) -> int:
         """Create a policy through the service; returns its id."""

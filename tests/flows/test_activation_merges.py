@@ -35,21 +35,10 @@ def _store():
     return current_runtime().store
 
 
-def _run(env: FlowEnv, method: str, base: int, inputs: list[int]) -> int:
-    request = run_service.MergeRequest(
-        method=method,
-        base_id=base,
-        inputs=[run_service.MergeInputSpec(checkpoint_id=i) for i in inputs],
-    )
-    with env.session() as session:
-        run, _ = run_service.create_merge_run(session=session, request=request)
-    return run.id
-
-
 def test_regmean_merge_reads_each_inputs_gram_artifact(flow_env: FlowEnv) -> None:
     base, ft_a, ft_b = _three(flow_env)
     grams = [_gram(flow_env, ft_a, 1), _gram(flow_env, ft_b, 2)]
-    output = merge_checkpoints(_run(flow_env, "regmean", base, [ft_a, ft_b]))
+    output = merge_checkpoints(flow_env.queue_run("regmean", base, [ft_a, ft_b])[0])
     expected = mergeops.merge("regmean", [tiny_state(1), tiny_state(2)], grams=grams, device="cpu")
     merged = _weights(output)
     for key, value in expected.items():
@@ -61,7 +50,7 @@ def test_regmean_merge_reads_each_inputs_gram_artifact(flow_env: FlowEnv) -> Non
 def test_regmean_without_a_gram_fails_naming_the_checkpoint(flow_env: FlowEnv) -> None:
     base, ft_a, ft_b = _three(flow_env)
     _gram(flow_env, ft_a, 1)
-    run_id = _run(flow_env, "regmean", base, [ft_a, ft_b])
+    run_id, _ = flow_env.queue_run("regmean", base, [ft_a, ft_b])
     with pytest.raises(Exception, match="gram"):
         merge_checkpoints(run_id)
     with flow_env.session() as session:

@@ -26,7 +26,6 @@ from registry.models import (
     MergeRunStatus,
     utcnow,
 )
-from registry.services import merge_runs as run_service
 from registry.services.checkpoints import create_checkpoint
 from registry.services.completion import register_directory
 from registry.services.files import add_file_from_path
@@ -151,30 +150,19 @@ def test_embedded_start_recovers_lost_merges_stale_pending_and_compression(
         again.stop()
 
 
-def _queued_run(env: FlowEnv, method: str, base: int, inputs: list[int]) -> int:
-    request = run_service.MergeRequest(
-        method=method,
-        base_id=base,
-        inputs=[run_service.MergeInputSpec(checkpoint_id=i) for i in inputs],
-    )
-    with env.session() as session:
-        run, launch = run_service.create_merge_run(session=session, request=request)
-    assert launch
-    return run.id or 0
-
-
 def test_start_up_sweep_leaves_the_runs_of_this_process_alone(flow_env: FlowEnv) -> None:
     """A request answered before the start-up sweep ran queued its run behind the sweep: that run
     is this process's own, not lost. Re-queued by the sweep, it ran twice, and the second run
     re-ran it after it had failed."""
     base = flow_env.register("base", tiny_state(0), kind="base")
     inputs = [flow_env.register(f"ft-{i}", tiny_state(i), base_id=base) for i in (1, 2)]
-    lost = _queued_run(flow_env, "linear", base, inputs)  # queued by the last process
+    lost, launch = flow_env.queue_run("linear", base, inputs)  # queued by the last process
+    assert launch
     with flow_env.session() as session:
         old = utcnow() - timedelta(minutes=5)
         session.execute(update(MergeRun).where(col(MergeRun.id) == lost).values(created_at=old))
         session.commit()
-    own = _queued_run(flow_env, "task_arithmetic", base, inputs)  # since this process started
+    own, _ = flow_env.queue_run("task_arithmetic", base, inputs)  # since this process started
     runtime = flow_runtime.current_runtime()
     assert recovery_sweep(runtime, started_s_ago=60.0) == [lost]
     with flow_env.session() as session:

@@ -11,30 +11,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeops import kernels
+from mergeops import kernel_settings, kernels
 from mergeops.ops.basic import blocked_weighted_sum
 from mergeops.ops.blocked_combine import blocked_combine, fused_task_arithmetic
 from mergeops.ops.sign_consensus import stacked_combine
 
-HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 if not HAVE_CC and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
 
 
-def _fresh_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forget the loaded library, so the next use builds or loads it again."""
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_loaded", None)
+def _switch(on: bool) -> None:
+    kernel_settings.configure(enabled=on)
 
 
 @pytest.fixture
-def kernel_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def kernel_dir(tmp_path: Path) -> Iterator[Path]:
+    """Kernels on, built into a fresh folder; the defaults again afterwards."""
     folder = tmp_path / "kernels"
-    monkeypatch.setenv(kernels.ENV_DIR, str(folder))
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    _fresh_loader(monkeypatch)
+    kernel_settings.reset()
+    kernel_settings.configure(cache_dir=folder)
     yield folder
-    _fresh_loader(monkeypatch)
+    kernel_settings.reset()
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -98,7 +96,7 @@ def test_linear_sum_gives_the_torch_bits(
     _, models = _case(3, 5, 64 * 100)
     w = [1.0, 0.8, 0.6, 0.4, 0.3]
     fused = blocked_weighted_sum(models, w, divisor)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    _switch(False)
     plain = blocked_weighted_sum(models, w, divisor)
     assert kernels.library() is None
     assert torch.equal(_bits(fused), _bits(plain))
@@ -129,7 +127,7 @@ def test_built_once_into_a_private_folder(
     built = list(kernel_dir.glob("combine-*.so"))
     assert len(built) == 1 and kernel_dir.stat().st_mode & 0o077 == 0
     stamp = built[0].stat().st_mtime_ns
-    _fresh_loader(monkeypatch)
+    kernel_settings.configure(cache_dir=kernel_dir)  # forgets the loaded library
     assert kernels.library() is not None  # loaded from the cache, not rebuilt
     assert [p.stat().st_mtime_ns for p in kernel_dir.glob("combine-*.so")] == [stamp]
 
@@ -139,16 +137,15 @@ def test_a_shared_folder_or_a_failed_build_falls_back_to_torch(
 ) -> None:
     base, models = _case(5, 4, 64 * 50)
     w = [1.0, 0.8, 0.6, 0.4]
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    _switch(False)
     expected = blocked_combine(base, [m - base for m in models], w, consensus=True,
                                normalize=True, scale=1.0)  # fmt: skip
-    monkeypatch.delenv(kernels.ENV_SWITCH)
+    _switch(True)
     kernel_dir.mkdir(mode=0o700)
     kernel_dir.chmod(0o777)  # others could plant code here: not loaded
     assert kernels.library() is None
-    _fresh_loader(monkeypatch)
     kernel_dir.chmod(0o700)
-    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    kernel_settings.configure(compiler=["false"])  # a compiler that fails
     assert kernels.library() is None
     got = blocked_combine(base, [m - base for m in models], w, consensus=True, normalize=True,
                           scale=1.0)  # fmt: skip
@@ -181,7 +178,7 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
     outputs = {}
     for method in ("task_arithmetic", "ties", "linear"):
         for switch in ("1", "0"):
-            monkeypatch.setenv(kernels.ENV_SWITCH, switch)
+            _switch(switch == "1")
             out = tmp_path / f"out-{method}-{switch}"
             merge_files(
                 method=method,
@@ -214,9 +211,9 @@ def test_key_counts_are_the_bincount_of_the_torch_sweep(
     assert torch.equal(counts, torch.bincount(keys, minlength=1 << 16))
     ranks = [1, 7, tau.numel() // 5, tau.numel() // 2, tau.numel()]
     fused = rank_stats(tau, ranks)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    _switch(False)
     assert rank_stats(tau, ranks) == fused
-    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    _switch(True)
     counter = RankCounter(8, [1], torch.float32)
     with pytest.raises(ValueError, match="non-negative"):
         counter.observe(torch.tensor([1.0, -2.0, 3.0, 0.5, 0.0, 1.0, 2.0, 3.0]))

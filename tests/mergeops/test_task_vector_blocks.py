@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mergeops
-from mergeops import kernels
+from mergeops import kernel_settings
 from mergeops.methods.task_vector import task_arithmetic
 
 _METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -32,7 +32,9 @@ def _family() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
 
 
 @pytest.mark.parametrize("method", sorted(_METHODS))
-def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+def test_blocks_of_rows_change_no_bit(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, method: str
+) -> None:
     base, models = _family()
     params, per_model = _METHODS[method]
 
@@ -47,7 +49,8 @@ def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: s
             torch.set_num_threads(before)
         return merged["big"].view(-1).view(torch.int32)
 
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")  # the torch path's blocks (fused: below)
+    request.addfinalizer(kernel_settings.reset)
+    kernel_settings.configure(enabled=False)  # the torch path's blocks (fused: below)
     calls: list[int] = []
     combine = task_arithmetic.TaskVectorMerge._combine
     monkeypatch.setattr(task_arithmetic.TaskVectorMerge, "_combine",
@@ -59,7 +62,7 @@ def test_blocks_of_rows_change_no_bit(monkeypatch: pytest.MonkeyPatch, method: s
     assert torch.equal(merge(1), reference)
     assert len(calls) == 2 + 7  # 6 blocks + 1
     assert torch.equal(merge(2), reference)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "1")  # the fused kernels, where there is a compiler
+    kernel_settings.configure(enabled=True)  # the fused kernels, where there is a compiler
     assert torch.equal(merge(1), reference)
 
 
