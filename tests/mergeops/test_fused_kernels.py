@@ -90,9 +90,7 @@ def test_kernels_give_the_reference_bits(
 
 
 @pytest.mark.parametrize("divisor", [None, 2.6, 3.0000001])
-def test_linear_sum_gives_the_torch_bits(
-    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch, divisor: float | None
-) -> None:
+def test_linear_sum_gives_the_torch_bits(kernel_dir: Path, divisor: float | None) -> None:
     _, models = _case(3, 5, 64 * 100)
     w = [1.0, 0.8, 0.6, 0.4, 0.3]
     fused = blocked_weighted_sum(models, w, divisor)
@@ -120,9 +118,7 @@ def test_kernels_refuse_what_they_cannot_take(kernel_dir: Path) -> None:
                              out=torch.empty_like(base))  # fmt: skip
 
 
-def test_built_once_into_a_private_folder(
-    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_built_once_into_a_private_folder(kernel_dir: Path) -> None:
     assert kernels.library() is not None
     built = list(kernel_dir.glob("combine-*.so"))
     assert len(built) == 1 and kernel_dir.stat().st_mode & 0o077 == 0
@@ -132,9 +128,7 @@ def test_built_once_into_a_private_folder(
     assert [p.stat().st_mtime_ns for p in kernel_dir.glob("combine-*.so")] == [stamp]
 
 
-def test_a_shared_folder_or_a_failed_build_falls_back_to_torch(
-    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_shared_folder_or_a_failed_build_falls_back_to_torch(kernel_dir: Path) -> None:
     base, models = _case(5, 4, 64 * 50)
     w = [1.0, 0.8, 0.6, 0.4]
     _switch(False)
@@ -196,9 +190,7 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
     assert calls["weighted_sum"] >= 4 and calls["consensus_sum"] >= 2  # slices took the kernels
 
 
-def test_key_counts_are_the_bincount_of_the_torch_sweep(
-    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_key_counts_are_the_bincount_of_the_torch_sweep(kernel_dir: Path) -> None:
     from mergeops.ops.select import RankCounter, rank_stats
 
     base, models = _case(4, 2, 64 * 4096)
