@@ -26,9 +26,10 @@ def configure_kernels(environ: Mapping[str, str] | None = None) -> kernel_settin
     if not folder and env.get("XDG_CACHE_HOME"):
         folder = str(Path(env["XDG_CACHE_HOME"]) / "ckreg" / "kernels")
     compiler = shlex.split(env["CC"]) if env.get("CC", "").strip() else None
-    kernel_settings.reset()
-    return kernel_settings.configure(
-        enabled=switch not in ("0", "false", "no", "off"),
-        cache_dir=Path(folder) if folder else None,
-        compiler=compiler,
+    return kernel_settings.apply(
+        kernel_settings.KernelSettings(
+            enabled=switch not in ("0", "false", "no", "off"),
+            cache_dir=Path(folder) if folder else None,
+            compiler=tuple(compiler) if compiler else None,
+        )
     )

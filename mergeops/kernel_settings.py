@@ -40,23 +40,29 @@ def configure(
 ) -> KernelSettings:
     """Change the given settings (the others stay); a later merge builds or loads the kernels
     again under them. Returns the new settings."""
+    changes: dict[str, object] = {}
+    if enabled is not None:
+        changes["enabled"] = enabled
+    if cache_dir is not None:
+        changes["cache_dir"] = Path(cache_dir)
+    if compiler is not None:
+        changes["compiler"] = tuple(compiler)
+    with _lock:
+        wanted = replace(_current, **changes)  # type: ignore[arg-type]
+    return apply(wanted)
+
+
+def apply(settings: KernelSettings) -> KernelSettings:
+    """Make ``settings`` the current ones; the kernels are loaded again only if they differ
+    (a flow runtime applies the environment's settings each time it is built)."""
     global _current, _generation
     with _lock:
-        changes: dict[str, object] = {}
-        if enabled is not None:
-            changes["enabled"] = enabled
-        if cache_dir is not None:
-            changes["cache_dir"] = Path(cache_dir)
-        if compiler is not None:
-            changes["compiler"] = tuple(compiler)
-        _current = replace(_current, **changes)  # type: ignore[arg-type]
-        _generation += 1
+        if settings != _current:
+            _current = settings
+            _generation += 1
         return _current
 
 
 def reset() -> None:
     """Back to the defaults (tests)."""
-    global _current, _generation
-    with _lock:
-        _current = KernelSettings()
-        _generation += 1
+    apply(KernelSettings())

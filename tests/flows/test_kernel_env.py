@@ -32,3 +32,10 @@ def test_the_variables_reach_the_kernel_settings(tmp_path: Path) -> None:
 def test_xdg_cache_home_places_the_cache_and_the_switch_defaults_on(tmp_path: Path) -> None:
     got = configure_kernels({"XDG_CACHE_HOME": str(tmp_path), "CKREG_FUSED_KERNELS": "1"})
     assert got.enabled and got.cache_dir == tmp_path / "ckreg" / "kernels"
+
+
+def test_applying_the_same_environment_again_keeps_the_loaded_kernels() -> None:
+    configure_kernels({"CKREG_FUSED_KERNELS": "1"})
+    generation = kernel_settings.current()[1]
+    configure_kernels({"CKREG_FUSED_KERNELS": "1"})  # each flow runtime build does this
+    assert kernel_settings.current()[1] == generation

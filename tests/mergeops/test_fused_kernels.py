@@ -123,7 +123,8 @@ def test_built_once_into_a_private_folder(kernel_dir: Path) -> None:
     built = list(kernel_dir.glob("combine-*.so"))
     assert len(built) == 1 and kernel_dir.stat().st_mode & 0o077 == 0
     stamp = built[0].stat().st_mtime_ns
-    kernel_settings.configure(cache_dir=kernel_dir)  # forgets the loaded library
+    kernel_settings.reset()  # other settings, then these again: the library is loaded anew
+    kernel_settings.configure(cache_dir=kernel_dir)
     assert kernels.library() is not None  # loaded from the cache, not rebuilt
     assert [p.stat().st_mtime_ns for p in kernel_dir.glob("combine-*.so")] == [stamp]
 
