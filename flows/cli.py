@@ -173,6 +173,14 @@ def worker(
     schedule_sync: Annotated[
         float, typer.Option(help="Seconds between syncs of cron policy schedules.")
     ] = 30.0,
+    api_wait: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to wait at start for the Prefect API (PREFECT_API_URL) to answer "
+            "before giving up with an error.",
+        ),
+    ] = 120.0,
 ) -> None:
     """Serve the flows as Prefect deployments (server mode; needs PREFECT_API_URL).
 
@@ -181,14 +189,24 @@ def worker(
     """
     from flows.processes import stop_children_on_exit
     from flows.runtime import configure
-    from flows.worker import serve_worker
+    from flows.worker import PrefectUnreachable, serve_worker
     from registry.db import upgrade_database
 
     stop_children_on_exit()  # no flow-run subprocess outlives the worker
     settings = get_settings()
     echo_database(settings)
     upgrade_database(settings.database_url)
-    serve_worker(configure(settings), limit=limit, recover=recover, sync_every_s=schedule_sync)
+    try:
+        serve_worker(
+            configure(settings),
+            limit=limit,
+            recover=recover,
+            sync_every_s=schedule_sync,
+            api_wait_s=api_wait,
+        )
+    except PrefectUnreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @db_app.command("upgrade")

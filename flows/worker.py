@@ -63,6 +63,47 @@ def gpu_slots() -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
+class PrefectUnreachable(RuntimeError):
+    """The Prefect API did not answer within the time a worker waits for it at start."""
+
+
+def wait_for_prefect_api(timeout_s: float, *, poll_s: float = 2.0) -> None:
+    """Return once the Prefect API (``PREFECT_API_URL``) answers its health check.
+
+    Workers often start before their server (a compose file, a reboot): instead of failing on
+    the first refused connection, wait up to ``timeout_s`` seconds, saying once what it waits
+    for. Raises ``PrefectUnreachable`` after that; SIGTERM / SIGINT stop the wait at once.
+    """
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        with get_client(sync_client=True) as client:
+            url = str(client.api_url)
+            error = client.api_healthcheck()
+        if error is None:
+            if said:
+                log.warning("the Prefect API at %s answers", url)
+            return
+        left = deadline - time.monotonic()
+        reason = f"{type(error).__name__}: {error}"
+        if left <= 0:
+            raise PrefectUnreachable(
+                f"the Prefect API at {url} did not answer within {timeout_s:g} s ({reason}); "
+                "is the Prefect server running, and is PREFECT_API_URL right?"
+            )
+        if not said:
+            log.warning(
+                "the Prefect API at %s does not answer (%s); waiting up to %g s for it",
+                url,
+                reason,
+                timeout_s,
+            )
+            said = True
+        time.sleep(min(poll_s, left))
+
+
 def ensure_concurrency_limit(slots: int | None = None) -> None:
     """Create or update the global concurrency limit the merge flow acquires.
 
@@ -192,15 +233,22 @@ def sweep_interval_s(lease_s: float) -> float:
 
 
 def serve_worker(
-    runtime: Runtime, *, limit: int | None = None, recover: bool = True, sync_every_s: float = 30.0
+    runtime: Runtime,
+    *,
+    limit: int | None = None,
+    recover: bool = True,
+    sync_every_s: float = 30.0,
+    api_wait_s: float = 120.0,
 ) -> None:
     """Register the deployments and execute their runs until interrupted.
 
+    First waits up to ``api_wait_s`` for the Prefect API (``wait_for_prefect_api``).
     Background threads keep the cron policies' schedules in step with the database (every
     ``sync_every_s``) and, with ``recover``, sweep for runs to recover (``recover_runs``).
     SIGTERM and SIGINT stop it within seconds even while the Prefect API is unreachable
     (``flows.processes.handle_stop_signal``).
     """
+    wait_for_prefect_api(api_wait_s)
     ensure_concurrency_limit()
     stop = threading.Event()
     jobs = [(_sync_schedules, sync_every_s)]

@@ -5,7 +5,9 @@
   completes it exactly once; the dead flow's slot is released at once (not after Prefect's
   60 s slot lease) and its flow run shows CRASHED, not RUNNING forever.
 * SIGTERM stops a worker within 10 s, its children included, while the Prefect API refuses
-  connections (a proxy in between is cut, a merge in flight) or was never reachable.
+  connections (a proxy in between is cut, a merge in flight) or was never reachable (the
+  worker waiting for it at start).
+* A worker whose Prefect API never answers gives up after ``--api-wait`` with one clear line.
 
 The merge parks inside the GPU slot through the ``ckreg-test-slot-holder`` evaluator
 (``tests.flows.slot_holder``): adamerging asks it for its objective inside the slot.
@@ -285,20 +287,39 @@ def test_sigterm_stops_a_worker_whose_prefect_api_is_unreachable(
     env = ckreg_env(
         tmp_path / "home", plugins, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api"
     )
-    worker = start_ckreg(["worker"], env, tmp_path / "worker.log")
+    worker = start_ckreg(["worker", "--api-wait", "600"], env, tmp_path / "worker.log")
     try:
         deadline = time.monotonic() + 120
-        while not descendants(worker.proc.pid):  # its watchdog: the signal handlers are set
+        while "waiting up to 600 s" not in worker.output():  # it waits for the API to come up
             assert worker.proc.poll() is None, worker.output()
             assert time.monotonic() < deadline, worker.output()
             time.sleep(0.05)
+        time.sleep(0.5)
+        assert worker.proc.poll() is None, worker.output()
         children = descendants(worker.proc.pid)
+        assert children, "no watchdog"
         took = _sigterm(worker)
         left = _gone(children, timeout=3)
     finally:
         worker.kill()
     assert took <= 10 and worker.proc.returncode == 128 + signal.SIGTERM, worker.output()
     assert left == [], left
+
+
+def test_a_worker_gives_up_on_an_unreachable_prefect_api_with_a_clear_error(
+    tmp_path: Path, plugins: Path
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = ckreg_env(tmp_path / "home", plugins, PREFECT_API_URL=url)
+    worker = start_ckreg(["worker", "--api-wait", "2"], env, tmp_path / "worker.log")
+    try:
+        worker.proc.wait(120)
+    finally:
+        worker.kill()
+    output = worker.output()
+    assert worker.proc.returncode == 1, output
+    assert f"error: the Prefect API at {url}/ did not answer within 2 s" in output, output
+    assert "Traceback" not in output, output
 
 
 def _sigterm(worker: Process) -> float:
