@@ -59,6 +59,56 @@ def stored_objects(database_url: str, store: Any, ids: Iterable[int]) -> dict[st
     return {key: store.size(key) for key in sorted(keys)}
 
 
+def download_checkpoints(
+    database_url: str, store: Any, folders: dict[int, Any], *, part: int, workers: int
+) -> None:
+    """Download-then-merge's first half: every file of each checkpoint in ``folders`` (id ->
+    new local folder; weights and config, decoded where stored compressed) written there, in
+    ranged GETs of ``part`` bytes on ``workers`` threads, each range written at its offset."""
+    import os
+    from pathlib import Path
+
+    from sqlmodel import Session
+
+    from registry.db import make_engine
+    from registry.services.blobs import stored_blob
+    from registry.services.common import checkpoint_files
+    from registry.storage.codecs import iter_original
+
+    engine = make_engine(database_url)
+    files = []
+    with Session(engine) as session:
+        for checkpoint_id, folder in folders.items():
+            Path(folder).mkdir(parents=True)
+            for artifact in checkpoint_files(session, checkpoint_id):
+                path = Path(folder) / artifact.name  # a name the registry checked at upload
+                path.parent.mkdir(parents=True, exist_ok=True)
+                files.append((path, stored_blob(session, artifact)))
+    engine.dispose()
+    tasks = []
+    for path, blob in files:
+        path.write_bytes(b"")
+        tasks += [(path, blob, start, min(start + part, blob.size))
+                  for start in range(0, blob.size, part)]  # fmt: skip
+
+    def get(task: tuple[Any, Any, int, int]) -> None:
+        path, blob, start, end = task
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            offset = start
+            for chunk in iter_original(store, blob, start=start, end=end):
+                offset += os.pwrite(fd, chunk, offset)
+        finally:
+            os.close(fd)
+        if offset != end:
+            raise RuntimeError(
+                f"range [{start}, {end}) of '{blob.key}' wrote {offset - start} bytes"
+            )
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="s3-download") as pool:
+        list(pool.map(get, tasks))
+
+
 def _parts(objects: dict[str, int], part: int) -> list[tuple[str, int, int]]:
     return [
         (key, start, min(start + part, size))

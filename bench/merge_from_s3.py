@@ -42,7 +42,7 @@ from bench._common import (
     start_moto,
     start_server,
 )
-from bench._s3_floor import count_wire, fetch_all, stored_objects
+from bench._s3_floor import count_wire, download_checkpoints, fetch_all, stored_objects
 from bench._s3_report import HEADERS, NOTES, Merge, floor_line, row, runs_line
 from bench._synth import SHAPES, write_family
 from bench.merge_engine import folder_bytes, measure
@@ -132,12 +132,15 @@ def child(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     if spec["mode"] == "floor":
         return _floor_child(spec, spec_path)
-    if spec["mode"] == "s3":  # imported before the clock starts, like mergeops itself
-        import registry.services.tensors  # noqa: F401
+    if spec["mode"] in ("s3", "download"):  # imported before the clock, like mergeops itself
+        import registry.services.tensors
+        import registry.storage.s3  # noqa: F401  (boto3: 0.2 s, imported on first use)
     start = time.perf_counter()
     wire: dict[str, int] = {}
     if spec["mode"] == "s3":
         models, base, wire = _s3_sources(spec)
+    elif spec["mode"] == "download":
+        base, *models = _download(spec)
     else:
         models, base = spec["folders"][1:], spec["folders"][0]
     result = mergeops.merge_files(
@@ -157,6 +160,21 @@ def child(spec_path: Path) -> int:
     }
     spec_path.with_suffix(".report.json").write_text(json.dumps(report))
     return 0
+
+
+def _download(spec: dict[str, Any]) -> list[str]:
+    """Download-then-merge's download: every input checkpoint's files from the store into
+    fresh local folders (the floor's GETs, each range written at its offset), base first."""
+    from registry.storage import open_store
+
+    store = open_store(spec["store_url"], endpoint_url=spec["endpoint"])
+    dest = Path(spec["out"]).with_name(Path(spec["out"]).name + "-inputs")
+    shutil.rmtree(dest, ignore_errors=True)
+    # named as the local folders: the merge records its inputs' names in the output
+    folders = [dest / Path(folder).name for folder in spec["folders"]]
+    download_checkpoints(spec["database_url"], store, dict(zip(spec["ids"], folders, strict=True)),
+                         part=spec["floor_part"], workers=spec["floor_workers"])  # fmt: skip
+    return [str(folder) for folder in folders]
 
 
 def _floor_child(spec: dict[str, Any], spec_path: Path) -> int:
@@ -196,6 +214,7 @@ def run_merge(work: Path, mode: str, method: str, spec: dict[str, Any], repeat: 
     run = measure(cmd, engine=mode, device="cpu", log=work / f"{method}-{mode}-{repeat}.log")
     report = json.loads(report_path.read_text()) if run.ok and report_path.is_file() else {}
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + "-inputs"), ignore_errors=True)  # download's
     return Merge(run, report)
 
 
@@ -218,13 +237,14 @@ def bench_size(size: str, args: argparse.Namespace, endpoint: str) -> list[list[
         "floor_workers": args.floor_workers,
     }  # fmt: skip
     floors: list[Merge] = []
-    merges: dict[str, dict[str, list[Merge]]] = {m: {"local": [], "s3": []} for m in args.methods}
+    modes = ("local", "s3", "download")
+    merges: dict[str, dict[str, list[Merge]]] = {m: {k: [] for k in modes} for m in args.methods}
     for repeat in range(args.repeats):
         floors.append(run_merge(work, "floor", "all", base_spec, repeat))
         for method in args.methods:
             params = _model_params(method, len(folders) - 1, args.density)
             spec = base_spec | {"model_params": params}
-            for mode in ("local", "s3") if repeat % 2 == 0 else ("s3", "local"):
+            for mode in modes if repeat % 2 == 0 else modes[::-1]:
                 merges[method][mode].append(run_merge(work, mode, method, spec, repeat))
     print(floor_line(size, floors, args.floor_part, args.floor_workers), flush=True)
     input_bytes = sum(folder_bytes(f) for f in folders)

@@ -26,6 +26,7 @@ from mergeops.emit import TensorSink, emit_chunked
 from mergeops.emit import emit as _emit
 from mergeops.emit import out_dtype as _out_dtype
 from mergeops.emit import progress_bar as _progress
+from mergeops.heap import heap_frozen
 from mergeops.io.dir_sink import DirSink
 from mergeops.io.streamed import TensorSpec
 from mergeops.io.writer import staged_output, swap_into_place
@@ -214,7 +215,7 @@ def run(plan: MergePlan, sink: TensorSink, *, progress: bool = False) -> int:
     _load_state(plan)
     prefetcher = Prefetcher(enabled=plan.prefetch, max_bytes=plan.prefetch_bytes)
     reader = TensorReader(plan, prefetcher)
-    with prefetcher, torch.no_grad(), compute_threads(plan):
+    with prefetcher, torch.no_grad(), compute_threads(plan), heap_frozen():
         if plan.routes is not None:
             return run_routed(plan, sink, prefetcher, progress, reader.pool)
         if plan.method.streaming:

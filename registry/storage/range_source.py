@@ -1,8 +1,10 @@
 """mergeops ``TensorSource`` adapters that read safetensors blobs from an object store by range.
 
-A merge streams a checkpoint straight from S3: ``get_rows(name, start, stop)`` fetches the byte
-span of those rows with one range request (small reads: through read-ahead windows of several
-slices, ``registry.storage.read_ahead``), ``get(name)`` one tensor's bytes. Where the
+A merge streams a checkpoint straight from S3: ``get_rows(name, start, stop)`` reads the byte
+span of those rows, ``get(name)`` one tensor's bytes; reads smaller than a read-ahead window
+come from windows laid over the file's bytes, so one range request serves several slices and
+neighbouring small tensors (``registry.storage.read_ahead``), larger ones are fetched as exactly
+their bytes. Where the
 tensors are comes from the TENSOR INDEX stored on the file row at ``complete`` (no request at
 all); without one, the file's header is read from the store once. Every byte goes through
 ``registry.storage.codecs`` (a blob stored compressed reads the same). Sources are safe to
@@ -94,7 +96,9 @@ class BlobTensorSource:
         self.file_metadata: dict[str, str] = {}
         self.read_ahead_bytes = read_ahead_bytes
         self._ahead = (
-            ReadAhead(self._fetch_rows, window_bytes=read_ahead_bytes) if read_ahead_bytes else None
+            ReadAhead(self._receive, blob.size, window_bytes=read_ahead_bytes)
+            if read_ahead_bytes
+            else None
         )
         if index is not None:
             self._entries = entries_from_index(self._where, index, blob.size)
@@ -127,59 +131,70 @@ class BlobTensorSource:
         return TensorMeta(dtype=entry.dtype, shape=entry.shape)
 
     def get(self, key: str) -> torch.Tensor:
-        """One whole tensor (one range request)."""
+        """One whole tensor: from read-ahead windows when it is small, else fetched as exactly
+        its bytes with one range request."""
         entry = self._entry(key)
-        return self._read(key, entry.begin, entry.end, entry.dtype, entry.shape)
+        return self._tensor(entry.begin, entry.end, entry.dtype, entry.shape, ahead=False)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (first dimension, clamped like a slice) of one tensor: from a
-        read-ahead window, or fetched as exactly their byte span with one range request."""
+        """Rows ``start:stop`` (first dimension, clamped like a slice) of one tensor: from
+        read-ahead windows, or fetched as exactly their byte span with one range request."""
         entry = self._entry(key)
         if not entry.shape:
             raise ValueError(f"tensor '{key}' of source '{self.name}' is a scalar; it has no rows")
         count = entry.shape[0]
         start, stop = max(0, min(start, count)), max(0, min(stop, count))
         stop = max(start, stop)
-        if self._ahead is not None:
-            return self._ahead.rows(key, start, stop, count, entry.row_bytes)
-        return self._fetch_rows(key, start, stop)
-
-    def _fetch_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (in range) fetched with one range request."""
-        entry = self._entry(key)
         first = entry.begin + start * entry.row_bytes
         last = entry.begin + stop * entry.row_bytes
-        return self._read(key, first, last, entry.dtype, (stop - start, *entry.shape[1:]))
+        return self._tensor(first, last, entry.dtype, (stop - start, *entry.shape[1:]))
 
-    def _read(
-        self, key: str, first: int, last: int, dtype: torch.dtype, shape: tuple[int, ...]
+    def _tensor(
+        self,
+        first: int,
+        last: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        *,
+        ahead: bool = True,
     ) -> torch.Tensor:
-        """Bytes ``[first, last)`` of the original file as a tensor over one received buffer."""
-        size = last - first
-        if size == 0:
+        """Bytes ``[first, last)`` of the original file as a tensor of ``dtype`` and ``shape``;
+        with ``ahead`` False no window is opened for them."""
+        if first == last:
             return torch.empty(shape, dtype=dtype)
+        if self._ahead is None:
+            raw = self._receive(first, last)
+        else:
+            raw = self._ahead.read(first, last, open_windows=ahead)
+        return raw.view(dtype).reshape(shape)
+
+    def _receive(self, first: int, last: int) -> torch.Tensor:
+        """Bytes ``[first, last)`` of the original file, fetched with one range request into
+        one new buffer (a 1-D uint8 tensor)."""
+        size = last - first
         tensor = torch.empty(size, dtype=torch.uint8)  # not zero-filled: received over at once
         view = tensor.numpy().data
         read_into = getattr(self.store, "read_into", None)
         if self.blob.codec == RAW and read_into is not None:  # received in place (S3)
             read_into(self.key, first, view)
         else:
-            self._read_chunks(key, first, last, view)
+            self._read_chunks(first, last, view)
         del view
         self.stats.add(size)
-        return tensor.view(dtype).reshape(shape)
+        return tensor
 
-    def _read_chunks(self, key: str, first: int, last: int, view: memoryview) -> None:
+    def _read_chunks(self, first: int, last: int, view: memoryview) -> None:
         """Bytes ``[first, last)`` of the original file streamed (decoded) into ``view``."""
         filled, size = 0, len(view)
         for chunk in iter_original(self.store, self.blob, start=first, end=last):
             if filled + len(chunk) > size:
-                raise StorageError(f"long read of tensor '{key}' from {self._where}")
+                raise StorageError(f"long read of bytes [{first}, {last}) from {self._where}")
             view[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
         if filled != size:
             raise StorageError(
-                f"short read of tensor '{key}' from {self._where}: {filled} of {size} bytes"
+                f"short read of bytes [{first}, {last}) from {self._where}: "
+                f"{filled} of {size} bytes"
             )
 
 

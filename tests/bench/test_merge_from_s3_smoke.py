@@ -1,5 +1,6 @@
-"""Smoke run of the S3-streaming merge benchmark at tiny size: its own moto_server, a local and
-an S3 merge in child processes, byte-identical outputs and plausible fetch counts."""
+"""Smoke run of the S3-streaming merge benchmark at tiny size: its own moto_server, a local, an
+S3 and a download-then-merge merge in child processes, byte-identical outputs and plausible
+fetch counts."""
 
 from __future__ import annotations
 
@@ -21,19 +22,25 @@ def test_tiny_run_prints_both_sides_and_identical_outputs(
     row = next(line for line in printed.splitlines() if line.startswith("tiny "))
     cells = row.split()
     assert cells[1] == "task_arithmetic" and cells[-2:] == ["2", "yes"], row
-    local_s, s3_s, floor_s, vs_max, dl_merge, vs_dl = (float(cells[i]) for i in range(2, 8))
-    assert local_s > 0 and s3_s > 0 and floor_s > 0
+    local_s, s3_s, floor_s, vs_max, bound, vs_bound, dl_merge, vs_dl = (
+        float(cells[i]) for i in range(2, 10)
+    )
+    assert local_s > 0 and s3_s > 0 and floor_s > 0 and dl_merge > 0
     assert vs_max == pytest.approx(s3_s / max(floor_s, local_s), rel=0.05)
-    assert dl_merge == pytest.approx(floor_s + local_s, abs=0.011)
+    assert bound == pytest.approx(floor_s + local_s, abs=0.011)
+    assert vs_bound == pytest.approx(s3_s / bound, rel=0.05)
     assert vs_dl == pytest.approx(s3_s / dl_merge, rel=0.05)
-    wire_ratio, asked_ratio = float(cells[14]), float(cells[15])
+    wire_ratio, asked_ratio = float(cells[16]), float(cells[17])
     assert 0.9 <= wire_ratio <= 1.05 and asked_ratio == pytest.approx(1.0, abs=0.01)
-    gets, heads = (int(n) for n in cells[16].split("/"))
+    gets, heads = (int(n) for n in cells[18].split("/"))
     assert gets > 0 and heads == 0  # tensors located by the stored index: no header reads
     floor = next(line for line in printed.splitlines() if line.startswith("S3 floor tiny:"))
     assert "median of" in floor and floor.count(", ") >= 1
-    assert "runs tiny task_arithmetic: local " in printed and "; s3 " in printed
+    runs = next(line for line in printed.splitlines() if line.startswith("runs tiny"))
+    assert "task_arithmetic: local " in runs and "; s3 " in runs and "; download " in runs
     assert len(list((tmp_path / "tiny").glob("task_arithmetic-s3-*.log"))) == 2
+    assert len(list((tmp_path / "tiny").glob("task_arithmetic-download-*.log"))) == 2
+    assert not list((tmp_path / "tiny").glob("out-*"))  # outputs and downloads removed
     assert not (tmp_path / "tiny" / "models").exists()  # cleaned up without --keep
 
 

@@ -278,7 +278,9 @@ def test_read_ahead_windows_are_shared_between_threads(s3: tuple[ObjectStore, Wi
     assert wire.ops["GetObject"] <= 8
 
 
-def test_large_and_straddling_reads_bypass_the_windows(s3: tuple[ObjectStore, Wire]) -> None:
+def test_large_reads_bypass_the_windows_and_straddling_reads_fetch_only_the_rest(
+    s3: tuple[ObjectStore, Wire],
+) -> None:
     store, wire = s3
     big = _tensor(torch.bfloat16, (64, 256))
     blob, index = _stored(store, {"w": big})
@@ -287,6 +289,28 @@ def test_large_and_straddling_reads_bypass_the_windows(s3: tuple[ObjectStore, Wi
     assert torch.equal(source.get_rows("w", 0, 32), big[:32])  # 16 KiB > one window
     assert wire.body_bytes == 32 * 512
     assert torch.equal(source.get_rows("w", 32, 36), big[32:36])  # opens a window 32:48
-    assert torch.equal(source.get_rows("w", 30, 34), big[30:34])  # straddles its start
+    assert torch.equal(source.get_rows("w", 30, 34), big[30:34])  # rows 30:32, then the window
     assert wire.ops["GetObject"] == 3
-    assert wire.body_bytes == 32 * 512 + 16 * 512 + 4 * 512
+    assert wire.body_bytes == 32 * 512 + 16 * 512 + 2 * 512  # no byte twice
+
+
+def test_windows_span_neighbouring_tensors(s3: tuple[ObjectStore, Wire]) -> None:
+    """Small tensors next to each other in the file come with one window, which stops where a
+    large tensor already read begins; a whole small tensor read (``get``) takes what open
+    windows hold and opens none itself."""
+    store, wire = s3
+    tensors = {f"t{i}": _tensor(torch.bfloat16, (8, 64), seed=i) for i in range(6)}  # 1 KiB each
+    tensors["z"] = _tensor(torch.bfloat16, (64, 256), seed=9)  # 32 KiB, after them in the file
+    blob, index = _stored(store, tensors)
+    source = BlobTensorSource(store, blob, "m", index=index, read_ahead_bytes=8 * 1024)
+    wire.reset()
+    assert torch.equal(source.get("z"), tensors["z"])  # larger than a window: its bytes only
+    assert torch.equal(source.get("t5"), tensors["t5"])  # no window open: its bytes only
+    assert (wire.ops["GetObject"], wire.body_bytes) == (2, 32 * 1024 + 1024)
+    for name in ("t0", "t1", "t2", "t3", "t4"):
+        assert torch.equal(source.get_rows(name, 0, 4), tensors[name][:4])
+        assert torch.equal(source.get_rows(name, 4, 8), tensors[name][4:])
+    assert wire.ops["GetObject"] == 3  # t0..t4 from one window, with t5 again but not z
+    assert wire.body_bytes == 32 * 1024 + 1024 + 6 * 1024
+    assert torch.equal(source.get("t4"), tensors["t4"])  # its window is closed: fetched again
+    assert wire.ops["GetObject"] == 4
