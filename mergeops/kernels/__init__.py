@@ -148,6 +148,10 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_consensus_sum.restype = None
         lib.ck_key_counts.argtypes = [_P, _I64, _P]
         lib.ck_key_counts.restype = _I32
+        lib.ck_tau_key_counts.argtypes = [_P, _P, _I64, _P]
+        lib.ck_tau_key_counts.restype = None
+        lib.ck_trim.argtypes = [_P, _P, _F32, _I32, ctypes.POINTER(_I64), _I64]
+        lib.ck_trim.restype = None
         _loaded = lib
         return lib
 
@@ -250,17 +254,60 @@ def key_counts(bits: torch.Tensor, counts: torch.Tensor) -> bool:
     if (
         lib is None
         or bits.dtype != torch.int32
-        or counts.dtype != torch.int64
-        or counts.numel() < 1 << 16
         or bits.device.type != "cpu"
-        or counts.device.type != "cpu"
         or not bits.is_contiguous()
-        or not counts.is_contiguous()
+        or not _histogram(counts)
     ):
         return False
     if not lib.ck_key_counts(bits.data_ptr(), bits.numel(), counts.data_ptr()):
         raise ValueError("key counts need non-negative values (magnitudes)")
     return True
+
+
+def tau_key_counts(model: torch.Tensor, base: torch.Tensor, counts: torch.Tensor) -> bool:
+    """``key_counts`` of the magnitudes ``|model - base|`` (float32), taken per element without
+    writing them out; False when not taken."""
+    lib = library()
+    if lib is None or not _same_layout(model, base) or not _histogram(counts):
+        return False
+    lib.ck_tau_key_counts(model.data_ptr(), base.data_ptr(), model.numel(), counts.data_ptr())
+    return True
+
+
+def trim(
+    model: torch.Tensor, base: torch.Tensor, threshold: float, *, inclusive: bool, quota: int
+) -> int | None:
+    """TIES's trim of one slice in place: ``model`` becomes ``(model - base) * keep``, keep 1
+    where ``|model - base|`` is above ``threshold`` (or equal, when ``inclusive``), and for the
+    first ``quota`` entries equal to it in flat order; 0 elsewhere. Returns the quota left, or
+    None (nothing written) when the kernels are off or do not take these tensors."""
+    lib = library()
+    if lib is None or not _same_layout(model, base) or model.data_ptr() == base.data_ptr():
+        return None
+    left = ctypes.c_int64(quota)
+    lib.ck_trim(model.data_ptr(), base.data_ptr(), threshold, int(inclusive), ctypes.byref(left),
+                model.numel())  # fmt: skip
+    return left.value
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Contiguous float32 CPU tensors of one size."""
+    return (
+        all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in (a, b)
+        )
+        and a.numel() == b.numel()
+    )
+
+
+def _histogram(counts: torch.Tensor) -> bool:
+    return (
+        counts.dtype == torch.int64
+        and counts.numel() >= 1 << 16
+        and counts.device.type == "cpu"
+        and counts.is_contiguous()
+    )
 
 
 def _check(weights: torch.Tensor, count: int) -> None:

@@ -138,3 +138,48 @@ int32_t ck_key_counts(const uint32_t *restrict bits, int64_t n, int64_t *restric
     }
     return ok;
 }
+
+/* The same counts as ck_key_counts, of the magnitudes |x - base| (float32 x and base): the
+ * task vector's difference and magnitude taken per element (the bits of torch's sub and abs)
+ * instead of written out first. */
+void ck_tau_key_counts(const float *restrict x, const float *restrict base, int64_t n,
+                       int64_t *restrict counts) {
+    for (int64_t j = 0; j < n; j++) {
+        float tau = x[j] - base[j];
+        uint32_t u;
+        __builtin_memcpy(&u, &tau, sizeof u);
+        u &= 0x7FFFFFFFu;
+        counts[(u >> 16) * 2 + ((u & 0xFFFFu) != 0)] += 1;
+    }
+}
+
+/* x = (x - base) * keep, keep 1 or 0: TIES's trim of one model's slice, in place. An entry is
+ * kept when |x - base| > threshold (>= when `inclusive`), or when it equals the threshold while
+ * *quota > 0 (each one taken, in flat order, lowers *quota). The products are the torch path's
+ * (tau * 1.0 or tau * 0.0, so a dropped negative entry is -0). */
+void ck_trim(float *restrict x, const float *restrict base, float threshold, int32_t inclusive,
+             int64_t *quota, int64_t n) {
+    int64_t j = 0, left = *quota;
+    for (; j < n && left > 0; j++) { /* in order while ties may still be taken */
+        float tau = x[j] - base[j];
+        float mag = __builtin_fabsf(tau);
+        int keep = inclusive ? mag >= threshold : mag > threshold;
+        if (!keep && mag == threshold) {
+            keep = 1;
+            left--;
+        }
+        x[j] = tau * (keep ? 1.0f : 0.0f);
+    }
+    *quota = left;
+    if (inclusive) {
+        for (; j < n; j++) {
+            float tau = x[j] - base[j];
+            x[j] = tau * (float)(__builtin_fabsf(tau) >= threshold);
+        }
+    } else {
+        for (; j < n; j++) {
+            float tau = x[j] - base[j];
+            x[j] = tau * (float)(__builtin_fabsf(tau) > threshold);
+        }
+    }
+}

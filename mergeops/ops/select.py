@@ -111,6 +111,19 @@ class RankCounter:
             except (RuntimeError, ValueError) as error:  # negative keys refused
                 raise ValueError("rank_stats needs non-negative values (magnitudes)") from error
 
+    def observe_difference(self, model: torch.Tensor, base: torch.Tensor) -> None:
+        """``observe(|model - base|)`` of two float32 pieces of one shape: on the first sweep
+        the magnitudes are taken per element as they are counted (``kernels.tau_key_counts``),
+        else written to scratch first."""
+        if (
+            self._sweep == 0
+            and self.dtype == torch.float32
+            and kernels.tau_key_counts(model.reshape(-1), base.reshape(-1), self._keys)
+        ):
+            self._seen += model.numel()
+            return
+        self.observe(torch.sub(model, base, out=scratch_like("rank-difference", model)).abs_())
+
     def _count(self, block: torch.Tensor) -> None:
         if self.bits == torch.int16:
             self._keys += torch.bincount(block, minlength=_HALF_BINS)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeops import kernels
 from mergeops.ops.scratch import scratch_like
 from mergeops.ops.select import rank_stats
 
@@ -108,6 +109,16 @@ class TrimCut:
         keep = scratch_like("keep", magnitude)
         compare = torch.ge if self.inclusive else torch.gt
         return self._mark_ties(compare(magnitude, self.threshold, out=keep), offset)
+
+    def trim_model(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+        """``model`` (a float32 slice) becomes its trimmed τ, ``(model - base) * keep``, in one
+        fused pass (``kernels.trim``; the bits of ``sub_``, ``keep_rows`` and ``mul_``); False
+        (nothing written) when the kernels are off or ties are listed by index."""
+        if self.ties.numel():
+            return False
+        return (
+            kernels.trim(model, base, self.threshold, inclusive=self.inclusive, quota=0) is not None
+        )
 
     def _mark_ties(self, mask: torch.Tensor, offset: int) -> torch.Tensor:
         lo = int(torch.searchsorted(self.ties, offset))

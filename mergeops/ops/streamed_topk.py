@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from mergeops import kernels
 from mergeops.ops.scratch import scratch_like
 from mergeops.ops.select import RankCounter
 from mergeops.ops.sparsify import TrimCut, keep_count
@@ -34,16 +35,32 @@ class OrderedTieCut:
         """The keep mask of a slice whose first entry has flat index ``offset`` (bool)."""
         return self.keep_rows(magnitude, offset) > 0
 
-    def keep_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
-        """The keep mask as float32 1.0 / 0.0 (a product with it is exact and several times
-        faster than with a bool mask); a per-thread scratch tensor, valid until the next call."""
+    def _left_at(self, offset: int) -> int:
+        """The tie quota left at a slice starting at ``offset`` (the next one, or 0 anew)."""
         if offset == 0:
-            self._left = self.quota
-        elif offset != self._next:
+            return self.quota
+        if offset != self._next:
             raise ValueError(
                 f"slices of a position-ordered cut must come in order: expected offset "
                 f"{self._next}, got {offset}"
             )
+        return self._left
+
+    def trim_model(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+        """``model`` (a float32 slice) becomes its trimmed τ, ``(model - base) * keep``, in one
+        fused pass that counts the ties as it goes (``kernels.trim``; the bits of ``sub_``,
+        ``keep_rows`` and ``mul_``); False (nothing written) when the kernels are off."""
+        left = kernels.trim(model, base, self.threshold, inclusive=False,
+                            quota=self._left_at(offset))  # fmt: skip
+        if left is None:
+            return False
+        self._next, self._left = offset + model.numel(), left
+        return True
+
+    def keep_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """The keep mask as float32 1.0 / 0.0 (a product with it is exact and several times
+        faster than with a bool mask); a per-thread scratch tensor, valid until the next call."""
+        self._left = self._left_at(offset)
         self._next = offset + magnitude.numel()
         keep = torch.gt(magnitude, self.threshold, out=scratch_like("keep", magnitude))
         if self._left > 0:
@@ -95,6 +112,13 @@ class SliceTopK:
         if not self.done:
             assert self._counter is not None
             self._counter.observe(magnitude)
+
+    def observe_difference(self, model: torch.Tensor, base: torch.Tensor) -> None:
+        """``observe(|model - base|)`` of float32 slices, the magnitudes taken per element
+        where the counter can (``RankCounter.observe_difference``)."""
+        if not self.done:
+            assert self._counter is not None
+            self._counter.observe_difference(model, base)
 
     def next_pass(self) -> bool:
         """Finish a sweep; True when another sweep over every slice is needed."""

@@ -7,6 +7,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -155,12 +156,12 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
     from mergeops import merge_files
 
     base, models = _case(9, 3, 1024 * 1024)  # 4 MiB of float32: merged in row slices
-    calls = {"weighted_sum": 0, "consensus_sum": 0}
+    calls = {"weighted_sum": 0, "consensus_sum": 0, "trim": 0, "tau_key_counts": 0}
     for name in calls:
 
-        def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> bool:
+        def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> Any:
             taken = _real(*args, **kw)
-            calls[_name] += taken
+            calls[_name] += taken is not None and taken is not False
             return taken
 
         monkeypatch.setattr(kernels, name, counted)
@@ -172,6 +173,7 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
         folders.append(folder)
     outputs = {}
     for method in ("task_arithmetic", "ties", "linear"):
+        params = {"density": [0.5, 0.3, 1.0]} if method == "ties" else {}
         for switch in ("1", "0"):
             _switch(switch == "1")
             out = tmp_path / f"out-{method}-{switch}"
@@ -183,12 +185,14 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
                 device="cpu",
                 dtype="float32",
                 progress=False,
+                **params,
             )
             files = sorted(out.glob("*.safetensors"))
             assert files, method
             outputs[method, switch] = b"".join(f.read_bytes() for f in files)
         assert outputs[method, "1"] == outputs[method, "0"], method
     assert calls["weighted_sum"] >= 4 and calls["consensus_sum"] >= 2  # slices took the kernels
+    assert calls["trim"] >= 4 and calls["tau_key_counts"] >= 4  # TIES's trims and its sweep
 
 
 def test_key_counts_are_the_bincount_of_the_torch_sweep(kernel_dir: Path) -> None:
@@ -210,3 +214,61 @@ def test_key_counts_are_the_bincount_of_the_torch_sweep(kernel_dir: Path) -> Non
     counter = RankCounter(8, [1], torch.float32)
     with pytest.raises(ValueError, match="non-negative"):
         counter.observe(torch.tensor([1.0, -2.0, 3.0, 0.5, 0.0, 1.0, 2.0, 3.0]))
+
+
+def _tied(seed: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A base and a model whose |τ| take a few values only: ties at any threshold."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(length, generator=g) * 0.02).bfloat16().float()
+    steps = torch.randint(-3, 4, (length,), generator=g).float() * 0.25
+    return base, base + steps  # exact: small multiples of 1/4 added to bf16 values
+
+
+@pytest.mark.parametrize(
+    ("inclusive", "quota"), [(True, 0), (False, 0), (False, 1), (False, 700), (False, 10**9)]
+)
+def test_trim_gives_the_torch_bits_slice_after_slice(
+    kernel_dir: Path, quota: int, inclusive: bool
+) -> None:
+    """``kernels.trim`` against the torch trim (``sub_``, ``keep_rows``, ``mul_``): the same
+    bits (a dropped negative τ is -0), the tie quota spent in flat order across slices."""
+    from mergeops.methods.task_vector._per_model import CutStat
+    from mergeops.ops.sparsify import TrimCut
+    from mergeops.ops.streamed_topk import OrderedTieCut
+
+    base, model = _tied(5, 64 * 1024)
+    empty = torch.empty(0, dtype=torch.int64)
+
+    def cut() -> Any:
+        if quota == 0:
+            return TrimCut(0.25, empty, inclusive=inclusive)
+        return OrderedTieCut(0.25, quota)
+
+    fused, torch_path = CutStat(cut(), None), CutStat(cut(), None)
+    for start in range(0, base.numel(), 8192):
+        rows = slice(start, start + 8192)
+        got = model[rows].clone()
+        assert fused.trim_model(got, base[rows], start)
+        expected = torch_path.apply(model[rows].clone().sub_(base[rows]), start, in_place=True)
+        assert torch.equal(_bits(got), _bits(expected)), start
+    assert int((model - base).abs().eq(0.25).sum()) > 2 * 700  # the quota ended mid-way
+
+
+def test_the_sweep_counts_the_magnitudes_of_the_differences(kernel_dir: Path) -> None:
+    from mergeops.ops.select import RankCounter
+
+    base, models = _case(6, 1, 64 * 4096)
+    ranks = [1, 1000, base.numel() // 2, base.numel()]
+    fused = RankCounter(base.numel(), ranks, torch.float32)
+    for start in range(0, base.numel(), 4096):
+        fused.observe_difference(models[0][start : start + 4096], base[start : start + 4096])
+    while fused.next_pass():
+        for start in range(0, base.numel(), 4096):
+            fused.observe_difference(models[0][start : start + 4096], base[start : start + 4096])
+    plain = RankCounter(base.numel(), ranks, torch.float32)
+    magnitude = (models[0] - base).abs()
+    while True:
+        plain.observe(magnitude)
+        if not plain.next_pass():
+            break
+    assert fused.result() == plain.result()

@@ -53,6 +53,12 @@ class CutStat:
             masked.mul_(self.cut.keep_rows(magnitude, offset))
         return masked if self.scale is None else masked.mul_(self.scale)
 
+    def trim_model(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+        """``apply(model.sub_(base), offset, in_place=True)`` in one fused pass where the cut
+        has one (``trim_model``) and there is no rescale; False: nothing written."""
+        trim = getattr(self.cut, "trim_model", None)
+        return self.scale is None and trim is not None and trim(model, base, offset)
+
 
 PARALLEL_MAX_NUMEL = 8 * 1024 * 1024
 """Larger tensors are done one model at a time: a worker holds τ_t, its float32 sort keys and

@@ -128,12 +128,25 @@ class TaskVectorMerge(StreamingMethod):
             stop = min(base.shape[0], start + rows)
             block = base[start:stop]
             taus = [
-                self.sparsify_rows(model[start:stop].sub_(block), stats[i], offset + start * row,
-                                   i, ctx)
+                self.sparsify_model_rows(model[start:stop], block, stats[i], offset + start * row,
+                                         i, ctx)
                 for i, model in enumerate(inputs.models)
             ]  # fmt: skip
             self._combine(block, taus, ctx, out=out[start:stop])
         return out
+
+    def sparsify_model_rows(
+        self,
+        model: torch.Tensor,
+        base: torch.Tensor,
+        stat: Any,
+        offset: int,
+        index: int,
+        ctx: MergeContext,
+    ) -> torch.Tensor:
+        """``sparsify_rows`` of τ = ``model - base``, taken in place of ``model`` (an owned
+        float32 block); a method may do both in one pass, with the same bits."""
+        return self.sparsify_rows(model.sub_(base), stat, offset, index, ctx)
 
     def _plain_sum(self) -> bool:
         """Whether ``merge_rows`` is θ0 + λ Σ w_t (θ_t - θ0): no sparsification, no consensus."""

@@ -32,7 +32,6 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskVectorMerge,
 )
 from mergeops.ops.prune import l1_scale_of_magnitude
-from mergeops.ops.scratch import scratch_like
 from mergeops.ops.selection import TieBreak, topk_cut_by
 from mergeops.ops.sparsify import GlobalThreshold, RadixTopK, tie_cut
 from mergeops.ops.streamed_topk import OrderedTieCut, SliceTopK
@@ -74,10 +73,9 @@ class PositionTrimSweep(TensorStatsPass):
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         base = inputs.base
         assert base is not None
-        scratch = scratch_like("trim-sweep", base)
         for selector, model in zip(self.selectors, inputs.models, strict=True):
-            if selector is not None and not selector.done:
-                selector.observe(torch.sub(model, base, out=scratch).abs_())
+            if selector is not None:
+                selector.observe_difference(model, base)
 
     def next_pass(self) -> bool:
         return any([s.next_pass() for s in self.selectors if s is not None])
@@ -189,3 +187,18 @@ class Ties(TaskVectorMerge):
     ) -> torch.Tensor:
         """Apply this tensor's precomputed trim to a row slice of τ_t."""
         return stat.apply(tau, offset, in_place=True)
+
+    def sparsify_model_rows(
+        self,
+        model: torch.Tensor,
+        base: torch.Tensor,
+        stat: Any,
+        offset: int,
+        index: int,
+        ctx: MergeContext,
+    ) -> torch.Tensor:
+        """τ_t's trimmed rows in one fused pass over the model's and the base's (``CutStat.
+        trim_model``), else as ``sparsify_rows``."""
+        if stat.trim_model(model, base, offset):
+            return model
+        return super().sparsify_model_rows(model, base, stat, offset, index, ctx)
