@@ -63,6 +63,19 @@ def evaluator_plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     sys.path.remove(str(root))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Tests that pin torch to one thread (for reproducible training) leave the next test the
+    thread count it had: one such leak ran most of the suite single-threaded, hiding results
+    that depended on the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """Prefect's test harness (a temporary API server), started once per session (defined here,

@@ -87,6 +87,8 @@ class ReadAhead:
         while pos < last:
             window, owner, stop = self._piece(pos, last, open_windows)
             if window is None:  # a long uncovered run: exactly its bytes, no window
+                if pos == first and stop == last:
+                    return self._fetch(pos, stop)  # the whole read: no copy
                 out[pos - first : stop - first] = self._fetch(pos, stop)
                 pos = stop
                 continue

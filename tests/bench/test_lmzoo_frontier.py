@@ -25,9 +25,14 @@ TINY = LMTrainConfig(
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LMZooManifest]:
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("lmzoo-frontier")
-    manifest = build_lm_zoo(out, seed=0, tasks=["copy", "sort"], config=TINY, log=lambda _: None)
+    try:
+        out = tmp_path_factory.mktemp("lmzoo-frontier")
+        manifest = build_lm_zoo(out, seed=0, tasks=["copy", "sort"], config=TINY,
+                                log=lambda _: None)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
     return out, manifest
 
 
