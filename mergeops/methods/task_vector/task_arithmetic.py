@@ -145,8 +145,17 @@ class TaskVectorMerge(StreamingMethod):
         ctx: MergeContext,
     ) -> torch.Tensor:
         """``sparsify_rows`` of τ = ``model - base``, taken in place of ``model`` (an owned
-        float32 block); a method may do both in one pass, with the same bits."""
+        float32 block): by ``fused_sparsify`` where the method has one, else in two steps."""
+        if self.fused_sparsify(model, base, stat, offset):
+            return model
         return self.sparsify_rows(model.sub_(base), stat, offset, index, ctx)
+
+    def fused_sparsify(
+        self, model: torch.Tensor, base: torch.Tensor, stat: Any, offset: int
+    ) -> bool:
+        """Overwrite ``model`` with its sparsified τ in one pass, with the bits of
+        ``sparsify_rows(model.sub_(base), ...)``; False (nothing written) when not done."""
+        return False
 
     def _plain_sum(self) -> bool:
         """Whether ``merge_rows`` is θ0 + λ Σ w_t (θ_t - θ0): no sparsification, no consensus."""

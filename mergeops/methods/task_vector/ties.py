@@ -188,17 +188,9 @@ class Ties(TaskVectorMerge):
         """Apply this tensor's precomputed trim to a row slice of τ_t."""
         return stat.apply(tau, offset, in_place=True)
 
-    def sparsify_model_rows(
-        self,
-        model: torch.Tensor,
-        base: torch.Tensor,
-        stat: Any,
-        offset: int,
-        index: int,
-        ctx: MergeContext,
-    ) -> torch.Tensor:
-        """τ_t's trimmed rows in one fused pass over the model's and the base's (``CutStat.
-        trim_model``), else as ``sparsify_rows``."""
-        if stat.trim_model(model, base, offset):
-            return model
-        return super().sparsify_model_rows(model, base, stat, offset, index, ctx)
+    def fused_sparsify(
+        self, model: torch.Tensor, base: torch.Tensor, stat: Any, offset: int
+    ) -> bool:
+        """τ_t's trimmed rows in one fused pass over the model's and the base's rows
+        (``CutStat.trim_model``)."""
+        return bool(stat.trim_model(model, base, offset))
