@@ -36,7 +36,8 @@ class OrderedTieCut:
         return self.keep_rows(magnitude, offset) > 0
 
     def _left_at(self, offset: int) -> int:
-        """The tie quota left at a slice starting at ``offset`` (the next one, or 0 anew)."""
+        """The tie quota left at a slice starting at ``offset``: what the previous slice left,
+        or the whole quota at offset 0 (a new pass over the tensor)."""
         if offset == 0:
             return self.quota
         if offset != self._next:
