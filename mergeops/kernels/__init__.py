@@ -268,7 +268,7 @@ def tau_key_counts(model: torch.Tensor, base: torch.Tensor, counts: torch.Tensor
     """``key_counts`` of the magnitudes ``|model - base|`` (float32), taken per element without
     writing them out; False when not taken."""
     lib = library()
-    if lib is None or not _same_layout(model, base) or not _histogram(counts):
+    if lib is None or not usable([model], base) or not _histogram(counts):
         return False
     lib.ck_tau_key_counts(model.data_ptr(), base.data_ptr(), model.numel(), counts.data_ptr())
     return True
@@ -282,23 +282,12 @@ def trim(
     first ``quota`` entries equal to it in flat order; 0 elsewhere. Returns the quota left, or
     None (nothing written) when the kernels are off or do not take these tensors."""
     lib = library()
-    if lib is None or not _same_layout(model, base) or model.data_ptr() == base.data_ptr():
+    if lib is None or not usable([base], model):  # model is written: it may not overlap base
         return None
     left = ctypes.c_int64(quota)
     lib.ck_trim(model.data_ptr(), base.data_ptr(), threshold, int(inclusive), ctypes.byref(left),
                 model.numel())  # fmt: skip
     return left.value
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Contiguous float32 CPU tensors of one size."""
-    return (
-        all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            for t in (a, b)
-        )
-        and a.numel() == b.numel()
-    )
 
 
 def _histogram(counts: torch.Tensor) -> bool:

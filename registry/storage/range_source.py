@@ -131,8 +131,9 @@ class BlobTensorSource:
         return TensorMeta(dtype=entry.dtype, shape=entry.shape)
 
     def get(self, key: str) -> torch.Tensor:
-        """One whole tensor: from read-ahead windows when it is small, else fetched as exactly
-        its bytes with one range request."""
+        """One whole tensor: what open read-ahead windows hold of it comes from them, the rest
+        is fetched as exactly its bytes (it opens no window: the engine reads small whole
+        tensors ahead of the slices around them)."""
         entry = self._entry(key)
         return self._tensor(entry.begin, entry.end, entry.dtype, entry.shape, ahead=False)
 

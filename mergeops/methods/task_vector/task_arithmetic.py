@@ -128,14 +128,13 @@ class TaskVectorMerge(StreamingMethod):
             stop = min(base.shape[0], start + rows)
             block = base[start:stop]
             taus = [
-                self.sparsify_model_rows(model[start:stop], block, stats[i], offset + start * row,
-                                         i, ctx)
+                self._sparsified(model[start:stop], block, stats[i], offset + start * row, i, ctx)
                 for i, model in enumerate(inputs.models)
             ]  # fmt: skip
             self._combine(block, taus, ctx, out=out[start:stop])
         return out
 
-    def sparsify_model_rows(
+    def _sparsified(
         self,
         model: torch.Tensor,
         base: torch.Tensor,
