@@ -6,8 +6,8 @@ separate processes on loopback ports, so the figures include HTTP and process bo
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -104,15 +104,22 @@ def start_server(
 
 
 def start_moto(workdir: Path) -> ServerProcess:
-    """``moto_server`` on a free loopback port: a real S3 endpoint over HTTP."""
-    exe = Path(sys.executable).parent / "moto_server"
-    found = str(exe) if exe.exists() else shutil.which("moto_server")
-    if found is None:
+    """``moto_server`` on a free loopback port: a real S3 endpoint over HTTP (with the
+    thread-safety fixes of ``bench.moto_server``)."""
+    if not moto_server_installed():
         raise RuntimeError("moto_server not found; install moto[server]")
     port = free_port()
-    return start_server(
-        [found, "-H", "127.0.0.1", "-p", str(port)], port=port, log_path=workdir / "moto.log"
-    )
+    return start_server(moto_command(port), port=port, log_path=workdir / "moto.log")
+
+
+def moto_server_installed() -> bool:
+    """True when moto's server (``moto[server]``: moto, flask, werkzeug) can be imported."""
+    return all(importlib.util.find_spec(name) for name in ("moto", "flask", "werkzeug"))
+
+
+def moto_command(port: int) -> list[str]:
+    """The command line of a ``bench.moto_server`` on ``127.0.0.1:port``."""
+    return [sys.executable, "-m", "bench.moto_server", "-H", "127.0.0.1", "-p", str(port)]
 
 
 def start_registry(workdir: Path, env: Mapping[str, str]) -> ServerProcess:

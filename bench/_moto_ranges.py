@@ -4,7 +4,8 @@ Stock moto (5.x) builds every GET from the object's whole value and then slices 
 Range request on a 256 MiB object reads and copies 256 MiB inside the mock: row-slice reads then
 measure moto, not the client. Real S3 serves a range at the cost of the range. This launcher
 patches that one path (``bytes=a-b`` with no ``partNumber``; every other request, errors and
-open-ended ranges included, is moto's own) and runs moto's server:
+open-ended ranges included, is moto's own), adds ``bench.moto_server``'s thread-safety fixes
+and runs moto's server:
 
     python -m bench._moto_ranges -H 127.0.0.1 -p PORT
 """
@@ -18,6 +19,8 @@ from typing import Any
 
 from moto.s3 import models, responses
 from moto.server import main
+
+from bench.moto_server import patch as patch_thread_safety
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 _span = threading.local()
@@ -63,4 +66,5 @@ models.FakeKey.value = property(_value, _whole_value.fset)  # type: ignore[metho
 responses.S3Response.get_object = _get_object  # type: ignore[method-assign]
 
 if __name__ == "__main__":
+    patch_thread_safety()
     sys.exit(main())

@@ -267,8 +267,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input-shard-size", default="256MB", help="shard size of the inputs")
     parser.add_argument("--moto", choices=["ranged", "stock"], default="ranged",
                         help="ranged: moto answering a Range GET by reading only that range, as S3 "
-                        "does (bench._moto_ranges); stock: moto as shipped, which reads the whole "
-                        "object for every range")  # fmt: skip
+                        "does (bench._moto_ranges); stock: moto's own GET, which reads the whole "
+                        "object for every range (both with bench.moto_server's thread-safety "
+                        "fixes)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch folder")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--repeats", type=int, default=None,

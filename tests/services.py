@@ -10,13 +10,14 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from bench._common import moto_command, moto_server_installed
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -159,15 +160,12 @@ class S3Endpoint:
 
 
 def start_moto(logdir: Path) -> S3Endpoint | None:
-    """Start ``moto_server`` on a free loopback port: a real S3 endpoint over HTTP."""
-    exe = Path(sys.executable).parent / "moto_server"
-    if not exe.exists():
-        found = shutil.which("moto_server")
-        if not found:
-            return None
-        exe = Path(found)
+    """Start ``moto_server`` on a free loopback port: a real S3 endpoint over HTTP, with the
+    thread-safety fixes of ``bench.moto_server`` (concurrent writers of one object)."""
+    if not moto_server_installed():
+        return None
     port = free_port()
     log = open(logdir / "moto.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    proc = subprocess.Popen(moto_command(port), stdout=log, stderr=log)
     wait_for_port(port, proc=proc)
     return S3Endpoint(url=f"http://127.0.0.1:{port}", proc=proc)

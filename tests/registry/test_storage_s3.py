@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 
+import boto3
 import pytest
+from botocore.config import Config
 
 from registry.storage import open_store
 from registry.storage.s3 import S3ObjectStore, _MultipartUpload
@@ -75,3 +78,39 @@ def test_default_credential_chain(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     store = open_store(s3_store_url, endpoint_url=s3_endpoint)
     assert store.put_bytes(b"via env").created  # no explicit keys: boto3's chain found them
+
+
+def test_concurrent_touches_keep_the_bytes(s3_store_url: str, s3_endpoint: str) -> None:
+    """Writers that find their blob stored touch it (a copy onto itself) while others ask its
+    size; every request succeeds at once (no retries here) and the object keeps its bytes.
+    Plain moto_server failed this (500s, once an empty object); the session's endpoint runs
+    with ``bench.moto_server``'s fixes."""
+    store = _store(s3_store_url, s3_endpoint)
+    data = os.urandom(PART + 1)
+    key = store.put_bytes(data).key
+    failures: list[BaseException] = []
+
+    def touch_and_size() -> None:
+        own = _store(s3_store_url, s3_endpoint)
+        own.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(retries={"mode": "standard", "max_attempts": 1}),
+        )
+        try:
+            for _ in range(25):
+                assert own.size(key) == len(data)
+                own.touch(key)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=touch_and_size) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert store.read_range(key, 0, len(data)) == data
