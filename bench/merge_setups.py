@@ -43,9 +43,12 @@ MERGEKIT_SETUPS: dict[str, Setup] = {
 
 CKREG_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "ties_position": ("ties", {"tie_break": "position"}),
+    "breadcrumbs_position": ("breadcrumbs", {"tie_break": "position"}),
+    "breadcrumbs_ties_position": ("breadcrumbs_ties", {"tie_break": "position"}),
 }
 """ckreg-only rows: a name for the table -> (merge_method, extra global params). mergekit has
-no such option (its ties keeps whichever tied entries its unstable sort puts first), so these
+no such option (its ties and breadcrumbs keep whichever tied entries its unstable sort puts
+first), so these
 rows run ckreg alone on the same files; ``Setup`` is the method's."""
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -152,6 +153,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_tau_key_counts.restype = None
         lib.ck_trim.argtypes = [_P, _P, _F32, _I32, ctypes.POINTER(_I64), _I64]
         lib.ck_trim.restype = None
+        lib.ck_window_trim.argtypes = [_P, _P, _F32, _F32, _P, _P, _P, _P, _I64]
+        lib.ck_window_trim.restype = None
         _loaded = lib
         return lib
 
@@ -288,6 +291,33 @@ def trim(
     lib.ck_trim(model.data_ptr(), base.data_ptr(), threshold, int(inclusive), ctypes.byref(left),
                 model.numel())  # fmt: skip
     return left.value
+
+
+def window_trim(
+    model: torch.Tensor,
+    base: torch.Tensor,
+    low: float,
+    high: float,
+    runs: Sequence[tuple[float, int, int]],
+    seen: Sequence[int],
+) -> list[int] | None:
+    """Breadcrumbs' window of one slice in place: ``model`` becomes ``(model - base) * keep``,
+    keep 1 where ``low < |model - base| < high`` and, for each of up to two ``runs`` (value,
+    first, last), where ``|model - base|`` equals value and is the i-th such entry of the
+    tensor with first <= i < last (``seen``: how many the earlier slices held); 0 elsewhere.
+    Returns ``seen`` advanced past this slice, or None (nothing written) when the kernels are
+    off or do not take these tensors."""
+    lib = library()
+    if lib is None or len(runs) > 2 or not usable([base], model):
+        return None
+    padded = [*runs, *[(math.nan, 0, 0)] * (2 - len(runs))]
+    values = (ctypes.c_float * 2)(*[value for value, _, _ in padded])
+    first = (ctypes.c_int64 * 2)(*[start for _, start, _ in padded])
+    last = (ctypes.c_int64 * 2)(*[stop for _, _, stop in padded])
+    counts = (ctypes.c_int64 * 2)(*[*seen, *[0] * (2 - len(seen))])
+    lib.ck_window_trim(model.data_ptr(), base.data_ptr(), low, high, values, first, last,
+                       counts, model.numel())  # fmt: skip
+    return list(counts)[: len(runs)]
 
 
 def _histogram(counts: torch.Tensor) -> bool:

@@ -183,3 +183,61 @@ void ck_trim(float *restrict x, const float *restrict base, float threshold, int
         }
     }
 }
+
+/* x = (x - base) * keep: breadcrumbs' rank window of one model's slice, in place. An entry is
+ * kept when low < |x - base| < high, or when |x - base| equals values[r] (r < 2) and the
+ * entry's ordinal among the entries equal to it (0-based, counted across slices in seen[r])
+ * lies in [first[r], last[r]); seen[] is advanced by the entries met. A run that is not there
+ * has a NaN value, which nothing equals. Blocks where no run starts or ends are done in one
+ * vector loop; the few where one does, one entry at a time. The products are the torch path's
+ * (tau * 1.0 or tau * 0.0, so a dropped negative entry is -0). */
+void ck_window_trim(float *restrict x, const float *restrict base, float low, float high,
+                    const float *values, const int64_t *first, const int64_t *last,
+                    int64_t *seen, int64_t n) {
+    const float v0 = values[0], v1 = values[1];
+    const int64_t f0 = first[0], l0 = last[0], f1 = first[1], l1 = last[1];
+    int64_t s0 = seen[0], s1 = seen[1];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t len = n - start < BLOCK ? n - start : BLOCK;
+        float *restrict xb = x + start;
+        const float *restrict bb = base + start;
+        int64_t c0 = 0, c1 = 0;
+        for (int64_t j = 0; j < len; j++) {
+            float mag = __builtin_fabsf(xb[j] - bb[j]);
+            c0 += mag == v0;
+            c1 += mag == v1;
+        }
+        /* 1: every equal entry here is in its run, 0: none is, -1: the run starts or ends here */
+        const int in0 = (s0 >= f0 && s0 + c0 <= l0) ? 1 : (s0 + c0 <= f0 || s0 >= l0) ? 0 : -1;
+        const int in1 = (s1 >= f1 && s1 + c1 <= l1) ? 1 : (s1 + c1 <= f1 || s1 >= l1) ? 0 : -1;
+        if (in0 >= 0 && in1 >= 0) {
+            const float k0 = (float)in0, k1 = (float)in1;
+            for (int64_t j = 0; j < len; j++) {
+                float tau = xb[j] - bb[j];
+                float mag = __builtin_fabsf(tau);
+                float keep = (float)((mag > low) & (mag < high));
+                keep = mag == v0 ? k0 : keep;
+                keep = mag == v1 ? k1 : keep;
+                xb[j] = tau * keep;
+            }
+            s0 += c0;
+            s1 += c1;
+            continue;
+        }
+        for (int64_t j = 0; j < len; j++) {
+            float tau = xb[j] - bb[j];
+            float mag = __builtin_fabsf(tau);
+            int keep = mag > low && mag < high;
+            if (mag == v0) {
+                keep = s0 >= f0 && s0 < l0;
+                s0++;
+            } else if (mag == v1) {
+                keep = s1 >= f1 && s1 < l1;
+                s1++;
+            }
+            xb[j] = tau * (keep ? 1.0f : 0.0f);
+        }
+    }
+    seen[0] = s0;
+    seen[1] = s1;
+}

@@ -1,22 +1,30 @@
-"""Per-tensor top-k magnitude cuts found from a tensor's row slices, without the whole tensor.
+"""Per-tensor magnitude cuts found from a tensor's row slices, without the whole tensor: TIES's
+top-k and breadcrumbs' rank window, ties kept by position.
 
-``SliceTopK`` feeds each slice's magnitudes to a ``RankCounter`` (``ops.select``): one sweep
-over the slices finds the exact k-th largest value and how many entries lie above and at it
-(two sweeps when that value has low bits set, rare for task vectors of bf16 checkpoints). The
-cut keeps entries above the threshold plus the first ``k - above`` entries equal to it in flat
-order — TIES's position tie rule — and ``OrderedTieCut`` applies it to slices that arrive in
-ascending order, counting the equal entries as it goes instead of listing their indices first.
-Exact: the same masks as ``ops.sparsify.topk_cut`` / ``tie_cut`` on the whole tensor.
-Paper (TIES): https://arxiv.org/abs/2306.01708
+``SliceTopK`` and ``SliceWindow`` feed each slice's magnitudes to a ``RankCounter``
+(``ops.select``): one sweep over the slices finds the exact values at the cut ranks and how
+many entries lie below and at each (two sweeps when a value has low bits set, rare for task
+vectors of bf16 checkpoints). Equal magnitudes rank by flat index, so a cut keeps a run of
+each tie group it meets in flat order: TIES the first ``k - above`` entries equal to its
+threshold, breadcrumbs the tail of its low value's group and the head of its high value's.
+``OrderedTieCut`` and ``OrderedWindowCut`` apply the cuts to slices that arrive in ascending
+order, counting the equal entries as they go instead of listing their indices first.
+Exact: the same masks as ``ops.sparsify.topk_cut`` / ``tie_cut`` and ``ops.selection``'s
+``window_cut`` (position rule) on the whole tensor.
+Papers: TIES https://arxiv.org/abs/2306.01708, Model Breadcrumbs https://arxiv.org/abs/2312.06795
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from mergeops import kernels
 from mergeops.ops.scratch import scratch_like
 from mergeops.ops.select import RankCounter
+from mergeops.ops.selection import WindowCut
 from mergeops.ops.sparsify import TrimCut, keep_count
 
 _NO_TIES = torch.empty(0, dtype=torch.int64)
@@ -95,17 +103,14 @@ def _keep_first(keep: torch.Tensor, equal: torch.Tensor, quota: int) -> None:
     keep[start + first] = 1.0
 
 
-class SliceTopK:
-    """The cut keeping the k = max(1, ⌊density·n⌋) largest of ``numel`` non-negative float32
-    magnitudes, fed slice by slice: ``observe`` each slice, ``next_pass()``; repeat while it
-    returns True; then ``cut()`` (None: every entry is kept)."""
+class _SliceRanks:
+    """Rank statistics of ``numel`` non-negative float32 magnitudes fed slice by slice (no
+    counter: nothing to find): ``observe`` each slice, ``next_pass()``; repeat while it
+    returns True."""
 
-    def __init__(self, numel: int, density: float) -> None:
-        self.k = keep_count(numel, density)
+    def __init__(self, numel: int, ranks: list[int] | None) -> None:
         self.numel = numel
-        self._counter = (
-            RankCounter(numel, [numel - self.k + 1], torch.float32) if self.k < numel else None
-        )
+        self._counter = None if ranks is None else RankCounter(numel, ranks, torch.float32)
         self.done = self._counter is None
 
     def observe(self, magnitude: torch.Tensor) -> None:
@@ -129,6 +134,15 @@ class SliceTopK:
         self.done = not self._counter.next_pass()
         return not self.done
 
+
+class SliceTopK(_SliceRanks):
+    """The cut keeping the k = max(1, ⌊density·n⌋) largest of ``numel`` non-negative float32
+    magnitudes, fed slice by slice; then ``cut()`` (None: every entry is kept)."""
+
+    def __init__(self, numel: int, density: float) -> None:
+        self.k = keep_count(numel, density)
+        super().__init__(numel, [numel - self.k + 1] if self.k < numel else None)
+
     def cut(self) -> TrimCut | OrderedTieCut | None:
         """The finished cut: the whole tie group kept (``TrimCut`` inclusive) or part of it."""
         if self._counter is None:
@@ -139,3 +153,113 @@ class SliceTopK:
         if ties == stat.equal:
             return TrimCut(threshold=stat.value, ties=_NO_TIES, inclusive=True)
         return OrderedTieCut(stat.value, ties)
+
+
+class SliceWindow(_SliceRanks):
+    """The cut keeping ascending magnitude ranks [lo, hi) of ``numel`` non-negative float32
+    magnitudes, ties ranked by flat index, fed slice by slice; then ``cut()`` (None: every
+    entry is kept)."""
+
+    def __init__(self, numel: int, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        trivial = hi <= lo or (lo == 0 and hi >= numel)
+        super().__init__(numel, None if trivial else [lo + 1, hi])
+
+    def cut(self) -> OrderedWindowCut | WindowCut | None:
+        """The finished window (``WindowCut`` keeping nothing for an empty one)."""
+        if self._counter is None:
+            if self.hi <= self.lo:
+                return WindowCut(low=math.inf, high=-math.inf, ties=_NO_TIES)
+            return None
+        low, high = self._counter.result()
+        skip = self.lo - low.below  # the low group's entries ranked below lo
+        if low.value == high.value:
+            return OrderedWindowCut(
+                low.value, high.value, (TieRun(low.value, skip, self.hi - self.lo),)
+            )
+        return OrderedWindowCut(
+            low.value,
+            high.value,
+            (
+                TieRun(low.value, skip, low.equal - skip),
+                TieRun(high.value, 0, self.hi - high.below),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class TieRun:
+    """Of the entries equal to ``value`` in flat order, skip ``skip`` and keep the next ``keep``."""
+
+    value: float
+    skip: int
+    keep: int
+
+
+class OrderedWindowCut:
+    """Keep magnitudes strictly between ``low`` and ``high`` plus, of each tie group in
+    ``runs``, its run in flat order; ``mask_rows`` must see a tensor's slices in ascending
+    order from offset 0 (a new offset 0 starts over)."""
+
+    def __init__(self, low: float, high: float, runs: tuple[TieRun, ...]) -> None:
+        self.low, self.high, self.runs = low, high, runs
+        self._next = 0
+        self._seen = [0] * len(runs)  # entries of each group met in earlier slices
+
+    def mask_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """The keep mask of a slice whose first entry has flat index ``offset`` (bool)."""
+        return self.keep_rows(magnitude, offset) > 0
+
+    def _seen_at(self, offset: int) -> list[int]:
+        """Each group's entries met before a slice starting at ``offset``: what the previous
+        slices met, or none at offset 0 (a new pass over the tensor)."""
+        if offset == 0:
+            return [0] * len(self.runs)
+        if offset != self._next:
+            raise ValueError(
+                f"slices of a position-ordered window must come in order: expected offset "
+                f"{self._next}, got {offset}"
+            )
+        return self._seen
+
+    def trim_model(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+        """``model`` (a float32 slice) becomes its windowed τ, ``(model - base) * keep``, in
+        one fused pass that counts the ties as it goes (``kernels.window_trim``; the bits of
+        ``sub_``, ``keep_rows`` and ``mul_``); False (nothing written) when the kernels are off."""
+        runs = [(run.value, run.skip, run.skip + run.keep) for run in self.runs]
+        seen = kernels.window_trim(model, base, self.low, self.high, runs, self._seen_at(offset))
+        if seen is None:
+            return False
+        self._next, self._seen = offset + model.numel(), seen
+        return True
+
+    def keep_rows(self, magnitude: torch.Tensor, offset: int) -> torch.Tensor:
+        """The keep mask as float32 1.0 / 0.0 in a per-thread scratch tensor, valid until the
+        next call."""
+        self._seen = list(self._seen_at(offset))
+        self._next = offset + magnitude.numel()
+        keep = torch.gt(magnitude, self.low, out=scratch_like("keep", magnitude))
+        below = torch.lt(magnitude, self.high, out=scratch_like("below", magnitude))
+        keep.mul_(below)
+        for i, run in enumerate(self.runs):
+            seen = self._seen[i]
+            if seen >= run.skip + run.keep:
+                continue  # this group's run is behind us
+            equal = torch.eq(magnitude, run.value, out=scratch_like("equal", magnitude))
+            count = int(equal.sum())  # exact: a slice has far fewer than 2^24 entries
+            self._seen[i] = seen + count
+            if seen >= run.skip and seen + count <= run.skip + run.keep:
+                keep.add_(equal)  # the whole group's part here is in the run
+            elif seen + count > run.skip:  # the run starts or ends inside this slice
+                _keep_run(
+                    keep.view(-1), equal.view(-1), run.skip - seen, run.skip + run.keep - seen
+                )
+        return keep
+
+
+def _keep_run(keep: torch.Tensor, equal: torch.Tensor, first: int, last: int) -> None:
+    """Mark in ``keep`` the entries of ``equal`` (1.0 / 0.0, flat views) whose ordinal among the
+    equal entries of this slice (0-based) lies in [first, last)."""
+    ordinal = torch.cumsum(equal, 0)  # 1-based ordinals at the equal entries; exact integers
+    inside = (ordinal > first) & (ordinal <= last)
+    keep.add_(equal * inside)

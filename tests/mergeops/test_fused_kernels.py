@@ -156,7 +156,8 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
     from mergeops import merge_files
 
     base, models = _case(9, 3, 1024 * 1024)  # 4 MiB of float32: merged in row slices
-    calls = {"weighted_sum": 0, "consensus_sum": 0, "trim": 0, "tau_key_counts": 0}
+    calls = {"weighted_sum": 0, "consensus_sum": 0, "trim": 0, "tau_key_counts": 0,
+             "window_trim": 0}  # fmt: skip
     for name in calls:
 
         def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> Any:
@@ -172,8 +173,13 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
         save_file({"w": tensor.reshape(1024, 1024).bfloat16()}, str(folder / "model.safetensors"))
         folders.append(folder)
     outputs = {}
-    for method in ("task_arithmetic", "ties", "linear"):
-        params = {"density": [0.5, 0.3, 1.0]} if method == "ties" else {}
+    method_params: dict[str, dict[str, Any]] = {
+        "task_arithmetic": {},
+        "ties": {"density": [0.5, 0.3, 1.0]},
+        "linear": {},
+        "breadcrumbs_ties": {"density": [0.5, 0.3, 1.0], "gamma": 0.1, "tie_break": "position"},
+    }
+    for method, params in method_params.items():
         for switch in ("1", "0"):
             _switch(switch == "1")
             out = tmp_path / f"out-{method}-{switch}"
@@ -192,7 +198,8 @@ def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
             outputs[method, switch] = b"".join(f.read_bytes() for f in files)
         assert outputs[method, "1"] == outputs[method, "0"], method
     assert calls["weighted_sum"] >= 4 and calls["consensus_sum"] >= 2  # slices took the kernels
-    assert calls["trim"] >= 4 and calls["tau_key_counts"] >= 4  # TIES's trims and its sweep
+    assert calls["trim"] >= 4 and calls["tau_key_counts"] >= 8  # TIES's trims, both sweeps
+    assert calls["window_trim"] >= 4  # breadcrumbs' windows
 
 
 def test_key_counts_are_the_bincount_of_the_torch_sweep(kernel_dir: Path) -> None:
@@ -252,6 +259,42 @@ def test_trim_gives_the_torch_bits_slice_after_slice(
         expected = torch_path.apply(model[rows].clone().sub_(base[rows]), start, in_place=True)
         assert torch.equal(_bits(got), _bits(expected)), start
     assert int((model - base).abs().eq(0.25).sum()) > 2 * 700  # the quota ended mid-way
+
+
+@pytest.mark.parametrize(
+    ("density", "gamma"), [(0.3, 0.1), (0.5, 0.0), (0.05, 0.01), (0.9, 0.05), (0.02, 0.3)]
+)
+@pytest.mark.parametrize("rows", [8192, 5000])
+def test_window_trim_gives_the_torch_bits_slice_after_slice(
+    kernel_dir: Path, density: float, gamma: float, rows: int
+) -> None:
+    """``kernels.window_trim`` against the torch window (``sub_``, ``keep_rows``, ``mul_``):
+    the same bits, the tie runs at both ends started and ended in flat order across slices
+    (|τ| takes four values, so both cuts fall inside tie groups, some in one group)."""
+    from mergeops.methods.task_vector._per_model import CutStat
+    from mergeops.ops.selection import window_bounds
+    from mergeops.ops.streamed_topk import SliceWindow
+
+    base, model = _tied(7, 64 * 1024)
+    window = window_bounds(base.numel(), density, gamma)
+
+    def cut() -> Any:
+        selector = SliceWindow(base.numel(), *window)
+        selector.observe((model - base).abs())
+        assert not selector.next_pass()
+        return selector.cut()
+
+    fused, torch_path = CutStat(cut(), None), CutStat(cut(), None)
+    kept = 0
+    for start in range(0, base.numel(), rows):
+        span = slice(start, start + rows)
+        got = model[span].clone()
+        assert fused.trim_model(got, base[span], start)
+        expected = torch_path.apply(model[span].clone().sub_(base[span]), start, in_place=True)
+        assert torch.equal(_bits(got), _bits(expected)), start
+        kept += int((got != 0).sum())
+    nonzero = (model - base) != 0
+    assert kept <= window[1] - window[0] <= kept + int((~nonzero).sum())
 
 
 def test_the_sweep_counts_the_magnitudes_of_the_differences(kernel_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """Per-model whole-tensor statistics (TIES cuts, breadcrumbs windows) computed two at a time,
-and ``CutStat``, the statistic both apply to row slices.
+``CutSweep``, the same cuts under the position tie rule found from row slices, and
+``CutStat``, the statistic both apply to row slices.
 
 A cut needs the whole τ_t and, under mergekit's tie rule, a full sort of its magnitudes: one
 single-threaded sort per model, which dominates a TIES merge on CPU. The τ_t are still read
@@ -15,10 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
+from mergeops.methods.base import MergeContext, TensorInputs, TensorStatsPass
+from mergeops.methods.task_vector.task_arithmetic import TaskVectorMerge
 from mergeops.ops.scratch import scratch_like
 
 T = TypeVar("T")
@@ -58,6 +61,57 @@ class CutStat:
         has one (``trim_model``) and there is no rescale; False: nothing written."""
         trim = getattr(self.cut, "trim_model", None)
         return self.scale is None and trim is not None and trim(model, base, offset)
+
+
+class CutMerge(TaskVectorMerge):
+    """A task-vector merge whose per-model statistic of a tensor is a ``CutStat`` (TIES,
+    breadcrumbs): applied to row slices, fused with the subtraction where the cut can be."""
+
+    def sparsify_rows(
+        self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
+    ) -> torch.Tensor:
+        """Apply this tensor's precomputed cut to a row slice of τ_t."""
+        return stat.apply(tau, offset, in_place=True)  # type: ignore[no-any-return]
+
+    def fused_sparsify(
+        self, model: torch.Tensor, base: torch.Tensor, stat: Any, offset: int
+    ) -> bool:
+        """τ_t's cut rows in one fused pass over the model's and the base's rows
+        (``CutStat.trim_model``)."""
+        return bool(stat.trim_model(model, base, offset))
+
+
+class SliceCut(Protocol):
+    """A cut found over a tensor's row slices (``ops.streamed_topk``'s ``SliceTopK``,
+    ``SliceWindow``)."""
+
+    def observe_difference(self, model: torch.Tensor, base: torch.Tensor) -> None: ...
+
+    def next_pass(self) -> bool: ...
+
+    def cut(self) -> RowCut | None: ...
+
+
+class CutSweep(TensorStatsPass):
+    """Each model's cut of one tensor under the position tie rule, found by sweeping the
+    tensor's row slices (one or two sweeps, no whole τ_t held); None: the model is not cut.
+    ``result()`` is one ``CutStat`` per model, as ``tensor_stats`` gives without rescale."""
+
+    def __init__(self, selectors: list[SliceCut | None]) -> None:
+        self.selectors = selectors
+
+    def observe(self, inputs: TensorInputs, offset: int) -> None:
+        base = inputs.base
+        assert base is not None
+        for selector, model in zip(self.selectors, inputs.models, strict=True):
+            if selector is not None:
+                selector.observe_difference(model, base)
+
+    def next_pass(self) -> bool:
+        return any([s.next_pass() for s in self.selectors if s is not None])
+
+    def result(self) -> list[CutStat]:
+        return [CutStat(None if s is None else s.cut(), None) for s in self.selectors]
 
 
 PARALLEL_MAX_NUMEL = 8 * 1024 * 1024

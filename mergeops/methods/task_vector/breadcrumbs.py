@@ -7,9 +7,11 @@ cut go by position (ckreg) or as mergekit's sort orders them (``tie_break: merge
 default under a mergekit config). Defaults are mergekit's: density 1 (no pruning),
 gamma 0.01, normalize false.
 
-Elementwise once each τ_t's window is known: ``tensor_stats`` finds every model's cut from its
-whole τ_t (one model at a time) and the engine merges large tensors in row slices. Each cut
-is held until the merge pass with its kept ties as a bit mask when that is smaller than their
+Elementwise once each τ_t's window is known, so the engine merges large tensors in row
+slices. Under the position rule on the CPU without rescale, the windows come from sweeps over
+those slices (``stats_sweep``: ``ops.streamed_topk.SliceWindow``, no whole τ_t held); else
+``tensor_stats`` finds every model's window from its whole τ_t (one model at a time) and holds
+it until the merge pass with its kept ties as a bit mask when that is smaller than their
 indices (``ops.packed_cut``: on an embedding, 4 MB instead of tens of MB per model).
 """
 
@@ -22,12 +24,19 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from mergeops.methods.base import MergeContext, ModelParams, register
-from mergeops.methods.task_vector._per_model import CutStat, per_model_stats
-from mergeops.methods.task_vector.task_arithmetic import TaskArithmeticParams, TaskVectorMerge
+from mergeops.methods.base import MergeContext, ModelParams, TensorStatsPass, register
+from mergeops.methods.task_vector._per_model import (
+    CutMerge,
+    CutStat,
+    CutSweep,
+    SliceCut,
+    per_model_stats,
+)
+from mergeops.methods.task_vector.task_arithmetic import TaskArithmeticParams
 from mergeops.ops.packed_cut import compact_window
 from mergeops.ops.prune import l1_scale_of_magnitude
 from mergeops.ops.selection import TieBreak, WindowCut, window_bounds, window_cut
+from mergeops.ops.streamed_topk import SliceWindow
 
 
 class BreadcrumbsParams(TaskArithmeticParams):
@@ -45,7 +54,7 @@ class BreadcrumbsModelParams(ModelParams):
     gamma: float = Field(0.01, ge=0, le=1)
 
 
-class _Breadcrumbs(TaskVectorMerge):
+class _Breadcrumbs(CutMerge):
     paper = "https://arxiv.org/abs/2312.06795"
     params_model = BreadcrumbsParams
     model_params_model = BreadcrumbsModelParams
@@ -74,6 +83,29 @@ class _Breadcrumbs(TaskVectorMerge):
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._window(tau, index, ctx).apply(tau, 0)
 
+    def stats_sweep(
+        self, key: str, shape: tuple[int, ...], ctx: MergeContext
+    ) -> TensorStatsPass | None:
+        """Windows with ties kept by position, on the CPU and without rescale, from sweeps over
+        the row slices (``CutSweep`` of ``SliceWindow``); None: from whole τ_t."""
+        params = ctx.params
+        assert isinstance(params, BreadcrumbsParams)
+        own = ctx.model_params
+        if (
+            params.tie_break != "position"
+            or params.rescale
+            or ctx.device.type != "cpu"
+            or all(p.density >= 1 for p in own)  # type: ignore[attr-defined]
+        ):
+            return None
+        numel = math.prod(shape)
+        selectors: list[SliceCut | None] = []
+        for p in own:
+            assert isinstance(p, BreadcrumbsModelParams)
+            window = window_bounds(numel, p.density, p.gamma) if p.density < 1 else None
+            selectors.append(None if window is None else SliceWindow(numel, *window))
+        return CutSweep(selectors)
+
     def tensor_stats(
         self,
         key: str,
@@ -99,12 +131,6 @@ class _Breadcrumbs(TaskVectorMerge):
             numel=numel,
             device=ctx.device,
         )
-
-    def sparsify_rows(
-        self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
-    ) -> torch.Tensor:
-        """Apply this tensor's precomputed window to a row slice of τ_t."""
-        return stat.apply(tau, offset, in_place=True)
 
 
 @register

@@ -25,11 +25,10 @@ from mergeops.methods.base import (
     TensorStatsPass,
     register,
 )
-from mergeops.methods.task_vector._per_model import CutStat, per_model_stats
+from mergeops.methods.task_vector._per_model import CutMerge, CutStat, CutSweep, per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
-    TaskVectorMerge,
 )
 from mergeops.ops.prune import l1_scale_of_magnitude
 from mergeops.ops.selection import TieBreak, topk_cut_by
@@ -63,29 +62,8 @@ class ModelTopK(StatsCollector):
         return [s.result() if s.density < 1 else None for s in self.selectors]
 
 
-class PositionTrimSweep(TensorStatsPass):
-    """Each model's per-tensor top-|τ_t| cut under the position tie rule, from row slices
-    (``ops.streamed_topk``): one or two sweeps, no whole τ_t held."""
-
-    def __init__(self, numel: int, densities: list[float]) -> None:
-        self.selectors = [SliceTopK(numel, d) if d < 1 else None for d in densities]
-
-    def observe(self, inputs: TensorInputs, offset: int) -> None:
-        base = inputs.base
-        assert base is not None
-        for selector, model in zip(self.selectors, inputs.models, strict=True):
-            if selector is not None:
-                selector.observe_difference(model, base)
-
-    def next_pass(self) -> bool:
-        return any([s.next_pass() for s in self.selectors if s is not None])
-
-    def result(self) -> list[CutStat]:
-        return [CutStat(None if s is None else s.cut(), None) for s in self.selectors]
-
-
 @register
-class Ties(TaskVectorMerge):
+class Ties(CutMerge):
     """θ = θ0 + λ·disjoint_merge(w_t·trim(τ_t))."""
 
     name = "ties"
@@ -107,7 +85,7 @@ class Ties(TaskVectorMerge):
         self, key: str, shape: tuple[int, ...], ctx: MergeContext
     ) -> TensorStatsPass | None:
         """Per-tensor cuts with ties kept by position, on the CPU and without rescale, come
-        from sweeps over the slices (``PositionTrimSweep``); the rest from whole τ_t."""
+        from sweeps over the slices (``CutSweep`` of ``SliceTopK``); the rest from whole τ_t."""
         params = ctx.params
         assert isinstance(params, TiesParams)
         densities = [p.density for p in ctx.model_params]  # type: ignore[attr-defined]
@@ -119,7 +97,8 @@ class Ties(TaskVectorMerge):
             or all(d >= 1 for d in densities)
         ):
             return None
-        return PositionTrimSweep(math.prod(shape), densities)
+        numel = math.prod(shape)
+        return CutSweep([SliceTopK(numel, d) if d < 1 else None for d in densities])
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         return self._trim(key, tau, index, ctx).apply(tau, 0)
@@ -181,16 +160,3 @@ class Ties(TaskVectorMerge):
             numel=math.prod(shape),
             device=ctx.device,
         )
-
-    def sparsify_rows(
-        self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
-    ) -> torch.Tensor:
-        """Apply this tensor's precomputed trim to a row slice of τ_t."""
-        return stat.apply(tau, offset, in_place=True)
-
-    def fused_sparsify(
-        self, model: torch.Tensor, base: torch.Tensor, stat: Any, offset: int
-    ) -> bool:
-        """τ_t's trimmed rows in one fused pass over the model's and the base's rows
-        (``CutStat.trim_model``)."""
-        return bool(stat.trim_model(model, base, offset))
