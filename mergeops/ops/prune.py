@@ -92,7 +92,10 @@ def della_prune(
     if density >= 1:
         return tensor
     probs = della_keep_probability(tensor, density, epsilon)
-    keep = torch.bernoulli(probs, generator=generator)
+    if probs.device.type == "cpu":
+        keep = bernoulli_cpu(probs, generator).to(probs.dtype)
+    else:
+        keep = torch.bernoulli(probs, generator=generator)
     rows = tensor.reshape(probs.shape).to(probs.dtype)
     masked = rows * keep
     if rescale_by == "l1":
@@ -100,3 +103,14 @@ def della_prune(
     elif rescale_by == "keep_probability":
         masked = masked / probs
     return masked.to(tensor.dtype).reshape(tensor.shape)
+
+
+def bernoulli_cpu(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``torch.bernoulli(probs, generator=generator) == 1`` on the CPU, the same draws: for
+    float32 and bfloat16 probabilities torch draws one float32 uniform per entry in element
+    order and keeps it when below p, which ``torch.rand`` and a comparison do about five
+    times faster; other dtypes (float64 draws 64-bit uniforms) call ``torch.bernoulli``."""
+    if probs.dtype not in (torch.float32, torch.bfloat16):
+        return torch.bernoulli(probs, generator=generator).to(torch.bool)
+    uniform = torch.rand(probs.shape, generator=generator)
+    return torch.lt(uniform, probs.float() if probs.dtype != torch.float32 else probs)

@@ -137,6 +137,42 @@ def test_della_is_seeded_and_preserves_the_mean(rescale_by: str):
     assert abs(float((one != 0).float().mean()) - 0.4) < 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bernoulli_cpu_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> None:
+    """The same keep mask as ``torch.bernoulli`` and the generator left in the same state
+    (float32/bf16 through ``torch.rand``, float64 through ``torch.bernoulli`` itself)."""
+    from mergeops.ops.prune import bernoulli_cpu
+
+    probs = torch.rand(300, 257, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    keep = bernoulli_cpu(probs, ours)
+    assert keep.dtype == torch.bool
+    assert torch.equal(keep, torch.bernoulli(probs, generator=theirs) == 1)
+    assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
+
+
+def test_della_masks_do_not_depend_on_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELLA's row ranks run on every core while the engine has lowered torch's threads
+    (``all_cores``); the merge is the same bits with one thread or two, and the thread
+    setting is restored after."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.zeros(96, 64)}
+    models = [{"w": (torch.randn(96, 64, generator=g) * 4).round()} for _ in range(2)]  # ties
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+            merged = mergeops.merge("della", models, base=base, device="cpu", density=0.5,
+                                    epsilon=0.2, seed=4)  # fmt: skip
+            assert torch.get_num_threads() == threads
+            outputs.append(merged["w"])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outputs[0].view(torch.int32), outputs[1].view(torch.int32))
+
+
 def test_della_density_one_reduces_to_ties_and_task_arithmetic():
     taus = [[1.0, -2.0, 0.5, 3.0], [-1.5, 1.0, 0.5, 2.0]]
     _close(
@@ -232,3 +268,45 @@ def test_missing_base_and_shape_mismatch_are_named(method: str):
         mergeops.merge(method, [models["ft-1"]], device="cpu")
     with pytest.raises(MergeError, match=r"'w'.*ft-2"):
         mergeops.merge(method, models, base={"w": torch.zeros(3)}, device="cpu")
+
+
+# ---- dare: masks drawn a slice at a time --------------------------------------------------
+def test_dare_rows_draws_the_whole_mask_slice_by_slice() -> None:
+    """``DareRows`` gives, slice after slice, the mask one ``dare_keep`` call draws (float 1/0
+    for float32 slices, bool otherwise); slices out of order are refused, offset 0 restarts."""
+    from mergeops.ops.sparsify import DareRows, dare_keep
+
+    def generator() -> torch.Generator:
+        return torch.Generator().manual_seed(11)
+
+    whole = dare_keep((40, 33), 0.3, generator(), torch.device("cpu"))
+    assert whole is not None
+    rows = DareRows(generator, 0.3)
+    for _ in range(2):  # a second pass from offset 0 draws the same again
+        spans = [(0, 7), (7, 30), (37, 3)]  # each mask is scratch: copied before the next
+        parts = [rows.keep_rows(torch.empty(n, 33), 33 * s).clone() for s, n in spans]
+        assert torch.equal(torch.cat(parts).bool(), whole)
+    assert rows.keep_rows(torch.empty(5, 33, dtype=torch.bfloat16), 0).dtype == torch.bool
+    with pytest.raises(ValueError, match="expected offset 165, got 330"):
+        rows.keep_rows(torch.empty(5, 33), 330)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_chunked_dare_draws_no_whole_mask(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked on the CPU with 1/density rescale, DARE draws each slice's mask as the merge
+    reaches it (no whole-tensor ``dare_keep``) and equals the unchunked merge bit for bit."""
+    from mergeops.methods.task_vector import dare
+
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(64, 128, generator=g)}
+    models = [{"w": base["w"] + torch.randn(64, 128, generator=g)} for _ in range(3)]
+    params = {"density": [0.5, 0.2, 1.0], "seed": 3}
+    whole = mergeops.merge(method, models, base=base, device="cpu", **params)
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a chunked CPU merge must not draw whole masks")
+
+    monkeypatch.setattr(dare, "dare_keep", refuse)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    chunked = mergeops.merge(method, models, base=base, device="cpu", **params)
+    assert torch.equal(whole["w"].view(torch.int32), chunked["w"].view(torch.int32))

@@ -10,6 +10,7 @@ the defaults are mergekit's: density 1, rescale_by l1.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskVectorMerge,
 )
 from mergeops.ops.prune import RescaleBy, l1_scale
-from mergeops.ops.sparsify import dare_keep
+from mergeops.ops.sparsify import DareRows, dare_keep
 
 
 class DareParams(TaskArithmeticParams):
@@ -78,16 +79,22 @@ class _Dare(TaskVectorMerge):
         task_vector: Callable[[int], torch.Tensor],
         ctx: MergeContext,
     ) -> list[Any]:
-        """Each model's whole-tensor keep mask (drawn exactly as unchunked) and L1 factor."""
+        """Each model's keep mask, drawn exactly as unchunked: with the L1 factor (which needs the
+        whole mask and τ_t) as a whole mask; else on the CPU drawn slice by slice in the merge
+        pass (``DareRows``), on other devices whole."""
         params = ctx.params
         assert isinstance(params, DareParams)
         stats: list[Any] = []
         for i, p in enumerate(ctx.model_params):
-            if self._rescale_by(params) == "l1" and p.density < 1:  # type: ignore[attr-defined]
+            density = p.density  # type: ignore[attr-defined]
+            if density >= 1:
+                stats.append(None)
+            elif self._rescale_by(params) == "l1":
                 stats.append(self._draw(key, task_vector(i), i, ctx))
+            elif ctx.device.type == "cpu":
+                stats.append(DareRows(partial(ctx.generator, key, i), density))
             else:
-                keep = dare_keep(shape, p.density, ctx.generator(key, i), ctx.device)  # type: ignore[attr-defined]
-                stats.append(None if keep is None else (keep, None))
+                stats.append((dare_keep(shape, density, ctx.generator(key, i), ctx.device), None))
         return stats
 
     def sparsify_rows(
@@ -98,9 +105,12 @@ class _Dare(TaskVectorMerge):
             return tau
         params = ctx.params
         assert isinstance(params, DareParams)
-        keep, scale = stat
         density = ctx.model_params[index].density  # type: ignore[attr-defined]
-        keep = keep.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
+        if isinstance(stat, DareRows):
+            keep, scale = stat.keep_rows(tau, offset), None
+        else:
+            whole, scale = stat
+            keep = whole.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
         return dare_rows(tau, keep, density, scale, self._rescale_by(params))
 
 

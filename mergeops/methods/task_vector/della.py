@@ -26,10 +26,17 @@ import torch
 from pydantic import Field
 
 from mergeops.methods.base import MergeContext, MergeError, ModelParams, register
+from mergeops.methods.task_vector._per_model import all_cores
 from mergeops.methods.task_vector.dare import DareParams
 from mergeops.methods.task_vector.task_arithmetic import TaskVectorMerge
 from mergeops.ops.packed_cut import PackedMask
-from mergeops.ops.prune import check_della, della_keep_probability, della_prune, l1_scale
+from mergeops.ops.prune import (
+    bernoulli_cpu,
+    check_della,
+    della_keep_probability,
+    della_prune,
+    l1_scale,
+)
 
 KEEP_ROWS_ELEMENTS = 1024 * 1024
 """Entries per block of rows whose keep probabilities are computed and drawn at once (CPU)."""
@@ -134,10 +141,11 @@ def _draw_keep(
         return torch.bernoulli(probs, generator=generator).to(torch.bool)
     keep = torch.empty(rows.shape, dtype=torch.bool)
     step = max(1, KEEP_ROWS_ELEMENTS // max(1, rows[0].numel()))
-    for start in range(0, rows.shape[0], step):
-        block = rows[start : start + step]
-        probs = della_keep_probability(block, own.density, own.epsilon)
-        keep[start : start + step] = torch.bernoulli(probs, generator=generator)
+    with all_cores():  # the row sorts split over rows
+        for start in range(0, rows.shape[0], step):
+            block = rows[start : start + step]
+            probs = della_keep_probability(block, own.density, own.epsilon)
+            keep[start : start + step] = bernoulli_cpu(probs, generator)
     return keep
 
 
