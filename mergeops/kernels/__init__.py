@@ -1,4 +1,6 @@
-"""Fused float32 combines on the CPU, compiled from C (``combine.c``) on first use.
+"""Fused float32 combines on the CPU, compiled from C (``combine.c``) on first use, and
+``sortsim.c``: torch's CPU sort algorithm run only where it reaches given positions
+(``sort_windows``, for mergekit's tie rule).
 
 The torch path of a task-vector combine runs one op per model and step over each block
 (sub, mul, add per model, then divide, scale, add the base): about 3.5 ns per entry for four
@@ -38,7 +40,7 @@ from mergeops import kernel_settings
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("combine.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("combine.c", "sortsim.c")]
 FLAGS = [
     "-O3",
     "-std=c99",
@@ -102,7 +104,7 @@ def _build(compiler: list[str]) -> Path:
         [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, *flags, platform.machine()]).encode()
+        "\0".join([*(p.read_text() for p in SOURCES), version, *flags, platform.machine()]).encode()
     ).hexdigest()[:16]
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -116,7 +118,7 @@ def _build(compiler: list[str]) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [*compiler, *flags, "-o", str(built), str(SOURCE)],
+            [*compiler, *flags, "-o", str(built), *map(str, SOURCES)],
             capture_output=True,
             text=True,
             timeout=COMPILE_TIMEOUT_S,
@@ -155,6 +157,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_trim.restype = None
         lib.ck_window_trim.argtypes = [_P, _P, _F32, _F32, _P, _P, _P, _P, _I64]
         lib.ck_window_trim.restype = None
+        lib.ck_sort_windows.argtypes = [_P, _P, _I64, _I32, _P, _P, _I32, _I64]
+        lib.ck_sort_windows.restype = _I32
         _loaded = lib
         return lib
 
@@ -318,6 +322,42 @@ def window_trim(
     lib.ck_window_trim(model.data_ptr(), base.data_ptr(), low, high, values, first, last,
                        counts, model.numel())  # fmt: skip
     return list(counts)[: len(runs)]
+
+
+def sort_windows(
+    keys: torch.Tensor,
+    windows: Sequence[tuple[int, int]],
+    *,
+    descending: bool,
+    depth: int = -1,
+) -> torch.Tensor | None:
+    """The int64 indices ``torch.sort(keys, descending=descending)`` puts at the positions of
+    each window ``[first, last)``, read as ``result[first:last]`` (elsewhere: no particular
+    order), found by running torch's CPU sort algorithm only on the ranges that reach a window
+    (``sortsim.c``). ``keys`` (1-D float32, contiguous, CPU, no NaN) is permuted in place.
+    None when the kernels are off or do not take these keys (``keys`` untouched then), or when
+    the algorithm would switch to heapsort inside a window (``keys`` restored to its order;
+    ``depth`` >= 0 lowers the algorithm's depth limit, for tests of that case)."""
+    lib = library()
+    if (
+        lib is None
+        or not windows
+        or len(windows) > 4
+        or keys.dtype != torch.float32
+        or keys.device.type != "cpu"
+        or keys.dim() != 1
+        or not keys.is_contiguous()
+    ):
+        return None
+    order = torch.arange(keys.numel(), dtype=torch.int64)
+    first = (ctypes.c_int64 * len(windows))(*[w[0] for w in windows])
+    last = (ctypes.c_int64 * len(windows))(*[w[1] for w in windows])
+    failed = lib.ck_sort_windows(keys.data_ptr(), order.data_ptr(), keys.numel(),
+                                 int(descending), first, last, len(windows), depth)  # fmt: skip
+    if failed:
+        keys.copy_(torch.empty_like(keys).index_put_((order,), keys))  # the original order
+        return None
+    return order
 
 
 def _histogram(counts: torch.Tensor) -> bool:

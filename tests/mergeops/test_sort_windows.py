@@ -1,0 +1,96 @@
+"""``kernels.sort_windows``: torch's own CPU sort algorithm run only where it reaches the wanted
+positions, for mergekit's tie rule. Checked against ``torch.sort`` itself: the indices at every
+window's positions must be the ones torch's unstable sort puts there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeops import kernel_settings, kernels
+from mergeops.ops.selection import topk_cut_by, window_cut
+
+if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
+    pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def kernel_dir(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "kernels"
+    kernel_settings.reset()
+    kernel_settings.configure(cache_dir=folder)
+    yield folder
+    kernel_settings.reset()
+
+
+def _keys(gen: torch.Generator, n: int, kind: str) -> torch.Tensor:
+    if kind == "few":  # a handful of values: huge tie groups everywhere
+        return torch.randint(0, 5, (n,), generator=gen).float() * 0.25
+    if kind == "bf16":  # |τ| of bf16 checkpoints: differences of 8-bit significands
+        a = torch.randn(n, generator=gen).bfloat16().float()
+        return (a - torch.randn(n, generator=gen).bfloat16().float()).abs()
+    return torch.rand(n, generator=gen)  # nearly distinct
+
+
+@pytest.mark.parametrize("kind", ["few", "bf16", "distinct"])
+@pytest.mark.parametrize("descending", [True, False])
+def test_window_positions_hold_what_torch_sort_puts_there(kind: str, descending: bool) -> None:
+    gen = torch.Generator().manual_seed(len(kind) * 2 + descending)
+    for n in [1, 2, 15, 16, 17, 33, 100, 1000, 4099, 70_000]:
+        keys = _keys(gen, n, kind)
+        expected = torch.sort(keys, descending=descending).indices
+        a = int(torch.randint(0, n, (1,), generator=gen))
+        b = int(torch.randint(a, n + 1, (1,), generator=gen))
+        c = int(torch.randint(0, n, (1,), generator=gen))
+        windows = [(a, b), (c, min(n, c + 20)), (0, min(n, 3)), (n - 1, n)]
+        work = keys.clone()
+        got = kernels.sort_windows(work, windows, descending=descending)
+        assert got is not None
+        for first, last in windows:
+            assert torch.equal(got[first:last], expected[first:last]), (n, first, last)
+            assert torch.equal(work[first:last], keys[got[first:last]])
+        assert torch.equal(got.sort().values, torch.arange(n))  # a permutation
+
+
+def test_out_of_depth_restores_the_keys_and_the_cut_falls_back() -> None:
+    """Where std::sort would switch to heapsort inside a window, the call gives up with the
+    keys back in their order, and the mergekit-rule cut then runs the whole torch.sort."""
+    gen = torch.Generator().manual_seed(3)
+    keys = _keys(gen, 5000, "few")
+    work = keys.clone()
+    assert kernels.sort_windows(work, [(2000, 2100)], descending=True, depth=1) is None
+    assert torch.equal(work, keys)
+    assert kernels.sort_windows(work, [(0, 1)] * 5, descending=True) is None  # too many
+    assert torch.equal(work, keys)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_mergekit_rule_cuts_equal_the_whole_sort(
+    density: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIES's top-k and breadcrumbs' window under mergekit's rule: the same kept ties with the
+    windowed sort as with the whole ``torch.sort`` (kernels off), and the kernel was used."""
+    gen = torch.Generator().manual_seed(int(density * 10))
+    magnitude = _keys(gen, 64 * 1024, "few").reshape(64, 1024)
+    calls = []
+    real = kernels.sort_windows
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "sort_windows", counted)
+    top = topk_cut_by(magnitude, density, "mergekit")
+    window = window_cut(magnitude, 1000, 1000 + int(density * 60_000), "mergekit")
+    assert len(calls) == 2 and top is not None and window is not None
+    kernel_settings.configure(enabled=False)
+    plain_top = topk_cut_by(magnitude, density, "mergekit")
+    plain_window = window_cut(magnitude, 1000, 1000 + int(density * 60_000), "mergekit")
+    assert plain_top is not None and plain_window is not None
+    assert torch.equal(top.ties, plain_top.ties) and top.ties.numel() > 0
+    assert torch.equal(window.ties, plain_window.ties) and window.ties.numel() > 0
