@@ -26,11 +26,14 @@ def l1_scale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
     return before / after
 
 
-def l1_scale_of_magnitude(magnitude: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+def l1_scale_of_magnitude(
+    magnitude: torch.Tensor, kept: torch.Tensor, *, in_place: bool = False
+) -> torch.Tensor | None:
     """``l1_scale(tensor, tensor * kept)`` from ``magnitude = |tensor|`` alone (bit for bit:
-    |τ ⊙ kept| = |τ| ⊙ kept), so a caller may take the magnitude in place."""
+    |τ ⊙ kept| = |τ| ⊙ kept), so a caller may take the magnitude in place (``in_place``: the
+    magnitude is then multiplied by ``kept`` in place too, no whole temporary)."""
     before = magnitude.sum()
-    after = (magnitude * kept).sum()
+    after = (magnitude.mul_(kept) if in_place else magnitude * kept).sum()
     if before < L1_EPS or after < L1_EPS:
         return None
     return before / after

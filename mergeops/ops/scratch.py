@@ -21,14 +21,24 @@ _LOCAL = threading.local()
 def scratch_like(name: str, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor shaped like ``like`` (its dtype and device), reused per
     ``name`` on this thread."""
-    if like.numel() > MAX_ENTRIES:
-        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return scratch(name, like.shape, like.dtype, like.device)
+
+
+def scratch(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:  # fmt: skip
+    """An uninitialised tensor of ``shape``, ``dtype`` on ``device``, reused per ``name`` on
+    this thread."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel > MAX_ENTRIES:
+        return torch.empty(shape, dtype=dtype, device=device)
     pool: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _LOCAL.__dict__.setdefault(
         "pool", {}
     )
-    key = (name, like.dtype, like.device)
+    key = (name, dtype, device)
     buffer = pool.get(key)
-    if buffer is None or buffer.numel() < like.numel():
-        buffer = torch.empty(max(like.numel(), 1 << 16), dtype=like.dtype, device=like.device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(max(numel, 1 << 16), dtype=dtype, device=device)
         pool[key] = buffer
-    return buffer[: like.numel()].view(like.shape)
+    return buffer[:numel].view(shape)

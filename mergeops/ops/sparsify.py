@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mergeops import kernels
-from mergeops.ops.scratch import scratch_like
+from mergeops.ops.scratch import scratch, scratch_like
 from mergeops.ops.select import rank_stats
 
 _BINS = 1 << 16
@@ -196,10 +196,38 @@ def dare_keep(
     generator: torch.Generator,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """DARE's keep mask (``rand < density``; None when density >= 1, nothing drawn)."""
+    """DARE's keep mask (``rand < density``; None when density >= 1, nothing drawn). On the CPU
+    the uniforms are drawn ``DRAW_BLOCK`` at a time into scratch (the generator draws in
+    element order, so the mask is the same), not as one whole float32 tensor."""
     if density >= 1:
         return None
-    return torch.rand(tuple(shape), generator=generator, device=device) < density
+    if device.type != "cpu":
+        return torch.rand(tuple(shape), generator=generator, device=device) < density
+    keep = torch.empty(tuple(shape), dtype=torch.bool)
+    flat = keep.view(-1)
+    for start in range(0, flat.numel(), DRAW_BLOCK):
+        part = flat[start : start + DRAW_BLOCK]
+        uniform = scratch("dare-uniform", part.shape, torch.float32, part.device)
+        torch.rand(part.shape, generator=generator, out=uniform)
+        torch.lt(uniform, density, out=part)
+    return keep
+
+
+DRAW_BLOCK = 1 << 20
+"""Uniforms drawn per call for a whole DARE mask on the CPU (4 MiB of float32 scratch)."""
+
+
+def new_pass(what: str, offset: int, expected: int) -> bool:
+    """For statistics applied to a tensor's row slices in ascending order: True when the slice
+    at ``offset`` starts a new pass over the tensor (offset 0), False when it continues the
+    previous slice (``expected``: where that one ended); ValueError otherwise."""
+    if offset == 0:
+        return True
+    if offset != expected:
+        raise ValueError(
+            f"slices of {what} must come in order: expected offset {expected}, got {offset}"
+        )
+    return False
 
 
 class DareRows:
@@ -217,16 +245,11 @@ class DareRows:
         """The keep mask of the slice shaped like ``like`` starting at flat index ``offset``: as
         1.0 / 0.0 in a per-thread float32 scratch tensor for float32 slices (a product with it
         is several times faster than with a bool mask, and the same), else bool."""
-        if offset == 0:
+        if new_pass("a DARE mask", offset, self._next) or self._gen is None:
             self._gen = self._generator()
-        elif offset != self._next or self._gen is None:
-            raise ValueError(
-                f"slices of a DARE mask must come in order: expected offset {self._next}, "
-                f"got {offset}"
-            )
         self._next = offset + like.numel()
-        cpu = like if like.dtype == torch.float32 else like.float()
-        uniform = torch.rand(like.shape, generator=self._gen, out=scratch_like("dare-uniform", cpu))
+        uniform = scratch("dare-uniform", like.shape, torch.float32, like.device)
+        torch.rand(like.shape, generator=self._gen, out=uniform)
         if like.dtype == torch.float32:
             return torch.lt(uniform, self.density, out=scratch_like("keep", like))
         return uniform < self.density

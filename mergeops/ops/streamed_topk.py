@@ -25,7 +25,7 @@ from mergeops import kernels
 from mergeops.ops.scratch import scratch_like
 from mergeops.ops.select import RankCounter
 from mergeops.ops.selection import WindowCut
-from mergeops.ops.sparsify import TrimCut, keep_count
+from mergeops.ops.sparsify import TrimCut, keep_count, new_pass
 
 _NO_TIES = torch.empty(0, dtype=torch.int64)
 
@@ -46,14 +46,7 @@ class OrderedTieCut:
     def _left_at(self, offset: int) -> int:
         """The tie quota left at a slice starting at ``offset``: what the previous slice left,
         or the whole quota at offset 0 (a new pass over the tensor)."""
-        if offset == 0:
-            return self.quota
-        if offset != self._next:
-            raise ValueError(
-                f"slices of a position-ordered cut must come in order: expected offset "
-                f"{self._next}, got {offset}"
-            )
-        return self._left
+        return self.quota if new_pass("a position-ordered cut", offset, self._next) else self._left
 
     def trim_model(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
         """``model`` (a float32 slice) becomes its trimmed τ, ``(model - base) * keep``, in one
@@ -213,13 +206,8 @@ class OrderedWindowCut:
     def _seen_at(self, offset: int) -> list[int]:
         """Each group's entries met before a slice starting at ``offset``: what the previous
         slices met, or none at offset 0 (a new pass over the tensor)."""
-        if offset == 0:
+        if new_pass("a position-ordered window", offset, self._next):
             return [0] * len(self.runs)
-        if offset != self._next:
-            raise ValueError(
-                f"slices of a position-ordered window must come in order: expected offset "
-                f"{self._next}, got {offset}"
-            )
         return self._seen
 
     def trim_model(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> bool:

@@ -310,3 +310,35 @@ def test_chunked_dare_draws_no_whole_mask(method: str, monkeypatch: pytest.Monke
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
     chunked = mergeops.merge(method, models, base=base, device="cpu", **params)
     assert torch.equal(whole["w"].view(torch.int32), chunked["w"].view(torch.int32))
+
+
+def test_dare_keep_drawn_in_blocks_is_one_whole_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the whole mask is drawn a block of uniforms at a time into scratch: the same
+    mask as one ``torch.rand`` of the whole shape, and the generator left where it would be."""
+    from mergeops.ops import sparsify
+
+    monkeypatch.setattr(sparsify, "DRAW_BLOCK", 1000)  # 1320 entries: a block and a ragged one
+    ours, theirs = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    keep = sparsify.dare_keep((40, 33), 0.3, ours, torch.device("cpu"))
+    assert keep is not None and keep.dtype == torch.bool
+    assert torch.equal(keep, torch.rand(40, 33, generator=theirs) < 0.3)
+    assert torch.equal(torch.rand(3, generator=ours), torch.rand(3, generator=theirs))
+
+
+def test_chunked_dare_with_l1_rescale_equals_the_whole_merge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mergekit's ``rescale`` (L1): whole masks held packed and the factor from the magnitude
+    taken in place; the chunked merge equals the unchunked one bit for bit, and a model's
+    merged τ keeps its L1 norm."""
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(64, 128, generator=g)}
+    model = {"w": base["w"] + torch.randn(64, 128, generator=g)}
+    params = {"density": 0.4, "seed": 5, "rescale_by": "l1"}
+    whole = mergeops.merge("dare_linear", [model], base=base, device="cpu", **params)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    chunked = mergeops.merge("dare_linear", [model], base=base, device="cpu", **params)
+    assert torch.equal(whole["w"].view(torch.int32), chunked["w"].view(torch.int32))
+    tau, merged = model["w"] - base["w"], chunked["w"] - base["w"]
+    assert (merged == 0).float().mean() > 0.5
+    assert torch.allclose(merged.abs().sum(), tau.abs().sum(), rtol=1e-4)

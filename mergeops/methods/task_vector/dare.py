@@ -9,6 +9,7 @@ the defaults are mergekit's: density 1, rescale_by l1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
@@ -16,12 +17,14 @@ from typing import Any, ClassVar
 import torch
 
 from mergeops.methods.base import MergeContext, register
+from mergeops.methods.task_vector._per_model import per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
     TaskVectorMerge,
 )
-from mergeops.ops.prune import RescaleBy, l1_scale
+from mergeops.ops.packed_cut import PackedMask
+from mergeops.ops.prune import RescaleBy, l1_scale_of_magnitude
 from mergeops.ops.sparsify import DareRows, dare_keep
 
 
@@ -52,18 +55,18 @@ class _Dare(TaskVectorMerge):
     mergekit_defaults: ClassVar[dict[str, Any]] = {"density": 1.0, "rescale_by": "l1"}
 
     def _draw(
-        self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext
+        self, key: str, tau: torch.Tensor, index: int, ctx: MergeContext, *, owned: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Model ``index``'s keep mask for tensor ``key`` and its L1 factor (None: keep all)."""
+        """Model ``index``'s keep mask for tensor ``key`` and its L1 factor (None: keep all);
+        ``owned``: τ may be overwritten (its magnitude is then taken in place)."""
         params = ctx.params
         assert isinstance(params, DareParams)
         density = ctx.model_params[index].density  # type: ignore[attr-defined]
         keep = dare_keep(tau.shape, density, ctx.generator(key, index), ctx.device)
-        if keep is None:
-            return None
-        by = self._rescale_by(params)
-        scale = l1_scale(tau, tau * keep) if by == "l1" else None
-        return keep, scale
+        if keep is None or self._rescale_by(params) != "l1":
+            return None if keep is None else (keep, None)
+        magnitude = tau.abs_() if owned else tau.abs()  # |τ ⊙ keep| = |τ| ⊙ keep, bit for bit
+        return keep, l1_scale_of_magnitude(magnitude, keep, in_place=True)
 
     @staticmethod
     def _rescale_by(params: DareParams) -> str:
@@ -80,17 +83,25 @@ class _Dare(TaskVectorMerge):
         ctx: MergeContext,
     ) -> list[Any]:
         """Each model's keep mask, drawn exactly as unchunked: with the L1 factor (which needs the
-        whole mask and τ_t) as a whole mask; else on the CPU drawn slice by slice in the merge
-        pass (``DareRows``), on other devices whole."""
+        whole mask and τ_t) as a whole mask, held bit-packed, two models at a time on the CPU
+        for tensors up to ``PARALLEL_MAX_NUMEL``; else on the CPU drawn slice by slice in the
+        merge pass (``DareRows``), on other devices whole."""
         params = ctx.params
         assert isinstance(params, DareParams)
+        densities = [p.density for p in ctx.model_params]  # type: ignore[attr-defined]
+        if self._rescale_by(params) == "l1":
+            return per_model_stats(
+                [d < 1 for d in densities],
+                task_vector,
+                lambda index, tau: _packed(self._draw(key, tau, index, ctx, owned=True)),
+                None,
+                numel=math.prod(shape),
+                device=ctx.device,
+            )
         stats: list[Any] = []
-        for i, p in enumerate(ctx.model_params):
-            density = p.density  # type: ignore[attr-defined]
+        for i, density in enumerate(densities):
             if density >= 1:
                 stats.append(None)
-            elif self._rescale_by(params) == "l1":
-                stats.append(self._draw(key, task_vector(i), i, ctx))
             elif ctx.device.type == "cpu":
                 stats.append(DareRows(partial(ctx.generator, key, i), density))
             else:
@@ -110,8 +121,18 @@ class _Dare(TaskVectorMerge):
             keep, scale = stat.keep_rows(tau, offset), None
         else:
             whole, scale = stat
-            keep = whole.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
+            if isinstance(whole, PackedMask):
+                keep = whole.rows(offset, tau)
+            else:
+                keep = whole.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
         return dare_rows(tau, keep, density, scale, self._rescale_by(params))
+
+
+def _packed(
+    drawn: tuple[torch.Tensor, torch.Tensor | None] | None,
+) -> tuple[PackedMask, torch.Tensor | None] | None:
+    """A whole keep mask held until the merge pass as bits (1/8 of a bool mask)."""
+    return None if drawn is None else (PackedMask.of(drawn[0]), drawn[1])
 
 
 @register
