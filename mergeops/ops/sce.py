@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergeops.ops.scratch import scratch
 from mergeops.ops.sign_consensus import sign_agreement
 
 
@@ -28,8 +29,27 @@ def task_vectors_of(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch
 
 
 def variance_across(task_vectors: torch.Tensor) -> torch.Tensor:
-    """The population variance of each position across models (T, ...) -> (...)."""
-    return torch.var(task_vectors, dim=0, unbiased=False)
+    """The population variance of each position across models (T, ...) -> (...), the bits of
+    ``torch.var(task_vectors, dim=0, unbiased=False)``.
+
+    On the CPU, for float32, torch reduces each position's T values one after another with
+    Welford's update in float64 (mean += δ/n, m2 += δ·(x - mean), then m2 / T cast to float32),
+    through a generic reduction that costs far more per position than the arithmetic. The
+    same updates as whole-slice float64 ops give the same bits about three times faster."""
+    if task_vectors.device.type != "cpu" or task_vectors.dtype != torch.float32:
+        return torch.var(task_vectors, dim=0, unbiased=False)
+    shape, device = task_vectors.shape[1:], task_vectors.device
+    mean = scratch("var-mean", shape, torch.float64, device).zero_()
+    m2 = scratch("var-m2", shape, torch.float64, device).zero_()
+    x = scratch("var-x", shape, torch.float64, device)
+    delta = scratch("var-delta", shape, torch.float64, device)
+    step = scratch("var-step", shape, torch.float64, device)
+    for t in range(task_vectors.shape[0]):
+        x.copy_(task_vectors[t])
+        torch.sub(x, mean, out=delta)
+        mean.add_(torch.div(delta, float(t + 1), out=step))
+        m2.add_(delta.mul_(x.sub_(mean)))
+    return m2.div_(float(task_vectors.shape[0])).float()
 
 
 def top_variance(variance: torch.Tensor, select_topk: float) -> torch.Tensor:

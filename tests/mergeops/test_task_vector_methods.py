@@ -189,6 +189,28 @@ def test_sce_weights_by_energy_and_erases_minority_signs():
     _close(out, [1.0, 94 / 26, 2.0])
 
 
+@pytest.mark.parametrize("models", [1, 2, 4, 5])
+def test_sce_variance_has_the_bits_of_torch_var(models: int) -> None:
+    """``variance_across`` (Welford's float64 updates as slice-wide ops on the CPU) gives the
+    bits of ``torch.var(dim=0, unbiased=False)``: task vectors of bf16 checkpoints at several
+    scales, exact zeros, equal values across models, and slices of two shapes one after
+    another (its scratch buffers reused)."""
+    from mergeops.ops.sce import variance_across
+
+    g = torch.Generator().manual_seed(models)
+    for rows, cols in [(300, 257), (17, 1000)]:
+        base = torch.randn(rows, cols, generator=g).bfloat16().float()
+        scales = [10.0 ** -(t % 4) for t in range(models)]
+        tvs = torch.stack(
+            [(base + torch.randn(rows, cols, generator=g) * s).bfloat16().float() - base
+             for s in scales]
+        )  # fmt: skip
+        tvs[:, :5] = 0.0
+        tvs[:, 5:9] = tvs[0, 5:9].clone()  # equal across models
+        expected = torch.var(tvs, dim=0, unbiased=False)
+        assert torch.equal(variance_across(tvs).view(torch.int32), expected.view(torch.int32))
+
+
 def test_sce_select_keeps_the_highest_variance_positions():
     taus = torch.tensor([[1.0, 2.0, 0.0, 5.0], [1.0, 4.0, 2.0, -5.0]])
     # variances 0, 1, 1, 25: 3 nonzero, k = int(3 * 0.34) = 1
