@@ -159,6 +159,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_window_trim.restype = None
         lib.ck_sort_windows.argtypes = [_P, _P, _I64, _I32, _P, _P, _I32, _I64]
         lib.ck_sort_windows.restype = _I32
+        lib.ck_nth_element.argtypes = [_P, _P, _I64, _I64, _I32, _I64]
+        lib.ck_nth_element.restype = _I32
         _loaded = lib
         return lib
 
@@ -339,23 +341,46 @@ def sort_windows(
     the algorithm would switch to heapsort inside a window (``keys`` restored to its order;
     ``depth`` >= 0 lowers the algorithm's depth limit, for tests of that case)."""
     lib = library()
-    if (
-        lib is None
-        or not windows
-        or len(windows) > 4
-        or keys.dtype != torch.float32
-        or keys.device.type != "cpu"
-        or keys.dim() != 1
-        or not keys.is_contiguous()
-    ):
+    if lib is None or not windows or len(windows) > 4 or not _sortable(keys):
         return None
     order = torch.arange(keys.numel(), dtype=torch.int64)
     first = (ctypes.c_int64 * len(windows))(*[w[0] for w in windows])
     last = (ctypes.c_int64 * len(windows))(*[w[1] for w in windows])
     failed = lib.ck_sort_windows(keys.data_ptr(), order.data_ptr(), keys.numel(),
                                  int(descending), first, last, len(windows), depth)  # fmt: skip
+    return _unless_failed(failed, keys, order)
+
+
+def nth_element(
+    keys: torch.Tensor, nth: int, *, descending: bool, depth: int = -1
+) -> torch.Tensor | None:
+    """The int64 indices whose first ``nth + 1`` are the entries ``torch.topk(keys, nth + 1,
+    largest=descending, sorted=False)`` returns when it selects with ``std::nth_element``
+    (k·64 > n on the CPU), in no particular order, found by the same algorithm
+    (``sortsim.c``). ``keys`` (1-D float32, contiguous, CPU, no NaN) is permuted in place; None
+    as for ``sort_windows``."""
+    lib = library()
+    if lib is None or not 0 <= nth < keys.numel() or not _sortable(keys):
+        return None
+    order = torch.arange(keys.numel(), dtype=torch.int64)
+    failed = lib.ck_nth_element(keys.data_ptr(), order.data_ptr(), keys.numel(), nth,
+                                int(descending), depth)  # fmt: skip
+    return _unless_failed(failed, keys, order)
+
+
+def _sortable(keys: torch.Tensor) -> bool:
+    return (
+        keys.dtype == torch.float32
+        and keys.device.type == "cpu"
+        and keys.dim() == 1
+        and keys.is_contiguous()
+    )
+
+
+def _unless_failed(failed: int, keys: torch.Tensor, order: torch.Tensor) -> torch.Tensor | None:
+    """``order``, or None after putting ``keys`` back in their original order."""
     if failed:
-        keys.copy_(torch.empty_like(keys).index_put_((order,), keys))  # the original order
+        keys.copy_(torch.empty_like(keys).index_put_((order,), keys))
         return None
     return order
 

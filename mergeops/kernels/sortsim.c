@@ -119,3 +119,31 @@ int32_t ck_sort_windows(float *v, int64_t *ix, int64_t n, int32_t descending,
     for (int64_t m = n; m > 1; m >>= 1) lg++;
     return introsort_loop(&s, 0, n, depth < 0 ? 2 * lg : depth);
 }
+
+/* std::nth_element(first, first + nth, last) as libstdc++ runs it (introselect: the same
+ * pivot and partition as the sort, descending only into the side that holds nth, ranges of 3
+ * or fewer left to an insertion sort), which torch.topk uses for a large k on the CPU: after
+ * it, positions [0, nth] hold the entries topk returns. Returns 0, or 1 where the library
+ * would switch to a heap select (the caller then runs torch.topk). */
+int32_t ck_nth_element(float *v, int64_t *ix, int64_t n, int64_t nth, int32_t descending,
+                       int64_t depth) {
+    Sim s = {v, ix, descending, 0, {0}, {0}};
+    if (n <= 1) return 0;
+    if (depth < 0) {
+        int64_t lg = 0;
+        for (int64_t m = n; m > 1; m >>= 1) lg++;
+        depth = 2 * lg;
+    }
+    int64_t first = 0, last = n;
+    while (last - first > 3) {
+        if (depth == 0) return 1;
+        depth--;
+        int64_t mid = first + (last - first) / 2;
+        move_median_to_first(&s, first, first + 1, mid, last - 1);
+        int64_t cut = unguarded_partition(&s, first + 1, last, first);
+        if (cut <= nth) first = cut;
+        else last = cut;
+    }
+    insertion_sort(&s, first, last);
+    return 0;
+}

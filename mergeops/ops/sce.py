@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergeops import kernels
 from mergeops.ops.scratch import scratch
 from mergeops.ops.sign_consensus import sign_agreement
 
@@ -64,6 +65,13 @@ def top_variance(variance: torch.Tensor, select_topk: float) -> torch.Tensor:
     if k == 0:
         return mask
     flat = variance.abs_().view(-1)
+    if k * 64 > flat.numel() and not bool(flat.isnan().any()):
+        # torch.topk selects with std::nth_element here: the same algorithm, in place, with no
+        # queue of (value, index) pairs (16 bytes per entry) and no outputs
+        order = kernels.nth_element(flat, k - 1, descending=True)
+        if order is not None:
+            mask.view(-1)[order[:k]] = True
+            return mask
     top = torch.topk(flat, k=k, largest=True, sorted=False).indices
     mask.view(-1)[top] = True
     return mask

@@ -94,3 +94,42 @@ def test_mergekit_rule_cuts_equal_the_whole_sort(
     assert plain_top is not None and plain_window is not None
     assert torch.equal(top.ties, plain_top.ties) and top.ties.numel() > 0
     assert torch.equal(window.ties, plain_window.ties) and window.ties.numel() > 0
+
+
+@pytest.mark.parametrize("kind", ["few", "bf16", "distinct"])
+def test_nth_element_selects_what_torch_topk_selects(kind: str) -> None:
+    """For k·64 > n torch.topk selects with std::nth_element on the CPU: ``nth_element``'s first
+    k indices are the set topk returns, ties at the k-th value included."""
+    gen = torch.Generator().manual_seed(len(kind))
+    for n in [2, 3, 4, 5, 17, 100, 1000, 4099, 70_000]:
+        keys = _keys(gen, n, kind)
+        for k in {1 + n // 63, n // 2 or 1, n}:
+            expected = torch.topk(keys, k, largest=True, sorted=False).indices
+            work = keys.clone()
+            order = kernels.nth_element(work, k - 1, descending=True)
+            assert order is not None
+            assert torch.equal(order[:k].sort().values, expected.sort().values), (n, k)
+    work = keys.clone()
+    assert kernels.nth_element(work, 10, descending=True, depth=1) is None
+    assert torch.equal(work, keys)  # restored
+
+
+def test_sce_selection_equals_torch_topk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SCE's top-variance mask with the selection kernel equals the ``torch.topk`` mask."""
+    from mergeops.ops.sce import top_variance
+
+    gen = torch.Generator().manual_seed(9)
+    variance = _keys(gen, 64 * 1000, "few").reshape(64, 1000)  # ties at the cut
+    calls = []
+    real = kernels.nth_element
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "nth_element", counted)
+    fast = top_variance(variance.clone(), 0.5)
+    kernel_settings.configure(enabled=False)
+    plain = top_variance(variance.clone(), 0.5)
+    assert calls == [1, 1] and torch.equal(fast, plain)
+    assert int(fast.sum()) == int(torch.count_nonzero(variance) * 0.5)
