@@ -22,9 +22,10 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run(numel: int, density: float, with_mergekit: bool) -> list[tuple[str, str, float]]:
-    """(data, rule, seconds) rows: float32 normal data (no ties at the cut) and the same data
-    rounded to bfloat16 (the cut falls inside a group of equal magnitudes)."""
+def run(numel: int, density: float, with_mergekit: bool) -> list[tuple[str, str, str]]:
+    """(data, rule, result) rows: float32 normal data (no ties at the cut) and the same data
+    rounded to bfloat16 (the cut falls inside a group of equal magnitudes); with mergekit, its
+    own time and whether mergekit mode kept exactly mergekit's entries."""
     gen = torch.Generator().manual_seed(0)
     smooth = torch.randn(numel, generator=gen)
     data = {"float32 normal": smooth, "bf16-rounded": smooth.bfloat16().float()}
@@ -32,15 +33,16 @@ def run(numel: int, density: float, with_mergekit: bool) -> list[tuple[str, str,
     for label, tensor in data.items():
         rules: list[TieBreak] = ["position", "mergekit"]
         for rule in rules:
-            rows.append(
-                (label, rule, _seconds(lambda t=tensor, r=rule: topk_mask_by(t, density, r)))
-            )
+            seconds = _seconds(lambda t=tensor, r=rule: topk_mask_by(t, density, r))
+            rows.append((label, rule, f"{seconds:7.2f} s"))
         if with_mergekit:
             from mergekit.sparsify import magnitude
 
-            rows.append(
-                (label, "mergekit itself", _seconds(lambda t=tensor: magnitude(t, density)))
-            )
+            seconds = _seconds(lambda t=tensor: magnitude(t, density))
+            rows.append((label, "mergekit itself", f"{seconds:7.2f} s"))
+            same = torch.equal(magnitude(tensor, density) != 0,
+                               topk_mask_by(tensor, density, "mergekit"))  # fmt: skip
+            rows.append((label, "kept set", "same as mergekit" if same else "DIFFERS"))
     return rows
 
 
@@ -50,8 +52,8 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.2, help="fraction kept")
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit's own timing")
     args = parser.parse_args()
-    for label, rule, seconds in run(args.numel, args.density, not args.no_mergekit):
-        print(f"{label:16s} {rule:16s} {seconds:7.2f} s")
+    for label, rule, result in run(args.numel, args.density, not args.no_mergekit):
+        print(f"{label:16s} {rule:16s} {result}")
 
 
 if __name__ == "__main__":
