@@ -10,6 +10,7 @@ import torch
 import mergeops
 from mergeops.ops.selection import WindowCut, window_bounds, window_cut
 from mergeops.ops.streamed_topk import OrderedWindowCut, SliceWindow
+from tests.mergeops.families import tied_family
 
 
 def _whole_mask(magnitude: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -80,17 +81,6 @@ def test_window_cut_kinds_and_slices_in_order() -> None:
     assert SliceWindow(8, 0, 8).cut() is None
 
 
-def _family(seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    g = torch.Generator().manual_seed(seed)
-    base = {"w": (torch.randn(64, 128, generator=g) * 0.02).bfloat16()}
-    models = [
-        {"w": (base["w"].float() + (torch.randn(64, 128, generator=g) * 16).round() / 4096)
-         .bfloat16()}
-        for _ in range(3)
-    ]  # fmt: skip
-    return base, models
-
-
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_chunked_breadcrumbs_by_sweeps_equals_the_whole_merge(
     method: str, monkeypatch: pytest.MonkeyPatch
@@ -100,7 +90,7 @@ def test_chunked_breadcrumbs_by_sweeps_equals_the_whole_merge(
     from mergeops import chunking
     from mergeops.methods.task_vector.breadcrumbs import _Breadcrumbs
 
-    base, models = _family(5)
+    base, models = tied_family(5)
     params = {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 1.0], "gamma": [0.05, 0.2, 0.1]}
     whole = mergeops.merge(method, models, base=base, device="cpu", tie_break="position", **params)
 
@@ -124,7 +114,7 @@ def test_other_rules_keep_the_whole_tensor_window(
     from mergeops import chunking
     from mergeops.methods.task_vector.breadcrumbs import _Breadcrumbs
 
-    base, models = _family(6)
+    base, models = tied_family(6)
     shared = {"density": 0.4, "gamma": 0.1, **params}
     whole = mergeops.merge("breadcrumbs", models, base=base, device="cpu", **shared)
     calls: list[str] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,6 @@ if not HAVE_CC and os.environ.get("CI") != "true":
 
 def _switch(on: bool) -> None:
     kernel_settings.configure(enabled=on)
-
-
-@pytest.fixture
-def kernel_dir(tmp_path: Path) -> Iterator[Path]:
-    """Kernels on, built into a fresh folder; the defaults again afterwards."""
-    folder = tmp_path / "kernels"
-    kernel_settings.reset()
-    kernel_settings.configure(cache_dir=folder)
-    yield folder
-    kernel_settings.reset()
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

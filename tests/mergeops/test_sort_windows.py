@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +17,20 @@ if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def kernel_dir(tmp_path: Path) -> Iterator[Path]:
-    folder = tmp_path / "kernels"
-    kernel_settings.reset()
-    kernel_settings.configure(cache_dir=folder)
-    yield folder
-    kernel_settings.reset()
+pytestmark = pytest.mark.usefixtures("kernel_dir")  # kernels on, in a fresh folder
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of ``kernels.<name>`` (still calling it); the list grows per call."""
+    calls: list[int] = []
+    real = getattr(kernels, name)
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, name, counted)
+    return calls
 
 
 def _keys(gen: torch.Generator, n: int, kind: str) -> torch.Tensor:
@@ -77,14 +82,7 @@ def test_mergekit_rule_cuts_equal_the_whole_sort(
     windowed sort as with the whole ``torch.sort`` (kernels off), and the kernel was used."""
     gen = torch.Generator().manual_seed(int(density * 10))
     magnitude = _keys(gen, 64 * 1024, "few").reshape(64, 1024)
-    calls = []
-    real = kernels.sort_windows
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "sort_windows", counted)
+    calls = _counting(monkeypatch, "sort_windows")
     top = topk_cut_by(magnitude, density, "mergekit")
     window = window_cut(magnitude, 1000, 1000 + int(density * 60_000), "mergekit")
     assert len(calls) == 2 and top is not None and window is not None
@@ -120,14 +118,7 @@ def test_sce_selection_equals_torch_topk(monkeypatch: pytest.MonkeyPatch) -> Non
 
     gen = torch.Generator().manual_seed(9)
     variance = _keys(gen, 64 * 1000, "few").reshape(64, 1000)  # ties at the cut
-    calls = []
-    real = kernels.nth_element
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "nth_element", counted)
+    calls = _counting(monkeypatch, "nth_element")
     fast = top_variance(variance.clone(), 0.5)
     kernel_settings.configure(enabled=False)
     plain = top_variance(variance.clone(), 0.5)

@@ -6,6 +6,7 @@ import torch
 import mergeops
 from mergeops.ops.selection import topk_mask_by
 from mergeops.ops.sparsify import RadixTopK, topk_mask
+from tests.mergeops.families import tied_family
 
 BASE = {"w": torch.tensor([1.0, 2.0, 3.0])}
 A = {"w": torch.tensor([2.0, 2.0, 5.0])}  # τ = [1, 0, 2]
@@ -129,13 +130,7 @@ def test_position_ties_chunked_by_sweeps_without_whole_task_vectors(
     from mergeops import chunking
     from mergeops.methods.task_vector.ties import Ties
 
-    g = torch.Generator().manual_seed(5)
-    base = {"w": (torch.randn(64, 128, generator=g) * 0.02).bfloat16()}
-    models = [
-        {"w": (base["w"].float() + (torch.randn(64, 128, generator=g) * 16).round() / 4096)
-         .bfloat16()}
-        for _ in range(3)
-    ]  # fmt: skip
+    base, models = tied_family(5)
     params = {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 1.0]}
     whole = mergeops.merge("ties", models, base=base, device="cpu", **params)
 
