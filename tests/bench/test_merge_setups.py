@@ -25,7 +25,7 @@ def test_every_mergekit_method_has_a_setup_both_engines_parse(tmp_path: Path) ->
 
 
 def test_ckreg_variant_rows_write_their_method_and_params(tmp_path: Path) -> None:
-    from bench.merge_setups import CKREG_VARIANTS
+    from bench.merge_setups import CKREG_VARIANTS, setup_of
 
     folders = [tmp_path / f"m{i}" for i in range(5)]
     for name, (method, extra) in CKREG_VARIANTS.items():
@@ -34,5 +34,7 @@ def test_ckreg_variant_rows_write_their_method_and_params(tmp_path: Path) -> Non
         )
         assert data["merge_method"] == method
         assert extra.items() <= data["parameters"].items()
-        assert [m["parameters"]["density"] for m in data["models"]] == [0.5] * 4
+        per_model = setup_of(name).per_model or {}
+        density = 0.5 if per_model.get("density") == -1 else per_model["density"]  # -1: --density
+        assert [m["parameters"]["density"] for m in data["models"]] == [density] * 4, name
         parse_config(data)
