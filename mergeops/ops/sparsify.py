@@ -245,8 +245,9 @@ class DareRows:
         """The keep mask of the slice shaped like ``like`` starting at flat index ``offset``: as
         1.0 / 0.0 in a per-thread float32 scratch tensor for float32 slices (a product with it
         is several times faster than with a bool mask, and the same), else bool."""
-        if new_pass("a DARE mask", offset, self._next) or self._gen is None:
+        if new_pass("a DARE mask", offset, self._next):
             self._gen = self._generator()
+        assert self._gen is not None  # the first slice has offset 0
         self._next = offset + like.numel()
         uniform = scratch("dare-uniform", like.shape, torch.float32, like.device)
         torch.rand(like.shape, generator=self._gen, out=uniform)
