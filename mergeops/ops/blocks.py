@@ -24,8 +24,10 @@ class FlatBlocks:
     """Cuts consecutive slices of several same-shaped tensors into aligned flat blocks.
 
     ``feed`` takes one slice per tensor (the same rows of each) and yields, for every block
-    completed by it, a list with one ``(1, BLOCK)`` tensor per input (views where a block lies
-    inside the slice, copies where it straddles two). ``flush`` yields the last, shorter block.
+    completed by it, a list with one ``(1, BLOCK)`` tensor per input: views where a block lies
+    inside the slice, else the block gathered into a buffer of this cutter's own. ``flush``
+    yields the last, shorter block. The buffer is reused: a gathered block is valid until the
+    next ``feed`` or ``flush``.
     """
 
     def __init__(self, block: int | None = None) -> None:
@@ -33,35 +35,43 @@ class FlatBlocks:
         if block <= 0:
             raise ValueError(f"block size must be positive, got {block}")
         self.block = block
-        self._carry: list[torch.Tensor] | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._filled = 0  # entries of the current block gathered in the buffers
+
+    def _gather(self, flats: Sequence[torch.Tensor], start: int, stop: int) -> None:
+        if not self._buffers:
+            self._buffers = [flat.new_empty((1, self.block)) for flat in flats]
+        end = self._filled + stop - start
+        for buffer, flat in zip(self._buffers, flats, strict=True):
+            buffer[:, self._filled : end].copy_(flat[:, start:stop])
+        self._filled = end
+
+    def _gathered(self) -> list[torch.Tensor]:
+        blocks = [buffer[:, : self._filled] for buffer in self._buffers]
+        self._filled = 0
+        return blocks
 
     def feed(self, tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         """The blocks completed by this slice, in order."""
         flats = [tensor.reshape(1, -1) for tensor in tensors]
         length = flats[0].shape[1]
         start = 0
-        if self._carry is not None:
-            need = self.block - self._carry[0].shape[1]
-            take = min(need, length)
-            self._carry = [
-                torch.cat([c, f[:, :take]], dim=1) for c, f in zip(self._carry, flats, strict=True)
-            ]
-            start = take
-            if self._carry[0].shape[1] < self.block:
+        if self._filled:
+            start = min(self.block - self._filled, length)
+            self._gather(flats, 0, start)
+            if self._filled < self.block:
                 return
-            yield self._carry
-            self._carry = None
+            yield self._gathered()
         while length - start >= self.block:
             yield [flat[:, start : start + self.block] for flat in flats]
             start += self.block
         if start < length:
-            self._carry = [flat[:, start:].clone() for flat in flats]
+            self._gather(flats, start, length)
 
     def flush(self) -> Iterator[list[torch.Tensor]]:
         """The last block when the tensor's size is not a multiple of the block size."""
-        if self._carry is not None:
-            yield self._carry
-            self._carry = None
+        if self._filled:
+            yield self._gathered()
 
 
 def blocks_of(

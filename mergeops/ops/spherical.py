@@ -22,6 +22,7 @@ import torch
 
 from mergeops.ops.blocks import blocks_of, combine_norms, combine_sums
 from mergeops.ops.gram import norms_of
+from mergeops.ops.scratch import scratch, scratch_like
 
 
 def slerp_work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,9 +59,13 @@ def slerp_apply(
     result = torch.empty_like(a)
     for start in range(0, a.shape[1], _APPLY_CHUNK):
         stop = start + _APPLY_CHUNK
-        result[:, start:stop] = coef_a * a[:, start:stop].to(work) + coef_b * b[:, start:stop].to(
-            work
-        )
+        part = result[:, start:stop]
+        out = part if part.dtype == work else scratch("slerp-out", part.shape, work, part.device)
+        torch.mul(a[:, start:stop].to(work), coef_a, out=out)
+        term = b[:, start:stop].to(work)
+        out.add_(torch.mul(term, coef_b, out=scratch_like("slerp-term", term)))
+        if out is not part:
+            part.copy_(out)
     return result.reshape(v0.shape)
 
 

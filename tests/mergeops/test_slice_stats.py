@@ -89,12 +89,30 @@ def test_flat_blocks_are_independent_of_slicing() -> None:
     for rows in (1, 3, 7, 50):
         cutter, got = FlatBlocks(700), []
         for start in range(0, 50, rows):
-            got += [b[0] for b in cutter.feed([tensor[start : start + rows]])]
-        got += [b[0] for b in cutter.flush()]
+            got += [b[0].clone() for b in cutter.feed([tensor[start : start + rows]])]
+        got += [b[0].clone() for b in cutter.flush()]
         assert len(got) == len(expected)
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     with pytest.raises(ValueError, match="positive"):
         FlatBlocks(0)
+
+
+def test_flat_blocks_gather_into_one_reused_buffer() -> None:
+    """A block straddling slices is gathered into the cutter's own buffer, the same buffer
+    every time (no allocation per block); blocks inside a slice are views of it."""
+    tensor = torch.arange(3000, dtype=torch.float32).reshape(30, 100)
+    cutter, pointers = FlatBlocks(700), set()
+    for start in range(0, 30, 4):
+        piece = tensor[start : start + 4]
+        for (block,) in cutter.feed([piece]):
+            inside = piece.data_ptr() <= block.data_ptr() < piece.data_ptr() + piece.nbytes
+            if not inside:
+                pointers.add(block.data_ptr())
+            first = int(block[0, 0].item())
+            assert torch.equal(block[0], torch.arange(first, first + 700, dtype=torch.float32))
+    assert len(pointers) == 1
+    (last,) = [block[0].clone() for (block,) in cutter.flush()]
+    assert torch.equal(last, torch.arange(2800, 3000, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,6 +23,7 @@ from mergeops.methods.base import (
     register,
 )
 from mergeops.ops.blocks import FlatBlocks, combine_norms, combine_sums
+from mergeops.ops.scratch import scratch_like
 from mergeops.ops.spherical import safe_norm, slerp_apply, slerp_coefficients, slerp_work_dtype
 
 
@@ -55,8 +56,10 @@ class SlerpStats(TensorStatsPass):
         if self.unit is None:
             self.norms[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
             self.norms[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
-        else:
-            self.dots.append(((a / self.unit[0]) * (b / self.unit[1])).sum(dim=1, keepdim=True))
+        else:  # (a / |a|) * (b / |b|), in reused buffers
+            unit_a = torch.div(a, self.unit[0], out=scratch_like("slerp-a", a))
+            unit_b = torch.div(b, self.unit[1], out=scratch_like("slerp-b", b))
+            self.dots.append(unit_a.mul_(unit_b).sum(dim=1, keepdim=True))
 
     def next_pass(self) -> bool:
         for block in self.blocks.flush():
