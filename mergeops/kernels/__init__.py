@@ -1,6 +1,6 @@
-"""Fused float32 combines on the CPU, compiled from C (``combine.c``) on first use, and
-``sortsim.c``: torch's CPU sort algorithm run only where it reaches given positions
-(``sort_windows``, for mergekit's tie rule).
+"""Fused float32 combines on the CPU, compiled from C (``combine.c``; ``ram.c`` for RAM) on
+first use, and ``sortsim.c``: torch's CPU sort algorithm run only where it reaches given
+positions (``sort_windows``, for mergekit's tie rule).
 
 The torch path of a task-vector combine runs one op per model and step over each block
 (sub, mul, add per model, then divide, scale, add the base): about 3.5 ns per entry for four
@@ -40,7 +40,7 @@ from mergeops import kernel_settings
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("combine.c", "sortsim.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("combine.c", "sortsim.c", "ram.c")]
 FLAGS = [
     "-O3",
     "-std=c99",
@@ -161,6 +161,10 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_sort_windows.restype = _I32
         lib.ck_nth_element.argtypes = [_P, _P, _I64, _I64, _I32, _I64]
         lib.ck_nth_element.restype = _I32
+        lib.ck_ram.argtypes = [_P, _P, _I32, _F32, _P, _P, _I64]
+        lib.ck_ram.restype = None
+        lib.ck_ram_counts.argtypes = [_P, _P, _I32, _F32, _P, _P, _I64]
+        lib.ck_ram_counts.restype = None
         _loaded = lib
         return lib
 
@@ -345,6 +349,9 @@ def _check(weights: torch.Tensor, count: int) -> None:
         raise ValueError(f"weights must be {count} contiguous float32 values on the CPU")
 
 
-# The sort-algorithm wrappers live beside their C source; imported last (they call library()).
+# The wrappers of sortsim.c and ram.c live beside their C source; imported last (they call
+# library()).
+from mergeops.kernels.ram import ram_combine as ram_combine  # noqa: E402
+from mergeops.kernels.ram import ram_counts as ram_counts  # noqa: E402
 from mergeops.kernels.sortsim import nth_element as nth_element  # noqa: E402
 from mergeops.kernels.sortsim import sort_windows as sort_windows  # noqa: E402

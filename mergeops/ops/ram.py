@@ -8,6 +8,9 @@ model's unique entries by λ_t = 1 + r·clip(shared_t / unique_t, 0, alpha).
 Everything but λ_t is elementwise across models, so any row slice merges like the whole
 tensor. λ_t needs each model's shared and unique mover counts over the whole tensor: integer
 sums (``mover_counts`` per slice, added up exactly), so slices give the same λ_t bit for bit.
+
+float32 on the CPU takes one fused pass (``kernels.ram_combine`` / ``ram_counts``) with the
+same bits as the torch ops below.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from mergeops import kernels
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ def overlap(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float) 
 
 def ram_merge(base: torch.Tensor, models: Sequence[torch.Tensor], epsilon: float) -> torch.Tensor:
     """θ0 + Σ_t [unique τ_t + shared τ_t / movers]."""
+    fused = kernels.ram_combine(base, models, epsilon)
+    if fused is not None:
+        return fused
     o = overlap(base, models, epsilon)
     kept = o.task_vectors * o.moved
     merged = ((kept * o.unique) + (kept * o.shared / o.movers.clamp(min=1))).sum(
@@ -58,6 +66,9 @@ def mover_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per model (int64, shape (T,)): how many entries it moved together with another model
     (shared) and alone (unique). Integer counts: sums over slices equal the whole tensor's."""
+    counted = kernels.ram_counts(base, models, epsilon)
+    if counted is not None:
+        return counted
     o = overlap(base, models, epsilon)
     return (o.moved & o.shared).sum(dim=1), (o.moved & o.unique).sum(dim=1)
 
@@ -77,6 +88,9 @@ def ramplus_combine(
     """θ0 + Σ_t [λ_t·unique τ_t + shared τ_t / movers] for any rows of the tensor, given the
     whole tensor's λ_t (``scale``; float32, so 16-bit inputs give a float32 sum, as in
     mergekit)."""
+    fused = kernels.ram_combine(base, models, epsilon, scale)
+    if fused is not None:
+        return fused
     o = overlap(base, models, epsilon)
     kept = o.task_vectors * o.moved
     merged = (
