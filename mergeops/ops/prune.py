@@ -2,14 +2,20 @@
 task vector, and DELLA's magnitude-ranked keep probabilities (MAGPRUNE).
 
 Each function follows mergekit 0.1.5's operation order, so results computed in bfloat16 round
-the same way; they work in the dtype they are given.
+the same way; they work in the dtype they are given. The exception is the L1 factor of the
+random methods (DARE, DELLA: ``l1_factor``), summed in float64 lanes so that it does not change
+with the machine's thread count; TIES and breadcrumbs keep mergekit's float32 sums
+(``l1_scale_of_magnitude``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
+
+from mergeops import kernels
 
 RescaleBy = Literal["keep_probability", "l1"]
 
@@ -17,21 +23,14 @@ L1_EPS = 1e-7
 """Below this L1 norm (before or after masking) the masked tensor is not rescaled."""
 
 
-def l1_scale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
-    """‖tensor‖₁ / ‖masked‖₁ as a 0-dim tensor, or None when either norm is below ``L1_EPS``."""
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return None
-    return before / after
-
-
 def l1_scale_of_magnitude(
     magnitude: torch.Tensor, kept: torch.Tensor, *, in_place: bool = False
 ) -> torch.Tensor | None:
-    """``l1_scale(tensor, tensor * kept)`` from ``magnitude = |tensor|`` alone (bit for bit:
+    """mergekit's L1 factor ‖τ‖₁ / ‖τ ⊙ kept‖₁ by float32 ``sum()`` (TIES's and breadcrumbs'
+    rescale, which keep mergekit's bits) from ``magnitude = |τ|`` alone (bit for bit:
     |τ ⊙ kept| = |τ| ⊙ kept), so a caller may take the magnitude in place (``in_place``: the
-    magnitude is then multiplied by ``kept`` in place too, no whole temporary)."""
+    magnitude is then multiplied by ``kept`` in place too, no whole temporary); None when
+    either sum is below ``L1_EPS``."""
     before = magnitude.sum()
     after = (magnitude.mul_(kept) if in_place else magnitude * kept).sum()
     if before < L1_EPS or after < L1_EPS:
@@ -39,10 +38,45 @@ def l1_scale_of_magnitude(
     return before / after
 
 
-def l1_rescale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """``masked`` scaled so its L1 norm equals that of ``tensor`` (mergekit's ``rescale``)."""
-    scale = l1_scale(tensor, masked)
-    return masked if scale is None else masked * scale
+LANES = 8
+"""Lanes of ``lane_sums``: entry i of a tensor is added to lane i mod 8."""
+
+
+def lane_sums(values: torch.Tensor, lanes: torch.Tensor) -> None:
+    """``lanes`` (8 float64) += the flat entries of ``values`` (float32, non-negative), entry i
+    into lane i mod 8, each lane in index order from +0. Sums of consecutive slices (each
+    starting at a multiple of 8) equal the whole tensor's, bit for bit, whatever the thread
+    count: the fused kernel, else a cumsum down rows of 8 (sequential on the CPU)."""
+    flat = values.reshape(-1)
+    if kernels.lane_sums(flat, lanes):
+        return
+    pad = (-flat.numel()) % LANES
+    rows = torch.cat([flat.double(), flat.new_zeros(pad, dtype=torch.float64)]).view(-1, LANES)
+    lanes.copy_(torch.cat([lanes.view(1, LANES), rows.to(lanes.device)]).cumsum(0)[-1])
+
+
+def l1_factor_of_lanes(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
+    """DARE's L1 factor ‖τ‖₁ / ‖τ ⊙ keep‖₁ (a float32 0-dim tensor) from the lane sums of |τ|
+    and |τ ⊙ keep| (``lane_sums``), each total correctly rounded from its lanes; None when
+    either is below ``L1_EPS``. Unlike a float32 ``sum()`` (whose rounding follows torch's
+    split of the work over threads), the same inputs give the same factor on every machine."""
+    total_before = math.fsum(before.tolist())
+    total_after = math.fsum(after.tolist())
+    if total_before < L1_EPS or total_after < L1_EPS:
+        return None
+    return torch.tensor(total_before / total_after, dtype=torch.float32)
+
+
+def l1_factor(
+    magnitude: torch.Tensor, kept: torch.Tensor, *, in_place: bool = False
+) -> torch.Tensor | None:
+    """DARE's L1 factor of a whole τ from ``magnitude = |τ|`` and its keep mask, by lane sums
+    (``l1_factor_of_lanes``); ``in_place``: the magnitude is multiplied by ``kept`` in place."""
+    before = magnitude.new_zeros(LANES, dtype=torch.float64)
+    after = magnitude.new_zeros(LANES, dtype=torch.float64)
+    lane_sums(magnitude, before)
+    lane_sums(magnitude.mul_(kept) if in_place else magnitude * kept, after)
+    return l1_factor_of_lanes(before, after)
 
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -102,7 +136,8 @@ def della_prune(
     rows = tensor.reshape(probs.shape).to(probs.dtype)
     masked = rows * keep
     if rescale_by == "l1":
-        masked = l1_rescale(rows, masked)
+        factor = l1_factor(rows.abs(), keep)
+        masked = masked if factor is None else masked * factor
     elif rescale_by == "keep_probability":
         masked = masked / probs
     return masked.to(tensor.dtype).reshape(tensor.shape)

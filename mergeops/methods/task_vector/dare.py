@@ -5,6 +5,11 @@ Survivors are rescaled by 1/density (``rescale_by: keep_probability``, the paper
 default) or so that each τ_t keeps its L1 norm (``rescale_by: l1``, what mergekit's
 ``rescale: true`` does); ``rescale: false`` keeps them as they are. Under a mergekit config
 the defaults are mergekit's: density 1, rescale_by l1.
+
+The L1 factor ‖τ_t‖₁ / ‖τ_t ⊙ keep‖₁ sums in float64 lanes (``ops.prune.lane_sums``), not as
+mergekit's float32 ``sum()``, whose last bits follow torch's split of the sum over threads (the
+same merge gave other bytes on a machine with more cores). On the CPU a large tensor's masks
+and factors then come from one sweep over its row slices (``DareL1Sweep``), no whole τ_t held.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ from typing import Any, ClassVar
 
 import torch
 
-from mergeops.methods.base import MergeContext, register
+from mergeops import kernels
+from mergeops.methods.base import MergeContext, TensorInputs, TensorStatsPass, register
 from mergeops.methods.task_vector._per_model import per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
     TaskVectorMerge,
 )
-from mergeops.ops.packed_cut import PackedMask
-from mergeops.ops.prune import RescaleBy, l1_scale_of_magnitude
-from mergeops.ops.sparsify import DareRows, dare_keep
+from mergeops.ops.packed_cut import PackedMask, pack_bool
+from mergeops.ops.prune import LANES, RescaleBy, l1_factor, l1_factor_of_lanes, lane_sums
+from mergeops.ops.scratch import scratch
+from mergeops.ops.sparsify import DareRows, dare_keep, new_pass
 
 
 class DareParams(TaskArithmeticParams):
@@ -66,7 +73,7 @@ class _Dare(TaskVectorMerge):
         if keep is None or self._rescale_by(params) != "l1":
             return None if keep is None else (keep, None)
         magnitude = tau.abs_() if owned else tau.abs()  # |τ ⊙ keep| = |τ| ⊙ keep, bit for bit
-        return keep, l1_scale_of_magnitude(magnitude, keep, in_place=True)
+        return keep, l1_factor(magnitude, keep, in_place=True)
 
     @staticmethod
     def _rescale_by(params: DareParams) -> str:
@@ -82,10 +89,10 @@ class _Dare(TaskVectorMerge):
         task_vector: Callable[[int], torch.Tensor],
         ctx: MergeContext,
     ) -> list[Any]:
-        """Each model's keep mask, drawn exactly as unchunked: with the L1 factor (which needs the
-        whole mask and τ_t) as a whole mask, held bit-packed, two models at a time on the CPU
-        for tensors up to ``PARALLEL_MAX_NUMEL``; else on the CPU drawn slice by slice in the
-        merge pass (``DareRows``), on other devices whole."""
+        """Each model's keep mask, drawn exactly as unchunked: with the L1 factor (on devices
+        other than the CPU, whose L1 case is ``stats_sweep``'s) as a whole mask held bit-packed;
+        else on the CPU drawn slice by slice in the merge pass (``DareRows``), on other devices
+        whole."""
         params = ctx.params
         assert isinstance(params, DareParams)
         densities = [p.density for p in ctx.model_params]  # type: ignore[attr-defined]
@@ -108,6 +115,33 @@ class _Dare(TaskVectorMerge):
                 stats.append((dare_keep(shape, density, ctx.generator(key, i), ctx.device), None))
         return stats
 
+    def stats_sweep(
+        self, key: str, shape: tuple[int, ...], ctx: MergeContext
+    ) -> TensorStatsPass | None:
+        """With the L1 rescale on the CPU: each model's mask and factor from one sweep over the
+        slices (``DareL1Sweep``); else None (``tensor_stats``)."""
+        params = ctx.params
+        assert isinstance(params, DareParams)
+        densities = [p.density for p in ctx.model_params]  # type: ignore[attr-defined]
+        if self._rescale_by(params) != "l1" or ctx.device.type != "cpu":
+            return None
+        numel = math.prod(shape)
+        return DareL1Sweep([
+            None if d >= 1 else DareL1Rows(partial(ctx.generator, key, i), d, numel)
+            for i, d in enumerate(densities)
+        ])  # fmt: skip
+
+    def fused_sparsify(
+        self, model: torch.Tensor, base: torch.Tensor, stat: Any, offset: int
+    ) -> bool:
+        """A packed mask and L1 factor applied to ``model - base`` in one pass
+        (``kernels.dare_apply``)."""
+        if not isinstance(stat, tuple) or not isinstance(stat[0], PackedMask) or offset % 8:
+            return False
+        whole, scale = stat
+        factor = 1.0 if scale is None else float(scale)
+        return kernels.dare_apply(model, base, whole.bits[offset // 8 :], factor)
+
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
     ) -> torch.Tensor:
@@ -126,6 +160,64 @@ class _Dare(TaskVectorMerge):
             else:
                 keep = whole.reshape(-1)[offset : offset + tau.numel()].reshape(tau.shape)
         return dare_rows(tau, keep, density, scale, self._rescale_by(params))
+
+
+class DareL1Rows:
+    """One model's DARE keep mask with the L1 rescale, drawn a row slice at a time in flat
+    order on the CPU (the uniforms of one ``dare_keep`` call, as ``DareRows`` draws them) while
+    the lane sums of |τ| and |τ ⊙ keep| add up; the mask is kept packed for the merge pass.
+    Slices must come in ascending order, each starting at a multiple of 8."""
+
+    def __init__(
+        self, generator: Callable[[], torch.Generator], density: float, numel: int
+    ) -> None:
+        self._generator, self.density = generator, density
+        self._gen: torch.Generator | None = None
+        self._next = 0
+        self.bits = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
+        self.lanes = torch.zeros(2 * LANES, dtype=torch.float64)  # |τ|, then |τ ⊙ keep|
+
+    def observe(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> None:
+        """Draw the slice of ``model - base`` starting at flat index ``offset``."""
+        if new_pass("a DARE mask", offset, self._next):
+            self._gen = self._generator()
+            self.lanes.zero_()
+        assert self._gen is not None  # the first slice has offset 0
+        if offset % 8:
+            raise ValueError(f"DARE's slices must start at a multiple of 8, got {offset}")
+        count = model.numel()
+        self._next = offset + count
+        uniform = scratch("dare-uniform", model.shape, torch.float32, model.device)
+        torch.rand(model.shape, generator=self._gen, out=uniform)
+        bits = self.bits[offset // 8 : (offset + count + 7) // 8]
+        if kernels.dare_sweep(model, base, uniform, self.density, bits, self.lanes):
+            return
+        keep = uniform < self.density
+        magnitude = (model - base).abs_()
+        lane_sums(magnitude, self.lanes[:LANES])
+        lane_sums(magnitude.mul_(keep), self.lanes[LANES:])
+        bits.copy_(pack_bool(keep))
+
+    def result(self) -> tuple[PackedMask, torch.Tensor | None]:
+        """The packed mask and the L1 factor (None: not rescaled)."""
+        return PackedMask(self.bits), l1_factor_of_lanes(self.lanes[:LANES], self.lanes[LANES:])
+
+
+class DareL1Sweep(TensorStatsPass):
+    """One sweep over a tensor's row slices: every model's ``DareL1Rows`` (None: density 1).
+    ``result()`` is what ``tensor_stats`` gives for the L1 rescale, without whole τ_t."""
+
+    def __init__(self, models: list[DareL1Rows | None]) -> None:
+        self.models = models
+
+    def observe(self, inputs: TensorInputs, offset: int) -> None:
+        assert inputs.base is not None
+        for rows, model in zip(self.models, inputs.models, strict=True):
+            if rows is not None:
+                rows.observe(model, inputs.base, offset)
+
+    def result(self) -> list[tuple[PackedMask, torch.Tensor | None] | None]:
+        return [None if rows is None else rows.result() for rows in self.models]
 
 
 def _packed(

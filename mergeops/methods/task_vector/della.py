@@ -35,7 +35,7 @@ from mergeops.ops.prune import (
     check_della,
     della_keep_probability,
     della_prune,
-    l1_scale,
+    l1_factor,
 )
 
 KEEP_ROWS_ELEMENTS = 1024 * 1024
@@ -106,8 +106,7 @@ class _Della(TaskVectorMerge):
             keep = _draw_keep(tau, own, ctx.generator(key, index))
             scale = None
             if params.rescale and params.rescale_by == "l1":
-                rows = tau.reshape(keep.shape)
-                scale = l1_scale(rows, rows * keep)
+                scale = l1_factor(tau.reshape(keep.shape).abs(), keep)
             stats.append((PackedMask.of(keep), scale))
         return stats
 
