@@ -71,7 +71,15 @@ void ck_lane_sums(const float *restrict values, double *restrict lanes, int64_t 
  * (model - base).mul_(keep).mul_(scale). */
 void ck_dare_apply(float *restrict x, const float *restrict base, const uint8_t *restrict bits,
                    float scale, int64_t n) {
-    for (int64_t j = 0; j < n; j++) {
+    int64_t whole = n - n % LANES;
+    for (int64_t start = 0; start < whole; start += LANES) {
+        uint32_t byte = bits[start / LANES];
+        for (int k = 0; k < LANES; k++) {
+            float keep = (float)((byte >> (7 - k)) & 1u);
+            x[start + k] = ((x[start + k] - base[start + k]) * keep) * scale;
+        }
+    }
+    for (int64_t j = whole; j < n; j++) {
         float keep = (float)((bits[j >> 3] >> (7 - (j & 7))) & 1);
         x[j] = ((x[j] - base[j]) * keep) * scale;
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ import torch
 
 from mergeops import kernels
 from mergeops.methods.base import MergeContext, TensorInputs, TensorStatsPass, register
-from mergeops.methods.task_vector._per_model import per_model_stats
+from mergeops.methods.task_vector._per_model import available_cores, per_model_stats
 from mergeops.methods.task_vector.task_arithmetic import (
     SparseModelParams,
     TaskArithmeticParams,
@@ -209,14 +210,32 @@ class DareL1Sweep(TensorStatsPass):
 
     def __init__(self, models: list[DareL1Rows | None]) -> None:
         self.models = models
+        drawn = sum(rows is not None for rows in models)
+        workers = min(available_cores(), drawn)
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="ckreg-dare") if workers > 1 else None
+        )
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
-        assert inputs.base is not None
-        for rows, model in zip(self.models, inputs.models, strict=True):
-            if rows is not None:
-                rows.observe(model, inputs.base, offset)
+        """Every model's slice; on several cores, models side by side (each draws from its own
+        generator; torch's serial uniform draw is most of the sweep's time)."""
+        base = inputs.base
+        assert base is not None
+        work = [(rows, model) for rows, model in zip(self.models, inputs.models, strict=True)
+                if rows is not None]  # fmt: skip
+        if self._pool is None:
+            for rows, model in work:
+                rows.observe(model, base, offset)
+            return
+        for future in [
+            self._pool.submit(rows.observe, model, base, offset) for rows, model in work
+        ]:
+            future.result()
 
     def result(self) -> list[tuple[PackedMask, torch.Tensor | None] | None]:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         return [None if rows is None else rows.result() for rows in self.models]
 
 
