@@ -19,10 +19,9 @@ from flows.cli_admin import admin_app
 from flows.cli_family import family_app
 from flows.cli_policies import policy_app
 from flows.cli_search import search_app
-from flows.cli_settings import echo_database
+from flows.cli_settings import current_settings, echo_database
 from flows.cli_tokens import token_commands
 from flows.kernel_env import configure_kernels
-from registry.settings import get_settings
 
 configure_kernels()  # CKREG_FUSED_KERNELS, CKREG_KERNEL_DIR, CC (mergeops reads no environment)
 
@@ -125,7 +124,7 @@ def serve(
     from registry.db import upgrade_database
 
     stop_children_on_exit()  # SIGTERM, SIGINT and kill -9 leave no Prefect API behind
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -193,7 +192,7 @@ def worker(
     from registry.db import upgrade_database
 
     stop_children_on_exit()  # no flow-run subprocess outlives the worker
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     upgrade_database(settings.database_url)
     try:
@@ -216,7 +215,7 @@ def db_upgrade(
     """Bring the database (CKREG_DATABASE_URL) to the latest schema."""
     from registry.db import upgrade_database
 
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     url = settings.database_url
     upgrade_database(url, revision)
@@ -234,7 +233,7 @@ def token_create(
     from registry.db import make_engine, session_scope, upgrade_database
     from registry.services import create_token
 
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
@@ -255,7 +254,7 @@ def mlflow_sync(
     """Send queued MLflow events (checkpoints, merges) now."""
     from flows.tracking import TrackingUnavailable, tracker_from_settings
 
-    tracker = tracker_from_settings(get_settings())
+    tracker = tracker_from_settings(current_settings())
     try:
         sent = tracker.sync(raise_on_outage=True, retry_failed=retry_failed)
     except TrackingUnavailable as exc:

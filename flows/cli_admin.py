@@ -10,8 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_settings import echo_database
-from registry.settings import get_settings
+from flows.cli_settings import current_settings, echo_database
 
 admin_app = typer.Typer()
 
@@ -34,7 +33,7 @@ def _registry() -> Iterator[tuple[Any, Any]]:
     from registry.api.app import open_settings_store
     from registry.db import make_engine, session_scope, upgrade_database
 
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
@@ -119,7 +118,7 @@ def gc_command(
     presigned uploads never completed. A dry run unless --delete."""
     from registry.services.gc import collect_garbage, report_summary
 
-    settings = get_settings()
+    settings = current_settings()
     bars = _Bars(enabled=not quiet and not as_json)
     try:
         with _registry() as (session, store):

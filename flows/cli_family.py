@@ -10,8 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_settings import echo_database
-from registry.settings import get_settings
+from flows.cli_settings import current_settings, echo_database
 
 family_app = typer.Typer(
     help="Family compression: fine-tunes of one base stored as one task vector plus TALL masks.",
@@ -81,7 +80,7 @@ def compress(
     from registry.errors import RegistryError
     from registry.services.family import check_family
 
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     # Prefect's telemetry only logs lock warnings against the embedded SQLite; keep it quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

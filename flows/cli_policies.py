@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 import yaml
 
-from registry.settings import get_settings
+from flows.cli_settings import current_settings
 
 policy_app = typer.Typer(help="Declare and manage merge policies.", no_args_is_help=True)
 
@@ -25,7 +24,9 @@ COLUMNS = ("id", "name", "method", "trigger", "cron", "evaluator", "enabled")
 
 def _request(method: str, path: str, *, url: str | None, token: str | None, **kwargs: Any) -> Any:
     """One REST call; an error response prints the server's message and exits 1."""
-    settings = get_settings()
+    import httpx  # here, not at start-up: only these commands call the server
+
+    settings = current_settings()
     secret = token or settings.token
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     base = (url or settings.api_url).rstrip("/")

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import typer
 
-from registry.settings import Settings
+if TYPE_CHECKING:
+    from registry.settings import Settings
 
 _PASSWORD = re.compile(r"(://[^:/@]+:)[^@/]+@")
 
@@ -27,6 +29,14 @@ def database_line(settings: Settings) -> str:
     home = settings.home.resolve()
     where = f"CKREG_HOME={home}" if "home" in given else f"CKREG_HOME unset, so {home}"
     return f"using database {masked_url(settings.database_url)} ({source}; {where})"
+
+
+def current_settings() -> Settings:
+    """The registry's settings, imported on first use: ``ckreg merge`` and the other local
+    commands never load the settings model (pydantic-settings, ~60 ms of start-up)."""
+    from registry.settings import get_settings
+
+    return get_settings()
 
 
 def echo_database(settings: Settings) -> None:

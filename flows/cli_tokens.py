@@ -10,8 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_settings import echo_database
-from registry.settings import get_settings
+from flows.cli_settings import current_settings, echo_database
 
 token_commands = typer.Typer()
 
@@ -20,7 +19,7 @@ token_commands = typer.Typer()
 def _session() -> Iterator[Any]:
     from registry.db import make_engine, session_scope, upgrade_database
 
-    settings = get_settings()
+    settings = current_settings()
     echo_database(settings)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)

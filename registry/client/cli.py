@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from registry.client.cli_format import format_table, lineage_tree
-from registry.settings import get_settings
 
 if TYPE_CHECKING:
     from registry.client.api import Client
@@ -56,6 +55,7 @@ def _client(url: str | None, token: str | None) -> Iterator[Client]:
     from registry.client.api import Client, ClientError
     from registry.client.layouts import LayoutError
     from registry.safetensors_check import HeaderError
+    from registry.settings import get_settings  # pydantic-settings: ~60 ms, not at start-up
 
     settings = get_settings()
     base_url = url or settings.api_url
