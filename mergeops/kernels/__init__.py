@@ -1,5 +1,5 @@
 """Fused float32 combines on the CPU, compiled from C (``combine.c``; ``ram.c`` for RAM,
-``dare.c`` for DARE's L1 rescale) on first use, and ``sortsim.c``: torch's CPU sort algorithm run only where it reaches given
+``dare.c`` for DARE's L1 rescale, ``select.c`` for exact quantiles) on first use, and ``sortsim.c``: torch's CPU sort algorithm run only where it reaches given
 positions (``sort_windows``, for mergekit's tie rule).
 
 The torch path of a task-vector combine runs one op per model and step over each block
@@ -40,7 +40,10 @@ from mergeops import kernel_settings
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("combine.c", "sortsim.c", "ram.c", "dare.c")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("combine.c", "sortsim.c", "ram.c", "dare.c", "select.c")
+]
 FLAGS = [
     "-O3",
     "-std=c99",
@@ -171,6 +174,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_lane_sums.restype = None
         lib.ck_dare_apply.argtypes = [_P, _P, _P, _F32, _I64]
         lib.ck_dare_apply.restype = None
+        lib.ck_select_ranks.argtypes = [_P, _I64, _P, _I32, _P, _P]
+        lib.ck_select_ranks.restype = _I32
         _loaded = lib
         return lib
 
@@ -355,12 +360,13 @@ def _check(weights: torch.Tensor, count: int) -> None:
         raise ValueError(f"weights must be {count} contiguous float32 values on the CPU")
 
 
-# The wrappers of sortsim.c, ram.c and dare.c live beside their C source; imported last (they
-# call library()).
+# The wrappers of sortsim.c, ram.c, dare.c and select.c live beside their C source; imported
+# last (they call library()).
 from mergeops.kernels.dare import dare_apply as dare_apply  # noqa: E402
 from mergeops.kernels.dare import dare_sweep as dare_sweep  # noqa: E402
 from mergeops.kernels.dare import lane_sums as lane_sums  # noqa: E402
 from mergeops.kernels.ram import ram_combine as ram_combine  # noqa: E402
 from mergeops.kernels.ram import ram_counts as ram_counts  # noqa: E402
+from mergeops.kernels.select import select_ranks as select_ranks  # noqa: E402
 from mergeops.kernels.sortsim import nth_element as nth_element  # noqa: E402
 from mergeops.kernels.sortsim import sort_windows as sort_windows  # noqa: E402
