@@ -1,6 +1,7 @@
-"""Fused float32 combines on the CPU, compiled from C (``combine.c``; ``ram.c`` for RAM,
-``dare.c`` for DARE's L1 rescale, ``select.c`` for exact quantiles) on first use, and ``sortsim.c``: torch's CPU sort algorithm run only where it reaches given
-positions (``sort_windows``, for mergekit's tie rule).
+"""Fused float32 merges on the CPU, compiled from C on first use: ``combine.c`` (weighted sums,
+TIES), ``ram.c`` (RAM), ``dare.c`` (DARE's L1 rescale), ``select.c`` (exact quantiles),
+``averaging.c`` (nearswap), and ``sortsim.c``: torch's CPU sort algorithm run only where it
+reaches given positions (``sort_windows``, for mergekit's tie rule).
 
 The torch path of a task-vector combine runs one op per model and step over each block
 (sub, mul, add per model, then divide, scale, add the base): about 3.5 ns per entry for four
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("combine.c", "sortsim.c", "ram.c", "dare.c", "select.c")
+    for name in ("combine.c", "sortsim.c", "ram.c", "dare.c", "select.c", "averaging.c")
 ]
 FLAGS = [
     "-O3",
@@ -176,6 +177,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_dare_apply.restype = None
         lib.ck_select_ranks.argtypes = [_P, _I64, _P, _I32, _P, _P]
         lib.ck_select_ranks.restype = _I32
+        lib.ck_nearswap.argtypes = [_P, _P, _F32, _P, _I64]
+        lib.ck_nearswap.restype = None
         _loaded = lib
         return lib
 
@@ -360,8 +363,8 @@ def _check(weights: torch.Tensor, count: int) -> None:
         raise ValueError(f"weights must be {count} contiguous float32 values on the CPU")
 
 
-# The wrappers of sortsim.c, ram.c, dare.c and select.c live beside their C source; imported
-# last (they call library()).
+# The wrappers of the other C sources live beside them; imported last (they call library()).
+from mergeops.kernels.averaging import nearswap as nearswap  # noqa: E402
 from mergeops.kernels.dare import dare_apply as dare_apply  # noqa: E402
 from mergeops.kernels.dare import dare_sweep as dare_sweep  # noqa: E402
 from mergeops.kernels.dare import lane_sums as lane_sums  # noqa: E402

@@ -17,7 +17,11 @@ from mergeops import kernels
 
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
-    """w = clamp(t / max(|θ0 - θ1|, 1e-6), 0, 1); θ = w·θ1 + (1 - w)·θ0."""
+    """w = clamp(t / max(|θ0 - θ1|, 1e-6), 0, 1); θ = w·θ1 + (1 - w)·θ0 (one fused pass for
+    float32 on the CPU, ``kernels.nearswap``, the same bits)."""
+    fused = kernels.nearswap(base, other, t)
+    if fused is not None:
+        return fused
     weight = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
     return weight * other + (1 - weight) * base
 

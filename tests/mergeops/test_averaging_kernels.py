@@ -1,0 +1,63 @@
+"""The averaging family's fused kernels (``averaging.c``) give their torch reference's bits,
+and merges are the same with the kernels on and off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergeops
+from mergeops import kernel_settings, kernels
+from mergeops.ops.fusion import nearswap
+
+if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
+    pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
+
+
+def _pair(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16-valued base and model: differences of every size, equal entries, ±0."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16().float()
+    step = torch.randn(n, generator=g) * 10.0 ** torch.randint(-8, 0, (n,), generator=g)
+    other = (base + step).bfloat16().float()
+    other[: n // 10] = base[: n // 10]
+    base[n // 10 : n // 5], other[n // 10 : n // 5] = -0.0, 0.0
+    return base, other
+
+
+@pytest.mark.parametrize("t", [1e-6, 1e-4, 0.3, 5.0])
+def test_nearswap_kernel_gives_the_torch_bits(kernel_dir: Path, t: float) -> None:
+    base, other = _pair(1, 64 * 211 + 5)
+    fused = kernels.nearswap(base, other, t)
+    assert fused is not None
+    kernel_settings.configure(enabled=False)
+    reference = nearswap(base, other, t)
+    assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))
+
+
+def test_nearswap_kernel_refuses_what_it_cannot_take(kernel_dir: Path) -> None:
+    base, other = _pair(2, 100)
+    assert kernels.nearswap(base, other, 0.0) is None  # t <= 0: the torch path's clamps
+    assert kernels.nearswap(base.bfloat16(), other.bfloat16(), 0.1) is None
+    assert kernels.nearswap(base, other[:50], 0.1) is None
+
+
+def test_a_nearswap_merge_is_the_same_with_the_kernels_off(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, other = _pair(3, 1024 * 1024)  # 4 MiB of float32: merged in row slices
+    taken = []
+    real = kernels.nearswap
+    monkeypatch.setattr(kernels, "nearswap", lambda *a: taken.append(real(*a)) or taken[-1])
+    outputs = []
+    for on in (True, False):
+        kernel_settings.configure(enabled=on)
+        merged = mergeops.merge("nearswap", [{"w": other.reshape(1024, 1024)}],
+                                base={"w": base.reshape(1024, 1024)}, t=1e-3, device="cpu")  # fmt: skip
+        outputs.append(merged["w"])
+    assert torch.equal(outputs[0].view(torch.int32), outputs[1].view(torch.int32))
+    assert taken and taken[0] is not None
