@@ -19,3 +19,70 @@ void ck_nearswap(const float *restrict base, const float *restrict other, float 
         out[j] = w * other[j] + (1.0f - w) * base[j];
     }
 }
+
+/* A linear combination (mergeops.ops.gram.linear_combination):
+ *   out = ((v_0 * c_0 + v_1 * c_1) + ...) [+ base], v_t = x_t - base when x_are_models else x_t
+ * (the first product is the start: no +0 before it). */
+void ck_linear_combination(const float *restrict base, const float *const *x, int32_t count,
+                           int32_t x_are_models, const float *restrict c, float *restrict out,
+                           int64_t n) {
+    float total[512];
+    for (int64_t start = 0; start < n; start += 512) {
+        int64_t len = n - start < 512 ? n - start : 512;
+        const float *b = base ? base + start : 0;
+        for (int32_t t = 0; t < count; t++) {
+            const float *xt = x[t] + start;
+            float ct = c[t];
+            if (x_are_models) {
+                if (t == 0)
+                    for (int64_t j = 0; j < len; j++) total[j] = (xt[j] - b[j]) * ct;
+                else
+                    for (int64_t j = 0; j < len; j++) total[j] = total[j] + (xt[j] - b[j]) * ct;
+            } else {
+                if (t == 0)
+                    for (int64_t j = 0; j < len; j++) total[j] = xt[j] * ct;
+                else
+                    for (int64_t j = 0; j < len; j++) total[j] = total[j] + xt[j] * ct;
+            }
+        }
+        float *o = out + start;
+        if (b)
+            for (int64_t j = 0; j < len; j++) o[j] = total[j] + b[j];
+        else
+            for (int64_t j = 0; j < len; j++) o[j] = total[j];
+    }
+}
+
+#define GRAM_MAX 16 /* inputs of one Gram */
+
+/* The lane sums of a Gram matrix (mergeops.ops.gram.LaneGram): for every pair i <= j of the
+ * inputs, in row-major order p, lanes[8 p + k] += v_i * v_j over the entries of lane k (entry
+ * index mod 8), each lane in index order; v_t = x_t - base (float32) when x_are_models, else
+ * x_t, and the product is taken in double (exact for float32 values). */
+void ck_gram_lanes(const float *base, const float *const *x, int32_t count, int32_t x_are_models,
+                   double *restrict lanes, int64_t n) {
+    double v[GRAM_MAX][8];
+    int64_t whole = n - n % 8;
+    for (int64_t start = 0; start <= whole; start += 8) {
+        int32_t len = start < whole ? 8 : (int32_t)(n - whole);
+        if (!len) break;
+        for (int32_t i = 0; i < count; i++) {
+            const float *xi = x[i] + start;
+            if (x_are_models) {
+                const float *b = base + start;
+                for (int32_t k = 0; k < len; k++) v[i][k] = (double)(xi[k] - b[k]);
+            } else {
+                for (int32_t k = 0; k < len; k++) v[i][k] = (double)xi[k];
+            }
+        }
+        double *lane = lanes;
+        for (int32_t i = 0; i < count; i++)
+            for (int32_t j = i; j < count; j++, lane += 8) {
+                if (len == 8) {
+                    for (int32_t k = 0; k < 8; k++) lane[k] = lane[k] + v[i][k] * v[j][k];
+                } else {
+                    for (int32_t k = 0; k < len; k++) lane[k] = lane[k] + v[i][k] * v[j][k];
+                }
+            }
+    }
+}

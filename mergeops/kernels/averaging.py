@@ -1,7 +1,10 @@
 """Wrappers of ``averaging.c``: elementwise averaging merges in one pass over float32 inputs
-with the bits of their torch reference. Exported as ``mergeops.kernels.nearswap``."""
+with the bits of their torch reference. Exported as ``mergeops.kernels.nearswap``,
+``linear_combination`` and ``gram_lanes``."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -17,3 +20,64 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor 
     out = torch.empty_like(base)
     lib.ck_nearswap(base.data_ptr(), other.data_ptr(), t, out.data_ptr(), out.numel())
     return out
+
+
+def linear_combination(
+    coefficients: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``Σ c_t·x_t`` added in input order from the first product, or with ``base``
+    ``Σ c_t·(x_t - base) + base``, as a new tensor; ``coefficients``: float32 on the CPU, one
+    per tensor. None when the kernels are off or do not take these tensors."""
+    lib = kernels.library()
+    inputs = [*tensors, *([base] if base is not None else [])]
+    if (
+        lib is None
+        or not tensors
+        or coefficients.dtype != torch.float32
+        or coefficients.device.type != "cpu"
+        or coefficients.numel() != len(tensors)
+        or not kernels.usable(inputs[1:], inputs[0])
+    ):
+        return None
+    weights = coefficients.contiguous()
+    out = torch.empty_like(tensors[0])
+    lib.ck_linear_combination(
+        None if base is None else base.data_ptr(),
+        kernels._pointers(tensors),
+        len(tensors),
+        int(base is not None),
+        weights.data_ptr(),
+        out.data_ptr(),
+        out.numel(),
+    )
+    return out
+
+
+GRAM_MAX = 16
+"""Inputs of one Gram the kernel takes (``averaging.c``)."""
+
+
+def gram_lanes(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, lanes: torch.Tensor
+) -> bool:
+    """``lanes`` ((P, 8) float64, P = N(N+1)/2 pairs i <= j in row-major order) += the lane
+    sums of the products of every pair of ``tensors`` (of ``tensors[t] - base`` with a base);
+    False (nothing written) when the kernels are off or do not take these tensors."""
+    lib = kernels.library()
+    count = len(tensors)
+    inputs = [*tensors, *([base] if base is not None else [])]
+    if (
+        lib is None
+        or not 0 < count <= GRAM_MAX
+        or not kernels.usable(inputs[1:], inputs[0])
+        or lanes.dtype != torch.float64
+        or lanes.device.type != "cpu"
+        or not lanes.is_contiguous()
+        or lanes.numel() != count * (count + 1) // 2 * 8
+    ):
+        return False
+    lib.ck_gram_lanes(None if base is None else base.data_ptr(), kernels._pointers(tensors),
+                      count, int(base is not None), lanes.data_ptr(), tensors[0].numel())  # fmt: skip
+    return True

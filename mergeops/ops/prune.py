@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from mergeops import kernels
+from mergeops.ops.lanes import LANES, lane_sums
 
 RescaleBy = Literal["keep_probability", "l1"]
 
@@ -36,23 +36,6 @@ def l1_scale_of_magnitude(
     if before < L1_EPS or after < L1_EPS:
         return None
     return before / after
-
-
-LANES = 8
-"""Lanes of ``lane_sums``: entry i of a tensor is added to lane i mod 8."""
-
-
-def lane_sums(values: torch.Tensor, lanes: torch.Tensor) -> None:
-    """``lanes`` (8 float64) += the flat entries of ``values`` (float32, non-negative), entry i
-    into lane i mod 8, each lane in index order from +0. Sums of consecutive slices (each
-    starting at a multiple of 8) equal the whole tensor's, bit for bit, whatever the thread
-    count: the fused kernel, else a cumsum down rows of 8 (sequential on the CPU)."""
-    flat = values.reshape(-1)
-    if kernels.lane_sums(flat, lanes):
-        return
-    pad = (-flat.numel()) % LANES
-    rows = torch.cat([flat.double(), flat.new_zeros(pad, dtype=torch.float64)]).view(-1, LANES)
-    lanes.copy_(torch.cat([lanes.view(1, LANES), rows.to(lanes.device)]).cumsum(0)[-1])
 
 
 def l1_factor_of_lanes(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:

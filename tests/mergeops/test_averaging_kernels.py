@@ -1,8 +1,10 @@
-"""The averaging family's fused kernels (``averaging.c``) give their torch reference's bits,
-and merges are the same with the kernels on and off."""
+"""The averaging family's fused kernels (``averaging.c``: nearswap, linear combinations, Gram
+lane sums) give their torch reference's bits, and merges are the same with the kernels on and
+off."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 import mergeops
 from mergeops import kernel_settings, kernels
 from mergeops.ops.fusion import nearswap
+from mergeops.ops.gram import LaneGram, linear_combination
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -61,3 +64,39 @@ def test_a_nearswap_merge_is_the_same_with_the_kernels_off(
         outputs.append(merged["w"])
     assert torch.equal(outputs[0].view(torch.int32), outputs[1].view(torch.int32))
     assert taken and taken[0] is not None
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 16])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_gram_lanes_kernel_gives_the_torch_bits(
+    kernel_dir: Path, count: int, with_base: bool
+) -> None:
+    n = 64 * 37 + 5  # a short last lane row
+    g = torch.Generator().manual_seed(count)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16().float()
+    tensors = [base + torch.randn(n, generator=g) * 10.0**-t for t in range(count)]
+    grams = []
+    for on in (True, False):
+        kernel_settings.configure(enabled=on)
+        lanes = LaneGram(count, torch.device("cpu"))
+        for start in range(0, n, 64 * 5):  # slices starting at multiples of 8
+            lanes.observe([t[start : start + 64 * 5] for t in tensors],
+                          base[start : start + 64 * 5] if with_base else None)  # fmt: skip
+        grams.append(lanes.gram())
+    assert torch.equal(grams[0], grams[1])
+    vectors = [(t - base if with_base else t).double() for t in tensors]
+    exact = torch.tensor(
+        [[math.fsum((a * b).tolist()) for b in vectors] for a in vectors], dtype=torch.float64
+    )
+    assert torch.allclose(grams[0], exact, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_linear_combination_kernel_gives_the_torch_bits(kernel_dir: Path, with_base: bool) -> None:
+    base, other = _pair(5, 64 * 40 + 3)
+    tensors = [other, base * 0.5, -other]
+    coefficients = torch.tensor([0.7, -1.25, 0.3000001])
+    fused = linear_combination(coefficients, tensors, base if with_base else None)
+    kernel_settings.configure(enabled=False)
+    reference = linear_combination(coefficients, tensors, base if with_base else None)
+    assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))

@@ -17,8 +17,9 @@ import torch
 import mergeops
 from mergeops import chunking, kernel_settings, kernels
 from mergeops.methods.task_vector.dare import DareL1Rows
+from mergeops.ops.lanes import LANES, lane_sums
 from mergeops.ops.packed_cut import pack_bool
-from mergeops.ops.prune import LANES, l1_factor, lane_sums
+from mergeops.ops.prune import l1_factor
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)

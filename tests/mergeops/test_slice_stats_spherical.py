@@ -14,7 +14,7 @@ import mergeops
 from mergeops import chunking
 from mergeops.methods.base import MergeError, SliceStatsMethod, get_method
 from mergeops.ops.blocks import blocks_of
-from mergeops.ops.gram import block_column_gram, block_gram, combine_grams, linear_combination
+from mergeops.ops.gram import LaneGram, block_column_gram, combine_grams, linear_combination
 from mergeops.ops.karcher import karcher_coefficients, karcher_mean
 from mergeops.ops.spherical import (
     AntipodalError,
@@ -81,7 +81,10 @@ def _gram(tensors: list[torch.Tensor], columns: int = 0) -> torch.Tensor:
     if columns:
         parts = [block_column_gram(b, columns) for b in blocks_of(tensors, 7 * columns)]
         return combine_grams(parts, (len(tensors), len(tensors), columns))
-    return combine_grams([block_gram(b) for b in blocks_of(tensors, 500)], (len(tensors),) * 2)
+    lanes = LaneGram(len(tensors), torch.device("cpu"))
+    for start in range(0, tensors[0].shape[0], 8):  # row slices of 8 x 24 entries
+        lanes.observe([t[start : start + 8] for t in tensors])
+    return lanes.gram()
 
 
 def _inputs(count: int, shape: tuple[int, ...] = (40, 24), seed: int = 3) -> list[torch.Tensor]:

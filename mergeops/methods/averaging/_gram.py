@@ -1,8 +1,9 @@
 """The statistics pass shared by the spherical methods merged in row slices (nuslerp,
 multislerp, karcher): one sweep that sums the inputs' float64 Gram matrix (all pairwise dot
-products, ``mergeops.ops.gram``) over fixed flat blocks, so a tensor merged whole or in any
-row slices gets the same matrix bit for bit. The method turns the matrix into coefficients
-once per tensor; its ``merge_rows`` is then elementwise.
+products, ``mergeops.ops.gram``) in lanes (one matrix) or over fixed flat blocks of whole rows
+(one per column), so a tensor merged whole or in any row slices gets the same matrix bit for
+bit. The method turns the matrix into coefficients once per tensor; its ``merge_rows`` is then
+elementwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from mergeops.methods.base import TensorInputs, TensorStatsPass
 from mergeops.ops import blocks
 from mergeops.ops.blocks import FlatBlocks
-from mergeops.ops.gram import block_column_gram, block_gram, combine_grams
+from mergeops.ops.gram import LaneGram, block_column_gram, combine_grams
 
 
 class GramStats(TensorStatsPass):
@@ -34,28 +35,31 @@ class GramStats(TensorStatsPass):
         self.count, self.finish = count, finish
         self.task_vectors, self.columns = task_vectors, columns
         # per column: blocks of whole rows, so every block holds whole columns' pieces
-        self.cutter = FlatBlocks(columns * max(1, blocks.BLOCK // columns) if columns else None)
+        self.cutter = FlatBlocks(columns * max(1, blocks.BLOCK // columns)) if columns else None
         self.partials: list[torch.Tensor] = []
+        self.lanes: LaneGram | None = None
         self.device: torch.device | None = None
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
-        tensors = inputs.models
-        if self.task_vectors and inputs.base is not None:
-            tensors = inputs.task_vectors()
-        self.device = tensors[0].device
+        base = inputs.base if self.task_vectors else None
+        self.device = inputs.models[0].device
+        if self.cutter is None:  # one matrix: lane sums, the task vectors taken per entry
+            if self.lanes is None:
+                self.lanes = LaneGram(self.count, self.device)
+            self.lanes.observe(inputs.models, base)
+            return
+        tensors = inputs.task_vectors() if base is not None else inputs.models
         for block in self.cutter.feed(tensors):
-            self.partials.append(self._gram(block))
-
-    def _gram(self, block: list[torch.Tensor]) -> torch.Tensor:
-        if self.columns:
-            return block_column_gram(block, self.columns)
-        return block_gram(block)
+            self.partials.append(block_column_gram(block, self.columns))
 
     def next_pass(self) -> bool:
-        for block in self.cutter.flush():
-            self.partials.append(self._gram(block))
+        if self.cutter is not None:
+            for block in self.cutter.flush():
+                self.partials.append(block_column_gram(block, self.columns))
         return False
 
     def result(self) -> Any:
+        if self.lanes is not None:
+            return self.finish(self.lanes.gram())
         shape = (self.count, self.count, *((self.columns,) if self.columns else ()))
         return self.finish(combine_grams(self.partials, shape, self.device))

@@ -78,9 +78,7 @@ class Multislerp(SliceStatsMethod):
     ) -> torch.Tensor:
         if stats is None:
             return inputs.models[0]
-        vectors = inputs.task_vectors() if inputs.base is not None else inputs.models
-        merged = linear_combination(stats, vectors)
-        return merged if inputs.base is None else merged + inputs.base
+        return linear_combination(stats, inputs.models, inputs.base)
 
     def merge_tensor(self, inputs: TensorInputs, ctx: MergeContext) -> TensorResult:
         """float32: the Gram sweep and ``merge_rows`` on the whole tensor; other dtypes:

@@ -30,8 +30,9 @@ from mergeops.methods.task_vector.task_arithmetic import (
     TaskArithmeticParams,
     TaskVectorMerge,
 )
+from mergeops.ops.lanes import LANES, lane_sums
 from mergeops.ops.packed_cut import PackedMask, pack_bool
-from mergeops.ops.prune import LANES, RescaleBy, l1_factor, l1_factor_of_lanes, lane_sums
+from mergeops.ops.prune import RescaleBy, l1_factor, l1_factor_of_lanes
 from mergeops.ops.scratch import scratch
 from mergeops.ops.sparsify import DareRows, dare_keep, new_pass
 
