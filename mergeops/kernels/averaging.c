@@ -86,3 +86,10 @@ void ck_gram_lanes(const float *base, const float *const *x, int32_t count, int3
             }
     }
 }
+
+/* nuslerp's spherical step with one angle for the tensor (mergeops.ops.spherical.nuslerp_apply):
+ *   out = (sin_a * a + sin_b * b) / sin_theta */
+void ck_nuslerp_apply(const float *restrict a, const float *restrict b, float sin_a, float sin_b,
+                      float sin_theta, float *restrict out, int64_t n) {
+    for (int64_t j = 0; j < n; j++) out[j] = (sin_a * a[j] + sin_b * b[j]) / sin_theta;
+}

@@ -1,6 +1,6 @@
 """Wrappers of ``averaging.c``: elementwise averaging merges in one pass over float32 inputs
 with the bits of their torch reference. Exported as ``mergeops.kernels.nearswap``,
-``linear_combination`` and ``gram_lanes``."""
+``linear_combination``, ``gram_lanes`` and ``nuslerp_apply``."""
 
 from __future__ import annotations
 
@@ -81,3 +81,17 @@ def gram_lanes(
     lib.ck_gram_lanes(None if base is None else base.data_ptr(), kernels._pointers(tensors),
                       count, int(base is not None), lanes.data_ptr(), tensors[0].numel())  # fmt: skip
     return True
+
+
+def nuslerp_apply(
+    a: torch.Tensor, b: torch.Tensor, sin_a: float, sin_b: float, sin_theta: float
+) -> torch.Tensor | None:
+    """``(sin_a·a + sin_b·b) / sin_theta`` (float32 coefficients) as a new tensor; None when
+    the kernels are off or do not take these tensors."""
+    lib = kernels.library()
+    if lib is None or not kernels.usable([b], a):
+        return None
+    out = torch.empty_like(a)
+    lib.ck_nuslerp_apply(a.data_ptr(), b.data_ptr(), sin_a, sin_b, sin_theta, out.data_ptr(),
+                         out.numel())  # fmt: skip
+    return out

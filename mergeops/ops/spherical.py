@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergeops import kernels
 from mergeops.ops.blocks import blocks_of, combine_norms, combine_sums
 from mergeops.ops.gram import norms_of
 from mergeops.ops.scratch import scratch, scratch_like
@@ -181,6 +182,10 @@ def nuslerp_apply(
     sin_a, sin_b, sin_theta, collinear = coefficients
     if branch == "linear":
         return ((1 - t) * a + t * b).reshape(shape)
+    if branch == "spherical" and sin_a.numel() == 1 and sin_a.dtype == torch.float32:
+        fused = kernels.nuslerp_apply(a, b, float(sin_a), float(sin_b), float(sin_theta))
+        if fused is not None:  # one pass, the same bits
+            return fused.reshape(shape)
     spherical = (sin_a * a + sin_b * b) / sin_theta
     if branch == "mixed":
         spherical = torch.where(collinear, (1 - t) * a + t * b, spherical)

@@ -16,6 +16,7 @@ import mergeops
 from mergeops import kernel_settings, kernels
 from mergeops.ops.fusion import nearswap
 from mergeops.ops.gram import LaneGram, linear_combination
+from mergeops.ops.spherical import nuslerp_apply, nuslerp_coefficients, nuslerp_cosine
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -99,4 +100,16 @@ def test_linear_combination_kernel_gives_the_torch_bits(kernel_dir: Path, with_b
     fused = linear_combination(coefficients, tensors, base if with_base else None)
     kernel_settings.configure(enabled=False)
     reference = linear_combination(coefficients, tensors, base if with_base else None)
+    assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))
+
+
+def test_nuslerp_spherical_step_gives_the_torch_bits(kernel_dir: Path) -> None:
+    base, other = _pair(6, 64 * 30 + 1)
+    gram = torch.tensor([[2.0, 1.1], [1.1, 3.0]], dtype=torch.float64)
+    coefficients = nuslerp_coefficients(0.35, nuslerp_cosine(gram))
+    assert not bool(coefficients[3].any())  # not collinear: the spherical branch
+    fused = nuslerp_apply(0.35, coefficients, base, other, branch="spherical")
+    assert kernels.nuslerp_apply(base, other, 1.0, 1.0, 1.0) is not None
+    kernel_settings.configure(enabled=False)
+    reference = nuslerp_apply(0.35, coefficients, base, other, branch="spherical")
     assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))
