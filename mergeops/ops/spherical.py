@@ -57,6 +57,11 @@ def slerp_apply(
     """a·v0 + b·v1 in slerp's working dtype, returned in ``v0``'s shape and dtype."""
     work = coef_a.dtype
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    if v0.device.type == "cpu" and v0.dtype == v1.dtype == work == torch.float32:  # fused
+        coefficients = torch.cat([coef_a.reshape(1), coef_b.reshape(1)])
+        fused = kernels.linear_combination(coefficients, [a, b])
+        if fused is not None:
+            return fused.reshape(v0.shape)
     result = torch.empty_like(a)
     for start in range(0, a.shape[1], _APPLY_CHUNK):
         stop = start + _APPLY_CHUNK
