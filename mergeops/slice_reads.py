@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from mergeops import finite
+from mergeops import finite, kernels
 from mergeops.prefetch import Read
 from mergeops.slice_io import BufferPool, typed
 from mergeops.sources import TensorSource
@@ -119,14 +119,13 @@ def slice_read(
         buffer = pool.take(raw.tensor.numel() * dtype.itemsize)
         try:
             out = typed(buffer, dtype, tuple(raw.tensor.shape))
-            out.copy_(raw.tensor)
+            ok = cast_into(raw.tensor, out, check)
         except BaseException:
             pool.give(buffer)
             raise
         finally:
             if raw.buffer is not None:
                 pool.give(raw.buffer)
-        ok = finite.all_finite(out) if check else None
         return SliceRead(out, buffer, True, ok, raw.tensor.numel() * raw.tensor.element_size())
 
     return Read((stop - start) * row * dtype.itemsize, fetch)
@@ -146,11 +145,21 @@ def _cast_mapped(
         raw = rows.tensor
         buffer = pool.take(raw.numel() * dtype.itemsize)
         out = typed(buffer, dtype, tuple(raw.shape))
-        out.copy_(raw)
+        ok = cast_into(raw, out, check)
     finally:
         rows.release()
-    ok = finite.all_finite(out) if check else None
     return SliceRead(out, buffer, True, ok, raw.numel() * raw.element_size())
+
+
+def cast_into(raw: torch.Tensor, out: torch.Tensor, check: bool) -> bool | None:
+    """``out.copy_(raw)``, and with ``check`` whether every value is finite (None: not
+    checked): one fused pass for bfloat16/float32 into float32 (``kernels.cast_checked``),
+    else a torch copy and ``finite.all_finite``."""
+    ok = kernels.cast_checked(raw, out)
+    if ok is None:
+        out.copy_(raw)
+        ok = finite.all_finite(out) if check else None
+    return ok if check else None
 
 
 def owned_float(

@@ -1,6 +1,7 @@
 """Fused float32 merges on the CPU, compiled from C on first use: ``combine.c`` (weighted sums,
 TIES), ``ram.c`` (RAM), ``dare.c`` (DARE's L1 rescale), ``select.c`` (exact quantiles),
-``averaging.c`` (nearswap, nuslerp, linear combinations, Gram matrices), and ``sortsim.c``: torch's CPU sort algorithm run only where it
+``averaging.c`` (nearswap, nuslerp, linear combinations, Gram matrices), ``cast.c`` (input
+slices cast and checked finite), and ``sortsim.c``: torch's CPU sort algorithm run only where it
 reaches given positions (``sort_windows``, for mergekit's tie rule).
 
 The torch path of a task-vector combine runs one op per model and step over each block
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("combine.c", "sortsim.c", "ram.c", "dare.c", "select.c", "averaging.c")
+    for name in ("combine.c", "sortsim.c", "ram.c", "dare.c", "select.c", "averaging.c", "cast.c")
 ]
 FLAGS = [
     "-O3",
@@ -185,6 +186,10 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_gram_lanes.restype = None
         lib.ck_nuslerp_apply.argtypes = [_P, _P, _F32, _F32, _F32, _P, _I64]
         lib.ck_nuslerp_apply.restype = None
+        lib.ck_cast_bf16.argtypes = [_P, _P, _I64]
+        lib.ck_cast_bf16.restype = _I64
+        lib.ck_copy_f32.argtypes = [_P, _P, _I64]
+        lib.ck_copy_f32.restype = _I64
         _loaded = lib
         return lib
 
@@ -374,6 +379,7 @@ from mergeops.kernels.averaging import gram_lanes as gram_lanes  # noqa: E402
 from mergeops.kernels.averaging import linear_combination as linear_combination  # noqa: E402
 from mergeops.kernels.averaging import nearswap as nearswap  # noqa: E402
 from mergeops.kernels.averaging import nuslerp_apply as nuslerp_apply  # noqa: E402
+from mergeops.kernels.cast import cast_checked as cast_checked  # noqa: E402
 from mergeops.kernels.dare import dare_apply as dare_apply  # noqa: E402
 from mergeops.kernels.dare import dare_sweep as dare_sweep  # noqa: E402
 from mergeops.kernels.dare import lane_sums as lane_sums  # noqa: E402

@@ -1,0 +1,30 @@
+/* Input slices cast to float32 and checked finite in one pass (mergeops.slice_reads), instead
+ * of a torch copy and a torch sum over the copy: the reader threads run them beside the merge,
+ * and torch's ops there start an OpenMP team of their own per call.
+ *
+ * bfloat16 -> float32 is exact (the 16 bits are the float32's high half); float32 is copied.
+ * A value is NaN or Inf when its exponent bits are all ones.
+ */
+#include <stdint.h>
+
+/* dst = src (bfloat16 bits) as float32; returns how many are NaN or Inf */
+int64_t ck_cast_bf16(const uint16_t *restrict src, uint32_t *restrict dst, int64_t n) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits = (uint32_t)src[j] << 16;
+        dst[j] = bits;
+        bad += (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad;
+}
+
+/* dst = src (float32 bits); returns how many are NaN or Inf */
+int64_t ck_copy_f32(const uint32_t *restrict src, uint32_t *restrict dst, int64_t n) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits = src[j];
+        dst[j] = bits;
+        bad += (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad;
+}
