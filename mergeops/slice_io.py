@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from mergeops import finite
+from mergeops import finite, kernels
 from mergeops.methods import base as mb
 
 _MIN_BUFFER = 64 * 1024
@@ -112,12 +112,17 @@ class SliceOutput:
         """Rows ``start:`` (``merged``, any float dtype and device) into the output."""
         buffer = self.pool.take(merged.numel() * self.dtype.itemsize)
         out = typed(buffer, self.dtype, tuple(merged.shape))
+        finite_now: bool | None = None
         if merged.device.type == "cpu":
-            out.copy_(merged)
+            finite_now = kernels.cast_checked(merged, out)  # cast and check in one pass
+            if finite_now is None:
+                out.copy_(merged)
             cast = out
         else:  # cast and check on the device, then one copy of output-dtype bytes
             cast = merged.to(self.dtype)
-        if self.bad or not finite.all_finite(cast):
+        if finite_now is None:
+            finite_now = finite.all_finite(cast)
+        if self.bad or not finite_now:
             self.bad += int(finite.nonfinite_count(cast))
             self.pool.give(buffer)
             return

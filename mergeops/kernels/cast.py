@@ -1,5 +1,6 @@
-"""Wrapper of ``cast.c``: an input slice cast to float32 and checked finite in one pass.
-Exported as ``mergeops.kernels.cast_checked``."""
+"""Wrapper of ``cast.c``: a slice cast (bfloat16/float32 inputs to float32, float32 outputs to
+bfloat16 or float32) and checked finite in one pass. Exported as
+``mergeops.kernels.cast_checked``."""
 
 from __future__ import annotations
 
@@ -9,18 +10,28 @@ from mergeops import kernels
 
 
 def cast_checked(src: torch.Tensor, dst: torch.Tensor) -> bool | None:
-    """``dst.copy_(src)`` for a bfloat16 or float32 ``src`` and a float32 ``dst`` (contiguous,
-    CPU, same size); returns whether every value is finite, or None (nothing written) when the
-    kernels are off or do not take these tensors."""
+    """``dst.copy_(src)`` from bfloat16 or float32 into float32, or from float32 into bfloat16
+    (rounded to nearest even, as torch rounds), contiguous on the CPU; returns whether every
+    value is finite, or None (nothing written) when the kernels are off or do not take these
+    tensors. A non-finite float32 source leaves unspecified bits in a bfloat16 ``dst``."""
     lib = kernels.library()
+    pair = (src.dtype, dst.dtype)
     if (
         lib is None
-        or src.dtype not in (torch.bfloat16, torch.float32)
+        or pair not in _CASTS
         or src.device.type != "cpu"
+        or dst.device.type != "cpu"
         or not src.is_contiguous()
+        or not dst.is_contiguous()
         or src.numel() != dst.numel()
-        or not kernels.usable([], dst)
     ):
         return None
-    cast = lib.ck_cast_bf16 if src.dtype == torch.bfloat16 else lib.ck_copy_f32
+    cast = getattr(lib, _CASTS[pair])
     return cast(src.data_ptr(), dst.data_ptr(), dst.numel()) == 0
+
+
+_CASTS = {
+    (torch.bfloat16, torch.float32): "ck_cast_bf16",
+    (torch.float32, torch.float32): "ck_copy_f32",
+    (torch.float32, torch.bfloat16): "ck_round_bf16",
+}

@@ -45,3 +45,19 @@ def test_cast_into_is_the_same_with_the_kernels_off(kernel_dir: Path) -> None:
     assert ok_on is False and ok_off is False and unchecked_on is None and unchecked_off is None
     assert torch.equal(out_on.view(torch.int32), out_off.view(torch.int32))
     assert kernels.cast_checked(torch.randn(10).half(), torch.empty(10)) is None  # not taken
+
+
+def test_rounding_to_bfloat16_gives_torch_s_bits_and_finds_overflow(kernel_dir: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(64 * 50, generator=g) * 10.0 ** torch.randint(-40, 38, (64 * 50,),
+                                                                     generator=g).float()  # fmt: skip
+    ties = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 1e-40, -0.0, 3.3e38]
+    src[: len(ties)] = torch.tensor(ties)  # halfway cases (to even), subnormal, -0, near max
+    out = torch.empty(src.shape, dtype=torch.bfloat16)
+    assert kernels.cast_checked(src, out) is True
+    assert torch.equal(out.view(torch.int16), src.bfloat16().view(torch.int16))
+    src[100] = 3.4e38  # finite in float32, Inf in bfloat16
+    assert torch.isinf(src[100:101].bfloat16()).all()
+    assert kernels.cast_checked(src, out) is False
+    src[100] = float("nan")
+    assert kernels.cast_checked(src, out) is False
