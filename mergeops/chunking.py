@@ -86,7 +86,7 @@ def any_dtype(method: mb.MergeMethod) -> bool:
     """Whether ``method`` may merge slices in a compute dtype other than float32 (mergekit
     configs compute in their ``dtype``): an elementwise method whose ``merge_rows`` is its
     ``merge_tensor`` of the slice, so each element sees the same operations either way."""
-    return (
+    return getattr(method, "slices_in_any_dtype", False) or (
         isinstance(method, mb.ElementwiseMethod)
         and type(method).merge_rows is mb.ElementwiseMethod.merge_rows
     )

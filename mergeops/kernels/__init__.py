@@ -192,6 +192,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ck_copy_f32.restype = _I64
         lib.ck_round_bf16.argtypes = [_P, _P, _I64]
         lib.ck_round_bf16.restype = _I64
+        lib.ck_copy_bf16.argtypes = [_P, _P, _I64]
+        lib.ck_copy_bf16.restype = _I64
         _loaded = lib
         return lib
 

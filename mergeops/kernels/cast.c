@@ -42,3 +42,14 @@ int64_t ck_round_bf16(const uint32_t *restrict src, uint16_t *restrict dst, int6
     }
     return bad;
 }
+
+/* dst = src (bfloat16 bits, copied); returns how many are NaN or Inf */
+int64_t ck_copy_bf16(const uint16_t *restrict src, uint16_t *restrict dst, int64_t n) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint16_t bits = src[j];
+        dst[j] = bits;
+        bad += (bits & 0x7f80u) == 0x7f80u;
+    }
+    return bad;
+}

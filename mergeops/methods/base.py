@@ -264,6 +264,10 @@ class StreamingMethod(MergeMethod):
 
     streaming: ClassVar[bool] = True
     chunkable: ClassVar[bool] = False
+    slices_in_any_dtype: ClassVar[bool] = False
+    """True when ``merge_rows`` of a slice gives that slice of ``merge_tensor`` in any compute
+    dtype (no whole-tensor statistics, elementwise arithmetic): a mergekit config's ``dtype:
+    bfloat16`` then merges large tensors in row slices too (``chunking.any_dtype``)."""
 
     def stats_collector(self, ctx: MergeContext) -> StatsCollector | None:
         """A collector for a first pass, or None when the method needs none."""

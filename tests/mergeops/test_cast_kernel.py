@@ -45,6 +45,11 @@ def test_cast_into_is_the_same_with_the_kernels_off(kernel_dir: Path) -> None:
     assert ok_on is False and ok_off is False and unchecked_on is None and unchecked_off is None
     assert torch.equal(out_on.view(torch.int32), out_off.view(torch.int32))
     assert kernels.cast_checked(torch.randn(10).half(), torch.empty(10)) is None  # not taken
+    kernel_settings.configure(enabled=True)
+    copied = torch.empty(1000, dtype=torch.bfloat16)
+    assert kernels.cast_checked(src, copied) is False  # bfloat16 copied, the NaN found
+    assert torch.equal(copied.view(torch.int16), src.view(torch.int16))
+    assert kernels.cast_checked(src[20:], copied[20:]) is True
 
 
 def test_rounding_to_bfloat16_gives_torch_s_bits_and_finds_overflow(kernel_dir: Path) -> None:

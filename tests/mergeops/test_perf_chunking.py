@@ -179,3 +179,47 @@ def test_passthrough_chunked_matches_whole(
     whole, chunked = run(1 << 40), run(4096)
     assert chunking.rows_for(get_method("passthrough"), (4096, 128)) > 0  # it does chunk
     _bits_equal(whole, chunked)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("linear", {"weight": [1.0, 0.8, 0.6]}),
+        ("linear", {"weight": [1.0, -0.5, 0.25], "normalize": False}),
+        ("task_arithmetic", {"weight": [1.0, 0.8, 0.6], "lambda": 0.7}),
+    ],
+)
+def test_bfloat16_compute_is_sliced_and_matches_whole(
+    monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any]
+) -> None:
+    """A mergekit config's ``dtype: bfloat16`` computes linear and task_arithmetic in
+    bfloat16; they are elementwise there too, so large tensors merge in row slices (bounded
+    memory) with the whole tensor's bits."""
+    assert chunking.any_dtype(get_method(method))
+    family = _family(torch.bfloat16, False)
+    kw = {**params, "compute_dtype": "bfloat16"}
+    whole = _merge(monkeypatch, 1 << 40, method, family, **kw)
+    sliced_rows = []
+    real = chunking.ChunkedMerge.__init__
+
+    def counted(self: Any, job: Any, rows: int, *args: Any, **kwargs: Any) -> None:
+        sliced_rows.append(rows)
+        real(self, job, rows, *args, **kwargs)
+
+    monkeypatch.setattr(chunking.ChunkedMerge, "__init__", counted)
+    chunked = _merge(monkeypatch, 4096, method, family, **kw)
+    assert sliced_rows and all(r > 0 for r in sliced_rows)
+    _bits_equal(whole, chunked)
+    assert all(t.dtype == torch.bfloat16 for t in chunked.values())
+
+
+def test_slerp_in_bfloat16_is_sliced_and_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """slerp works in float32 whatever the compute dtype (as mergekit's does), over fixed
+    blocks: a ``dtype: bfloat16`` merge slices large tensors with the whole tensor's bits."""
+    family = _family(torch.bfloat16, False)
+    kw = {"t": 0.4, "compute_dtype": "bfloat16"}
+    whole = mergeops.merge("slerp", family[1:2], base=family[0], device="cpu", **kw)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    assert chunking.rows_for(get_method("slerp"), tuple(family[0]["embed"].shape)) > 0
+    chunked = mergeops.merge("slerp", family[1:2], base=family[0], device="cpu", **kw)
+    _bits_equal(whole, chunked)

@@ -40,6 +40,7 @@ class Linear(StreamingMethod):
     params_model = LinearParams
     model_params_model = WeightParams
     chunkable: ClassVar[bool] = True
+    slices_in_any_dtype: ClassVar[bool] = True  # elementwise, 16-bit inputs included
 
     def validate(self, ctx: MergeContext) -> None:
         params = ctx.params

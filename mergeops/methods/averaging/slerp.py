@@ -23,7 +23,7 @@ from mergeops.methods.base import (
     register,
 )
 from mergeops.ops.blocks import FlatBlocks, combine_norms, combine_sums
-from mergeops.ops.scratch import scratch_like
+from mergeops.ops.scratch import scratch, scratch_like
 from mergeops.ops.spherical import safe_norm, slerp_apply, slerp_coefficients, slerp_work_dtype
 
 
@@ -52,7 +52,7 @@ class SlerpStats(TensorStatsPass):
 
     def _block(self, block: list[torch.Tensor]) -> None:
         work = slerp_work_dtype(block[0].dtype)
-        a, b = block[0].to(work), block[1].to(work)
+        a, b = _as_work(block[0], work, "slerp-cast-a"), _as_work(block[1], work, "slerp-cast-b")
         if self.unit is None:
             self.norms[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
             self.norms[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
@@ -78,6 +78,14 @@ class SlerpStats(TensorStatsPass):
         return slerp_coefficients(self.t, combine_sums(self.dots))
 
 
+def _as_work(block: torch.Tensor, work: torch.dtype, name: str) -> torch.Tensor:
+    """``block`` in the working dtype: itself, or cast into a reused scratch buffer (16-bit
+    inputs: a fresh float32 copy per block fragmented the heap by hundreds of MiB)."""
+    if block.dtype == work:
+        return block
+    return scratch(name, block.shape, work, block.device).copy_(block)
+
+
 @register
 class Slerp(SliceStatsMethod):
     """θ = [sin((1-t)Ω)·θ0 + sin(tΩ)·θ1] / sin Ω, Ω the angle between θ0 and θ1."""
@@ -87,6 +95,7 @@ class Slerp(SliceStatsMethod):
     params_model = SlerpParams
     needs = frozenset({Need.BASE})
     mergekit_defaults: ClassVar[dict[str, Any]] = {}
+    slices_in_any_dtype: ClassVar[bool] = True  # works in float32 whatever the compute dtype
 
     def validate(self, ctx: MergeContext) -> None:
         require_model_count(ctx, exactly=1)

@@ -198,5 +198,6 @@ class TaskArithmetic(TaskVectorMerge):
 
     name = "task_arithmetic"
     paper = "https://arxiv.org/abs/2212.04089"
+    slices_in_any_dtype: ClassVar[bool] = True  # no sparsification: elementwise in any dtype
     params_model = TaskArithmeticParams
     model_params_model = TaskWeightParams
