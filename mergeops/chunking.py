@@ -82,11 +82,14 @@ def rows_for(
     return max(1, CHUNK_BYTES // (row * 4))
 
 
-def any_dtype(method: mb.MergeMethod) -> bool:
+def any_dtype(method: mb.MergeMethod, ctx: mb.MergeContext) -> bool:
     """Whether ``method`` may merge slices in a compute dtype other than float32 (mergekit
     configs compute in their ``dtype``): an elementwise method whose ``merge_rows`` is its
-    ``merge_tensor`` of the slice, so each element sees the same operations either way."""
-    return getattr(method, "slices_in_any_dtype", False) or (
+    ``merge_tensor`` of the slice, so each element sees the same operations either way, or one
+    that says so for ``ctx``'s params (``StreamingMethod.slices_in_dtype``)."""
+    if isinstance(method, mb.StreamingMethod) and method.slices_in_dtype(ctx):
+        return True
+    return (
         isinstance(method, mb.ElementwiseMethod)
         and type(method).merge_rows is mb.ElementwiseMethod.merge_rows
     )

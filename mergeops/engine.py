@@ -112,7 +112,7 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
     method = plan.method
     assert isinstance(method, mb.StreamingMethod)
     floats = set(_float_keys(plan))
-    sliced = _fp32_compute(plan) or any_dtype(method)
+    sliced = _fp32_compute(plan) or any_dtype(method, plan.ctx)
     rows_of = {key: chunk_rows(plan, key) if sliced else 0 for key in floats}
     stream = reader.stream(plan.keys, read=lambda key: key in floats and not rows_of[key])
     for key, inputs in _progress(stream, len(plan.keys), f"{method.name}: merging", progress):

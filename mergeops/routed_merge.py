@@ -27,7 +27,7 @@ def route_rows(method: mb.MergeMethod, route: TensorRoute) -> int:
     compute = route.ctx.compute_dtype
     if route.transform is not None or compute is None:  # None: inputs as stored, maybe mixed
         return 0
-    if compute != torch.float32 and not any_dtype(method):
+    if compute != torch.float32 and not any_dtype(method, route.ctx):
         return 0
     if not route.meta.dtype.is_floating_point:
         return 0

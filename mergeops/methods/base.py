@@ -266,8 +266,12 @@ class StreamingMethod(MergeMethod):
     chunkable: ClassVar[bool] = False
     slices_in_any_dtype: ClassVar[bool] = False
     """True when ``merge_rows`` of a slice gives that slice of ``merge_tensor`` in any compute
-    dtype (no whole-tensor statistics, elementwise arithmetic): a mergekit config's ``dtype:
-    bfloat16`` then merges large tensors in row slices too (``chunking.any_dtype``)."""
+    dtype (elementwise arithmetic, statistics that do not need float32): a mergekit config's
+    ``dtype: bfloat16`` then merges large tensors in row slices too (``chunking.any_dtype``)."""
+
+    def slices_in_dtype(self, ctx: MergeContext) -> bool:
+        """``slices_in_any_dtype`` for these params (a method may refuse some)."""
+        return self.slices_in_any_dtype
 
     def stats_collector(self, ctx: MergeContext) -> StatsCollector | None:
         """A collector for a first pass, or None when the method needs none."""

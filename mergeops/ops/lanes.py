@@ -24,8 +24,22 @@ def lane_sums(values: torch.Tensor, lanes: torch.Tensor) -> None:
     multiple of 8) equal the whole tensor's, bit for bit, whatever the thread count: the fused
     kernel for float32 on the CPU, else ``lane_cumsum``."""
     flat = values.reshape(-1)
-    if not kernels.lane_sums(flat, lanes):
-        lane_cumsum(flat, lanes)
+    if kernels.lane_sums(flat, lanes):
+        return
+    if flat.device.type == "cpu" and flat.dtype in (torch.bfloat16, torch.float16):
+        # 16-bit values are exact in float32: the kernel on float32 pieces (each starting at
+        # a multiple of 8), the same sums, without whole float64 temporaries
+        for start in range(0, flat.numel(), _PIECE):
+            piece = flat[start : start + _PIECE]
+            if not kernels.lane_sums(piece.float(), lanes):
+                lane_cumsum(flat[start:], lanes)
+                return
+        return
+    lane_cumsum(flat, lanes)
+
+
+_PIECE = 1 << 20
+"""16-bit values converted to float32 this many at a time for the kernel."""
 
 
 def lane_cumsum(values: torch.Tensor, lanes: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import torch
 import mergeops
 from mergeops import chunking, kernel_settings, kernels
 from mergeops.methods.task_vector.dare import DareL1Rows
-from mergeops.ops.lanes import LANES, lane_sums
+from mergeops.ops.lanes import LANES, lane_cumsum, lane_sums
 from mergeops.ops.packed_cut import pack_bool
 from mergeops.ops.prune import l1_factor
 
@@ -128,3 +128,12 @@ def test_a_chunked_l1_dare_equals_the_whole_one_with_kernels_on_and_off(
         chunked = mergeops.merge(method, models, base=base, device="cpu", **params)["w"]
         assert torch.equal(whole.view(torch.int32), chunked.view(torch.int32)), on
     assert calls["dare_sweep"] >= 2 * 3 and calls["dare_apply"] >= 2 * 3  # 2 models, 3 slices
+
+
+def test_lane_sums_of_bfloat16_values_take_float32_pieces(kernel_dir: Path) -> None:
+    values = _case(7, (1 << 20) + 64 * 3 + 5)[1].abs().bfloat16()
+    fast = torch.zeros(LANES, dtype=torch.float64)
+    lane_sums(values, fast)
+    reference = torch.zeros(LANES, dtype=torch.float64)
+    lane_cumsum(values, reference)
+    assert torch.equal(fast, reference)

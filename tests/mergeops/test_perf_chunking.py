@@ -181,22 +181,23 @@ def test_passthrough_chunked_matches_whole(
     _bits_equal(whole, chunked)
 
 
-@pytest.mark.parametrize(
-    ("method", "params"),
-    [
-        ("linear", {"weight": [1.0, 0.8, 0.6]}),
-        ("linear", {"weight": [1.0, -0.5, 0.25], "normalize": False}),
-        ("task_arithmetic", {"weight": [1.0, 0.8, 0.6], "lambda": 0.7}),
-    ],
-)
-def test_bfloat16_compute_is_sliced_and_matches_whole(
+BF16_EXTRA: list[tuple[str, dict[str, Any]]] = [
+    ("ties", {"weight": [1.0, 0.8, 0.6], "density": [0.5, 0.2, 1.0], "tie_break": "mergekit"}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05, "tie_break": "mergekit"}),
+    ("dare_ties", {"weight": [1.0, 0.8, 0.6], "density": 0.6, "rescale_by": "l1"}),
+    ("ties", {"density": 0.4, "tie_break": "mergekit", "trim_scope": "model"}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES + BF16_EXTRA)
+def test_bfloat16_compute_slices_and_matches_whole(
     monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any]
 ) -> None:
-    """A mergekit config's ``dtype: bfloat16`` computes linear and task_arithmetic in
-    bfloat16; they are elementwise there too, so large tensors merge in row slices (bounded
-    memory) with the whole tensor's bits."""
-    assert chunking.any_dtype(get_method(method))
-    family = _family(torch.bfloat16, False)
+    """A mergekit config's ``dtype: bfloat16`` computes in bfloat16. The task-vector methods
+    and linear are elementwise there too, their statistics taken on τ in bfloat16 either way,
+    so large tensors merge in row slices (bounded memory) with the whole tensor's bits; the
+    float32 sweeps of the position rule and the model-wide threshold keep whole tensors."""
+    family = _family(torch.bfloat16, True)
     kw = {**params, "compute_dtype": "bfloat16"}
     whole = _merge(monkeypatch, 1 << 40, method, family, **kw)
     sliced_rows = []
@@ -208,9 +209,12 @@ def test_bfloat16_compute_is_sliced_and_matches_whole(
 
     monkeypatch.setattr(chunking.ChunkedMerge, "__init__", counted)
     chunked = _merge(monkeypatch, 4096, method, family, **kw)
-    assert sliced_rows and all(r > 0 for r in sliced_rows)
     _bits_equal(whole, chunked)
     assert all(t.dtype == torch.bfloat16 for t in chunked.values())
+    float32_sweeps = method in ("ties", "breadcrumbs", "breadcrumbs_ties") and (
+        params.get("tie_break", "position") != "mergekit" or "trim_scope" in params
+    )
+    assert bool(sliced_rows) != float32_sweeps, sliced_rows
 
 
 def test_slerp_in_bfloat16_is_sliced_and_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,15 @@ class CutMerge(TaskVectorMerge):
     """A task-vector merge whose per-model statistic of a tensor is a ``CutStat`` (TIES,
     breadcrumbs): applied to row slices, fused with the subtraction where the cut can be."""
 
+    def slices_in_dtype(self, ctx: MergeContext) -> bool:
+        """Row slices in a 16-bit compute dtype under mergekit's tie rule and per-tensor cuts;
+        the position rule's sweeps and the model-wide threshold count float32 magnitudes."""
+        params = ctx.params
+        return (
+            getattr(params, "tie_break", "mergekit") == "mergekit"
+            and getattr(params, "trim_scope", "tensor") == "tensor"
+        )
+
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
     ) -> torch.Tensor:

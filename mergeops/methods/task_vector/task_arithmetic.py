@@ -73,6 +73,10 @@ class TaskVectorMerge(StreamingMethod):
     sparsification: ClassVar[Literal["none", "magnitude", "random", "outliers", "ranked"]] = "none"
     consensus: ClassVar[bool] = False
     chunkable: ClassVar[bool] = True
+    slices_in_any_dtype: ClassVar[bool] = True
+    """The combine is elementwise; the whole-tensor statistics (TIES cuts under mergekit's
+    rule, DARE and DELLA masks) are taken on τ in the compute dtype either way. Tested sliced
+    against whole for every method in bfloat16 (``tests/mergeops/test_perf_chunking.py``)."""
 
     def sparsify(self, tau: torch.Tensor, key: str, index: int, ctx: MergeContext) -> torch.Tensor:
         """τ_t after this method's sparsification (identity here)."""
@@ -198,6 +202,5 @@ class TaskArithmetic(TaskVectorMerge):
 
     name = "task_arithmetic"
     paper = "https://arxiv.org/abs/2212.04089"
-    slices_in_any_dtype: ClassVar[bool] = True  # no sparsification: elementwise in any dtype
     params_model = TaskArithmeticParams
     model_params_model = TaskWeightParams
