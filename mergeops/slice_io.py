@@ -123,7 +123,7 @@ class SliceOutput:
         if finite_now is None:
             finite_now = finite.all_finite(cast)
         if self.bad or not finite_now:
-            self.bad += int(finite.nonfinite_count(cast))
+            self.bad += max(int(finite.nonfinite_count(cast)), int(not finite_now))
             self.pool.give(buffer)
             return
         if cast is not out:

@@ -29,14 +29,16 @@ int64_t ck_copy_f32(const uint32_t *restrict src, uint32_t *restrict dst, int64_
     return bad;
 }
 
-/* dst = src (float32 bits) rounded to bfloat16, to nearest even as torch rounds; returns how
- * many results are NaN or Inf (a float32 beyond bfloat16's range rounds to Inf; a NaN's
- * bfloat16 bits are unspecified: the caller writes nothing of a tensor that is not finite). */
+/* dst = src (float32 bits) rounded to bfloat16, to nearest even as torch rounds, a NaN as
+ * bfloat16's quiet NaN; returns how many results are NaN or Inf (a float32 beyond bfloat16's
+ * range rounds to Inf). */
 int64_t ck_round_bf16(const uint32_t *restrict src, uint16_t *restrict dst, int64_t n) {
     int64_t bad = 0;
     for (int64_t j = 0; j < n; j++) {
         uint32_t bits = src[j];
         uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+        uint32_t nan = (bits & 0x7fffffffu) > 0x7f800000u;
+        rounded = nan ? 0x7fc0u : rounded; /* the rounding would carry a NaN into anything */
         bad += ((bits & 0x7f800000u) == 0x7f800000u) | ((rounded & 0x7f80u) == 0x7f80u);
         dst[j] = (uint16_t)rounded;
     }

@@ -13,7 +13,7 @@ def cast_checked(src: torch.Tensor, dst: torch.Tensor) -> bool | None:
     """``dst.copy_(src)`` from bfloat16 or float32 into float32, from float32 into bfloat16
     (rounded to nearest even, as torch rounds) or bfloat16 into bfloat16, contiguous on the CPU; returns whether every
     value is finite, or None (nothing written) when the kernels are off or do not take these
-    tensors. A non-finite float32 source leaves unspecified bits in a bfloat16 ``dst``."""
+    tensors. A float32 NaN becomes bfloat16's quiet NaN (torch keeps its payload's top bits)."""
     lib = kernels.library()
     pair = (src.dtype, dst.dtype)
     if (

@@ -2,7 +2,7 @@
  *
  * The L1 factor of model t is sum|tau| / sum|tau * keep| over the whole tensor. Both sums are
  * "lane sums": entry i is added, as a double, to lane i mod 8, each lane in index order from
- * +0 (the torch reference: mergeops.ops.prune.LaneSums, a cumsum over rows of 8). The result
+ * +0 (the torch reference: mergeops.ops.lanes.lane_cumsum, a cumsum down rows of 8). The result
  * depends neither on how the tensor is cut into slices (slices start at multiples of 8) nor on
  * the thread count. Built with -ffp-contract=off, no fast-math: every sum and product rounds
  * as the reference's.

@@ -64,5 +64,8 @@ def test_rounding_to_bfloat16_gives_torch_s_bits_and_finds_overflow(kernel_dir: 
     src[100] = 3.4e38  # finite in float32, Inf in bfloat16
     assert torch.isinf(src[100:101].bfloat16()).all()
     assert kernels.cast_checked(src, out) is False
-    src[100] = float("nan")
-    assert kernels.cast_checked(src, out) is False
+    for nan_bits in (0x7FC00000, 0x7F800001, -1, -0x00400000):  # quiet, signalling, negative
+        src[100:101].view(torch.int32).fill_(nan_bits)
+        assert torch.isnan(src[100])
+        assert kernels.cast_checked(src, out) is False
+        assert torch.isnan(out[100])  # still a NaN for the count of what is not finite

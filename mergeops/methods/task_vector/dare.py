@@ -6,7 +6,7 @@ default) or so that each τ_t keeps its L1 norm (``rescale_by: l1``, what mergek
 ``rescale: true`` does); ``rescale: false`` keeps them as they are. Under a mergekit config
 the defaults are mergekit's: density 1, rescale_by l1.
 
-The L1 factor ‖τ_t‖₁ / ‖τ_t ⊙ keep‖₁ sums in float64 lanes (``ops.prune.lane_sums``), not as
+The L1 factor ‖τ_t‖₁ / ‖τ_t ⊙ keep‖₁ sums in float64 lanes (``ops.lanes.lane_sums``), not as
 mergekit's float32 ``sum()``, whose last bits follow torch's split of the sum over threads (the
 same merge gave other bytes on a machine with more cores). On the CPU a large tensor's masks
 and factors then come from one sweep over its row slices (``DareL1Sweep``), no whole τ_t held.
