@@ -16,6 +16,16 @@
 
 /* lanes[i % 8] += |model - base|, lanes[8 + i % 8] += |model - base| * keep with
  * keep = uniform < density; bits (from entry 0, n need not be a multiple of 8) = keep. */
+/* One entry of ck_dare_sweep into lane k: returns its keep bit. */
+static inline uint32_t sweep_entry(float model, float base, float uniform, float density,
+                                   double *before, double *after) {
+    float magnitude = __builtin_fabsf(model - base);
+    int32_t keep = uniform < density;
+    *before = *before + (double)magnitude;
+    *after = *after + (double)(magnitude * (float)keep);
+    return (uint32_t)keep;
+}
+
 void ck_dare_sweep(const float *restrict model, const float *restrict base,
                    const float *restrict uniform, float density, uint8_t *restrict bits,
                    double *restrict lanes, int64_t n) {
@@ -24,30 +34,15 @@ void ck_dare_sweep(const float *restrict model, const float *restrict base,
         before[k] = lanes[k];
         after[k] = lanes[LANES + k];
     }
-    int64_t whole = n - n % LANES;
-    for (int64_t start = 0; start < whole; start += LANES) {
-        uint8_t byte = 0;
-        for (int k = 0; k < LANES; k++) {
+    for (int64_t start = 0; start < n; start += LANES) {
+        int64_t len = n - start < LANES ? n - start : LANES; /* short only at the end */
+        uint32_t byte = 0;
+        for (int k = 0; k < len; k++) {
             int64_t j = start + k;
-            float magnitude = __builtin_fabsf(model[j] - base[j]);
-            int32_t keep = uniform[j] < density;
-            before[k] = before[k] + (double)magnitude;
-            after[k] = after[k] + (double)(magnitude * (float)keep);
-            byte |= (uint8_t)(keep << (7 - k));
+            byte |= sweep_entry(model[j], base[j], uniform[j], density, &before[k], &after[k])
+                    << (7 - k);
         }
-        bits[start / LANES] = byte;
-    }
-    if (whole < n) {
-        uint8_t byte = 0;
-        for (int64_t j = whole; j < n; j++) {
-            int k = (int)(j - whole);
-            float magnitude = __builtin_fabsf(model[j] - base[j]);
-            int32_t keep = uniform[j] < density;
-            before[k] = before[k] + (double)magnitude;
-            after[k] = after[k] + (double)(magnitude * (float)keep);
-            byte |= (uint8_t)(keep << (7 - k));
-        }
-        bits[whole / LANES] = byte;
+        bits[start / LANES] = (uint8_t)byte;
     }
     for (int k = 0; k < LANES; k++) {
         lanes[k] = before[k];

@@ -20,6 +20,7 @@ from mergeops.methods.task_vector.dare import DareL1Rows
 from mergeops.ops.lanes import LANES, lane_cumsum, lane_sums
 from mergeops.ops.packed_cut import pack_bool
 from mergeops.ops.prune import l1_factor
+from tests.mergeops.kernel_calls import count_kernel_calls
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -114,15 +115,7 @@ def test_a_chunked_l1_dare_equals_the_whole_one_with_kernels_on_and_off(
     params: dict[str, Any] = {"density": [0.4, 0.7], "seed": 5, "rescale_by": "l1"}
     whole = mergeops.merge(method, models, base=base, device="cpu", **params)["w"]
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
-    calls = {"dare_sweep": 0, "dare_apply": 0}
-    for name in calls:
-
-        def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> Any:
-            taken = _real(*args, **kw)
-            calls[_name] += bool(taken)
-            return taken
-
-        monkeypatch.setattr(kernels, name, counted)
+    calls = count_kernel_calls(monkeypatch, ["dare_sweep", "dare_apply"])
     for on in (True, False):
         _kernels(on)
         chunked = mergeops.merge(method, models, base=base, device="cpu", **params)["w"]

@@ -15,6 +15,7 @@ from mergeops import kernel_settings, kernels
 from mergeops.ops.basic import blocked_weighted_sum
 from mergeops.ops.blocked_combine import blocked_combine, fused_task_arithmetic
 from mergeops.ops.sign_consensus import stacked_combine
+from tests.mergeops.kernel_calls import count_kernel_calls, write_family
 
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 if not HAVE_CC and os.environ.get("CI") != "true":
@@ -140,27 +141,12 @@ def test_a_shared_folder_or_a_failed_build_falls_back_to_torch(kernel_dir: Path)
 def test_a_merge_gives_the_same_bytes_with_and_without_the_kernels(
     kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from safetensors.torch import save_file
-
     from mergeops import merge_files
 
     base, models = _case(9, 3, 1024 * 1024)  # 4 MiB of float32: merged in row slices
-    calls = {"weighted_sum": 0, "consensus_sum": 0, "trim": 0, "tau_key_counts": 0,
-             "window_trim": 0}  # fmt: skip
-    for name in calls:
-
-        def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> Any:
-            taken = _real(*args, **kw)
-            calls[_name] += taken is not None and taken is not False
-            return taken
-
-        monkeypatch.setattr(kernels, name, counted)
-    folders = []
-    for name, tensor in [("base", base), *[(f"ft{i}", m) for i, m in enumerate(models)]]:
-        folder = tmp_path / name
-        folder.mkdir()
-        save_file({"w": tensor.reshape(1024, 1024).bfloat16()}, str(folder / "model.safetensors"))
-        folders.append(folder)
+    calls = count_kernel_calls(monkeypatch, ["weighted_sum", "consensus_sum", "trim",
+                                             "tau_key_counts", "window_trim"])  # fmt: skip
+    folders = write_family(tmp_path, base, models, torch.bfloat16)
     outputs = {}
     method_params: dict[str, dict[str, Any]] = {
         "task_arithmetic": {},

@@ -13,6 +13,7 @@ import torch
 
 from mergeops import kernel_settings, kernels
 from mergeops.ops import ram
+from tests.mergeops.kernel_calls import count_kernel_calls, write_family
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -86,26 +87,11 @@ def test_ram_kernel_refuses_what_it_cannot_take(kernel_dir: Path) -> None:
 def test_a_ram_merge_gives_the_same_bytes_with_and_without_the_kernel(
     kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    from safetensors.torch import save_file
-
     from mergeops import merge_files
 
     base, models = _case(9, 3, 1e-5, 1024 * 1024)  # 4 MiB of float32: merged in row slices
-    calls = {"ram_combine": 0, "ram_counts": 0}
-    for name in calls:
-
-        def counted(*args: object, _real=getattr(kernels, name), _name=name, **kw: object) -> Any:
-            taken = _real(*args, **kw)
-            calls[_name] += taken is not None
-            return taken
-
-        monkeypatch.setattr(kernels, name, counted)
-    folders = []
-    for name, tensor in [("base", base), *[(f"ft{i}", m) for i, m in enumerate(models)]]:
-        folder = tmp_path / name
-        folder.mkdir()
-        save_file({"w": tensor.reshape(1024, 1024)}, str(folder / "model.safetensors"))
-        folders.append(folder)
+    calls = count_kernel_calls(monkeypatch, ["ram_combine", "ram_counts"])
+    folders = write_family(tmp_path, base, models, torch.float32)
     outputs = []
     for on in (True, False):
         kernel_settings.configure(enabled=on)
