@@ -1,7 +1,8 @@
 """Gram matrices of whole tensors (all pairwise dot products, norms on the diagonal) in
-float64, the same bits whether a tensor is swept whole or in row slices: by lane sums
-(``LaneGram``, ``ops.lanes``: no blocks to gather, the same on any thread count), or per
-column over fixed flat blocks of whole rows (``block_column_gram``, ``ops.blocks``).
+float64, the same bits whether a tensor is swept whole or in row slices: on the CPU by lane
+sums (``LaneGram``, ``ops.lanes``: no blocks to gather, the same on any thread count); on
+other devices, and per column, over fixed flat blocks (``block_gram``, ``block_column_gram``,
+``ops.blocks``).
 
 Spherical merges (nuslerp, multislerp, karcher) only need the inputs' norms and pairwise
 angles: their result is a linear combination Σ b_i·x_i whose coefficients follow from the
@@ -66,6 +67,18 @@ class LaneGram:
             for j in range(i, self.count):
                 out[i, j] = out[j, i] = next(sums)
         return out.to(self.lanes.device)
+
+
+def block_gram(block: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, N) float64 dot products of one block's N pieces (each flattened): the Gram over
+    fixed flat blocks on devices other than the CPU, where a lane scan would run one thread
+    per lane."""
+    count, length = len(block), block[0].numel()
+    total = torch.zeros((count, count), dtype=torch.float64, device=block[0].device)
+    for start in range(0, length, PIECE):
+        stacked = _stacked(block, start, min(length, start + PIECE))
+        total += stacked @ stacked.T
+    return total
 
 
 def block_column_gram(block: Sequence[torch.Tensor], columns: int) -> torch.Tensor:

@@ -14,7 +14,13 @@ import mergeops
 from mergeops import chunking
 from mergeops.methods.base import MergeError, SliceStatsMethod, get_method
 from mergeops.ops.blocks import blocks_of
-from mergeops.ops.gram import LaneGram, block_column_gram, combine_grams, linear_combination
+from mergeops.ops.gram import (
+    LaneGram,
+    block_column_gram,
+    block_gram,
+    combine_grams,
+    linear_combination,
+)
 from mergeops.ops.karcher import karcher_coefficients, karcher_mean
 from mergeops.ops.spherical import (
     AntipodalError,
@@ -230,3 +236,11 @@ def test_empty_and_scalar_tensors(method: str, params: dict[str, Any]) -> None:
     out = mergeops.merge(method, models, device="cpu", **params)
     assert out["w"].shape == (0, 8)
     assert out["s"].shape == () and float(out["s"]) == pytest.approx(2.5)
+
+
+def test_the_blocked_gram_of_other_devices_equals_the_lane_gram() -> None:
+    """Off the CPU the Gram is summed over fixed flat blocks (``block_gram``); both sums agree
+    to float64 rounding."""
+    tensors = [t.float() for t in _inputs(3, (400, 24))]
+    blocked = combine_grams([block_gram(b) for b in blocks_of(tensors, 1000)], (3, 3))
+    assert torch.allclose(blocked, _gram(tensors), rtol=1e-12, atol=0)

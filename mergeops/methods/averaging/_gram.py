@@ -1,7 +1,7 @@
 """The statistics pass shared by the spherical methods merged in row slices (nuslerp,
 multislerp, karcher): one sweep that sums the inputs' float64 Gram matrix (all pairwise dot
-products, ``mergeops.ops.gram``) in lanes (one matrix) or over fixed flat blocks of whole rows
-(one per column), so a tensor merged whole or in any row slices gets the same matrix bit for
+products, ``mergeops.ops.gram``) in lanes (one matrix, on the CPU) or over fixed flat blocks
+(other devices; blocks of whole rows for one matrix per column), so a tensor merged whole or in any row slices gets the same matrix bit for
 bit. The method turns the matrix into coefficients once per tensor; its ``merge_rows`` is then
 elementwise.
 """
@@ -16,7 +16,7 @@ import torch
 from mergeops.methods.base import TensorInputs, TensorStatsPass
 from mergeops.ops import blocks
 from mergeops.ops.blocks import FlatBlocks
-from mergeops.ops.gram import LaneGram, block_column_gram, combine_grams
+from mergeops.ops.gram import LaneGram, block_column_gram, block_gram, combine_grams
 
 
 class GramStats(TensorStatsPass):
@@ -43,19 +43,26 @@ class GramStats(TensorStatsPass):
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         base = inputs.base if self.task_vectors else None
         self.device = inputs.models[0].device
-        if self.cutter is None:  # one matrix: lane sums, the task vectors taken per entry
+        if not self.columns and self.device.type == "cpu":  # one matrix: lane sums
             if self.lanes is None:
                 self.lanes = LaneGram(self.count, self.device)
-            self.lanes.observe(inputs.models, base)
+            self.lanes.observe(inputs.models, base)  # the task vectors taken per entry
             return
+        if self.cutter is None:
+            self.cutter = FlatBlocks()
         tensors = inputs.task_vectors() if base is not None else inputs.models
         for block in self.cutter.feed(tensors):
-            self.partials.append(block_column_gram(block, self.columns))
+            self.partials.append(self._gram(block))
+
+    def _gram(self, block: list[torch.Tensor]) -> torch.Tensor:
+        if self.columns:
+            return block_column_gram(block, self.columns)
+        return block_gram(block)
 
     def next_pass(self) -> bool:
         if self.cutter is not None:
             for block in self.cutter.flush():
-                self.partials.append(block_column_gram(block, self.columns))
+                self.partials.append(self._gram(block))
         return False
 
     def result(self) -> Any:
