@@ -35,6 +35,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -133,6 +134,33 @@ def _build(compiler: list[str]) -> Path:
     return target
 
 
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "ck_weighted_sum": ([_P, _P, _I32, _I32, _P, _I32, _F32, _I32, _F32, _P, _I64], None),
+    "ck_consensus_sum": ([_P, _P, _I32, _P, _I32, _I32, _F32, _P, _I64], None),
+    "ck_key_counts": ([_P, _I64, _P], _I32),
+    "ck_tau_key_counts": ([_P, _P, _I64, _P], None),
+    "ck_trim": ([_P, _P, _F32, _I32, ctypes.POINTER(_I64), _I64], None),
+    "ck_window_trim": ([_P, _P, _F32, _F32, _P, _P, _P, _P, _I64], None),
+    "ck_sort_windows": ([_P, _P, _I64, _I32, _P, _P, _I32, _I64], _I32),
+    "ck_nth_element": ([_P, _P, _I64, _I64, _I32, _I64], _I32),
+    "ck_ram": ([_P, _P, _I32, _F32, _P, _P, _I64], None),
+    "ck_ram_counts": ([_P, _P, _I32, _F32, _P, _P, _I64], None),
+    "ck_dare_sweep": ([_P, _P, _P, _F32, _P, _P, _I64], None),
+    "ck_lane_sums": ([_P, _P, _I64], None),
+    "ck_dare_apply": ([_P, _P, _P, _F32, _I64], None),
+    "ck_select_ranks": ([_P, _I64, _P, _I32, _P, _P], _I32),
+    "ck_nearswap": ([_P, _P, _F32, _P, _I64], None),
+    "ck_linear_combination": ([_P, _P, _I32, _I32, _P, _P, _I64], None),
+    "ck_gram_lanes": ([_P, _P, _I32, _I32, _P, _I64], None),
+    "ck_nuslerp_apply": ([_P, _P, _F32, _F32, _F32, _P, _I64], None),
+    "ck_cast_bf16": ([_P, _P, _I64], _I64),
+    "ck_copy_f32": ([_P, _P, _I64], _I64),
+    "ck_round_bf16": ([_P, _P, _I64], _I64),
+    "ck_copy_bf16": ([_P, _P, _I64], _I64),
+}
+"""ctypes argument and result types of every exported kernel, by C name."""
+
+
 def _load() -> ctypes.CDLL | None:
     global _loaded, _tried
     generation = kernel_settings.current()[1]
@@ -150,50 +178,9 @@ def _load() -> ctypes.CDLL | None:
             detail = getattr(exc, "stderr", "") or exc
             log.warning("fused CPU kernels unavailable, torch ops used: %s", detail)
             return None
-        lib.ck_weighted_sum.argtypes = [_P, _P, _I32, _I32, _P, _I32, _F32, _I32, _F32, _P, _I64]
-        lib.ck_weighted_sum.restype = None
-        lib.ck_consensus_sum.argtypes = [_P, _P, _I32, _P, _I32, _I32, _F32, _P, _I64]
-        lib.ck_consensus_sum.restype = None
-        lib.ck_key_counts.argtypes = [_P, _I64, _P]
-        lib.ck_key_counts.restype = _I32
-        lib.ck_tau_key_counts.argtypes = [_P, _P, _I64, _P]
-        lib.ck_tau_key_counts.restype = None
-        lib.ck_trim.argtypes = [_P, _P, _F32, _I32, ctypes.POINTER(_I64), _I64]
-        lib.ck_trim.restype = None
-        lib.ck_window_trim.argtypes = [_P, _P, _F32, _F32, _P, _P, _P, _P, _I64]
-        lib.ck_window_trim.restype = None
-        lib.ck_sort_windows.argtypes = [_P, _P, _I64, _I32, _P, _P, _I32, _I64]
-        lib.ck_sort_windows.restype = _I32
-        lib.ck_nth_element.argtypes = [_P, _P, _I64, _I64, _I32, _I64]
-        lib.ck_nth_element.restype = _I32
-        lib.ck_ram.argtypes = [_P, _P, _I32, _F32, _P, _P, _I64]
-        lib.ck_ram.restype = None
-        lib.ck_ram_counts.argtypes = [_P, _P, _I32, _F32, _P, _P, _I64]
-        lib.ck_ram_counts.restype = None
-        lib.ck_dare_sweep.argtypes = [_P, _P, _P, _F32, _P, _P, _I64]
-        lib.ck_dare_sweep.restype = None
-        lib.ck_lane_sums.argtypes = [_P, _P, _I64]
-        lib.ck_lane_sums.restype = None
-        lib.ck_dare_apply.argtypes = [_P, _P, _P, _F32, _I64]
-        lib.ck_dare_apply.restype = None
-        lib.ck_select_ranks.argtypes = [_P, _I64, _P, _I32, _P, _P]
-        lib.ck_select_ranks.restype = _I32
-        lib.ck_nearswap.argtypes = [_P, _P, _F32, _P, _I64]
-        lib.ck_nearswap.restype = None
-        lib.ck_linear_combination.argtypes = [_P, _P, _I32, _I32, _P, _P, _I64]
-        lib.ck_linear_combination.restype = None
-        lib.ck_gram_lanes.argtypes = [_P, _P, _I32, _I32, _P, _I64]
-        lib.ck_gram_lanes.restype = None
-        lib.ck_nuslerp_apply.argtypes = [_P, _P, _F32, _F32, _F32, _P, _I64]
-        lib.ck_nuslerp_apply.restype = None
-        lib.ck_cast_bf16.argtypes = [_P, _P, _I64]
-        lib.ck_cast_bf16.restype = _I64
-        lib.ck_copy_f32.argtypes = [_P, _P, _I64]
-        lib.ck_copy_f32.restype = _I64
-        lib.ck_round_bf16.argtypes = [_P, _P, _I64]
-        lib.ck_round_bf16.restype = _I64
-        lib.ck_copy_bf16.argtypes = [_P, _P, _I64]
-        lib.ck_copy_bf16.restype = _I64
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
         _loaded = lib
         return lib
 
