@@ -18,6 +18,7 @@ source and tensor name per input) go through the same class.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import closing
@@ -31,7 +32,7 @@ from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
 from mergeops.prefetch import MAX_DEPTH, Prefetcher
 from mergeops.slice_io import BufferPool, SliceOutput
-from mergeops.slice_reads import FloatSlots, SliceRead, owned_float, slice_read
+from mergeops.slice_reads import FloatSlots, SliceRead, flat_read, owned_float, slice_read
 from mergeops.slice_reads import InputRows as _Rows
 from mergeops.sources import TensorMeta, TensorSource
 from mergeops.spill import Spill
@@ -213,9 +214,13 @@ class ChunkedMerge:
         assert isinstance(method, mb.StreamingMethod)
         shape = tuple(self.meta.shape)
         if isinstance(method, mb.SliceStatsMethod):
-            stats = mb.sweep_stats(method.stats_pass(key, shape, self.ctx), self._slices)
-        elif (sweep := method.stats_sweep(key, shape, self.ctx)) is not None:
-            stats = mb.sweep_stats(sweep, self._slices)
+            sweep = method.stats_pass(key, shape, self.ctx)
+        else:
+            sweep = method.stats_sweep(key, shape, self.ctx)
+        if sweep is not None:
+            stats = mb.sweep_stats(sweep, functools.partial(self._slices, sweep.flat_block))
+        elif isinstance(method, mb.SliceStatsMethod):
+            stats = None
         else:
             stats = method.tensor_stats(key, shape, self._task_vector, self.ctx)
         if self.base is not None and self._base_over_budget:
@@ -225,7 +230,7 @@ class ChunkedMerge:
             if output is not None
             else torch.empty(shape, dtype=out_dtype, device=self.ctx.device)
         )
-        for (start, stop), loaded in self._loaded_slices():
+        for _, (start, stop), loaded in self._loaded_slices():
             merged = self._merge_slice(method, loaded, stats, (start, stop))
             if output is not None:
                 output.put(start, merged)
@@ -237,19 +242,32 @@ class ChunkedMerge:
             output.finish()
         return out
 
-    def _loaded_slices(self) -> Iterator[tuple[tuple[int, int], list[torch.Tensor]]]:
-        """Every slice's owned float32 inputs (models then base), slice k+1 read ahead."""
+    def _loaded_slices(
+        self, flat: int = 0
+    ) -> Iterator[tuple[int, tuple[int, int], list[torch.Tensor]]]:
+        """(first flat entry, span, inputs) of every slice: its owned float32 inputs (models
+        then base), slice k+1 read ahead. Row slices (span in rows), or with ``flat`` flat
+        pieces of that many entries (span in entries) where every input is a mapped local
+        file on the CPU."""
         shape = tuple(self.meta.shape)
         row = math.prod(shape[1:])
         inputs_rows = [*self.sources, *([self.base] if self.base is not None else [])]
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
-        ranges = list(row_ranges(shape[0], self.rows))
         on_cpu, check = self.ctx.device.type == "cpu", not self._swept
-        batches = ([slice_read(r, span, row, self.pool, on_cpu=on_cpu,
-                               check=check, dtype=self.compute) for r in inputs_rows]
-                   for span in ranges)  # fmt: skip
+        mapped = [r.rows_mapped() for r in inputs_rows] if flat and on_cpu else []
+        maps = [m for m in mapped if m is not None]
+        if mapped and len(maps) == len(mapped):
+            unit, ranges = 1, list(row_ranges(shape[0] * row, flat))
+            batches = ([flat_read(m, span, row, self.pool, check=check, dtype=self.compute)
+                        for m in maps] for span in ranges)  # fmt: skip
+        else:
+            unit, ranges = row, list(row_ranges(shape[0], self.rows))
+            batches = ([slice_read(r, span, row, self.pool, on_cpu=on_cpu,
+                                   check=check, dtype=self.compute) for r in inputs_rows]
+                       for span in ranges)  # fmt: skip
         local = all(r.local for r in inputs_rows)
-        depth = LOCAL_DEPTH if local else MAX_DEPTH  # local: a few slices ahead are enough
+        # local: a few slices ahead are enough (one flat piece: a block is two slices' size)
+        depth = (1 if unit == 1 else LOCAL_DEPTH) if local else MAX_DEPTH
         with closing(self.prefetcher.stream(batches, depth=depth)) as stream:
             for (start, stop), pending in zip(ranges, stream, strict=True):
                 loaded, buffers = [], []
@@ -259,7 +277,7 @@ class ChunkedMerge:
                     if got.buffer is not None:
                         buffers.append(got.buffer)
                 del pending
-                yield (start, stop), loaded
+                yield start * unit, (start, stop), loaded
                 del loaded
                 for buffer in buffers:  # the slice is merged: its buffers are free again
                     self.pool.give(buffer)
@@ -278,17 +296,18 @@ class ChunkedMerge:
             raise mb.MergeError(f"tensor '{self.key}' of {role} contains NaN or Inf")
         return got.tensor
 
-    def _slices(self) -> Iterator[tuple[int, mb.TensorInputs]]:
-        """One statistics sweep: (flat offset, inputs) of every slice. The first sweep checks
-        every input slice for NaN/Inf, and spills what it fetched from remote inputs, so later
-        sweeps and the merge pass read it back locally."""
-        row, count = math.prod(tuple(self.meta.shape)[1:]), len(self.sources)
+    def _slices(self, flat: int = 0) -> Iterator[tuple[int, mb.TensorInputs]]:
+        """One statistics sweep: (flat offset, inputs) of every slice (flat pieces of ``flat``
+        entries where ``_loaded_slices`` can read them so). The first sweep checks every input
+        slice for NaN/Inf, and spills what it fetched from remote inputs, so later sweeps and
+        the merge pass read it back locally."""
+        count = len(self.sources)
         if not self._swept:
             for rows in self._inputs():
                 rows.record(self._spill)
-        for (start, _), loaded in self._loaded_slices():
+        for offset, _, loaded in self._loaded_slices(flat):
             base = loaded[count] if self.base is not None else None
-            yield start * row, mb.TensorInputs(name=self.key, models=loaded[:count], base=base)
+            yield offset, mb.TensorInputs(name=self.key, models=loaded[:count], base=base)
         self._swept = True
         for rows in self._inputs():
             rows.replay()

@@ -111,8 +111,9 @@ def slice_read(
 
     mapped = rows.rows_mapped()
     if mapped is not None:
+        view = functools.partial(mapped, start, stop)
         return Read((stop - start) * row * dtype.itemsize,
-                    lambda: _cast_mapped(mapped, span, pool, check, dtype))  # fmt: skip
+                    lambda: _cast_mapped(view, pool, check, dtype))  # fmt: skip
 
     def fetch() -> SliceRead:
         raw = _raw(rows, start, stop, nbytes, pool)
@@ -131,16 +132,46 @@ def slice_read(
     return Read((stop - start) * row * dtype.itemsize, fetch)
 
 
-def _cast_mapped(
+def flat_read(
     mapped: Callable[[int, int], Mapped],
     span: tuple[int, int],
+    row: int,
     pool: BufferPool,
+    *,
     check: bool,
-    dtype: torch.dtype,
+    dtype: torch.dtype = torch.float32,
+) -> Read:
+    """The read of the flat entries ``span`` (any range; rows of ``row`` elements) of a local
+    file's tensor (``mapped``: its ``rows_mapped()``), cast and checked on the CPU as
+    ``slice_read`` does rows, into a ``(1, n)`` buffer."""
+    start, stop = span
+    first, last = start // row, -(-stop // row)  # the rows that hold the span
+    skip = start - first * row
+
+    def piece() -> Mapped:
+        covering = mapped(first, last)
+        return _FlatPiece(covering.tensor.reshape(1, -1)[:, skip : skip + stop - start], covering)
+
+    return Read((stop - start) * dtype.itemsize, lambda: _cast_mapped(piece, pool, check, dtype))
+
+
+@dataclass
+class _FlatPiece:
+    """Flat entries viewed inside mapped rows; ``release`` releases the rows."""
+
+    tensor: torch.Tensor
+    rows: Mapped
+
+    def release(self) -> None:
+        self.rows.release()
+
+
+def _cast_mapped(
+    view: Callable[[], Mapped], pool: BufferPool, check: bool, dtype: torch.dtype
 ) -> SliceRead:
-    """A slice cast straight from the file's pages into a pooled ``dtype`` buffer (one pass
-    over the input bytes, no raw copy) and checked finite."""
-    rows = mapped(*span)
+    """A slice (``view()`` in the file's pages) cast straight from there into a pooled
+    ``dtype`` buffer (one pass over the input bytes, no raw copy) and checked finite."""
+    rows = view()
     try:
         raw = rows.tensor
         buffer = pool.take(raw.numel() * dtype.itemsize)

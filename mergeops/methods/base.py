@@ -344,6 +344,12 @@ class TensorStatsPass(ABC):
     ``result()`` is what ``merge_rows`` receives as ``stats``.
     """
 
+    flat_block: int = 0
+    """Non-zero: the pass reduces fixed flat blocks of this many entries, and the engine may
+    feed it flat pieces of one block each (``(1, n)`` tensors; ``offset`` their first entry)
+    instead of row slices where it can read them so (local files, on the CPU). No block then
+    straddles two slices, so none is gathered (copied) from two."""
+
     @abstractmethod
     def observe(self, inputs: TensorInputs, offset: int) -> None:
         """Take one slice into account."""

@@ -4,10 +4,12 @@ to the whole-tensor merge, whatever the slice and block sizes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import mergeops
 from mergeops import chunking
@@ -143,3 +145,74 @@ def test_a_nan_in_a_late_slice_is_named_by_the_first_sweep(
     role = "base" if where == "base" else "model"
     with pytest.raises(MergeError, match=f"tensor 'embed' of {role}.*NaN or Inf"):
         _merge(monkeypatch, 4096, "slerp", family, t=0.5)
+
+
+def _slerp_files(
+    tmp_path: Path, dtype: torch.dtype, poison: bool = False
+) -> tuple[list[Path], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A base and one model folder holding ``w`` (160 rows of 640: rows straddle blocks)."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(160, 640, generator=gen).to(dtype)
+    other = (base.float() + 0.4 * torch.randn(160, 640, generator=gen)).to(dtype)
+    if poison:
+        other[151, 7] = float("inf")  # in the last flat piece
+    folders = []
+    for name, tensor in (("base", base), ("ft", other)):
+        (tmp_path / name).mkdir()
+        save_file({"w": tensor}, str(tmp_path / name / "model.safetensors"))
+        folders.append(tmp_path / name)
+    return folders, {"w": base}, {"w": other}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_of_local_files_sweeps_whole_blocks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """From local files the statistics sweeps read flat pieces of exactly one block (offsets
+    on block boundaries, across rows), so no block is gathered from two slices, and the
+    result is the whole-tensor merge's, bit for bit."""
+    from mergeops.methods.averaging.slerp import SlerpStats
+
+    monkeypatch.setattr(blocks, "BLOCK", 3000)  # 34 blocks and a tail of 400 entries
+    (base_dir, model_dir), base, other = _slerp_files(tmp_path, dtype)
+    whole = mergeops.merge("slerp", [other], base=base, t=0.3, device="cpu")
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 640 * 4)  # 4-row slices
+    assert chunking.rows_for(get_method("slerp"), (160, 640)) == 4
+    offsets: list[tuple[int, int]] = []
+    gathers = []
+    observe, gather = SlerpStats.observe, FlatBlocks._gather
+
+    def spy_observe(self: SlerpStats, inputs: Any, offset: int) -> None:
+        offsets.append((offset, inputs.base.numel()))
+        observe(self, inputs, offset)
+
+    def spy_gather(self: FlatBlocks, *args: Any) -> None:
+        gathers.append(args[1:])
+        gather(self, *args)
+
+    monkeypatch.setattr(SlerpStats, "observe", spy_observe)
+    monkeypatch.setattr(FlatBlocks, "_gather", spy_gather)
+    out = tmp_path / "out"
+    mergeops.merge_files("slerp", [model_dir], base=base_dir, out_dir=out, params={"t": 0.3})
+    pieces = [(offset, 3000) for offset in range(0, 102_000, 3000)] + [(102_000, 400)]
+    assert offsets == pieces * 2  # two sweeps, each over whole blocks
+    assert gathers == [(0, 400)] * 2  # only the tail, which is a block of its own
+    (shard,) = out.glob("*.safetensors")
+    merged = load_file(str(shard))["w"]
+    assert merged.dtype == dtype
+    assert torch.equal(merged.view(torch.uint8), whole["w"].view(torch.uint8))
+
+
+def test_a_non_finite_value_in_a_flat_piece_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mergeops.methods.base import MergeError
+
+    monkeypatch.setattr(blocks, "BLOCK", 3000)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 640 * 4)
+    (base_dir, model_dir), _, _ = _slerp_files(tmp_path, torch.float32, poison=True)
+    with pytest.raises(MergeError, match=r"tensor 'w' of model.*NaN or Inf"):
+        mergeops.merge_files(
+            "slerp", [model_dir], base=base_dir, out_dir=tmp_path / "out", params={"t": 0.3}
+        )
+    assert not (tmp_path / "out").exists()

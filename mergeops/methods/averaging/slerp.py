@@ -41,6 +41,7 @@ class SlerpStats(TensorStatsPass):
         self.t = t
         self.sweep = 0
         self.blocks = FlatBlocks()
+        self.flat_block = self.blocks.block  # fed whole blocks where the engine can
         self.norms: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self.unit: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dots: list[torch.Tensor] = []
