@@ -1,7 +1,8 @@
 """Fused float32 merges on the CPU, compiled from C on first use: ``combine.c`` (weighted sums,
 TIES), ``ram.c`` (RAM), ``dare.c`` (DARE's L1 rescale), ``select.c`` (exact quantiles),
 ``averaging.c`` (nearswap, nuslerp, linear combinations, Gram matrices), ``cast.c`` (input
-slices cast and checked finite), and ``sortsim.c``: torch's CPU sort algorithm run only where it
+slices cast and checked finite), ``rank.c`` (DELLA's ranks by radix sort), and ``sortsim.c``:
+torch's CPU sort algorithm run only where it
 reaches given positions (``sort_windows``, for mergekit's tie rule).
 
 The torch path of a task-vector combine runs one op per model and step over each block
@@ -45,7 +46,16 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("combine.c", "sortsim.c", "ram.c", "dare.c", "select.c", "averaging.c", "cast.c")
+    for name in (
+        "combine.c",
+        "sortsim.c",
+        "ram.c",
+        "dare.c",
+        "select.c",
+        "averaging.c",
+        "cast.c",
+        "rank.c",
+    )
 ]
 FLAGS = [
     "-O3",
@@ -143,6 +153,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "ck_window_trim": ([_P, _P, _F32, _F32, _P, _P, _P, _P, _I64], None),
     "ck_sort_windows": ([_P, _P, _I64, _I32, _P, _P, _I32, _I64], _I32),
     "ck_nth_element": ([_P, _P, _I64, _I64, _I32, _I64], _I32),
+    "ck_della_probabilities": ([_P, _I64, _I64, _F32, _F32, _P, _P, _P], None),
     "ck_ram": ([_P, _P, _I32, _F32, _P, _P, _I64], None),
     "ck_ram_counts": ([_P, _P, _I32, _F32, _P, _P, _I64], None),
     "ck_dare_sweep": ([_P, _P, _P, _F32, _P, _P, _I64], None),
@@ -376,6 +387,7 @@ from mergeops.kernels.dare import dare_sweep as dare_sweep  # noqa: E402
 from mergeops.kernels.dare import lane_sums as lane_sums  # noqa: E402
 from mergeops.kernels.ram import ram_combine as ram_combine  # noqa: E402
 from mergeops.kernels.ram import ram_counts as ram_counts  # noqa: E402
+from mergeops.kernels.rank import della_probabilities as della_probabilities  # noqa: E402
 from mergeops.kernels.select import select_ranks as select_ranks  # noqa: E402
 from mergeops.kernels.sortsim import nth_element as nth_element  # noqa: E402
 from mergeops.kernels.sortsim import sort_windows as sort_windows  # noqa: E402

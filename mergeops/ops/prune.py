@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from mergeops import kernels
 from mergeops.ops.lanes import LANES, lane_sums
 
 RescaleBy = Literal["keep_probability", "l1"]
@@ -82,12 +83,20 @@ def della_keep_probability(tensor: torch.Tensor, density: float, epsilon: float)
     """p = (density - ε) + 2ε·rank_norm per entry, ranks of |τ| along dim 1 (1-D: one row).
 
     Returns the probabilities in ``work_dtype`` shaped like the tensor viewed with at least
-    two dimensions. Equal magnitudes are ranked as ``torch.argsort`` orders them; a single
-    column (rank range 0) gets rank_norm 0.5 (mergekit divides 0 by 0 there).
+    two dimensions. Equal magnitudes rank in index order (a stable sort: the same on every
+    device and thread count; mergekit's unstable ``argsort`` orders them as the sort algorithm
+    happens to). A single column (rank range 0) gets rank_norm 0.5 (mergekit divides 0 by 0
+    there). On the CPU, float32 rows are ranked by a radix sort over the cores
+    (``kernels.della_probabilities``), with the same bits.
     """
     rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
     dtype = work_dtype(tensor)
-    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    if dtype == torch.float32 and rows.dim() == 2:
+        workers = torch.get_num_threads()
+        fused = kernels.della_probabilities(rows, density, epsilon, workers=workers)
+        if fused is not None:
+            return fused
+    order = torch.argsort(rows.abs(), dim=1, descending=False, stable=True)
     positions = torch.arange(rows.shape[1], device=rows.device)
     positions = positions.reshape((1, -1) + (1,) * (rows.dim() - 2)).expand_as(order)
     ranks = torch.empty_like(order).scatter_(1, order, positions).to(dtype) + 1

@@ -140,7 +140,7 @@ def _draw_keep(
         return torch.bernoulli(probs, generator=generator).to(torch.bool)
     keep = torch.empty(rows.shape, dtype=torch.bool)
     step = max(1, KEEP_ROWS_ELEMENTS // max(1, rows[0].numel()))
-    with all_cores():  # the row sorts split over rows
+    with all_cores():  # the row ranks split over the cores
         for start in range(0, rows.shape[0], step):
             block = rows[start : start + step]
             probs = della_keep_probability(block, own.density, own.epsilon)
