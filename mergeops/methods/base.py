@@ -362,6 +362,10 @@ class TensorStatsPass(ABC):
     def result(self) -> Any:
         """The statistics handed to ``merge_rows``."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook: most passes hold nothing to release
+        """Release what the sweeps held (worker threads); called once they end, on an error
+        too."""
+
 
 class SliceStatsMethod(StreamingMethod):
     """A method whose per-tensor statistics are reductions over the tensor's elements (norms,
@@ -408,11 +412,14 @@ def sweep_stats(
     """Run ``stats_pass`` over ``slices()`` (offset, inputs) as many times as it asks."""
     if stats_pass is None:
         return None
-    while True:
-        for offset, inputs in slices():
-            stats_pass.observe(inputs, offset)
-        if not stats_pass.next_pass():
-            return stats_pass.result()
+    try:
+        while True:
+            for offset, inputs in slices():
+                stats_pass.observe(inputs, offset)
+            if not stats_pass.next_pass():
+                return stats_pass.result()
+    finally:
+        stats_pass.close()
 
 
 class WholeModelMethod(MergeMethod):

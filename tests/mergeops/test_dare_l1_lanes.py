@@ -130,3 +130,32 @@ def test_lane_sums_of_bfloat16_values_take_float32_pieces(kernel_dir: Path) -> N
     reference = torch.zeros(LANES, dtype=torch.float64)
     lane_cumsum(values, reference)
     assert torch.equal(fast, reference)
+
+
+def test_a_failed_sweep_leaves_no_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN in a late slice fails the L1 sweep; its model threads are shut down with it
+    (``TensorStatsPass.close``), not left for the garbage collector."""
+    import threading
+
+    from mergeops.methods.base import MergeError
+
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(96, 128, generator=g)}
+    models = [{"w": base["w"] + torch.randn(96, 128, generator=g)} for _ in range(2)]
+    models[1]["w"][90, 3] = float("nan")  # in the last slice
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr("mergeops.methods.task_vector.dare.available_cores", lambda: 2)
+    started: list[str] = []
+    real = DareL1Rows.observe
+
+    def observe(self: DareL1Rows, *args: Any) -> None:
+        started.append(threading.current_thread().name)
+        real(self, *args)
+
+    monkeypatch.setattr(DareL1Rows, "observe", observe)
+    params: dict[str, Any] = {"density": 0.5, "seed": 5, "rescale_by": "l1"}
+    with pytest.raises(MergeError, match="NaN or Inf"):
+        mergeops.merge("dare_linear", models, base=base, device="cpu", **params)
+    assert any(name.startswith("ckreg-dare") for name in started)  # the pool did run
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("ckreg-dare")]
+    assert alive == []

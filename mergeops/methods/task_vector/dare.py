@@ -234,10 +234,12 @@ class DareL1Sweep(TensorStatsPass):
             future.result()
 
     def result(self) -> list[tuple[PackedMask, torch.Tensor | None] | None]:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
         return [None if rows is None else rows.result() for rows in self.models]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 def _packed(
