@@ -2,10 +2,10 @@
 and the base by a ratio from the angle between their task vectors, as mergekit 0.1.5 computes
 it (in the inputs' dtype).
 
-``model_stock`` is mergekit's whole-tensor formula. For row slices, the whole-tensor ratio comes
-from reductions: ``stock_partials`` gives one flat block's task-vector norms and pairwise dot
-products, ``stock_ratio_of`` combines the blocks' partials in order (``ops.blocks``) and applies
-mergekit's cos = dot / max(|δ_i|·|δ_j|, 1e-6); ``stock_apply`` is then elementwise.
+``model_stock`` is mergekit's whole-tensor formula. For float32 tensors in row slices the ratio
+comes from the task vectors' float64 Gram matrix (``stock_ratio_of_gram``, with mergekit's
+cos = dot / max(|δ_i|·|δ_j|, 1e-6)), and the merge is the linear combination of
+``stock_combination``'s coefficients, elementwise.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergeops.ops.blocks import combine_norms, combine_sums
+from mergeops.ops.gram import norms_of
 
 
 def _pair_cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
@@ -70,35 +70,23 @@ def model_stock(
     return stock_apply(ratio, base, models).reshape(shape)
 
 
-def stock_partials(
-    offsets: Sequence[torch.Tensor], product: torch.Tensor | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One ``(1, n)`` block's partials: the norm of every task vector δ_i in ``offsets`` and
-    the dot product of every pair i < j (in ``itertools.combinations`` order), each a
-    ``(1, 1)`` tensor. ``product`` (``(1, n)``) takes the pairs' products instead of fresh
-    tensors."""
-    norms = [torch.linalg.vector_norm(offset, dim=1, keepdim=True) for offset in offsets]
-    if product is None:
-        product = torch.empty_like(offsets[0])
-    dots = [
-        torch.mul(first, second, out=product).sum(dim=1, keepdim=True)
-        for index, first in enumerate(offsets)
-        for second in offsets[index + 1 :]
-    ]
-    return norms, dots
-
-
-def stock_ratio_of(
-    norms: Sequence[Sequence[torch.Tensor]], dots: Sequence[Sequence[torch.Tensor]]
-) -> torch.Tensor:
-    """The whole tensor's t (shape ``(1,)``) from its blocks' partials: ``norms[i]`` the blocks'
-    norms of δ_i, ``dots[p]`` the blocks' dot products of pair p, both in block order."""
-    whole_norms = [combine_norms(parts).reshape(()) for parts in norms]
-    whole_dots = iter([combine_sums(parts).reshape(()) for parts in dots])
-    count = len(whole_norms)
+def stock_ratio_of_gram(gram: torch.Tensor) -> torch.Tensor:
+    """The whole tensor's t (shape ``(1,)``, float32) from its task vectors' float64 Gram
+    matrix (N, N): each pair's cos = dot / max(|δ_i|·|δ_j|, 1e-6) clamped to [-1, 1] and their
+    mean in float64, rounded to float32 once, then ``stock_ratio`` in float32 as mergekit."""
+    gram = gram.detach().to("cpu", torch.float64)
+    norms = norms_of(gram)
+    count = gram.shape[0]
     cosines = [
-        _pair_cosine(next(whole_dots), whole_norms[first], whole_norms[second])
+        _pair_cosine(gram[first, second], norms[first], norms[second])
         for first in range(count)
         for second in range(first + 1, count)
     ]
-    return stock_ratio(torch.stack(cosines).mean(dim=0).unsqueeze(-1), count)
+    mean = torch.stack(cosines).mean().to(torch.float32)
+    return stock_ratio(mean.reshape(1), count)
+
+
+def stock_combination(ratio: float, count: int) -> torch.Tensor:
+    """The float32 coefficients (t/N, ..., t/N, 1 - t) of the models and the base whose
+    linear combination is t·mean(θ_i) + (1 - t)·θ0 (``ops.gram.linear_combination``)."""
+    return torch.tensor([ratio / count] * count + [1 - ratio], dtype=torch.float32)

@@ -17,6 +17,7 @@ from mergeops import kernel_settings, kernels
 from mergeops.ops.fusion import nearswap
 from mergeops.ops.gram import LaneGram, linear_combination
 from mergeops.ops.spherical import nuslerp_apply, nuslerp_coefficients, nuslerp_cosine
+from tests.mergeops.kernel_calls import count_kernel_calls
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -113,3 +114,21 @@ def test_nuslerp_spherical_step_gives_the_torch_bits(kernel_dir: Path) -> None:
     kernel_settings.configure(enabled=False)
     reference = nuslerp_apply(0.35, coefficients, base, other, branch="spherical")
     assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))
+
+
+def test_a_model_stock_merge_is_the_same_with_the_kernels_off(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model_stock's Gram lanes and final linear combination take the kernels (row slices of
+    a 4 MiB tensor) and give the torch path's bytes."""
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(1024, 1024, generator=gen)
+    models = [{"w": base + 0.1 * torch.randn(1024, 1024, generator=gen)} for _ in range(3)]
+    calls = count_kernel_calls(monkeypatch, ["gram_lanes", "linear_combination"])
+    outputs = []
+    for on in (True, False):
+        kernel_settings.configure(enabled=on)
+        outputs.append(mergeops.merge("model_stock", models, base={"w": base}, device="cpu")["w"])
+    assert torch.equal(outputs[0].view(torch.int32), outputs[1].view(torch.int32))
+    assert calls["gram_lanes"] >= 2 and calls["linear_combination"] >= 2  # every slice
+    assert not torch.equal(outputs[0], base)
