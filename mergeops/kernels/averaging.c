@@ -58,31 +58,40 @@ void ck_linear_combination(const float *restrict base, const float *const *x, in
 /* The lane sums of a Gram matrix (mergeops.ops.gram.LaneGram): for every pair i <= j of the
  * inputs, in row-major order p, lanes[8 p + k] += v_i * v_j over the entries of lane k (entry
  * index mod 8), each lane in index order; v_t = x_t - base (float32) when x_are_models, else
- * x_t, and the product is taken in double (exact for float32 values). */
+ * x_t, and the product is taken in double (exact for float32 values).
+ *
+ * The entries go by chunks of GRAM_CHUNK: the task vectors of a chunk are staged once, then
+ * each pair runs over the whole chunk with its eight lanes held in registers. Every lane still
+ * adds its entries in index order, so the sums are those of one pass entry by entry. */
+#define GRAM_CHUNK 512 /* entries per chunk, a multiple of 8 (staging: 32 KiB for 16 inputs) */
+
 void ck_gram_lanes(const float *base, const float *const *x, int32_t count, int32_t x_are_models,
                    double *restrict lanes, int64_t n) {
-    double v[GRAM_MAX][8];
-    int64_t whole = n - n % 8;
-    for (int64_t start = 0; start <= whole; start += 8) {
-        int32_t len = start < whole ? 8 : (int32_t)(n - whole);
-        if (!len) break;
+    float stage[GRAM_MAX][GRAM_CHUNK];
+    const float *v[GRAM_MAX];
+    for (int64_t start = 0; start < n; start += GRAM_CHUNK) {
+        const int64_t len = n - start < GRAM_CHUNK ? n - start : GRAM_CHUNK;
+        const int64_t whole = len - len % 8;
         for (int32_t i = 0; i < count; i++) {
-            const float *xi = x[i] + start;
+            v[i] = x[i] + start;
             if (x_are_models) {
                 const float *b = base + start;
-                for (int32_t k = 0; k < len; k++) v[i][k] = (double)(xi[k] - b[k]);
-            } else {
-                for (int32_t k = 0; k < len; k++) v[i][k] = (double)xi[k];
+                for (int64_t k = 0; k < len; k++) stage[i][k] = v[i][k] - b[k];
+                v[i] = stage[i];
             }
         }
         double *lane = lanes;
         for (int32_t i = 0; i < count; i++)
             for (int32_t j = i; j < count; j++, lane += 8) {
-                if (len == 8) {
-                    for (int32_t k = 0; k < 8; k++) lane[k] = lane[k] + v[i][k] * v[j][k];
-                } else {
-                    for (int32_t k = 0; k < len; k++) lane[k] = lane[k] + v[i][k] * v[j][k];
-                }
+                const float *a = v[i], *b = v[j];
+                double acc[8];
+                for (int32_t k = 0; k < 8; k++) acc[k] = lane[k];
+                for (int64_t e = 0; e < whole; e += 8)
+                    for (int32_t k = 0; k < 8; k++)
+                        acc[k] = acc[k] + (double)a[e + k] * (double)b[e + k];
+                for (int64_t e = whole; e < len; e++)
+                    acc[e - whole] = acc[e - whole] + (double)a[e] * (double)b[e];
+                for (int32_t k = 0; k < 8; k++) lane[k] = acc[k];
             }
     }
 }
