@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergeops import kernels
+from mergeops import kernel_settings, kernels
 
 
 def count_kernel_calls(monkeypatch: pytest.MonkeyPatch, names: Iterable[str]) -> dict[str, int]:
@@ -41,3 +41,20 @@ def write_family(
         save_file({"w": tensor.reshape(1024, -1).to(dtype)}, str(folder / "model.safetensors"))
         folders.append(folder)
     return folders
+
+
+def merged_bytes_with_kernels_on_and_off(
+    root: Path, method: str, folders: list[Path], **options: Any
+) -> tuple[bytes, bytes]:
+    """The output shards' bytes of one file merge (base ``folders[0]``, then the models) with
+    the kernels on, then off; ``options`` go to ``merge_files``."""
+    from mergeops import merge_files
+
+    outputs = []
+    for on in (True, False):
+        kernel_settings.configure(enabled=on)
+        out = root / f"out-{on}"
+        merge_files(method=method, base=folders[0], models=folders[1:], out_dir=out,
+                    device="cpu", dtype="float32", progress=False, **options)  # fmt: skip
+        outputs.append(b"".join(f.read_bytes() for f in sorted(out.glob("*.safetensors"))))
+    return outputs[0], outputs[1]

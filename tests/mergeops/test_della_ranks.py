@@ -15,7 +15,11 @@ import torch
 from mergeops import kernel_settings, kernels
 from mergeops.kernels import rank
 from mergeops.ops.prune import della_keep_probability
-from tests.mergeops.kernel_calls import count_kernel_calls, write_family
+from tests.mergeops.kernel_calls import (
+    count_kernel_calls,
+    merged_bytes_with_kernels_on_and_off,
+    write_family,
+)
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -86,19 +90,12 @@ def test_the_kernel_refuses_what_it_cannot_take() -> None:
 def test_a_della_merge_gives_the_same_bytes_with_and_without_the_kernel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    from mergeops import merge_files
-
     rows = _rows(5, 1024 * 3, 1024)
     base, models = rows[0:1024], [rows[1024:2048], rows[2048:]]
     calls = count_kernel_calls(monkeypatch, ["della_probabilities"])
     folders = write_family(tmp_path, base, models, torch.float32)
-    outputs = []
-    for on in (True, False):
-        kernel_settings.configure(enabled=on)
-        out = tmp_path / f"out-{on}"
-        merge_files(method=method, base=folders[0], models=folders[1:], out_dir=out,
-                    params={"density": 0.5, "epsilon": 0.1}, device="cpu",
-                    dtype="float32", progress=False)  # fmt: skip
-        outputs.append(b"".join(f.read_bytes() for f in sorted(out.glob("*.safetensors"))))
-    assert outputs[0] == outputs[1]
+    on, off = merged_bytes_with_kernels_on_and_off(
+        tmp_path, method, folders, params={"density": 0.5, "epsilon": 0.1}
+    )
+    assert on == off
     assert calls["della_probabilities"] >= 2  # one whole-tensor draw per model

@@ -13,7 +13,11 @@ import torch
 
 from mergeops import kernel_settings, kernels
 from mergeops.ops import ram
-from tests.mergeops.kernel_calls import count_kernel_calls, write_family
+from tests.mergeops.kernel_calls import (
+    count_kernel_calls,
+    merged_bytes_with_kernels_on_and_off,
+    write_family,
+)
 
 if not (shutil.which("cc") or shutil.which("gcc")) and os.environ.get("CI") != "true":
     pytest.skip("no C compiler: the fused kernels are off here", allow_module_level=True)
@@ -87,18 +91,10 @@ def test_ram_kernel_refuses_what_it_cannot_take(kernel_dir: Path) -> None:
 def test_a_ram_merge_gives_the_same_bytes_with_and_without_the_kernel(
     kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    from mergeops import merge_files
-
     base, models = _case(9, 3, 1e-5, 1024 * 1024)  # 4 MiB of float32: merged in row slices
     calls = count_kernel_calls(monkeypatch, ["ram_combine", "ram_counts"])
     folders = write_family(tmp_path, base, models, torch.float32)
-    outputs = []
-    for on in (True, False):
-        kernel_settings.configure(enabled=on)
-        out = tmp_path / f"out-{on}"
-        merge_files(method=method, base=folders[0], models=folders[1:], out_dir=out,
-                    device="cpu", dtype="float32", progress=False)  # fmt: skip
-        outputs.append(b"".join(f.read_bytes() for f in sorted(out.glob("*.safetensors"))))
-    assert outputs[0] == outputs[1]
+    on, off = merged_bytes_with_kernels_on_and_off(tmp_path, method, folders)
+    assert on == off
     assert calls["ram_combine"] >= 2  # every slice took the kernel
     assert calls["ram_counts"] >= (2 if method == "ramplus_tl" else 0)
