@@ -17,6 +17,7 @@ import torch
 
 from mergeops import kernels
 from mergeops.ops.lanes import LANES, lane_sums
+from mergeops.ops.scratch import scratch_like
 
 RescaleBy = Literal["keep_probability", "l1"]
 
@@ -61,6 +62,25 @@ def l1_factor(
     lane_sums(magnitude, before)
     lane_sums(magnitude.mul_(kept) if in_place else magnitude * kept, after)
     return l1_factor_of_lanes(before, after)
+
+
+def l1_factor_of_tau(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """``l1_factor(|τ|, kept)`` (``kept``: τ's keep mask, any shape of τ's size), the same
+    bits, by blocks of ``L1_BLOCK`` entries: no whole |τ| or |τ| ⊙ kept is allocated."""
+    flat, keep = tau.reshape(-1), kept.reshape(-1)
+    before = flat.new_zeros(LANES, dtype=torch.float64)
+    after = flat.new_zeros(LANES, dtype=torch.float64)
+    for start in range(0, flat.numel(), L1_BLOCK):
+        block = flat[start : start + L1_BLOCK]
+        magnitude = torch.abs(block, out=scratch_like("l1-magnitude", block))
+        lane_sums(magnitude, before)
+        lane_sums(magnitude.mul_(keep[start : start + L1_BLOCK]), after)
+    return l1_factor_of_lanes(before, after)
+
+
+L1_BLOCK = 1 << 20
+"""Entries per block of ``l1_factor_of_tau`` (a multiple of ``LANES``: each block's lane sums
+continue the previous block's lanes)."""
 
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:

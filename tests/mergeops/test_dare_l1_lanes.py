@@ -159,3 +159,23 @@ def test_a_failed_sweep_leaves_no_worker_threads(monkeypatch: pytest.MonkeyPatch
     assert any(name.startswith("ckreg-dare") for name in started)  # the pool did run
     alive = [t.name for t in threading.enumerate() if t.name.startswith("ckreg-dare")]
     assert alive == []
+
+
+@pytest.mark.parametrize("numel", [5, 64 * 301 + 3, (1 << 20) * 2 + 77])
+def test_the_blocked_l1_factor_of_tau_equals_the_whole_one(
+    monkeypatch: pytest.MonkeyPatch, numel: int
+) -> None:
+    """DELLA's factor from τ by blocks (no whole |τ| copy) has the bits of ``l1_factor`` on
+    the whole |τ|, also with blocks that are not a multiple of the tensor's rows."""
+    from mergeops.ops import prune
+
+    gen = torch.Generator().manual_seed(numel % 97)
+    tau = torch.randn(numel, generator=gen) * 0.01
+    keep = torch.rand(numel, generator=gen) < 0.4
+    whole = l1_factor(tau.abs(), keep)
+    assert whole is not None
+    for block in (prune.L1_BLOCK, 1024):
+        monkeypatch.setattr(prune, "L1_BLOCK", block)
+        blocked = prune.l1_factor_of_tau(tau, keep)
+        assert blocked is not None and torch.equal(blocked, whole), block
+    assert prune.l1_factor_of_tau(torch.zeros(16), torch.ones(16, dtype=torch.bool)) is None

@@ -35,7 +35,7 @@ from mergeops.ops.prune import (
     check_della,
     della_keep_probability,
     della_prune,
-    l1_factor,
+    l1_factor_of_tau,
 )
 
 KEEP_ROWS_ELEMENTS = 1024 * 1024
@@ -106,7 +106,7 @@ class _Della(TaskVectorMerge):
             keep = _draw_keep(tau, own, ctx.generator(key, index))
             scale = None
             if params.rescale and params.rescale_by == "l1":
-                scale = l1_factor(tau.reshape(keep.shape).abs(), keep)
+                scale = l1_factor_of_tau(tau, keep)
             stats.append((PackedMask.of(keep), scale))
         return stats
 
