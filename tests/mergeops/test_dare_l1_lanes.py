@@ -156,8 +156,8 @@ def test_a_failed_sweep_leaves_no_worker_threads(monkeypatch: pytest.MonkeyPatch
     params: dict[str, Any] = {"density": 0.5, "seed": 5, "rescale_by": "l1"}
     with pytest.raises(MergeError, match="NaN or Inf"):
         mergeops.merge("dare_linear", models, base=base, device="cpu", **params)
-    assert any(name.startswith("ckreg-dare") for name in started)  # the pool did run
-    alive = [t.name for t in threading.enumerate() if t.name.startswith("ckreg-dare")]
+    assert any(name.startswith("ckreg-mask") for name in started)  # the pool did run
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("ckreg-mask")]
     assert alive == []
 
 

@@ -110,11 +110,13 @@ DELLA_CASES: list[tuple[str, dict[str, Any]]] = [
 def test_della_keep_masks_drawn_in_row_blocks_match_whole(
     monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], dtype: torch.dtype
 ) -> None:
-    """Keep probabilities and draws a few rows at a time (blocks of 1000 entries: 7 rows of
-    128, 33 of 30, part of the 1-D norm), masks held packed: the whole-tensor draw exactly."""
-    from mergeops.methods.task_vector import della
+    """Keep probabilities and draws over row slices of 4096 bytes (``DellaRows``), masks held
+    packed, L1 factors from lane sums: the whole-tensor draw exactly, and no whole τ read."""
 
-    monkeypatch.setattr(della, "KEEP_ROWS_ELEMENTS", 1000)
+    def no_whole_tau(self: Any, index: int) -> None:
+        raise AssertionError("DELLA read a whole task vector on the CPU")
+
+    monkeypatch.setattr(chunking.ChunkedMerge, "_task_vector", no_whole_tau)
     family = _family(dtype, 3)
     whole = _merge(monkeypatch, 1 << 40, method, family, seed=3, **params)
     chunked = _merge(monkeypatch, 4096, method, family, seed=3, **params)

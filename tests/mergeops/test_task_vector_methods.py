@@ -152,9 +152,9 @@ def test_bernoulli_cpu_draws_what_torch_bernoulli_draws(dtype: torch.dtype) -> N
 
 
 def test_della_masks_do_not_depend_on_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DELLA's row ranks run on every core while the engine has lowered torch's threads
-    (``all_cores``); the merge is the same bits with one thread or two, and the thread
-    setting is restored after."""
+    """DELLA's row ranks split over torch's threads (``kernels.della_probabilities``) and its
+    models draw side by side (``MaskSweep``); the merge is the same bits with one thread or
+    two, and the thread setting is what it was."""
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.zeros(96, 64)}
     models = [{"w": (torch.randn(96, 64, generator=g) * 4).round()} for _ in range(2)]  # ties

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -137,24 +136,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-@contextmanager
-def all_cores() -> Iterator[None]:
-    """torch's intra-op threads raised to every core available to the process for a while
-    (restored after): for whole-tensor statistics that split over rows (DELLA's row ranks),
-    whose results do not depend on the thread count, run while the engine has lowered the
-    threads for its row slices (``engine.compute_threads``)."""
-    before = torch.get_num_threads()
-    wanted = available_cores()
-    if wanted <= before:
-        yield
-        return
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def per_model_stats(

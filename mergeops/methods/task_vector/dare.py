@@ -9,16 +9,16 @@ the defaults are mergekit's: density 1, rescale_by l1.
 The L1 factor ‖τ_t‖₁ / ‖τ_t ⊙ keep‖₁ sums in float64 lanes (``ops.lanes.lane_sums``), not as
 mergekit's float32 ``sum()``, whose last bits follow torch's split of the sum over threads (the
 same merge gave other bytes on a machine with more cores). On the CPU a large tensor's masks
-and factors then come from one sweep over its row slices (``DareL1Sweep``), no whole τ_t held.
+and factors then come from one sweep over its row slices (``MaskSweep``), no whole τ_t held.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -121,14 +121,14 @@ class _Dare(TaskVectorMerge):
         self, key: str, shape: tuple[int, ...], ctx: MergeContext
     ) -> TensorStatsPass | None:
         """With the L1 rescale on the CPU: each model's mask and factor from one sweep over the
-        slices (``DareL1Sweep``); else None (``tensor_stats``)."""
+        slices (``MaskSweep``); else None (``tensor_stats``)."""
         params = ctx.params
         assert isinstance(params, DareParams)
         densities = [p.density for p in ctx.model_params]  # type: ignore[attr-defined]
         if self._rescale_by(params) != "l1" or ctx.device.type != "cpu":
             return None
         numel = math.prod(shape)
-        return DareL1Sweep([
+        return MaskSweep([
             None if d >= 1 else DareL1Rows(partial(ctx.generator, key, i), d, numel)
             for i, d in enumerate(densities)
         ])  # fmt: skip
@@ -205,16 +205,25 @@ class DareL1Rows:
         return PackedMask(self.bits), l1_factor_of_lanes(self.lanes[:LANES], self.lanes[LANES:])
 
 
-class DareL1Sweep(TensorStatsPass):
-    """One sweep over a tensor's row slices: every model's ``DareL1Rows`` (None: density 1).
-    ``result()`` is what ``tensor_stats`` gives for the L1 rescale, without whole τ_t."""
+class RowsDraw(Protocol):
+    """One model's mask drawn over a tensor's row slices in order (``DareL1Rows``, DELLA's
+    ``DellaRows``)."""
 
-    def __init__(self, models: list[DareL1Rows | None]) -> None:
+    def observe(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+class MaskSweep(TensorStatsPass):
+    """One sweep over a tensor's row slices: every model's ``RowsDraw`` (None: nothing drawn).
+    ``result()`` is what ``tensor_stats`` gives (masks and L1 factors), without whole τ_t."""
+
+    def __init__(self, models: Sequence[RowsDraw | None]) -> None:
         self.models = models
         drawn = sum(rows is not None for rows in models)
         workers = min(available_cores(), drawn)
         self._pool = (
-            ThreadPoolExecutor(workers, thread_name_prefix="ckreg-dare") if workers > 1 else None
+            ThreadPoolExecutor(workers, thread_name_prefix="ckreg-mask") if workers > 1 else None
         )
 
     def observe(self, inputs: TensorInputs, offset: int) -> None:
@@ -233,7 +242,7 @@ class DareL1Sweep(TensorStatsPass):
         ]:
             future.result()
 
-    def result(self) -> list[tuple[PackedMask, torch.Tensor | None] | None]:
+    def result(self) -> list[Any]:
         return [None if rows is None else rows.result() for rows in self.models]
 
     def close(self) -> None:

@@ -8,38 +8,45 @@ Drops are seeded per (seed, tensor, model). Survivors are rescaled by 1/p
 (``rescale_by: l1``, mergekit's ``rescale``, the default under a mergekit config).
 Defaults otherwise mergekit's: density 1 (no pruning), epsilon 0.15, della normalize true.
 
-Ranks are taken within rows, so large tensors merge in row slices: ``tensor_stats`` draws each
-model's whole keep mask (the same random numbers as unchunked) and L1 factor, and each slice
-recomputes its rows' keep probabilities when survivors are rescaled by 1/p. On CPU the keep
-probabilities and draws go ``KEEP_ROWS_ELEMENTS`` at a time (``torch.bernoulli`` draws in
-element order there, so the mask is the one a single call gives), and the masks are held
-bit-packed (``ops.packed_cut``): the whole-tensor rank temporaries (int64 orders and ranks)
-are what set this method's peak memory otherwise.
+Ranks are taken within rows, so large tensors merge in row slices. On the CPU one sweep over
+the slices draws each model's keep mask (``DellaRows``: each slice's rows ranked, one float32
+uniform per entry in flat order, so the mask is the one a single whole-tensor draw gives) and
+adds up its L1 factor's lane sums; the masks are held bit-packed (``ops.packed_cut``) and no
+whole τ is held. Elsewhere ``tensor_stats`` draws from the whole τ. Each slice of the merge
+recomputes its rows' keep probabilities when survivors are rescaled by 1/p.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from mergeops.methods.base import MergeContext, MergeError, ModelParams, register
-from mergeops.methods.task_vector._per_model import all_cores
-from mergeops.methods.task_vector.dare import DareParams
+from mergeops.methods.base import (
+    MergeContext,
+    MergeError,
+    ModelParams,
+    TensorStatsPass,
+    register,
+)
+from mergeops.methods.task_vector.dare import DareParams, MaskSweep
 from mergeops.methods.task_vector.task_arithmetic import TaskVectorMerge
-from mergeops.ops.packed_cut import PackedMask
+from mergeops.ops.lanes import LANES, lane_sums
+from mergeops.ops.packed_cut import PackedMask, pack_bool
 from mergeops.ops.prune import (
     bernoulli_cpu,
     check_della,
     della_keep_probability,
     della_prune,
+    l1_factor_of_lanes,
     l1_factor_of_tau,
 )
-
-KEEP_ROWS_ELEMENTS = 1024 * 1024
-"""Entries per block of rows whose keep probabilities are computed and drawn at once (CPU)."""
+from mergeops.ops.scratch import scratch_like
+from mergeops.ops.sparsify import new_pass
 
 
 class DellaParams(DareParams):
@@ -110,6 +117,26 @@ class _Della(TaskVectorMerge):
             stats.append((PackedMask.of(keep), scale))
         return stats
 
+    def stats_sweep(
+        self, key: str, shape: tuple[int, ...], ctx: MergeContext
+    ) -> TensorStatsPass | None:
+        """On the CPU: each model's keep mask (and L1 factor) drawn over one sweep of the row
+        slices (``DellaRows``), the draws of ``tensor_stats``; elsewhere None."""
+        params = ctx.params
+        assert isinstance(params, DellaParams)
+        if ctx.device.type != "cpu":
+            return None
+        l1 = params.rescale and params.rescale_by == "l1"
+        draws: list[DellaRows | None] = []
+        for index, own in enumerate(ctx.model_params):
+            assert isinstance(own, DellaModelParams)
+            if own.density >= 1:
+                draws.append(None)
+                continue
+            self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
+            draws.append(DellaRows(partial(ctx.generator, key, index), own, math.prod(shape), l1))
+        return MaskSweep(draws)
+
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
     ) -> torch.Tensor:
@@ -129,23 +156,58 @@ class _Della(TaskVectorMerge):
         return masked / della_keep_probability(tau, own.density, own.epsilon)
 
 
+class DellaRows:
+    """One model's DELLA keep mask drawn a row slice at a time on the CPU: each slice's rows
+    ranked and drawn as ``_draw_keep`` draws them (one float32 uniform per entry, in flat
+    order: slice after slice, the uniforms of one whole draw), the mask kept packed and, for
+    the L1 rescale, the lane sums of |τ| and |τ ⊙ keep| added up. No whole τ is held. Slices
+    must come in ascending order, each starting at a multiple of 8."""
+
+    def __init__(
+        self,
+        generator: Callable[[], torch.Generator],
+        own: DellaModelParams,
+        numel: int,
+        l1: bool,
+    ) -> None:
+        self._generator, self.own, self.l1 = generator, own, l1
+        self._gen: torch.Generator | None = None
+        self._next = 0
+        self.bits = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
+        self.lanes = torch.zeros(2 * LANES, dtype=torch.float64)  # |τ|, then |τ ⊙ keep|
+
+    def observe(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> None:
+        """Draw the rows of ``model - base`` starting at flat index ``offset``."""
+        if new_pass("a DELLA mask", offset, self._next):
+            self._gen = self._generator()
+            self.lanes.zero_()
+        assert self._gen is not None  # the first slice has offset 0
+        if offset % 8:
+            raise ValueError(f"DELLA's slices must start at a multiple of 8, got {offset}")
+        count = model.numel()
+        self._next = offset + count
+        tau = torch.sub(model, base, out=scratch_like("della-tau", model))
+        probs = della_keep_probability(tau, self.own.density, self.own.epsilon)
+        keep = bernoulli_cpu(probs, self._gen)
+        self.bits[offset // 8 : (offset + count + 7) // 8].copy_(pack_bool(keep.reshape(-1)))
+        if self.l1:
+            magnitude = tau.abs_()
+            lane_sums(magnitude, self.lanes[:LANES])
+            lane_sums(magnitude.mul_(keep.reshape(magnitude.shape)), self.lanes[LANES:])
+
+    def result(self) -> tuple[PackedMask, torch.Tensor | None]:
+        """The packed mask and the L1 factor (None: not rescaled by L1, or below ``L1_EPS``)."""
+        scale = l1_factor_of_lanes(self.lanes[:LANES], self.lanes[LANES:]) if self.l1 else None
+        return PackedMask(self.bits), scale
+
+
 def _draw_keep(
     tau: torch.Tensor, own: DellaModelParams, generator: torch.Generator
 ) -> torch.Tensor:
     """τ's bool keep mask (viewed with at least two dimensions), drawn as ``della_prune`` draws
-    it; on CPU a block of rows at a time (the same draws, in the same order)."""
-    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
-    if tau.device.type != "cpu":
-        probs = della_keep_probability(tau, own.density, own.epsilon)
-        return torch.bernoulli(probs, generator=generator).to(torch.bool)
-    keep = torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, KEEP_ROWS_ELEMENTS // max(1, rows[0].numel()))
-    with all_cores():  # the row ranks split over the cores
-        for start in range(0, rows.shape[0], step):
-            block = rows[start : start + step]
-            probs = della_keep_probability(block, own.density, own.epsilon)
-            keep[start : start + step] = bernoulli_cpu(probs, generator)
-    return keep
+    it on a non-CPU device (on the CPU, ``DellaRows`` draws the same over row slices)."""
+    probs = della_keep_probability(tau, own.density, own.epsilon)
+    return torch.bernoulli(probs, generator=generator).to(torch.bool)
 
 
 @register
