@@ -164,33 +164,53 @@ class _Dare(TaskVectorMerge):
         return dare_rows(tau, keep, density, scale, self._rescale_by(params))
 
 
-class DareL1Rows:
-    """One model's DARE keep mask with the L1 rescale, drawn a row slice at a time in flat
-    order on the CPU (the uniforms of one ``dare_keep`` call, as ``DareRows`` draws them) while
-    the lane sums of |τ| and |τ ⊙ keep| add up; the mask is kept packed for the merge pass.
-    Slices must come in ascending order, each starting at a multiple of 8."""
+class PackedRowsDraw:
+    """What a mask drawn over a tensor's row slices keeps (``DareL1Rows``, DELLA's
+    ``DellaRows``): the model's generator, restarted on each new pass; the packed mask; the
+    lane sums of |τ| and |τ ⊙ keep|. Slices must come in ascending order, each starting at a
+    multiple of 8."""
 
-    def __init__(
-        self, generator: Callable[[], torch.Generator], density: float, numel: int
-    ) -> None:
-        self._generator, self.density = generator, density
+    method: ClassVar[str]
+    """The method's name in errors."""
+
+    def __init__(self, generator: Callable[[], torch.Generator], numel: int) -> None:
+        self._generator = generator
         self._gen: torch.Generator | None = None
         self._next = 0
         self.bits = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
         self.lanes = torch.zeros(2 * LANES, dtype=torch.float64)  # |τ|, then |τ ⊙ keep|
 
-    def observe(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> None:
-        """Draw the slice of ``model - base`` starting at flat index ``offset``."""
-        if new_pass("a DARE mask", offset, self._next):
+    def _start(self, offset: int, count: int) -> torch.Generator:
+        """The generator for the slice of ``count`` entries at flat index ``offset``."""
+        if new_pass(f"a {self.method} mask", offset, self._next):
             self._gen = self._generator()
             self.lanes.zero_()
         assert self._gen is not None  # the first slice has offset 0
         if offset % 8:
-            raise ValueError(f"DARE's slices must start at a multiple of 8, got {offset}")
-        count = model.numel()
+            raise ValueError(f"{self.method}'s slices must start at a multiple of 8, got {offset}")
         self._next = offset + count
+        return self._gen
+
+
+class DareL1Rows(PackedRowsDraw):
+    """One model's DARE keep mask with the L1 rescale, drawn a row slice at a time in flat
+    order on the CPU (the uniforms of one ``dare_keep`` call, as ``DareRows`` draws them) while
+    the lane sums of |τ| and |τ ⊙ keep| add up; the mask is kept packed for the merge pass."""
+
+    method = "DARE"
+
+    def __init__(
+        self, generator: Callable[[], torch.Generator], density: float, numel: int
+    ) -> None:
+        super().__init__(generator, numel)
+        self.density = density
+
+    def observe(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> None:
+        """Draw the slice of ``model - base`` starting at flat index ``offset``."""
+        count = model.numel()
+        generator = self._start(offset, count)
         uniform = scratch("dare-uniform", model.shape, torch.float32, model.device)
-        torch.rand(model.shape, generator=self._gen, out=uniform)
+        torch.rand(model.shape, generator=generator, out=uniform)
         bits = self.bits[offset // 8 : (offset + count + 7) // 8]
         if kernels.dare_sweep(model, base, uniform, self.density, bits, self.lanes):
             return

@@ -33,7 +33,7 @@ from mergeops.methods.base import (
     TensorStatsPass,
     register,
 )
-from mergeops.methods.task_vector.dare import DareParams, MaskSweep
+from mergeops.methods.task_vector.dare import DareParams, MaskSweep, PackedRowsDraw
 from mergeops.methods.task_vector.task_arithmetic import TaskVectorMerge
 from mergeops.ops.lanes import LANES, lane_sums
 from mergeops.ops.packed_cut import PackedMask, pack_bool
@@ -46,7 +46,6 @@ from mergeops.ops.prune import (
     l1_factor_of_tau,
 )
 from mergeops.ops.scratch import scratch_like
-from mergeops.ops.sparsify import new_pass
 
 
 class DellaParams(DareParams):
@@ -103,12 +102,10 @@ class _Della(TaskVectorMerge):
         params = ctx.params
         assert isinstance(params, DellaParams)
         stats: list[Any] = []
-        for index, own in enumerate(ctx.model_params):
-            assert isinstance(own, DellaModelParams)
-            if own.density >= 1:
+        for index, own in enumerate(self._drawing(key, ctx)):
+            if own is None:
                 stats.append(None)
                 continue
-            self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
             tau = task_vector(index)
             keep = _draw_keep(tau, own, ctx.generator(key, index))
             scale = None
@@ -126,16 +123,22 @@ class _Della(TaskVectorMerge):
         assert isinstance(params, DellaParams)
         if ctx.device.type != "cpu":
             return None
-        l1 = params.rescale and params.rescale_by == "l1"
-        draws: list[DellaRows | None] = []
+        l1, numel = params.rescale and params.rescale_by == "l1", math.prod(shape)
+        return MaskSweep([
+            None if own is None else DellaRows(partial(ctx.generator, key, i), own, numel, l1)
+            for i, own in enumerate(self._drawing(key, ctx))
+        ])  # fmt: skip
+
+    def _drawing(self, key: str, ctx: MergeContext) -> list[DellaModelParams | None]:
+        """Each model's params where it draws a mask for tensor ``key`` (checked), None where
+        its density is 1."""
+        drawing: list[DellaModelParams | None] = []
         for index, own in enumerate(ctx.model_params):
             assert isinstance(own, DellaModelParams)
-            if own.density >= 1:
-                draws.append(None)
-                continue
-            self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
-            draws.append(DellaRows(partial(ctx.generator, key, index), own, math.prod(shape), l1))
-        return MaskSweep(draws)
+            if own.density < 1:
+                self._check(own, f"tensor '{key}', model '{ctx.model_names[index]}'")
+            drawing.append(own if own.density < 1 else None)
+        return drawing
 
     def sparsify_rows(
         self, tau: torch.Tensor, stat: Any, offset: int, index: int, ctx: MergeContext
@@ -156,12 +159,13 @@ class _Della(TaskVectorMerge):
         return masked / della_keep_probability(tau, own.density, own.epsilon)
 
 
-class DellaRows:
+class DellaRows(PackedRowsDraw):
     """One model's DELLA keep mask drawn a row slice at a time on the CPU: each slice's rows
     ranked and drawn as ``_draw_keep`` draws them (one float32 uniform per entry, in flat
     order: slice after slice, the uniforms of one whole draw), the mask kept packed and, for
-    the L1 rescale, the lane sums of |τ| and |τ ⊙ keep| added up. No whole τ is held. Slices
-    must come in ascending order, each starting at a multiple of 8."""
+    the L1 rescale, the lane sums of |τ| and |τ ⊙ keep| added up. No whole τ is held."""
+
+    method = "DELLA"
 
     def __init__(
         self,
@@ -170,25 +174,16 @@ class DellaRows:
         numel: int,
         l1: bool,
     ) -> None:
-        self._generator, self.own, self.l1 = generator, own, l1
-        self._gen: torch.Generator | None = None
-        self._next = 0
-        self.bits = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
-        self.lanes = torch.zeros(2 * LANES, dtype=torch.float64)  # |τ|, then |τ ⊙ keep|
+        super().__init__(generator, numel)
+        self.own, self.l1 = own, l1
 
     def observe(self, model: torch.Tensor, base: torch.Tensor, offset: int) -> None:
         """Draw the rows of ``model - base`` starting at flat index ``offset``."""
-        if new_pass("a DELLA mask", offset, self._next):
-            self._gen = self._generator()
-            self.lanes.zero_()
-        assert self._gen is not None  # the first slice has offset 0
-        if offset % 8:
-            raise ValueError(f"DELLA's slices must start at a multiple of 8, got {offset}")
         count = model.numel()
-        self._next = offset + count
+        generator = self._start(offset, count)
         tau = torch.sub(model, base, out=scratch_like("della-tau", model))
         probs = della_keep_probability(tau, self.own.density, self.own.epsilon)
-        keep = bernoulli_cpu(probs, self._gen)
+        keep = bernoulli_cpu(probs, generator)
         self.bits[offset // 8 : (offset + count + 7) // 8].copy_(pack_bool(keep.reshape(-1)))
         if self.l1:
             magnitude = tau.abs_()
