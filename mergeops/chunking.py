@@ -19,8 +19,9 @@ source and tensor name per input) go through the same class.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 from mergeops import finite
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
-from mergeops.prefetch import MAX_DEPTH, Prefetcher
+from mergeops.prefetch import MAX_DEPTH, Pending, Prefetcher, Read
 from mergeops.slice_io import BufferPool, SliceOutput
 from mergeops.slice_reads import FloatSlots, SliceRead, flat_read, owned_float, slice_read
 from mergeops.slice_reads import InputRows as _Rows
@@ -128,6 +129,49 @@ def plan_job(plan: MergePlan, key: str) -> ChunkJob:
     return ChunkJob(key, plan.metas[key], models, base, plan.method, plan.ctx)
 
 
+class ChunkedTensors:
+    """The ``ChunkedMerge`` of each chunked tensor of a plain plan, in plan order; each one's
+    first slice reads start once the previous one's last read is submitted (``prime``), so a
+    tensor's reads no longer start cold after the one before it is merged. Sources without
+    row reads (read whole on construction) are not primed. A context manager: tensors primed
+    and never merged (the merge failed) are closed on exit."""
+
+    def __init__(
+        self, plan: MergePlan, rows_of: dict[str, int], prefetcher: Prefetcher, pool: BufferPool
+    ) -> None:
+        self._plan, self._rows_of, self._prefetcher, self._pool = plan, rows_of, prefetcher, pool
+        keys = [key for key in plan.keys if rows_of.get(key)]
+        self._following = dict(itertools.pairwise(keys))
+        sources = [*plan.models, *([plan.base] if plan.base is not None else [])]
+        self._primable = all(getattr(s, "get_rows", None) is not None for s in sources)
+        self._primed: dict[str, ChunkedMerge] = {}
+
+    def take(self, key: str) -> ChunkedMerge:
+        """Tensor ``key``'s merge (primed or fresh), set to prime the next chunked tensor."""
+        chunked = self._primed.pop(key, None) or self._make(key)
+        following = self._following.get(key)
+        if following is not None and self._primable:
+            chunked.after_reads(functools.partial(self._prime, following))
+        return chunked
+
+    def _make(self, key: str) -> ChunkedMerge:
+        return ChunkedMerge(plan_job(self._plan, key), self._rows_of[key], self._prefetcher,
+                            self._pool)  # fmt: skip
+
+    def _prime(self, key: str) -> None:
+        if key not in self._primed:
+            chunked = self._primed[key] = self._make(key)
+            chunked.prime()
+
+    def __enter__(self) -> ChunkedTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        primed, self._primed = list(self._primed.values()), {}
+        for chunked in primed:
+            chunked.close()
+
+
 class ChunkedMerge:
     """Merges one tensor name in row slices; ``bytes_read`` counts the input bytes read.
 
@@ -151,6 +195,11 @@ class ChunkedMerge:
         self._base_over_budget = False  # then held through the stats pass only
         self._swept = False  # True once a statistics sweep has checked every slice
         self._spill = Spill()  # remote inputs read twice: the first read lands here
+        self._sweep: mb.TensorStatsPass | None = None
+        self._sweep_made = False  # the method was asked for its statistics sweep
+        self._primed: _SliceStream | None = None  # first pass's reads started by ``prime``
+        self._reads_done = False  # the merge pass's last read is submitted
+        self._after_reads: Callable[[], None] | None = None
 
     def _owned(
         self, raw: torch.Tensor, role: str, *, counted: bool = True, slot: int | None = None
@@ -202,9 +251,72 @@ class ChunkedMerge:
         try:
             return self._run(out_dtype, output)
         finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release what this tensor holds: reads started and not merged (they are cancelled
+        or waited for), held inputs, the spill file, a statistics sweep made and not run."""
+        primed, self._primed = self._primed, None
+        try:
+            if primed is not None:
+                primed.stream.close()
+            if self._sweep is not None:
+                sweep, self._sweep = self._sweep, None
+                sweep.close()
+        finally:
             for rows in self._inputs():
                 rows.release()
             self._spill.close()
+
+    def prime(self) -> None:
+        """Start this tensor's first slice reads now, before ``run``: the engine calls it
+        once the previous tensor's last read is under way (``after_reads``), so this tensor's
+        first slices arrive while that one is still merging instead of after it. The first
+        pass is the statistics sweep, or the merge pass of a method with no statistics; a
+        method whose ``tensor_stats`` reads whole tensors first is not primed (its slices
+        would be read before it and again after). CPU merges only."""
+        if self._primed is not None or self._swept or self.ctx.device.type != "cpu":
+            return
+        sweep = self._first_sweep()
+        stats_first = not isinstance(self.method, mb.SliceStatsMethod)
+        if sweep is None and stats_first and mb.stats_read_inputs(self.method):
+            return
+        if sweep is not None:
+            self._record()
+        self._primed = self._open_slices(sweep.flat_block if sweep is not None else 0,
+                                         last=sweep is None)  # fmt: skip
+        self._primed.prime()
+
+    def after_reads(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the merge pass's last slice read is submitted (at once if
+        it already is): reads of the next tensor may then start without delaying this one's."""
+        if self._reads_done:
+            callback()
+        else:
+            self._after_reads = callback
+
+    def _last_read_submitted(self) -> None:
+        self._reads_done = True
+        callback, self._after_reads = self._after_reads, None
+        if callback is not None:
+            callback()
+
+    def _first_sweep(self) -> mb.TensorStatsPass | None:
+        """The method's statistics sweep of this tensor (made once), or None."""
+        if not self._sweep_made:
+            method, shape = self.method, tuple(self.meta.shape)
+            assert isinstance(method, mb.StreamingMethod)
+            if isinstance(method, mb.SliceStatsMethod):
+                self._sweep = method.stats_pass(self.key, shape, self.ctx)
+            else:
+                self._sweep = method.stats_sweep(self.key, shape, self.ctx)
+            self._sweep_made = True
+        return self._sweep
+
+    def _record(self) -> None:
+        """Spill what the first sweep fetches from remote inputs (a no-op for the rest)."""
+        for rows in self._inputs():
+            rows.record(self._spill)
 
     def _inputs(self) -> list[_Rows]:
         return [*self.sources, *([self.base] if self.base is not None else [])]
@@ -213,11 +325,9 @@ class ChunkedMerge:
         key, method = self.key, self.method
         assert isinstance(method, mb.StreamingMethod)
         shape = tuple(self.meta.shape)
-        if isinstance(method, mb.SliceStatsMethod):
-            sweep = method.stats_pass(key, shape, self.ctx)
-        else:
-            sweep = method.stats_sweep(key, shape, self.ctx)
+        sweep = self._first_sweep()
         if sweep is not None:
+            self._sweep = None  # closed by sweep_stats from here on
             stats = mb.sweep_stats(sweep, functools.partial(self._slices, sweep.flat_block))
         elif isinstance(method, mb.SliceStatsMethod):
             stats = None
@@ -230,7 +340,7 @@ class ChunkedMerge:
             if output is not None
             else torch.empty(shape, dtype=out_dtype, device=self.ctx.device)
         )
-        for _, (start, stop), loaded in self._loaded_slices():
+        for _, (start, stop), loaded in self._loaded_slices(last=True):
             merged = self._merge_slice(method, loaded, stats, (start, stop))
             if output is not None:
                 output.put(start, merged)
@@ -242,20 +352,18 @@ class ChunkedMerge:
             output.finish()
         return out
 
-    def _loaded_slices(
-        self, flat: int = 0
-    ) -> Iterator[tuple[int, tuple[int, int], list[torch.Tensor]]]:
-        """(first flat entry, span, inputs) of every slice: its owned float32 inputs (models
-        then base), slice k+1 read ahead. Row slices (span in rows), or with ``flat`` flat
-        pieces of that many entries (span in entries) where every input is a mapped local
-        file on the CPU."""
+    def _open_slices(self, flat: int, *, last: bool) -> _SliceStream:
+        """The reads of one pass over every slice, handed to the prefetcher as it pulls them:
+        row slices (span in rows), or with ``flat`` flat pieces of that many entries (span in
+        entries) where every input is a mapped local file on the CPU. ``last``: the merge
+        pass, whose final submitted read calls ``after_reads``'s callback."""
         shape = tuple(self.meta.shape)
         row = math.prod(shape[1:])
-        inputs_rows = [*self.sources, *([self.base] if self.base is not None else [])]
-        roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
+        inputs_rows = self._inputs()
         on_cpu, check = self.ctx.device.type == "cpu", not self._swept
         mapped = [r.rows_mapped() for r in inputs_rows] if flat and on_cpu else []
         maps = [m for m in mapped if m is not None]
+        batches: Iterable[Sequence[Read]]
         if mapped and len(maps) == len(mapped):
             unit, ranges = 1, list(row_ranges(shape[0] * row, flat))
             batches = ([flat_read(m, span, row, self.pool, check=check, dtype=self.compute)
@@ -265,11 +373,29 @@ class ChunkedMerge:
             batches = ([slice_read(r, span, row, self.pool, on_cpu=on_cpu,
                                    check=check, dtype=self.compute) for r in inputs_rows]
                        for span in ranges)  # fmt: skip
+        if last:
+            batches = _then(batches, self._last_read_submitted)
         local = all(r.local for r in inputs_rows)
         # local: a few slices ahead are enough (one flat piece: a block is two slices' size)
         depth = (1 if unit == 1 else LOCAL_DEPTH) if local else MAX_DEPTH
-        with closing(self.prefetcher.stream(batches, depth=depth)) as stream:
-            for (start, stop), pending in zip(ranges, stream, strict=True):
+        return _SliceStream(flat, unit, ranges, self.prefetcher.stream(batches, depth=depth))
+
+    def _loaded_slices(
+        self, flat: int = 0, *, last: bool = False
+    ) -> Iterator[tuple[int, tuple[int, int], list[torch.Tensor]]]:
+        """(first flat entry, span, inputs) of every slice: its owned float32 inputs (models
+        then base), slice k+1 read ahead (see ``_open_slices``). The first pass takes the
+        reads ``prime`` started, when it did."""
+        inputs_rows = self._inputs()
+        roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
+        slices, self._primed = self._primed, None
+        if slices is not None and slices.flat != flat:  # not what this pass reads
+            slices.stream.close()
+            slices = None
+        if slices is None:
+            slices = self._open_slices(flat, last=last)
+        with closing(slices.stream):
+            for (start, stop), pending in zip(slices.ranges, slices.pending(), strict=True):
                 loaded, buffers = [], []
                 for slot, (p, role, rows) in enumerate(zip(pending, roles, inputs_rows, strict=True)):  # fmt: skip
                     got: SliceRead = p.result()
@@ -277,7 +403,7 @@ class ChunkedMerge:
                     if got.buffer is not None:
                         buffers.append(got.buffer)
                 del pending
-                yield start * unit, (start, stop), loaded
+                yield start * slices.unit, (start, stop), loaded
                 del loaded
                 for buffer in buffers:  # the slice is merged: its buffers are free again
                     self.pool.give(buffer)
@@ -303,8 +429,7 @@ class ChunkedMerge:
         the merge pass read it back locally."""
         count = len(self.sources)
         if not self._swept:
-            for rows in self._inputs():
-                rows.record(self._spill)
+            self._record()
         for offset, _, loaded in self._loaded_slices(flat):
             base = loaded[count] if self.base is not None else None
             yield offset, mb.TensorInputs(name=self.key, models=loaded[:count], base=base)
@@ -332,3 +457,31 @@ class ChunkedMerge:
                 f"{start}:{stop} of '{key}', expected {(stop - start, *shape[1:])}"
             )
         return merged
+
+
+@dataclass
+class _SliceStream:
+    """One pass's slice reads in the prefetcher (``stream``), with what it reads: flat
+    pieces of ``flat`` entries or row slices, ``ranges`` in units of ``unit`` entries."""
+
+    flat: int
+    unit: int
+    ranges: list[tuple[int, int]]
+    stream: Generator[list[Pending], None, None]
+    _first: list[Pending] | None = None
+
+    def prime(self) -> None:
+        """Submit the first reads now (as far ahead as the prefetcher reads)."""
+        if self._first is None:
+            self._first = next(self.stream, None)
+
+    def pending(self) -> Iterator[list[Pending]]:
+        """Each slice's pending reads, in order."""
+        first, self._first = self._first, None
+        return self.stream if first is None else itertools.chain([first], self.stream)
+
+
+def _then(batches: Iterable[Sequence[Read]], done: Callable[[], None]) -> Iterator[Sequence[Read]]:
+    """``batches``, then ``done()`` once the last one was taken."""
+    yield from batches
+    done()

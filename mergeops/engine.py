@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mergeops.chunking import ChunkedMerge, any_dtype, chunk_rows, plan_job
+from mergeops.chunking import ChunkedTensors, any_dtype, chunk_rows
 from mergeops.device import dtype_name
 from mergeops.emit import TensorSink, emit_chunked
 from mergeops.emit import emit as _emit
@@ -115,18 +115,18 @@ def _merge_pass(plan: MergePlan, sink: TensorSink, reader: TensorReader, progres
     sliced = _fp32_compute(plan) or any_dtype(method, plan.ctx)
     rows_of = {key: chunk_rows(plan, key) if sliced else 0 for key in floats}
     stream = reader.stream(plan.keys, read=lambda key: key in floats and not rows_of[key])
-    for key, inputs in _progress(stream, len(plan.keys), f"{method.name}: merging", progress):
-        if key not in floats:  # integer/bool buffers pass through from the reference
-            sink(key, None, plan.reference.get(key))
-        elif rows_of[key]:  # elementwise method, large tensor: merged slice by slice
-            job = plan_job(plan, key)
-            chunked = ChunkedMerge(job, rows_of[key], reader.prefetcher, reader.pool)
-            emit_chunked(plan, sink, chunked)  # straight into the shard when the sink can
-            reader.bytes_read += chunked.bytes_read
-        else:
-            assert inputs is not None
-            result = method.merge_tensor(_to_compute(plan, key, inputs), plan.ctx)
-            _emit(plan, sink, key, result.merged, result.extras)
+    with ChunkedTensors(plan, rows_of, reader.prefetcher, reader.pool) as chunks:
+        for key, inputs in _progress(stream, len(plan.keys), f"{method.name}: merging", progress):
+            if key not in floats:  # integer/bool buffers pass through from the reference
+                sink(key, None, plan.reference.get(key))
+            elif rows_of[key]:  # elementwise method, large tensor: merged slice by slice
+                chunked = chunks.take(key)
+                emit_chunked(plan, sink, chunked)  # straight into the shard when the sink can
+                reader.bytes_read += chunked.bytes_read
+            else:
+                assert inputs is not None
+                result = method.merge_tensor(_to_compute(plan, key, inputs), plan.ctx)
+                _emit(plan, sink, key, result.merged, result.extras)
 
 
 def pipeline_backend(plan: MergePlan) -> Backend | None:

@@ -254,6 +254,22 @@ class MergeMethod(ABC):
         """Called once after all tensors were merged."""
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def reads_no_inputs(tensor_stats: _F) -> _F:
+    """Marks a ``tensor_stats`` that never calls ``task_vector``: the engine may then start
+    reading a tensor's slices before calling it (``stats_read_inputs``)."""
+    tensor_stats.reads_no_inputs = True  # type: ignore[attr-defined]
+    return tensor_stats
+
+
+def stats_read_inputs(method: MergeMethod) -> bool:
+    """Whether ``method``'s ``tensor_stats`` may read whole inputs (not marked with
+    ``reads_no_inputs``; an override of a marked one is not marked)."""
+    return not getattr(getattr(type(method), "tensor_stats", None), "reads_no_inputs", False)
+
+
 class StreamingMethod(MergeMethod):
     """A method the engine drives tensor by tensor.
 
@@ -316,6 +332,7 @@ class ElementwiseMethod(StreamingMethod):
 
     chunkable: ClassVar[bool] = True
 
+    @reads_no_inputs
     def tensor_stats(
         self,
         key: str,

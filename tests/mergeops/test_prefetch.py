@@ -4,6 +4,7 @@ a bounded budget, and no reader thread left behind."""
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 import mergeops
 from mergeops import chunking
 from mergeops.io import SafetensorsFile, write_safetensors
+from mergeops.methods.base import get_method
 from mergeops.methods.task_vector.task_arithmetic import TaskArithmetic
 from mergeops.prefetch import Prefetcher, Read
 
@@ -271,11 +273,81 @@ def test_without_prefetch_reads_follow_the_merge(
     assert all(i > merged_at[start - 16] for i, start in reads if start > 0)
 
 
+def _last_slice_waits(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    started: dict[Any, threading.Event],
+    timeout: float,
+) -> list[bool]:
+    """Patch ``method``'s ``merge_rows``: before the last slice of the first chunked tensor
+    merges, wait up to ``timeout`` s for the other chunked tensor's first rows to be read.
+    Returns the list the waits append to (True: read in time)."""
+    numel = {key: math.prod(shape) for key, shape in SHAPES.items()}
+    cls = type(get_method(method))
+    original = cls.merge_rows
+    merged: list[str] = []
+    seen: list[bool] = []
+
+    def merge_rows(self: Any, inputs: Any, stats: Any, offset: int, ctx: Any) -> torch.Tensor:
+        if offset + inputs.models[0].numel() == numel[inputs.name]:  # the tensor's last slice
+            other = "mlp" if inputs.name == "embed" else "embed"
+            if other not in merged:
+                event = started.setdefault((other, 0), threading.Event())
+                seen.append(event.wait(timeout=timeout))
+            merged.append(inputs.name)
+        return original(self, inputs, stats, offset, ctx)
+
+    monkeypatch.setattr(cls, "merge_rows", merge_rows)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("task_arithmetic", {}),
+        ("ties", {"density": 0.5, "tie_break": "position"}),  # a statistics sweep first
+        ("multislerp", {"weight": [1.0, 0.8, 0.6]}),
+    ],
+)
+def test_next_tensor_reads_start_while_the_one_before_merges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any]
+) -> None:
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 8192)  # embed: 6 slices, mlp: 4
+    plain = write_family(tmp_path / "plain", family())
+    expected = mergeops.merge_with_extras(method, plain[1:], base=plain[0], device="cpu",
+                                          prefetch=False, **params)  # fmt: skip
+    log: list[tuple[str, Any]] = []
+    started: dict[tuple[str, int], threading.Event] = {}
+    base, models = _sources(tmp_path / "recorded", log, started=started)
+    seen = _last_slice_waits(monkeypatch, method, started, timeout=30)
+    got = mergeops.merge_with_extras(method, models, base=base, device="cpu", **params)
+    assert seen == [True]
+    reads = [entry for kind, entry in log if kind == "read"]
+    assert len(reads) == len(set(reads))  # remote-like sources: every row fetched once
+    assert_bits_equal(expected, got)
+
+
+def test_whole_tensor_statistics_are_not_started_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under mergekit's tie rule TIES reads each whole τ_t before slicing: starting the next
+    tensor's slice reads early would fetch them twice, so they wait for its turn."""
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 8192)
+    log: list[tuple[str, Any]] = []
+    started: dict[tuple[str, int], threading.Event] = {}
+    base, models = _sources(tmp_path, log, started=started)
+    seen = _last_slice_waits(monkeypatch, "ties", started, timeout=0.5)
+    mergeops.merge("ties", models, base=base, device="cpu", density=0.5, tie_break="mergekit")
+    assert seen == [False]
+    reads = [entry for kind, entry in log if kind == "read"]
+    assert len(reads) == len(set(reads))
+
+
 def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("mergeops-read")]
 
 
-@pytest.mark.parametrize("where", [("embed", 32), ("norm", None)])
+@pytest.mark.parametrize("where", [("embed", 32), ("norm", None), ("mlp", 0), ("embed", 80)])
 def test_reader_errors_surface_unchanged_and_leave_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: tuple[str, int | None]
 ) -> None:

@@ -154,7 +154,8 @@ def test_spill_file_removed_when_the_merge_fails(
     monkeypatch.setattr(type(mb.get_method(method)), "merge_rows", failing)
     with spill.scratch_under(scratch), pytest.raises(mb.MergeError, match="injected failure"):
         _merge(method, params, sources)
-    assert len(seen) == 1 and seen[0].name.startswith(".ckreg-spill-")
+    # the failing tensor's spill file, and the next tensor's when its first reads had started
+    assert 1 <= len(seen) <= 2 and all(p.name.startswith(".ckreg-spill-") for p in seen)
     assert list(scratch.iterdir()) == []
 
 

@@ -14,6 +14,7 @@ from mergeops.methods.base import (
     StreamingMethod,
     TensorInputs,
     TensorResult,
+    reads_no_inputs,
     register,
 )
 from mergeops.ops.basic import weighted_average
@@ -65,6 +66,7 @@ class Linear(StreamingMethod):
         assert merged is not None
         return merged
 
+    @reads_no_inputs
     def tensor_stats(
         self, key: str, shape: tuple[int, ...], task_vector: Any, ctx: MergeContext
     ) -> list[Any]:

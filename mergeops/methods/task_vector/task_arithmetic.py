@@ -23,6 +23,7 @@ from mergeops.methods.base import (
     StreamingMethod,
     TensorInputs,
     TensorResult,
+    reads_no_inputs,
     register,
 )
 from mergeops.ops.blocked_combine import LANES, blockable, fused_task_arithmetic
@@ -82,6 +83,7 @@ class TaskVectorMerge(StreamingMethod):
         """τ_t after this method's sparsification (identity here)."""
         return tau
 
+    @reads_no_inputs
     def tensor_stats(
         self,
         key: str,
