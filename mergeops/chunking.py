@@ -131,10 +131,10 @@ def plan_job(plan: MergePlan, key: str) -> ChunkJob:
 
 class ChunkedTensors:
     """The ``ChunkedMerge`` of each chunked tensor of a plain plan, in plan order; each one's
-    first slice reads start once the previous one's last read is submitted (``prime``), so a
-    tensor's reads no longer start cold after the one before it is merged. Sources without
-    row reads (read whole on construction) are not primed. A context manager: tensors primed
-    and never merged (the merge failed) are closed on exit."""
+    first slice reads start once the previous one's last read is submitted (``prime``: remote
+    inputs), so its fetches no longer start cold after the tensor before it is merged. Sources
+    without row reads (read whole on construction) are not primed. A context manager: tensors
+    primed and never merged (the merge failed) are closed on exit."""
 
     def __init__(
         self, plan: MergePlan, rows_of: dict[str, int], prefetcher: Prefetcher, pool: BufferPool
@@ -274,8 +274,12 @@ class ChunkedMerge:
         first slices arrive while that one is still merging instead of after it. The first
         pass is the statistics sweep, or the merge pass of a method with no statistics; a
         method whose ``tensor_stats`` reads whole tensors first is not primed (its slices
-        would be read before it and again after). CPU merges only."""
+        would be read before it and again after). CPU merges of remote inputs only: a local
+        file's first slice comes from the page cache in microseconds, and reads held ahead
+        only raise the peak (270M: same times, +10-25 MiB)."""
         if self._primed is not None or self._swept or self.ctx.device.type != "cpu":
+            return
+        if all(rows.local for rows in self._inputs()):
             return
         sweep = self._first_sweep()
         stats_first = not isinstance(self.method, mb.SliceStatsMethod)
