@@ -343,6 +343,31 @@ def test_whole_tensor_statistics_are_not_started_early(
     assert len(reads) == len(set(reads))
 
 
+def test_only_remote_inputs_are_started_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local files' first slices come from the page cache: nothing is read ahead of a tensor's
+    turn for them (the same bytes either way)."""
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 8192)
+    primed: list[tuple[str, bool]] = []
+    original = chunking.ChunkedMerge.prime
+
+    def prime(self: chunking.ChunkedMerge) -> None:
+        original(self)
+        primed.append((self.key, self._primed is not None))
+
+    monkeypatch.setattr(chunking.ChunkedMerge, "prime", prime)
+    paths = write_family(tmp_path / "local", family())
+    local = mergeops.merge("task_arithmetic", paths[1:], base=paths[0], device="cpu")
+    assert len(primed) == 1 and not primed[0][1]  # asked for the second tensor, declined
+    primed.clear()
+    base, models = _sources(tmp_path / "remote", [])
+    remote = mergeops.merge("task_arithmetic", models, base=base, device="cpu")
+    assert len(primed) == 1 and primed[0][1]
+    for key in local:
+        assert torch.equal(local[key].view(torch.uint8), remote[key].view(torch.uint8)), key
+
+
 def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("mergeops-read")]
 
