@@ -31,7 +31,7 @@ import torch
 from mergeops import finite
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
-from mergeops.prefetch import MAX_DEPTH, Pending, Prefetcher, Read
+from mergeops.prefetch import MAX_DEPTH, Pending, Prefetcher, Read, cancel
 from mergeops.slice_io import BufferPool, SliceOutput
 from mergeops.slice_reads import FloatSlots, SliceRead, flat_read, owned_float, slice_read
 from mergeops.slice_reads import InputRows as _Rows
@@ -259,7 +259,7 @@ class ChunkedMerge:
         primed, self._primed = self._primed, None
         try:
             if primed is not None:
-                primed.stream.close()
+                primed.close()
             if self._sweep is not None:
                 sweep, self._sweep = self._sweep, None
                 sweep.close()
@@ -394,11 +394,11 @@ class ChunkedMerge:
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
         slices, self._primed = self._primed, None
         if slices is not None and slices.flat != flat:  # not what this pass reads
-            slices.stream.close()
+            slices.close()
             slices = None
         if slices is None:
             slices = self._open_slices(flat, last=last)
-        with closing(slices.stream):
+        with closing(slices):
             for (start, stop), pending in zip(slices.ranges, slices.pending(), strict=True):
                 loaded, buffers = [], []
                 for slot, (p, role, rows) in enumerate(zip(pending, roles, inputs_rows, strict=True)):  # fmt: skip
@@ -483,6 +483,13 @@ class _SliceStream:
         """Each slice's pending reads, in order."""
         first, self._first = self._first, None
         return self.stream if first is None else itertools.chain([first], self.stream)
+
+    def close(self) -> None:
+        """Release the reads: those not handed out are cancelled or waited for."""
+        first, self._first = self._first, None
+        self.stream.close()
+        if first is not None:
+            cancel(first)
 
 
 def _then(batches: Iterable[Sequence[Read]], done: Callable[[], None]) -> Iterator[Sequence[Read]]:

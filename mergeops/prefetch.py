@@ -140,13 +140,13 @@ class Prefetcher:
         finally:
             for nbytes, pending in ahead:
                 self.in_flight -= nbytes
-                _cancel(pending)
+                cancel(pending)
 
     def close(self) -> None:
         """Cancel reads not started, wait for running ones, join the threads."""
         with self._lock:
             futures = list(self._futures)
-        _cancel(futures)
+        cancel(futures)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -163,9 +163,9 @@ class Prefetcher:
         self.close()
 
 
-def _cancel(pending: Sequence[Any]) -> None:
-    """Cancel what has not started and wait for the rest (their errors are dropped: the
-    stream was abandoned, so nobody asked for those results)."""
+def cancel(pending: Sequence[Any]) -> None:
+    """Cancel the reads of ``pending`` that have not started and wait for the rest (their
+    errors are dropped: nobody asked for those results)."""
     futures = [p for p in pending if isinstance(p, Future)]
     for future in futures:
         future.cancel()
