@@ -19,9 +19,8 @@ source and tensor name per input) go through the same class.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from mergeops import finite
 from mergeops.methods import base as mb
 from mergeops.plan import MergePlan
-from mergeops.prefetch import MAX_DEPTH, Pending, Prefetcher, Read, cancel
+from mergeops.prefetch import MAX_DEPTH, Prefetcher, Read, StartedStream, then
 from mergeops.slice_io import BufferPool, SliceOutput
 from mergeops.slice_reads import FloatSlots, SliceRead, flat_read, owned_float, slice_read
 from mergeops.slice_reads import InputRows as _Rows
@@ -122,56 +121,6 @@ class ChunkJob:
     base_role: str = "base"
 
 
-def plan_job(plan: MergePlan, key: str) -> ChunkJob:
-    """The chunk job of tensor ``key`` of a plain (unrouted) plan."""
-    models = [(m, key, f"model '{m.name}'") for m in plan.models]
-    base = (plan.base, key) if plan.base is not None else None
-    return ChunkJob(key, plan.metas[key], models, base, plan.method, plan.ctx)
-
-
-class ChunkedTensors:
-    """The ``ChunkedMerge`` of each chunked tensor of a plain plan, in plan order; each one's
-    first slice reads start once the previous one's last read is submitted (``prime``: remote
-    inputs), so its fetches no longer start cold after the tensor before it is merged. Sources
-    without row reads (read whole on construction) are not primed. A context manager: tensors
-    primed and never merged (the merge failed) are closed on exit."""
-
-    def __init__(
-        self, plan: MergePlan, rows_of: dict[str, int], prefetcher: Prefetcher, pool: BufferPool
-    ) -> None:
-        self._plan, self._rows_of, self._prefetcher, self._pool = plan, rows_of, prefetcher, pool
-        keys = [key for key in plan.keys if rows_of.get(key)]
-        self._following = dict(itertools.pairwise(keys))
-        sources = [*plan.models, *([plan.base] if plan.base is not None else [])]
-        self._primable = all(getattr(s, "get_rows", None) is not None for s in sources)
-        self._primed: dict[str, ChunkedMerge] = {}
-
-    def take(self, key: str) -> ChunkedMerge:
-        """Tensor ``key``'s merge (primed or fresh), set to prime the next chunked tensor."""
-        chunked = self._primed.pop(key, None) or self._make(key)
-        following = self._following.get(key)
-        if following is not None and self._primable:
-            chunked.after_reads(functools.partial(self._prime, following))
-        return chunked
-
-    def _make(self, key: str) -> ChunkedMerge:
-        return ChunkedMerge(plan_job(self._plan, key), self._rows_of[key], self._prefetcher,
-                            self._pool)  # fmt: skip
-
-    def _prime(self, key: str) -> None:
-        if key not in self._primed:
-            chunked = self._primed[key] = self._make(key)
-            chunked.prime()
-
-    def __enter__(self) -> ChunkedTensors:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        primed, self._primed = list(self._primed.values()), {}
-        for chunked in primed:
-            chunked.close()
-
-
 class ChunkedMerge:
     """Merges one tensor name in row slices; ``bytes_read`` counts the input bytes read.
 
@@ -259,7 +208,7 @@ class ChunkedMerge:
         primed, self._primed = self._primed, None
         try:
             if primed is not None:
-                primed.close()
+                primed.reads.close()
             if self._sweep is not None:
                 sweep, self._sweep = self._sweep, None
                 sweep.close()
@@ -277,7 +226,7 @@ class ChunkedMerge:
         would be read before it and again after). CPU merges of remote inputs only: a local
         file's first slice comes from the page cache in microseconds, and reads held ahead
         only raise the peak (270M: same times, +10-25 MiB)."""
-        if self._primed is not None or self._swept or self.ctx.device.type != "cpu":
+        if self._primed is not None or self.ctx.device.type != "cpu":
             return
         if all(rows.local for rows in self._inputs()):
             return
@@ -289,7 +238,7 @@ class ChunkedMerge:
             self._record()
         self._primed = self._open_slices(sweep.flat_block if sweep is not None else 0,
                                          last=sweep is None)  # fmt: skip
-        self._primed.prime()
+        self._primed.reads.start()
 
     def after_reads(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the merge pass's last slice read is submitted (at once if
@@ -378,11 +327,12 @@ class ChunkedMerge:
                                    check=check, dtype=self.compute) for r in inputs_rows]
                        for span in ranges)  # fmt: skip
         if last:
-            batches = _then(batches, self._last_read_submitted)
+            batches = then(batches, self._last_read_submitted)
         local = all(r.local for r in inputs_rows)
         # local: a few slices ahead are enough (one flat piece: a block is two slices' size)
         depth = (1 if unit == 1 else LOCAL_DEPTH) if local else MAX_DEPTH
-        return _SliceStream(flat, unit, ranges, self.prefetcher.stream(batches, depth=depth))
+        stream = self.prefetcher.stream(batches, depth=depth)
+        return _SliceStream(flat, unit, ranges, StartedStream(stream))
 
     def _loaded_slices(
         self, flat: int = 0, *, last: bool = False
@@ -394,12 +344,12 @@ class ChunkedMerge:
         roles = [*self.roles, *([self.base_role] if self.base is not None else [])]
         slices, self._primed = self._primed, None
         if slices is not None and slices.flat != flat:  # not what this pass reads
-            slices.close()
+            slices.reads.close()
             slices = None
         if slices is None:
             slices = self._open_slices(flat, last=last)
-        with closing(slices):
-            for (start, stop), pending in zip(slices.ranges, slices.pending(), strict=True):
+        with closing(slices.reads):
+            for (start, stop), pending in zip(slices.ranges, slices.reads, strict=True):
                 loaded, buffers = [], []
                 for slot, (p, role, rows) in enumerate(zip(pending, roles, inputs_rows, strict=True)):  # fmt: skip
                     got: SliceRead = p.result()
@@ -465,34 +415,10 @@ class ChunkedMerge:
 
 @dataclass
 class _SliceStream:
-    """One pass's slice reads in the prefetcher (``stream``), with what it reads: flat
-    pieces of ``flat`` entries or row slices, ``ranges`` in units of ``unit`` entries."""
+    """One pass's slice reads (``reads``), with what they cover: flat pieces of ``flat``
+    entries or row slices, ``ranges`` in units of ``unit`` entries."""
 
     flat: int
     unit: int
     ranges: list[tuple[int, int]]
-    stream: Generator[list[Pending], None, None]
-    _first: list[Pending] | None = None
-
-    def prime(self) -> None:
-        """Submit the first reads now (as far ahead as the prefetcher reads)."""
-        if self._first is None:
-            self._first = next(self.stream, None)
-
-    def pending(self) -> Iterator[list[Pending]]:
-        """Each slice's pending reads, in order."""
-        first, self._first = self._first, None
-        return self.stream if first is None else itertools.chain([first], self.stream)
-
-    def close(self) -> None:
-        """Release the reads: those not handed out are cancelled or waited for."""
-        first, self._first = self._first, None
-        self.stream.close()
-        if first is not None:
-            cancel(first)
-
-
-def _then(batches: Iterable[Sequence[Read]], done: Callable[[], None]) -> Iterator[Sequence[Read]]:
-    """``batches``, then ``done()`` once the last one was taken."""
-    yield from batches
-    done()
+    reads: StartedStream

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mergeops.chunking import ChunkedTensors, any_dtype, chunk_rows
+from mergeops.chunked_plan import ChunkedTensors
+from mergeops.chunking import any_dtype, chunk_rows
 from mergeops.device import dtype_name
 from mergeops.emit import TensorSink, emit_chunked
 from mergeops.emit import emit as _emit

@@ -16,9 +16,10 @@ started, waits for running reads and joins the threads.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
@@ -170,3 +171,34 @@ def cancel(pending: Sequence[Any]) -> None:
     for future in futures:
         future.cancel()
     wait(futures)
+
+
+class StartedStream:
+    """A ``Prefetcher.stream`` whose first reads may be submitted before anyone consumes it
+    (``start``); iterate it for each batch's pending reads, and ``close`` it (also when it was
+    never consumed: what it read ahead is cancelled or waited for)."""
+
+    def __init__(self, stream: Generator[list[Pending], None, None]) -> None:
+        self._stream = stream
+        self._first: list[Pending] | None = None
+
+    def start(self) -> None:
+        """Submit the first reads now (as far ahead as the stream reads)."""
+        if self._first is None:
+            self._first = next(self._stream, None)
+
+    def __iter__(self) -> Iterator[list[Pending]]:
+        first, self._first = self._first, None
+        return self._stream if first is None else itertools.chain([first], self._stream)
+
+    def close(self) -> None:
+        first, self._first = self._first, None
+        self._stream.close()
+        if first is not None:
+            cancel(first)
+
+
+def then(batches: Iterable[Sequence[Read]], done: Callable[[], None]) -> Iterator[Sequence[Read]]:
+    """``batches``, then ``done()`` once the stream has taken the last one (all submitted)."""
+    yield from batches
+    done()
