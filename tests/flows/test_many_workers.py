@@ -129,6 +129,26 @@ def _wait_deployments(api_url: str, workers: list[Process], timeout: float = 120
     raise AssertionError(f"deployments not registered within {timeout}s")
 
 
+def _diagnosis(api_url: str, engine: Engine, workers: list[Process]) -> str:
+    """What a failure message needs to be understood from CI's log alone: the merge runs, the
+    Prefect flow runs by flow and state, and the end of each worker's log."""
+    with Session(engine) as session:
+        runs = sorted((r.id, r.status, r.attempts) for r in session.exec(select(MergeRun)).all())
+    try:
+        with httpx.Client(base_url=api_url, timeout=10) as client:
+            flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).json()}
+            found = client.post("/flow_runs/filter", json={"limit": 200}).json()
+        states: dict[str, int] = {}
+        for run in found:
+            key = f"{flows.get(run['flow_id'], '?')}:{(run.get('state') or {}).get('name')}"
+            states[key] = states.get(key, 0) + 1
+        prefect = str(dict(sorted(states.items())))
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        prefect = f"unreadable ({exc})"
+    logs = "\n".join(f"--- worker {n}:\n{w.output()[-1500:]}" for n, w in enumerate(workers))
+    return f"merge runs (id, status, attempts): {runs}\nPrefect flow runs: {prefect}\n{logs}"
+
+
 def _worker_of(owner: str | None, workers: list[Process]) -> Process | None:
     """The worker whose process group runs the flow that holds lease ``owner``."""
     if not owner:
@@ -141,7 +161,7 @@ def _worker_of(owner: str | None, workers: list[Process]) -> Process | None:
 
 
 def _mid_merge(
-    engine: Engine, work: Path, workers: list[Process], timeout: float = 300
+    engine: Engine, work: Path, workers: list[Process], api_url: str, timeout: float = 300
 ) -> tuple[int, Process]:
     """A run one of ``workers`` holds, inside its (4 s) evaluation; and that worker.
 
@@ -161,10 +181,13 @@ def _mid_merge(
             if worker is not None and any((out / "out").glob("*.safetensors")):
                 return run.id or 0, worker
         time.sleep(0.05)
-    raise AssertionError(f"no run was mid-merge within {timeout}s")
+    diagnosis = _diagnosis(api_url, engine, workers)
+    raise AssertionError(f"no run was mid-merge within {timeout}s\n{diagnosis}")
 
 
-def _wait_taken_over(engine: Engine, run_id: int, timeout: float = 300) -> int:
+def _wait_taken_over(
+    engine: Engine, run_id: int, workers: list[Process], api_url: str, timeout: float = 300
+) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with Session(engine) as session:
@@ -173,10 +196,13 @@ def _wait_taken_over(engine: Engine, run_id: int, timeout: float = 300) -> int:
             if run.attempts >= 2:
                 return run.attempts
         time.sleep(0.2)
-    raise AssertionError(f"merge run {run_id} was not taken over within {timeout}s")
+    diagnosis = _diagnosis(api_url, engine, workers)
+    raise AssertionError(f"merge run {run_id} was not taken over within {timeout}s\n{diagnosis}")
 
 
-def _wait_all_done(engine: Engine, workers: list[Process], merges: int, timeout: float) -> None:
+def _wait_all_done(
+    engine: Engine, workers: list[Process], merges: int, api_url: str, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with Session(engine) as session:
@@ -189,9 +215,8 @@ def _wait_all_done(engine: Engine, workers: list[Process], merges: int, timeout:
         if len(runs) == merges and all(r.status == "succeeded" for r in runs) and not pending:
             return
         time.sleep(0.5)
-    states = sorted((r.id, r.status, r.attempts, r.lease_owner) for r in runs)
-    logs = "\n".join(w.output()[-2000:] for w in workers)
-    raise AssertionError(f"runs not all done within {timeout}s: {states}\n{logs}")
+    diagnosis = _diagnosis(api_url, engine, workers)
+    raise AssertionError(f"runs not all done within {timeout}s\n{diagnosis}")
 
 
 def _counts(engine: Engine) -> dict[str, Any]:
@@ -291,21 +316,24 @@ def test_many_workers_merge_each_run_exactly_once(
                 )
         # A worker frozen past its lease inside a merge; another takes the run over.
         work = tmp_path / "home" / "work"
-        stopped_run, frozen = _mid_merge(engine, work, workers)
+        api_url = prefect_server.api_url
+        stopped_run, frozen = _mid_merge(engine, work, workers, api_url)
         os.killpg(frozen.proc.pid, signal.SIGSTOP)
         try:
-            _wait_taken_over(engine, stopped_run)
+            _wait_taken_over(engine, stopped_run, workers, api_url)
             time.sleep(1.0)
         finally:
             os.killpg(frozen.proc.pid, signal.SIGCONT)
         # A worker killed inside a merge; the survivors take its run over.
-        killed_run, victim = _mid_merge(engine, work, [w for w in workers if w is not frozen])
+        killed_run, victim = _mid_merge(
+            engine, work, [w for w in workers if w is not frozen], api_url
+        )
         os.kill(victim.proc.pid, signal.SIGKILL)  # its pid only: its flow process must not fail
-        _wait_all_done(engine, workers, merges, DONE_WITHIN_S)
+        _wait_all_done(engine, workers, merges, api_url, DONE_WITHIN_S)
         time.sleep(2 * LEASE_S)  # let the revived worker finish noticing it lost its run
         counts = _counts(engine)
-        counts["stopped_run_attempts"] = _wait_taken_over(engine, stopped_run)
-        counts["killed_run_attempts"] = _wait_taken_over(engine, killed_run)
+        counts["stopped_run_attempts"] = _wait_taken_over(engine, stopped_run, workers, api_url)
+        counts["killed_run_attempts"] = _wait_taken_over(engine, killed_run, workers, api_url)
     finally:
         sampler.stop.set()
         for process in reversed(processes):
