@@ -55,6 +55,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mergeops import math_init  # noqa: F401 - MKL's vector math initialised before any method runs
 from mergeops.sources import Objective, TensorMeta, TensorSource
 
 
