@@ -23,14 +23,14 @@ def sort_windows(
     """The int64 indices ``torch.sort(keys, descending=descending)`` puts at the positions of
     each window ``[first, last)``, read as ``result[first:last]`` (elsewhere: no particular
     order), found by running torch's CPU sort algorithm only on the ranges that reach a window
-    (``sortsim.c``). ``keys`` (1-D float32, contiguous, CPU, no NaN) is permuted in place.
-    None when the kernels are off or do not take these keys (``keys`` untouched then), or when
-    the algorithm would switch to heapsort inside a window (``keys`` restored to its order;
-    ``depth`` >= 0 lowers the algorithm's depth limit, for tests of that case)."""
+    (``sortsim.c``). ``keys`` (1-D float32, contiguous, CPU) is permuted in place. None when
+    the kernels are off or do not take these keys (e.g. one is NaN; ``keys`` untouched then),
+    or when the algorithm would switch to heapsort inside a window (``keys`` restored to its
+    order; ``depth`` >= 0 lowers the algorithm's depth limit, for tests of that case)."""
     lib = kernels.library()
     if lib is None or not windows or len(windows) > 4 or not _sortable(keys):
         return None
-    order = torch.arange(keys.numel(), dtype=torch.int64)
+    order = torch.empty(keys.numel(), dtype=torch.int64)  # filled by the kernel
     first = (ctypes.c_int64 * len(windows))(*[w[0] for w in windows])
     last = (ctypes.c_int64 * len(windows))(*[w[1] for w in windows])
     failed = lib.ck_sort_windows(keys.data_ptr(), order.data_ptr(), keys.numel(),
@@ -44,12 +44,12 @@ def nth_element(
     """The int64 indices whose first ``nth + 1`` are the entries ``torch.topk(keys, nth + 1,
     largest=descending, sorted=False)`` returns when it selects with ``std::nth_element``
     (k·64 > n on the CPU), in no particular order, found by the same algorithm
-    (``sortsim.c``). ``keys`` (1-D float32, contiguous, CPU, no NaN) is permuted in place; None
-    as for ``sort_windows``."""
+    (``sortsim.c``). ``keys`` (1-D float32, contiguous, CPU) is permuted in place; None as for
+    ``sort_windows``."""
     lib = kernels.library()
     if lib is None or not 0 <= nth < keys.numel() or not _sortable(keys):
         return None
-    order = torch.arange(keys.numel(), dtype=torch.int64)
+    order = torch.empty(keys.numel(), dtype=torch.int64)  # filled by the kernel
     failed = lib.ck_nth_element(keys.data_ptr(), order.data_ptr(), keys.numel(), nth,
                                 int(descending), depth)  # fmt: skip
     return _unless_failed(failed, keys, order)
@@ -65,7 +65,10 @@ def _sortable(keys: torch.Tensor) -> bool:
 
 
 def _unless_failed(failed: int, keys: torch.Tensor, order: torch.Tensor) -> torch.Tensor | None:
-    """``order``, or None after putting ``keys`` back in their original order."""
+    """``order``; None after putting ``keys`` back in their original order (1: out of depth),
+    or None as they are (2: a NaN, or too many windows; nothing moved)."""
+    if failed == 2:
+        return None
     if failed:
         keys.copy_(torch.empty_like(keys).index_put_((order,), keys))
         return None

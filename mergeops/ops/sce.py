@@ -65,7 +65,7 @@ def top_variance(variance: torch.Tensor, select_topk: float) -> torch.Tensor:
     if k == 0:
         return mask
     flat = variance.abs_().view(-1)
-    if k * 64 > flat.numel() and not bool(flat.isnan().any()):
+    if k * 64 > flat.numel():
         # torch.topk selects with std::nth_element here: the same algorithm, in place, with no
         # queue of (value, index) pairs (16 bytes per entry) and no outputs
         order = kernels.nth_element(flat, k - 1, descending=True)

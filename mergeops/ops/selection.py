@@ -157,12 +157,12 @@ def _sorted_at(
     by running torch's sort algorithm only where it reaches a window (``kernels.sort_windows``,
     several times faster than the whole sort), else by the whole sort. ``in_place``: ``keys``
     may be permuted (no copy)."""
-    if keys.device.type == "cpu" and keys.dtype == torch.float32 and not bool(keys.isnan().any()):
+    if keys.device.type == "cpu" and keys.dtype == torch.float32:
         work = keys if in_place else keys.clone()
         order = kernels.sort_windows(work.reshape(-1), windows, descending=descending)
         if order is not None:
             return order
-        keys = work  # the kernels are off, or restored it: same values, same order
+        keys = work  # kernels off, a NaN, or restored: the same values in the same order
     return _sort_order(keys, in_place=in_place, descending=descending)
 
 

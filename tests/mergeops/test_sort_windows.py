@@ -62,6 +62,35 @@ def test_window_positions_hold_what_torch_sort_puts_there(kind: str, descending:
         assert torch.equal(got.sort().values, torch.arange(n))  # a permutation
 
 
+def _shaped(gen: torch.Generator, n: int, shape: str) -> torch.Tensor:
+    if shape == "equal":  # every entry stops both scans: a swap per pair
+        return torch.full((n,), 0.5)
+    if shape == "ascending":
+        return torch.arange(n, dtype=torch.float32)
+    if shape == "descending":
+        return torch.arange(n, 0, -1, dtype=torch.float32)
+    if shape == "runs":  # long runs of stops, then none
+        return (torch.arange(n) // 100 % 7).float()
+    return _keys(gen, n, "bf16")
+
+
+@pytest.mark.parametrize("shape", ["equal", "ascending", "descending", "runs", "bf16"])
+@pytest.mark.parametrize("descending", [True, False])
+def test_whole_order_equals_torch_sort_around_the_block_scans(shape: str, descending: bool) -> None:
+    """The partition collects both scans' stops 128 entries at a time while two blocks are left
+    between them, then finishes entry by entry: one window over every position (the whole
+    algorithm) gives torch.sort's own permutation, for ranges just under, at and over those
+    sizes and for orders that stop every entry or none."""
+    gen = torch.Generator().manual_seed(len(shape) + descending)
+    for n in [255, 256, 257, 383, 384, 385, 511, 512, 513, 1000, 5000, 40_000]:
+        keys = _shaped(gen, n, shape)
+        work = keys.clone()
+        got = kernels.sort_windows(work, [(0, n)], descending=descending)
+        assert got is not None
+        assert torch.equal(got, torch.sort(keys, descending=descending).indices), n
+        assert torch.equal(work, keys[got])
+
+
 def test_out_of_depth_restores_the_keys_and_the_cut_falls_back() -> None:
     """Where std::sort would switch to heapsort inside a window, the call gives up with the
     keys back in their order, and the mergekit-rule cut then runs the whole torch.sort."""
@@ -72,6 +101,24 @@ def test_out_of_depth_restores_the_keys_and_the_cut_falls_back() -> None:
     assert torch.equal(work, keys)
     assert kernels.sort_windows(work, [(0, 1)] * 5, descending=True) is None  # too many
     assert torch.equal(work, keys)
+
+
+def test_keys_with_a_nan_are_refused_untouched_and_the_cut_sorts_in_full() -> None:
+    """A NaN has no place in the kernels' comparisons: the calls give up before moving a key,
+    and the mergekit-rule cut takes torch.sort's own order instead (NaN sorts first there)."""
+    gen = torch.Generator().manual_seed(5)
+    keys = _keys(gen, 4096, "few")
+    keys[1234] = float("nan")
+    work = keys.clone()
+    assert kernels.sort_windows(work, [(100, 900)], descending=True) is None
+    assert kernels.nth_element(work, 2000, descending=True) is None
+    assert torch.equal(work.isnan(), keys.isnan())
+    assert torch.equal(work.nan_to_num(), keys.nan_to_num())
+    cut = topk_cut_by(keys.reshape(64, 64), 0.5, "mergekit")
+    threshold = torch.sort(keys, descending=True).values[2047]
+    expected = torch.sort(keys, descending=True).indices[:2048]
+    assert cut is not None and cut.threshold == threshold
+    assert torch.equal(cut.ties, expected[keys[expected] == threshold].sort().values)
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
