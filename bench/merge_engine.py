@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mergekit: {args.mergekit} --out-shard-size {args.shard_size.removesuffix('B')} "
               f"{' '.join(MERGEKIT_FLAGS)} (CPU, other options default)")  # fmt: skip
     else:
-        print("mergekit: skipped (not on PATH; pip install 'ckreg[bench]' or pass --mergekit)")
+        print("mergekit: skipped (--engines ckreg, --mergekit none, or no mergekit-yaml on PATH: "
+              "pip install 'ckreg[bench]' or pass --mergekit)")  # fmt: skip
     rows: list[Row] = []
     for size in sizes:
         shape = SHAPES[size]
